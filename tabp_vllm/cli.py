@@ -1,0 +1,152 @@
+"""The `tabp-vllm` command line.
+
+Every command turns a `TabpError` (bad input) into one line on stderr and exit code 2: users see
+what is wrong with their file or option, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tabp_vllm.errors import TabpError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Task-aware block pruning for vLLM: score, serve, bench, eval.")
+masks_app = typer.Typer(no_args_is_help=True, help="Inspect and validate task mask files.")
+app.add_typer(masks_app, name="masks")
+console = Console()
+
+
+def user_errors(fn):
+    """Report a TabpError as one line and exit 2 (the CLI contract for bad input)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TabpError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+@app.command("setup-model")
+@user_errors
+def setup_model(model: str = typer.Argument("llama", help="Alias, HF id or path.")) -> None:
+    """Fetch and convert the demo model (idempotent); print the checkpoint path."""
+    from tabp_vllm.models import resolve_model
+
+    print(resolve_model(model))
+
+
+@masks_app.command("show")
+@user_errors
+def masks_show(
+    file: Path,
+    as_json: bool = typer.Option(False, "--json", help="Print the validated mask as JSON."),
+) -> None:
+    """Print a mask as a table: blocks, the removed ones marked, their scores."""
+    from tabp_vllm.mask import load_mask
+
+    mask = load_mask(file)
+    if as_json:
+        print(json.dumps(mask.to_json(), indent=2))
+        return
+    removed = set(mask.removed_layers)
+    cal = mask.calibration
+    console.print(
+        f"[bold]{file}[/]  task=[cyan]{mask.task}[/]  model={mask.model_id}  "
+        f"method={mask.method}  kept {mask.num_kept}/{mask.num_hidden_layers}  "
+        f"hash={mask.content_hash()}"
+    )
+    if cal:
+        console.print("calibration: " + ", ".join(f"{k}={v}" for k, v in cal.items()))
+    if mask.params:
+        console.print("params: " + ", ".join(f"{k}={v}" for k, v in mask.params.items()))
+    table = Table("block", "status", "score")
+    for i in range(mask.num_hidden_layers):
+        score = mask.scores[i] if mask.scores else None
+        table.add_row(
+            str(i),
+            "[red]removed[/]" if i in removed else "kept",
+            "-" if score is None else f"{score:.6g}",
+        )
+    console.print(table)
+
+
+@masks_app.command("validate")
+@user_errors
+def masks_validate(
+    files: list[Path],
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Also check the masks fit this model."),
+) -> None:
+    """Validate mask files (and that they fit --model); exit 2 on the first bad one."""
+    from tabp_vllm.mask import load_mask
+    from tabp_vllm.models import resolve_model
+
+    resolved = resolve_model(model) if model else None
+    for file in files:
+        mask = load_mask(file, resolved)
+        print(f"ok: {file} (task {mask.task}, removes {len(mask.removed_layers)} of "
+              f"{mask.num_hidden_layers} blocks: {mask.removed_layers})")
+
+
+@masks_app.command("make")
+@user_errors
+def masks_make(
+    output: Path,
+    remove: str = typer.Option(..., "--remove", help="Blocks to remove, e.g. '3,10-12,29'."),
+    task: str = typer.Option(..., "--task"),
+    model: str = typer.Option("llama", "--model", "-m"),
+) -> None:
+    """Write a hand-made mask (for experiments and tests; `score` makes real ones)."""
+    from tabp_vllm.mask import make_mask
+    from tabp_vllm.models import resolve_model
+
+    layers: list[int] = []
+    for part in filter(None, (p.strip() for p in remove.split(","))):
+        try:
+            lo, _, hi = part.partition("-")
+            layers.extend(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise TabpError(f"--remove: {part!r} is not a block index or range") from None
+    mask = make_mask(resolve_model(model), layers, task=task, model_id=model)
+    mask.save(output)
+    print(f"wrote {output}: removes {mask.removed_layers}")
+
+
+@app.command("generate")
+@user_errors
+def generate(
+    prompt: str = typer.Argument("The three primary colors are"),
+    model: str = typer.Option("llama", "--model", "-m"),
+    task_mask: Optional[Path] = typer.Option(None, "--task-mask"),
+    max_tokens: int = typer.Option(32, "--max-tokens"),
+) -> None:
+    """Greedy completion from the (pruned) model through the vLLM engine the server uses."""
+    from tabp_vllm.engine import build_llm
+    from tabp_vllm.mask import load_mask
+    from tabp_vllm.models import resolve_model
+
+    resolved = resolve_model(model)
+    mask = load_mask(task_mask, resolved) if task_mask else None
+    from vllm import SamplingParams
+
+    llm = build_llm(resolved, mask)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens))[0]
+    kept = f"{mask.num_kept}/{mask.num_hidden_layers}" if mask else "all"
+    console.print(f"[bold]blocks kept {kept}[/] :: {prompt}[green]{out.outputs[0].text}[/]")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,231 @@
+"""The task mask file: the contract between the scorer and the server.
+
+A mask is JSON, versioned and self-describing. It names the model it was made for by a fingerprint
+of that model's config, so a mask made for one model is refused on another, and it records how it
+was made (method, parameters, per-block scores, calibration provenance). Every check happens here,
+before any engine starts, and fails with one `MaskError` line.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tabp_vllm.errors import TabpError
+
+MASK_FORMAT = "tabp-vllm-mask"
+MASK_VERSION = 1
+FINGERPRINT_KEYS = ("architecture", "num_hidden_layers", "hidden_size", "vocab_size")
+
+
+class MaskError(TabpError):
+    """A mask file that cannot be used: the message is one line naming the file and the fault."""
+
+
+def model_fingerprint(config: Any) -> dict[str, Any]:
+    """The parts of a model's config that decide whether a mask can apply to it.
+
+    `config` is a transformers PretrainedConfig or a plain dict read from config.json.
+    """
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    text = get("text_config")  # multimodal wrappers keep the decoder's shape here
+    if text is not None and get("num_hidden_layers") is None:
+        get = text.get if isinstance(text, dict) else lambda k, d=None: getattr(text, k, d)
+    archs = (config.get("architectures") if isinstance(config, dict)
+             else getattr(config, "architectures", None)) or [None]
+    return {
+        "architecture": archs[0],
+        "num_hidden_layers": get("num_hidden_layers"),
+        "hidden_size": get("hidden_size"),
+        "vocab_size": get("vocab_size"),
+    }
+
+
+def load_model_config(model_path: str) -> dict[str, Any]:
+    """config.json of a local checkpoint, or of a hub model through transformers' cache."""
+    local = Path(model_path) / "config.json"
+    if local.exists():
+        return json.loads(local.read_text())
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model_path).to_dict()
+    except Exception as exc:  # transformers raises many kinds; all mean "no config here"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TabpError(f"cannot read the config of model {model_path!r}: {first}") from None
+
+
+@dataclass
+class TaskMask:
+    """One task's pruning decision for one model."""
+
+    task: str
+    model_id: str
+    fingerprint: dict[str, Any]
+    removed_layers: list[int]
+    method: str = "manual"
+    params: dict[str, Any] = field(default_factory=dict)
+    scores: list[float | None] | None = None
+    calibration: dict[str, Any] = field(default_factory=dict)
+    created_at: str = field(
+        default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    )
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return int(self.fingerprint["num_hidden_layers"])
+
+    @property
+    def kept_layers(self) -> list[int]:
+        removed = set(self.removed_layers)
+        return [i for i in range(self.num_hidden_layers) if i not in removed]
+
+    @property
+    def num_kept(self) -> int:
+        return self.num_hidden_layers - len(self.removed_layers)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": MASK_FORMAT,
+            "version": MASK_VERSION,
+            "task": self.task,
+            "model": {"id": self.model_id, "fingerprint": self.fingerprint},
+            "num_hidden_layers": self.num_hidden_layers,
+            "removed_layers": sorted(self.removed_layers),
+            "method": {"name": self.method, "params": self.params},
+            "scores": self.scores,
+            "calibration": self.calibration,
+            "created_at": self.created_at,
+        }
+
+    def content_hash(self) -> str:
+        """Short hash of what decides the served model: fingerprint + removed layers."""
+        key = json.dumps([self.fingerprint, sorted(self.removed_layers)], sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        tmp.replace(path)  # never leave a half-written mask behind
+        return path
+
+    def check_model(self, model_config: dict[str, Any], model_name: str, where: str) -> None:
+        """Refuse a mask made for a different model."""
+        actual = model_fingerprint(model_config)
+        diffs = [
+            f"{k} {self.fingerprint.get(k)!r} != {actual.get(k)!r}"
+            for k in FINGERPRINT_KEYS
+            if self.fingerprint.get(k) != actual.get(k)
+        ]
+        if diffs:
+            raise MaskError(
+                f"{where}: mask was made for model {self.model_id!r}, not {model_name!r} "
+                f"({'; '.join(diffs)})"
+            )
+
+
+def _fail(where: str, msg: str) -> MaskError:
+    return MaskError(f"{where}: {msg}")
+
+
+def parse_mask(data: Any, where: str = "<mask>") -> TaskMask:
+    """Validate a decoded mask document and build a TaskMask; raise MaskError on any fault."""
+    if not isinstance(data, dict):
+        raise _fail(where, "not a mask file (expected a JSON object)")
+    if data.get("format") != MASK_FORMAT:
+        raise _fail(where, f"not a mask file (format is {data.get('format')!r}, "
+                           f"expected {MASK_FORMAT!r})")
+    version = data.get("version")
+    if version != MASK_VERSION:
+        raise _fail(where, f"unsupported mask version {version!r} "
+                           f"(this tabp-vllm reads version {MASK_VERSION})")
+    model = data.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("fingerprint"), dict):
+        raise _fail(where, "missing 'model.fingerprint'")
+    fingerprint = model["fingerprint"]
+    missing = [k for k in FINGERPRINT_KEYS if k not in fingerprint]
+    if missing:
+        raise _fail(where, f"model fingerprint lacks {', '.join(missing)}")
+    n = fingerprint["num_hidden_layers"]
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise _fail(where, f"model fingerprint has an invalid num_hidden_layers {n!r}")
+    if data.get("num_hidden_layers", n) != n:
+        raise _fail(where, f"num_hidden_layers {data.get('num_hidden_layers')!r} disagrees "
+                           f"with the model fingerprint ({n})")
+    removed = data.get("removed_layers")
+    if not isinstance(removed, list):
+        raise _fail(where, "'removed_layers' must be a list of block indices")
+    for idx in removed:
+        if not isinstance(idx, int) or isinstance(idx, bool):
+            raise _fail(where, f"removed layer {idx!r} is not an integer")
+    bad = [i for i in removed if not 0 <= i < n]
+    if bad:
+        raise _fail(where, f"removed layer {bad[0]} is out of range (model has {n} blocks, "
+                           f"valid indices 0..{n - 1})")
+    dupes = sorted({i for i in removed if removed.count(i) > 1})
+    if dupes:
+        raise _fail(where, f"removed layer {dupes[0]} is listed more than once")
+    if len(removed) >= n:
+        raise _fail(where, f"mask removes every block ({n} of {n}); at least one must stay")
+    task = data.get("task")
+    if not isinstance(task, str) or not task:
+        raise _fail(where, "missing 'task' name")
+    method = data.get("method") or {}
+    scores = data.get("scores")
+    if scores is not None and (not isinstance(scores, list) or len(scores) != n):
+        raise _fail(where, f"'scores' must list one value per block ({n})")
+    return TaskMask(
+        task=task,
+        model_id=str(model.get("id", "")),
+        fingerprint={k: fingerprint[k] for k in FINGERPRINT_KEYS},
+        removed_layers=sorted(removed),
+        method=str(method.get("name", "manual")),
+        params=dict(method.get("params") or {}),
+        scores=scores,
+        calibration=dict(data.get("calibration") or {}),
+        created_at=str(data.get("created_at", "")),
+    )
+
+
+def load_mask(path: str | Path, model: str | None = None) -> TaskMask:
+    """Read and validate a mask file; with `model` (a resolved checkpoint), check it fits."""
+    path = Path(path)
+    where = str(path)
+    if not path.exists():
+        raise _fail(where, "mask file not found")
+    if path.is_dir():
+        raise _fail(where, "is a directory, not a mask file")
+    try:
+        data = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise _fail(where, "not a mask file (not UTF-8 text)") from None
+    except json.JSONDecodeError as exc:
+        raise _fail(where, f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    mask = parse_mask(data, where)
+    if model is not None:
+        mask.check_model(load_model_config(model), model, where)
+    return mask
+
+
+def make_mask(
+    model_path: str,
+    removed_layers: list[int],
+    task: str,
+    model_id: str | None = None,
+    **extra: Any,
+) -> TaskMask:
+    """Build (and validate) a mask for a model from a list of blocks to remove."""
+    fingerprint = model_fingerprint(load_model_config(model_path))
+    mask = TaskMask(task=task, model_id=model_id or model_path, fingerprint=fingerprint,
+                    removed_layers=sorted(removed_layers), **extra)
+    return parse_mask(mask.to_json(), where=f"mask for task {task!r}")
+
+
+def mask_summary(mask: TaskMask) -> dict[str, Any]:
+    return {**asdict(mask), "kept": mask.num_kept, "hash": mask.content_hash()}

