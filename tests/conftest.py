@@ -1,0 +1,34 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# vLLM ships functions to its worker process by pickling (engine_model_stats needs this).
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("TABP_VLLM_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> str:
+    from tabp_vllm.models import resolve_model
+
+    return resolve_model("llama")
+
+
+@pytest.fixture()
+def write_mask(tmp_path, demo_model):
+    """Write a valid mask for the demo model, optionally corrupting its JSON document."""
+    from tabp_vllm.mask import make_mask
+
+    def _write(removed, task="t", edit=None, name="mask.json"):
+        doc = make_mask(demo_model, removed, task=task, model_id="llama").to_json()
+        if edit:
+            edit(doc)
+        path = tmp_path / name
+        path.write_text(json.dumps(doc))
+        return path
+
+    return _write

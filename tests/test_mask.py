@@ -1,0 +1,150 @@
+"""Mask validation: every bad mask is refused with one line and exit code 2, before any engine."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tabp_vllm.cli import app
+from tabp_vllm.mask import MaskError, load_mask, make_mask
+
+runner = CliRunner()
+
+
+def validate(path, model="llama"):
+    result = runner.invoke(app, ["masks", "validate", str(path), "--model", model])
+    return result.exit_code, result.output.strip()
+
+
+def assert_one_line_error(code, out, *fragments):
+    assert code == 2, out
+    lines = out.splitlines()
+    assert len(lines) == 1, out
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in out
+    for frag in fragments:
+        assert frag in lines[0], lines[0]
+
+
+def test_valid_mask_passes_and_roundtrips(write_mask, demo_model):
+    path = write_mask([12, 3, 7], task="arc_easy")
+    code, out = validate(path)
+    assert code == 0, out
+    assert "removes 3 of 30 blocks: [3, 7, 12]" in out
+    mask = load_mask(path, demo_model)
+    assert mask.removed_layers == [3, 7, 12]
+    assert mask.kept_layers == [i for i in range(30) if i not in (3, 7, 12)]
+    assert mask.num_kept == 27
+
+
+def test_missing_file(tmp_path):
+    assert_one_line_error(*validate(tmp_path / "nope.json"), "nope.json", "not found")
+
+
+def test_invalid_json(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{"format": "tabp-vllm-mask", "version": 1,,}')
+    assert_one_line_error(*validate(path), "bad.json", "invalid JSON at line 1")
+
+
+def test_binary_garbage(tmp_path):
+    path = tmp_path / "garbage.json"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    assert_one_line_error(*validate(path), "garbage.json")
+
+
+def test_not_a_mask(tmp_path):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"hello": "world"}))
+    assert_one_line_error(*validate(path), "not a mask file")
+
+
+def test_unknown_schema_version(write_mask):
+    path = write_mask([1], edit=lambda d: d.update(version=99))
+    assert_one_line_error(*validate(path), "unsupported mask version 99")
+
+
+def test_mask_for_another_model(write_mask):
+    def other_model(doc):
+        doc["model"]["id"] = "meta-llama/Llama-3.1-8B"
+        doc["model"]["fingerprint"].update(hidden_size=4096, vocab_size=128256)
+
+    path = write_mask([1], edit=other_model)
+    assert_one_line_error(*validate(path), "made for model 'meta-llama/Llama-3.1-8B'",
+                          "hidden_size 4096 != 576")
+
+
+def test_mask_for_another_depth(write_mask):
+    def deeper(doc):
+        doc["model"]["fingerprint"]["num_hidden_layers"] = 32
+        doc["num_hidden_layers"] = 32
+
+    path = write_mask([1], edit=deeper)
+    assert_one_line_error(*validate(path), "num_hidden_layers 32 != 30")
+
+
+@pytest.mark.parametrize("bad", [30, -1, 1000])
+def test_index_out_of_range(write_mask, bad):
+    path = write_mask([1], edit=lambda d: d.update(removed_layers=[1, bad]))
+    assert_one_line_error(*validate(path), f"removed layer {bad} is out of range", "0..29")
+
+
+def test_duplicate_index(write_mask):
+    path = write_mask([1], edit=lambda d: d.update(removed_layers=[4, 5, 4]))
+    assert_one_line_error(*validate(path), "removed layer 4 is listed more than once")
+
+
+def test_every_block_removed(write_mask):
+    path = write_mask([1], edit=lambda d: d.update(removed_layers=list(range(30))))
+    assert_one_line_error(*validate(path), "removes every block (30 of 30)")
+
+
+@pytest.mark.parametrize("bad", ["3", 3.0, True, None])
+def test_non_integer_index(write_mask, bad):
+    path = write_mask([1], edit=lambda d: d.update(removed_layers=[2, bad]))
+    assert_one_line_error(*validate(path), "is not an integer")
+
+
+def test_removed_layers_not_a_list(write_mask):
+    path = write_mask([1], edit=lambda d: d.update(removed_layers="3,4"))
+    assert_one_line_error(*validate(path), "must be a list")
+
+
+def test_scores_length_checked(write_mask):
+    path = write_mask([1], edit=lambda d: d.update(scores=[0.1, 0.2]))
+    assert_one_line_error(*validate(path), "one value per block (30)")
+
+
+def test_make_mask_refuses_bad_indices(demo_model):
+    with pytest.raises(MaskError, match="out of range"):
+        make_mask(demo_model, [31], task="t")
+
+
+def test_show_prints_table(write_mask):
+    doc_scores = [float(i) / 10 for i in range(30)]
+    path = write_mask([5, 6], task="gsm8k", edit=lambda d: d.update(scores=doc_scores))
+    result = runner.invoke(app, ["masks", "show", str(path)])
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines()
+            if line.count("│") >= 3 and line.split("│")[1].strip().isdigit()}
+    assert len(rows) == 30
+    assert "removed" in rows["5"] and "removed" in rows["6"]
+    assert "removed" not in rows["4"] and "kept" in rows["4"]
+    assert "0.5" in rows["5"]
+    assert "kept 28/30" in result.output and "task=gsm8k" in result.output
+
+
+def test_show_bad_file_one_line(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text("[1, 2")
+    result = runner.invoke(app, ["masks", "show", str(path)])
+    assert_one_line_error(result.exit_code, result.output.strip(), "invalid JSON")
+
+
+def test_saved_mask_is_atomic_and_valid(tmp_path, demo_model):
+    mask = make_mask(demo_model, [29, 0], task="t", model_id="llama")
+    path = mask.save(tmp_path / "sub" / "m.json")
+    assert not list(tmp_path.glob("sub/*.tmp"))
+    again = load_mask(path, demo_model)
+    assert again.removed_layers == [0, 29]
+    assert again.content_hash() == mask.content_hash()

@@ -1,0 +1,99 @@
+"""The pruned vLLM engine (our loader) generates exactly what transformers does with the same
+blocks deleted, and holds proportionally fewer weight bytes."""
+
+import gc
+
+import pytest
+import torch
+
+from tabp_vllm.engine import build_llm, engine_model_stats
+from tabp_vllm.mask import make_mask
+
+pytestmark = pytest.mark.engine
+
+PROMPTS = [
+    "The capital of France is",
+    "Question: Which gas do plants absorb from the air?\nAnswer:",
+    "def fibonacci(n):\n    ",
+]
+MAX_TOKENS = 12
+MASKS = {
+    "dense": [],
+    "one-middle": [14],
+    "contiguous-run": [10, 11, 12, 13],
+    "first-block": [0],
+    "last-block": [29],
+    "scattered-8": [2, 5, 9, 13, 17, 21, 25, 28],
+}
+
+
+@pytest.fixture(scope="module")
+def hf_model(demo_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    model = AutoModelForCausalLM.from_pretrained(demo_model, dtype=torch.float32).eval()
+    return tok, model
+
+
+def hf_greedy_with_blocks_deleted(tok, model, removed):
+    layers = model.model.layers
+    kept = [layer for i, layer in enumerate(layers) if i not in set(removed)]
+    old_idx = [layer.self_attn.layer_idx for layer in kept]
+    try:
+        model.model.layers = torch.nn.ModuleList(kept)
+        model.config.num_hidden_layers = len(kept)
+        for new, layer in enumerate(kept):  # the KV cache is indexed by position in the stack
+            layer.self_attn.layer_idx = new
+        outs = []
+        for prompt in PROMPTS:
+            ids = tok(prompt, return_tensors="pt").input_ids
+            with torch.no_grad():
+                gen = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False,
+                                     min_new_tokens=MAX_TOKENS)
+            outs.append(gen[0, ids.shape[1]:].tolist())
+        return outs
+    finally:
+        model.model.layers = layers
+        model.config.num_hidden_layers = len(layers)
+        for layer, idx in zip(kept, old_idx):
+            layer.self_attn.layer_idx = idx
+
+
+@pytest.fixture(scope="module")
+def block_bytes_fp32(hf_model):
+    _, model = hf_model
+    return sum(p.numel() * 4 for p in model.model.layers[0].parameters())
+
+
+_dense_bytes = {}
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+def test_pruned_engine_matches_transformers(name, demo_model, hf_model, block_bytes_fp32):
+    from vllm import SamplingParams
+
+    removed = MASKS[name]
+    mask = make_mask(demo_model, removed, task=name) if removed else None
+    llm = build_llm(demo_model, mask, dtype="float32", kv_cache_gib=0.25, max_model_len=256)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS)
+        outs = llm.generate(PROMPTS, params, use_tqdm=False)
+        vllm_tokens = [list(o.outputs[0].token_ids) for o in outs]
+        stats = engine_model_stats(llm)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+    tok, model = hf_model
+    assert vllm_tokens == hf_greedy_with_blocks_deleted(tok, model, removed)
+    # Sanity: the masks really change the model (else parity would prove nothing).
+    if removed:
+        assert vllm_tokens != hf_greedy_with_blocks_deleted(tok, model, [])
+
+    assert stats["num_layers"] == 30 - len(removed)
+    if not removed:
+        _dense_bytes["fp32"] = stats["weight_bytes"]
+    elif "fp32" in _dense_bytes:
+        assert _dense_bytes["fp32"] - stats["weight_bytes"] == len(removed) * block_bytes_fp32
