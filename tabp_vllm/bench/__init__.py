@@ -1,0 +1,1 @@
+"""Serving benchmarks: FLOPs ideal, load generator, reports (`tabp-vllm bench`)."""
