@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--levels", default="1,4,16")
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ramp", type=float, default=5.0)
+    ap.add_argument("--range-ratio", type=float, default=0.5)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--port", type=int, default=8110)
@@ -53,6 +55,7 @@ def main() -> None:
         mask_specs.append(str(path))
     run_bench(model=args.model, masks=mask_specs, start=True, start_bare=True, port=args.port,
               levels=args.levels, duration=args.duration, rounds=args.rounds,
+              ramp=args.ramp, range_ratio=args.range_ratio,
               input_len=args.input_len, output_len=args.output_len, out=args.out,
               stem="serving", notes=args.notes)
 

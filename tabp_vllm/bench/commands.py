@@ -93,11 +93,12 @@ def run_bench(
     levels: str = "1,4,16",
     duration: float = 30.0,
     rounds: int = 3,
+    ramp: float = 5.0,
     warmup: int = 4,
     seed: int = 0,
     input_len: int = 128,
     output_len: int = 64,
-    range_ratio: float = 0.0,
+    range_ratio: float = 0.5,
     dataset: str | None = None,
     max_concurrency: int | None = None,
     out: str | Path = "bench/results",
@@ -164,13 +165,13 @@ def run_bench(
 
         plan = loadgen.BenchPlan(
             variants=vlist, mode=mode, levels=level_list, duration=duration, rounds=rounds,
-            warmup_requests=warmup, seed=seed, input_len=input_len, output_len=output_len,
+            ramp=ramp, warmup_requests=warmup, seed=seed, input_len=input_len, output_len=output_len,
             range_ratio=range_ratio, dataset=dataset, vocab_size=shape.vocab_size,
             max_concurrency=max_concurrency)
         per_slice = duration / rounds
-        total_s = per_slice * rounds * len(level_list) * len(vlist)
+        total_s = (per_slice + ramp) * rounds * len(level_list) * len(vlist)
         say(f"{len(vlist)} variants x {len(level_list)} levels x {rounds} rounds of "
-            f"{per_slice:.1f} s = {total_s:.0f} s of load (+ warm-up)")
+            f"{ramp:g} s ramp + {per_slice:.1f} s measured = {total_s:.0f} s of load (+ warm-up)")
         started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         t_start = time.time()
         counts = {"ok": 0, "err": 0}
@@ -187,7 +188,7 @@ def run_bench(
                 bar.update(task, info=f"{counts['ok']} ok, {counts['err']} errors")
 
             def on_end(_s) -> None:
-                bar.advance(task, per_slice)
+                bar.advance(task, per_slice + ramp)
 
             slices = asyncio.run(loadgen.run_plan(plan, on_start, on_request, on_end))
 
@@ -217,6 +218,7 @@ def run_bench(
                  "platform": platform.platform(), "python": sys.version.split()[0]},
         "git_commit": _git_commit(), "command": sys.argv, "notes": notes,
         "plan": {"mode": mode, "levels": level_list, "duration": duration, "rounds": rounds,
+                 "ramp": ramp,
                  "warmup_requests": warmup, "seed": seed, "input_len": input_len,
                  "output_len": output_len, "range_ratio": range_ratio, "dataset": dataset,
                  "max_concurrency": max_concurrency, "started_servers": start},
@@ -254,13 +256,15 @@ def bench(
     levels: str = typer.Option("1,4,16,64", "--levels",
                                help="Concurrencies (closed) or request rates (open), comma-separated."),
     duration: float = typer.Option(60.0, "--duration",
-                                   help="Seconds of load per variant per level (all rounds)."),
+                                   help="Measured seconds per variant per level (all rounds)."),
     rounds: int = typer.Option(3, "--rounds", help="Interleaved slices per variant per level."),
+    ramp: float = typer.Option(5.0, "--ramp", help="Unmeasured seconds of load before each "
+                                                   "slice (closed loop: staggered start)."),
     warmup: int = typer.Option(4, "--warmup", help="Warm-up requests per variant."),
     seed: int = typer.Option(0, "--seed"),
     input_len: int = typer.Option(128, "--input-len", help="Synthetic prompt tokens (mean)."),
     output_len: int = typer.Option(64, "--output-len", help="Output tokens (mean; EOS ignored)."),
-    range_ratio: float = typer.Option(0.0, "--range-ratio",
+    range_ratio: float = typer.Option(0.5, "--range-ratio",
                                       help="Lengths uniform in len*(1 +- ratio)."),
     dataset: Optional[Path] = typer.Option(None, "--dataset",
                                            help="JSONL {prompt, max_tokens?} instead of synthetic."),
@@ -278,7 +282,7 @@ def bench(
     """Load-test variants through the OpenAI API: throughput, TTFT, ITL, E2E; pruned vs dense."""
     run_bench(url=url, variants=variant, model=model, masks=mask, dense=dense,
               bare_vllm=bare_vllm, mode=mode, levels=levels, duration=duration, rounds=rounds,
-              warmup=warmup, seed=seed, input_len=input_len, output_len=output_len,
+              ramp=ramp, warmup=warmup, seed=seed, input_len=input_len, output_len=output_len,
               range_ratio=range_ratio, dataset=str(dataset) if dataset else None,
               max_concurrency=max_concurrency, out=out, stem=stem, start=start,
               start_bare=start_bare, port=port, kv_cache_gib=kv_cache_gib, notes=notes)

@@ -254,11 +254,19 @@ class SliceResult:
 async def run_slice(client: httpx.AsyncClient, variant: Variant, specs: Iterator[RequestSpec],
                     mode: str, level: float, duration: float, seed: int, rnd: int,
                     max_concurrency: int | None = None, timeout: float = 600.0,
-                    on_done: Callable[[RequestResult], None] | None = None) -> SliceResult:
-    """Hold `level` (closed: concurrency; open: requests/s) on `variant` for `duration` seconds."""
+                    on_done: Callable[[RequestResult], None] | None = None,
+                    ramp: float = 0.0) -> SliceResult:
+    """Hold `level` (closed: concurrency; open: requests/s) on `variant` for `duration` seconds.
+
+    The first `ramp` seconds are load but not measurement: closed-loop workers start staggered
+    over the ramp, so the measured window sees requests at all stages instead of one synchronized
+    wave (all prefills at once, then all decodes), whose phase at the window's end would bias
+    short windows.
+    """
     started: list[RequestResult] = []
     t0 = time.perf_counter()
-    deadline = t0 + duration
+    window_start = t0 + ramp
+    deadline = window_start + duration
 
     async def one(spec: RequestSpec) -> None:
         res = RequestResult(ok=False, start=time.perf_counter())
@@ -269,10 +277,11 @@ async def run_slice(client: httpx.AsyncClient, variant: Variant, specs: Iterator
 
     tasks: list[asyncio.Task] = []
     if mode == "closed":
-        async def worker() -> None:
+        async def worker(i: int) -> None:
+            await asyncio.sleep(ramp * i / level)
             while time.perf_counter() < deadline:
                 await one(next(specs))
-        tasks = [asyncio.create_task(worker()) for _ in range(int(level))]
+        tasks = [asyncio.create_task(worker(i)) for i in range(int(level))]
     elif mode == "open":
         rng = random.Random(seed)
         sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
@@ -307,14 +316,17 @@ async def run_slice(client: httpx.AsyncClient, variant: Variant, specs: Iterator
     # cancelled at the deadline included); latencies come from requests completed inside it.
     completed, errors, tokens = [], [], 0
     for r in started:
-        if r.ok and r.end is not None and r.end <= deadline:
+        if r.ok and r.end is not None and window_start <= r.start and r.end <= deadline:
             completed.append(r)
             tokens += r.output_tokens
             continue
-        tokens += sum(1 for c in r.chunk_times if c <= deadline)
+        tokens += sum(1 for c in r.chunk_times if window_start <= c <= deadline)
+        if r.ok and r.end is not None and window_start <= r.end <= deadline:
+            completed.append(r)  # started in the ramp: its latency counts, its early tokens not
         if r.error is not None:
             errors.append(r)
-    return SliceResult(variant=variant.key, level=level, round=rnd, start=t0, duration=duration,
+    return SliceResult(variant=variant.key, level=level, round=rnd, start=window_start,
+                       duration=duration,
                        completed=completed, errors=errors, cancelled=len(pending),
                        tokens_in_window=tokens)
 
@@ -325,7 +337,8 @@ class BenchPlan:
     variants: list[Variant]
     mode: str = "closed"                 # closed: levels are concurrencies; open: request rates
     levels: list[float] = field(default_factory=lambda: [1, 4, 16])
-    duration: float = 30.0               # seconds of load per variant per level (all rounds)
+    duration: float = 30.0               # measured seconds per variant per level (all rounds)
+    ramp: float = 5.0                    # unmeasured load before each slice's window
     rounds: int = 3                      # slices per variant per level, interleaved round-robin
     warmup_requests: int = 4             # per variant, before any measurement
     seed: int = 0
@@ -396,7 +409,7 @@ async def run_plan(plan: BenchPlan, on_slice_start: Callable[[str, float, int], 
                         on_slice_start(v.key, level, rnd)
                     res = await run_slice(client, v, _cycle(pool), plan.mode, level, per_slice,
                                           seed, rnd, plan.max_concurrency, plan.request_timeout,
-                                          on_request)
+                                          on_request, plan.ramp)
                     slices.append(res)
                     if on_slice_end:
                         on_slice_end(res)

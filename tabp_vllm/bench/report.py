@@ -130,9 +130,11 @@ def markdown(result: dict[str, Any]) -> str:
     unit = "concurrency" if plan["mode"] == "closed" else "req/s"
     lines = [f"# Serving bench: {result['model']} ({plan['mode']} loop)", "",
              f"{result['started_at']} on {result['host']['node']} "
-             f"({result['host']['cpu_count']} CPUs); {plan['duration']:.0f} s per variant per level "
-             f"in {plan['rounds']} interleaved rounds; prompt {plan['input_len']} / output "
-             f"{plan['output_len']} tokens; seed {plan['seed']}.", "",
+             f"({result['host']['cpu_count']} CPUs); {plan['duration']:.0f} s measured per variant "
+             f"per level in {plan['rounds']} interleaved rounds (each after a "
+             f"{plan.get('ramp', 0):g} s unmeasured ramp); prompt {plan['input_len']} / output "
+             f"{plan['output_len']} tokens (+-{plan['range_ratio'] * 100:.0f} %, EOS ignored); "
+             f"seed {plan['seed']}.", "",
              f"| variant | {unit} | out tok/s | req/s | TTFT p50/p90/p99 (ms) | "
              f"ITL p50/p90/p99 (ms) | E2E p50/p90/p99 (s) | errors |",
              "|---|---|---|---|---|---|---|---|"]

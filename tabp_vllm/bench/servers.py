@@ -51,7 +51,8 @@ def api_server_command(model: str, port: int, served_name: str, mask=None, bare:
         for key in ("load_format", "model_loader_extra_config", "hf_overrides"):
             args.pop(key, None)
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", host,
-            "--port", str(port), *engine_args_to_cli(args), "--no-enable-log-requests"]
+            "--port", str(port), *engine_args_to_cli(args), "--no-enable-log-requests",
+            "--disable-uvicorn-access-log"]
 
 
 class ApiServer:

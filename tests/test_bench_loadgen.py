@@ -1,0 +1,229 @@
+"""Load generator, reports and the bench command against a small fake OpenAI server (fast).
+
+The fake server streams one token every `delay` seconds per request, so expected throughput and
+latencies are known; the real vLLM server is exercised in test_bench_vllm.py.
+"""
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from tabp_vllm.bench import loadgen, report
+from tabp_vllm.errors import TabpError
+
+DELAYS = {"llama": 0.010, "llama-k4": 0.005, "broken": None}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *a):  # keep pytest output clean
+        pass
+
+    def do_GET(self):
+        if self.path != "/v1/models":
+            self.send_response(404)
+            self.end_headers()
+            return
+        body = json.dumps({"object": "list", "data": [{"id": k} for k in DELAYS]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        delay = DELAYS.get(req["model"], "unknown")
+        if delay is None or delay == "unknown":
+            self.send_response(500 if delay is None else 404)
+            self.end_headers()
+            self.wfile.write(b'{"error": "nope"}')
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        n_prompt = len(req["prompt"]) if isinstance(req["prompt"], list) else 1
+        try:
+            for _ in range(req["max_tokens"]):
+                time.sleep(delay)
+                self.wfile.write(b'data: {"choices": [{"index": 0, "text": "x"}]}\n\n')
+                self.wfile.flush()
+            usage = {"prompt_tokens": n_prompt, "completion_tokens": req["max_tokens"]}
+            self.wfile.write(f'data: {{"choices": [], "usage": {json.dumps(usage)}}}\n\n'.encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+@pytest.fixture(scope="module")
+def fake_url():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slice(url, name, mode, level, duration, max_tokens, seed=0):
+    specs = loadgen.synthetic_requests(8, seed, 16, max_tokens, 0.0, 1000)
+
+    async def go():
+        async with httpx.AsyncClient() as client:
+            return await loadgen.run_slice(client, loadgen.Variant(name, url), loadgen._cycle(specs),
+                                           mode, level, duration, seed, 0)
+    return asyncio.run(go())
+
+
+def test_closed_loop_keeps_concurrency_and_measures_latency(fake_url):
+    s = _slice(fake_url, "llama", "closed", 2, 1.0, 5)
+    # 2 workers, ~50 ms per request: ~40 requests in 1 s (thread and loop overhead allowed)
+    assert 20 <= len(s.completed) <= 42
+    assert not s.errors
+    for r in s.completed:
+        assert r.output_tokens == 5 and r.prompt_tokens == 16 and len(r.itls) == 4
+        assert 0.008 <= r.ttft < r.e2e
+        assert r.tpot == pytest.approx((r.e2e - r.ttft) / 4, abs=0.01)
+    assert s.output_throughput == pytest.approx(s.tokens_in_window / 1.0)
+    assert s.tokens_in_window >= 5 * len(s.completed)
+
+
+def test_window_is_bounded_and_partial_tokens_count(fake_url):
+    t0 = time.perf_counter()
+    s = _slice(fake_url, "llama", "closed", 3, 0.5, 1000)  # a request would take 10 s
+    assert time.perf_counter() - t0 < 1.5
+    assert not s.completed and s.cancelled == 3
+    assert 3 * 25 <= s.tokens_in_window <= 3 * 51  # ~50 tokens per request streamed in 0.5 s
+
+
+def test_open_loop_poisson_is_seeded(fake_url):
+    a = _slice(fake_url, "llama", "open", 20, 1.0, 2, seed=7)
+    b = _slice(fake_url, "llama", "open", 20, 1.0, 2, seed=7)
+    n = len(a.completed) + a.cancelled
+    assert 8 <= n <= 35  # Poisson(20) arrivals in 1 s
+    assert len(b.completed) + b.cancelled == n
+
+
+def test_server_errors_are_counted_not_raised(fake_url):
+    s = _slice(fake_url, "broken", "closed", 1, 0.3, 2)
+    assert not s.completed and len(s.errors) >= 1
+    assert s.errors[0].error.startswith("HTTP 500")
+
+
+def test_fail_fast_unreachable_and_unknown_variant(fake_url):
+    with pytest.raises(TabpError, match=r"cannot reach the server at http://127.0.0.1:\d+"):
+        loadgen.check_variants([loadgen.Variant("llama", f"http://127.0.0.1:{_free_port()}")])
+    with pytest.raises(TabpError, match=r"variant 'llama-k9' is not served .*llama-k4"):
+        loadgen.check_variants([loadgen.Variant("llama-k9", fake_url)])
+    with pytest.raises(TabpError, match="listed twice"):
+        loadgen.check_variants([loadgen.Variant("llama", fake_url)] * 2)
+
+
+def test_parse_variant_and_round_robin():
+    v = loadgen.parse_variant("base=llama@localhost:8001/v1", "http://h:1")
+    assert (v.key, v.name, v.url) == ("base", "llama", "http://localhost:8001")
+    assert loadgen.parse_variant("llama-k4", "http://h:1/").url == "http://h:1"
+    vs = [loadgen.Variant(n, "u") for n in "abc"]
+    orders = [[v.name for v in loadgen.slice_order(vs, r)] for r in range(3)]
+    assert orders == [list("abc"), list("bca"), list("cab")]
+
+
+def test_synthetic_requests_are_seeded_with_bounded_lengths():
+    a = loadgen.synthetic_requests(20, 3, 100, 50, 0.5, 49152)
+    assert a == loadgen.synthetic_requests(20, 3, 100, 50, 0.5, 49152)
+    assert a != loadgen.synthetic_requests(20, 4, 100, 50, 0.5, 49152)
+    assert all(50 <= len(r.prompt) <= 150 and 25 <= r.max_tokens <= 75 for r in a)
+    assert all(256 <= t < 49152 - 256 for r in a for t in r.prompt)
+    assert len({len(r.prompt) for r in a}) > 1
+
+
+def test_percentiles_match_numpy():
+    import numpy as np
+
+    xs = [0.3, 0.1, 0.7, 0.2, 0.9, 0.5, 0.4]
+    for q in (50, 90, 99):
+        assert report._pct(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+
+
+def _app():
+    from tabp_vllm.bench.commands import bench
+
+    app = typer.Typer()
+    app.command()(bench)
+    return app
+
+
+def test_cli_unreachable_server_is_one_line_exit_2(tmp_path):
+    res = CliRunner().invoke(_app(), ["--url", f"http://127.0.0.1:{_free_port()}",
+                                      "--out", str(tmp_path)])
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot reach the server at")
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_unknown_variant_is_one_line_exit_2(fake_url, tmp_path):
+    res = CliRunner().invoke(_app(), ["--url", fake_url, "--variant", "llama",
+                                      "--variant", "llama-gsm8k", "--out", str(tmp_path)])
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert lines == [f"error: variant 'llama-gsm8k' is not served at {fake_url} "
+                     "(served: llama, llama-k4, broken)"]
+
+
+def test_run_bench_end_to_end_report(fake_url, tmp_path, write_mask):
+    from tabp_vllm.bench.commands import run_bench
+
+    mask = write_mask([26, 27, 28, 29], task="k4")
+    res = run_bench(url=fake_url, variants=["llama", "llama-k4"], masks=[str(mask)],
+                    bare_vllm=f"llama@{fake_url}", levels="1,2", duration=0.8, rounds=2, ramp=0.2,
+                    warmup=1, input_len=8, output_len=4, out=tmp_path, progress=False)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"serving.json", "serving.md", "serving_throughput.png",
+            "serving_latency.png"} <= names
+    doc = json.loads((tmp_path / "serving.json").read_text())
+    assert len(doc["metrics"]) == 3 * 2  # llama, llama-k4, bare-vllm x 2 levels
+    sp = {r["level"]: r for r in doc["comparison"]["speedups"]}
+    # llama-k4 streams twice as fast as llama on the fake server
+    assert 1.4 < sp[2]["achieved_speedup"] < 2.6
+    k4 = next(v for v in doc["variants"] if v["key"] == "llama-k4")
+    assert k4["kept_blocks"] == 26 and 1.0 < k4["ideal"]["ideal_speedup"] < 30 / 26
+    assert sp[2]["achieved_over_ideal"] == pytest.approx(
+        sp[2]["achieved_speedup"] / k4["ideal"]["ideal_speedup"])
+    assert "target_met" in sp[2] and "target_met" not in sp[1]
+    ov = doc["comparison"]["server_overhead"]
+    assert [o["level"] for o in ov] == [1, 2] and 0.6 < ov[-1]["throughput_ratio"] < 1.5
+    md = (tmp_path / "serving.md").read_text()
+    assert "| llama-k4 | 2 |" in md and "Server overhead" in md
+    assert res["plan"]["levels"] == [1.0, 2.0]
+
+
+def test_ramp_is_load_but_not_measurement(fake_url):
+    specs = loadgen.synthetic_requests(8, 0, 16, 5, 0.0, 1000)
+
+    async def go():
+        async with httpx.AsyncClient() as client:
+            return await loadgen.run_slice(client, loadgen.Variant("llama", fake_url),
+                                           loadgen._cycle(specs), "closed", 2, 0.6, 0, 0,
+                                           ramp=0.4)
+    t0 = time.perf_counter()
+    s = asyncio.run(go())
+    assert 0.95 < time.perf_counter() - t0 < 1.6  # ramp + window
+    assert s.duration == 0.6 and s.start - t0 == pytest.approx(0.4, abs=0.05)
+    assert all(r.end >= s.start for r in s.completed)
+    # ~50 ms per request, 2 workers: ~24 requests end in the 0.6 s window, not the ~40 of 1 s
+    assert 10 <= len(s.completed) <= 27
+    assert s.tokens_in_window <= 2 * 0.6 / 0.010 + 2
