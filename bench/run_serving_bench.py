@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--model", default="llama")
     ap.add_argument("--levels", default="1,4,16")
     ap.add_argument("--duration", type=float, default=30.0)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--ramp", type=float, default=5.0)
     ap.add_argument("--range-ratio", type=float, default=0.5)
     ap.add_argument("--input-len", type=int, default=128)

@@ -137,8 +137,11 @@ def test_parse_variant_and_round_robin():
     assert (v.key, v.name, v.url) == ("base", "llama", "http://localhost:8001")
     assert loadgen.parse_variant("llama-k4", "http://h:1/").url == "http://h:1"
     vs = [loadgen.Variant(n, "u") for n in "abc"]
-    orders = [[v.name for v in loadgen.slice_order(vs, r)] for r in range(3)]
-    assert orders == [list("abc"), list("bca"), list("cab")]
+    orders = ["".join(v.name for v in loadgen.slice_order(vs, r)) for r in range(4)]
+    assert orders == ["abc", "cba", "bca", "acb"]
+    # every mirrored pair of rounds gives each variant the same mean position
+    for pair in (orders[:2], orders[2:]):
+        assert len({sum(o.index(x) for o in pair) for x in "abc"}) == 1
 
 
 def test_synthetic_requests_are_seeded_with_bounded_lengths():

@@ -257,7 +257,8 @@ def bench(
                                help="Concurrencies (closed) or request rates (open), comma-separated."),
     duration: float = typer.Option(60.0, "--duration",
                                    help="Measured seconds per variant per level (all rounds)."),
-    rounds: int = typer.Option(3, "--rounds", help="Interleaved slices per variant per level."),
+    rounds: int = typer.Option(4, "--rounds", help="Interleaved slices per variant per level "
+                                                   "(even: mirrored pairs cancel drift)."),
     ramp: float = typer.Option(5.0, "--ramp", help="Unmeasured seconds of load before each "
                                                    "slice (closed loop: staggered start)."),
     warmup: int = typer.Option(4, "--warmup", help="Warm-up requests per variant."),

@@ -352,9 +352,16 @@ class BenchPlan:
 
 
 def slice_order(variants: list[Variant], rnd: int) -> list[Variant]:
-    """Round-robin: round r starts with variant r mod n, so no variant always goes first."""
+    """Balanced round-robin: rounds come in mirrored pairs (ABCD, DCBA), each pair rotated by one.
+
+    A mirrored pair gives every variant the same mean position, so a drift that is linear in time
+    (a neighbour's job ramping up, heating) cancels in every ratio after any even number of rounds;
+    the rotation spreads who goes first.
+    """
     n = len(variants)
-    return [variants[(rnd + i) % n] for i in range(n)]
+    k = rnd // 2
+    order = [variants[(k + i) % n] for i in range(n)]
+    return order[::-1] if rnd % 2 else order
 
 
 def _specs_for(plan: BenchPlan, seed: int, n: int) -> list[RequestSpec]:
