@@ -1,0 +1,1 @@
+"""`tabp-vllm serve`: dense + pruned variants of one checkpoint behind one Ray Serve LLM app."""

@@ -1,0 +1,205 @@
+"""`tabp-vllm serve`: validate everything, start Ray + Serve, print the variants, wait for Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from tabp_vllm.cli import user_errors
+from tabp_vllm.errors import TabpError
+
+APP_NAME = "tabp"
+
+
+def _parse_extra(items: list[str]) -> dict:
+    extra = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise TabpError(f"--engine-arg: expected KEY=VALUE, got {item!r}")
+        try:
+            extra[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key.replace("-", "_")] = value
+    return extra
+
+
+def build_spec(
+    model: str = "llama",
+    task_mask: Optional[List[Path]] = None,
+    task: Optional[List[str]] = None,
+    config: Optional[Path] = None,
+    dense: bool = True,
+    replicas: int = 1,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    metrics_port: int = 8090,
+    api_key: Optional[str] = None,
+    address: Optional[str] = None,
+    num_cpus: Optional[int] = None,
+    max_model_len: Optional[int] = 2048,
+    dtype: str = "auto",
+    kv_cache_gib: Optional[float] = None,
+    enforce_eager: bool = True,
+    engine_arg: Optional[List[str]] = None,
+):
+    """A validated `ServeSpec` from CLI options, a YAML config file, or both (CLI masks appended)."""
+    from tabp_vllm.serve.config import EngineOptions, ServeSpec, build_variants, load_yaml_spec
+
+    masks = [str(p) for p in task_mask or []]
+    tasks: list[Optional[str]] = list(task or [])
+    if len(tasks) > len(masks):
+        raise TabpError(f"{len(tasks)} --task given for {len(masks)} --task-mask")
+    names: list[Optional[str]] = [None] * len(masks)
+    dense_name = None
+    engine = EngineOptions(max_model_len=max_model_len, dtype=dtype, kv_cache_gib=kv_cache_gib,
+                           enforce_eager=enforce_eager, extra=_parse_extra(engine_arg or []))
+    if config is not None:
+        doc = load_yaml_spec(config)
+        model = doc.get("model", model)
+        dense = bool(doc.get("dense", dense))
+        dense_name = doc.get("dense_name")
+        replicas = int(doc.get("replicas", replicas))
+        host, port = doc.get("host", host), int(doc.get("port", port))
+        metrics_port = int(doc.get("metrics_port", metrics_port))
+        api_key = api_key or doc.get("api_key")
+        address = address or doc.get("address")
+        num_cpus = num_cpus or doc.get("num_cpus")
+        eng = doc.get("engine") or {}
+        for key in ("max_model_len", "dtype", "kv_cache_gib", "enforce_eager"):
+            if key in eng:
+                setattr(engine, key, eng[key])
+        engine.extra = {**(eng.get("extra") or {}), **engine.extra}
+        yaml_masks = [v["mask"] for v in doc.get("variants") or []]
+        masks = yaml_masks + masks
+        tasks = [v.get("task") for v in doc.get("variants") or []] + tasks + \
+            [None] * (len(masks) - len(yaml_masks) - len(tasks))
+        names = [v.get("name") for v in doc.get("variants") or []] + names
+    alias, resolved, variants = build_variants(model, masks, tasks=tasks, names=names, dense=dense,
+                                               replicas=replicas, dense_name=dense_name)
+    return ServeSpec(model_alias=alias, model=resolved, variants=variants, engine=engine,
+                     host=host, port=port, metrics_port=metrics_port, api_key=api_key,
+                     address=address, num_cpus=num_cpus)
+
+
+def start(spec, *, quiet: bool = False) -> None:
+    """Start (or join) Ray, deploy the app and wait until every variant is ready."""
+    import ray
+    from ray import serve
+
+    from tabp_vllm.serve.app import build_app
+
+    if spec.address:
+        ray.init(address=spec.address, log_to_driver=not quiet)
+    else:
+        ray.init(num_cpus=spec.num_cpus or spec.ray_cpus_needed(), include_dashboard=False,
+                 _metrics_export_port=spec.metrics_port, log_to_driver=not quiet)
+    app = build_app(spec)
+    serve.start(http_options={"host": spec.host, "port": spec.port})
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        if ray.is_initialized():
+            serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def print_table(spec) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    base = f"http://{spec.host}:{spec.port}"
+    table = Table("variant", "task", "blocks kept", "speedup*", "mask hash", "replicas",
+                  title=f"tabp-vllm serve: {spec.model_alias} ({spec.model})")
+    for v in spec.variants:
+        table.add_row(v.name, v.task or "(dense)", f"{v.blocks_kept}/{v.blocks_total}",
+                      f"{v.theoretical_speedup:.3f}", v.mask_hash or "-", str(v.replicas))
+    console = Console()
+    console.print(table)
+    print(f"endpoints: {base}/v1/models  {base}/v1/completions  {base}/v1/chat/completions"
+                  + ("  (Bearer API key required)" if spec.api_key else ""))
+    metrics = (f"http://127.0.0.1:{spec.metrics_port}/metrics" if not spec.address
+               else "the Ray cluster's metrics export port(s)")
+    print(f"metrics:   {metrics}")
+    console.print("* ideal speedup: dense / variant FLOPs per decode step. Ctrl-C to stop.")
+    sys.stdout.flush()
+
+
+@user_errors
+def serve(
+    model: str = typer.Option("llama", "--model", "-m", help="Alias, HF id or checkpoint path."),
+    task_mask: Optional[List[Path]] = typer.Option(None, "--task-mask",
+                                                   help="A mask file; one pruned variant each."),
+    task: Optional[List[str]] = typer.Option(None, "--task", help=(
+        "Override the task name (variant <alias>-<task>) of the --task-mask at the same position.")),
+    config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                          help="YAML file with many variants (examples/serve.yaml)."),
+    dense: bool = typer.Option(True, "--dense/--no-dense", help="Also serve the dense model."),
+    replicas: int = typer.Option(1, "--replicas", help="Replicas per variant."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    metrics_port: int = typer.Option(8090, "--metrics-port",
+                                     help="Ray's Prometheus export port (the one scrape target)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TABP_VLLM_API_KEY",
+                                          help="Require 'Authorization: Bearer <key>'."),
+    address: Optional[str] = typer.Option(None, "--address",
+                                          help="Join an existing Ray cluster (e.g. 'auto')."),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help=(
+        "Logical CPUs for a local Ray (default: 2 per CPU replica + 1 for the ingress).")),
+    max_model_len: Optional[int] = typer.Option(2048, "--max-model-len"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    kv_cache_gib: Optional[float] = typer.Option(None, "--kv-cache-gib",
+                                                 help="KV cache space per engine, GiB."),
+    enforce_eager: bool = typer.Option(True, "--eager/--no-eager",
+                                       help="Eager mode (fast start) or torch.compile / graphs."),
+    engine_arg: Optional[List[str]] = typer.Option(None, "--engine-arg",
+                                                   help="Any other vLLM engine arg, KEY=VALUE."),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="Validate and print the variants; start nothing."),
+) -> None:
+    """Serve the dense model and one pruned variant per mask behind one OpenAI endpoint."""
+    spec = build_spec(model=model, task_mask=task_mask, task=task, config=config, dense=dense,
+                      replicas=replicas, host=host, port=port, metrics_port=metrics_port,
+                      api_key=api_key, address=address, num_cpus=num_cpus,
+                      max_model_len=max_model_len, dtype=dtype, kv_cache_gib=kv_cache_gib,
+                      enforce_eager=enforce_eager, engine_arg=engine_arg)
+    if dry_run:
+        print_table(spec)
+        return
+    # Ctrl-C and SIGTERM (docker stop, CI) take the same clean path. Ray's driver installs its own
+    # SIGTERM handler in ray.init, so ours are (re)installed after start(); SIGINT is set first
+    # because a shell's background job starts with it ignored.
+    stopping: list[int] = []
+
+    def _request_stop(signum, _frame):
+        stopping.append(signum)
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        start(spec)
+        signal.signal(signal.SIGINT, _request_stop)
+        signal.signal(signal.SIGTERM, _request_stop)
+        print_table(spec)
+        print("READY", flush=True)
+        while not stopping:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("shutting down ...", file=sys.stderr, flush=True)
+        stop()
+        print("stopped", file=sys.stderr, flush=True)

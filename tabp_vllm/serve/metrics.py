@@ -1,0 +1,59 @@
+"""The tabp gauges, exported on the same scrape target as vLLM's and Ray Serve's metrics.
+
+Engine metrics come from vLLM (Ray Serve LLM installs vLLM's `RayPrometheusStatLogger`, so they
+appear as `ray_vllm_*{model_name=<variant>}` on Ray's metrics export port); request counts per
+deployment come from Ray Serve (`ray_serve_*`). What neither knows is the pruning itself: these
+gauges, created with `ray.util.metrics` (exported by Ray's Prometheus exporter as `ray_tabp_*`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GAUGES = {
+    "tabp_variant_blocks_kept": "Decoder blocks the variant keeps",
+    "tabp_variant_blocks_total": "Decoder blocks of the dense checkpoint",
+    "tabp_variant_theoretical_speedup": "Dense / variant FLOPs per decode step (ideal speedup)",
+}
+INFO = "tabp_variant_info"
+TAGS = ("model_name",)
+
+
+REFRESH_S = 5.0
+
+
+def publish_variant_gauges(variant_metadata: dict[str, dict[str, Any]],
+                           refresh_s: float | None = REFRESH_S) -> dict[str, Any]:
+    """Create and set the gauges (call in a long-lived Ray actor: the ingress replica).
+
+    Ray's exporter drops a gauge series that has not been set for two report intervals, so a
+    daemon thread sets them again every `refresh_s` seconds for the life of the process.
+    """
+    import threading
+    import time
+
+    from ray.util.metrics import Gauge
+
+    gauges = {name: Gauge(name, description=desc, tag_keys=TAGS) for name, desc in GAUGES.items()}
+    info = Gauge(INFO, description="1 per variant; labels carry task and mask hash",
+                 tag_keys=("model_name", "task", "mask_hash"))
+
+    def set_all() -> None:
+        for name, meta in variant_metadata.items():
+            tags = {"model_name": name}
+            gauges["tabp_variant_blocks_kept"].set(meta["blocks_kept"], tags=tags)
+            gauges["tabp_variant_blocks_total"].set(meta["blocks_total"], tags=tags)
+            gauges["tabp_variant_theoretical_speedup"].set(meta["theoretical_speedup"], tags=tags)
+            info.set(1, tags={"model_name": name, "task": meta.get("task") or "dense",
+                              "mask_hash": meta.get("mask_hash") or "dense"})
+
+    set_all()
+    if refresh_s:
+        def loop() -> None:
+            while True:
+                time.sleep(refresh_s)
+                set_all()
+
+        threading.Thread(target=loop, name="tabp-gauges", daemon=True).start()
+    gauges[INFO] = info
+    return gauges
