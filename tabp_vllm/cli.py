@@ -148,5 +148,16 @@ def generate(
     console.print(f"[bold]blocks kept {kept}[/] :: {prompt}[green]{out.outputs[0].text}[/]")
 
 
+def _register_feature_commands() -> None:
+    # Imported here, after `user_errors` exists: these modules decorate their commands with it.
+    from tabp_vllm.bench.commands import bench
+    from tabp_vllm.serve.commands import serve
+
+    app.command("serve")(serve)
+    app.command("bench")(bench)
+
+
+_register_feature_commands()
+
 if __name__ == "__main__":
     app()
