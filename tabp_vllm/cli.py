@@ -6,9 +6,7 @@ what is wrong with their file or option, never a traceback.
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -16,27 +14,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tabp_vllm.errors import TabpError
+from tabp_vllm.errors import TabpError, user_errors  # noqa: F401 (re-exported)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Task-aware block pruning for vLLM: score, serve, bench, eval.")
 masks_app = typer.Typer(no_args_is_help=True, help="Inspect and validate task mask files.")
 app.add_typer(masks_app, name="masks")
 console = Console()
-
-
-def user_errors(fn):
-    """Report a TabpError as one line and exit 2 (the CLI contract for bad input)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except TabpError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper
 
 
 @app.command("setup-model")

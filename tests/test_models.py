@@ -29,7 +29,7 @@ def test_unreachable_registry_is_one_clear_line(tmp_path):
            "PIP_INDEX_URL": "http://127.0.0.1:9/simple",  # nothing listens on port 9
            "PIP_RETRIES": "0", "PIP_TIMEOUT": "2"}
     env.pop("TABP_VLLM_MODEL_LLAMA", None)
-    proc = subprocess.run([sys.executable, "-m", "tabp_vllm.cli", "setup-model", "llama"],
+    proc = subprocess.run([sys.executable, "-m", "tabp_vllm", "setup-model", "llama"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

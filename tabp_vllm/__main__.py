@@ -1,0 +1,3 @@
+from tabp_vllm.cli import app
+
+app()
