@@ -11,8 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from tabp_vllm.cli import user_errors
-from tabp_vllm.errors import TabpError
+from tabp_vllm.errors import TabpError, user_errors
 
 APP_NAME = "tabp"
 

@@ -1,0 +1,442 @@
+"""End-to-end: one real `serve` process (Ray Serve LLM + 3 vLLM engines on the demo model), a real
+Prometheus scraping it, the official `openai` client. One server for the whole module (CI has two
+cores); the fault test runs last and the teardown checks that Ctrl-C leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(3600)]
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "tabp-test-key"
+MAX_MODEL_LEN = 512
+MASKS = {"gsm8k": [20, 21, 22, 23], "arc": [10, 11, 12, 13, 25]}
+DENSE, GSM8K, ARC = "llama", "llama-gsm8k", "llama-arc"
+VARIANTS = [DENSE, GSM8K, ARC]
+PROMPTS = ["The capital of France is", "def fibonacci(n):"]
+READY_TIMEOUT = float(os.environ.get("TABP_SERVE_READY_TIMEOUT", "1200"))
+
+
+def free_port(lo: int, hi: int) -> int:
+    for port in range(lo, hi):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {lo}-{hi}")
+
+
+def session_procs(sid: int) -> list[tuple[int, str]]:
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["pid", "name"]):
+        try:
+            if os.getsid(p.pid) == sid:
+                out.append((p.pid, p.info["name"]))
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    return out
+
+
+class Server:
+    def __init__(self, tmp: Path, masks: list[Path]):
+        self.port = free_port(8040, 8080)
+        self.metrics_port = free_port(8080, 8100)
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp / "serve.log"
+        self.masks = masks
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "tabp_vllm", "serve", "--model", "llama",
+               "--port", str(self.port), "--metrics-port", str(self.metrics_port),
+               "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-gib", "0.25",
+               "--api-key", API_KEY]
+        for m in self.masks:
+            cmd += ["--task-mask", str(m)]
+        env = {**os.environ, "RAY_metrics_report_interval_ms": "2000",
+               "RAY_SERVE_HTTP_REQUEST_MAX_RETRIES": "0"}
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
+                                     env=env, start_new_session=True)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self) -> None:
+        deadline = time.time() + READY_TIMEOUT
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+            if "READY" in self.log_text():
+                return
+            time.sleep(2)
+        raise TimeoutError(f"serve not ready in {READY_TIMEOUT}s:\n{self.log_text()[-4000:]}")
+
+    def stop(self) -> list[tuple[int, str]]:
+        """SIGINT (Ctrl-C), wait for exit; return the processes of its session still alive."""
+        if self.proc is None:
+            return []
+        sid = self.proc.pid
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=180)
+            except subprocess.TimeoutExpired:
+                pass
+        deadline = time.time() + 60
+        left = session_procs(sid)
+        while left and time.time() < deadline:
+            time.sleep(2)
+            left = session_procs(sid)
+        for pid, _ in left:  # never leave them behind, but report them
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.log.close()
+        return left
+
+
+class Prometheus:
+    def __init__(self, tmp: Path, target: str):
+        self.port = free_port(9090, 9100)
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.dir = tmp / "prom"
+        self.dir.mkdir()
+        (self.dir / "prometheus.yml").write_text(
+            "global:\n  scrape_interval: 2s\n  evaluation_interval: 2s\n"
+            "scrape_configs:\n  - job_name: tabp\n    static_configs:\n"
+            f"      - targets: ['{target}']\n")
+        self.proc = subprocess.Popen(
+            ["prometheus", f"--config.file={self.dir / 'prometheus.yml'}",
+             f"--storage.tsdb.path={self.dir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=open(self.dir / "log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.base}/-/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise RuntimeError("prometheus did not become ready: " + (self.dir / "log").read_text()[-2000:])
+
+    def query(self, expr: str) -> dict[str, float]:
+        r = httpx.get(f"{self.base}/api/v1/query", params={"query": expr}, timeout=10)
+        r.raise_for_status()
+        out = {}
+        for item in r.json()["data"]["result"]:
+            out[item["metric"].get("model_name", "")] = float(item["value"][1])
+        return out
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def mask_files(tmp_path_factory, demo_model):
+    from tabp_vllm.mask import make_mask
+
+    d = tmp_path_factory.mktemp("masks")
+    paths = []
+    for task, removed in MASKS.items():
+        paths.append(make_mask(demo_model, removed, task=task, model_id="llama").save(d / f"{task}.json"))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, mask_files):
+    srv = Server(tmp_path_factory.mktemp("serve"), mask_files)
+    srv.start()
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        left = srv.stop()
+        print(srv.log_text()[-3000:])
+        assert not left, f"orphan processes after Ctrl-C: {left}"
+        assert "stopped" in srv.log_text()
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory, server):
+    if not shutil.which("prometheus"):
+        pytest.fail("the 'prometheus' binary is missing: run scripts/system-deps.sh")
+    prom = Prometheus(tmp_path_factory.mktemp("prom"), f"127.0.0.1:{server.metrics_port}")
+    yield prom
+    prom.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.base}/v1", api_key=API_KEY, timeout=300, max_retries=0)
+
+
+def greedy(client, model, prompt, max_tokens=16, **kw):
+    return client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
+                                     temperature=0, **kw)
+
+
+# ---- startup, listing, auth -------------------------------------------------------------------
+
+def test_startup_table(server):
+    text = server.log_text()
+    for name in VARIANTS:
+        assert name in text
+    assert "26/30" in text and "25/30" in text and "30/30" in text
+    assert f"http://127.0.0.1:{server.metrics_port}/metrics" in text
+    assert f"{server.base}/v1/completions" in text
+
+
+def test_models_lists_variants_with_metadata(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == set(VARIANTS)
+    meta = {k: models[k].model_extra["metadata"] for k in models}
+    assert meta[DENSE]["blocks_kept"] == 30 and meta[DENSE]["blocks_total"] == 30
+    assert meta[DENSE]["task"] is None and meta[DENSE]["mask_hash"] is None
+    assert meta[GSM8K]["task"] == "gsm8k" and meta[GSM8K]["blocks_kept"] == 26
+    assert meta[ARC]["task"] == "arc" and meta[ARC]["blocks_kept"] == 25
+    assert len(meta[ARC]["mask_hash"]) == 12 and meta[ARC]["mask_hash"] != meta[GSM8K]["mask_hash"]
+    assert meta[ARC]["theoretical_speedup"] > meta[GSM8K]["theoretical_speedup"] > 1.0
+
+
+def test_api_key_required(server, client):
+    from openai import AuthenticationError, OpenAI
+
+    for key in ("wrong", ""):
+        bad = OpenAI(base_url=f"{server.base}/v1", api_key=key or "x", max_retries=0)
+        with pytest.raises(AuthenticationError):
+            bad.models.list()
+        with pytest.raises(AuthenticationError):
+            greedy(bad, DENSE, "Hi", max_tokens=2)
+    r = httpx.post(f"{server.base}/v1/completions", json={"model": DENSE, "prompt": "x"})
+    assert r.status_code == 401
+    assert greedy(client, DENSE, "Hi", max_tokens=2).choices[0].text is not None
+
+
+# ---- generation: parity, streaming, logprobs ----------------------------------------------------
+
+OFFLINE = r"""
+import json, sys
+from vllm import SamplingParams
+from tabp_vllm.engine import build_llm
+from tabp_vllm.mask import load_mask
+from tabp_vllm.models import resolve_model
+if __name__ == "__main__":
+    model = resolve_model("llama")
+    prompts, max_tokens = json.loads(sys.argv[1]), int(sys.argv[2])
+    out = {}
+    for name, path in json.loads(sys.argv[3]).items():
+        llm = build_llm(model, load_mask(path, model) if path else None,
+                        max_model_len=%d, kv_cache_gib=0.25)
+        res = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)
+        out[name] = [r.outputs[0].text for r in res]
+        del llm
+    print("RESULT " + json.dumps(out))
+""" % MAX_MODEL_LEN
+
+
+def test_greedy_equals_offline_engine(client, mask_files, tmp_path):
+    served = {name: [greedy(client, name, p).choices[0].text for p in PROMPTS] for name in VARIANTS}
+    variants = {DENSE: None, GSM8K: str(mask_files[0]), ARC: str(mask_files[1])}
+    script = tmp_path / "offline.py"
+    script.write_text(OFFLINE)
+    proc = subprocess.run([sys.executable, str(script), json.dumps(PROMPTS), "16",
+                           json.dumps(variants)], capture_output=True, text=True, timeout=1200,
+                          cwd=REPO)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, proc.stderr[-4000:]
+    offline = json.loads(lines[-1][len("RESULT "):])
+    assert served == offline
+    # and the pruned variants really differ from the dense model
+    assert served[GSM8K] != served[DENSE] and served[ARC] != served[DENSE]
+
+
+def test_streaming_completion_and_chat(client):
+    full = greedy(client, GSM8K, PROMPTS[0]).choices[0].text
+    stream = client.completions.create(model=GSM8K, prompt=PROMPTS[0], max_tokens=16,
+                                       temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == full
+    msgs = [{"role": "user", "content": "Name a color."}]
+    chat = client.chat.completions.create(model=ARC, messages=msgs, max_tokens=12, temperature=0)
+    chunks = client.chat.completions.create(model=ARC, messages=msgs, max_tokens=12,
+                                            temperature=0, stream=True)
+    streamed = "".join((c.choices[0].delta.content or "") for c in chunks if c.choices)
+    assert streamed == chat.choices[0].message.content and streamed
+
+
+def test_logprobs(client):
+    r = greedy(client, DENSE, PROMPTS[0], max_tokens=6, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == 6
+    assert all(len(t) >= 3 for t in lp.top_logprobs)
+    # greedy: the chosen token is the most likely one
+    for tok, top in zip(lp.tokens, lp.top_logprobs):
+        assert max(top.values()) == pytest.approx(top[tok], abs=1e-4)
+    chat = client.chat.completions.create(model=GSM8K, messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert content and all(len(c.top_logprobs) == 2 for c in content)
+
+
+# ---- errors: the server keeps serving -----------------------------------------------------------
+
+def test_errors_then_still_serving(server, client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as exc:
+        greedy(client, "llama-nope", "Hi", max_tokens=2)
+    msg = str(exc.value)
+    assert "llama-nope" in msg and all(name in msg for name in VARIANTS)
+    with pytest.raises(openai.BadRequestError) as exc:
+        greedy(client, GSM8K, "hello " * (MAX_MODEL_LEN + 10), max_tokens=2)
+    assert "maximum context length" in str(exc.value)
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    for body in (b"{not json", json.dumps({"model": DENSE}).encode(),
+                 json.dumps({"model": DENSE, "prompt": "x", "max_tokens": "many"}).encode(),
+                 json.dumps({"model": DENSE, "messages": "nope"}).encode()):
+        url = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+        r = httpx.post(server.base + url, content=body, headers=headers, timeout=60)
+        assert r.status_code in (400, 422), (body, r.status_code, r.text)
+        assert "error" in r.json() or "detail" in r.json()
+    for name in VARIANTS:
+        assert greedy(client, name, "Hi", max_tokens=2).usage.completion_tokens == 2
+
+
+# ---- Prometheus -----------------------------------------------------------------------------------
+
+COUNTERS = {
+    "requests": "sum by (model_name) (ray_vllm_request_success_total)",
+    "prompt_tokens": "sum by (model_name) (ray_vllm_prompt_tokens_total)",
+    "generation_tokens": "sum by (model_name) (ray_vllm_generation_tokens_total)",
+    "ttft_count": "sum by (model_name) (ray_vllm_time_to_first_token_seconds_count)",
+    "e2e_count": "sum by (model_name) (ray_vllm_e2e_request_latency_seconds_count)",
+}
+
+
+def _snapshot(prom) -> dict[str, dict[str, float]]:
+    return {k: prom.query(q) for k, q in COUNTERS.items()}
+
+
+def _settled(prom, timeout=120) -> dict[str, dict[str, float]]:
+    """A snapshot that stays the same over a few scrape + report intervals."""
+    deadline = time.time() + timeout
+    prev = _snapshot(prom)
+    while time.time() < deadline:
+        time.sleep(8)
+        cur = _snapshot(prom)
+        if cur == prev and all(VARIANTS[i] in cur["requests"] for i in (1, 2)):
+            return cur
+        prev = cur
+    raise AssertionError(f"Prometheus values never settled: {prev}")
+
+
+def test_prometheus_counts_requests_per_variant(server, client, prometheus):
+    before = _settled(prometheus)
+    sent = {GSM8K: 3, ARC: 5}
+    expect = {k: {m: 0 for m in sent} for k in COUNTERS}
+    for model, n in sent.items():
+        for i in range(n):
+            r = greedy(client, model, f"Count to {i}:", max_tokens=4 + i)
+            expect["prompt_tokens"][model] += r.usage.prompt_tokens
+            expect["generation_tokens"][model] += r.usage.completion_tokens
+        for k in ("requests", "ttft_count", "e2e_count"):
+            expect[k][model] = n
+    deadline = time.time() + 120
+    while True:
+        after = _snapshot(prometheus)
+        delta = {k: {m: after[k].get(m, 0) - before[k].get(m, 0) for m in sent} for k in COUNTERS}
+        if delta == expect or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert delta == expect
+    # the dense variant got nothing in the meantime
+    assert after["requests"].get(DENSE, 0) == before["requests"].get(DENSE, 0)
+    # the rest of the per-variant series are there too
+    for expr in ("ray_vllm_inter_token_latency_seconds_count", "ray_vllm_num_requests_running",
+                 "ray_vllm_num_requests_waiting"):
+        assert set(VARIANTS) <= set(prometheus.query(f"sum by (model_name) ({expr})")), expr
+    kept = prometheus.query("max by (model_name) (ray_tabp_variant_blocks_kept)")
+    total = prometheus.query("max by (model_name) (ray_tabp_variant_blocks_total)")
+    speed = prometheus.query("max by (model_name) (ray_tabp_variant_theoretical_speedup)")
+    assert kept == {DENSE: 30, GSM8K: 26, ARC: 25}
+    assert total == {DENSE: 30, GSM8K: 30, ARC: 30}
+    assert speed[DENSE] == 1.0 and speed[ARC] > speed[GSM8K] > 1.0
+
+
+# ---- fault: kill one variant's replica (last: it leaves that variant restarting) ---------------
+
+def _replica_pids(sid: int, variant: str) -> list[int]:
+    import psutil
+
+    want = f"ServeReplica:tabp:LLMServer:{variant}"
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            title = " ".join(p.info["cmdline"] or []).strip()
+            if os.getsid(p.pid) == sid and (title == f"ray::{want}" or title.startswith(f"ray::{want} ")):
+                pids.append(p.pid)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    return pids
+
+
+def test_killed_replica_other_variant_unaffected_and_restarts(server, client):
+    pids = _replica_pids(server.proc.pid, ARC)
+    assert len(pids) == 1, pids
+    results, errors = [], []
+    stop = threading.Event()
+
+    def traffic():
+        while not stop.is_set() and len(results) < 200:
+            try:
+                results.append(greedy(client, GSM8K, "The sky is", max_tokens=4).choices[0].text)
+            except Exception as exc:  # noqa: BLE001 - any failure counts
+                errors.append(repr(exc))
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    time.sleep(1)
+    os.kill(pids[0], signal.SIGKILL)
+    t0 = time.time()
+    back = False
+    while time.time() - t0 < READY_TIMEOUT:
+        new = _replica_pids(server.proc.pid, ARC)
+        if new and new != pids:
+            try:
+                if greedy(client, ARC, "The sky is", max_tokens=2).usage.completion_tokens == 2:
+                    back = True
+                    break
+            except Exception:  # noqa: BLE001 - still restarting
+                pass
+        time.sleep(3)
+    stop.set()
+    t.join(timeout=300)
+    assert not errors, errors[:3]
+    assert len(results) >= 5 and len(set(results)) == 1
+    assert back, "the killed variant did not come back"

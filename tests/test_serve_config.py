@@ -1,0 +1,107 @@
+"""`serve` before Ray: option/YAML parsing, naming, validation (fast, no engine)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tabp_vllm.errors import TabpError
+from tabp_vllm.serve.commands import build_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def two_masks(write_mask):
+    return write_mask([20, 21, 22, 23], task="gsm8k", name="g.json"), \
+        write_mask([10, 11, 12, 13, 25], task="arc", name="a.json")
+
+
+def test_names_blocks_and_speedup(two_masks):
+    spec = build_spec(task_mask=list(two_masks), max_model_len=512, kv_cache_gib=0.25)
+    assert [v.name for v in spec.variants] == ["llama", "llama-gsm8k", "llama-arc"]
+    dense, g, a = spec.variants
+    assert (dense.blocks_kept, g.blocks_kept, a.blocks_kept) == (30, 26, 25)
+    assert dense.theoretical_speedup == 1.0 < g.theoretical_speedup < a.theoretical_speedup < 30 / 25
+    assert g.metadata()["mask_hash"] == g.mask_hash and len(g.mask_hash) == 12
+    assert spec.ray_cpus_needed() == 7
+    assert spec.host == "127.0.0.1"
+
+
+def test_task_override_and_no_dense(two_masks):
+    spec = build_spec(task_mask=list(two_masks), task=["math"], dense=False)
+    assert [v.name for v in spec.variants] == ["llama-math", "llama-arc"]
+    assert spec.variants[0].task == "math"
+
+
+def test_duplicate_and_empty_are_errors(two_masks):
+    with pytest.raises(TabpError, match="two variants are named"):
+        build_spec(task_mask=[two_masks[0], two_masks[0]])
+    with pytest.raises(TabpError, match="nothing to serve"):
+        build_spec(dense=False)
+    with pytest.raises(TabpError, match="--engine-arg"):
+        build_spec(engine_arg=["novalue"])
+
+
+def test_llm_configs_carry_engine_args(two_masks):
+    from tabp_vllm.serve.config import llm_configs
+
+    spec = build_spec(task_mask=[two_masks[0]], max_model_len=512, kv_cache_gib=0.25,
+                      replicas=2, engine_arg=["max_num_seqs=8"])
+    dense, pruned = llm_configs(spec)
+    assert pruned.model_id == "llama-gsm8k"
+    kw = pruned.engine_kwargs
+    assert kw["load_format"] == "tabp_pruned" and kw["hf_overrides"]["num_hidden_layers"] == 26
+    assert kw["model_loader_extra_config"]["tabp_removed_layers"] == [20, 21, 22, 23]
+    assert kw["max_model_len"] == 512 and kw["max_num_seqs"] == 8
+    assert kw["kv_cache_memory_bytes"] == int(0.25 * 1024**3)
+    assert "hf_overrides" not in dense.engine_kwargs
+    assert pruned.deployment_config["num_replicas"] == 2
+
+
+def test_yaml_config(tmp_path, two_masks):
+    (tmp_path / "m").mkdir()
+    for p in two_masks:
+        p.rename(tmp_path / "m" / p.name)
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": "llama", "dense_name": "llama-dense", "port": 8050, "replicas": 1,
+        "engine": {"max_model_len": 256, "kv_cache_gib": 0.5, "extra": {"max_num_seqs": 4}},
+        "variants": [{"mask": "m/g.json"}, {"mask": "m/a.json", "task": "arc-easy"},
+                     {"mask": "m/a.json", "name": "tiny"}],
+    }))
+    spec = build_spec(config=cfg)
+    assert [v.name for v in spec.variants] == ["llama-dense", "llama-gsm8k", "llama-arc-easy", "tiny"]
+    assert spec.port == 8050 and spec.engine.max_model_len == 256
+    assert spec.engine.extra == {"max_num_seqs": 4}
+
+
+def test_example_yaml_parses():
+    from tabp_vllm.serve.config import load_yaml_spec
+
+    doc = load_yaml_spec(REPO / "examples" / "serve.yaml")
+    assert doc["model"] == "llama" and len(doc["variants"]) == 2
+
+
+def test_bad_yaml_is_one_line(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model: llama\nvariantz: []\n")
+    with pytest.raises(TabpError, match="unknown key"):
+        build_spec(config=cfg)
+
+
+def test_bad_mask_fails_before_ray_with_one_line(write_mask, tmp_path):
+    bad = write_mask([3], task="x", edit=lambda d: d.update(removed_layers=[99]))
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "tabp_vllm", "serve", "--task-mask", str(bad),
+                           "--port", "8099"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Triton" not in ln]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(bad) in lines[0], proc.stderr
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+    assert time.time() - t0 < 120
