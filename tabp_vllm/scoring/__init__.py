@@ -1,0 +1,142 @@
+"""Block scoring: TaBP and the baselines behind one interface, and the mask they produce.
+
+    result = run_scoring(model_path, dataset, method="tabp", k=4)
+    mask = score_to_mask(model_path, result, task="arc_easy", model_id="llama")
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from tabp_vllm.data import Dataset
+from tabp_vllm.errors import TabpError
+from tabp_vllm.mask import TaskMask, make_mask
+from tabp_vllm.scoring.methods import METHODS, MethodResult
+from tabp_vllm.scoring.probe import ScoreContext, load_model, pick_device
+from tabp_vllm.scoring.statistics import ALPHA, STATISTICS
+
+DEFAULT_RANGE = (0.5, 1.0)  # the paper's candidate range: the latter half of the blocks
+
+
+@dataclass
+class ScoringResult:
+    method: str
+    removed: list[int]
+    scores: list[float | None]
+    params: dict[str, Any]
+    calibration: dict[str, Any]
+    wall_s: float
+    forward_passes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_range(spec: str | None, num_blocks: int) -> list[int]:
+    """'0.5:1.0' (fractions of the depth) or '15:30' (block indices, end exclusive)."""
+    if spec is None:
+        a, b = DEFAULT_RANGE
+    else:
+        try:
+            a_s, b_s = spec.split(":")
+            a, b = float(a_s), float(b_s)
+        except ValueError:
+            raise TabpError(f"--range {spec!r}: expected START:END, e.g. 0.5:1.0 or 15:30") from None
+    frac = all(0.0 <= x <= 1.0 for x in (a, b)) and ("." in (spec or ".") or (a, b) == (0, 1))
+    start, end = (round(a * num_blocks), round(b * num_blocks)) if frac else (int(a), int(b))
+    if not 0 <= start < end <= num_blocks:
+        raise TabpError(f"--range {spec!r}: gives blocks {start}..{end - 1}, "
+                        f"outside 0..{num_blocks - 1} or empty")
+    return list(range(start, end))
+
+
+def resolve_k(k: int | None, ratio: float | None, num_blocks: int, candidates: list[int]) -> int:
+    if (k is None) == (ratio is None):
+        raise TabpError("give exactly one of --k and --ratio")
+    if ratio is not None:
+        if not 0 < ratio < 1:
+            raise TabpError(f"--ratio {ratio}: must be between 0 and 1")
+        k = max(1, round(ratio * num_blocks))
+    if k < 1 or k > len(candidates) or k >= num_blocks:
+        raise TabpError(f"k = {k}: must be between 1 and the {len(candidates)} candidate blocks")
+    return k
+
+
+def run_scoring(
+    model_path: str,
+    dataset: Dataset,
+    method: str = "tabp",
+    *,
+    k: int | None = None,
+    ratio: float | None = None,
+    block_range: str | None = None,
+    mode: str = "auto",
+    statistic: str = "entropy",
+    aggregate: str = "ssn",
+    p: float = 1.0,
+    norm: bool = True,
+    batch_size: int = 16,
+    max_length: int = 256,
+    seed: int = 0,
+    device: str = "auto",
+    progress: Callable[[str, int], Callable[[int], None]] | None = None,
+    model_and_tokenizer: tuple | None = None,
+) -> ScoringResult:
+    if method not in METHODS:
+        raise TabpError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+    if statistic not in STATISTICS:
+        raise TabpError(f"unknown statistic {statistic!r}: choose from {', '.join(STATISTICS)}")
+    if aggregate not in ("ssn", "ddf"):
+        raise TabpError(f"unknown aggregate {aggregate!r}: ssn or ddf")
+    if p <= 0:
+        raise TabpError(f"--p {p}: must be > 0")
+    if mode == "auto":
+        mode = dataset.kind
+    if mode not in ("mcqa", "text"):
+        raise TabpError(f"unknown mode {mode!r}: auto, mcqa or text")
+    if mode == "mcqa" and dataset.kind != "mcqa":
+        raise TabpError(f"{dataset.source}: MCQA mode needs MCQA data; use --mode text")
+    if mode == "text" and statistic == "gold" and False:
+        pass
+    if len(dataset) == 0:
+        raise TabpError(f"{dataset.source}: no calibration samples")
+    torch.manual_seed(seed)
+    dev = pick_device(device)
+    model, tok = model_and_tokenizer or load_model(model_path, dev)
+    B = model.config.num_hidden_layers
+    candidates = parse_range(block_range, B)
+    kk = resolve_k(k, ratio, B, candidates)
+    ctx = ScoreContext(model=model, tokenizer=tok, dataset=dataset, k=kk, candidates=candidates,
+                       mode=mode, statistic=statistic, aggregate=aggregate, p=p, norm=norm,
+                       batch_size=batch_size, max_length=max_length, seed=seed, device=dev,
+                       progress=progress)
+    t0 = time.perf_counter()
+    res: MethodResult = METHODS[method](ctx)
+    wall = time.perf_counter() - t0
+    params: dict[str, Any] = {"k": kk, "candidate_range": [candidates[0], candidates[-1] + 1],
+                              "seed": seed}
+    if ratio is not None:
+        params["ratio"] = ratio
+    if method == "tabp":
+        params.update(statistic=statistic, alpha=ALPHA[statistic], aggregate=aggregate, p=p,
+                      final_norm=norm, mode=mode)
+    elif method in ("sleb", "ppl", "block_influence", "angular"):
+        params.update(mode="text", max_length=max_length)
+    if "removal_order" in ctx.extra:
+        params["removal_order"] = ctx.extra["removal_order"]
+    calibration = dataset.provenance(seed)
+    calibration.update(forward_passes=ctx.forward_passes, wall_s=round(wall, 3), device=dev)
+    return ScoringResult(method, sorted(res.removed), res.scores, params, calibration, wall,
+                         ctx.forward_passes, ctx.extra)
+
+
+def score_to_mask(model_path: str, result: ScoringResult, task: str,
+                  model_id: str | None = None) -> TaskMask:
+    return make_mask(model_path, result.removed, task=task, model_id=model_id,
+                     method=result.method, params=result.params, scores=result.scores,
+                     calibration=result.calibration)
+
+
+__all__ = ["METHODS", "ScoringResult", "run_scoring", "score_to_mask", "parse_range", "resolve_k"]

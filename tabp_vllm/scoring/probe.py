@@ -1,0 +1,179 @@
+"""The forward pass the scorers share: transformers model, left-padded batches, hidden states of
+every block (hooks), the logit-lens read-out with the model's own final norm and head, and
+calibration perplexity with some blocks left out."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from tabp_vllm.data import LETTERS, Dataset, MCQAItem, TextItem, mcqa_context, mcqa_lettered_prompt
+from tabp_vllm.errors import TabpError
+
+
+def pick_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TabpError(f"device {device!r} requested but CUDA is not available")
+    return device
+
+
+def load_model(model_path: str, device: str = "cpu"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    return model, tok
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    return model.model.layers
+
+
+@dataclass
+class ScoreContext:
+    model: Any
+    tokenizer: Any
+    dataset: Dataset
+    k: int
+    candidates: list[int]
+    mode: str = "mcqa"  # mcqa | text
+    statistic: str = "entropy"
+    aggregate: str = "ssn"
+    p: float = 1.0
+    norm: bool = True
+    batch_size: int = 16
+    max_length: int = 256
+    seed: int = 0
+    device: str = "cpu"
+    progress: Callable[[str, int], Callable[[int], None]] | None = None
+    forward_passes: int = 0  # sample-forward passes (one sample through the model once)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(decoder_layers(self.model))
+
+    def task(self, desc: str, total: int) -> Callable[[int], None]:
+        if self.progress is None:
+            return lambda n=1: None
+        return self.progress(desc, total)
+
+    def num_batches(self) -> int:
+        return (len(self.dataset) + self.batch_size - 1) // self.batch_size
+
+
+def option_token_ids(tok, n: int) -> list[int]:
+    ids = []
+    for letter in LETTERS[:n]:
+        enc = tok.encode(f" {letter}", add_special_tokens=False)
+        if len(enc) != 1:
+            raise TabpError(f"option ' {letter}' is not a single token for this tokenizer")
+        ids.append(enc[0])
+    return ids
+
+
+def _encode(ctx: ScoreContext, texts: list[str]) -> dict[str, torch.Tensor]:
+    enc = ctx.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                        max_length=ctx.max_length, add_special_tokens=True)
+    att = enc["attention_mask"]
+    pos = (att.cumsum(-1) - 1).clamp_min(0)
+    return {"input_ids": enc["input_ids"].to(ctx.device), "attention_mask": att.to(ctx.device),
+            "position_ids": pos.to(ctx.device)}
+
+
+def lm_text(item) -> str:
+    """The text a perplexity-based method scores: the sample with its gold answer."""
+    if isinstance(item, TextItem):
+        return item.text
+    return f"{mcqa_context(item)} {item.choices[item.gold]}"
+
+
+def probe_batches(ctx: ScoreContext) -> Iterator[tuple[dict, list]]:
+    """(encoded batch, items): MCQA mode uses the lettered prompt, text mode the sample text."""
+    items = ctx.dataset.items
+    for s in range(0, len(items), ctx.batch_size):
+        chunk = items[s:s + ctx.batch_size]
+        if ctx.mode == "mcqa":
+            if not all(isinstance(i, MCQAItem) for i in chunk):
+                raise TabpError("MCQA mode needs MCQA data (question, choices, gold); "
+                                "use --mode text for free text")
+            texts = [mcqa_lettered_prompt(i) for i in chunk]
+        else:
+            texts = [lm_text(i) for i in chunk]
+        yield _encode(ctx, texts), chunk
+
+
+@torch.no_grad()
+def hidden_states(ctx: ScoreContext, batch: dict, skip: set[int] = frozenset()) -> list[torch.Tensor]:
+    """h_0 (embeddings) .. h_B (after the last block, before the final norm), each (N, T, H)."""
+    model = ctx.model
+    layers = decoder_layers(model)
+    out: list[torch.Tensor] = []
+
+    def grab(_m, _i, o):
+        out.append(o[0] if isinstance(o, tuple) else o)
+
+    hooks = [model.model.embed_tokens.register_forward_hook(grab)]
+    hooks += [l.register_forward_hook(grab) for i, l in enumerate(layers) if i not in skip]
+    try:
+        with without_blocks(model, skip):
+            model.model(**batch, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    ctx.forward_passes += batch["input_ids"].shape[0]
+    return out
+
+
+@contextlib.contextmanager
+def without_blocks(model, removed: set[int]):
+    layers = decoder_layers(model)
+    if not removed:
+        yield
+        return
+    model.model.layers = torch.nn.ModuleList([l for i, l in enumerate(layers) if i not in removed])
+    try:
+        yield
+    finally:
+        model.model.layers = layers
+
+
+def lens_logits(ctx: ScoreContext, h: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+    """Logit lens: (final norm) + LM head; `rows` restricts the head to some tokens."""
+    if ctx.norm:
+        h = ctx.model.model.norm(h)
+    w = ctx.model.lm_head.weight if rows is None else ctx.model.lm_head.weight[rows]
+    out = h.float() @ w.float().T
+    bias = getattr(ctx.model.lm_head, "bias", None)
+    if bias is not None:
+        out = out + (bias if rows is None else bias[rows]).float()
+    return out
+
+
+@torch.no_grad()
+def calibration_nll(ctx: ScoreContext, removed: set[int], tick=None) -> float:
+    """Mean next-token NLL over the calibration texts with `removed` blocks left out (log PPL)."""
+    total, count = 0.0, 0
+    items = ctx.dataset.items
+    for s in range(0, len(items), ctx.batch_size):
+        batch = _encode(ctx, [lm_text(i) for i in items[s:s + ctx.batch_size]])
+        with without_blocks(ctx.model, removed):
+            logits = ctx.model(**batch, use_cache=False).logits.float()
+        ctx.forward_passes += batch["input_ids"].shape[0]
+        tgt = batch["input_ids"][:, 1:]
+        valid = (batch["attention_mask"][:, 1:] * batch["attention_mask"][:, :-1]).bool()
+        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+        total += float(-(lp * valid).sum())
+        count += int(valid.sum())
+        if tick:
+            tick(1)
+    return total / max(count, 1)
