@@ -1,0 +1,94 @@
+"""Baselines on a tiny random Llama (fast) with the demo tokenizer."""
+
+import pytest
+import torch
+
+from tabp_vllm.data import Dataset, MCQAItem, TextItem
+from tabp_vllm.scoring import METHODS, run_scoring
+from tabp_vllm.scoring.probe import ScoreContext, calibration_nll
+
+
+@pytest.fixture(scope="module")
+def tiny(demo_model):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    tok.padding_side = "left"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    # block 3 becomes the identity: its attention and MLP write nothing to the residual stream
+    with torch.no_grad():
+        model.model.layers[3].self_attn.o_proj.weight.zero_()
+        model.model.layers[3].mlp.down_proj.weight.zero_()
+    return model, tok
+
+
+def texts():
+    return Dataset("t", "train", "text", [TextItem(f"The number {i} is followed by {i + 1}.") for i in range(6)])
+
+
+def ctx_for(tiny, k=1, ds=None):
+    model, tok = tiny
+    return ScoreContext(model=model, tokenizer=tok, dataset=ds or texts(), k=k, candidates=list(range(6)),
+                        mode="text", batch_size=4)
+
+
+def test_block_influence_identity_block_is_zero(tiny):
+    res = METHODS["block_influence"](ctx_for(tiny, k=1))
+    assert res.scores[3] == pytest.approx(0.0, abs=1e-6)
+    assert all(s > 1e-4 for i, s in enumerate(res.scores) if i != 3)
+    assert res.removed == [3]
+
+
+def test_sleb_k1_removes_lowest_perplexity_block(tiny):
+    ctx = ctx_for(tiny, k=1)
+    res = METHODS["sleb"](ctx)
+    nll = {b: calibration_nll(ctx_for(tiny), {b}) for b in range(6)}
+    assert res.removed == [min(nll, key=nll.get)]
+    assert res.scores[res.removed[0]] == pytest.approx(min(nll.values()))
+    # one calibration pass per candidate block
+    assert ctx.forward_passes == 6 * len(texts())
+
+
+def test_sleb_k2_counts_passes_and_is_iterative(tiny):
+    ctx = ctx_for(tiny, k=2)
+    res = METHODS["sleb"](ctx)
+    assert len(res.removed) == 2
+    assert ctx.forward_passes == (6 + 5) * len(texts())
+
+
+def test_ppl_angular_random_lastk(tiny):
+    r = METHODS["ppl"](ctx_for(tiny, k=2))
+    assert len(r.removed) == 2 and all(r.scores[i] <= min(r.scores[j] for j in range(6) if j not in r.removed)
+                                       for i in r.removed)
+    a = METHODS["angular"](ctx_for(tiny, k=2))
+    assert a.removed == [a.removed[0], a.removed[0] + 1]  # contiguous run
+    assert a.scores[a.removed[0]] == min(s for s in a.scores if s is not None)
+    assert METHODS["last_k"](ctx_for(tiny, k=2)).removed == [4, 5]
+    r1, r2 = METHODS["random"](ctx_for(tiny, k=2)), METHODS["random"](ctx_for(tiny, k=2))
+    assert r1.removed == r2.removed  # seeded
+
+
+def test_candidate_range_respected(tiny):
+    ds = Dataset("m", "train", "mcqa", [MCQAItem("Is 2 > 1?", ["no", "yes"], 1)] * 3)
+    for method in ("tabp", "block_influence", "ppl", "random", "last_k"):
+        res = run_scoring("unused", ds, method, k=2, block_range="2:5", model_and_tokenizer=tiny)
+        assert set(res.removed) <= {2, 3, 4}, method
+        assert res.scores[0] is None and res.scores[5] is None
+
+
+def test_tabp_one_forward_pass_per_sample_and_deterministic(tiny):
+    ds = Dataset("m", "train", "mcqa", [MCQAItem(f"Q{i}?", ["a", "b", "c"], i % 3) for i in range(5)])
+    r1 = run_scoring("unused", ds, "tabp", k=2, block_range="0:6", batch_size=2, model_and_tokenizer=tiny)
+    r2 = run_scoring("unused", ds, "tabp", k=2, block_range="0:6", batch_size=4, model_and_tokenizer=tiny)
+    assert r1.forward_passes == 5
+    assert r1.removed == r2.removed
+    assert r1.scores == pytest.approx(r2.scores, abs=1e-6)
+    for stat in ("top1", "gold", "gap", "kl", "js", "ce"):
+        for agg in ("ssn", "ddf"):
+            r = run_scoring("unused", ds, "tabp", k=1, statistic=stat, aggregate=agg,
+                            block_range="0:6", model_and_tokenizer=tiny)
+            if agg == "ddf":
+                assert all(0 <= s <= 1 for s in r.scores)
