@@ -104,15 +104,24 @@ def start(spec, *, quiet: bool = False) -> None:
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
 
 
-def stop() -> None:
+def stop(joined: bool = False, serve_timeout_s: float = 90.0) -> None:
+    """Delete the app and Serve, then stop the local Ray (which kills every process it started).
+
+    On a joined cluster (`--address`) only our app is deleted; Serve and Ray keep running.
+    A terminal's Ctrl-C also reaches Ray's own processes (same process group), so Serve may be
+    unable to answer: its shutdown gets a time limit and Ray is stopped regardless.
+    """
+    import threading
+
     import ray
     from ray import serve
 
-    try:
-        if ray.is_initialized():
-            serve.shutdown()
-    finally:
-        ray.shutdown()
+    if ray.is_initialized():
+        target = (lambda: serve.delete(APP_NAME)) if joined else serve.shutdown
+        t = threading.Thread(target=target, name="serve-shutdown", daemon=True)
+        t.start()
+        t.join(serve_timeout_s)
+    ray.shutdown()
 
 
 def print_table(spec) -> None:
@@ -200,5 +209,5 @@ def serve(
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("shutting down ...", file=sys.stderr, flush=True)
-        stop()
+        stop(joined=bool(spec.address))
         print("stopped", file=sys.stderr, flush=True)
