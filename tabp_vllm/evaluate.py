@@ -80,6 +80,7 @@ def evaluate_in_process(model: str, items: list[MCQAItem], mask_path: str | None
     res["blocks_kept"] = mask.num_kept if mask else None
     res["removed_layers"] = mask.removed_layers if mask else []
     res["requests"] = len(reqs)
+    res["loglik"] = [[loglik[(n, j)] for j in range(len(it.choices))] for n, it in enumerate(items)]
     return res
 
 
