@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tabp_vllm.cli import user_errors
+from tabp_vllm.errors import user_errors
 from tabp_vllm.errors import TabpError
 
 console = Console(stderr=True)
