@@ -15,8 +15,7 @@ from typing import Any, Optional
 
 import typer
 
-from tabp_vllm.cli import user_errors
-from tabp_vllm.errors import TabpError
+from tabp_vllm.errors import TabpError, user_errors
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 

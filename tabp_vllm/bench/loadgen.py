@@ -241,6 +241,7 @@ class SliceResult:
     errors: list[RequestResult]
     cancelled: int
     tokens_in_window: int  # streamed chunks (tokens) that arrived inside the window, all requests
+    sent: int = 0          # requests sent in the slice (ramp included)
 
     @property
     def output_throughput(self) -> float:
@@ -328,7 +329,7 @@ async def run_slice(client: httpx.AsyncClient, variant: Variant, specs: Iterator
     return SliceResult(variant=variant.key, level=level, round=rnd, start=window_start,
                        duration=duration,
                        completed=completed, errors=errors, cancelled=len(pending),
-                       tokens_in_window=tokens)
+                       tokens_in_window=tokens, sent=len(started))
 
 
 # ---- the whole run: levels x rounds x variants, interleaved ------------------------------------
