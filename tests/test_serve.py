@@ -205,7 +205,7 @@ def greedy(client, model, prompt, max_tokens=16, **kw):
 
 # ---- startup, listing, auth -------------------------------------------------------------------
 
-def test_startup_table(server):
+def test_startup_table(server, prometheus):  # (Prometheus starts scraping from here on)
     text = server.log_text()
     for name in VARIANTS:
         assert name in text
@@ -379,10 +379,17 @@ def test_prometheus_counts_requests_per_variant(server, client, prometheus):
     # the dense variant got nothing in the meantime
     assert after["requests"].get(DENSE, 0) == before["requests"].get(DENSE, 0)
     # the rest of the per-variant series are there too
-    # (Ray drops a gauge series that an idle engine stops reporting: look back over the run.)
+    # Ray drops a gauge series that an idle engine stops reporting: wake the dense one up and
+    # look back over the run.
+    greedy(client, DENSE, "Hi", max_tokens=8)
     for expr in ("ray_vllm_inter_token_latency_seconds_count", "ray_vllm_num_requests_running",
                  "ray_vllm_num_requests_waiting"):
-        got = prometheus.query(f"max by (model_name) (last_over_time({expr}[30m]))")
+        deadline = time.time() + 60
+        while True:
+            got = prometheus.query(f"max by (model_name) (last_over_time({expr}[30m]))")
+            if set(VARIANTS) <= set(got) or time.time() > deadline:
+                break
+            time.sleep(2)
         assert set(VARIANTS) <= set(got), (expr, got)
     kept = prometheus.query("max by (model_name) (ray_tabp_variant_blocks_kept)")
     total = prometheus.query("max by (model_name) (ray_tabp_variant_blocks_total)")
