@@ -30,21 +30,18 @@ def step(title: str) -> None:
     console.rule(f"[bold cyan]{title}")
 
 
-def wait_ready(server: subprocess.Popen, timeout_s: float = 600) -> None:
+def wait_ready(server: subprocess.Popen, log_path: Path, timeout_s: float = 600) -> str:
+    """Wait for the server's READY line (printed once every variant's engine is up)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        text = log_path.read_text(errors="replace")
+        if "\nREADY" in text:
+            return text
         if server.poll() is not None:
             raise SystemExit(f"error: the server exited with code {server.returncode}; "
-                             f"see {OUT / 'serve.log'}")
-        try:
-            models = httpx.get(f"http://127.0.0.1:{PORT}/v1/models", timeout=5).json()
-            if len(models.get("data", [])) >= 2:
-                # /v1/models answers once the app is up; a completion proves the engines are.
-                return
-        except (httpx.HTTPError, ValueError):
-            pass
+                             f"see {log_path}")
         time.sleep(2)
-    raise SystemExit(f"error: the server was not ready within {timeout_s:.0f} s")
+    raise SystemExit(f"error: the server was not ready within {timeout_s:.0f} s; see {log_path}")
 
 
 def main() -> int:
@@ -66,11 +63,11 @@ def main() -> int:
                "--max-model-len", "1024"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_ready(server)
-        table = (OUT / "serve.log").read_text()
-        start = table.find("tabp-vllm serve:")
-        if start >= 0:
-            console.print(table[start:table.find("Ctrl-C", start) + 20])
+        text = wait_ready(server, OUT / "serve.log")
+        lines = text.splitlines()
+        first = next(i for i, ln in enumerate(lines) if "tabp-vllm serve:" in ln)
+        last = next(i for i, ln in enumerate(lines) if ln.startswith("metrics:"))
+        print("\n".join(lines[first:last + 1]))
 
         step("3. the same question to both variants (openai client, greedy)")
         client = OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="unused")
