@@ -37,6 +37,8 @@ def score(
     samples: Optional[int] = typer.Option(256, help="Calibration samples (seeded subset)."),
     batch_size: int = typer.Option(16, help="Samples per forward pass."),
     max_length: int = typer.Option(256, help="Truncate samples to this many tokens."),
+    text_positions: int = typer.Option(
+        32, help="Text mode: positions per sample read out with the full vocabulary (0 = all)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto|cpu|cuda"),
     output: Path = typer.Option(..., "-o", "--output", help="Mask file to write."),
@@ -61,7 +63,8 @@ def score(
 
         res = run_scoring(path, ds, method, k=k, ratio=ratio, block_range=block_range, mode=mode,
                           statistic=statistic, aggregate=aggregate, p=p, norm=not no_norm,
-                          batch_size=batch_size, max_length=max_length, seed=seed, device=device,
+                          batch_size=batch_size, max_length=max_length,
+                          text_positions=text_positions, seed=seed, device=device,
                           progress=progress)
     mask = score_to_mask(path, res, task=task, model_id=alias_of(model))
     mask.save(output)

@@ -79,6 +79,7 @@ def run_scoring(
     norm: bool = True,
     batch_size: int = 16,
     max_length: int = 256,
+    text_positions: int = 32,
     seed: int = 0,
     device: str = "auto",
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
@@ -98,8 +99,6 @@ def run_scoring(
         raise TabpError(f"unknown mode {mode!r}: auto, mcqa or text")
     if mode == "mcqa" and dataset.kind != "mcqa":
         raise TabpError(f"{dataset.source}: MCQA mode needs MCQA data; use --mode text")
-    if mode == "text" and statistic == "gold" and False:
-        pass
     if len(dataset) == 0:
         raise TabpError(f"{dataset.source}: no calibration samples")
     torch.manual_seed(seed)
@@ -110,8 +109,8 @@ def run_scoring(
     kk = resolve_k(k, ratio, B, candidates)
     ctx = ScoreContext(model=model, tokenizer=tok, dataset=dataset, k=kk, candidates=candidates,
                        mode=mode, statistic=statistic, aggregate=aggregate, p=p, norm=norm,
-                       batch_size=batch_size, max_length=max_length, seed=seed, device=dev,
-                       progress=progress)
+                       batch_size=batch_size, max_length=max_length,
+                       text_positions=text_positions, seed=seed, device=dev, progress=progress)
     t0 = time.perf_counter()
     res: MethodResult = METHODS[method](ctx)
     wall = time.perf_counter() - t0
@@ -121,7 +120,9 @@ def run_scoring(
         params["ratio"] = ratio
     if method == "tabp":
         params.update(statistic=statistic, alpha=ALPHA[statistic], aggregate=aggregate, p=p,
-                      final_norm=norm, mode=mode)
+                      final_norm=norm, mode=ctx.mode)
+        if ctx.mode == "text":
+            params.update(max_length=max_length, text_positions=text_positions)
     elif method in ("sleb", "ppl", "block_influence", "angular"):
         params.update(mode="text", max_length=max_length)
     if "removal_order" in ctx.extra:

@@ -59,12 +59,15 @@ def per_sample_statistics(ctx: ScoreContext) -> torch.Tensor:
             s = torch.stack([fn(logp[i], gold=gold, ref=ref) for i in range(len(hs))], -1)
         else:
             att = batch["attention_mask"]
-            valid = (att[:, 1:] * att[:, :-1]).float()  # positions with a real next token
-            nxt = batch["input_ids"][:, 1:]
-            ref = torch.log_softmax(lens_logits(ctx, hs[-1][:, :-1]), -1)
+            # A full-vocabulary read-out at every position of every block is the whole cost of
+            # text mode; `text_positions` evenly spaced positions estimate the same average.
+            pos = _text_positions(att.shape[1] - 1, ctx.text_positions, att.device)
+            valid = (att[:, 1:] * att[:, :-1]).float()[:, pos]  # positions with a real next token
+            nxt = batch["input_ids"][:, 1:][:, pos]
+            ref = torch.log_softmax(lens_logits(ctx, hs[-1][:, :-1][:, pos]), -1)
             cols = []
             for h in hs:
-                logp = torch.log_softmax(lens_logits(ctx, h[:, :-1]), -1)
+                logp = torch.log_softmax(lens_logits(ctx, h[:, :-1][:, pos]), -1)
                 v = fn(logp, gold=nxt, ref=ref)  # (N, T-1)
                 cols.append((v * valid).sum(-1) / valid.sum(-1).clamp_min(1))
                 del logp
@@ -72,6 +75,13 @@ def per_sample_statistics(ctx: ScoreContext) -> torch.Tensor:
         rows.append(s.double().cpu())
         tick(1)
     return torch.cat(rows, 0)
+
+
+def _text_positions(length: int, wanted: int, device) -> torch.Tensor:
+    """Evenly spaced prediction positions, counted from the right (batches are left padded)."""
+    if wanted <= 0 or wanted >= length:
+        return torch.arange(length, device=device)
+    return torch.linspace(0, length - 1, wanted, device=device).round().long().unique()
 
 
 def tabp(ctx: ScoreContext) -> MethodResult:

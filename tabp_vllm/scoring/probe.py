@@ -52,6 +52,7 @@ class ScoreContext:
     norm: bool = True
     batch_size: int = 16
     max_length: int = 256
+    text_positions: int = 32  # text mode: early-exit read-outs per sample (full vocab is costly)
     seed: int = 0
     device: str = "cpu"
     progress: Callable[[str, int], Callable[[int], None]] | None = None
