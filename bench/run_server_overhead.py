@@ -1,0 +1,98 @@
+"""The multi-variant server against bare vLLM (bench/results/server_overhead.*).
+
+Starts `tabp-vllm serve` (Ray Serve: dense `llama` + `llama-k4` + `llama-k8` from the masks in
+bench/results/masks) and a plain vLLM OpenAI server of the same dense model (default loader, no
+plugin), then runs `tabp-vllm bench` against both, interleaved: every variant of the server and
+the bare server get the same load in mirrored rounds, so the ratios are measured under one noise.
+
+    python bench/run_server_overhead.py [--levels 1,4,16] [--duration 32] [--rounds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"error: server exited ({proc.returncode}); see {log}")
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    sys.exit(f"error: {url} not ready after {timeout_s:.0f} s; see {log}")
+
+
+def main() -> None:
+    from tabp_vllm.bench.commands import run_bench
+    from tabp_vllm.bench.servers import api_server_command
+    from tabp_vllm.models import resolve_model
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--levels", default="1,4,16")
+    ap.add_argument("--duration", type=float, default=32.0)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--bare-port", type=int, default=8101)
+    args = ap.parse_args()
+
+    model = resolve_model("llama")
+    masks = [str(RESULTS / "masks" / "k4.json"), str(RESULTS / "masks" / "k8.json")]
+    logs = RESULTS / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen] = []
+    try:
+        serve_log = logs / "serve.log"
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "tabp_vllm", "serve", "--model", "llama", "--port",
+             str(args.port), "--kv-cache-gib", "0.25", "--max-model-len", "1024",
+             *[a for m in masks for a in ("--task-mask", m)]],
+            stdout=open(serve_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(serve)
+        bare_log = logs / "bare-vllm.log"
+        bare = subprocess.Popen(
+            api_server_command(model, args.bare_port, "llama", bare=True, kv_cache_gib=0.25,
+                               max_model_len=1024),
+            stdout=open(bare_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(bare)
+        wait_http(f"http://127.0.0.1:{args.bare_port}/v1/models", bare, 600, bare_log)
+        deadline = time.monotonic() + 600
+        while "\nREADY" not in serve_log.read_text(errors="replace"):
+            if serve.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"error: tabp-vllm serve did not become ready; see {serve_log}")
+            time.sleep(2)
+        run_bench(url=f"http://127.0.0.1:{args.port}",
+                  variants=["llama", "llama-k4", "llama-k8"], model="llama", masks=masks,
+                  bare_vllm=f"llama@http://127.0.0.1:{args.bare_port}", levels=args.levels,
+                  duration=args.duration, rounds=args.rounds, out=str(RESULTS),
+                  stem="server_overhead",
+                  notes="llama, llama-k4, llama-k8 served by one `tabp-vllm serve` (Ray Serve); "
+                        "bare-vllm is a plain vLLM api_server of the dense model")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGINT)
+        for proc in procs:
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    main()
