@@ -1,24 +1,34 @@
 """Compare TaBP with the baselines on the demo model (issue 3, part 5).
 
-For each MCQA task in ../shared/data, calibrate on its train split (BoolQ/PIQA: a seeded half of
-dev), score every method for each k, then evaluate dense and every mask on the validation split
-with the vLLM engine (`tabp_vllm.evaluate`, one engine per subprocess). Writes JSON, a Markdown
-table and a PNG (accuracy vs k per method, one panel per task) to --out.
+For each MCQA task in ../shared/data: calibrate every method on the task's train split (BoolQ and
+PIQA have only dev: a fixed seeded half is train, the other half validation), then measure zero-shot
+accuracy of dense and of every mask on the validation split with the served engine
+(`tabp_vllm.evaluate`: vLLM + the project's loader). Writes report.json, report.md and
+accuracy_vs_k.png to --out.
 
     . .venv/bin/activate
-    python bench/compare_methods.py --samples 256 --eval-limit 200 --out bench/results/compare
+    python bench/compare_methods.py --out bench/results/compare
     # quick smoke run:
     python bench/compare_methods.py --tasks arc_easy --k 2 --methods tabp last_k --samples 16 \
         --eval-limit 20 --out /tmp/cmp
 
-SLEB and PPL cost (k x candidates) and candidates full calibration passes: --sleb-samples caps
-their calibration set (recorded in the report).
+Cost control, all recorded in the report:
+- each method is scored once per task at the largest k; the masks for smaller k follow from that
+  run (a ranking of block scores, or SLEB's greedy removal order, whose first k rounds are exactly
+  SLEB run at k). Angular distance depends on k and is rerun per k.
+- SLEB and PPL cost one calibration pass per candidate block (per round, for SLEB): --sleb-samples
+  caps their calibration set.
+- within a task every distinct set of removed blocks is evaluated once (one engine); dense and the
+  task-independent masks (random, last-k) are evaluated on all tasks in that same engine. Results
+  are cached in eval_cache.json, and report.json/.md/.png are rewritten after every task, so an
+  interrupted run keeps its finished tasks and a rerun skips the cached evaluations.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -31,80 +41,178 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=TASKS)
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--k", nargs="+", type=int, default=[2, 4, 8])
-    ap.add_argument("--samples", type=int, default=256)
-    ap.add_argument("--sleb-samples", type=int, default=64)
-    ap.add_argument("--eval-limit", type=int, default=None)
+    ap.add_argument("--samples", type=int, default=256, help="calibration samples (TaBP, BI, angular)")
+    ap.add_argument("--sleb-samples", type=int, default=32, help="calibration samples for SLEB and PPL")
+    ap.add_argument("--eval-limit", type=int, default=200, help="validation items per task")
     ap.add_argument("--range", dest="block_range", default=None)
     ap.add_argument("--statistic", default="entropy")
     ap.add_argument("--aggregate", default="ssn")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timing-samples", type=int, default=1024,
+                    help="TaBP timing run on this many ARC-Easy train samples (0 = skip)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/compare"))
     args = ap.parse_args()
 
-    from tabp_vllm.data import load_task
-    from tabp_vllm.evaluate import evaluate_variant
     from tabp_vllm.models import resolve_model
-    from tabp_vllm.scoring import run_scoring, score_to_mask
     from tabp_vllm.scoring.probe import load_model
 
     model = resolve_model("llama")
-    mt = load_model(model, "cpu")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "masks").mkdir(exist_ok=True)
-    report = {"model": "llama (SmolLM2-135M-Instruct)", "args": {k: str(v) for k, v in vars(args).items()},
+    (args.out / "masks").mkdir(parents=True, exist_ok=True)
+    report = {"model": "llama (SmolLM2-135M-Instruct, 30 blocks)",
+              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "scoring": [], "accuracy": []}
+    mt = load_model(model, "cpu")
+    if args.timing_samples and "tabp" in args.methods:
+        time_tabp(model, mt, args, report)
+    # Task by task, so that an interrupted run leaves complete results for the finished tasks.
     for task in args.tasks:
-        train = load_task(task, "train")
-        val = load_task(task, "validation").first(args.eval_limit)
-        dense = evaluate_variant(model, val.items, None)
-        report["accuracy"].append({"task": task, "method": "dense", "k": 0, **_strip(dense)})
-        print(f"{task}: dense acc {dense['acc']:.3f} acc_norm {dense['acc_norm']:.3f}", flush=True)
-        for method in args.methods:
-            n = args.sleb_samples if method in ("sleb", "ppl") else args.samples
-            cal = train.subset(n, args.seed)
-            for k in args.k:
-                res = run_scoring(model, cal, method, k=k, block_range=args.block_range,
-                                  statistic=args.statistic, aggregate=args.aggregate,
-                                  seed=args.seed, model_and_tokenizer=mt)
-                mask = score_to_mask(model, res, task=task, model_id="llama")
-                path = mask.save(args.out / "masks" / f"{task}-{method}-k{k}.json")
-                report["scoring"].append({"task": task, "method": method, "k": k, "samples": len(cal),
-                                          "wall_s": round(res.wall_s, 2),
-                                          "forward_passes": res.forward_passes,
-                                          "removed": res.removed})
-                acc = evaluate_variant(model, val.items, str(path))
-                report["accuracy"].append({"task": task, "method": method, "k": k, **_strip(acc)})
-                print(f"{task} {method} k={k}: removed {res.removed} acc {acc['acc']:.3f} "
-                      f"acc_norm {acc['acc_norm']:.3f} ({res.wall_s:.1f} s, {res.forward_passes} passes)",
-                      flush=True)
-                (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    # TaBP cost over 1,024 calibration samples (issue: within a few minutes on 2 CPU cores)
-    if "tabp" in args.methods:
-        big = load_task("arc_easy", "train").subset(1024, args.seed)
+        masks = score_task(model, mt, args, task, report)
+        save(report, args.out)
+        evaluate_task(model, args, task, masks, report)
+        save(report, args.out)
+        write_markdown(report, args.out / "report.md")
+        plot(report, args.out / "accuracy_vs_k.png")
+        print(f"{task} done: {args.out}/report.json, report.md, accuracy_vs_k.png", flush=True)
+
+
+def common_args(args, mt) -> dict:
+    return dict(block_range=args.block_range, statistic=args.statistic, aggregate=args.aggregate,
+                seed=args.seed, model_and_tokenizer=mt)
+
+
+def time_tabp(model: str, mt, args, report: dict) -> None:
+    """Issue 3: TaBP over 1,024 calibration samples within a few minutes on 2 CPU cores."""
+    from tabp_vllm.data import load_task
+    from tabp_vllm.scoring import run_scoring
+
+    big = load_task("arc_easy", "train").subset(args.timing_samples, args.seed)
+    res = run_scoring(model, big, "tabp", k=max(args.k), **common_args(args, mt))
+    report["tabp_timing"] = {"samples": len(big), "wall_s": round(res.wall_s, 1),
+                             "forward_passes": res.forward_passes, "k": max(args.k),
+                             "removed": res.removed}
+    print(f"TaBP on {len(big)} ARC-Easy train samples: {res.wall_s:.1f} s", flush=True)
+
+
+def score_task(model: str, mt, args, task: str, report: dict) -> dict[tuple[str, int], tuple[list[int], Path]]:
+    """Score every method on the task's train split; returns (method, k) -> (removed, mask path)."""
+    from tabp_vllm.data import load_task
+    from tabp_vllm.scoring import result_for_k, run_scoring, score_to_mask
+
+    kmax = max(args.k)
+    masks = {}
+    train = load_task(task, "train")
+    for method in args.methods:
+        n = args.sleb_samples if method in ("sleb", "ppl") else args.samples
+        cal = train.subset(n, args.seed)
+        ks = sorted(args.k) if method == "angular" else [kmax]
+        runs = {k: run_scoring(model, cal, method, k=k, **common_args(args, mt)) for k in ks}
+        for k in sorted(args.k):
+            run = runs.get(k) or runs[kmax]
+            res = run if k in runs else result_for_k(run, k)
+            path = score_to_mask(model, res, task=task, model_id="llama").save(
+                args.out / "masks" / f"{task}-{method}-k{k}.json")
+            masks[(method, k)] = (res.removed, path)
+            report["scoring"].append({
+                "task": task, "method": method, "k": k, "samples": len(cal),
+                "scored_at_k": run.params["k"], "wall_s": round(run.wall_s, 2),
+                "forward_passes": run.forward_passes, "removed": res.removed})
+            print(f"{task} {method} k={k}: removed {res.removed} "
+                  f"(scored at k={run.params['k']}: {run.wall_s:.1f} s, {run.forward_passes} passes)",
+                  flush=True)
+    return masks
+
+
+TASK_INDEPENDENT = ("random", "last_k")  # same mask for every task: evaluate it on all at once
+
+
+def evaluate_task(model: str, args, task: str, masks: dict, report: dict) -> None:
+    """One engine per distinct removed-block set; results cached in eval_cache.json."""
+    from tabp_vllm.data import load_task
+    from tabp_vllm.evaluate import accuracy, evaluate_variant
+
+    val = {t: load_task(t, "validation").first(args.eval_limit).items for t in args.tasks}
+    cache_path = args.out / "eval_cache.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    key = lambda t, removed: f"{t}|{','.join(map(str, removed))}"  # noqa: E731
+
+    variants: dict[tuple[int, ...], tuple[set[str], Path | None]] = {(): (set(args.tasks), None)}
+    for (method, _k), (removed, path) in masks.items():
+        tasks, _ = variants.setdefault(tuple(removed), (set(), path))
+        tasks.update(args.tasks if method in TASK_INDEPENDENT else [task])
+    todo = [(r, sorted(t for t in ts if key(t, r) not in cache), p) for r, (ts, p) in variants.items()]
+    todo = [x for x in todo if x[1]]
+    print(f"{task}: {len(variants)} distinct variants, {len(todo)} to evaluate", flush=True)
+    for i, (removed, tasks, path) in enumerate(todo, 1):
+        items = [it for t in tasks for it in val[t]]
         t0 = time.perf_counter()
-        res = run_scoring(model, big, "tabp", k=8, model_and_tokenizer=mt)
-        report["tabp_1024"] = {"wall_s": round(time.perf_counter() - t0, 1),
-                               "forward_passes": res.forward_passes}
-    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_markdown(report, args.out / "report.md")
-    plot(report, args.out / "accuracy_vs_k.png")
+        res = evaluate_variant(model, items, str(path) if path else None)
+        start = 0
+        for t in tasks:
+            n = len(val[t])
+            ll = {(a, j): v for a, row in enumerate(res["loglik"][start:start + n]) for j, v in enumerate(row)}
+            cache[key(t, removed)] = accuracy(val[t], ll)
+            start += n
+        cache_path.write_text(json.dumps(cache, indent=1) + "\n")
+        print(f"[{i}/{len(todo)}] removed {list(removed) or 'none'} on {', '.join(tasks)}: "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+
+    report["accuracy"].append({"task": task, "method": "dense", "k": 0, "removed": [],
+                               **cache[key(task, ())]})
+    for (method, k), (removed, _) in masks.items():
+        report["accuracy"].append({"task": task, "method": method, "k": k, "removed": removed,
+                                   **cache[key(task, tuple(removed))]})
 
 
-def _strip(r: dict) -> dict:
-    return {k: r[k] for k in ("acc", "acc_norm", "n", "removed_layers")}
+def save(report: dict, out: Path) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _se(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n) if n else 0.0
 
 
 def write_markdown(report: dict, path: Path) -> None:
-    lines = ["# Method comparison (demo model)", "", "| task | method | k | acc | acc_norm | n |",
-             "|---|---|---|---|---|---|"]
-    for r in report["accuracy"]:
-        lines.append(f"| {r['task']} | {r['method']} | {r['k']} | {r['acc']:.3f} | {r['acc_norm']:.3f} | {r['n']} |")
-    lines += ["", "| task | method | k | samples | scoring wall s | forward passes |", "|---|---|---|---|---|---|"]
+    acc = report["accuracy"]
+    tasks = list(dict.fromkeys(r["task"] for r in acc))
+    ks = sorted({r["k"] for r in acc if r["k"]})
+    methods = list(dict.fromkeys(r["method"] for r in acc if r["method"] != "dense"))
+    a = report["args"]
+    lines = ["# Method comparison on the demo model", "",
+             f"Model: {report['model']}. Calibration: {a['samples']} train samples per task "
+             f"({a['sleb_samples']} for SLEB and PPL), seed {a['seed']}, candidate blocks "
+             f"{a['block_range'] or 'latter half (15-29)'}, TaBP {a['statistic']}/{a['aggregate']}. "
+             f"Evaluation: first {a['eval_limit']} validation items per task, zero-shot, vLLM engine "
+             "(`tabp_vllm.evaluate`). BoolQ and PIQA have no train split here: a fixed seeded half of "
+             "dev calibrates, the other half is evaluated.", ""]
+    for metric in ("acc_norm", "acc"):
+        lines += [f"## {metric} (± one binomial standard error of dense)", ""]
+        head = "| method | " + " | ".join(f"{t} k={k}" for t in tasks for k in ks) + " |"
+        lines += [head, "|---" * (1 + len(tasks) * len(ks)) + "|"]
+        dense = {r["task"]: r for r in acc if r["method"] == "dense"}
+        lines.append("| dense | " + " | ".join(
+            f"{dense[t][metric]:.3f} ± {_se(dense[t][metric], dense[t]['n']):.3f}" for t in tasks for _ in ks) + " |")
+        for m in methods:
+            cells = []
+            for t in tasks:
+                for k in ks:
+                    r = next((r for r in acc if (r["task"], r["method"], r["k"]) == (t, m, k)), None)
+                    cells.append(f"{r[metric]:.3f}" if r else "-")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Scoring cost (2 CPU cores)", "",
+              "Each method is scored once per task at the largest k (angular: once per k); "
+              "smaller-k masks follow from that run.", "",
+              "| task | method | scored at k | samples | wall s | forward passes | removed at largest k |",
+              "|---|---|---|---|---|---|---|"]
+    kmax = max(ks)
     for r in report["scoring"]:
-        lines.append(f"| {r['task']} | {r['method']} | {r['k']} | {r['samples']} | {r['wall_s']} | {r['forward_passes']} |")
-    if "tabp_1024" in report:
-        t = report["tabp_1024"]
-        lines += ["", f"TaBP over 1,024 ARC-Easy train samples: {t['wall_s']} s, {t['forward_passes']} forward passes."]
+        if r["k"] == kmax:
+            lines.append(f"| {r['task']} | {r['method']} | {r['scored_at_k']} | {r['samples']} | "
+                         f"{r['wall_s']} | {r['forward_passes']} | {r['removed']} |")
+    if "tabp_timing" in report:
+        t = report["tabp_timing"]
+        lines += ["", f"TaBP over {t['samples']} ARC-Easy train samples: {t['wall_s']} s, "
+                      f"{t['forward_passes']} forward passes (k = {t['k']})."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -113,19 +221,25 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = sorted({r["task"] for r in report["accuracy"]})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        rows = [r for r in report["accuracy"] if r["task"] == task]
-        dense = next((r["acc_norm"] for r in rows if r["method"] == "dense"), None)
-        for m in sorted({r["method"] for r in rows} - {"dense"}):
-            pts = sorted((r["k"], r["acc_norm"]) for r in rows if r["method"] == m)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-        if dense is not None:
-            ax.axhline(dense, color="k", ls="--", label="dense")
-        ax.set_title(task)
-        ax.set_xlabel("k (blocks removed)")
-        ax.set_ylabel("acc_norm")
+    acc = report["accuracy"]
+    tasks = list(dict.fromkeys(r["task"] for r in acc))
+    metrics = ("acc_norm", "acc")
+    fig, axes = plt.subplots(len(metrics), len(tasks), figsize=(4.2 * len(tasks), 3.6 * len(metrics)),
+                             squeeze=False)
+    for row, metric in enumerate(metrics):
+        for ax, task in zip(axes[row], tasks):
+            rows = [r for r in acc if r["task"] == task]
+            dense = next(r for r in rows if r["method"] == "dense")
+            for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
+                pts = sorted((r["k"], r[metric]) for r in rows if r["method"] == m)
+                ax.plot([0] + [p[0] for p in pts], [dense[metric]] + [p[1] for p in pts], marker="o",
+                        lw=2.2 if m == "tabp" else 1.2, label=m)
+            se = _se(dense[metric], dense["n"])
+            ax.axhspan(dense[metric] - se, dense[metric] + se, color="k", alpha=0.08)
+            ax.axhline(dense[metric], color="k", ls="--", lw=0.8, label="dense ± 1 SE")
+            ax.set_title(f"{task} (n = {dense['n']})")
+            ax.set_xlabel("k (blocks removed of 30)")
+            ax.set_ylabel(metric)
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -92,3 +92,26 @@ def test_tabp_one_forward_pass_per_sample_and_deterministic(tiny):
                             block_range="0:6", model_and_tokenizer=tiny)
             if agg == "ddf":
                 assert all(0 <= s <= 1 for s in r.scores)
+
+
+@pytest.mark.parametrize("method", ["tabp", "block_influence", "ppl", "random", "last_k", "sleb"])
+def test_result_for_smaller_k_equals_its_own_run(tiny, method):
+    from tabp_vllm.scoring import result_for_k
+
+    ds = Dataset("m", "train", "mcqa", [MCQAItem(f"Is {i} > 1?", ["no", "yes"], int(i > 1)) for i in range(5)])
+    big = run_scoring("unused", ds, method, k=4, block_range="0:6", model_and_tokenizer=tiny)
+    small = run_scoring("unused", ds, method, k=2, block_range="0:6", model_and_tokenizer=tiny)
+    derived = result_for_k(big, 2)
+    assert derived.removed == small.removed
+    assert derived.params["k"] == 2 and big.params["k"] == 4
+
+
+def test_result_for_k_refuses_angular_and_larger_k(tiny):
+    from tabp_vllm.errors import TabpError
+    from tabp_vllm.scoring import result_for_k
+
+    res = run_scoring("unused", texts(), "angular", k=2, block_range="0:6", model_and_tokenizer=tiny)
+    with pytest.raises(TabpError, match="own scoring run"):
+        result_for_k(res, 1)
+    with pytest.raises(TabpError, match="larger"):
+        result_for_k(res, 3)

@@ -133,6 +133,33 @@ def run_scoring(
                          ctx.forward_passes, ctx.extra)
 
 
+# Methods whose mask for a smaller k follows from one run at a larger k: a ranking of per-block
+# scores (lowest removed), or SLEB's greedy removal order (its first k rounds are the k-run).
+# Angular distance compares h_l with h_{l+k}, so it must be rerun for every k.
+RANKED = ("tabp", "block_influence", "ppl", "random", "last_k")
+
+
+def result_for_k(result: ScoringResult, k: int) -> ScoringResult:
+    """The result a run of the same method at a smaller `k` would give, from one at a larger k."""
+    from dataclasses import replace
+
+    from tabp_vllm.scoring.methods import _lowest
+
+    if k > result.params["k"]:
+        raise TabpError(f"k = {k} is larger than the scored k = {result.params['k']}")
+    if result.method in RANKED:
+        lo, hi = result.params["candidate_range"]
+        removed = _lowest(result.scores, list(range(lo, hi)), k)
+    elif result.method == "sleb":
+        removed = sorted(result.params["removal_order"][:k])
+    else:
+        raise TabpError(f"{result.method}: the mask for k = {k} needs its own scoring run")
+    params = {**result.params, "k": k}
+    if "removal_order" in params:
+        params["removal_order"] = params["removal_order"][:k]
+    return replace(result, removed=removed, params=params)
+
+
 def score_to_mask(model_path: str, result: ScoringResult, task: str,
                   model_id: str | None = None) -> TaskMask:
     return make_mask(model_path, result.removed, task=task, model_id=model_id,
@@ -140,4 +167,4 @@ def score_to_mask(model_path: str, result: ScoringResult, task: str,
                      calibration=result.calibration)
 
 
-__all__ = ["METHODS", "ScoringResult", "run_scoring", "score_to_mask", "parse_range", "resolve_k"]
+__all__ = ["METHODS", "ScoringResult", "run_scoring", "score_to_mask", "result_for_k", "parse_range", "resolve_k"]
