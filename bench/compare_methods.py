@@ -51,7 +51,12 @@ def main() -> None:
     ap.add_argument("--timing-samples", type=int, default=1024,
                     help="TaBP timing run on this many ARC-Easy train samples (0 = skip)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/compare"))
+    ap.add_argument("--merge", nargs="+", type=Path, default=None, metavar="DIR",
+                    help="only combine the report.json of earlier runs (e.g. one task run apart) into --out")
+    ap.add_argument("--note", default=None, help="with --merge: a paragraph added to report.md")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out, args.note)
 
     from tabp_vllm.models import resolve_model
     from tabp_vllm.scoring.probe import load_model
@@ -163,6 +168,30 @@ def evaluate_task(model: str, args, task: str, masks: dict, report: dict) -> Non
                                    **cache[key(task, tuple(removed))]})
 
 
+def merge(dirs: list[Path], out: Path, note: str | None = None) -> None:
+    """One report from several runs' report.json (later runs win for a repeated task/method/k)."""
+    merged = {"model": None, "runs": [], "scoring": [], "accuracy": []}
+    for d in dirs:
+        rep = json.loads((d / "report.json").read_text())
+        merged["model"] = rep["model"]
+        merged["runs"].append({"dir": str(d), "tasks": sorted({r["task"] for r in rep["accuracy"]}),
+                               "args": rep["args"]})
+        merged.setdefault("args", rep["args"])
+        if note:
+            merged["note"] = note
+        if "tabp_timing" in rep:
+            merged["tabp_timing"] = rep["tabp_timing"]
+        for part in ("scoring", "accuracy"):
+            new = {(r["task"], r["method"], r["k"]) for r in rep[part]}
+            merged[part] = [r for r in merged[part] if (r["task"], r["method"], r["k"]) not in new]
+            merged[part] += rep[part]
+    out.mkdir(parents=True, exist_ok=True)
+    save(merged, out)
+    write_markdown(merged, out / "report.md")
+    plot(merged, out / "accuracy_vs_k.png")
+    print(f"merged {len(dirs)} runs into {out}/report.json, report.md, accuracy_vs_k.png")
+
+
 def save(report: dict, out: Path) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
@@ -184,6 +213,14 @@ def write_markdown(report: dict, path: Path) -> None:
              f"Evaluation: first {a['eval_limit']} validation items per task, zero-shot, vLLM engine "
              "(`tabp_vllm.evaluate`). BoolQ and PIQA have no train split here: a fixed seeded half of "
              "dev calibrates, the other half is evaluated.", ""]
+    if report.get("note"):
+        lines += [report["note"], ""]
+    for run in report.get("runs", [])[1:]:
+        diff = {k: v for k, v in run["args"].items()
+                if k not in ("tasks", "out", "merge") and report["args"].get(k) != v}
+        if diff:
+            lines += [f"Tasks {', '.join(run['tasks'])} ran apart with: "
+                      + ", ".join(f"{k} = {v}" for k, v in diff.items()) + ".", ""]
     for metric in ("acc_norm", "acc"):
         lines += [f"## {metric} (± one binomial standard error of dense)", ""]
         head = "| method | " + " | ".join(f"{t} k={k}" for t in tasks for k in ks) + " |"
