@@ -105,3 +105,18 @@ def test_bad_mask_fails_before_ray_with_one_line(write_mask, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(bad) in lines[0], proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
     assert time.time() - t0 < 120
+
+
+@pytest.mark.parametrize("address, message", [
+    ("127.0.0.1:1", "no Ray cluster answers there"),   # nobody listens: fail in seconds, not minutes
+    ("no-port-here", "expected auto, HOST:PORT"),
+])
+def test_unreachable_cluster_is_one_line(address, message):
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "tabp_vllm", "serve", "--no-dense", "--task-mask",
+                           str(REPO / "bench/results/masks/k4.json"), "--address", address],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Triton" not in ln]
+    assert len(lines) == 1 and message in lines[0] and address in lines[0], proc.stderr
+    assert time.time() - t0 < 120

@@ -87,6 +87,22 @@ def build_spec(
                      address=address, num_cpus=num_cpus)
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds on an address nobody listens on (ray.init would retry for minutes)."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise TabpError(f"--address {address}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise TabpError(f"--address {address}: no Ray cluster answers there ({exc})") from None
+
+
 def start(spec, *, quiet: bool = False) -> None:
     """Start (or join) Ray, deploy the app and wait until every variant is ready."""
     import ray
@@ -95,9 +111,14 @@ def start(spec, *, quiet: bool = False) -> None:
     from tabp_vllm.serve.app import build_app
 
     if spec.address:
-        ray.init(address=spec.address, log_to_driver=not quiet)
+        try:
+            ray.init(address=spec.address, log_to_driver=not quiet)
+        except ConnectionError as exc:
+            raise TabpError(f"--address {spec.address}: cannot join the Ray cluster ({exc})") from None
     else:
-        ray.init(num_cpus=spec.num_cpus or spec.ray_cpus_needed(), include_dashboard=False,
+        # "local": always a private Ray, even when a `ray start` cluster runs on this host (plain
+        # ray.init() would join that one, and fail on num_cpus).
+        ray.init(address="local", num_cpus=spec.num_cpus or spec.ray_cpus_needed(), include_dashboard=False,
                  _metrics_export_port=spec.metrics_port, log_to_driver=not quiet)
     app = build_app(spec)
     serve.start(http_options={"host": spec.host, "port": spec.port})
@@ -183,6 +204,8 @@ def serve(
                       api_key=api_key, address=address, num_cpus=num_cpus,
                       max_model_len=max_model_len, dtype=dtype, kv_cache_gib=kv_cache_gib,
                       enforce_eager=enforce_eager, engine_arg=engine_arg)
+    if spec.address:
+        check_reachable(spec.address)
     if dry_run:
         print_table(spec)
         return

@@ -1,0 +1,100 @@
+"""End-to-end: `tabp-vllm serve --address` joins a running Ray cluster (`ray start --head`) and
+deploys one pruned variant with two replicas; Ctrl-C removes our app and leaves the cluster up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from test_serve import free_port
+
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(1800)]
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+VARIANT = "llama-gsm8k"
+
+STATUS = r"""
+import json, sys, ray
+from ray import serve
+ray.init(address=sys.argv[1], log_to_driver=False)
+apps = serve.status().applications
+out = {name: {d: sum(n for s, n in ds.replica_states.items() if s == "RUNNING")
+              for d, ds in app.deployments.items()} for name, app in apps.items()}
+print("STATUS " + json.dumps(out))
+"""
+
+
+def app_replicas(address: str, env: dict) -> dict:
+    """{application: {deployment: running replicas}} as the cluster's Serve controller sees it."""
+    proc = subprocess.run([sys.executable, "-c", STATUS, address], capture_output=True, text=True,
+                          timeout=120, env=env)
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("STATUS "))
+    return json.loads(line[len("STATUS "):])
+
+
+@pytest.fixture()
+def ray_cluster():
+    gcs = free_port(6390, 6420)
+    address = f"127.0.0.1:{gcs}"
+    # Ray 2.60 clusters use token auth (~/.ray/auth_token); a joining driver must be told so.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--num-cpus=8",
+                    "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats"],
+                   check=True, env=env, capture_output=True, timeout=180)
+    try:
+        yield address, env
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=180)
+
+
+def test_join_cluster_with_two_replicas(tmp_path, demo_model, ray_cluster):
+    from openai import OpenAI
+
+    address, env = ray_cluster
+    from tabp_vllm.mask import make_mask
+
+    mask = make_mask(demo_model, [20, 21, 22, 23], task="gsm8k", model_id="llama").save(tmp_path / "m.json")
+    port = free_port(8100, 8140)
+    log_path = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "tabp_vllm", "serve", "--model", "llama", "--address", address,
+           "--no-dense", "--task-mask", str(mask), "--replicas", "2", "--port", str(port),
+           "--max-model-len", "512", "--kv-cache-gib", "0.25"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 1200
+        while "READY" not in log_path.read_text(errors="replace"):
+            assert proc.poll() is None, log_path.read_text()[-4000:]
+            assert time.time() < deadline, "serve not ready:\n" + log_path.read_text()[-4000:]
+            time.sleep(2)
+        text = log_path.read_text()
+        assert "the Ray cluster's metrics export port(s)" in text  # no private metrics port
+
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=300, max_retries=0)
+        assert [m.id for m in client.models.list().data] == [VARIANT]  # --no-dense
+        outs = {client.completions.create(model=VARIANT, prompt="The capital of France is",
+                                          max_tokens=8, temperature=0).choices[0].text for _ in range(6)}
+        assert len(outs) == 1 and outs.pop().strip()  # both replicas answer, greedily the same
+
+        apps = app_replicas(address, env)
+        llm = {d: n for d, n in apps["tabp"].items() if d != "OpenAiIngress" and "Ingress" not in d}
+        assert list(llm.values()) == [2], apps
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=180)
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
+    # Our app is gone; the cluster we joined still runs and answers.
+    assert "tabp" not in app_replicas(address, env)
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).raise_for_status()
