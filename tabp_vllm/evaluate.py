@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from tabp_vllm.data import Dataset, MCQAItem, mcqa_context
@@ -84,37 +85,82 @@ def evaluate_in_process(model: str, items: list[MCQAItem], mask_path: str | None
     return res
 
 
+def _last_line(text: str) -> str:
+    return next((ln for ln in reversed(text.strip().splitlines()) if ln.strip()), "")
+
+
+def _run_once(spec: str, out: str, err: str, log_path: str) -> subprocess.CompletedProcess:
+    with open(log_path, "w") as log:
+        return subprocess.run([sys.executable, "-m", "tabp_vllm.evaluate", spec, out, err],
+                              stdout=subprocess.DEVNULL, stderr=log)
+
+
 def evaluate_variant(model: str, items: list[MCQAItem], mask_path: str | None,
                      kv_cache_gib: float = 0.25) -> dict[str, Any]:
-    """Run `evaluate_in_process` in a fresh Python process (one engine per process)."""
+    """Run `evaluate_in_process` in a fresh Python process (one engine per process).
+
+    The child writes its result file only once every choice is scored, so a result that exists
+    is complete even when the child dies in interpreter teardown afterwards (vLLM's engine
+    threads can abort there). A child killed by a signal before it finished is run once more;
+    its stderr is kept under the cache directory and named in the error.
+    """
+    from tabp_vllm.models import cache_dir
+
+    logs = cache_dir() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    label = mask_path or "dense"
     with tempfile.TemporaryDirectory(prefix="tabp-eval-") as tmp:
-        spec = os.path.join(tmp, "spec.json")
-        out = os.path.join(tmp, "out.json")
+        spec, out, err = (os.path.join(tmp, n) for n in ("spec.json", "out.json", "error.txt"))
         with open(spec, "w") as f:
             json.dump({"model": model, "mask": mask_path, "kv_cache_gib": kv_cache_gib,
                        "items": [asdict(i) for i in items]}, f)
-        proc = subprocess.run([sys.executable, "-m", "tabp_vllm.evaluate", spec, out],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if proc.returncode != 0 or not os.path.exists(out):
-            tail = (proc.stderr or "").strip().splitlines()
-            msg = next((l for l in reversed(tail) if l.strip()), f"exit code {proc.returncode}")
-            raise TabpError(f"evaluation of {mask_path or 'dense'} failed: {msg}")
-        with open(out) as f:
-            return json.load(f)
+        for attempt in (1, 2):
+            log_path = str(logs / f"eval-{os.getpid()}-{Path(label).stem}-{attempt}.log")
+            proc = _run_once(spec, out, err, log_path)
+            if os.path.exists(out):
+                if proc.returncode == 0:
+                    os.remove(log_path)
+                else:
+                    print(f"note: the evaluation process of {label} exited with code "
+                          f"{proc.returncode} after writing its results (log: {log_path})",
+                          file=sys.stderr)
+                with open(out) as f:
+                    return json.load(f)
+            if os.path.exists(err):  # the child caught the error and said what it was
+                with open(err) as f:
+                    raise TabpError(f"evaluation of {label} failed: {f.read().strip()}")
+            if proc.returncode >= 0 or attempt == 2:
+                with open(log_path) as f:
+                    msg = _last_line(f.read()) or f"exit code {proc.returncode}"
+                raise TabpError(f"evaluation of {label} failed (exit code {proc.returncode}): "
+                                f"{msg} (log: {log_path})")
+            print(f"note: the evaluation process of {label} was killed by signal "
+                  f"{-proc.returncode} (log: {log_path}); running it once more", file=sys.stderr)
+    raise AssertionError("unreachable")
 
 
 def _main(argv: list[str]) -> int:
-    spec_path, out_path = argv
+    spec_path, out_path, err_path = argv
     with open(spec_path) as f:
         spec = json.load(f)
     items = [MCQAItem(**d) for d in spec["items"]]
     try:
         res = evaluate_in_process(spec["model"], items, spec["mask"], spec["kv_cache_gib"])
     except TabpError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        with open(err_path, "w") as f:
+            f.write(str(exc))
         return 2
-    with open(out_path, "w") as f:
+    except Exception as exc:  # the parent shows one line; the traceback goes to the log
+        import traceback
+
+        traceback.print_exc()
+        with open(err_path, "w") as f:
+            f.write(f"{type(exc).__name__}: {exc}")
+        return 1
+    # write then rename: the parent treats an existing result file as complete
+    with open(out_path + ".tmp", "w") as f:
         json.dump(res, f)
+    os.replace(out_path + ".tmp", out_path)
     return 0
 
 

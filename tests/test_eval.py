@@ -59,3 +59,44 @@ def test_eval_bad_mask_exit_2(tmp_path):
     a.command("noop")(lambda: None)
     r = CliRunner().invoke(a, ["eval", "--task", "demo", "--task-mask", str(bad)])
     assert r.exit_code == 2 and "not a mask file" in r.output
+
+
+def test_eval_child_error_is_one_line(tmp_path):
+    from tabp_vllm.errors import TabpError
+    from tabp_vllm.evaluate import evaluate_variant
+
+    items = [MCQAItem("q", ["a", "b"], 0)]
+    with pytest.raises(TabpError) as exc:
+        evaluate_variant(str(tmp_path / "no-such-model"), items, None)
+    msg = str(exc.value)
+    assert msg.startswith("evaluation of dense failed: ") and "\n" not in msg
+    assert "no-such-model" in msg and "Traceback" not in msg
+
+
+def test_eval_survives_a_killed_child_and_a_teardown_crash(monkeypatch, capsys, demo_model):
+    """A child killed before it wrote results runs again; results written before a crash count."""
+    import subprocess
+
+    from tabp_vllm import evaluate
+
+    real = evaluate._run_once
+    calls = []
+
+    def flaky(spec, out, err, log_path):
+        calls.append(log_path)
+        if len(calls) == 1:  # killed before it did anything
+            open(log_path, "w").close()
+            return subprocess.CompletedProcess([], -9)
+        proc = real(spec, out, err, log_path)
+        assert proc.returncode == 0
+        return subprocess.CompletedProcess([], -6)  # as if it aborted in teardown
+
+    monkeypatch.setattr(evaluate, "_run_once", flaky)
+    from tabp_vllm.data import load_task
+
+    items = load_task("demo", "validation").first(2).items
+    res = evaluate.evaluate_variant(demo_model, items, None)
+    assert len(calls) == 2 and res["n"] == 2 and len(res["loglik"]) == 2
+    err = capsys.readouterr().err
+    assert "killed by signal 9" in err and "running it once more" in err
+    assert "exited with code -6 after writing its results" in err
