@@ -174,8 +174,11 @@ def merge(dirs: list[Path], out: Path, note: str | None = None) -> None:
     for d in dirs:
         rep = json.loads((d / "report.json").read_text())
         merged["model"] = rep["model"]
-        merged["runs"].append({"dir": str(d), "tasks": sorted({r["task"] for r in rep["accuracy"]}),
-                               "args": rep["args"]})
+        if "runs" in rep:  # an earlier merge: keep the runs it was made of
+            merged["runs"] += rep["runs"]
+        else:
+            merged["runs"].append({"dir": str(d), "args": rep["args"],
+                                   "tasks": sorted({r["task"] for r in rep["accuracy"]})})
         merged.setdefault("args", rep["args"])
         if note:
             merged["note"] = note

@@ -6,6 +6,12 @@ plugin), then runs `tabp-vllm bench` against both, interleaved: every variant of
 the bare server get the same load in mirrored rounds, so the ratios are measured under one noise.
 
     python bench/run_server_overhead.py [--levels 1,4,16] [--duration 32] [--rounds 4]
+
+The same server alone (no bare vLLM) at other loads, e.g. the open-loop and concurrency-64 runs
+in bench/results/serve_open.* and serve_c64.*:
+
+    python bench/run_server_overhead.py --no-bare --mode open --levels 1,2,4 --name serve_open
+    python bench/run_server_overhead.py --no-bare --levels 64 --kv-cache-gib 0.5 --name serve_c64
 """
 
 from __future__ import annotations
@@ -49,6 +55,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--bare-port", type=int, default=8101)
+    ap.add_argument("--no-bare", action="store_true", help="only the server's variants")
+    ap.add_argument("--mode", default="closed", choices=["closed", "open"])
+    ap.add_argument("--kv-cache-gib", default="0.25", help="per engine")
+    ap.add_argument("--name", default="server_overhead", help="output file stem")
     args = ap.parse_args()
 
     model = resolve_model("llama")
@@ -60,17 +70,18 @@ def main() -> None:
         serve_log = logs / "serve.log"
         serve = subprocess.Popen(
             [sys.executable, "-m", "tabp_vllm", "serve", "--model", "llama", "--port",
-             str(args.port), "--kv-cache-gib", "0.25", "--max-model-len", "1024",
+             str(args.port), "--kv-cache-gib", args.kv_cache_gib, "--max-model-len", "1024",
              *[a for m in masks for a in ("--task-mask", m)]],
             stdout=open(serve_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(serve)
-        bare_log = logs / "bare-vllm.log"
-        bare = subprocess.Popen(
-            api_server_command(model, args.bare_port, "llama", bare=True, kv_cache_gib=0.25,
-                               max_model_len=1024),
-            stdout=open(bare_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(bare)
-        wait_http(f"http://127.0.0.1:{args.bare_port}/v1/models", bare, 600, bare_log)
+        if not args.no_bare:
+            bare_log = logs / "bare-vllm.log"
+            bare = subprocess.Popen(
+                api_server_command(model, args.bare_port, "llama", bare=True,
+                                   kv_cache_gib=float(args.kv_cache_gib), max_model_len=1024),
+                stdout=open(bare_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+            procs.append(bare)
+            wait_http(f"http://127.0.0.1:{args.bare_port}/v1/models", bare, 600, bare_log)
         deadline = time.monotonic() + 600
         while "\nREADY" not in serve_log.read_text(errors="replace"):
             if serve.poll() is not None or time.monotonic() > deadline:
@@ -78,11 +89,13 @@ def main() -> None:
             time.sleep(2)
         run_bench(url=f"http://127.0.0.1:{args.port}",
                   variants=["llama", "llama-k4", "llama-k8"], model="llama", masks=masks,
-                  bare_vllm=f"llama@http://127.0.0.1:{args.bare_port}", levels=args.levels,
-                  duration=args.duration, rounds=args.rounds, out=str(RESULTS),
-                  stem="server_overhead",
-                  notes="llama, llama-k4, llama-k8 served by one `tabp-vllm serve` (Ray Serve); "
-                        "bare-vllm is a plain vLLM api_server of the dense model")
+                  bare_vllm=None if args.no_bare else f"llama@http://127.0.0.1:{args.bare_port}",
+                  mode=args.mode, levels=args.levels, duration=args.duration,
+                  rounds=args.rounds, out=str(RESULTS), stem=args.name,
+                  notes="llama, llama-k4, llama-k8 served by one `tabp-vllm serve` (Ray Serve, "
+                        f"KV cache {args.kv_cache_gib} GiB per engine)"
+                        + ("" if args.no_bare else
+                           "; bare-vllm is a plain vLLM api_server of the dense model"))
     finally:
         for proc in procs:
             if proc.poll() is None:

@@ -1,9 +1,10 @@
 """The run that produced bench/results/serving.{json,md,png}: dense vs k=4 vs k=8 vs bare vLLM.
 
-Until `tabp-vllm serve` (one Ray Serve endpoint for every variant) is ready, each variant is its
-own bare `python -m vllm.entrypoints.openai.api_server` (started by `--start`), with the served
-names the multi-variant server will use (`llama`, `llama-k4`, `llama-k8`), plus a plain vLLM
-server of the dense model (default loader, no plugin) for the overhead ratio. The masks are fixed
+This measures the pruning alone, without Ray Serve in the path: each variant is its own
+`python -m vllm.entrypoints.openai.api_server` (started by `--start`) with the served names that
+`tabp-vllm serve` uses (`llama`, `llama-k4`, `llama-k8`), plus a plain vLLM server of the dense
+model (default loader, no plugin). The same variants through `tabp-vllm serve`:
+bench/run_server_overhead.py. The masks are fixed
 hand-made ones: k = 4 removes blocks 26-29, k = 8 removes blocks 22-29 (the last blocks, the same
 choice as bench/weight_memory.py; every block has the same shape, so which blocks go does not
 change the FLOPs or the speed, only the answers).
