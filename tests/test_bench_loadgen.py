@@ -230,3 +230,23 @@ def test_ramp_is_load_but_not_measurement(fake_url):
     # ~50 ms per request, 2 workers: ~24 requests end in the 0.6 s window, not the ~40 of 1 s
     assert 3 <= len(s.completed) <= 27
     assert s.tokens_in_window <= 2 * 0.6 / 0.010 + 2
+
+
+def test_open_loop_speedup_is_time_per_token(fake_url, tmp_path, write_mask):
+    """Below saturation both variants deliver the offered load: the speedup comes from latency."""
+    from tabp_vllm.bench.commands import run_bench
+
+    mask = write_mask([26, 27, 28, 29], task="k4")
+    run_bench(url=fake_url, variants=["llama", "llama-k4"], masks=[str(mask)], mode="open",
+              levels="8", duration=2.0, rounds=2, ramp=0.2, warmup=1, input_len=8, output_len=8,
+              range_ratio=0.0, out=tmp_path, stem="open", progress=False)
+    doc = json.loads((tmp_path / "open.json").read_text())
+    (row,) = doc["comparison"]["speedups"]
+    assert row["speedup_basis"] == "tpot_p50" and "target_met" not in row
+    # 10 ms vs 4 ms per token on the fake server: ~2.5x, whatever the throughput ratio
+    assert 1.5 < row["achieved_speedup"] < 4
+    m = {x["variant"]: x for x in doc["metrics"]}
+    assert row["achieved_speedup"] == pytest.approx(
+        m["llama"]["tpot_s"]["p50"] / m["llama-k4"]["tpot_s"]["p50"])
+    assert len(row["achieved_speedup_rounds"]["per_round"]) == 2
+    assert "median time per output token" in (tmp_path / "open.md").read_text()

@@ -208,7 +208,7 @@ def run_bench(
                              ([] if kept == shape.num_hidden_layers else None),
                              "ideal": ideals[v.key]})
     comparison = report.compare(metrics, dense_name, ideals,
-                                "bare-vllm" if bare_variant else None)
+                                "bare-vllm" if bare_variant else None, mode=mode)
     order = {v.key: i for i, v in enumerate(vlist)}
     result = {
         "model": alias, "model_path": model_path, "shape": flops.shape_summary(shape),
