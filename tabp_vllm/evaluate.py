@@ -66,13 +66,16 @@ def evaluate_in_process(model: str, items: list[MCQAItem], mask_path: str | None
 
     mask = load_mask(mask_path, model) if mask_path else None
     llm = build_llm(model, mask, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len)
-    tok = llm.get_tokenizer()
-    reqs = build_requests(tok, items)
-    too_long = [r for r in reqs if len(r[2]) >= max_model_len]
-    if too_long:
-        raise TabpError(f"{len(too_long)} prompts exceed max_model_len {max_model_len}")
-    sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=r[2]) for r in reqs], sp, use_tqdm=False)
+    try:
+        reqs = build_requests(llm.get_tokenizer(), items)
+        too_long = [r for r in reqs if len(r[2]) >= max_model_len]
+        if too_long:
+            raise TabpError(f"{len(too_long)} prompts exceed max_model_len {max_model_len}")
+        sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=r[2]) for r in reqs], sp,
+                            use_tqdm=False)
+    finally:  # stop the engine core now rather than in interpreter teardown
+        llm.llm_engine.engine_core.shutdown()
     loglik = {}
     for (n, j, ids, start), out in zip(reqs, outs):
         pl = out.prompt_logprobs
@@ -99,10 +102,11 @@ def evaluate_variant(model: str, items: list[MCQAItem], mask_path: str | None,
                      kv_cache_gib: float = 0.25) -> dict[str, Any]:
     """Run `evaluate_in_process` in a fresh Python process (one engine per process).
 
-    The child writes its result file only once every choice is scored, so a result that exists
-    is complete even when the child dies in interpreter teardown afterwards (vLLM's engine
-    threads can abort there). A child killed by a signal before it finished is run once more;
-    its stderr is kept under the cache directory and named in the error.
+    The child writes its result file only once every choice is scored, then shuts the engine
+    down and skips interpreter teardown (where vLLM's engine stack now and then aborts); a result
+    that exists is complete and kept even if the child dies after writing it. A child killed by
+    a signal before it finished is run once more; its stderr is kept under the cache directory
+    and named in the error.
     """
     from tabp_vllm.models import cache_dir
 
@@ -165,4 +169,9 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    code = _main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The engine core is already shut down; skip interpreter teardown, where a C++ thread of the
+    # engine stack now and then aborts the process ("terminate called without an active exception").
+    os._exit(code)

@@ -75,6 +75,7 @@ def test_eval_child_error_is_one_line(tmp_path):
 
 def test_eval_survives_a_killed_child_and_a_teardown_crash(monkeypatch, capsys, demo_model):
     """A child killed before it wrote results runs again; results written before a crash count."""
+    import os
     import subprocess
 
     from tabp_vllm import evaluate
@@ -87,8 +88,8 @@ def test_eval_survives_a_killed_child_and_a_teardown_crash(monkeypatch, capsys, 
         if len(calls) == 1:  # killed before it did anything
             open(log_path, "w").close()
             return subprocess.CompletedProcess([], -9)
-        proc = real(spec, out, err, log_path)
-        assert proc.returncode == 0
+        real(spec, out, err, log_path)  # (its own teardown may abort for real: rc -6)
+        assert os.path.exists(out)
         return subprocess.CompletedProcess([], -6)  # as if it aborted in teardown
 
     monkeypatch.setattr(evaluate, "_run_once", flaky)
