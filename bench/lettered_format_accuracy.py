@@ -29,6 +29,7 @@ def main() -> None:
     for task in args.tasks:
         items = load_task(task, "train").subset(args.samples, 0).items
         hits, entropy = 0, 0.0
+        chance = sum(1 / len(i.choices) for i in items) / len(items)
         for start in range(0, len(items), 16):
             chunk = items[start:start + 16]
             enc = tok([mcqa_lettered_prompt(i) for i in chunk], return_tensors="pt", padding=True,
@@ -41,7 +42,7 @@ def main() -> None:
                 hits += int(p.argmax()) == item.gold
                 entropy += float(-(p * p.log()).sum()) / math.log(len(item.choices))
         print(f"{task}: lettered-format accuracy {hits / len(items):.3f} "
-              f"(chance ~{1 / 4 if task.startswith('arc') else 1 / 2:.2f}), "
+              f"(chance {chance:.2f}), "
               f"mean normalised option entropy {entropy / len(items):.3f}, n = {len(items)}")
 
 

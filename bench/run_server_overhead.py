@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--bare-port", type=int, default=8101)
     ap.add_argument("--no-bare", action="store_true", help="only the server's variants")
     ap.add_argument("--mode", default="closed", choices=["closed", "open"])
-    ap.add_argument("--kv-cache-gib", default="0.25", help="per engine")
+    ap.add_argument("--kv-cache-gib", type=float, default=0.25, help="per engine")
     ap.add_argument("--name", default="server_overhead", help="output file stem")
     args = ap.parse_args()
 
@@ -70,7 +70,7 @@ def main() -> None:
         serve_log = logs / "serve.log"
         serve = subprocess.Popen(
             [sys.executable, "-m", "tabp_vllm", "serve", "--model", "llama", "--port",
-             str(args.port), "--kv-cache-gib", args.kv_cache_gib, "--max-model-len", "1024",
+             str(args.port), "--kv-cache-gib", str(args.kv_cache_gib), "--max-model-len", "1024",
              *[a for m in masks for a in ("--task-mask", m)]],
             stdout=open(serve_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(serve)
@@ -78,7 +78,7 @@ def main() -> None:
             bare_log = logs / "bare-vllm.log"
             bare = subprocess.Popen(
                 api_server_command(model, args.bare_port, "llama", bare=True,
-                                   kv_cache_gib=float(args.kv_cache_gib), max_model_len=1024),
+                                   kv_cache_gib=args.kv_cache_gib, max_model_len=1024),
                 stdout=open(bare_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
             procs.append(bare)
             wait_http(f"http://127.0.0.1:{args.bare_port}/v1/models", bare, 600, bare_log)

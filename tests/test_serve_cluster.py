@@ -87,7 +87,7 @@ def test_join_cluster_with_two_replicas(tmp_path, demo_model, ray_cluster):
         assert len(outs) == 1 and outs.pop().strip()  # both replicas answer, greedily the same
 
         apps = app_replicas(address, env)
-        llm = {d: n for d, n in apps["tabp"].items() if d != "OpenAiIngress" and "Ingress" not in d}
+        llm = {d: n for d, n in apps["tabp"].items() if "Ingress" not in d}
         assert list(llm.values()) == [2], apps
     finally:
         if proc.poll() is None:

@@ -83,8 +83,10 @@ def _speedup(m: dict[str, Any], d: dict[str, Any], mode: str) -> tuple[float | N
     output token (dense / variant) is the speedup there."""
     if mode == "open":
         mt, dt = m["tpot_s"]["p50"], d["tpot_s"]["p50"]
-        per_round = _ratio_stats([x or 0.0 for x in d["per_round_tpot_p50_s"]],
-                                 [x or 0.0 for x in m["per_round_tpot_p50_s"]])
+        # a round where either side finished no request has no time per token to compare
+        pairs = [(a, b) for a, b in zip(d["per_round_tpot_p50_s"], m["per_round_tpot_p50_s"])
+                 if a and b]
+        per_round = _ratio_stats([a for a, _ in pairs], [b for _, b in pairs])
         return (dt / mt if mt and dt else None), per_round
     achieved = (m["output_tokens_per_s"] / d["output_tokens_per_s"]
                 if d["output_tokens_per_s"] else None)
