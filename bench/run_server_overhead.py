@@ -45,8 +45,8 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> 
 
 
 def main() -> None:
-    from tabp_vllm.bench.commands import run_bench
-    from tabp_vllm.bench.servers import api_server_command
+    from tabp_vllm.loadtest.commands import run_bench
+    from tabp_vllm.loadtest.servers import api_server_command
     from tabp_vllm.models import resolve_model
 
     ap = argparse.ArgumentParser()

@@ -28,7 +28,7 @@ MASKS = {"k4": [26, 27, 28, 29], "k8": list(range(22, 30))}
 
 
 def main() -> None:
-    from tabp_vllm.bench.commands import run_bench
+    from tabp_vllm.loadtest.commands import run_bench
     from tabp_vllm.mask import make_mask
     from tabp_vllm.models import resolve_model
 

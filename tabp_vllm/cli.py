@@ -134,7 +134,7 @@ def generate(
 
 def _register_feature_commands() -> None:
     # Imported here, after `user_errors` exists: these modules decorate their commands with it.
-    from tabp_vllm.bench.commands import bench
+    from tabp_vllm.loadtest.commands import bench
     from tabp_vllm.commands_score import eval as eval_command
     from tabp_vllm.commands_score import score
     from tabp_vllm.serve.commands import serve

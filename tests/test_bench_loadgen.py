@@ -16,7 +16,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from tabp_vllm.bench import loadgen, report
+from tabp_vllm.loadtest import loadgen, report
 from tabp_vllm.errors import TabpError
 
 DELAYS = {"llama": 0.010, "llama-k4": 0.004, "broken": None}
@@ -83,7 +83,7 @@ def _slice(url, name, mode, level, duration, max_tokens, seed=0):
 
     async def go():
         async with httpx.AsyncClient() as client:
-            return await loadgen.run_slice(client, loadgen.Variant(name, url), loadgen._cycle(specs),
+            return await loadgen.run_slice(client, loadgen.Target(name, url), loadgen._cycle(specs),
                                            mode, level, duration, seed, 0)
     return asyncio.run(go())
 
@@ -125,18 +125,18 @@ def test_server_errors_are_counted_not_raised(fake_url):
 
 def test_fail_fast_unreachable_and_unknown_variant(fake_url):
     with pytest.raises(TabpError, match=r"cannot reach the server at http://127.0.0.1:\d+"):
-        loadgen.check_variants([loadgen.Variant("llama", f"http://127.0.0.1:{_free_port()}")])
+        loadgen.check_variants([loadgen.Target("llama", f"http://127.0.0.1:{_free_port()}")])
     with pytest.raises(TabpError, match=r"variant 'llama-k9' is not served .*llama-k4"):
-        loadgen.check_variants([loadgen.Variant("llama-k9", fake_url)])
+        loadgen.check_variants([loadgen.Target("llama-k9", fake_url)])
     with pytest.raises(TabpError, match="listed twice"):
-        loadgen.check_variants([loadgen.Variant("llama", fake_url)] * 2)
+        loadgen.check_variants([loadgen.Target("llama", fake_url)] * 2)
 
 
 def test_parse_variant_and_round_robin():
     v = loadgen.parse_variant("base=llama@localhost:8001/v1", "http://h:1")
     assert (v.key, v.name, v.url) == ("base", "llama", "http://localhost:8001")
     assert loadgen.parse_variant("llama-k4", "http://h:1/").url == "http://h:1"
-    vs = [loadgen.Variant(n, "u") for n in "abc"]
+    vs = [loadgen.Target(n, "u") for n in "abc"]
     orders = ["".join(v.name for v in loadgen.slice_order(vs, r)) for r in range(4)]
     assert orders == ["abc", "cba", "bca", "acb"]
     # every mirrored pair of rounds gives each variant the same mean position
@@ -162,7 +162,7 @@ def test_percentiles_match_numpy():
 
 
 def _app():
-    from tabp_vllm.bench.commands import bench
+    from tabp_vllm.loadtest.commands import bench
 
     app = typer.Typer()
     app.command()(bench)
@@ -188,7 +188,7 @@ def test_cli_unknown_variant_is_one_line_exit_2(fake_url, tmp_path):
 
 
 def test_run_bench_end_to_end_report(fake_url, tmp_path, write_mask):
-    from tabp_vllm.bench.commands import run_bench
+    from tabp_vllm.loadtest.commands import run_bench
 
     mask = write_mask([26, 27, 28, 29], task="k4")
     res = run_bench(url=fake_url, variants=["llama", "llama-k4"], masks=[str(mask)],
@@ -219,7 +219,7 @@ def test_ramp_is_load_but_not_measurement(fake_url):
 
     async def go():
         async with httpx.AsyncClient() as client:
-            return await loadgen.run_slice(client, loadgen.Variant("llama", fake_url),
+            return await loadgen.run_slice(client, loadgen.Target("llama", fake_url),
                                            loadgen._cycle(specs), "closed", 2, 0.6, 0, 0,
                                            ramp=0.4)
     t0 = time.perf_counter()
@@ -234,7 +234,7 @@ def test_ramp_is_load_but_not_measurement(fake_url):
 
 def test_open_loop_speedup_is_time_per_token(fake_url, tmp_path, write_mask):
     """Below saturation both variants deliver the offered load: the speedup comes from latency."""
-    from tabp_vllm.bench.commands import run_bench
+    from tabp_vllm.loadtest.commands import run_bench
 
     mask = write_mask([26, 27, 28, 29], task="k4")
     run_bench(url=fake_url, variants=["llama", "llama-k4"], masks=[str(mask)], mode="open",

@@ -29,7 +29,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def k4_server(demo_model, tmp_path_factory):
     """The demo model with blocks 26-29 removed, served as `llama-k4` (our loader plugin)."""
-    from tabp_vllm.bench.servers import ApiServer, api_server_command
+    from tabp_vllm.loadtest.servers import ApiServer, api_server_command
     from tabp_vllm.mask import make_mask
 
     tmp = tmp_path_factory.mktemp("bench_vllm")
@@ -44,7 +44,7 @@ def k4_server(demo_model, tmp_path_factory):
 
 
 def test_bench_real_server_streams_and_reports(k4_server, tmp_path):
-    from tabp_vllm.bench.commands import run_bench
+    from tabp_vllm.loadtest.commands import run_bench
 
     url, mask_path = k4_server
     # The same server twice under two labels: a dense/pruned pair whose true ratio is 1.
@@ -71,7 +71,7 @@ def test_bench_real_server_streams_and_reports(k4_server, tmp_path):
 
 
 def test_cli_unknown_variant_on_real_server(k4_server, tmp_path):
-    from tabp_vllm.bench.commands import bench
+    from tabp_vllm.loadtest.commands import bench
 
     url, _ = k4_server
     app = typer.Typer()

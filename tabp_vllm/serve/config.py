@@ -84,8 +84,8 @@ class ServeSpec:
 
 def theoretical_speedup(model: str, kept: int, context: int = SPEEDUP_CONTEXT) -> float:
     """Dense / pruned FLOPs of one decode step at `context` keys (LM head included)."""
-    from tabp_vllm.bench.flops import DecoderShape, flops_per_token
-    from tabp_vllm.mask import load_model_config
+    from tabp_vllm.flops import DecoderShape, flops_per_token
+    from tabp_vllm.models import load_model_config
 
     shape = DecoderShape.from_config(load_model_config(model))
     dense = flops_per_token(shape, shape.num_hidden_layers, context)["total"]
@@ -114,7 +114,8 @@ def build_variants(
     Returns (alias, resolved checkpoint, variants). Names: the alias for dense,
     `<alias>-<task>` per mask (task from the mask unless overridden).
     """
-    from tabp_vllm.mask import load_mask, load_model_config, model_fingerprint
+    from tabp_vllm.mask import load_mask
+    from tabp_vllm.models import load_model_config, model_fingerprint
     from tabp_vllm.models import alias_of, resolve_model
 
     if replicas < 1:

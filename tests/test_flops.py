@@ -2,7 +2,7 @@
 
 import pytest
 
-from tabp_vllm.bench.flops import DecoderShape, flops_per_token, ideal_speedup, request_flops
+from tabp_vllm.flops import DecoderShape, flops_per_token, ideal_speedup, request_flops
 
 # SmolLM2-135M: hidden 576, 9 heads / 3 KV heads, head_dim 64, intermediate 1536, vocab 49152.
 DEMO = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 30,

@@ -34,7 +34,7 @@ from tabp_vllm.errors import TabpError
 
 # ---- servers and variants ----------------------------------------------------------------------
 @dataclass(frozen=True)
-class Variant:
+class Target:
     """A model name as the server routes it (`model` field), and the server that serves it."""
 
     name: str
@@ -46,7 +46,7 @@ class Variant:
         return self.label or self.name
 
 
-def parse_variant(spec: str, default_url: str) -> Variant:
+def parse_variant(spec: str, default_url: str) -> Target:
     """`NAME`, `NAME@URL` (a variant on another server) or `LABEL=NAME@URL`."""
     label = None
     if "=" in spec.split("@", 1)[0]:
@@ -54,7 +54,7 @@ def parse_variant(spec: str, default_url: str) -> Variant:
     name, _, url = spec.partition("@")
     if not name:
         raise TabpError(f"--variant {spec!r}: empty variant name")
-    return Variant(name=name, url=normalize_url(url or default_url), label=label)
+    return Target(name=name, url=normalize_url(url or default_url), label=label)
 
 
 def normalize_url(url: str) -> str:
@@ -82,7 +82,7 @@ def served_models(url: str, timeout: float = 5.0) -> list[str]:
         raise TabpError(f"server at {url} returned an unexpected /v1/models document") from None
 
 
-def check_variants(variants: list[Variant], timeout: float = 5.0) -> dict[str, list[str]]:
+def check_variants(variants: list[Target], timeout: float = 5.0) -> dict[str, list[str]]:
     """Fail fast: every server reachable, every variant served. Returns url -> served names."""
     served: dict[str, list[str]] = {}
     for v in variants:
@@ -179,7 +179,7 @@ class RequestResult:
         return (self.end - self.chunk_times[0]) / (self.output_tokens - 1)
 
 
-async def send_request(client: httpx.AsyncClient, variant: Variant, spec: RequestSpec,
+async def send_request(client: httpx.AsyncClient, variant: Target, spec: RequestSpec,
                        timeout: float, res: RequestResult | None = None) -> RequestResult:
     """One streamed /v1/completions request; never raises for server-side failures.
 
@@ -252,7 +252,7 @@ class SliceResult:
         return len(self.completed) / self.duration
 
 
-async def run_slice(client: httpx.AsyncClient, variant: Variant, specs: Iterator[RequestSpec],
+async def run_slice(client: httpx.AsyncClient, variant: Target, specs: Iterator[RequestSpec],
                     mode: str, level: float, duration: float, seed: int, rnd: int,
                     max_concurrency: int | None = None, timeout: float = 600.0,
                     on_done: Callable[[RequestResult], None] | None = None,
@@ -335,7 +335,7 @@ async def run_slice(client: httpx.AsyncClient, variant: Variant, specs: Iterator
 # ---- the whole run: levels x rounds x variants, interleaved ------------------------------------
 @dataclass
 class BenchPlan:
-    variants: list[Variant]
+    variants: list[Target]
     mode: str = "closed"                 # closed: levels are concurrencies; open: request rates
     levels: list[float] = field(default_factory=lambda: [1, 4, 16])
     duration: float = 30.0               # measured seconds per variant per level (all rounds)
@@ -352,7 +352,7 @@ class BenchPlan:
     request_timeout: float = 600.0
 
 
-def slice_order(variants: list[Variant], rnd: int) -> list[Variant]:
+def slice_order(variants: list[Target], rnd: int) -> list[Target]:
     """Balanced round-robin: rounds come in mirrored pairs (ABCD, DCBA), each pair rotated by one.
 
     A mirrored pair gives every variant the same mean position, so a drift that is linear in time

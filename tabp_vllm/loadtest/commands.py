@@ -55,7 +55,7 @@ def _start_servers(stack: ExitStack, model_path: str, alias: str, masks: dict[st
                    port: int, with_bare: bool, log_dir: Path, kv_cache_gib: float,
                    max_model_len: int, say) -> tuple[list[str], str | None]:
     """One api_server per variant (dense first) and optionally a bare vLLM: variant specs."""
-    from tabp_vllm.bench.servers import ApiServer, api_server_command
+    from tabp_vllm.loadtest.servers import ApiServer, api_server_command
 
     plan = [(alias, None, False)] + [(n, m, False) for n, m in masks.items()]
     if with_bare:
@@ -114,8 +114,9 @@ def run_bench(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from tabp_vllm.bench import flops, loadgen, report
-    from tabp_vllm.mask import load_model_config
+    from tabp_vllm import flops
+    from tabp_vllm.loadtest import loadgen, report
+    from tabp_vllm.models import load_model_config
     from tabp_vllm.models import alias_of, resolve_model
 
     console = Console(stderr=True)
@@ -154,7 +155,7 @@ def run_bench(
                     raise TabpError(f"--bare-vllm {burl}: serves {len(names)} models "
                                     f"({', '.join(names)}); name one as NAME@URL")
                 name = names[0]
-            bare_variant = loadgen.Variant(name, loadgen.normalize_url(burl), label="bare-vllm")
+            bare_variant = loadgen.Target(name, loadgen.normalize_url(burl), label="bare-vllm")
             vlist.append(bare_variant)
         loadgen.check_variants(vlist)
         dense_name = dense or next((v.key for v in vlist if v.name == alias), vlist[0].key)

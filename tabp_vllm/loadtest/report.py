@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from tabp_vllm.bench.loadgen import SliceResult
+from tabp_vllm.loadtest.loadgen import SliceResult
 
 TARGET_ACHIEVED_OVER_IDEAL = 0.95
 TARGET_SERVER_OVER_BARE = 0.95
