@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Dense vs pruned at 7-8B scale on one GPU, transformers path (no vLLM needed):
+#   bash bench/gpu_check.sh OUTDIR
+# Env knobs (defaults in brackets): ARCH [llama-3.1-8b], BATCHES [1,16,64], KS [4,8],
+# SCORE_K [8], PROMPT_LEN [512], NEW_TOKENS [128], ROUNDS [2], SCORE_SAMPLES [1024], SLEB_SAMPLES [128],
+# SCORE_RESERVE_S [150], DEADLINE_S [480], DEVICE [auto], MODEL_DIR [/tmp/synth-ARCH],
+# SKIP [] (speed,score,sleb), PYTHON [python3].
+# Files the repository does not hold come from .gpu_carry/ at the repository root:
+#   .gpu_carry/tokenizer/   tokenizer files (SmolLM2's)   -> synth-model --tokenizer
+#   .gpu_carry/data/        arc_easy/train.json            -> TABP_VLLM_DATA
+#   .gpu_carry/pydeps/      pydantic installed with --target  -> PYTHONPATH (the score CLI)
+# Each is used only when present; TABP_VLLM_DATA / TOKENIZER set by the caller win.
+set -uo pipefail
+OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CARRY="$ROOT/.gpu_carry"
+PY=${PYTHON:-python3}
+
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT${CARRY:+:$CARRY/pydeps}${PYTHONPATH:+:$PYTHONPATH}"
+if [[ -z "${TABP_VLLM_DATA:-}" && -d "$CARRY/data" ]]; then export TABP_VLLM_DATA="$CARRY/data"; fi
+if [[ -z "${TOKENIZER:-}" && -d "$CARRY/tokenizer" ]]; then TOKENIZER="$CARRY/tokenizer"; fi
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+ARCH=${ARCH:-llama-3.1-8b}
+DEADLINE_S=${DEADLINE_S:-480}
+args=(
+  "$OUT" --arch "$ARCH" --batches "${BATCHES:-1,16,64}" --ks "${KS:-4,8}"
+  --prompt-len "${PROMPT_LEN:-512}" --new-tokens "${NEW_TOKENS:-128}" --rounds "${ROUNDS:-2}"
+  --score-samples "${SCORE_SAMPLES:-1024}" --score-k "${SCORE_K:-8}" --sleb-samples "${SLEB_SAMPLES:-128}"
+  --score-reserve-s "${SCORE_RESERVE_S:-150}" --deadline-s "$DEADLINE_S"
+  --device "${DEVICE:-auto}" --model-dir "${MODEL_DIR:-/tmp/synth-$ARCH}"
+)
+[[ -n "${TOKENIZER:-}" ]] && args+=(--tokenizer "$TOKENIZER")
+[[ -n "${SKIP:-}" ]] && args+=(--skip "$SKIP")
+
+cd "$ROOT"
+# The script keeps its own deadline; the outer timeout only guards against a hang it cannot see.
+timeout -k 10 $(( ${DEADLINE_S%.*} + 60 )) "$PY" bench/gpu_scale.py "${args[@]}"
+rc=$?
+echo "gpu_check: rc=$rc, results in $OUT"
+ls -la "$OUT" 2>/dev/null
+exit $rc
