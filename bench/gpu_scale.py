@@ -460,6 +460,8 @@ def step_score(run: Run, model_dir: str, method: str, samples: int) -> dict[str,
     mask = json.loads(out.read_text())
     cal = mask.get("calibration", {})
     res.update(mask_file=out.name, removed_layers=mask.get("removed_layers"),
+               candidate_range=_mask_params(mask).get("candidate_range"),
+               num_hidden_layers=mask.get("num_hidden_layers"),
                scorer_wall_s=cal.get("wall_s"), forward_passes=cal.get("forward_passes"),
                device=cal.get("device"), startup_and_load_s=round(res["wall_s"] -
                                                                   (cal.get("wall_s") or 0), 2))
@@ -467,6 +469,47 @@ def step_score(run: Run, model_dir: str, method: str, samples: int) -> dict[str,
     run.log(f"score {method}: {res['wall_s']:.1f} s wall (scoring {res['scorer_wall_s']} s, "
             f"{res['forward_passes']} forward passes), removed {res['removed_layers']}")
     return res
+
+
+def _mask_params(mask: dict[str, Any]) -> dict[str, Any]:
+    method = mask.get("method")
+    return (method.get("params") if isinstance(method, dict) else mask.get("params")) or {}
+
+
+def sleb_plan(run: Run) -> dict[str, Any]:
+    """How many samples SLEB can afford before the deadline.
+
+    SLEB costs sum_{r<k} (C - r) passes per sample (C candidate blocks, k rounds); the time per
+    sample pass is taken from the block-influence run (one forward with hidden states), x1.5 for
+    SLEB's full-vocabulary log-softmax; process start and model load from the same run.
+    """
+    a = run.args
+    sc = run.doc.get("scoring", {})
+    ref = next((sc[m] for m in ("block_influence", "tabp") if sc.get(m, {}).get("forward_passes")),
+               None)
+    wanted = min(a.sleb_samples, a.score_samples)
+    plan: dict[str, Any] = {"wanted_samples": wanted, "min_samples": min(16, wanted)}
+    if ref is None:
+        return {**plan, "samples": 0, "why": "no finished scorer run to estimate SLEB's cost from"}
+    B = int(ref.get("num_hidden_layers") or 32)
+    lo, hi = ref.get("candidate_range") or (B // 2, B)  # the scorer's default: the latter half
+    C, k = hi - lo, a.score_k
+    passes_per_sample = sum(max(C - r, 0) for r in range(k))
+    per_pass = ref["scorer_wall_s"] / max(ref["forward_passes"], 1) * 1.5
+    overhead = ref["startup_and_load_s"] + 10
+    budget = run.remaining() - 20 - overhead
+    fit = int(budget / max(per_pass * passes_per_sample, 1e-9)) if budget > 0 else 0
+    samples = min(wanted, fit)
+    if samples > 16:
+        samples -= samples % 16  # whole batches of the scorer's default batch size
+    need = overhead + per_pass * passes_per_sample * samples
+    plan.update(samples=samples, candidates=C, passes_per_sample=passes_per_sample,
+                est_s_per_sample_pass=round(per_pass, 5), est_overhead_s=round(overhead, 1),
+                need_s=round(need, 1), left_s=round(run.remaining(), 1),
+                why=f"{run.remaining():.0f} s left fits {fit} samples "
+                    f"(~{per_pass * passes_per_sample:.2f} s each + {overhead:.0f} s load)")
+    run.log(f"SLEB plan: {samples} samples ({plan['why']})")
+    return plan
 
 
 def scoring_reference(run: Run) -> None:
@@ -581,16 +624,17 @@ def main(argv: list[str] | None = None) -> int:
             if "sleb" in a.skip:
                 run.skip("score_sleb", "--skip")
             else:
-                # SLEB costs (k rounds x remaining blocks) passes: only with room to spare
-                walls = [run.doc.get("scoring", {}).get(m, {}).get("wall_s")
-                         for m in ("tabp", "block_influence")]
-                need = max(20.0, 2.5 * max([w for w in walls if w] or [60.0]))
-                run.step("score_sleb", step_score, model_dir, "sleb",
-                         min(a.sleb_samples, a.score_samples), need_s=need)
+                plan = sleb_plan(run)
+                run.doc["scoring"]["sleb_plan"] = plan
+                if plan["samples"] < plan["min_samples"]:
+                    run.skip("score_sleb", f"deadline: {plan['why']}")
+                else:
+                    run.step("score_sleb", step_score, model_dir, "sleb", plan["samples"],
+                             need_s=plan["need_s"])
                 if "sleb" in run.doc.get("scoring", {}):
                     run.doc["scoring"]["sleb"]["note"] = (
-                        f"SLEB on {min(a.sleb_samples, a.score_samples)} samples only (time budget);"
-                        f" not comparable sample for sample with the others")
+                        f"SLEB on {plan['samples']} samples only (time budget), the others on "
+                        f"{a.score_samples}: compare cost per sample pass, not wall time")
     else:
         run.skip("speed, score", "no checkpoint (synth failed)")
     if run.doc.get("speed", {}).get("summary"):
