@@ -172,3 +172,28 @@ def test_gpu_check_end_to_end_on_cpu(tmp_path):
     assert (out / "gpu_scale.png").stat().st_size > 10_000
     assert "step speed done" in (out / "gpu_scale.log").read_text()
     assert len(list(out.iterdir())) <= 8
+
+
+@pytest.mark.parametrize("arch", ["qwen2.5-7b", "mistral-7b"])
+def test_block_deletion_other_families(arch):
+    """Qwen2 (q/k/v bias, layer_types) and Mistral (sliding window) shrunk to 4 tiny blocks:
+    the bench's variants decode like `generate` on the same model, and switch back cleanly."""
+    from transformers import AutoModelForCausalLM
+
+    gs = _gpu_scale()
+    cfg = arch_config(arch, num_hidden_layers=4, hidden_size=64, intermediate_size=128,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                      max_window_layers=4)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    vs = gs.Variants(model)
+    ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(1))
+    for removed in ([1, 2], []):
+        vs.use(removed)
+        got = gs.generate_timed(model, ids, 5, "cpu")
+        with torch.no_grad():
+            ref = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                                 attention_mask=torch.ones_like(ids))
+        assert torch.equal(got["tokens"], ref[:, ids.shape[1]:]), removed
+        if getattr(model.config, "layer_types", None) is not None:
+            assert len(model.config.layer_types) == 4 - len(removed)
