@@ -9,8 +9,8 @@
 #   .gpu_carry/tokenizer/   tokenizer files (SmolLM2's)   -> synth-model --tokenizer
 #   .gpu_carry/data/        arc_easy/train.json            -> TABP_VLLM_DATA
 #   .gpu_carry/pydeps/      pydantic installed with --target  -> PYTHONPATH (the score CLI)
-#   .gpu_carry/whl/*.whl    or pydantic's wheels: installed (offline) into $TMPDIR/tabp-pydeps
-#                           when python cannot import pydantic, then put on PYTHONPATH
+#   .gpu_carry/whl/*.whl    or pydantic's wheels: installed offline into $TMPDIR/tabp-pydeps
+#   (either only when python cannot import pydantic itself)
 # Each is used only when present; TABP_VLLM_DATA / TOKENIZER set by the caller win.
 set -uo pipefail
 OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR}
@@ -19,15 +19,19 @@ CARRY="$ROOT/.gpu_carry"
 PY=${PYTHON:-python3}
 
 export PYTHONUNBUFFERED=1
-PYDEPS="$CARRY/pydeps"
-if [[ ! -d "$PYDEPS" ]] && compgen -G "$CARRY/whl/*.whl" >/dev/null \
-    && ! "$PY" -c "import pydantic" 2>/dev/null; then
-  PYDEPS="${TMPDIR:-/tmp}/tabp-pydeps"
-  echo "gpu_check: installing $(ls "$CARRY"/whl/*.whl | wc -l) carried wheels into $PYDEPS"
-  timeout 120 "$PY" -m pip install -q --no-index --no-deps --disable-pip-version-check \
-    --target "$PYDEPS" "$CARRY"/whl/*.whl || echo "gpu_check: wheel install failed (score steps may fail)"
+# Carried pydantic only where python lacks one (a carried build for another Python would shadow it).
+PYDEPS=""
+if ! "$PY" -c "import pydantic" 2>/dev/null; then
+  if [[ -d "$CARRY/pydeps" ]]; then
+    PYDEPS="$CARRY/pydeps"
+  elif compgen -G "$CARRY/whl/*.whl" >/dev/null; then
+    PYDEPS="${TMPDIR:-/tmp}/tabp-pydeps"
+    echo "gpu_check: installing $(ls "$CARRY"/whl/*.whl | wc -l) carried wheels into $PYDEPS"
+    timeout 120 "$PY" -m pip install -q --no-index --no-deps --disable-pip-version-check \
+      --target "$PYDEPS" "$CARRY"/whl/*.whl || echo "gpu_check: wheel install failed (score steps may fail)"
+  fi
 fi
-export PYTHONPATH="$ROOT:$PYDEPS${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$ROOT${PYDEPS:+:$PYDEPS}${PYTHONPATH:+:$PYTHONPATH}"
 if [[ -z "${TABP_VLLM_DATA:-}" && -d "$CARRY/data" ]]; then export TABP_VLLM_DATA="$CARRY/data"; fi
 if [[ -z "${TOKENIZER:-}" && -d "$CARRY/tokenizer" ]]; then TOKENIZER="$CARRY/tokenizer"; fi
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
