@@ -138,11 +138,13 @@ def _register_feature_commands() -> None:
     from tabp_vllm.commands_score import eval as eval_command
     from tabp_vllm.commands_score import score
     from tabp_vllm.serve.commands import serve
+    from tabp_vllm.synth import synth_model_command
 
     app.command("score")(score)
     app.command("eval")(eval_command)
     app.command("serve")(serve)
     app.command("bench")(bench)
+    app.command("synth-model")(synth_model_command)
 
 
 _register_feature_commands()

@@ -1,0 +1,650 @@
+"""Dense vs pruned at 7-8B scale on one GPU, without vLLM: speed and scoring cost.
+
+    python3 bench/gpu_scale.py OUTDIR [--arch llama-3.1-8b] [--batches 1,16,64] ...
+    (or `bash bench/gpu_check.sh OUTDIR`, which maps env knobs onto these options)
+
+Steps, each in its own try/except (an error is recorded in the JSON and the run goes on), all
+under one global deadline (`--deadline-s`: steps that no longer fit are skipped and recorded):
+
+1. synth:  `tabp_vllm.synth` writes a random-weight checkpoint of the published shape (timed).
+2. speed:  transformers (bf16, sdpa, eager, no CUDA graphs) loads it once; variants dense, k=4,
+           k=8 are made by deleting blocks from `model.model.layers` (the semantics of the vLLM
+           parity check); per batch size: prefill time, then greedy decode with the KV cache,
+           every step timed with cuda.synchronize; variants interleaved over rounds so that drift
+           shows. Achieved speedup vs the FLOPs model's ideal (`tabp_vllm.flops`).
+3. score:  the project's `score` CLI (tabp, block_influence; sleb if time is left) on the
+           checkpoint, ARC-Easy train, timed: the cost of making a mask at this size.
+4. report: OUTDIR/gpu_scale.json (rewritten after every step, so a killed run still leaves one),
+           gpu_scale.png, gpu_scale.log, mask_<method>.json.
+
+Random weights time what real ones do (same shapes, same kernels); the masks and any generated
+text mean nothing. This is transformers eager, not vLLM: a lower bound on what serving gets.
+Falls back to the CPU (recorded as `cpu_fallback`) where there is no CUDA, for tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+T0 = time.monotonic()
+NOTE = ("transformers eager (sdpa, DynamicCache, no CUDA graphs) on synthetic random weights of "
+        "the published shape; not vLLM. Speed does not depend on weight values; the masks made "
+        "here carry no task signal.")
+
+
+class Run:
+    """The run's state: options, deadline, the JSON document, the log."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out = Path(args.outdir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.out / "gpu_scale.log"
+        self.log_path.write_text("")
+        self.doc: dict[str, Any] = {
+            "schema": "tabp-vllm/gpu-scale/1", "note": NOTE,
+            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "options": {k: v for k, v in vars(args).items()},
+            "steps": {}, "skipped": [], "errors": {},
+        }
+
+    def elapsed(self) -> float:
+        return time.monotonic() - T0
+
+    def remaining(self) -> float:
+        return self.args.deadline_s - self.elapsed()
+
+    def log(self, msg: str) -> None:
+        line = f"[{_dt.datetime.now().strftime('%H:%M:%S')} +{self.elapsed():6.1f}s] {msg}"
+        print(line, flush=True)
+        with self.log_path.open("a") as f:
+            f.write(line + "\n")
+
+    def skip(self, what: str, why: str) -> None:
+        self.doc["skipped"].append({"what": what, "why": why})
+        self.log(f"skip {what}: {why}")
+
+    def save(self) -> None:
+        self.doc["elapsed_s"] = round(self.elapsed(), 2)
+        tmp = self.out / "gpu_scale.json.tmp"
+        tmp.write_text(json.dumps(self.doc, indent=2, default=str) + "\n")
+        tmp.replace(self.out / "gpu_scale.json")
+
+    def step(self, name: str, fn, *a, need_s: float = 0.0, **kw):
+        """Run one step: time it, record its result or its error, never raise."""
+        if self.remaining() < need_s:
+            self.skip(name, f"deadline: {self.remaining():.0f} s left, step needs ~{need_s:.0f} s")
+            self.save()
+            return None
+        self.log(f"step {name} ...")
+        t = time.monotonic()
+        try:
+            res = fn(self, *a, **kw)
+            ok = True
+        except BaseException as exc:  # noqa: BLE001 - every failure is recorded, the run goes on
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            res = None
+            ok = False
+            self.doc["errors"][name] = f"{type(exc).__name__}: {exc}"
+            self.log(f"step {name} FAILED: {type(exc).__name__}: {exc}")
+            with self.log_path.open("a") as f:
+                f.write(traceback.format_exc())
+        wall = round(time.monotonic() - t, 3)
+        self.doc["steps"][name] = {"ok": ok, "wall_s": wall}
+        self.log(f"step {name} {'done' if ok else 'failed'} in {wall:.1f} s")
+        self.save()
+        return res
+
+
+# ---------------------------------------------------------------------------------- 0. env
+
+def step_env(run: Run) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    cuda = torch.cuda.is_available() and run.args.device != "cpu"
+    env: dict[str, Any] = {
+        "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "cuda_available": torch.cuda.is_available(),
+        "torch_cuda": torch.version.cuda, "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "device": "cuda" if cuda else "cpu", "cpu_fallback": not cuda,
+        # find_spec only: importing vLLM takes seconds and the path measured here does not need it
+        "vllm_importable": importlib.util.find_spec("vllm") is not None,
+        "pydantic_importable": importlib.util.find_spec("pydantic") is not None,
+    }
+    try:
+        import safetensors
+        env["safetensors"] = safetensors.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    if cuda:
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu_name=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 2),
+                   gpu_count=torch.cuda.device_count(), gpu_capability=f"{p.major}.{p.minor}",
+                   cudnn=torch.backends.cudnn.version())
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,"
+                                  "power.limit", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+            env["nvidia_smi"] = smi.stdout.strip()
+        except Exception as exc:  # noqa: BLE001
+            env["nvidia_smi"] = f"unavailable: {exc}"
+    run.doc["env"] = env
+    run.log(f"device {env['device']} {env.get('gpu_name', env['cpu_model'])}; "
+            f"torch {env['torch']}, transformers {env['transformers']}, vllm importable: "
+            f"{env['vllm_importable']} (not used: this run measures the transformers path)")
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# -------------------------------------------------------------------------------- 1. synth
+
+def step_synth(run: Run) -> str:
+    from tabp_vllm.synth import synth_model
+
+    a = run.args
+    model_dir = Path(a.model_dir or f"/tmp/synth-{a.arch}")
+    cfg_path = model_dir / "config.json"
+    if cfg_path.exists() and (model_dir / "model.safetensors.index.json").exists():
+        meta = json.loads(cfg_path.read_text()).get("tabp_synthetic", {})
+        if meta.get("arch") == a.arch and meta.get("seed") == a.seed:
+            run.doc["synth"] = {"path": str(model_dir), "reused": True, **meta}
+            run.log(f"reusing {model_dir} (same arch and seed)")
+            return str(model_dir)
+    res = synth_model(a.arch, model_dir, seed=a.seed, dtype=a.dtype,
+                      device=run.doc["env"]["device"], tokenizer=a.tokenizer,
+                      log=lambda m: run.log(f"  synth: {m}"))
+    res["gb_per_s_written"] = round(res["bytes"] / 1e9 / max(res["write_s"], 1e-9), 2)
+    run.doc["synth"] = {**res, "reused": False}
+    run.log(f"synth {a.arch}: {res['params'] / 1e9:.3f} B params, {res['bytes'] / 2**30:.1f} GiB "
+            f"in {res['shards']} shards, {res['wall_s']:.1f} s (generate {res['generate_s']:.1f} s, "
+            f"write {res['write_s']:.1f} s)")
+    return str(model_dir)
+
+
+# -------------------------------------------------------------------------------- 2. speed
+
+def removed_blocks(num_layers: int, k: int) -> list[int]:
+    """k blocks evenly spread over the latter half, the final block kept (TaBP's candidate range
+    without the last block); over blocks 1..B-2 when the latter half is too short."""
+    import numpy as np
+
+    for lo in (num_layers // 2, 1):
+        cands = list(range(lo, num_layers - 1))
+        if k <= len(cands):
+            idx = np.linspace(0, len(cands) - 1, k).round().astype(int)
+            return sorted({cands[i] for i in idx})
+    raise ValueError(f"k={k} is too many blocks to remove from {num_layers}")
+
+
+def variant_masks(run: Run, model_dir: str, num_layers: int) -> dict[str, list[int]]:
+    variants: dict[str, list[int]] = {"dense": []}
+    for k in run.args.ks:
+        try:
+            variants[f"k{k}"] = removed_blocks(num_layers, k)
+        except ValueError as exc:
+            run.skip(f"variant k{k}", str(exc))
+    info = {}
+    for name, removed in variants.items():
+        entry: dict[str, Any] = {"removed_layers": removed, "kept": num_layers - len(removed)}
+        if removed:  # validate through the project's mask contract when it imports here
+            try:
+                from tabp_vllm.mask import make_mask
+                m = make_mask(model_dir, removed, task="gpu-scale", model_id=run.args.arch,
+                              method="hand-made")
+                entry["mask_hash"] = m.content_hash()
+            except Exception as exc:  # noqa: BLE001
+                entry["mask_note"] = f"tabp_vllm.mask not used: {type(exc).__name__}: {exc}"
+        info[name] = entry
+    run.doc["variants"] = info
+    return variants
+
+
+class Variants:
+    """One loaded model; `use(removed)` deletes blocks the way the parity check does."""
+
+    def __init__(self, model):
+        self.model = model
+        self.full = list(model.model.layers)
+        self.layer_types = getattr(model.config, "layer_types", None)
+        self.idx = [layer.self_attn.layer_idx for layer in self.full]
+
+    def use(self, removed: list[int]) -> None:
+        import torch
+
+        gone = set(removed)
+        kept = [i for i in range(len(self.full)) if i not in gone]
+        self.model.model.layers = torch.nn.ModuleList([self.full[i] for i in kept])
+        self.model.config.num_hidden_layers = len(kept)
+        if self.layer_types is not None:
+            self.model.config.layer_types = [self.layer_types[i] for i in kept]
+        for new, i in enumerate(kept):  # the KV cache is indexed by position in the stack
+            self.full[i].self_attn.layer_idx = new
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def generate_timed(model, ids, new_tokens: int, device: str) -> dict[str, Any]:
+    """Prefill (its logits give output token 1), then new_tokens - 1 greedy decode steps."""
+    import torch
+
+    with torch.inference_mode():
+        _sync(device)
+        t = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        prefill = time.perf_counter() - t
+        cache = out.past_key_values
+        steps, tokens = [], [nxt]
+        for _ in range(new_tokens - 1):
+            t = time.perf_counter()
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            _sync(device)
+            steps.append(time.perf_counter() - t)
+            tokens.append(nxt)
+        del cache, out
+    return {"prefill_s": prefill, "steps_s": steps, "tokens": torch.cat(tokens, dim=1)}
+
+
+def summarize(batch: int, prompt_len: int, new_tokens: int, r: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+
+    steps = np.asarray(r["steps_s"]) if r["steps_s"] else np.asarray([float("nan")])
+    decode = float(np.nansum(steps))
+    total = r["prefill_s"] + decode
+    return {
+        "prefill_ms": round(r["prefill_s"] * 1e3, 3),
+        "prefill_tokens_per_s": round(batch * prompt_len / r["prefill_s"], 1),
+        "tpot_p50_ms": round(float(np.nanpercentile(steps, 50)) * 1e3, 3),
+        "tpot_p99_ms": round(float(np.nanpercentile(steps, 99)) * 1e3, 3),
+        "tpot_mean_ms": round(float(np.nanmean(steps)) * 1e3, 3),
+        "decode_steps": len(r["steps_s"]),
+        "decode_tokens_per_s": round(batch * len(r["steps_s"]) / decode, 1) if decode else None,
+        "output_tokens_per_s": round(batch * new_tokens / total, 1),
+        "request_s": round(total, 4),
+    }
+
+
+def step_speed(run: Run, model_dir: str) -> None:
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tabp_vllm.flops import DecoderShape, ideal_speedup, shape_summary
+
+    a = run.args
+    device = run.doc["env"]["device"]
+    t = time.monotonic()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, a.dtype), attn_implementation="sdpa",
+        device_map=device if device == "cuda" else None).eval()
+    if device != "cuda":
+        model = model.to(device)
+    _sync(device)
+    load_s = time.monotonic() - t
+    B = model.config.num_hidden_layers
+    shape = DecoderShape.from_config(model.config)
+    speed: dict[str, Any] = {
+        "units": {"prefill_ms": "ms per batch", "tpot_*_ms": "ms per decode step (whole batch)",
+                  "*_tokens_per_s": "tokens/s summed over the batch",
+                  "output_tokens_per_s": "batch * new_tokens / (prefill + decode)"},
+        "load_s": round(load_s, 2), "dtype": a.dtype, "attn_implementation": "sdpa",
+        "cache": "DynamicCache", "cuda_graphs": False, "prompt_len": a.prompt_len,
+        "new_tokens": a.new_tokens, "batches": a.batches, "rounds_planned": a.rounds,
+        "shape": shape_summary(shape), "runs": [],
+    }
+    if device == "cuda":
+        speed["weights_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+    run.doc["speed"] = speed
+    run.log(f"loaded in {load_s:.1f} s: {B} blocks" + (
+        f", {speed['weights_gib']} GiB on the GPU" if device == "cuda" else ""))
+    variants = variant_masks(run, model_dir, B)
+    vs = Variants(model)
+    vocab = min(model.config.vocab_size, 32000)
+    gen = torch.Generator().manual_seed(a.seed)
+    inputs = {b: torch.randint(0, vocab, (b, a.prompt_len), generator=gen).to(device)
+              for b in a.batches}
+    per_req = None
+    failed_batches: set[int] = set()
+    for rnd in range(1, a.rounds + 1):
+        for b in a.batches:
+            if b in failed_batches:
+                continue
+            # keep room for the scorers: later rounds go first, then batch sizes of round 1
+            if run.remaining() < a.score_reserve_s + (per_req or 0) * len(variants):
+                run.skip(f"speed round {rnd} batch {b}",
+                         f"deadline: {run.remaining():.0f} s left, {a.score_reserve_s:.0f} s "
+                         f"kept for scoring")
+                continue
+            if rnd == 1:  # warm-up per shape: kernels, cuBLAS heuristics, allocator
+                vs.use([])
+                try:
+                    generate_timed(model, inputs[b], min(a.new_tokens, 8), device)
+                except torch.cuda.OutOfMemoryError as exc:
+                    failed_batches.add(b)
+                    run.doc["errors"][f"speed batch {b}"] = f"OOM in warm-up: {exc}"[:500]
+                    run.log(f"batch {b}: OOM in warm-up, skipped")
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    continue
+            for name, removed in variants.items():
+                vs.use(removed)
+                try:
+                    r = generate_timed(model, inputs[b], a.new_tokens, device)
+                except torch.cuda.OutOfMemoryError as exc:
+                    run.doc["errors"][f"speed {name} batch {b} round {rnd}"] = f"OOM: {exc}"[:500]
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    continue
+                s = summarize(b, a.prompt_len, a.new_tokens, r)
+                per_req = max(per_req or 0, s["request_s"])
+                row = {"variant": name, "batch": b, "round": rnd, "kept": B - len(removed), **s}
+                if device == "cuda":
+                    row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                    torch.cuda.reset_peak_memory_stats()
+                speed["runs"].append(row)
+                run.log(f"round {rnd} batch {b:3d} {name:6s}: prefill {s['prefill_ms']:9.1f} ms, "
+                        f"TPOT p50 {s['tpot_p50_ms']:7.2f} ms p99 {s['tpot_p99_ms']:7.2f} ms, "
+                        f"{s['output_tokens_per_s']:9.1f} out tok/s")
+            run.save()
+    vs.use([])
+
+    # Aggregate: median over rounds; speedup vs dense next to the FLOPs model's ideal.
+    summary = []
+    for b in a.batches:
+        rows = {n: [r for r in speed["runs"] if r["variant"] == n and r["batch"] == b]
+                for n in variants}
+        if not rows.get("dense"):
+            continue
+        med = {n: {key: float(np.median([r[key] for r in rs])) for key in
+                   ("prefill_ms", "tpot_p50_ms", "tpot_p99_ms", "output_tokens_per_s",
+                    "decode_tokens_per_s")} for n, rs in rows.items() if rs}
+        for n, m in med.items():
+            kept = B - len(variants[n])
+            ideal = ideal_speedup(shape, kept, a.prompt_len, a.new_tokens)
+            d = med["dense"]
+            summary.append({
+                "variant": n, "batch": b, "kept": kept, "rounds": len(rows[n]), **m,
+                "speedup_output_tokens_per_s": round(m["output_tokens_per_s"] /
+                                                     d["output_tokens_per_s"], 4),
+                "speedup_tpot_p50": round(d["tpot_p50_ms"] / m["tpot_p50_ms"], 4),
+                "speedup_prefill": round(d["prefill_ms"] / m["prefill_ms"], 4),
+                "ideal_speedup": round(ideal["ideal_speedup"], 4),
+                "ideal_decode_speedup": round(ideal["ideal_decode_speedup"], 4),
+                "blocks_ratio": round(B / kept, 4),
+                "round_spread_output_tokens_per_s": round(
+                    (max(r["output_tokens_per_s"] for r in rows[n]) -
+                     min(r["output_tokens_per_s"] for r in rows[n])) / m["output_tokens_per_s"],
+                    4) if len(rows[n]) > 1 else None,
+            })
+    speed["summary"] = summary
+    for s in summary:
+        if s["variant"] != "dense":
+            run.log(f"batch {s['batch']:3d} {s['variant']:6s}: speedup {s['speedup_output_tokens_per_s']:.3f}"
+                    f" (TPOT {s['speedup_tpot_p50']:.3f}, prefill {s['speedup_prefill']:.3f}) vs "
+                    f"ideal {s['ideal_speedup']:.3f}")
+    del model, vs, inputs
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+# -------------------------------------------------------------------------------- 3. score
+
+def step_score(run: Run, model_dir: str, method: str, samples: int) -> dict[str, Any]:
+    a = run.args
+    out = run.out / f"mask_{method}.json"
+    cmd = [sys.executable, "-m", "tabp_vllm.cli", "score", "--model", model_dir,
+           "--task", "arc_easy", "--split", "train", "--samples", str(samples),
+           "--method", method, "--k", str(a.score_k), "--device", run.doc["env"]["device"],
+           "-o", str(out)]
+    timeout = max(10.0, run.remaining() - 15)
+    run.log(f"  $ {' '.join(cmd)}  (timeout {timeout:.0f} s)")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    t = time.monotonic()
+    res: dict[str, Any] = {"method": method, "samples": samples, "k": a.score_k,
+                           "command": " ".join(cmd)}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                              cwd=str(REPO))
+        res["rc"] = proc.returncode
+        tail = (proc.stdout + proc.stderr).strip().splitlines()
+    except subprocess.TimeoutExpired as exc:
+        res["rc"] = "timeout"
+        tail = ((exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes)
+                else (exc.stdout or "")).splitlines()
+    res["wall_s"] = round(time.monotonic() - t, 2)
+    # rich progress bars redraw with \r: keep the last state of each line
+    tail = [ln.split("\r")[-1] for ln in tail if ln.strip()][-15:]
+    with run.log_path.open("a") as f:
+        f.write("\n".join(f"    | {ln}" for ln in tail) + "\n")
+    if res["rc"] != 0:
+        raise RuntimeError(f"score {method} rc={res['rc']}: {tail[-1] if tail else ''}"[:600]
+                           + f" (wall {res['wall_s']} s)")
+    mask = json.loads(out.read_text())
+    cal = mask.get("calibration", {})
+    res.update(mask_file=out.name, removed_layers=mask.get("removed_layers"),
+               candidate_range=_mask_params(mask).get("candidate_range"),
+               num_hidden_layers=mask.get("num_hidden_layers"),
+               scorer_wall_s=cal.get("wall_s"), forward_passes=cal.get("forward_passes"),
+               device=cal.get("device"), startup_and_load_s=round(res["wall_s"] -
+                                                                  (cal.get("wall_s") or 0), 2))
+    run.doc.setdefault("scoring", {})[method] = res
+    run.log(f"score {method}: {res['wall_s']:.1f} s wall (scoring {res['scorer_wall_s']} s, "
+            f"{res['forward_passes']} forward passes), removed {res['removed_layers']}")
+    return res
+
+
+def _mask_params(mask: dict[str, Any]) -> dict[str, Any]:
+    method = mask.get("method")
+    return (method.get("params") if isinstance(method, dict) else mask.get("params")) or {}
+
+
+def sleb_plan(run: Run) -> dict[str, Any]:
+    """How many samples SLEB can afford before the deadline.
+
+    SLEB costs sum_{r<k} (C - r) passes per sample (C candidate blocks, k rounds); the time per
+    sample pass is taken from the block-influence run (one forward with hidden states), x1.5 for
+    SLEB's full-vocabulary log-softmax; process start and model load from the same run.
+    """
+    a = run.args
+    sc = run.doc.get("scoring", {})
+    ref = next((sc[m] for m in ("block_influence", "tabp") if sc.get(m, {}).get("forward_passes")),
+               None)
+    wanted = min(a.sleb_samples, a.score_samples)
+    plan: dict[str, Any] = {"wanted_samples": wanted, "min_samples": min(16, wanted)}
+    if ref is None:
+        return {**plan, "samples": 0, "why": "no finished scorer run to estimate SLEB's cost from"}
+    B = int(ref.get("num_hidden_layers") or 32)
+    lo, hi = ref.get("candidate_range") or (B // 2, B)  # the scorer's default: the latter half
+    C, k = hi - lo, a.score_k
+    passes_per_sample = sum(max(C - r, 0) for r in range(k))
+    per_pass = ref["scorer_wall_s"] / max(ref["forward_passes"], 1) * 1.5
+    overhead = ref["startup_and_load_s"] + 10
+    budget = run.remaining() - 20 - overhead
+    fit = int(budget / max(per_pass * passes_per_sample, 1e-9)) if budget > 0 else 0
+    samples = min(wanted, fit)
+    if samples > 16:
+        samples -= samples % 16  # whole batches of the scorer's default batch size
+    need = overhead + per_pass * passes_per_sample * samples
+    plan.update(samples=samples, candidates=C, passes_per_sample=passes_per_sample,
+                est_s_per_sample_pass=round(per_pass, 5), est_overhead_s=round(overhead, 1),
+                need_s=round(need, 1), left_s=round(run.remaining(), 1),
+                why=f"{run.remaining():.0f} s left fits {fit} samples "
+                    f"(~{per_pass * passes_per_sample:.2f} s each + {overhead:.0f} s load)")
+    run.log(f"SLEB plan: {samples} samples ({plan['why']})")
+    return plan
+
+
+def scoring_reference(run: Run) -> None:
+    run.doc.setdefault("scoring", {})["reference"] = {
+        "paper": "TaBP, Llama-3-8B, one A100: TaBP 72 s vs SLEB 227.5 s (estimate cost)",
+        "here": f"{run.args.arch} shape on {run.doc['env'].get('gpu_name', 'cpu')}; wall_s is the "
+                f"whole CLI process (python start, model load, data), scorer_wall_s the "
+                f"scoring loop alone",
+    }
+
+
+# -------------------------------------------------------------------------------- 4. plot
+
+def step_plot(run: Run) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    summary = run.doc.get("speed", {}).get("summary") or []
+    if not summary:
+        raise RuntimeError("no speed summary to plot")
+    names = list(dict.fromkeys(s["variant"] for s in summary))
+    batches = sorted({s["batch"] for s in summary})
+    get = {(s["variant"], s["batch"]): s for s in summary}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    w = 0.8 / len(names)
+    x = np.arange(len(batches))
+    for i, n in enumerate(names):
+        ys = [get[(n, b)]["output_tokens_per_s"] if (n, b) in get else 0 for b in batches]
+        ax1.bar(x + i * w, ys, w, label=f"{n} ({get[(n, batches[0])]['kept']} blocks)"
+                if (n, batches[0]) in get else n)
+    ax1.set_xticks(x + w * (len(names) - 1) / 2, [str(b) for b in batches])
+    ax1.set_xlabel("batch size")
+    ax1.set_ylabel("output tokens/s (prefill + decode)")
+    ax1.set_yscale("log")
+    ax1.legend()
+    ax1.set_title("throughput per variant")
+    pruned = [n for n in names if n != "dense"]
+    w2 = 0.8 / max(1, len(pruned))
+    for i, n in enumerate(pruned):
+        ach = [get[(n, b)]["speedup_output_tokens_per_s"] if (n, b) in get else 0 for b in batches]
+        ideal = [get[(n, b)]["ideal_speedup"] if (n, b) in get else 0 for b in batches]
+        bars = ax2.bar(x + i * w2, ach, w2, label=f"{n} achieved")
+        ax2.hlines(ideal, x + i * w2 - w2 / 2, x + i * w2 + w2 / 2, colors="black",
+                   linestyles="--" if i % 2 else "-", zorder=3, label=f"{n} ideal (FLOPs model)")
+    ax2.axhline(1.0, color="grey", lw=0.8)
+    ax2.set_xticks(x + w2 * (len(pruned) - 1) / 2, [str(b) for b in batches])
+    ax2.set_xlabel("batch size")
+    ax2.set_ylabel("speedup vs dense (output tokens/s)")
+    ax2.set_title("achieved (bars) vs ideal (lines) speedup")
+    ax2.legend(fontsize=8)
+    env = run.doc["env"]
+    fig.suptitle(f"{run.args.arch} (synthetic weights), {env.get('gpu_name', 'CPU')}, "
+                 f"transformers eager bf16, prompt {run.args.prompt_len}, "
+                 f"{run.args.new_tokens} new tokens", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(run.out / "gpu_scale.png", dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ints = lambda s: [int(x) for x in str(s).split(",") if x.strip()]  # noqa: E731
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("outdir")
+    p.add_argument("--arch", default="llama-3.1-8b")
+    p.add_argument("--batches", type=ints, default=[1, 16, 64])
+    p.add_argument("--ks", type=ints, default=[4, 8], help="Blocks removed per pruned variant.")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--score-samples", type=int, default=1024)
+    p.add_argument("--score-k", type=int, default=8)
+    p.add_argument("--sleb-samples", type=int, default=128)
+    p.add_argument("--score-reserve-s", type=float, default=150.0,
+                   help="Seconds the speed step leaves for the scorers.")
+    p.add_argument("--deadline-s", type=float, default=480.0)
+    p.add_argument("--model-dir", default=None, help="Default /tmp/synth-ARCH.")
+    p.add_argument("--tokenizer", default=None, help="Tokenizer folder for synth-model.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--skip", type=lambda s: set(filter(None, s.split(","))), default=set(),
+                   help="Steps to skip: speed,score,sleb.")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    run = Run(parse_args(argv))
+    a = run.args
+    run.log(f"gpu_scale: arch {a.arch}, batches {a.batches}, prompt {a.prompt_len}, "
+            f"{a.new_tokens} new tokens, deadline {a.deadline_s:.0f} s -> {run.out}")
+    env = run.step("env", step_env)
+    if env is None:
+        run.save()
+        return 1
+    model_dir = run.step("synth", step_synth)
+    if model_dir:
+        if "speed" in a.skip:
+            run.skip("speed", "--skip")
+        else:
+            run.step("speed", step_speed, model_dir, need_s=30)
+        scoring_reference(run)
+        if "score" in a.skip:
+            run.skip("score", "--skip")
+        else:
+            for method in ("tabp", "block_influence"):
+                run.step(f"score_{method}", step_score, model_dir, method, a.score_samples,
+                         need_s=30)
+            if "sleb" in a.skip:
+                run.skip("score_sleb", "--skip")
+            else:
+                plan = sleb_plan(run)
+                run.doc["scoring"]["sleb_plan"] = plan
+                if plan["samples"] < plan["min_samples"]:
+                    run.skip("score_sleb", f"deadline: {plan['why']}")
+                else:
+                    run.step("score_sleb", step_score, model_dir, "sleb", plan["samples"],
+                             need_s=plan["need_s"])
+                if "sleb" in run.doc.get("scoring", {}):
+                    run.doc["scoring"]["sleb"]["note"] = (
+                        f"SLEB on {plan['samples']} samples only (time budget), the others on "
+                        f"{a.score_samples}: compare cost per sample pass, not wall time")
+    else:
+        run.skip("speed, score", "no checkpoint (synth failed)")
+    if run.doc.get("speed", {}).get("summary"):
+        run.step("plot", step_plot)
+    run.doc["ok"] = not run.doc["errors"]
+    run.save()
+    run.log(f"done: {len(run.doc['errors'])} error(s), {len(run.doc['skipped'])} skipped; "
+            f"{run.out / 'gpu_scale.json'}")
+    return 0 if run.doc["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
