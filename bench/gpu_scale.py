@@ -351,10 +351,14 @@ def step_speed(run: Run, model_dir: str) -> None:
                          f"deadline: {run.remaining():.0f} s left, {a.score_reserve_s:.0f} s "
                          f"kept for scoring")
                 continue
-            if rnd == 1:  # warm-up per shape: kernels, cuBLAS heuristics, allocator
-                vs.use([])
+            if rnd == 1:  # warm-up per shape, every variant, full length, untimed: kernels,
+                # cuBLAS heuristics, allocator, and GPU clocks ramping up from idle (a first run
+                # on an idle GPU was 4x slower per token in an earlier run)
                 try:
-                    generate_timed(model, inputs[b], min(a.new_tokens, 8), device)
+                    for removed in variants.values():
+                        vs.use(removed)
+                        generate_timed(model, inputs[b], a.new_tokens, device)
+                    vs.use([])
                 except torch.cuda.OutOfMemoryError as exc:
                     failed_batches.add(b)
                     run.doc["errors"][f"speed batch {b}"] = f"OOM in warm-up: {exc}"[:500]
