@@ -64,7 +64,7 @@ def choose_dtype(dtype: str = "auto", *, gpu: bool | None = None,
     otherwise: vLLM's own "auto" picks bf16 for a float32 checkpoint whatever the CPU.
     """
     if dtype != "auto":
-        return dtype, "given"
+        return dtype, "as given"
     if on_gpu() if gpu is None else gpu:
         return "auto", "GPU: vLLM picks from the checkpoint"
     flags = set(cpu_info()["flags"] if cpu_flags is None else cpu_flags)

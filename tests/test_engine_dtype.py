@@ -32,7 +32,7 @@ def test_auto_on_cpu_follows_native_bf16(flags, expected, why):
 
 
 def test_explicit_dtype_and_gpu_are_kept():
-    assert choose_dtype("bfloat16", gpu=False, cpu_flags={"avx2"}) == ("bfloat16", "given")
+    assert choose_dtype("bfloat16", gpu=False, cpu_flags={"avx2"}) == ("bfloat16", "as given")
     assert choose_dtype("float16", gpu=True)[0] == "float16"
     assert choose_dtype("auto", gpu=True, cpu_flags={"avx2"})[0] == "auto"
 
