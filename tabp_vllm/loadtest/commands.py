@@ -16,7 +16,7 @@ from typing import Any, Optional
 import typer
 
 from tabp_vllm.errors import TabpError, user_errors
-from tabp_vllm.loadtest.options import DEFAULT_URL, BenchOptions  # noqa: F401 (DEFAULT_URL re-exported)
+from tabp_vllm.loadtest.options import BenchOptions
 from tabp_vllm.options import build_options
 
 
