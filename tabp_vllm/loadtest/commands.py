@@ -16,20 +16,8 @@ from typing import Any, Optional
 import typer
 
 from tabp_vllm.errors import TabpError, user_errors
-
-DEFAULT_URL = "http://127.0.0.1:8000"
-
-
-def _parse_levels(text: str, mode: str) -> list[float]:
-    try:
-        levels = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise TabpError(f"--levels {text!r}: expected numbers separated by commas") from None
-    if not levels or any(x <= 0 for x in levels):
-        raise TabpError(f"--levels {text!r}: expected positive numbers")
-    if mode == "closed" and any(x != int(x) for x in levels):
-        raise TabpError(f"--levels {text!r}: closed-loop levels are whole concurrencies")
-    return levels
+from tabp_vllm.loadtest.options import BenchOptions
+from tabp_vllm.options import build_options
 
 
 def _git_commit() -> str | None:
@@ -52,7 +40,7 @@ def _masks_by_variant(masks: list[str], alias: str, model_path: str) -> dict[str
 
 
 def _start_servers(stack: ExitStack, model_path: str, alias: str, masks: dict[str, Any],
-                   port: int, with_bare: bool, log_dir: Path, kv_cache_gib: float,
+                   port: int, with_bare: bool, log_dir: Path, kv_cache_gib: float | None,
                    max_model_len: int, say) -> tuple[list[str], str | None]:
     """One api_server per variant (dense first) and optionally a bare vLLM: variant specs."""
     from tabp_vllm.loadtest.servers import ApiServer, api_server_command
@@ -81,64 +69,40 @@ def _start_servers(stack: ExitStack, model_path: str, alias: str, masks: dict[st
     return specs, bare_spec
 
 
-def run_bench(
-    url: str = DEFAULT_URL,
-    variants: list[str] | None = None,
-    model: str = "llama",
-    masks: list[str] | None = None,
-    dense: str | None = None,
-    bare_vllm: str | None = None,
-    mode: str = "closed",
-    levels: str = "1,4,16",
-    duration: float = 30.0,
-    rounds: int = 3,
-    ramp: float = 5.0,
-    warmup: int = 4,
-    seed: int = 0,
-    input_len: int = 128,
-    output_len: int = 64,
-    range_ratio: float = 0.5,
-    dataset: str | None = None,
-    max_concurrency: int | None = None,
-    out: str | Path = "bench/results",
-    stem: str = "serving",
-    start: bool = False,
-    start_bare: bool = False,
-    port: int = 8100,
-    kv_cache_gib: float = 0.25,
-    max_model_len: int = 1024,
-    progress: bool = True,
-    notes: str | None = None,
-) -> dict[str, Any]:
-    """The whole bench; returns the result document (also written to `out`)."""
+def run_bench(options: BenchOptions | None = None, /, *, progress: bool = True,
+              **fields: Any) -> dict[str, Any]:
+    """The whole bench; returns the result document (also written to `options.out`).
+
+    Takes a `BenchOptions`, or its fields as keyword arguments (`run_bench(url=..., levels="1,4")`),
+    or both (the fields override); whatever is not given takes the `BenchOptions` default.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from tabp_vllm import flops
+    from tabp_vllm.engine import cpu_info
     from tabp_vllm.loadtest import loadgen, report
     from tabp_vllm.models import load_model_config
     from tabp_vllm.models import alias_of, resolve_model
 
+    o = build_options(BenchOptions, fields,
+                      file_doc=options.model_dump(exclude_unset=True) if options else None)
     console = Console(stderr=True)
     say = (lambda m: console.print(f"[tabp-vllm bench] {m}")) if progress else (lambda m: None)
-    if mode not in ("closed", "open"):
-        raise TabpError(f"--mode {mode!r}: expected 'closed' or 'open'")
-    level_list = _parse_levels(levels, mode)
-    if duration <= 0 or rounds < 1:
-        raise TabpError("--duration must be > 0 and --rounds >= 1")
-    url = loadgen.normalize_url(url)
-    model_path = resolve_model(model)
-    alias = alias_of(model)
+    url = loadgen.normalize_url(o.url)
+    model_path = resolve_model(o.model)
+    alias = alias_of(o.model)
     config = load_model_config(model_path)
     shape = flops.DecoderShape.from_config(config)
-    mask_map = _masks_by_variant(masks or [], alias, model_path)
+    mask_map = _masks_by_variant(o.masks, alias, model_path)
+    variants, bare_vllm = o.variants, o.bare_vllm
 
     with ExitStack() as stack:
-        if start:
-            log_dir = Path(out) / "logs"
+        if o.start:
+            log_dir = Path(o.out) / "logs"
             variants, started_bare = _start_servers(
-                stack, model_path, alias, mask_map, port, start_bare, log_dir, kv_cache_gib,
-                max_model_len, say)
+                stack, model_path, alias, mask_map, o.port, o.start_bare, log_dir, o.kv_cache_gib,
+                o.max_model_len, say)
             bare_vllm = bare_vllm or started_bare
         # Fail fast, before any load: every server reachable, every variant served.
         if not variants:
@@ -158,19 +122,16 @@ def run_bench(
             bare_variant = loadgen.Target(name, loadgen.normalize_url(burl), label="bare-vllm")
             vlist.append(bare_variant)
         loadgen.check_variants(vlist)
-        dense_name = dense or next((v.key for v in vlist if v.name == alias), vlist[0].key)
+        dense_name = o.dense or next((v.key for v in vlist if v.name == alias), vlist[0].key)
         if dense_name not in {v.key for v in vlist}:
             raise TabpError(f"--dense {dense_name!r} is not one of the variants "
                             f"({', '.join(v.key for v in vlist)})")
 
-        plan = loadgen.BenchPlan(
-            variants=vlist, mode=mode, levels=level_list, duration=duration, rounds=rounds,
-            ramp=ramp, warmup_requests=warmup, seed=seed, input_len=input_len, output_len=output_len,
-            range_ratio=range_ratio, dataset=dataset, vocab_size=shape.vocab_size,
-            max_concurrency=max_concurrency)
-        per_slice = duration / rounds
-        total_s = (per_slice + ramp) * rounds * len(level_list) * len(vlist)
-        say(f"{len(vlist)} variants x {len(level_list)} levels x {rounds} rounds of "
+        plan = loadgen.BenchPlan.from_options(o, vlist, shape.vocab_size)
+        rounds, ramp = o.rounds, o.ramp
+        per_slice = o.duration / rounds
+        total_s = (per_slice + ramp) * rounds * len(o.levels) * len(vlist)
+        say(f"{len(vlist)} variants x {len(o.levels)} levels x {rounds} rounds of "
             f"{ramp:g} s ramp + {per_slice:.1f} s measured = {total_s:.0f} s of load (+ warm-up)")
         started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         t_start = time.time()
@@ -194,8 +155,8 @@ def run_bench(
 
     metrics = report.aggregate(slices)
     done = [r for s in slices for r in s.completed]
-    mean_prompt = (sum(r.prompt_tokens for r in done) / len(done)) if done else input_len
-    mean_out = (sum(r.output_tokens for r in done) / len(done)) if done else output_len
+    mean_prompt = (sum(r.prompt_tokens for r in done) / len(done)) if done else o.input_len
+    mean_out = (sum(r.output_tokens for r in done) / len(done)) if done else o.output_len
     ideals: dict[str, Any] = {}
     variant_docs = []
     for v in vlist:
@@ -209,40 +170,53 @@ def run_bench(
                              ([] if kept == shape.num_hidden_layers else None),
                              "ideal": ideals[v.key]})
     comparison = report.compare(metrics, dense_name, ideals,
-                                "bare-vllm" if bare_variant else None, mode=mode)
+                                "bare-vllm" if bare_variant else None, mode=o.mode)
     order = {v.key: i for i, v in enumerate(vlist)}
     result = {
         "model": alias, "model_path": model_path, "shape": flops.shape_summary(shape),
         "started_at": started_at, "wall_s": time.time() - t_start,
         "host": {"node": platform.node(), "cpu_count": os.cpu_count(),
-                 "platform": platform.platform(), "python": sys.version.split()[0]},
-        "git_commit": _git_commit(), "command": sys.argv, "notes": notes,
-        "plan": {"mode": mode, "levels": level_list, "duration": duration, "rounds": rounds,
-                 "ramp": ramp,
-                 "warmup_requests": warmup, "seed": seed, "input_len": input_len,
-                 "output_len": output_len, "range_ratio": range_ratio, "dataset": dataset,
-                 "max_concurrency": max_concurrency, "started_servers": start},
+                 "platform": platform.platform(), "python": sys.version.split()[0],
+                 "cpu": cpu_info()},  # model + bf16/AVX flags: they decide the dtype and speed
+        "git_commit": _git_commit(), "command": sys.argv, "notes": o.notes,
+        "plan": {"mode": o.mode, "levels": list(o.levels), "duration": o.duration,
+                 "rounds": o.rounds, "ramp": o.ramp, "warmup_requests": o.warmup, "seed": o.seed,
+                 "input_len": o.input_len, "output_len": o.output_len,
+                 "range_ratio": o.range_ratio, "dataset": o.dataset,
+                 "max_concurrency": o.max_concurrency, "started_servers": o.start},
+        "options": o.model_dump(mode="json"),
         "dense_variant": dense_name, "variants": variant_docs,
         "measured_mean_prompt_tokens": mean_prompt, "measured_mean_output_tokens": mean_out,
         "metrics": sorted(metrics.values(), key=lambda m: (m["level"], order.get(m["variant"], 99))),
         "comparison": comparison,
     }
-    paths = report.write_all(result, out, stem)
+    paths = report.write_all(result, o.out, o.stem)
     if progress:
         print(report.markdown(result), flush=True)
         say("wrote " + ", ".join(str(p) for p in paths))
     return result
 
 
+def _opt(name: str, *flags: str, help: str = "", **kw: Any) -> Any:
+    """A typer option for BenchOptions field `name`: None when not given, the model's default in
+    the help text (the default itself lives only in BenchOptions)."""
+    shown = f"\\[default: {BenchOptions.shown(name)}]"  # "\\[": a literal "[" for rich
+    return typer.Option(None, *flags, help=f"{help} {shown}" if help else shown,
+                        show_default=False, **kw)
+
+
 @user_errors
 def bench(
-    url: str = typer.Option(DEFAULT_URL, "--url", help="The OpenAI endpoint (tabp-vllm serve)."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="YAML file of bench options (keys as the options below, "
+                                     "with '_' for '-'; --name is 'stem'); flags given win."),
+    url: Optional[str] = _opt("url", "--url", help="The OpenAI endpoint (tabp-vllm serve)."),
     variant: Optional[list[str]] = typer.Option(
         None, "--variant", "-v",
         help="Variant to measure, as the request's `model` (repeatable): NAME, or NAME@URL for a "
              "variant on another server. Default: every model the server lists."),
-    model: str = typer.Option("llama", "--model", "-m",
-                              help="Base model (alias/path): its config gives the FLOPs model."),
+    model: Optional[str] = _opt("model", "--model", "-m",
+                                help="Base model (alias/path): its config gives the FLOPs model."),
     mask: Optional[list[str]] = typer.Option(
         None, "--mask", help="[VARIANT=]mask.json (repeatable): the kept blocks of a variant, for "
                              "the ideal speedup; default variant name <model>-<task>."),
@@ -251,39 +225,46 @@ def bench(
     bare_vllm: Optional[str] = typer.Option(
         None, "--bare-vllm", help="[NAME@]URL of a bare `vllm serve` of the dense model: measured "
                                   "interleaved too, for the server-overhead ratio."),
-    mode: str = typer.Option("closed", "--mode", help="closed (fixed concurrency) or open "
+    mode: Optional[str] = _opt("mode", "--mode", help="closed (fixed concurrency) or open "
                                                       "(Poisson request rate)."),
-    levels: str = typer.Option("1,4,16,64", "--levels",
-                               help="Concurrencies (closed) or request rates (open), comma-separated."),
-    duration: float = typer.Option(60.0, "--duration",
-                                   help="Measured seconds per variant per level (all rounds)."),
-    rounds: int = typer.Option(4, "--rounds", help="Interleaved slices per variant per level "
-                                                   "(even: mirrored pairs cancel drift)."),
-    ramp: float = typer.Option(5.0, "--ramp", help="Unmeasured seconds of load before each "
-                                                   "slice (closed loop: staggered start)."),
-    warmup: int = typer.Option(4, "--warmup", help="Warm-up requests per variant."),
-    seed: int = typer.Option(0, "--seed"),
-    input_len: int = typer.Option(128, "--input-len", help="Synthetic prompt tokens (mean)."),
-    output_len: int = typer.Option(64, "--output-len", help="Output tokens (mean; EOS ignored)."),
-    range_ratio: float = typer.Option(0.5, "--range-ratio",
-                                      help="Lengths uniform in len*(1 +- ratio)."),
+    levels: Optional[str] = _opt(
+        "levels", "--levels", help="Concurrencies (closed) or request rates (open), comma-separated."),
+    duration: Optional[float] = _opt("duration", "--duration",
+                                     help="Measured seconds per variant per level (all rounds)."),
+    rounds: Optional[int] = _opt("rounds", "--rounds", help="Interleaved slices per variant per "
+                                                            "level (even: mirrored pairs cancel drift)."),
+    ramp: Optional[float] = _opt("ramp", "--ramp", help="Unmeasured seconds of load before each "
+                                                        "slice (closed loop: staggered start)."),
+    warmup: Optional[int] = _opt("warmup", "--warmup", help="Warm-up requests per variant."),
+    seed: Optional[int] = _opt("seed", "--seed"),
+    input_len: Optional[int] = _opt("input_len", "--input-len", help="Synthetic prompt tokens (mean)."),
+    output_len: Optional[int] = _opt("output_len", "--output-len",
+                                     help="Output tokens (mean; EOS ignored)."),
+    range_ratio: Optional[float] = _opt("range_ratio", "--range-ratio",
+                                        help="Lengths uniform in len*(1 +- ratio)."),
     dataset: Optional[Path] = typer.Option(None, "--dataset",
                                            help="JSONL {prompt, max_tokens?} instead of synthetic."),
     max_concurrency: Optional[int] = typer.Option(None, "--max-concurrency",
                                                   help="Open loop: cap on requests in flight."),
-    out: Path = typer.Option(Path("bench/results"), "--out", help="Output directory."),
-    stem: str = typer.Option("serving", "--name", help="Output file stem."),
-    start: bool = typer.Option(False, "--start", help="Start one api_server per variant (dense + "
-                                                      "each --mask) instead of using --url."),
-    start_bare: bool = typer.Option(False, "--start-bare", help="With --start: also a bare vLLM."),
-    port: int = typer.Option(8100, "--port", help="With --start: first port."),
-    kv_cache_gib: float = typer.Option(0.25, "--kv-cache-gib", help="With --start (CPU)."),
+    out: Optional[Path] = _opt("out", "--out", help="Output directory."),
+    stem: Optional[str] = _opt("stem", "--name", help="Output file stem."),
+    start: Optional[bool] = typer.Option(None, "--start", help="Start one api_server per variant "
+                                                               "(dense + each --mask) instead of using --url."),
+    start_bare: Optional[bool] = typer.Option(None, "--start-bare",
+                                              help="With --start: also a bare vLLM."),
+    port: Optional[int] = _opt("port", "--port", help="With --start: first port."),
+    kv_cache_gib: Optional[float] = _opt("kv_cache_gib", "--kv-cache-gib",
+                                         help="With --start (CPU): KV cache per engine, GiB."),
+    max_model_len: Optional[int] = _opt("max_model_len", "--max-model-len",
+                                        help="With --start: context length per engine."),
     notes: Optional[str] = typer.Option(None, "--notes", help="Free text stored in the JSON."),
 ) -> None:
     """Load-test variants through the OpenAI API: throughput, TTFT, ITL, E2E; pruned vs dense."""
-    run_bench(url=url, variants=variant, model=model, masks=mask, dense=dense,
-              bare_vllm=bare_vllm, mode=mode, levels=levels, duration=duration, rounds=rounds,
-              ramp=ramp, warmup=warmup, seed=seed, input_len=input_len, output_len=output_len,
-              range_ratio=range_ratio, dataset=str(dataset) if dataset else None,
-              max_concurrency=max_concurrency, out=out, stem=stem, start=start,
-              start_bare=start_bare, port=port, kv_cache_gib=kv_cache_gib, notes=notes)
+    cli = dict(url=url, variants=variant, model=model, masks=mask, dense=dense,
+               bare_vllm=bare_vllm, mode=mode, levels=levels, duration=duration, rounds=rounds,
+               ramp=ramp, warmup=warmup, seed=seed, input_len=input_len, output_len=output_len,
+               range_ratio=range_ratio, dataset=str(dataset) if dataset else None,
+               max_concurrency=max_concurrency, out=out, stem=stem, start=start,
+               start_bare=start_bare, port=port, kv_cache_gib=kv_cache_gib,
+               max_model_len=max_model_len, notes=notes)
+    run_bench(build_options(BenchOptions, cli, file=config))

@@ -25,11 +25,14 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import httpx
 
 from tabp_vllm.errors import TabpError
+
+if TYPE_CHECKING:
+    from tabp_vllm.loadtest.options import BenchOptions
 
 
 # ---- servers and variants ----------------------------------------------------------------------
@@ -335,21 +338,32 @@ async def run_slice(client: httpx.AsyncClient, variant: Target, specs: Iterator[
 # ---- the whole run: levels x rounds x variants, interleaved ------------------------------------
 @dataclass
 class BenchPlan:
+    """The workload of one bench run; its values come from `BenchOptions` (`from_options`)."""
+
     variants: list[Target]
-    mode: str = "closed"                 # closed: levels are concurrencies; open: request rates
-    levels: list[float] = field(default_factory=lambda: [1, 4, 16])
-    duration: float = 30.0               # measured seconds per variant per level (all rounds)
-    ramp: float = 5.0                    # unmeasured load before each slice's window
-    rounds: int = 3                      # slices per variant per level, interleaved round-robin
-    warmup_requests: int = 4             # per variant, before any measurement
-    seed: int = 0
-    input_len: int = 128
-    output_len: int = 64
-    range_ratio: float = 0.0
-    dataset: str | None = None           # JSONL file; None: synthetic token-id prompts
-    vocab_size: int = 32000
-    max_concurrency: int | None = None   # open loop: cap on requests in flight
+    mode: str                            # closed: levels are concurrencies; open: request rates
+    levels: list[float]
+    duration: float                      # measured seconds per variant per level (all rounds)
+    ramp: float                          # unmeasured load before each slice's window
+    rounds: int                          # slices per variant per level, interleaved round-robin
+    warmup_requests: int                 # per variant, before any measurement
+    seed: int
+    input_len: int
+    output_len: int
+    range_ratio: float
+    dataset: str | None                  # JSONL file; None: synthetic token-id prompts
+    max_concurrency: int | None          # open loop: cap on requests in flight
+    vocab_size: int = 32000              # of the model: synthetic prompt ids stay below it
     request_timeout: float = 600.0
+
+    @classmethod
+    def from_options(cls, options: "BenchOptions", variants: list[Target],
+                     vocab_size: int) -> "BenchPlan":
+        o = options
+        return cls(variants=variants, mode=o.mode, levels=list(o.levels), duration=o.duration,
+                   ramp=o.ramp, rounds=o.rounds, warmup_requests=o.warmup, seed=o.seed,
+                   input_len=o.input_len, output_len=o.output_len, range_ratio=o.range_ratio,
+                   dataset=o.dataset, max_concurrency=o.max_concurrency, vocab_size=vocab_size)
 
 
 def slice_order(variants: list[Target], rnd: int) -> list[Target]:

@@ -7,6 +7,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tabp_vllm.loadtest.loadgen import SliceResult
 
 TARGET_ACHIEVED_OVER_IDEAL = 0.95
@@ -15,14 +17,8 @@ PCTS = (50, 90, 99)
 
 
 def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    xs = sorted(values)
-    # linear interpolation, as numpy.percentile's default
-    pos = (len(xs) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+    """numpy's percentile (linear interpolation), None for no values."""
+    return float(np.percentile(values, q)) if len(values) else None
 
 
 def _dist(values: list[float]) -> dict[str, float | None]:

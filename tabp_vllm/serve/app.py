@@ -1,61 +1,64 @@
-"""The Ray Serve application: `ray.serve.llm.build_openai_app` with a thin ingress subclass.
+"""The Ray Serve application: Ray Serve LLM's OpenAI ingress, one middleware, a thin subclass.
 
-`TabpIngress` (an `OpenAiIngress`) adds only what the stock ingress lacks:
-- Bearer API key on every route (401 otherwise),
-- an OpenAI-style 404 for an unknown `model` that names the valid ones,
-- per-variant metadata (task, blocks kept/total, mask hash, speedup) in `/v1/models`,
-- the tabp gauges (blocks kept/total, theoretical speedup) through Ray's metrics export.
+Assembled like `ray.serve.llm.build_openai_app` (one `LLMServer` deployment per variant, one
+ingress routing by `model`), with two additions that function cannot take:
+- the ingress FastAPI app (Ray Serve LLM's own: its error handling, CORS, HTTP metrics and request
+  ids) gets one middleware, `ApiKeyMiddleware`: the Bearer API key on every route (401 otherwise);
+  the key is the middleware's configuration, set here in the driver and shipped with the app;
+- `TabpIngress` (an `OpenAiIngress`) adds an OpenAI-style 404 for an unknown `model` that names the
+  valid ones, per-variant metadata (task, blocks kept/total, mask hash, speedup) in `/v1/models`,
+  and the tabp gauges (blocks kept/total, theoretical speedup) through Ray's metrics export.
 Routing, streaming, logprobs and the engines are Ray Serve LLM + vLLM, unchanged.
 """
 
 from __future__ import annotations
 
+import secrets
 from typing import Any, Dict, Optional
 
-from fastapi import Depends, Request
-from starlette.responses import Response
+from ray.serve.llm.ingress import OpenAiIngress
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
 
-from ray.llm._internal.serve.core.configs.openai_api_models import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    EmbeddingRequest,
-    ModelCard,
-    ModelList,
-    OpenAIHTTPException,
-    ScoreRequest,
-    TokenizeCompletionRequest,
-)
-from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
+# Private Ray Serve LLM modules (patches/README.md says why no public hook serves).
+from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
 from ray.llm._internal.serve.utils.lora_serve_utils import get_base_model_id
 
-# The ingress replica is its own process: the key it checks lives here, set by __init__.
-_STATE: dict[str, Any] = {"api_key": None}
 
+class ApiKeyMiddleware:
+    """ASGI middleware: every HTTP request needs `Authorization: Bearer <api_key>`, else an
+    OpenAI-style 401 (what the OpenAI clients raise as AuthenticationError).
 
-async def require_api_key(request: Request) -> None:
-    key = _STATE["api_key"]
-    if not key:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or token.strip() != key:
-        raise OpenAIHTTPException(
-            status_code=401,
-            message="Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-            type="invalid_api_key",
-        )
+    CORS preflights (OPTIONS) pass: browsers never send credentials with them.
+    """
+
+    def __init__(self, app, api_key: str):
+        if not api_key:
+            raise ValueError("ApiKeyMiddleware needs a non-empty api_key")
+        self.app, self._expected = app, f"bearer {api_key}".encode()
+
+    def authorized(self, scope) -> bool:
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        given = f"{scheme.lower()} {token.strip()}".encode()
+        return secrets.compare_digest(given, self._expected)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("method") == "OPTIONS" or self.authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        await JSONResponse(status_code=401, content={"error": {
+            "message": "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+            "type": "invalid_api_key", "param": None, "code": 401}})(scope, receive, send)
 
 
 class TabpIngress(OpenAiIngress):
     def __init__(self, llm_deployments, model_cards, *, variant_metadata: Dict[str, dict],
-                 api_key: Optional[str] = None, **kwargs):
+                 **kwargs):
         cards = {}
         for model_id, card in model_cards.items():
             meta = {**card.metadata, **variant_metadata.get(model_id, {})}
             cards[model_id] = card.model_copy(update={"metadata": meta, "owned_by": "tabp-vllm"})
         super().__init__(llm_deployments, cards, **kwargs)
-        _STATE["api_key"] = api_key
         from tabp_vllm.serve.metrics import publish_variant_gauges
 
         self._gauges = publish_variant_gauges(variant_metadata)
@@ -73,54 +76,40 @@ class TabpIngress(OpenAiIngress):
             raise self._not_found(model)
         return await super()._get_model_id(model)
 
-    async def model_data(self, model: str, _auth: None = Depends(require_api_key)) -> ModelCard:
+    async def model_data(self, model: str):
         card = await self.model(model)
         if card is None:
             raise self._not_found(model)
         return card
 
-    # ---- the stock routes, behind the API key ------------------------------------------------
-    async def models(self, _auth: None = Depends(require_api_key)) -> ModelList:
-        return await super().models()
 
-    async def completions(self, body: CompletionRequest, request: Request,
-                          _auth: None = Depends(require_api_key)) -> Response:
-        return await super().completions(body, request)
+def ingress_app(api_key: Optional[str]):
+    """Ray Serve LLM's ingress FastAPI app, behind the API key when one is set."""
+    # Private: the factory of the stock ingress app (error handling, CORS, metrics, request ids);
+    # `make_fastapi_ingress` is public and takes an app, but nothing public builds this one.
+    from ray.llm._internal.serve.core.ingress.ingress import init
 
-    async def chat(self, body: ChatCompletionRequest, request: Request,
-                   _auth: None = Depends(require_api_key)) -> Response:
-        return await super().chat(body, request)
-
-    async def embeddings(self, body: EmbeddingRequest, request: Request,
-                         _auth: None = Depends(require_api_key)) -> Response:
-        return await super().embeddings(body, request)
-
-    async def score(self, body: ScoreRequest, request: Request,
-                    _auth: None = Depends(require_api_key)) -> Response:
-        return await super().score(body, request)
-
-    async def tokenize(self, body: TokenizeCompletionRequest, request: Request,
-                       _auth: None = Depends(require_api_key)) -> Response:
-        return await super().tokenize(body, request)
-
-    async def detokenize(self, body: DetokenizeRequest, request: Request,
-                         _auth: None = Depends(require_api_key)) -> Response:
-        return await super().detokenize(body, request)
+    app = init()
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    return app
 
 
 def build_app(spec) -> Any:
-    """The Ray Serve application for a `ServeSpec`: `build_openai_app` with `TabpIngress`."""
-    from ray.serve.llm import build_openai_app
+    """The Ray Serve application for a `ServeSpec`."""
+    from ray import serve
+    from ray.serve.llm import build_llm_deployment
+    from ray.serve.llm.ingress import make_fastapi_ingress
+
+    # Private: the `/v1/models` card of an LLMConfig, exactly as build_openai_app makes it.
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
 
     from tabp_vllm.serve.config import llm_configs
 
-    return build_openai_app({
-        "llm_configs": llm_configs(spec),
-        "ingress_cls_config": {
-            "ingress_cls": TabpIngress,
-            "ingress_extra_kwargs": {
-                "variant_metadata": {v.name: v.metadata() for v in spec.variants},
-                "api_key": spec.api_key,
-            },
-        },
-    })
+    configs = llm_configs(spec)
+    ingress = make_fastapi_ingress(TabpIngress, app=ingress_app(spec.api_key))
+    return serve.deployment(ingress, **TabpIngress.get_deployment_options(configs)).bind(
+        llm_deployments={c.model_id: build_llm_deployment(c) for c in configs},
+        model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in configs},
+        variant_metadata={v.name: v.metadata() for v in spec.variants},
+    )

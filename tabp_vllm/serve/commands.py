@@ -29,62 +29,59 @@ def _parse_extra(items: list[str]) -> dict:
     return extra
 
 
-def build_spec(
-    model: str = "llama",
+def serve_options(
+    model: Optional[str] = None,
     task_mask: Optional[List[Path]] = None,
     task: Optional[List[str]] = None,
     config: Optional[Path] = None,
-    dense: bool = True,
-    replicas: int = 1,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    metrics_port: int = 8090,
+    dense: Optional[bool] = None,
+    replicas: Optional[int] = None,
+    host: Optional[str] = None,
+    port: Optional[int] = None,
+    metrics_port: Optional[int] = None,
     api_key: Optional[str] = None,
     address: Optional[str] = None,
     num_cpus: Optional[int] = None,
-    max_model_len: Optional[int] = 2048,
-    dtype: str = "auto",
+    max_model_len: Optional[int] = None,
+    dtype: Optional[str] = None,
     kv_cache_gib: Optional[float] = None,
-    enforce_eager: bool = True,
+    enforce_eager: Optional[bool] = None,
     engine_arg: Optional[List[str]] = None,
 ):
-    """A validated `ServeSpec` from CLI options, a YAML config file, or both (CLI masks appended)."""
-    from tabp_vllm.serve.config import EngineOptions, ServeSpec, build_variants, load_yaml_spec
+    """`ServeOptions` from the CLI's values (None: not given) and a YAML config file.
+
+    CLI flag > file > default, key by key (also inside `engine`); `--task-mask` variants are
+    appended to the file's. Each source is validated on its own first, so a bad value is
+    reported against the file or the command line it came from.
+    """
+    from tabp_vllm.options import build_options
+    from tabp_vllm.serve.config import ServeOptions, load_yaml_spec, merge_options
 
     masks = [str(p) for p in task_mask or []]
-    tasks: list[Optional[str]] = list(task or [])
+    tasks = list(task or [])
     if len(tasks) > len(masks):
         raise TabpError(f"{len(tasks)} --task given for {len(masks)} --task-mask")
-    names: list[Optional[str]] = [None] * len(masks)
-    dense_name = None
-    engine = EngineOptions(max_model_len=max_model_len, dtype=dtype, kv_cache_gib=kv_cache_gib,
-                           enforce_eager=enforce_eager, extra=_parse_extra(engine_arg or []))
-    if config is not None:
-        doc = load_yaml_spec(config)
-        model = doc.get("model", model)
-        dense = bool(doc.get("dense", dense))
-        dense_name = doc.get("dense_name")
-        replicas = int(doc.get("replicas", replicas))
-        host, port = doc.get("host", host), int(doc.get("port", port))
-        metrics_port = int(doc.get("metrics_port", metrics_port))
-        api_key = api_key or doc.get("api_key")
-        address = address or doc.get("address")
-        num_cpus = num_cpus or doc.get("num_cpus")
-        eng = doc.get("engine") or {}
-        for key in ("max_model_len", "dtype", "kv_cache_gib", "enforce_eager"):
-            if key in eng:
-                setattr(engine, key, eng[key])
-        engine.extra = {**(eng.get("extra") or {}), **engine.extra}
-        yaml_masks = [v["mask"] for v in doc.get("variants") or []]
-        masks = yaml_masks + masks
-        tasks = [v.get("task") for v in doc.get("variants") or []] + tasks + \
-            [None] * (len(masks) - len(yaml_masks) - len(tasks))
-        names = [v.get("name") for v in doc.get("variants") or []] + names
-    alias, resolved, variants = build_variants(model, masks, tasks=tasks, names=names, dense=dense,
-                                               replicas=replicas, dense_name=dense_name)
-    return ServeSpec(model_alias=alias, model=resolved, variants=variants, engine=engine,
-                     host=host, port=port, metrics_port=metrics_port, api_key=api_key,
-                     address=address, num_cpus=num_cpus)
+    engine = {k: v for k, v in dict(max_model_len=max_model_len, dtype=dtype,
+                                    kv_cache_gib=kv_cache_gib, enforce_eager=enforce_eager,
+                                    extra=_parse_extra(engine_arg) if engine_arg else None).items()
+              if v is not None}
+    cli = dict(model=model, dense=dense, replicas=replicas, host=host, port=port,
+               metrics_port=metrics_port, api_key=api_key, address=address, num_cpus=num_cpus,
+               engine=engine or None,
+               variants=[{"mask": m, "task": tasks[i] if i < len(tasks) else None}
+                         for i, m in enumerate(masks)] or None)
+    from_cli = build_options(ServeOptions, cli)
+    if config is None:
+        return from_cli
+    from_file = build_options(ServeOptions, file=config, file_doc=load_yaml_spec(config))
+    return merge_options(from_file, from_cli)
+
+
+def build_spec(**cli):
+    """A validated `ServeSpec` from CLI options, a YAML config file, or both (`serve_options`)."""
+    from tabp_vllm.serve.config import ServeSpec
+
+    return ServeSpec.from_options(serve_options(**cli))
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -166,44 +163,59 @@ def print_table(spec) -> None:
     sys.stdout.flush()
 
 
+def _opt(name: str, *flags: str, help: str = "", **kw):
+    """A typer option for ServeOptions field `name` (or its engine's): None when not given, the
+    model's default in the help text (the default itself lives only in the options model)."""
+    from tabp_vllm.serve.config import ServeOptions
+
+    shown = f"\\[default: {ServeOptions.shown(name)}]"  # "\\[": a literal "[" for rich
+    return typer.Option(None, *flags, help=f"{help} {shown}" if help else shown,
+                        show_default=False, **kw)
+
+
 @user_errors
 def serve(
-    model: str = typer.Option("llama", "--model", "-m", help="Alias, HF id or checkpoint path."),
+    model: Optional[str] = _opt("model", "--model", "-m", help="Alias, HF id or checkpoint path."),
     task_mask: Optional[List[Path]] = typer.Option(None, "--task-mask",
                                                    help="A mask file; one pruned variant each."),
     task: Optional[List[str]] = typer.Option(None, "--task", help=(
         "Override the task name (variant <alias>-<task>) of the --task-mask at the same position.")),
-    config: Optional[Path] = typer.Option(None, "--config", "-c",
-                                          help="YAML file with many variants (examples/serve.yaml)."),
-    dense: bool = typer.Option(True, "--dense/--no-dense", help="Also serve the dense model."),
-    replicas: int = typer.Option(1, "--replicas", help="Replicas per variant."),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port"),
-    metrics_port: int = typer.Option(8090, "--metrics-port",
-                                     help="Ray's Prometheus export port (the one scrape target)."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="YAML file with many variants (examples/serve.yaml); flags "
+                                     "given win over its keys, --task-mask variants are appended."),
+    dense: Optional[bool] = _opt("dense", "--dense/--no-dense", help="Also serve the dense model."),
+    replicas: Optional[int] = _opt("replicas", "--replicas", help="Replicas per variant."),
+    host: Optional[str] = _opt("host", "--host"),
+    port: Optional[int] = _opt("port", "--port"),
+    metrics_port: Optional[int] = _opt("metrics_port", "--metrics-port",
+                                       help="Ray's Prometheus export port (the one scrape target)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TABP_VLLM_API_KEY",
                                           help="Require 'Authorization: Bearer <key>'."),
     address: Optional[str] = typer.Option(None, "--address",
                                           help="Join an existing Ray cluster (e.g. 'auto')."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help=(
         "Logical CPUs for a local Ray (default: 2 per CPU replica + 1 for the ingress).")),
-    max_model_len: Optional[int] = typer.Option(2048, "--max-model-len"),
-    dtype: str = typer.Option("auto", "--dtype"),
-    kv_cache_gib: Optional[float] = typer.Option(None, "--kv-cache-gib",
-                                                 help="KV cache space per engine, GiB."),
-    enforce_eager: bool = typer.Option(True, "--eager/--no-eager",
-                                       help="Eager mode (fast start) or torch.compile / graphs."),
+    max_model_len: Optional[int] = _opt("max_model_len", "--max-model-len"),
+    dtype: Optional[str] = _opt("dtype", "--dtype", help=(
+        "auto: on a CPU bfloat16 only with native bf16 (avx512_bf16/amx_bf16), else float32.")),
+    kv_cache_gib: Optional[float] = _opt("kv_cache_gib", "--kv-cache-gib",
+                                         help="KV cache space per engine, GiB."),
+    enforce_eager: Optional[bool] = _opt("enforce_eager", "--eager/--no-eager",
+                                         help="Eager mode (fast start) or torch.compile / graphs."),
     engine_arg: Optional[List[str]] = typer.Option(None, "--engine-arg",
                                                    help="Any other vLLM engine arg, KEY=VALUE."),
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Validate and print the variants; start nothing."),
 ) -> None:
     """Serve the dense model and one pruned variant per mask behind one OpenAI endpoint."""
+    from tabp_vllm.engine import choose_dtype
+
     spec = build_spec(model=model, task_mask=task_mask, task=task, config=config, dense=dense,
                       replicas=replicas, host=host, port=port, metrics_port=metrics_port,
                       api_key=api_key, address=address, num_cpus=num_cpus,
                       max_model_len=max_model_len, dtype=dtype, kv_cache_gib=kv_cache_gib,
                       enforce_eager=enforce_eager, engine_arg=engine_arg)
+    print("dtype: %s (%s)" % choose_dtype(spec.engine.dtype), flush=True)
     if spec.address:
         check_reachable(spec.address)
     if dry_run:

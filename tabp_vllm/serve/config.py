@@ -7,26 +7,75 @@ Everything here runs in the driver, before Ray starts: a bad mask or option fail
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
+
+from pydantic import Field
 
 from tabp_vllm.errors import TabpError
+from tabp_vllm.options import Options, build_options, read_config_file
 
 # Decode-step FLOPs ratio is quoted at this context length (prompt + generated so far).
 SPEEDUP_CONTEXT = 256
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 
 
-@dataclass
-class EngineOptions:
+class EngineOptions(Options):
     """Engine options every variant shares (passed through to `engine_args_for`)."""
 
-    max_model_len: int | None = 2048
-    dtype: str = "auto"
-    kv_cache_gib: float | None = None
-    enforce_eager: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    max_model_len: Optional[int] = Field(2048, ge=1)   # None: the checkpoint's own
+    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "auto"  # auto: engine.choose_dtype
+    kv_cache_gib: Optional[float] = Field(None, gt=0)  # None: engine.DEFAULT_CPU_KV_CACHE_GIB on CPU
+    enforce_eager: bool = True                         # fast start on CPU; GPUs want graphs
+    extra: dict[str, Any] = Field(default_factory=dict)  # any other vLLM engine argument
+
+
+class VariantOptions(Options):
+    """One pruned variant in a config file (`variants:` entries) or from `--task-mask`/`--task`."""
+
+    mask: str
+    task: Optional[str] = None   # None: the mask's task
+    name: Optional[str] = None   # None: <alias>-<task>
+
+
+class ServeOptions(Options):
+    """Every option of `tabp-vllm serve`; the YAML config file has the same keys
+    (examples/serve.yaml). Precedence: CLI flag > file > the defaults below."""
+
+    model: str = "llama"                    # alias, HF id or checkpoint path
+    dense: bool = True                      # also serve the dense model
+    dense_name: Optional[str] = None        # None: the alias
+    variants: list[VariantOptions] = Field(default_factory=list)
+    replicas: int = Field(1, ge=1)          # per variant
+    host: str = "127.0.0.1"
+    port: int = 8000
+    metrics_port: int = 8090                # Ray's Prometheus export port
+    api_key: Optional[str] = None           # require "Authorization: Bearer <key>"
+    address: Optional[str] = None           # join this Ray cluster instead of starting one
+    num_cpus: Optional[int] = Field(None, ge=1)  # None: ServeSpec.ray_cpus_needed()
+    engine: EngineOptions = Field(default_factory=EngineOptions)
+
+    @classmethod
+    def shown(cls, name: str) -> str:
+        """The default of a top-level or `engine` option as the CLI help shows it."""
+        owner = cls if name in cls.model_fields else EngineOptions
+        value = owner.default(name)
+        if name == "kv_cache_gib":
+            return "engine default (1 GiB on CPU)"
+        return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def merge_options(file: ServeOptions, cli: ServeOptions) -> ServeOptions:
+    """CLI over file, field by field (also inside `engine`); only what each one set counts.
+    The CLI's variants are appended to the file's, its `engine.extra` keys win over the file's."""
+    f, c = file.model_dump(exclude_unset=True), cli.model_dump(exclude_unset=True)
+    fe, ce = f.pop("engine", {}), c.pop("engine", {})
+    engine = {**fe, **ce}
+    if "extra" in fe or "extra" in ce:
+        engine["extra"] = {**fe.get("extra", {}), **ce.get("extra", {})}
+    variants = f.pop("variants", []) + c.pop("variants", [])
+    return ServeOptions.model_validate({**f, **c, "engine": engine, "variants": variants})
 
 
 @dataclass
@@ -59,18 +108,30 @@ class Variant:
 
 @dataclass
 class ServeSpec:
-    """A whole `serve` invocation: which variants, how they run, where they listen."""
+    """A whole `serve` invocation, resolved: which variants, how they run, where they listen.
+    Built from `ServeOptions` (`from_options`), which holds every default."""
 
     model_alias: str
     model: str
     variants: list[Variant]
     engine: EngineOptions
-    host: str = "127.0.0.1"
-    port: int = 8000
-    metrics_port: int = 8090
-    api_key: str | None = None
-    address: str | None = None
-    num_cpus: int | None = None
+    host: str
+    port: int
+    metrics_port: int
+    api_key: str | None
+    address: str | None
+    num_cpus: int | None
+
+    @classmethod
+    def from_options(cls, o: ServeOptions) -> "ServeSpec":
+        """Resolve the model and validate every mask (`build_variants`)."""
+        alias, resolved, variants = build_variants(
+            o.model, [v.mask for v in o.variants], tasks=[v.task for v in o.variants],
+            names=[v.name for v in o.variants], dense=o.dense, replicas=o.replicas,
+            dense_name=o.dense_name)
+        return cls(model_alias=alias, model=resolved, variants=variants, engine=o.engine,
+                   host=o.host, port=o.port, metrics_port=o.metrics_port, api_key=o.api_key,
+                   address=o.address, num_cpus=o.num_cpus)
 
     def ray_cpus_needed(self) -> int:
         # Each CPU LLMServer replica holds 2 logical CPUs (actor + placement bundle); ingress 1.
@@ -79,6 +140,7 @@ class ServeSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("api_key")
+        d["engine"] = self.engine.model_dump()
         return d
 
 
@@ -156,29 +218,18 @@ def build_variants(
 
 
 def load_yaml_spec(path: str | Path) -> dict[str, Any]:
-    """Read a serve config file (see examples/serve.yaml); returns its top-level mapping."""
-    import yaml
-
+    """Read and validate a serve config file (see examples/serve.yaml); its top-level mapping,
+    with mask paths made relative to the file. A bad key or value: one TabpError line."""
     p = Path(path)
-    if not p.exists():
-        raise TabpError(f"{p}: config file not found")
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise TabpError(f"{p}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(doc, dict):
-        raise TabpError(f"{p}: expected a mapping at the top level")
-    known = {"model", "dense", "dense_name", "variants", "replicas", "host", "port", "metrics_port",
-             "api_key", "address", "num_cpus", "engine"}
-    unknown = set(doc) - known
+    doc = read_config_file(p)
+    unknown = sorted(set(doc) - set(ServeOptions.model_fields))
     if unknown:
-        raise TabpError(f"{p}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+        raise TabpError(f"{p}: unknown key(s) {unknown}; known: {sorted(ServeOptions.model_fields)}")
     for v in doc.get("variants") or []:
-        if not isinstance(v, dict) or "mask" not in v:
-            raise TabpError(f"{p}: each entry of 'variants' needs a 'mask' (got {v!r})")
-        # Mask paths are relative to the config file.
-        mp = Path(str(v["mask"])).expanduser()
-        v["mask"] = str(mp if mp.is_absolute() else (p.parent / mp))
+        if isinstance(v, dict) and isinstance(v.get("mask"), (str, Path)):
+            mp = Path(str(v["mask"])).expanduser()
+            v["mask"] = str(mp if mp.is_absolute() else (p.parent / mp))
+    build_options(ServeOptions, file=p, file_doc=doc)
     return doc
 
 

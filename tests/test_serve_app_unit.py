@@ -1,0 +1,73 @@
+"""The serve app's API-key middleware and wiring, without starting Ray (fast)."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tabp_vllm.serve.app import ApiKeyMiddleware, ingress_app
+
+KEY = "s3cret-key"
+
+
+def _client(api_key):
+    app = ingress_app(api_key)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": []}
+
+    @app.post("/v1/completions")
+    async def completions():
+        return {"ok": True}
+
+    return TestClient(app)
+
+
+@pytest.mark.parametrize("headers", [
+    {}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
+    {"Authorization": f"Basic {KEY}"}, {"Authorization": f"Bearer {KEY}x"}, {"Authorization": ""},
+])
+def test_every_route_needs_the_key(headers):
+    client = _client(KEY)
+    for method, path in (("get", "/v1/models"), ("post", "/v1/completions"), ("get", "/docs"),
+                         ("get", "/v1/models/llama")):
+        r = getattr(client, method)(path, headers=headers)
+        assert r.status_code == 401, (path, headers)
+        err = r.json()["error"]
+        assert err["type"] == "invalid_api_key" and err["code"] == 401 and "Bearer" in err["message"]
+
+
+def test_the_key_opens_every_route():
+    client = _client(KEY)
+    for scheme in ("Bearer", "bearer"):
+        ok = {"Authorization": f"{scheme} {KEY}"}
+        assert client.get("/v1/models", headers=ok).status_code == 200
+        assert client.post("/v1/completions", headers=ok).json() == {"ok": True}
+    # a CORS preflight carries no credentials; Ray's CORS middleware answers it
+    pre = client.options("/v1/completions", headers={"Origin": "http://x",
+                                                      "Access-Control-Request-Method": "POST"})
+    assert pre.status_code == 200
+
+
+def test_no_key_no_check():
+    client = _client(None)
+    assert client.get("/v1/models").status_code == 200
+    assert not any(m.cls is ApiKeyMiddleware for m in ingress_app(None).user_middleware)
+    with pytest.raises(ValueError):
+        ApiKeyMiddleware(None, "")
+
+
+def test_build_app_wires_ingress_and_variants(write_mask):
+    """The application graph: one ingress with our middleware's key, one LLM deployment per variant."""
+    from tabp_vllm.serve.app import build_app
+    from tabp_vllm.serve.commands import build_spec
+
+    spec = build_spec(task_mask=[write_mask([26, 27, 28, 29], task="k4")], max_model_len=256,
+                      kv_cache_gib=0.25, api_key=KEY)
+    app = build_app(spec)
+    ingress = app._bound_deployment  # noqa: SLF001 - the graph has no public accessor
+    kwargs = ingress.init_kwargs
+    assert sorted(kwargs["llm_deployments"]) == sorted(kwargs["model_cards"]) == ["llama", "llama-k4"]
+    assert kwargs["variant_metadata"]["llama-k4"]["blocks_kept"] == 26
+    assert "api_key" not in kwargs  # the key is the middleware's config, not module state
