@@ -7,23 +7,12 @@ from tabp_vllm.data import Dataset, MCQAItem, TextItem
 from tabp_vllm.scoring import get_method, run_scoring
 from tabp_vllm.scoring.perplexity import calibration_nll
 from tabp_vllm.scoring.probe import ScoreContext
+from tiny_llama import tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny(demo_model):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(demo_model)
-    tok.padding_side = "left"
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg).eval()
-    # block 3 becomes the identity: its attention and MLP write nothing to the residual stream
-    with torch.no_grad():
-        model.model.layers[3].self_attn.o_proj.weight.zero_()
-        model.model.layers[3].mlp.down_proj.weight.zero_()
-    return model, tok
+    return tiny_llama(demo_model)
 
 
 def texts():
