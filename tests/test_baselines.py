@@ -1,7 +1,6 @@
 """Baselines on a tiny random Llama (fast) with the demo tokenizer."""
 
 import pytest
-import torch
 
 from tabp_vllm.data import Dataset, MCQAItem, TextItem
 from tabp_vllm.scoring import get_method, run_scoring
