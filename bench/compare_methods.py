@@ -13,13 +13,15 @@ accuracy_vs_k.png to --out.
         --eval-limit 20 --out /tmp/cmp
 
 Cost control, all recorded in the report:
-- each method is scored once per task at the largest k; the masks for smaller k follow from that
-  run (a ranking of block scores, or SLEB's greedy removal order, whose first k rounds are exactly
-  SLEB run at k). Angular distance depends on k and is rerun per k.
-- SLEB and PPL cost one calibration pass per candidate block (per round, for SLEB): --sleb-samples
-  caps their calibration set.
+- each method is scored once per task at the largest k when its scoring ranks the blocks for every
+  k (`ScoringMethod.ranks_all_k`: a ranking of block scores, or SLEB's greedy removal order, whose
+  first k rounds are exactly SLEB run at k); the masks for smaller k follow from that run. Angular
+  distance depends on k and is rerun per k.
+- methods that pass the calibration set more than once (SLEB and PPL: once per candidate block, per
+  round for SLEB; `ScoringMethod.forward_passes`) get the smaller --sleb-samples calibration set.
 - within a task every distinct set of removed blocks is evaluated once (one engine); dense and the
-  task-independent masks (random, last-k) are evaluated on all tasks in that same engine. Results
+  task-independent masks (the floors, random and last-k, which read no data) are evaluated on all
+  tasks in that same engine. Results
   are cached in eval_cache.json, and report.json/.md/.png are rewritten after every task, so an
   interrupted run keeps its finished tasks and a rerun skips the cached evaluations.
 """
@@ -32,17 +34,18 @@ import math
 import time
 from pathlib import Path
 
+from tabp_vllm.scoring.registry import METHOD_NAMES, get_method
+
 TASKS = ["arc_easy", "arc_challenge", "boolq", "piqa"]
-METHODS = ["tabp", "block_influence", "angular", "sleb", "ppl", "random", "last_k"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", nargs="+", default=TASKS)
-    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=METHOD_NAMES)
     ap.add_argument("--k", nargs="+", type=int, default=[2, 4, 8])
     ap.add_argument("--samples", type=int, default=256, help="calibration samples (TaBP, BI, angular)")
-    ap.add_argument("--sleb-samples", type=int, default=32, help="calibration samples for SLEB and PPL")
+    ap.add_argument("--sleb-samples", type=int, default=32, help="calibration samples for the methods that pass it more than once (SLEB, PPL)")
     ap.add_argument("--eval-limit", type=int, default=200, help="validation items per task")
     ap.add_argument("--range", dest="block_range", default=None)
     ap.add_argument("--statistic", default="entropy")
@@ -107,9 +110,10 @@ def score_task(model: str, mt, args, task: str, report: dict) -> dict[tuple[str,
     masks = {}
     train = load_task(task, "train")
     for method in args.methods:
-        n = args.sleb_samples if method in ("sleb", "ppl") else args.samples
+        scorer = get_method(method)
+        n = args.sleb_samples if repeats_calibration(method, kmax) else args.samples
         cal = train.subset(n, args.seed)
-        ks = sorted(args.k) if method == "angular" else [kmax]
+        ks = [kmax] if scorer.ranks_all_k else sorted(args.k)
         runs = {k: run_scoring(model, cal, method, k=k, **common_args(args, mt)) for k in ks}
         for k in sorted(args.k):
             run = runs.get(k) or runs[kmax]
@@ -127,7 +131,14 @@ def score_task(model: str, mt, args, task: str, report: dict) -> dict[tuple[str,
     return masks
 
 
-TASK_INDEPENDENT = ("random", "last_k")  # same mask for every task: evaluate it on all at once
+def repeats_calibration(method: str, k: int) -> bool:
+    """Whether the method passes each calibration sample through the model more than once."""
+    return get_method(method).forward_passes(1, k + 1, k) > 1  # one sample, k + 1 candidates
+
+
+def task_independent(method: str) -> bool:
+    """No forward pass, so no data: the same mask for every task (evaluate it on all at once)."""
+    return get_method(method).forward_passes(1, 1, 1) == 0
 
 
 def evaluate_task(model: str, args, task: str, masks: dict, report: dict) -> None:
@@ -143,7 +154,7 @@ def evaluate_task(model: str, args, task: str, masks: dict, report: dict) -> Non
     variants: dict[tuple[int, ...], tuple[set[str], Path | None]] = {(): (set(args.tasks), None)}
     for (method, _k), (removed, path) in masks.items():
         tasks, _ = variants.setdefault(tuple(removed), (set(), path))
-        tasks.update(args.tasks if method in TASK_INDEPENDENT else [task])
+        tasks.update(args.tasks if task_independent(method) else [task])
     todo = [(r, sorted(t for t in ts if key(t, r) not in cache), p) for r, (ts, p) in variants.items()]
     todo = [x for x in todo if x[1]]
     print(f"{task}: {len(variants)} distinct variants, {len(todo)} to evaluate", flush=True)

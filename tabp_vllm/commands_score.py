@@ -1,124 +1,247 @@
-"""`tabp-vllm score` and `tabp-vllm eval` (wired into tabp_vllm/cli.py as commands)."""
+"""`tabp-vllm score` and `tabp-vllm eval` (wired into tabp_vllm/cli.py as commands).
+
+Each command's options are one pydantic model (`ScoreOptions`, `EvalOptions`) holding every
+default once; the typer options default to None ("not given") and show the model's default in
+their help, and `build_options` merges CLI flag > `--config` YAML file > default.
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, ClassVar, List, Optional
 
 import typer
+from pydantic import field_validator
+from pydantic_core import PydanticCustomError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tabp_vllm.errors import user_errors
-from tabp_vllm.errors import TabpError
+from tabp_vllm.engine import DEFAULT_CPU_KV_CACHE_GIB
+from tabp_vllm.errors import TabpError, user_errors
+from tabp_vllm.options import Options, build_options
+from tabp_vllm.scoring import DEFAULT_RANGE, METHOD_NAMES, run_scoring
 
 console = Console(stderr=True)
 
 
+def _scoring_default(name: str) -> Any:
+    """The scorer's own default (its home is `run_scoring`'s signature, which the benches call)."""
+    return inspect.signature(run_scoring).parameters[name].default
+
+
+class ScoreOptions(Options):
+    """Everything `score` takes; a YAML `--config` file uses these names as keys."""
+
+    DEFAULT_K: ClassVar[int] = 4  # blocks removed when neither k nor ratio is given
+
+    model: str = "llama"
+    task: str
+    data: Optional[Path] = None
+    split: str = "train"
+    method: str = _scoring_default("method")
+    statistic: str = _scoring_default("statistic")
+    aggregate: str = _scoring_default("aggregate")
+    p: float = _scoring_default("p")
+    k: Optional[int] = None
+    ratio: Optional[float] = None
+    block_range: Optional[str] = _scoring_default("block_range")
+    mode: str = _scoring_default("mode")
+    norm: bool = _scoring_default("norm")
+    samples: Optional[int] = 256
+    batch_size: int = _scoring_default("batch_size")
+    max_length: int = _scoring_default("max_length")
+    text_positions: int = _scoring_default("text_positions")
+    seed: int = _scoring_default("seed")
+    device: str = _scoring_default("device")
+    output: Path
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHOD_NAMES:
+            raise PydanticCustomError("method", "unknown method; choose from {names}",
+                                      {"names": ", ".join(METHOD_NAMES)})
+        return value
+
+    @field_validator("samples")
+    @classmethod
+    def _positive_samples(cls, value: Optional[int]) -> Optional[int]:
+        if value is not None and value <= 0:
+            raise PydanticCustomError("samples", "must be positive")
+        return value
+
+    def blocks(self) -> tuple[Optional[int], Optional[float]]:
+        """(k, ratio) for `run_scoring`: DEFAULT_K when neither is given."""
+        if self.k is None and self.ratio is None:
+            return self.DEFAULT_K, None
+        return self.k, self.ratio
+
+    @classmethod
+    def shown(cls, name: str) -> str:
+        lo, hi = DEFAULT_RANGE
+        special = {"k": f"{cls.DEFAULT_K} unless --ratio", "block_range": f"{lo}:{hi}, the latter half"}
+        return special.get(name) or _shown(cls.default(name))
+
+
+class EvalOptions(Options):
+    """Everything `eval` takes."""
+
+    model: str = "llama"
+    task: str
+    data: Optional[Path] = None
+    split: str = "validation"
+    task_mask: List[Path] = []
+    dense: bool = True
+    limit: Optional[int] = None
+    kv_cache_gib: Optional[float] = None  # None: the engine's default (engine.DEFAULT_CPU_KV_CACHE_GIB)
+    output: Optional[Path] = None
+
+    @classmethod
+    def shown(cls, name: str) -> str:
+        special = {"kv_cache_gib": f"the engine's, {DEFAULT_CPU_KV_CACHE_GIB:g} on CPU", "limit": "all"}
+        return special.get(name) or _shown(cls.default(name))
+
+
+def _shown(value: Any) -> str:
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _opt(cls: type, name: str, *flags: str, help: str = "", **kw: Any) -> Any:
+    """A typer option for field `name` of `cls`: None when not given, the model's default shown
+    in the help (the default itself lives only in the model)."""
+    shown = f"\\[default: {cls.shown(name)}]"  # "\\[": a literal "[" for rich
+    return typer.Option(None, *flags, help=f"{help} {shown}" if help else shown,
+                        show_default=False, **kw)
+
+
+def _required(help: str, *flags: str) -> Any:
+    return typer.Option(None, *flags, help=f"{help} \\[required, here or in --config]",
+                        show_default=False)
+
+
 @user_errors
 def score(
-    model: str = typer.Option("llama", help="Alias, HF id or path."),
-    task: str = typer.Option(..., help="Task name: a known data set (arc_easy, arc_challenge, "
-                                       "boolq, piqa, gsm8k, wikitext2, demo) or the name for --data."),
-    data: Optional[Path] = typer.Option(None, help="A JSONL file (MCQA or free-text schema)."),
-    split: str = typer.Option("train", help="Split of a known data set."),
-    method: str = typer.Option("tabp", help="tabp|block_influence|angular|sleb|ppl|random|last_k"),
-    statistic: str = typer.Option("entropy", help="entropy|top1|gold|gap|kl|js|ce"),
-    aggregate: str = typer.Option("ssn", help="ssn|ddf"),
-    p: float = typer.Option(1.0, "--p", help="SSN norm order."),
-    k: Optional[int] = typer.Option(None, "--k", help="Blocks to remove."),
-    ratio: Optional[float] = typer.Option(None, help="Share of blocks to remove (instead of --k)."),
-    block_range: Optional[str] = typer.Option(None, "--range",
-                                              help="Candidate blocks: fractions 0.5:1.0 or indices 15:30."),
-    mode: str = typer.Option("auto", help="auto|mcqa|text"),
-    no_norm: bool = typer.Option(False, "--no-norm", help="Probe without the final norm."),
-    samples: Optional[int] = typer.Option(256, help="Calibration samples (seeded subset)."),
-    batch_size: int = typer.Option(16, help="Samples per forward pass."),
-    max_length: int = typer.Option(256, help="Truncate samples to this many tokens."),
-    text_positions: int = typer.Option(
-        32, help="Text mode: positions per sample read out with the full vocabulary (0 = all)."),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto|cpu|cuda"),
-    output: Path = typer.Option(..., "-o", "--output", help="Mask file to write."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="YAML file of these options (keys as the option names with "
+                                     "'_' for '-'; --range is block_range); flags given win."),
+    model: Optional[str] = _opt(ScoreOptions, "model", help="Alias, HF id or path."),
+    task: Optional[str] = _required("Task name: a known data set (arc_easy, arc_challenge, boolq, "
+                                    "piqa, gsm8k, wikitext2, demo) or the name for --data."),
+    data: Optional[Path] = _opt(ScoreOptions, "data", help="A JSONL file (MCQA or free-text schema)."),
+    split: Optional[str] = _opt(ScoreOptions, "split", help="Split of a known data set."),
+    method: Optional[str] = _opt(ScoreOptions, "method", help=", ".join(METHOD_NAMES) + "."),
+    statistic: Optional[str] = _opt(ScoreOptions, "statistic", help="entropy|top1|gold|gap|kl|js|ce."),
+    aggregate: Optional[str] = _opt(ScoreOptions, "aggregate", help="ssn|ddf."),
+    p: Optional[float] = _opt(ScoreOptions, "p", "--p", help="SSN norm order."),
+    k: Optional[int] = _opt(ScoreOptions, "k", "--k", help="Blocks to remove."),
+    ratio: Optional[float] = _opt(ScoreOptions, "ratio",
+                                  help="Share of blocks to remove (instead of --k)."),
+    block_range: Optional[str] = _opt(ScoreOptions, "block_range", "--range",
+                                      help="Candidate blocks: fractions 0.5:1.0 or indices 15:30."),
+    mode: Optional[str] = _opt(ScoreOptions, "mode", help="auto|mcqa|text."),
+    norm: Optional[bool] = _opt(ScoreOptions, "norm", "--norm/--no-norm",
+                                help="Probe with the model's final norm before the LM head."),
+    samples: Optional[int] = _opt(ScoreOptions, "samples", help="Calibration samples (seeded subset)."),
+    batch_size: Optional[int] = _opt(ScoreOptions, "batch_size", help="Samples per forward pass."),
+    max_length: Optional[int] = _opt(ScoreOptions, "max_length",
+                                     help="Truncate samples to this many tokens."),
+    text_positions: Optional[int] = _opt(
+        ScoreOptions, "text_positions",
+        help="Text mode: positions per sample read out with the full vocabulary (0 = all)."),
+    seed: Optional[int] = _opt(ScoreOptions, "seed"),
+    device: Optional[str] = _opt(ScoreOptions, "device", help="auto|cpu|cuda."),
+    output: Optional[Path] = _required("Mask file to write.", "-o", "--output"),
 ) -> None:
     """Score blocks on a task's calibration data and write a task mask."""
+    given = {name: value for name, value in locals().items() if name != "config"}
+    run_score(build_options(ScoreOptions, given, config))
+
+
+def run_score(o: ScoreOptions) -> None:
     from tabp_vllm.data import load_task
     from tabp_vllm.models import alias_of, resolve_model
-    from tabp_vllm.scoring import run_scoring, score_to_mask
+    from tabp_vllm.scoring import score_to_mask
 
-    if k is None and ratio is None:
-        k = 4
-    ds = load_task(task, split, data)
-    if samples is not None and samples <= 0:
-        raise TabpError(f"--samples {samples}: must be positive")
-    ds = ds.subset(samples, seed)
-    path = resolve_model(model)
+    ds = load_task(o.task, o.split, o.data).subset(o.samples, o.seed)
+    path = resolve_model(o.model)
+    k, ratio = o.blocks()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as prog:
         def progress(desc: str, total: int):
             tid = prog.add_task(desc, total=total)
             return lambda n=1: prog.advance(tid, n)
 
-        res = run_scoring(path, ds, method, k=k, ratio=ratio, block_range=block_range, mode=mode,
-                          statistic=statistic, aggregate=aggregate, p=p, norm=not no_norm,
-                          batch_size=batch_size, max_length=max_length,
-                          text_positions=text_positions, seed=seed, device=device,
+        res = run_scoring(path, ds, o.method, k=k, ratio=ratio, block_range=o.block_range,
+                          mode=o.mode, statistic=o.statistic, aggregate=o.aggregate, p=o.p,
+                          norm=o.norm, batch_size=o.batch_size, max_length=o.max_length,
+                          text_positions=o.text_positions, seed=o.seed, device=o.device,
                           progress=progress)
-    mask = score_to_mask(path, res, task=task, model_id=alias_of(model))
-    mask.save(output)
-    console.print(f"wrote {output}: method={res.method} removed {res.removed} "
+    mask = score_to_mask(path, res, task=o.task, model_id=alias_of(o.model))
+    mask.save(o.output)
+    console.print(f"wrote {o.output}: method={res.method} removed {res.removed} "
                   f"({mask.num_kept}/{mask.num_hidden_layers} kept), {len(ds)} samples, "
                   f"{res.forward_passes} forward passes, {res.wall_s:.1f} s")
 
 
 @user_errors
 def eval(  # noqa: A001 - the command is called eval
-    model: str = typer.Option("llama", help="Alias, HF id or path."),
-    task: str = typer.Option(..., help="A known MCQA data set, or the name for --data."),
-    data: Optional[Path] = typer.Option(None, help="A JSONL file in the MCQA schema."),
-    split: str = typer.Option("validation"),
-    task_mask: List[Path] = typer.Option([], "--task-mask", help="Mask file (repeatable)."),
-    no_dense: bool = typer.Option(False, "--no-dense", help="Skip the dense model."),
-    limit: Optional[int] = typer.Option(None, help="Evaluate the first N items."),
-    kv_cache_gib: float = typer.Option(0.25, help="CPU KV cache per engine."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Results JSON."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="YAML file of these options (keys as the option names with "
+                                     "'_' for '-'); flags given win."),
+    model: Optional[str] = _opt(EvalOptions, "model", help="Alias, HF id or path."),
+    task: Optional[str] = _required("A known MCQA data set, or the name for --data."),
+    data: Optional[Path] = _opt(EvalOptions, "data", help="A JSONL file in the MCQA schema."),
+    split: Optional[str] = _opt(EvalOptions, "split"),
+    task_mask: Optional[List[Path]] = typer.Option(None, "--task-mask",
+                                                   help="Mask file (repeatable)."),
+    dense: Optional[bool] = _opt(EvalOptions, "dense", "--dense/--no-dense",
+                                 help="Evaluate the dense model too."),
+    limit: Optional[int] = _opt(EvalOptions, "limit", help="Evaluate the first N items."),
+    kv_cache_gib: Optional[float] = _opt(EvalOptions, "kv_cache_gib", help="KV cache per engine, GiB."),
+    output: Optional[Path] = _opt(EvalOptions, "output", "-o", "--output", help="Results JSON."),
 ) -> None:
     """Zero-shot MCQA accuracy (acc, acc_norm) of dense and pruned variants on the vLLM engine."""
+    given = {name: value for name, value in locals().items() if name != "config"}
+    given["task_mask"] = given["task_mask"] or None  # typer gives [] for "not given"
+    run_eval(build_options(EvalOptions, given, config))
+
+
+def run_eval(o: EvalOptions) -> None:
     from tabp_vllm.data import load_task
     from tabp_vllm.evaluate import evaluate_variant
     from tabp_vllm.mask import load_mask
-    from tabp_vllm.models import resolve_model
+    from tabp_vllm.models import load_model_config, model_fingerprint, resolve_model
 
-    ds = load_task(task, split, data)
+    ds = load_task(o.task, o.split, o.data)
     if ds.kind != "mcqa":
         raise TabpError(f"{ds.source}: eval needs MCQA data (question, choices, gold)")
-    ds = ds.first(limit)
-    path = resolve_model(model)
-    for m in task_mask:  # validate every mask before any engine starts
+    ds = ds.first(o.limit)
+    path = resolve_model(o.model)
+    for m in o.task_mask:  # validate every mask before any engine starts
         load_mask(m, path)
-    variants: list[tuple[str, Optional[str]]] = [] if no_dense else [("dense", None)]
-    variants += [(m.stem, str(m)) for m in task_mask]
+    variants: list[tuple[str, Optional[str]]] = [("dense", None)] if o.dense else []
+    variants += [(m.stem, str(m)) for m in o.task_mask]
     if not variants:
         raise TabpError("nothing to evaluate: --no-dense and no --task-mask")
     rows = []
     for name, mpath in variants:
         console.print(f"evaluating {name} on {ds.name}/{ds.split} ({len(ds)} items) ...")
-        r = evaluate_variant(path, ds.items, mpath, kv_cache_gib=kv_cache_gib)
+        r = evaluate_variant(path, ds.items, mpath, kv_cache_gib=o.kv_cache_gib)
         r.update(variant=name, mask=mpath)
         rows.append(r)
     table = Table("variant", "blocks kept", "acc", "acc_norm", "n", title=f"{ds.name} / {ds.split}")
-    from tabp_vllm.models import load_model_config, model_fingerprint
     total = model_fingerprint(load_model_config(path))["num_hidden_layers"]
     for r in rows:
         kept = r["blocks_kept"] if r["blocks_kept"] is not None else total
         table.add_row(r["variant"], f"{kept}/{total}", f"{r['acc']:.3f}", f"{r['acc_norm']:.3f}",
                       str(r["n"]))
     Console().print(table)
-    if output:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps({"model": model, "task": ds.name, "split": ds.split,
-                                      "data_sha256": ds.content_hash(), "results": rows},
-                                     indent=2) + "\n")
-        console.print(f"wrote {output}")
+    if o.output:
+        o.output.parent.mkdir(parents=True, exist_ok=True)
+        o.output.write_text(json.dumps({"model": o.model, "task": ds.name, "split": ds.split,
+                                        "data_sha256": ds.content_hash(), "results": rows},
+                                       indent=2) + "\n")
+        console.print(f"wrote {o.output}")

@@ -18,7 +18,8 @@ Free text (perplexity / full-vocabulary calibration)::
 Known data sets (read from ``../shared/data`` relative to the repository, or ``$TABP_VLLM_DATA``):
 arc_easy, arc_challenge (train / validation / test), boolq, piqa (only a dev split exists: a seeded
 half of it is ``train``, the other half ``validation``), gsm8k (train / test, free text: question +
-worked answer), wikitext2 (test, free text, one paragraph per sample).
+worked answer), wikitext2 (free text, one paragraph per sample; the split's
+``wiki.{train,valid,test}.raw`` file, of which the shared folder has only test).
 
 Any fault in a file stops with a `TabpError` of one line: ``FILE:LINE: message``.
 """
@@ -281,8 +282,16 @@ def _load_gsm8k(split: str) -> tuple[list[Item], str]:
     return items, where
 
 
+WIKITEXT2_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
+
+
 def _load_wikitext2(split: str) -> tuple[list[Item], str]:
-    path = data_root() / "wikitext2" / "wiki.test.raw"
+    folder = data_root() / "wikitext2"
+    path = folder / WIKITEXT2_FILES[split]
+    if not path.exists():  # the shared folder ships only the test split
+        have = [s for s, f in WIKITEXT2_FILES.items() if (folder / f).exists()]
+        raise TabpError(f"task 'wikitext2' has no {split!r} split here: {path} not found "
+                        f"(present: {', '.join(have) or 'none'})")
     where = str(path)
     items: list[Item] = []
     for _, ln in _read_lines(path):
@@ -298,7 +307,7 @@ KNOWN: dict[str, tuple[str, Any, tuple[str, ...]]] = {
     "boolq": ("mcqa", _load_boolq, ("train", "validation", "dev")),
     "piqa": ("mcqa", _load_piqa, ("train", "validation", "dev")),
     "gsm8k": ("text", _load_gsm8k, ("train", "test")),
-    "wikitext2": ("text", _load_wikitext2, ("test", "train", "validation")),
+    "wikitext2": ("text", _load_wikitext2, tuple(WIKITEXT2_FILES)),
     "demo": ("mcqa", None, ("train", "validation")),
 }
 

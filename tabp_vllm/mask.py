@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -192,7 +192,3 @@ def make_mask(
     mask = TaskMask(task=task, model_id=model_id or model_path, fingerprint=fingerprint,
                     removed_layers=sorted(removed_layers), **extra)
     return parse_mask(mask.to_json(), where=f"mask for task {task!r}")
-
-
-def mask_summary(mask: TaskMask) -> dict[str, Any]:
-    return {**asdict(mask), "kept": mask.num_kept, "hash": mask.content_hash()}

@@ -1,28 +1,17 @@
 """Baselines on a tiny random Llama (fast) with the demo tokenizer."""
 
 import pytest
-import torch
 
 from tabp_vllm.data import Dataset, MCQAItem, TextItem
-from tabp_vllm.scoring import METHODS, run_scoring
-from tabp_vllm.scoring.probe import ScoreContext, calibration_nll
+from tabp_vllm.scoring import get_method, run_scoring
+from tabp_vllm.scoring.perplexity import calibration_nll
+from tabp_vllm.scoring.probe import ScoreContext
+from tiny_llama import tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny(demo_model):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(demo_model)
-    tok.padding_side = "left"
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg).eval()
-    # block 3 becomes the identity: its attention and MLP write nothing to the residual stream
-    with torch.no_grad():
-        model.model.layers[3].self_attn.o_proj.weight.zero_()
-        model.model.layers[3].mlp.down_proj.weight.zero_()
-    return model, tok
+    return tiny_llama(demo_model)
 
 
 def texts():
@@ -36,7 +25,7 @@ def ctx_for(tiny, k=1, ds=None):
 
 
 def test_block_influence_identity_block_is_zero(tiny):
-    res = METHODS["block_influence"](ctx_for(tiny, k=1))
+    res = get_method("block_influence").score(ctx_for(tiny, k=1))
     assert res.scores[3] == pytest.approx(0.0, abs=1e-6)
     assert all(s > 1e-4 for i, s in enumerate(res.scores) if i != 3)
     assert res.removed == [3]
@@ -44,7 +33,7 @@ def test_block_influence_identity_block_is_zero(tiny):
 
 def test_sleb_k1_removes_lowest_perplexity_block(tiny):
     ctx = ctx_for(tiny, k=1)
-    res = METHODS["sleb"](ctx)
+    res = get_method("sleb").score(ctx)
     nll = {b: calibration_nll(ctx_for(tiny), {b}) for b in range(6)}
     assert res.removed == [min(nll, key=nll.get)]
     assert res.scores[res.removed[0]] == pytest.approx(min(nll.values()))
@@ -54,20 +43,20 @@ def test_sleb_k1_removes_lowest_perplexity_block(tiny):
 
 def test_sleb_k2_counts_passes_and_is_iterative(tiny):
     ctx = ctx_for(tiny, k=2)
-    res = METHODS["sleb"](ctx)
+    res = get_method("sleb").score(ctx)
     assert len(res.removed) == 2
     assert ctx.forward_passes == (6 + 5) * len(texts())
 
 
 def test_ppl_angular_random_lastk(tiny):
-    r = METHODS["ppl"](ctx_for(tiny, k=2))
+    r = get_method("ppl").score(ctx_for(tiny, k=2))
     assert len(r.removed) == 2 and all(r.scores[i] <= min(r.scores[j] for j in range(6) if j not in r.removed)
                                        for i in r.removed)
-    a = METHODS["angular"](ctx_for(tiny, k=2))
+    a = get_method("angular").score(ctx_for(tiny, k=2))
     assert a.removed == [a.removed[0], a.removed[0] + 1]  # contiguous run
     assert a.scores[a.removed[0]] == min(s for s in a.scores if s is not None)
-    assert METHODS["last_k"](ctx_for(tiny, k=2)).removed == [4, 5]
-    r1, r2 = METHODS["random"](ctx_for(tiny, k=2)), METHODS["random"](ctx_for(tiny, k=2))
+    assert get_method("last_k").score(ctx_for(tiny, k=2)).removed == [4, 5]
+    r1, r2 = get_method("random").score(ctx_for(tiny, k=2)), get_method("random").score(ctx_for(tiny, k=2))
     assert r1.removed == r2.removed  # seeded
 
 

@@ -86,3 +86,29 @@ def shared_data_ok():
     from tabp_vllm.data import data_root
     if not (data_root() / "arc_easy" / "train.json").exists():
         pytest.skip("shared data not present")
+
+
+def test_wikitext2_honours_split(tmp_path, monkeypatch):
+    folder = tmp_path / "wikitext2"
+    folder.mkdir()
+    para = lambda word: " ".join([word] * 60)  # noqa: E731 - a paragraph of >= 200 characters
+    (folder / "wiki.test.raw").write_text(f" = Heading = \n{para('test')}\n")
+    (folder / "wiki.train.raw").write_text(f"{para('train')}\n{para('more')}\n")
+    monkeypatch.setenv("TABP_VLLM_DATA", str(tmp_path))
+    train, test = load_task("wikitext2", "train"), load_task("wikitext2", "test")
+    assert [i.text.split()[0] for i in train.items] == ["train", "more"]
+    assert [i.text.split()[0] for i in test.items] == ["test"]
+    assert train.source.endswith("wiki.train.raw") and test.source.endswith("wiki.test.raw")
+    # a split whose file is not there is refused with one line, not answered with test text
+    with pytest.raises(TabpError) as e:
+        load_task("wikitext2", "validation")
+    s = str(e.value)
+    assert "no 'validation' split" in s and "wiki.valid.raw" in s and "\n" not in s
+
+
+def test_wikitext2_train_refused_on_shared_data(shared_data_ok):
+    from tabp_vllm.data import data_root
+    if (data_root() / "wikitext2" / "wiki.train.raw").exists():
+        pytest.skip("the shared data has a WikiText-2 train split")
+    with pytest.raises(TabpError, match="no 'train' split here"):
+        load_task("wikitext2", "train")

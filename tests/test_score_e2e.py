@@ -1,7 +1,5 @@
 """Score the demo model on a few samples through the CLI; the mask loads and the engine serves it."""
 
-import json
-
 import typer
 from typer.testing import CliRunner
 
@@ -45,4 +43,7 @@ def test_score_bad_options_exit_2(tmp_path):
     assert r.exit_code == 2 and "unknown method" in r.output
     r = CliRunner().invoke(app(), ["score", "--task", "demo", "--k", "40", "-o", str(tmp_path / "x.json")])
     assert r.exit_code == 2 and "k = 40" in r.output
-    json.dumps(r.output)
+    # refused with one line, before any mask is written
+    assert [ln for ln in r.output.splitlines() if ln.startswith("error")] == [
+        "error: k = 40: must be between 1 and the 15 candidate blocks"]
+    assert not (tmp_path / "x.json").exists()

@@ -2,22 +2,23 @@
 
     result = run_scoring(model_path, dataset, method="tabp", k=4)
     mask = score_to_mask(model_path, result, task="arc_easy", model_id="llama")
+
+The methods are classes around `base.ScoringMethod`, one family per file (tabp, similarity,
+perplexity, floors), listed once in `registry.py`. This module imports torch only when it scores,
+so the CLI can list methods and build its options without it.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, Callable
-
-import torch
 
 from tabp_vllm.data import Dataset
 from tabp_vllm.errors import TabpError
 from tabp_vllm.mask import TaskMask, make_mask
-from tabp_vllm.scoring.methods import METHODS, MethodResult
-from tabp_vllm.scoring.probe import ScoreContext, load_model, pick_device
-from tabp_vllm.scoring.statistics import ALPHA, STATISTICS
+from tabp_vllm.scoring.base import MethodResult, ScoringMethod
+from tabp_vllm.scoring.registry import METHOD_NAMES, all_methods, get_method
 
 DEFAULT_RANGE = (0.5, 1.0)  # the paper's candidate range: the latter half of the blocks
 
@@ -31,7 +32,6 @@ class ScoringResult:
     calibration: dict[str, Any]
     wall_s: float
     forward_passes: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_range(spec: str | None, num_blocks: int) -> list[int]:
@@ -85,8 +85,12 @@ def run_scoring(
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
     model_and_tokenizer: tuple | None = None,
 ) -> ScoringResult:
-    if method not in METHODS:
-        raise TabpError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+    import torch
+
+    from tabp_vllm.scoring.probe import ScoreContext, load_model, pick_device
+    from tabp_vllm.scoring.statistics import STATISTICS
+
+    scorer = get_method(method)
     if statistic not in STATISTICS:
         raise TabpError(f"unknown statistic {statistic!r}: choose from {', '.join(STATISTICS)}")
     if aggregate not in ("ssn", "ddf"):
@@ -112,51 +116,29 @@ def run_scoring(
                        batch_size=batch_size, max_length=max_length,
                        text_positions=text_positions, seed=seed, device=dev, progress=progress)
     t0 = time.perf_counter()
-    res: MethodResult = METHODS[method](ctx)
+    res: MethodResult = scorer.score(ctx)
     wall = time.perf_counter() - t0
     params: dict[str, Any] = {"k": kk, "candidate_range": [candidates[0], candidates[-1] + 1],
                               "seed": seed}
     if ratio is not None:
         params["ratio"] = ratio
-    if method == "tabp":
-        params.update(statistic=statistic, alpha=ALPHA[statistic], aggregate=aggregate, p=p,
-                      final_norm=norm, mode=ctx.mode)
-        if ctx.mode == "text":
-            params.update(max_length=max_length, text_positions=text_positions)
-    elif method in ("sleb", "ppl", "block_influence", "angular"):
-        params.update(mode="text", max_length=max_length)
-    if "removal_order" in ctx.extra:
-        params["removal_order"] = ctx.extra["removal_order"]
+    params.update(scorer.params(ctx))
+    params.update(res.params)
     calibration = dataset.provenance(seed)
     calibration.update(forward_passes=ctx.forward_passes, wall_s=round(wall, 3), device=dev)
     return ScoringResult(method, sorted(res.removed), res.scores, params, calibration, wall,
-                         ctx.forward_passes, ctx.extra)
-
-
-# Methods whose mask for a smaller k follows from one run at a larger k: a ranking of per-block
-# scores (lowest removed), or SLEB's greedy removal order (its first k rounds are the k-run).
-# Angular distance compares h_l with h_{l+k}, so it must be rerun for every k.
-RANKED = ("tabp", "block_influence", "ppl", "random", "last_k")
+                         ctx.forward_passes)
 
 
 def result_for_k(result: ScoringResult, k: int) -> ScoringResult:
-    """The result a run of the same method at a smaller `k` would give, from one at a larger k."""
-    from dataclasses import replace
-
-    from tabp_vllm.scoring.methods import _lowest
-
+    """The result a run of the same method at a smaller `k` would give, from one at a larger k
+    (methods whose scoring ranks the blocks for every k; see `ScoringMethod.ranks_all_k`)."""
     if k > result.params["k"]:
         raise TabpError(f"k = {k} is larger than the scored k = {result.params['k']}")
-    if result.method in RANKED:
-        lo, hi = result.params["candidate_range"]
-        removed = _lowest(result.scores, list(range(lo, hi)), k)
-    elif result.method == "sleb":
-        removed = sorted(result.params["removal_order"][:k])
-    else:
+    scorer = get_method(result.method)
+    if not scorer.ranks_all_k:
         raise TabpError(f"{result.method}: the mask for k = {k} needs its own scoring run")
-    params = {**result.params, "k": k}
-    if "removal_order" in params:
-        params["removal_order"] = params["removal_order"][:k]
+    removed, params = scorer.at_smaller_k(result.scores, result.params, k)
     return replace(result, removed=removed, params=params)
 
 
@@ -167,4 +149,5 @@ def score_to_mask(model_path: str, result: ScoringResult, task: str,
                      calibration=result.calibration)
 
 
-__all__ = ["METHODS", "ScoringResult", "run_scoring", "score_to_mask", "result_for_k", "parse_range", "resolve_k"]
+__all__ = ["METHOD_NAMES", "ScoringMethod", "ScoringResult", "all_methods", "get_method",
+           "parse_range", "resolve_k", "result_for_k", "run_scoring", "score_to_mask"]

@@ -1,16 +1,17 @@
-"""The forward pass the scorers share: transformers model, left-padded batches, hidden states of
-every block (hooks), the logit-lens read-out with the model's own final norm and head, and
-calibration perplexity with some blocks left out."""
+"""What the scorers share: the transformers model, the scoring context, the one batch iterator
+(`forward_batches`: left-padded batches through the model, optionally without some blocks, with
+every block's hidden state when asked), and the logit-lens read-out with the model's own final norm
+and head."""
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 
-from tabp_vllm.data import LETTERS, Dataset, MCQAItem, TextItem, mcqa_context, mcqa_lettered_prompt
+from tabp_vllm.data import LETTERS, Dataset, TextItem, mcqa_context
 from tabp_vllm.errors import TabpError
 
 
@@ -57,7 +58,6 @@ class ScoreContext:
     device: str = "cpu"
     progress: Callable[[str, int], Callable[[int], None]] | None = None
     forward_passes: int = 0  # sample-forward passes (one sample through the model once)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_blocks(self) -> int:
@@ -98,41 +98,48 @@ def lm_text(item) -> str:
     return f"{mcqa_context(item)} {item.choices[item.gold]}"
 
 
-def probe_batches(ctx: ScoreContext) -> Iterator[tuple[dict, list]]:
-    """(encoded batch, items): MCQA mode uses the lettered prompt, text mode the sample text."""
-    items = ctx.dataset.items
-    for s in range(0, len(items), ctx.batch_size):
-        chunk = items[s:s + ctx.batch_size]
-        if ctx.mode == "mcqa":
-            if not all(isinstance(i, MCQAItem) for i in chunk):
-                raise TabpError("MCQA mode needs MCQA data (question, choices, gold); "
-                                "use --mode text for free text")
-            texts = [mcqa_lettered_prompt(i) for i in chunk]
-        else:
-            texts = [lm_text(i) for i in chunk]
-        yield _encode(ctx, texts), chunk
+@dataclass
+class ForwardBatch:
+    """One calibration batch after the forward pass."""
+
+    items: list
+    inputs: dict[str, torch.Tensor]  # input_ids, attention_mask, position_ids; left padded
+    output: torch.Tensor  # the last hidden state after the final norm: what the LM head reads
+    hidden: list[torch.Tensor]  # hidden=True: h_0 (embeddings) .. h_B (before the final norm)
 
 
 @torch.no_grad()
-def hidden_states(ctx: ScoreContext, batch: dict, skip: set[int] = frozenset()) -> list[torch.Tensor]:
-    """h_0 (embeddings) .. h_B (after the last block, before the final norm), each (N, T, H)."""
+def forward_batches(ctx: ScoreContext, text: Callable[[Any], str], *, hidden: bool = False,
+                    skip: set[int] = frozenset(),
+                    tick: Callable[[int], None] | None = None) -> Iterator[ForwardBatch]:
+    """The calibration set through the model, `ctx.batch_size` samples at a time, each sample
+    written by `text(item)`, with the `skip` blocks left out. Counts `ctx.forward_passes` and ticks
+    `tick` once per batch, after the caller has used it. Every scorer's forward pass is this one."""
     model = ctx.model
-    layers = decoder_layers(model)
-    out: list[torch.Tensor] = []
+    items = ctx.dataset.items
+    for s in range(0, len(items), ctx.batch_size):
+        chunk = items[s:s + ctx.batch_size]
+        inputs = _encode(ctx, [text(i) for i in chunk])
+        states: list[torch.Tensor] = []
 
-    def grab(_m, _i, o):
-        out.append(o[0] if isinstance(o, tuple) else o)
+        def grab(_m, _i, o):
+            states.append(o[0] if isinstance(o, tuple) else o)
 
-    hooks = [model.model.embed_tokens.register_forward_hook(grab)]
-    hooks += [l.register_forward_hook(grab) for i, l in enumerate(layers) if i not in skip]
-    try:
-        with without_blocks(model, skip):
-            model.model(**batch, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    ctx.forward_passes += batch["input_ids"].shape[0]
-    return out
+        hooks = []
+        if hidden:
+            hooks.append(model.model.embed_tokens.register_forward_hook(grab))
+            hooks += [l.register_forward_hook(grab) for i, l in enumerate(decoder_layers(model))
+                      if i not in skip]
+        try:
+            with without_blocks(model, skip):
+                out = model.model(**inputs, use_cache=False).last_hidden_state
+        finally:
+            for h in hooks:
+                h.remove()
+        ctx.forward_passes += inputs["input_ids"].shape[0]
+        yield ForwardBatch(chunk, inputs, out, states)
+        if tick:
+            tick(1)
 
 
 @contextlib.contextmanager
@@ -158,23 +165,3 @@ def lens_logits(ctx: ScoreContext, h: torch.Tensor, rows: list[int] | None = Non
     if bias is not None:
         out = out + (bias if rows is None else bias[rows]).float()
     return out
-
-
-@torch.no_grad()
-def calibration_nll(ctx: ScoreContext, removed: set[int], tick=None) -> float:
-    """Mean next-token NLL over the calibration texts with `removed` blocks left out (log PPL)."""
-    total, count = 0.0, 0
-    items = ctx.dataset.items
-    for s in range(0, len(items), ctx.batch_size):
-        batch = _encode(ctx, [lm_text(i) for i in items[s:s + ctx.batch_size]])
-        with without_blocks(ctx.model, removed):
-            logits = ctx.model(**batch, use_cache=False).logits.float()
-        ctx.forward_passes += batch["input_ids"].shape[0]
-        tgt = batch["input_ids"][:, 1:]
-        valid = (batch["attention_mask"][:, 1:] * batch["attention_mask"][:, :-1]).bool()
-        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-        total += float(-(lp * valid).sum())
-        count += int(valid.sum())
-        if tick:
-            tick(1)
-    return total / max(count, 1)

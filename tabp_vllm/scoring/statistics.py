@@ -69,4 +69,3 @@ def js(logp: torch.Tensor, ref: torch.Tensor | None = None, **_) -> torch.Tensor
 STATISTICS = {"entropy": entropy, "top1": top1, "gold": gold, "gap": gap,
               "kl": kl, "js": js, "ce": ce}
 ALPHA = {"entropy": -1, "top1": 1, "gold": 1, "gap": 1, "kl": -1, "js": -1, "ce": -1}
-NEEDS_REF = {"kl", "js", "ce"}
