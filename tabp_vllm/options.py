@@ -38,6 +38,8 @@ def _one_line(exc: ValidationError, source: str) -> str:
     where = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
     if err.get("type") == "extra_forbidden":
         return f"{source}: unknown option {where!r}"
+    if err.get("type") == "missing":
+        return f"missing option {where!r} (give it on the command line or in the config file)"
     got = err.get("input")
     shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
     return f"{source}: option {where!r}: {err.get('msg', 'invalid')}{shown}"
