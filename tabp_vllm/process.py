@@ -119,14 +119,15 @@ class ManagedProcess:
             alive = [p for p in family if _alive(p)]
             if (self.popen.returncode is not None and not alive) or time.monotonic() > t_end:
                 break
-            time.sleep(0.2)
+            time.sleep(0.5)
         if alive or self.popen.returncode is None:
             _signal_group(self.pid, signal.SIGKILL)
         left = []
         for p in alive:
             try:
-                left.append((p.pid, p.name()))
+                name = p.name()
                 p.kill()  # psutil checks the pid was not reused by an unrelated process
+                left.append((p.pid, name))
             except psutil.Error:
                 pass
         self.popen.wait(timeout=10)  # reap the leader here: psutil's wait would hide its code
@@ -134,24 +135,22 @@ class ManagedProcess:
         return left
 
     def _family(self, known: set[psutil.Process]) -> set[psutil.Process]:
-        """Descendants of the leader and of every process already known, plus our session."""
-        found = set(known)
+        """The leader, everything in its session, everything already known, and their descendants."""
+        procs, children = {}, {}
+        for p in psutil.process_iter(["ppid"]):  # one pass over /proc: the parent links
+            procs[p.pid] = p
+            children.setdefault(p.info["ppid"], []).append(p.pid)
+        roots = [p.pid for p in known if procs.get(p.pid) == p]  # (== also compares start time)
         if self.popen.returncode is None:  # once reaped, its pid may belong to someone else
-            try:
-                found.add(psutil.Process(self.pid))
-            except psutil.Error:
-                pass
-        for p in psutil.process_iter():  # re-parented children keep their session
-            try:
-                if os.getsid(p.pid) == self.pid:
-                    found.add(p)
-            except (OSError, psutil.Error):
-                pass
-        for p in list(found):
-            try:
-                found.update(p.children(recursive=True))
-            except psutil.Error:
-                pass
+            roots.append(self.pid)
+        roots += [pid for pid in procs if _session(pid) == self.pid]  # re-parented, same session
+        found, seen = set(known), set()
+        while roots:
+            pid = roots.pop()
+            if pid in procs and pid not in seen:
+                seen.add(pid)
+                found.add(procs[pid])
+                roots += children.get(pid, [])
         return found
 
     def __enter__(self) -> "ManagedProcess":
@@ -172,6 +171,13 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):  # the group is already gone
         pass
+
+
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
 
 
 def _alive(p: psutil.Process) -> bool:
