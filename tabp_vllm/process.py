@@ -163,7 +163,12 @@ class ManagedProcess:
 def lists_models(names) -> Callable[[httpx.Response], bool]:
     """A `ready` check: an OpenAI `/v1/models` answer that lists every one of `names`."""
     want = set(names)
-    return lambda r: want <= {m["id"] for m in r.json().get("data", [])}
+
+    def check(r: httpx.Response) -> bool:
+        doc = r.json()
+        return isinstance(doc, dict) and want <= {m.get("id") for m in doc.get("data") or []}
+
+    return check
 
 
 def _signal_group(pgid: int, sig: int) -> None:
