@@ -17,37 +17,20 @@ in bench/results/serve_open.* and serve_c64.*:
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
 import sys
-import time
+from contextlib import ExitStack
 from pathlib import Path
-
-import httpx
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"error: server exited ({proc.returncode}); see {log}")
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    sys.exit(f"error: {url} not ready after {timeout_s:.0f} s; see {log}")
-
-
 def main() -> None:
+    from tabp_vllm.errors import TabpError
     from tabp_vllm.loadtest.commands import run_bench
     from tabp_vllm.loadtest.servers import api_server_command
     from tabp_vllm.models import resolve_model
+    from tabp_vllm.process import ManagedProcess, lists_models
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--levels", default="1,4,16")
@@ -65,28 +48,30 @@ def main() -> None:
     masks = [str(RESULTS / "masks" / "k4.json"), str(RESULTS / "masks" / "k8.json")]
     logs = RESULTS / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    procs: list[subprocess.Popen] = []
-    try:
-        serve_log = logs / "serve.log"
-        serve = subprocess.Popen(
+    # Leaving the stack stops both servers: SIGINT (Ctrl-C), then SIGKILL whatever is left.
+    with ExitStack() as stack:
+        serve = ManagedProcess(
             [sys.executable, "-m", "tabp_vllm", "serve", "--model", "llama", "--port",
              str(args.port), "--kv-cache-gib", str(args.kv_cache_gib), "--max-model-len", "1024",
              *[a for m in masks for a in ("--task-mask", m)]],
-            stdout=open(serve_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(serve)
-        if not args.no_bare:
-            bare_log = logs / "bare-vllm.log"
-            bare = subprocess.Popen(
-                api_server_command(model, args.bare_port, "llama", bare=True,
-                                   kv_cache_gib=args.kv_cache_gib, max_model_len=1024),
-                stdout=open(bare_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-            procs.append(bare)
-            wait_http(f"http://127.0.0.1:{args.bare_port}/v1/models", bare, 600, bare_log)
-        deadline = time.monotonic() + 600
-        while "\nREADY" not in serve_log.read_text(errors="replace"):
-            if serve.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"error: tabp-vllm serve did not become ready; see {serve_log}")
-            time.sleep(2)
+            logs / "serve.log", name="tabp-vllm serve")
+        stack.callback(serve.stop, grace_s=120)
+        serve.start()
+        try:
+            if not args.no_bare:
+                bare = ManagedProcess(
+                    api_server_command(model, args.bare_port, "llama", bare=True,
+                                       kv_cache_gib=args.kv_cache_gib, max_model_len=1024),
+                    logs / "bare-vllm.log", name="bare vLLM api_server")
+                stack.callback(bare.stop, grace_s=120)
+                bare.start().wait_ready(f"http://127.0.0.1:{args.bare_port}/v1/models",
+                                        deadline_s=600, interval_s=2)
+            # /v1/models answers from the ingress early; READY follows once every engine is up.
+            serve.wait_ready(f"http://127.0.0.1:{args.port}/v1/models",
+                             ready=lists_models(["llama", "llama-k4", "llama-k8"]),
+                             log_line="\nREADY", deadline_s=600, interval_s=2)
+        except TabpError as exc:
+            sys.exit(f"error: {exc}")
         run_bench(url=f"http://127.0.0.1:{args.port}",
                   variants=["llama", "llama-k4", "llama-k8"], model="llama", masks=masks,
                   bare_vllm=None if args.no_bare else f"llama@http://127.0.0.1:{args.bare_port}",
@@ -96,15 +81,6 @@ def main() -> None:
                         f"KV cache {args.kv_cache_gib} GiB per engine)"
                         + ("" if args.no_bare else
                            "; bare-vllm is a plain vLLM api_server of the dense model"))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGINT)
-        for proc in procs:
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":

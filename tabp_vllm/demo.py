@@ -11,7 +11,6 @@ Each step runs the real `tabp-vllm` command, so the demo shows what a user would
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,28 +19,55 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
+from tabp_vllm.errors import TabpError
+from tabp_vllm.process import ManagedProcess, lists_models
+
 console = Console()
 OUT = Path(os.environ.get("TABP_VLLM_DEMO_OUT", "out/demo"))
 PORT, METRICS_PORT = 8000, 8090
 CLI = [sys.executable, "-m", "tabp_vllm"]
+VARIANTS = ("llama", "llama-demo")  # --model llama + one mask of task "demo" (<alias>-<task>)
+SUCCESS, BLOCKS_KEPT = "ray_vllm_request_success_total", "ray_tabp_variant_blocks_kept"
+SHOWN = (SUCCESS, "ray_vllm_generation_tokens_total", BLOCKS_KEPT,
+         "ray_tabp_variant_theoretical_speedup")
 
 
 def step(title: str) -> None:
     console.rule(f"[bold cyan]{title}")
 
 
-def wait_ready(server: subprocess.Popen, log_path: Path, timeout_s: float = 600) -> str:
-    """Wait for the server's READY line (printed once every variant's engine is up)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        text = log_path.read_text(errors="replace")
-        if "\nREADY" in text:
-            return text
-        if server.poll() is not None:
-            raise SystemExit(f"error: the server exited with code {server.returncode}; "
-                             f"see {log_path}")
+def variant_metrics(text: str) -> dict[tuple[str, str], float]:
+    """{(metric, variant): value} for the SHOWN series over their other labels (Ray adds its
+    own, and a counter is split by e.g. finished_reason): counters summed, gauges the largest."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        merge = (lambda a, b: a + b) if family.type == "counter" else max
+        for sample in family.samples:
+            if sample.name in SHOWN and "model_name" in sample.labels:
+                key = (sample.name, sample.labels["model_name"])
+                out[key] = merge(out[key], sample.value) if key in out else sample.value
+    return out
+
+
+def wait_for_metrics(url: str, deadline_s: float = 120.0) -> dict[tuple[str, str], float]:
+    """Wait until every variant's request is counted and its tabp gauge is there.
+
+    Ray exports each replica's metrics on its own few-second timer: the dense variant's counter
+    can show while the pruned one's is not exported yet, so wait for all of them.
+    """
+    t_end = time.monotonic() + deadline_s
+    while True:
+        got = variant_metrics(httpx.get(url, timeout=10).text)
+        missing = [v for v in VARIANTS
+                   if got.get((SUCCESS, v), 0) < 1 or (BLOCKS_KEPT, v) not in got]
+        if not missing:
+            return got
+        if time.monotonic() > t_end:
+            raise TabpError(f"{url} did not show the requests of {', '.join(missing)} "
+                            f"within {deadline_s:.0f} s")
         time.sleep(2)
-    raise SystemExit(f"error: the server was not ready within {timeout_s:.0f} s; see {log_path}")
 
 
 def main() -> int:
@@ -56,15 +82,17 @@ def main() -> int:
     subprocess.run(CLI + ["masks", "show", str(mask)], check=True)
 
     step("2. serve: dense + pruned, one OpenAI endpoint (Ray Serve + vLLM)")
-    log = open(OUT / "serve.log", "w")
-    server = subprocess.Popen(
+    server = ManagedProcess(
         CLI + ["serve", "--model", "llama", "--task-mask", str(mask), "--port", str(PORT),
                "--metrics-port", str(METRICS_PORT), "--kv-cache-gib", "0.25",
                "--max-model-len", "1024"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        OUT / "serve.log", name="tabp-vllm serve").start()
     try:
-        text = wait_ready(server, OUT / "serve.log")
-        lines = text.splitlines()
+        # /v1/models answers from the ingress as soon as it is up; the READY line follows once
+        # every variant's engine is up, right after the variant table we show here.
+        server.wait_ready(f"http://127.0.0.1:{PORT}/v1/models", ready=lists_models(VARIANTS),
+                          log_line="\nREADY", deadline_s=600, interval_s=2)
+        lines = server.log_text().splitlines()
         first = next(i for i, ln in enumerate(lines) if "tabp-vllm serve:" in ln)
         last = next(i for i, ln in enumerate(lines) if ln.startswith("metrics:"))
         print("\n".join(lines[first:last + 1]))
@@ -80,34 +108,23 @@ def main() -> int:
                           f"{meta.get('blocks_total')}): [green]{reply.choices[0].message.content}")
 
         step("4. Prometheus metrics, per variant")
-        wanted = ("ray_vllm_request_success_total", "ray_vllm_generation_tokens_total",
-                  "ray_tabp_variant_blocks_kept", "ray_tabp_variant_theoretical_speedup")
-        deadline = time.monotonic() + 60
-        lines: list[str] = []
-        while time.monotonic() < deadline:  # Ray exports metrics every few seconds
-            text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
-            lines = [ln for ln in text.splitlines() if ln.startswith(wanted)]
-            if any(ln.startswith(wanted[0]) for ln in lines) and any(
-                    ln.startswith(wanted[2]) for ln in lines):
-                break
-            time.sleep(3)
-        for ln in lines:
-            console.print("  " + ln.split("{")[0] + " {model_name=" +
-                          ln.split('model_name="')[1].split('"')[0] + "} " + ln.rsplit(" ", 1)[1]
-                          if 'model_name="' in ln else "  " + ln)
-        console.print(f"\nmask: {mask}   server log: {OUT / 'serve.log'}")
+        got = wait_for_metrics(f"http://127.0.0.1:{METRICS_PORT}/metrics")
+        for metric in SHOWN:
+            for variant in VARIANTS:
+                if (metric, variant) in got:
+                    console.print(f"  {metric} {{model_name={variant}}} {got[metric, variant]:g}")
+        console.print(f"\nmask: {mask}   server log: {server.log_path}")
     finally:
         step("5. stop (Ctrl-C)")
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGINT)
-            try:
-                server.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-        log.close()
-        console.print(f"server exited with code {server.returncode}")
+        left = server.stop(grace_s=120)
+        console.print(f"server exited with code {server.returncode}"
+                      + (f"; killed {len(left)} process(es) still running after 120 s"
+                         if left else ""))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except TabpError as exc:
+        sys.exit(f"error: {exc}")

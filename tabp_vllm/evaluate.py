@@ -20,6 +20,7 @@ from typing import Any
 
 from tabp_vllm.data import Dataset, MCQAItem, mcqa_context
 from tabp_vllm.errors import TabpError
+from tabp_vllm.process import ManagedProcess
 
 
 def build_requests(tok, items: list[MCQAItem]) -> list[tuple[int, int, list[int], int]]:
@@ -93,9 +94,11 @@ def _last_line(text: str) -> str:
 
 
 def _run_once(spec: str, out: str, err: str, log_path: str) -> subprocess.CompletedProcess:
-    with open(log_path, "w") as log:
-        return subprocess.run([sys.executable, "-m", "tabp_vllm.evaluate", spec, out, err],
-                              stdout=subprocess.DEVNULL, stderr=log)
+    cmd = [sys.executable, "-m", "tabp_vllm.evaluate", spec, out, err]
+    # Leaving the block stops what is left of the child's family: its engine core, when the
+    # child was killed; the child too, when we are interrupted (it has its own session).
+    with ManagedProcess(cmd, log_path, name="evaluation process") as proc:
+        return subprocess.CompletedProcess(cmd, proc.wait())
 
 
 def evaluate_variant(model: str, items: list[MCQAItem], mask_path: str | None,
@@ -105,7 +108,7 @@ def evaluate_variant(model: str, items: list[MCQAItem], mask_path: str | None,
     The child writes its result file only once every choice is scored, then shuts the engine
     down and skips interpreter teardown (where vLLM's engine stack now and then aborts); a result
     that exists is complete and kept even if the child dies after writing it. A child killed by
-    a signal before it finished is run once more; its stderr is kept under the cache directory
+    a signal before it finished is run once more; its output is kept under the cache directory
     and named in the error.
     """
     from tabp_vllm.models import cache_dir

@@ -19,6 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tabp_vllm.process import ManagedProcess, lists_models
+
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(3600)]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,78 +44,39 @@ def free_port(lo: int, hi: int) -> int:
     raise RuntimeError(f"no free port in {lo}-{hi}")
 
 
-def session_procs(sid: int) -> list[tuple[int, str]]:
-    import psutil
-
-    out = []
-    for p in psutil.process_iter(["pid", "name"]):
-        try:
-            if os.getsid(p.pid) == sid:
-                out.append((p.pid, p.info["name"]))
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            pass
-    return out
-
-
 class Server:
+    """`tabp-vllm serve` as a ManagedProcess; `proc.pid` is also its session id."""
+
     def __init__(self, tmp: Path, masks: list[Path]):
         self.port = free_port(8040, 8080)
         self.metrics_port = free_port(8080, 8100)
         self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp / "serve.log"
-        self.masks = masks
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
         cmd = [sys.executable, "-m", "tabp_vllm", "serve", "--model", "llama",
                "--port", str(self.port), "--metrics-port", str(self.metrics_port),
                "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-gib", "0.25",
                "--api-key", API_KEY]
-        for m in self.masks:
+        for m in masks:
             cmd += ["--task-mask", str(m)]
-        env = {**os.environ, "RAY_metrics_report_interval_ms": "2000",
-               "RAY_SERVE_HTTP_REQUEST_MAX_RETRIES": "0"}
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
-                                     env=env, start_new_session=True)
+        env = {"RAY_metrics_report_interval_ms": "2000", "RAY_SERVE_HTTP_REQUEST_MAX_RETRIES": "0"}
+        self.proc = ManagedProcess(cmd, tmp / "serve.log", env=env, cwd=REPO, name="tabp-vllm serve")
+
+    def start(self) -> None:
+        self.proc.start()
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.proc.log_text()
 
     def wait_ready(self) -> None:
-        deadline = time.time() + READY_TIMEOUT
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"serve exited {self.proc.returncode}:\n{self.log_text()[-4000:]}")
-            if "READY" in self.log_text():
-                return
-            time.sleep(2)
-        raise TimeoutError(f"serve not ready in {READY_TIMEOUT}s:\n{self.log_text()[-4000:]}")
+        # /v1/models answers from the ingress as soon as it is up; the READY line (after the
+        # variant table test_startup_table reads) follows once every engine is up.
+        self.proc.wait_ready(f"{self.base}/v1/models", ready=lists_models(VARIANTS),
+                             headers={"Authorization": f"Bearer {API_KEY}"}, log_line="READY",
+                             deadline_s=READY_TIMEOUT, interval_s=2)
 
     def stop(self) -> list[tuple[int, str]]:
-        """SIGINT (Ctrl-C), wait for exit; return the processes of its session still alive."""
-        if self.proc is None:
-            return []
-        sid = self.proc.pid
-        if self.proc.poll() is None:
-            # What Ctrl-C in a terminal does: SIGINT to the whole (foreground) process group.
-            os.killpg(sid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout=180)
-            except subprocess.TimeoutExpired:
-                pass
-        deadline = time.time() + 60
-        left = session_procs(sid)
-        while left and time.time() < deadline:
-            time.sleep(2)
-            left = session_procs(sid)
-        for pid, _ in left:  # never leave them behind, but report them
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.log.close()
-        return left
+        """SIGINT (what Ctrl-C in a terminal sends to the whole group), wait for the server and
+        everything it started to exit; return the processes that had to be killed."""
+        return self.proc.stop(grace_s=240)
 
 
 class Prometheus:
@@ -126,20 +89,11 @@ class Prometheus:
             "global:\n  scrape_interval: 2s\n  evaluation_interval: 2s\n"
             "scrape_configs:\n  - job_name: tabp\n    static_configs:\n"
             f"      - targets: ['{target}']\n")
-        self.proc = subprocess.Popen(
+        self.proc = ManagedProcess(
             ["prometheus", f"--config.file={self.dir / 'prometheus.yml'}",
              f"--storage.tsdb.path={self.dir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=open(self.dir / "log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{self.base}/-/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError("prometheus did not become ready: " + (self.dir / "log").read_text()[-2000:])
+             f"--web.listen-address=127.0.0.1:{self.port}"], self.dir / "log").start()
+        self.proc.wait_ready(f"{self.base}/-/ready", deadline_s=60)
 
     def query(self, expr: str) -> dict[str, float]:
         r = httpx.get(f"{self.base}/api/v1/query", params={"query": expr}, timeout=10)
@@ -150,11 +104,7 @@ class Prometheus:
         return out
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        self.proc.stop(grace_s=30)
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tabp_vllm.process import ManagedProcess, lists_models
 from test_serve import free_port
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(1800)]
@@ -64,20 +63,16 @@ def test_join_cluster_with_two_replicas(tmp_path, demo_model, ray_cluster):
 
     mask = make_mask(demo_model, [20, 21, 22, 23], task="gsm8k", model_id="llama").save(tmp_path / "m.json")
     port = free_port(8100, 8140)
-    log_path = tmp_path / "serve.log"
     cmd = [sys.executable, "-m", "tabp_vllm", "serve", "--model", "llama", "--address", address,
            "--no-dense", "--task-mask", str(mask), "--replicas", "2", "--port", str(port),
            "--max-model-len", "512", "--kv-cache-gib", "0.25"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                                start_new_session=True)
+    proc = ManagedProcess(cmd, tmp_path / "serve.log", env=env, cwd=REPO, name="tabp-vllm serve")
+    proc.start()
     try:
-        deadline = time.time() + 1200
-        while "READY" not in log_path.read_text(errors="replace"):
-            assert proc.poll() is None, log_path.read_text()[-4000:]
-            assert time.time() < deadline, "serve not ready:\n" + log_path.read_text()[-4000:]
-            time.sleep(2)
-        text = log_path.read_text()
+        # /v1/models answers from the ingress early; READY follows once both replicas are up.
+        proc.wait_ready(f"http://127.0.0.1:{port}/v1/models", ready=lists_models([VARIANT]),
+                        log_line="READY", deadline_s=1200, interval_s=2)
+        text = proc.log_text()
         assert "the Ray cluster's metrics export port(s)" in text  # no private metrics port
 
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=300, max_retries=0)
@@ -90,10 +85,10 @@ def test_join_cluster_with_two_replicas(tmp_path, demo_model, ray_cluster):
         llm = {d: n for d, n in apps["tabp"].items() if "Ingress" not in d}
         assert list(llm.values()) == [2], apps
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=180)
-    assert proc.returncode == 0, log_path.read_text()[-3000:]
+        # Only what our process started is stopped: the cluster's own processes are not ours.
+        left = proc.stop(grace_s=180)
+    assert proc.returncode == 0, proc.log_tail(40)
+    assert not left, left
     # Our app is gone; the cluster we joined still runs and answers.
     assert "tabp" not in app_replicas(address, env)
     with pytest.raises(httpx.HTTPError):

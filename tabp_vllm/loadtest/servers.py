@@ -8,17 +8,12 @@ overhead comparison to stand up a plain vLLM server (default loader, no plugin) 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from tabp_vllm.errors import TabpError
+from tabp_vllm.process import ManagedProcess
 
 
 def engine_args_to_cli(args: dict[str, Any]) -> list[str]:
@@ -56,51 +51,24 @@ def api_server_command(model: str, port: int, served_name: str, mask=None, bare:
 
 
 class ApiServer:
-    """One api_server process in its own process group; a context manager that always stops it."""
+    """One api_server process (a `ManagedProcess`): ready once `/v1/models` answers."""
 
     def __init__(self, cmd: list[str], port: int, log_path: str | Path,
                  env: dict[str, str] | None = None):
-        self.cmd, self.port, self.log_path = cmd, port, Path(log_path)
-        self.url = f"http://127.0.0.1:{port}"
-        self.env = {**os.environ, **(env or {})}
-        self.proc: subprocess.Popen | None = None
+        self.port, self.url = port, f"http://127.0.0.1:{port}"
+        self.process = ManagedProcess(cmd, log_path, env=env, name=f"api_server on port {port}")
 
     def start(self) -> "ApiServer":
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
-                                     env=self.env, start_new_session=True)
-        log.close()
+        self.process.start()
         return self
 
     def wait_ready(self, timeout: float = 300.0) -> "ApiServer":
-        t_end = time.time() + timeout
-        while time.time() < t_end:
-            if self.proc is not None and self.proc.poll() is not None:
-                tail = self.log_path.read_text(errors="replace").strip().splitlines()[-5:]
-                raise TabpError(f"api_server on port {self.port} exited with "
-                                f"{self.proc.returncode}: {' | '.join(tail)}")
-            try:
-                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(1.0)
-        raise TabpError(f"api_server on port {self.port} not ready after {timeout:.0f} s "
-                        f"(log: {self.log_path})")
+        # vLLM's api_server binds its port only after the engine is up: HTTP 200 means ready.
+        self.process.wait_ready(f"{self.url}/v1/models", deadline_s=timeout, interval_s=1.0)
+        return self
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        pgid = self.proc.pid  # start_new_session: the group id is our child's pid
-        try:
-            os.killpg(pgid, signal.SIGINT)
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(pgid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
+        self.process.stop(grace_s=timeout)
 
     def __enter__(self) -> "ApiServer":
         return self.start()
