@@ -57,7 +57,7 @@ def accuracy(items: list[MCQAItem], loglik: dict[tuple[int, int], float]) -> dic
 
 
 def evaluate_in_process(model: str, items: list[MCQAItem], mask_path: str | None,
-                        kv_cache_gib: float = 0.25, max_model_len: int = 2048) -> dict[str, Any]:
+                        kv_cache_gib: float | None = None, max_model_len: int = 2048) -> dict[str, Any]:
     """Build the engine for (model, mask) and score every choice; needs the __main__ guard."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -102,7 +102,7 @@ def _run_once(spec: str, out: str, err: str, log_path: str) -> subprocess.Comple
 
 
 def evaluate_variant(model: str, items: list[MCQAItem], mask_path: str | None,
-                     kv_cache_gib: float = 0.25) -> dict[str, Any]:
+                     kv_cache_gib: float | None = None) -> dict[str, Any]:
     """Run `evaluate_in_process` in a fresh Python process (one engine per process).
 
     The child writes its result file only once every choice is scored, then shuts the engine

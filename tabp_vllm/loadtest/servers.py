@@ -33,7 +33,7 @@ def engine_args_to_cli(args: dict[str, Any]) -> list[str]:
 
 
 def api_server_command(model: str, port: int, served_name: str, mask=None, bare: bool = False,
-                       kv_cache_gib: float = 0.25, max_model_len: int = 1024,
+                       kv_cache_gib: float | None = None, max_model_len: int = 1024,
                        host: str = "127.0.0.1", extra: dict[str, Any] | None = None) -> list[str]:
     """The command line of one api_server for (model, mask); `bare` = plain vLLM, dense only."""
     from tabp_vllm.engine import engine_args_for
