@@ -39,7 +39,7 @@ def _one_line(exc: ValidationError, source: str) -> str:
     if err.get("type") == "extra_forbidden":
         return f"{source}: unknown option {where!r}"
     if err.get("type") == "missing":
-        return f"missing option {where!r} (give it on the command line or in the config file)"
+        return f"{source}: missing option {where!r}"
     got = err.get("input")
     shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
     return f"{source}: option {where!r}: {err.get('msg', 'invalid')}{shown}"
@@ -74,5 +74,5 @@ def build_options(cls: type[O], cli: Mapping[str, Any] | None = None,
     except ValidationError as exc:
         loc = exc.errors()[0].get("loc", ())
         from_cli = bool(loc) and loc[0] in given
-        source = "command line" if from_cli else str(file) if file else "config"
+        source = "command line" if from_cli or not (file or file_doc) else str(file or "config")
         raise TabpError(_one_line(exc, source)) from None

@@ -30,45 +30,38 @@ import typer
 
 from tabp_vllm.errors import TabpError, user_errors
 
-# Published config.json values (HF hub, as of 2025), as plain dicts. Only the shape and the
-# architecture matter for speed; token ids are set from the tokenizer that is copied in.
+def _decoder(arch: str, model_type: str, layers: int, hidden: int, mlp: int, heads: int,
+             kv_heads: int, vocab: int, max_pos: int, rope_theta: float, eps: float,
+             **extra: Any) -> dict[str, Any]:
+    """A decoder config.json in the common HF layout (SiLU MLP, untied head unless `extra` says)."""
+    return {"architectures": [arch], "model_type": model_type, "num_hidden_layers": layers,
+            "hidden_size": hidden, "intermediate_size": mlp, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads, "vocab_size": vocab,
+            "max_position_embeddings": max_pos, "rope_theta": rope_theta, "rms_norm_eps": eps,
+            "hidden_act": "silu", "initializer_range": 0.02, "tie_word_embeddings": False,
+            **extra}
+
+
+# Published config.json values (HF hub, as of 2025). Only the shape and the architecture matter
+# for speed; token ids are set from the tokenizer that is copied in.
 ARCHS: dict[str, dict[str, Any]] = {
-    "llama-3.1-8b": {  # meta-llama/Llama-3.1-8B
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-        "vocab_size": 128256, "max_position_embeddings": 131072,
-        "rope_theta": 500000.0,
-        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-        "rms_norm_eps": 1e-5, "hidden_act": "silu", "initializer_range": 0.02,
-        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-    },
-    "qwen2.5-7b": {  # Qwen/Qwen2.5-7B (q/k/v projections carry a bias in Qwen2)
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-        "num_hidden_layers": 28, "hidden_size": 3584, "intermediate_size": 18944,
-        "num_attention_heads": 28, "num_key_value_heads": 4,
-        "vocab_size": 152064, "max_position_embeddings": 131072,
-        "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",
-        "initializer_range": 0.02, "tie_word_embeddings": False,
-        "use_sliding_window": False, "sliding_window": 131072, "max_window_layers": 28,
-    },
-    "mistral-7b": {  # mistralai/Mistral-7B-v0.1
-        "architectures": ["MistralForCausalLM"], "model_type": "mistral",
-        "num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336,
-        "num_attention_heads": 32, "num_key_value_heads": 8,
-        "vocab_size": 32000, "max_position_embeddings": 32768,
-        "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "hidden_act": "silu",
-        "initializer_range": 0.02, "tie_word_embeddings": False, "sliding_window": 4096,
-    },
-    "tiny-llama": {  # for tests: 4 blocks, hidden 64; vocabulary = the SmolLM2 tokenizer's
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 128,
-        "num_attention_heads": 4, "num_key_value_heads": 2,
-        "vocab_size": 49152, "max_position_embeddings": 2048,
-        "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "hidden_act": "silu",
-        "initializer_range": 0.02, "tie_word_embeddings": False,
-    },
+    # meta-llama/Llama-3.1-8B
+    "llama-3.1-8b": _decoder(
+        "LlamaForCausalLM", "llama", 32, 4096, 14336, 32, 8, 128256, 131072, 500000.0, 1e-5,
+        head_dim=128, attention_bias=False, mlp_bias=False,
+        rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192, "rope_type": "llama3"}),
+    # Qwen/Qwen2.5-7B (q/k/v projections carry a bias in Qwen2)
+    "qwen2.5-7b": _decoder(
+        "Qwen2ForCausalLM", "qwen2", 28, 3584, 18944, 28, 4, 152064, 131072, 1000000.0, 1e-6,
+        use_sliding_window=False, sliding_window=131072, max_window_layers=28),
+    # mistralai/Mistral-7B-v0.1
+    "mistral-7b": _decoder(
+        "MistralForCausalLM", "mistral", 32, 4096, 14336, 32, 8, 32000, 32768, 10000.0, 1e-5,
+        sliding_window=4096),
+    # for tests: 4 blocks, hidden 64; vocabulary = the SmolLM2 tokenizer's
+    "tiny-llama": _decoder(
+        "LlamaForCausalLM", "llama", 4, 64, 128, 4, 2, 49152, 2048, 10000.0, 1e-5),
 }
 
 # Parameter counts of the published models (embeddings and LM head included).

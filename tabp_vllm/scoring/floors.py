@@ -7,30 +7,34 @@ import random
 from tabp_vllm.scoring.base import MethodResult, ScoringMethod, lowest
 
 
-class RandomBlocks(ScoringMethod):
-    name = "random"
-    summary = "floor: k seeded random blocks"
+class _Floor(ScoringMethod):
+    """A floor ranks the candidates by a rule of its own, without looking at the model."""
 
     def forward_passes(self, samples: int, candidates: int, k: int) -> int:
         return 0
 
+    def candidate_scores(self, ctx) -> list[float]:
+        raise NotImplementedError
+
     def score(self, ctx) -> MethodResult:
-        rng = random.Random(ctx.seed)
         scores: list[float | None] = [None] * ctx.num_blocks
-        for i in ctx.candidates:
-            scores[i] = rng.random()
+        for i, value in zip(ctx.candidates, self.candidate_scores(ctx)):
+            scores[i] = value
         return MethodResult(scores, lowest(scores, ctx.candidates, ctx.k))
 
 
-class LastK(ScoringMethod):
+class RandomBlocks(_Floor):
+    name = "random"
+    summary = "floor: k seeded random blocks"
+
+    def candidate_scores(self, ctx) -> list[float]:
+        rng = random.Random(ctx.seed)
+        return [rng.random() for _ in ctx.candidates]
+
+
+class LastK(_Floor):
     name = "last_k"
     summary = "floor: the last k candidate blocks"
 
-    def forward_passes(self, samples: int, candidates: int, k: int) -> int:
-        return 0
-
-    def score(self, ctx) -> MethodResult:
-        scores: list[float | None] = [None] * ctx.num_blocks
-        for i in ctx.candidates:
-            scores[i] = float(ctx.num_blocks - i)  # later blocks score lower: removed first
-        return MethodResult(scores, sorted(ctx.candidates)[-ctx.k:])
+    def candidate_scores(self, ctx) -> list[float]:
+        return [float(ctx.num_blocks - i) for i in ctx.candidates]  # later blocks removed first

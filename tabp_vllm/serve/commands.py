@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
@@ -29,25 +29,12 @@ def _parse_extra(items: list[str]) -> dict:
     return extra
 
 
-def serve_options(
-    model: Optional[str] = None,
-    task_mask: Optional[List[Path]] = None,
-    task: Optional[List[str]] = None,
-    config: Optional[Path] = None,
-    dense: Optional[bool] = None,
-    replicas: Optional[int] = None,
-    host: Optional[str] = None,
-    port: Optional[int] = None,
-    metrics_port: Optional[int] = None,
-    api_key: Optional[str] = None,
-    address: Optional[str] = None,
-    num_cpus: Optional[int] = None,
-    max_model_len: Optional[int] = None,
-    dtype: Optional[str] = None,
-    kv_cache_gib: Optional[float] = None,
-    enforce_eager: Optional[bool] = None,
-    engine_arg: Optional[List[str]] = None,
-):
+ENGINE_KEYS = ("max_model_len", "dtype", "kv_cache_gib", "enforce_eager")
+
+
+def serve_options(config: Optional[Path] = None, task_mask: Optional[List[Path]] = None,
+                  task: Optional[List[str]] = None, engine_arg: Optional[List[str]] = None,
+                  **given: Any):
     """`ServeOptions` from the CLI's values (None: not given) and a YAML config file.
 
     CLI flag > file > default, key by key (also inside `engine`); `--task-mask` variants are
@@ -61,13 +48,10 @@ def serve_options(
     tasks = list(task or [])
     if len(tasks) > len(masks):
         raise TabpError(f"{len(tasks)} --task given for {len(masks)} --task-mask")
-    engine = {k: v for k, v in dict(max_model_len=max_model_len, dtype=dtype,
-                                    kv_cache_gib=kv_cache_gib, enforce_eager=enforce_eager,
-                                    extra=_parse_extra(engine_arg) if engine_arg else None).items()
-              if v is not None}
-    cli = dict(model=model, dense=dense, replicas=replicas, host=host, port=port,
-               metrics_port=metrics_port, api_key=api_key, address=address, num_cpus=num_cpus,
-               engine=engine or None,
+    engine = {k: given.pop(k) for k in ENGINE_KEYS if given.get(k) is not None}
+    if engine_arg:
+        engine["extra"] = _parse_extra(engine_arg)
+    cli = dict(given, engine=engine or None,
                variants=[{"mask": m, "task": tasks[i] if i < len(tasks) else None}
                          for i, m in enumerate(masks)] or None)
     from_cli = build_options(ServeOptions, cli)
