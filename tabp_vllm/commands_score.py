@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar, List, Optional
 
 import typer
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -54,9 +54,33 @@ class ScoreOptions(Options):
     batch_size: int = _scoring_default("batch_size")
     max_length: int = _scoring_default("max_length")
     text_positions: int = _scoring_default("text_positions")
+    probe: str = _scoring_default("probe")
+    preset: Optional[str] = None
+    first_samples: bool = False  # the first --samples items instead of a seeded sample
     seed: int = _scoring_default("seed")
     device: str = _scoring_default("device")
     output: Path
+
+    # `--preset paper`: the official TaBP setting (scorer settings in scoring/tabp.py; the data:
+    # the first 1,024 ARC-Easy train questions, for every task). A layer between the defaults and
+    # what the file or the command line give: options given explicitly still win.
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "paper": {"task": "arc_easy", "split": "train", "samples": 1024, "first_samples": True},
+    }
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("preset") is not None:
+            from tabp_vllm.scoring.tabp import PAPER_PRESET
+
+            preset = values["preset"]
+            if preset not in cls.PRESETS:
+                raise PydanticCustomError("preset", "unknown preset; choose from {names}",
+                                          {"names": ", ".join(cls.PRESETS)})
+            layer = {**cls.PRESETS[preset], **PAPER_PRESET}
+            values = {**layer, **values}
+        return values
 
     @field_validator("method")
     @classmethod
@@ -140,7 +164,20 @@ def score(
     ratio: Optional[float] = _opt(ScoreOptions, "ratio",
                                   help="Share of blocks to remove (instead of --k)."),
     block_range: Optional[str] = _opt(ScoreOptions, "block_range", "--range",
-                                      help="Candidate blocks: fractions 0.5:1.0 or indices 15:30."),
+                                      help="Candidate blocks: latter (B/2+1..B-1, the paper's), "
+                                           "whole (1..B-2), fractions 0.5:1.0 or indices 15:30."),
+    probe: Optional[str] = _opt(ScoreOptions, "probe",
+                                help="TaBP in MCQA mode: letters (the option letters of a lettered "
+                                     "prompt), cloze (the choices' first tokens after "
+                                     "'Question: ...\\nAnswer:'), auto (letters only where the "
+                                     "model answers them clearly above chance)."),
+    preset: Optional[str] = _opt(ScoreOptions, "preset",
+                                 help="paper: the official TaBP setting (ARC-Easy train, first "
+                                      "1,024, entropy DDF, no final norm, lettered prompt, "
+                                      "latter range); flags given still win."),
+    first_samples: Optional[bool] = _opt(ScoreOptions, "first_samples",
+                                         "--first-samples/--seeded-samples",
+                                         help="The first --samples items, not a seeded sample."),
     mode: Optional[str] = _opt(ScoreOptions, "mode", help="auto|mcqa|text."),
     norm: Optional[bool] = _opt(ScoreOptions, "norm", "--norm/--no-norm",
                                 help="Probe with the model's final norm before the LM head."),
@@ -165,7 +202,8 @@ def run_score(o: ScoreOptions) -> None:
     from tabp_vllm.models import alias_of, resolve_model
     from tabp_vllm.scoring import score_to_mask
 
-    ds = load_task(o.task, o.split, o.data).subset(o.samples, o.seed)
+    data = load_task(o.task, o.split, o.data)
+    ds = data.first(o.samples) if o.first_samples else data.subset(o.samples, o.seed)
     path = resolve_model(o.model)
     k, ratio = o.blocks()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -177,8 +215,8 @@ def run_score(o: ScoreOptions) -> None:
         res = run_scoring(path, ds, o.method, k=k, ratio=ratio, block_range=o.block_range,
                           mode=o.mode, statistic=o.statistic, aggregate=o.aggregate, p=o.p,
                           norm=o.norm, batch_size=o.batch_size, max_length=o.max_length,
-                          text_positions=o.text_positions, seed=o.seed, device=o.device,
-                          progress=progress)
+                          text_positions=o.text_positions, probe=o.probe, preset=o.preset,
+                          seed=o.seed, device=o.device, progress=progress)
     mask = score_to_mask(path, res, task=o.task, model_id=alias_of(o.model))
     mask.save(o.output)
     console.print(f"wrote {o.output}: method={res.method} removed {res.removed} "

@@ -55,7 +55,9 @@ def test_ppl_angular_random_lastk(tiny):
     a = get_method("angular").score(ctx_for(tiny, k=2))
     assert a.removed == [a.removed[0], a.removed[0] + 1]  # contiguous run
     assert a.scores[a.removed[0]] == min(s for s in a.scores if s is not None)
-    assert get_method("last_k").score(ctx_for(tiny, k=2)).removed == [4, 5]
+    # the last k before the final block (Gromov et al. keep it); the final block only when needed
+    assert get_method("last_k").score(ctx_for(tiny, k=2)).removed == [3, 4]
+    assert get_method("last_k").score(ctx_for(tiny, k=6)).removed == [0, 1, 2, 3, 4, 5]
     r1, r2 = get_method("random").score(ctx_for(tiny, k=2)), get_method("random").score(ctx_for(tiny, k=2))
     assert r1.removed == r2.removed  # seeded
 
@@ -70,8 +72,10 @@ def test_candidate_range_respected(tiny):
 
 def test_tabp_one_forward_pass_per_sample_and_deterministic(tiny):
     ds = Dataset("m", "train", "mcqa", [MCQAItem(f"Q{i}?", ["a", "b", "c"], i % 3) for i in range(5)])
-    r1 = run_scoring("unused", ds, "tabp", k=2, block_range="0:6", batch_size=2, model_and_tokenizer=tiny)
-    r2 = run_scoring("unused", ds, "tabp", k=2, block_range="0:6", batch_size=4, model_and_tokenizer=tiny)
+    r1 = run_scoring("unused", ds, "tabp", k=2, block_range="0:6", batch_size=2, model_and_tokenizer=tiny,
+                     probe="letters")  # auto may add a pass (tests/test_tabp_probe.py)
+    r2 = run_scoring("unused", ds, "tabp", k=2, block_range="0:6", batch_size=4, model_and_tokenizer=tiny,
+                     probe="letters")
     assert r1.forward_passes == 5
     assert r1.removed == r2.removed
     assert r1.scores == pytest.approx(r2.scores, abs=1e-6)

@@ -20,7 +20,11 @@ from tabp_vllm.mask import TaskMask, make_mask
 from tabp_vllm.scoring.base import MethodResult, ScoringMethod
 from tabp_vllm.scoring.registry import METHOD_NAMES, all_methods, get_method
 
-DEFAULT_RANGE = (0.5, 1.0)  # the paper's candidate range: the latter half of the blocks
+DEFAULT_RANGE = (0.5, 1.0)  # blocks B/2 .. B-1: the latter half (the paper's "latter" starts one later)
+NAMED_RANGES = {
+    "latter": lambda b: (b // 2 + 1, b),  # the official code: blocks B/2+1 .. B-1
+    "whole": lambda b: (1, b - 1),  # every block but the first and the last
+}
 
 
 @dataclass
@@ -35,7 +39,13 @@ class ScoringResult:
 
 
 def parse_range(spec: str | None, num_blocks: int) -> list[int]:
-    """'0.5:1.0' (fractions of the depth) or '15:30' (block indices, end exclusive)."""
+    """'latter' (B/2+1 .. B-1, the paper's), 'whole' (1 .. B-2), '0.5:1.0' (fractions of the
+    depth) or '15:30' (block indices, end exclusive); None: DEFAULT_RANGE."""
+    if spec in NAMED_RANGES:
+        start, end = NAMED_RANGES[spec](num_blocks)
+        if start >= end:
+            raise TabpError(f"--range {spec}: no candidate blocks in a {num_blocks}-block model")
+        return list(range(start, end))
     if spec is None:
         a, b = DEFAULT_RANGE
     else:
@@ -43,7 +53,8 @@ def parse_range(spec: str | None, num_blocks: int) -> list[int]:
             a_s, b_s = spec.split(":")
             a, b = float(a_s), float(b_s)
         except ValueError:
-            raise TabpError(f"--range {spec!r}: expected START:END, e.g. 0.5:1.0 or 15:30") from None
+            raise TabpError(f"--range {spec!r}: expected latter, whole or START:END "
+                            f"(e.g. 0.5:1.0 or 15:30)") from None
     frac = all(0.0 <= x <= 1.0 for x in (a, b)) and ("." in (spec or ".") or (a, b) == (0, 1))
     start, end = (round(a * num_blocks), round(b * num_blocks)) if frac else (int(a), int(b))
     if not 0 <= start < end <= num_blocks:
@@ -80,6 +91,8 @@ def run_scoring(
     batch_size: int = 16,
     max_length: int = 256,
     text_positions: int = 32,
+    probe: str = "auto",
+    preset: str | None = None,
     seed: int = 0,
     device: str = "auto",
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
@@ -101,6 +114,12 @@ def run_scoring(
         mode = dataset.kind
     if mode not in ("mcqa", "text"):
         raise TabpError(f"unknown mode {mode!r}: auto, mcqa or text")
+    from tabp_vllm.scoring.tabp import PROBES
+
+    if probe not in PROBES:
+        raise TabpError(f"unknown probe {probe!r}: choose from {', '.join(PROBES)}")
+    if preset not in (None, "paper"):
+        raise TabpError(f"unknown preset {preset!r}: paper")
     if mode == "mcqa" and dataset.kind != "mcqa":
         raise TabpError(f"{dataset.source}: MCQA mode needs MCQA data; use --mode text")
     if len(dataset) == 0:
@@ -114,7 +133,8 @@ def run_scoring(
     ctx = ScoreContext(model=model, tokenizer=tok, dataset=dataset, k=kk, candidates=candidates,
                        mode=mode, statistic=statistic, aggregate=aggregate, p=p, norm=norm,
                        batch_size=batch_size, max_length=max_length,
-                       text_positions=text_positions, seed=seed, device=dev, progress=progress)
+                       text_positions=text_positions, probe=probe, preset=preset, seed=seed,
+                       device=dev, progress=progress)
     t0 = time.perf_counter()
     res: MethodResult = scorer.score(ctx)
     wall = time.perf_counter() - t0

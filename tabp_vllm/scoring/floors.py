@@ -33,8 +33,12 @@ class RandomBlocks(_Floor):
 
 
 class LastK(_Floor):
+    """The last k candidates before the final block, which Gromov et al.'s heuristic keeps (it
+    maps the residual stream to the head's input); the final block goes last of all."""
+
     name = "last_k"
-    summary = "floor: the last k candidate blocks"
+    summary = "floor: the last k candidate blocks, the final block kept"
 
     def candidate_scores(self, ctx) -> list[float]:
-        return [float(ctx.num_blocks - i) for i in ctx.candidates]  # later blocks removed first
+        final = ctx.num_blocks - 1
+        return [float(ctx.num_blocks if i == final else final - i) for i in ctx.candidates]

@@ -30,6 +30,9 @@ def load_model(model_path: str, device: str = "cpu"):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
+    # A prompt longer than max_length loses its beginning, never its "Answer:" tail, where the
+    # decision position is.
+    tok.truncation_side = "left"
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
     return model, tok
@@ -54,6 +57,9 @@ class ScoreContext:
     batch_size: int = 16
     max_length: int = 256
     text_positions: int = 32  # text mode: early-exit read-outs per sample (full vocab is costly)
+    probe: str = "letters"  # MCQA mode: letters | cloze | auto (TaBP resolves auto when it scores)
+    preset: str | None = None  # "paper": the official TaBP prompt, bare-letter keys, neutral ties
+    probe_measurement: dict[str, Any] | None = None  # what `auto` measured to choose the probe
     seed: int = 0
     device: str = "cpu"
     progress: Callable[[str, int], Callable[[int], None]] | None = None
@@ -72,12 +78,14 @@ class ScoreContext:
         return (len(self.dataset) + self.batch_size - 1) // self.batch_size
 
 
-def option_token_ids(tok, n: int) -> list[int]:
+def option_token_ids(tok, n: int, bare: bool = False) -> list[int]:
+    """The option letters' token ids: " A" (after "Answer:"), or "A" (`bare`, after "Answer: ")."""
     ids = []
     for letter in LETTERS[:n]:
-        enc = tok.encode(f" {letter}", add_special_tokens=False)
+        key = letter if bare else f" {letter}"
+        enc = tok.encode(key, add_special_tokens=False)
         if len(enc) != 1:
-            raise TabpError(f"option ' {letter}' is not a single token for this tokenizer")
+            raise TabpError(f"option {key!r} is not a single token for this tokenizer")
         ids.append(enc[0])
     return ids
 
