@@ -33,7 +33,7 @@ def test_block_influence_identity_block_is_zero(tiny):
 
 def test_sleb_k1_removes_lowest_perplexity_block(tiny):
     ctx = ctx_for(tiny, k=1)
-    res = get_method("sleb").score(ctx)
+    res = get_method("sleb-task").score(ctx)
     nll = {b: calibration_nll(ctx_for(tiny), {b}) for b in range(6)}
     assert res.removed == [min(nll, key=nll.get)]
     assert res.scores[res.removed[0]] == pytest.approx(min(nll.values()))
@@ -43,13 +43,13 @@ def test_sleb_k1_removes_lowest_perplexity_block(tiny):
 
 def test_sleb_k2_counts_passes_and_is_iterative(tiny):
     ctx = ctx_for(tiny, k=2)
-    res = get_method("sleb").score(ctx)
+    res = get_method("sleb-task").score(ctx)
     assert len(res.removed) == 2
     assert ctx.forward_passes == (6 + 5) * len(texts())
 
 
 def test_ppl_angular_random_lastk(tiny):
-    r = get_method("ppl").score(ctx_for(tiny, k=2))
+    r = get_method("ppl-task").score(ctx_for(tiny, k=2))
     assert len(r.removed) == 2 and all(r.scores[i] <= min(r.scores[j] for j in range(6) if j not in r.removed)
                                        for i in r.removed)
     a = get_method("angular").score(ctx_for(tiny, k=2))
@@ -108,3 +108,21 @@ def test_result_for_k_refuses_angular_and_larger_k(tiny):
         result_for_k(res, 1)
     with pytest.raises(TabpError, match="larger"):
         result_for_k(res, 3)
+
+
+@pytest.mark.parametrize("published,task", [("sleb", "sleb-task"), ("ppl", "ppl-task")])
+def test_published_perplexity_baselines_calibrate_on_wikitext2(tiny, published, task):
+    """As their papers do: generic text (WikiText-2; its test split is the one here), as many paragraphs as task samples,
+    seeded; the task-aligned twin scores the task's own text."""
+    from dataclasses import replace
+
+    from tabp_vllm.data import load_task
+
+    ctx = ctx_for(tiny, k=1)
+    pub = get_method(published).score(ctx)
+    assert ctx.forward_passes == 6 * len(texts())  # the same cost as on the task's text
+    assert get_method(published).params(ctx)["calibration_text"] == "wikitext2 test"
+    assert get_method(task).params(ctx)["calibration_text"] == "task"
+    wiki = replace(ctx_for(tiny, k=1), dataset=load_task("wikitext2", "test").subset(len(texts()), 0))
+    assert pub.scores == pytest.approx(get_method(task).score(wiki).scores)
+    assert pub.scores != pytest.approx(get_method(task).score(ctx_for(tiny, k=1)).scores)

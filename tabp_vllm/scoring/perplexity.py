@@ -1,9 +1,16 @@
 """Perplexity baselines: SLEB (iterative: each round removes the block whose removal hurts the
-calibration perplexity least) and the PPL sensitivity of Shortened LLaMA (each block alone)."""
+calibration perplexity least) and the PPL sensitivity of Shortened LLaMA (each block alone).
+
+Each comes twice: as published (`sleb`, `ppl`: perplexity of generic text, WikiText-2
+paragraphs as the SLEB paper calibrates, here from the test split, the only one
+../shared/data ships: our evaluations never score WikiText, so nothing leaks; Shortened LLaMA used BookCorpus, which is not here), and
+task-aligned (`sleb-task`, `ppl-task`: perplexity of the task's own question + gold answer text,
+the very likelihood a zero-shot evaluation scores)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -27,12 +34,41 @@ def calibration_nll(ctx: ScoreContext, removed: set[int], tick=None) -> float:
     return total / max(count, 1)
 
 
-class SLEB(ScoringMethod):
+WIKITEXT_SPLIT = "test"  # the one split of WikiText-2 in ../shared/data
+
+
+class _PerplexityMethod(ScoringMethod):
+    """Where the calibration text comes from: WikiText-2 (as published) or the task's own data."""
+
+    calibration_text = "wikitext2"  # or "task"
+
+    def params(self, ctx: ScoreContext) -> dict[str, Any]:
+        return {"mode": "text", "max_length": ctx.max_length,
+                "calibration_text": f"wikitext2 {WIKITEXT_SPLIT}"
+                if self.calibration_text == "wikitext2" else "task"}
+
+    def score(self, ctx: ScoreContext) -> MethodResult:
+        if self.calibration_text == "task":
+            return self.score_on(ctx)
+        from tabp_vllm.data import load_task
+
+        # As many generic paragraphs as the task gave samples, seeded: the same cost either way.
+        text = load_task("wikitext2", WIKITEXT_SPLIT).subset(len(ctx.dataset), ctx.seed)
+        sub = replace(ctx, dataset=text, mode="text", forward_passes=0)
+        result = self.score_on(sub)
+        ctx.forward_passes += sub.forward_passes
+        return result
+
+    def score_on(self, ctx: ScoreContext) -> MethodResult:
+        raise NotImplementedError
+
+
+class SLEB(_PerplexityMethod):
     """k rounds; each removes the block whose removal gives the lowest calibration PPL. Score of a
     block = the log-PPL measured when it was chosen / last evaluated (lower = remove)."""
 
     name = "sleb"
-    summary = "SLEB: k greedy rounds, each removing the block that least raises perplexity"
+    summary = "SLEB: k greedy rounds, each removing the block that least raises WikiText-2 perplexity"
     # Its ranking is the greedy removal order, not the scores: the first k rounds of a run at a
     # larger k are exactly the run at k (`at_smaller_k`).
     ranks_all_k = True
@@ -40,14 +76,11 @@ class SLEB(ScoringMethod):
     def forward_passes(self, samples: int, candidates: int, k: int) -> int:
         return sum(candidates - r for r in range(k)) * samples
 
-    def params(self, ctx: ScoreContext) -> dict[str, Any]:
-        return {"mode": "text", "max_length": ctx.max_length}
-
     def at_smaller_k(self, scores, params, k):
         order = params["removal_order"][:k]
         return sorted(order), {**params, "k": k, "removal_order": order}
 
-    def score(self, ctx: ScoreContext) -> MethodResult:
+    def score_on(self, ctx: ScoreContext) -> MethodResult:
         removed: set[int] = set()
         scores: list[float | None] = [None] * ctx.num_blocks
         remaining = list(ctx.candidates)
@@ -67,21 +100,30 @@ class SLEB(ScoringMethod):
         return MethodResult(scores, sorted(removed), {"removal_order": order})
 
 
-class PPLSensitivity(ScoringMethod):
+class PPLSensitivity(_PerplexityMethod):
     """Shortened LLaMA (PPL criterion): log-PPL with block i alone removed; remove the lowest."""
 
     name = "ppl"
-    summary = "Shortened LLaMA: perplexity with each block alone removed"
+    summary = "Shortened LLaMA: WikiText-2 perplexity with each block alone removed"
 
     def forward_passes(self, samples: int, candidates: int, k: int) -> int:
         return candidates * samples
 
-    def params(self, ctx: ScoreContext) -> dict[str, Any]:
-        return {"mode": "text", "max_length": ctx.max_length}
-
-    def score(self, ctx: ScoreContext) -> MethodResult:
+    def score_on(self, ctx: ScoreContext) -> MethodResult:
         scores: list[float | None] = [None] * ctx.num_blocks
         tick = ctx.task("PPL sensitivity", len(ctx.candidates) * ctx.num_batches())
         for b in ctx.candidates:
             scores[b] = calibration_nll(ctx, {b}, tick)
         return MethodResult(scores, lowest(scores, ctx.candidates, ctx.k))
+
+
+class SLEBTask(SLEB):
+    name = "sleb-task"
+    summary = "SLEB on the task's own question + answer text (task-aligned)"
+    calibration_text = "task"
+
+
+class PPLSensitivityTask(PPLSensitivity):
+    name = "ppl-task"
+    summary = "Shortened LLaMA's criterion on the task's own question + answer text"
+    calibration_text = "task"

@@ -19,6 +19,8 @@ _CLASSES: dict[str, tuple[str, str]] = {
     "angular": ("similarity", "Angular"),
     "sleb": ("perplexity", "SLEB"),
     "ppl": ("perplexity", "PPLSensitivity"),
+    "sleb-task": ("perplexity", "SLEBTask"),
+    "ppl-task": ("perplexity", "PPLSensitivityTask"),
     "random": ("floors", "RandomBlocks"),
     "last_k": ("floors", "LastK"),
 }
