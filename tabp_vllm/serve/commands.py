@@ -29,7 +29,7 @@ def _parse_extra(items: list[str]) -> dict:
     return extra
 
 
-ENGINE_KEYS = ("max_model_len", "dtype", "kv_cache_gib", "enforce_eager")
+ENGINE_KEYS = ("max_model_len", "dtype", "kv_cache_gib", "enforce_eager", "tensor_parallel_size")
 
 
 def serve_options(config: Optional[Path] = None, task_mask: Optional[List[Path]] = None,
@@ -186,6 +186,8 @@ def serve(
                                          help="KV cache space per engine, GiB."),
     enforce_eager: Optional[bool] = _opt("enforce_eager", "--eager/--no-eager",
                                          help="Eager mode (fast start) or torch.compile / graphs."),
+    tensor_parallel_size: Optional[int] = _opt("tensor_parallel_size", "--tensor-parallel-size",
+                                               "-tp", help="GPUs per engine (every variant)."),
     engine_arg: Optional[List[str]] = typer.Option(None, "--engine-arg",
                                                    help="Any other vLLM engine arg, KEY=VALUE."),
     dry_run: bool = typer.Option(False, "--dry-run",
@@ -198,7 +200,8 @@ def serve(
                       replicas=replicas, host=host, port=port, metrics_port=metrics_port,
                       api_key=api_key, address=address, num_cpus=num_cpus,
                       max_model_len=max_model_len, dtype=dtype, kv_cache_gib=kv_cache_gib,
-                      enforce_eager=enforce_eager, engine_arg=engine_arg)
+                      enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
+                      engine_arg=engine_arg)
     print("dtype: %s (%s)" % choose_dtype(spec.engine.dtype), flush=True)
     if spec.address:
         check_reachable(spec.address)
