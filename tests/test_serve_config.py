@@ -120,3 +120,39 @@ def test_unreachable_cluster_is_one_line(address, message):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Triton" not in ln]
     assert len(lines) == 1 and message in lines[0] and address in lines[0], proc.stderr
     assert time.time() - t0 < 120
+
+
+def test_memory_estimate_and_refusal_before_ray(two_masks, monkeypatch):
+    """`serve` estimates the memory of its variants first and refuses, in one line and before Ray
+    starts, a set that cannot fit what the machine has available (here a fake 3 GiB)."""
+    from collections import namedtuple
+
+    import psutil
+    import typer
+    from typer.testing import CliRunner
+
+    from tabp_vllm.engine import GiB
+    from tabp_vllm.serve.commands import check_memory, serve
+    from tabp_vllm.serve.config import (CPU_APP_OVERHEAD_GIB, CPU_ENGINE_OVERHEAD_GIB,
+                                        cpu_memory_estimate)
+
+    spec = build_spec(task_mask=list(two_masks), kv_cache_gib=0.5, dtype="float32")
+    need, per = cpu_memory_estimate(spec)
+    assert list(per) == ["llama", "llama-gsm8k", "llama-arc"]
+    # the dense demo model in float32: 134.5M parameters (tied head) = 0.50 GiB
+    assert per["llama"] == pytest.approx((0.501 + 0.5 + CPU_ENGINE_OVERHEAD_GIB) * GiB, rel=1e-2)
+    assert per["llama"] > per["llama-gsm8k"] > per["llama-arc"]      # fewer blocks, fewer bytes
+    assert need == int(CPU_APP_OVERHEAD_GIB * GiB) + sum(per.values())
+    check_memory(spec, available_bytes=need + 1)
+    with pytest.raises(TabpError, match=r"^3 variants need ~\d+\.\d GiB .* 3\.0 GiB is available"):
+        check_memory(spec, available_bytes=3 * GiB)
+
+    Mem = namedtuple("Mem", "available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Mem(3 * GiB))
+    app = typer.Typer()
+    app.command()(serve)
+    args = ["--task-mask", str(two_masks[0]), "--task-mask", str(two_masks[1]), "--dry-run"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2
+    assert res.stderr.strip().splitlines()[-1].startswith("error: 3 variants need ~")
+    assert CliRunner().invoke(app, [*args, "--no-memory-check"]).exit_code == 0

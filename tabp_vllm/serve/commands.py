@@ -103,7 +103,58 @@ def start(spec, *, quiet: bool = False) -> None:
                  _metrics_export_port=spec.metrics_port, log_to_driver=not quiet)
     app = build_app(spec)
     serve.start(http_options={"host": spec.host, "port": spec.port})
-    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run_many([serve.RunTarget(target=app, name=APP_NAME, route_prefix="/")],
+                   wait_for_applications_running=False)
+    wait_running(spec, log=None if quiet else print)
+
+
+def deployment_key(model_id: str) -> str:
+    # Ray Serve LLM names a variant's deployment "LLMServer:<model_id>", '/' and '.' replaced.
+    return model_id.replace("/", "--").replace(".", "_")
+
+
+def wait_running(spec, log=print, poll_s: float = 2.0) -> None:
+    """Wait until the app is RUNNING, printing one line per variant as its replicas come up
+    (`serve.run` would wait silently: ten CPU variants take minutes)."""
+    from ray import serve
+
+    t0 = time.monotonic()
+    pending = {deployment_key(v.name): v for v in spec.variants}
+    total = len(pending)
+    while True:
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None:
+            for name, dep in app.deployments.items():
+                v = pending.get(name.split(":", 1)[-1])
+                if v is not None and dep.replica_states.get("RUNNING", 0) >= v.replicas:
+                    del pending[deployment_key(v.name)]
+                    if log:
+                        log(f"ready: {v.name} ({total - len(pending)}/{total} variants, "
+                            f"{time.monotonic() - t0:.0f} s)")
+                        sys.stdout.flush()
+            if app.status == "RUNNING" and not pending:
+                return
+            if app.status == "DEPLOY_FAILED":  # what serve.run raises
+                raise RuntimeError(f"Deploying application {APP_NAME} failed: {app.message}")
+        time.sleep(poll_s)
+
+
+def check_memory(spec, available_bytes: int | None = None) -> None:
+    """Refuse, in one line and before Ray starts, a local CPU serve whose variants cannot fit
+    the memory this machine has available (`config.cpu_memory_estimate`)."""
+    import psutil
+
+    from tabp_vllm.engine import GiB
+    from tabp_vllm.serve.config import cpu_memory_estimate
+
+    need, per_variant = cpu_memory_estimate(spec)
+    avail = psutil.virtual_memory().available if available_bytes is None else available_bytes
+    if need > avail:
+        worst = max(per_variant.values())
+        raise TabpError(
+            f"{len(spec.variants)} variants need ~{need / GiB:.1f} GiB (up to {worst / GiB:.1f} GiB "
+            f"each: weights + KV cache + engine and Ray processes), {avail / GiB:.1f} GiB is "
+            f"available: serve fewer variants or lower --kv-cache-gib")
 
 
 def stop(joined: bool = False, serve_timeout_s: float = 90.0) -> None:
@@ -179,6 +230,8 @@ def serve(
                                           help="Join an existing Ray cluster (e.g. 'auto')."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help=(
         "Logical CPUs for a local Ray (default: 2 per CPU replica + 1 for the ingress).")),
+    memory_check: Optional[bool] = _opt("memory_check", "--memory-check/--no-memory-check", help=(
+        "Refuse variants whose estimated memory exceeds what is available (local CPU serve).")),
     max_model_len: Optional[int] = _opt("max_model_len", "--max-model-len"),
     dtype: Optional[str] = _opt("dtype", "--dtype", help=(
         "auto: on a CPU bfloat16 only with native bf16 (avx512_bf16/amx_bf16), else float32.")),
@@ -194,17 +247,20 @@ def serve(
                                  help="Validate and print the variants; start nothing."),
 ) -> None:
     """Serve the dense model and one pruned variant per mask behind one OpenAI endpoint."""
-    from tabp_vllm.engine import choose_dtype
+    from tabp_vllm.engine import choose_dtype, on_gpu
 
     spec = build_spec(model=model, task_mask=task_mask, task=task, config=config, dense=dense,
                       replicas=replicas, host=host, port=port, metrics_port=metrics_port,
                       api_key=api_key, address=address, num_cpus=num_cpus,
-                      max_model_len=max_model_len, dtype=dtype, kv_cache_gib=kv_cache_gib,
+                      memory_check=memory_check, max_model_len=max_model_len, dtype=dtype,
+                      kv_cache_gib=kv_cache_gib,
                       enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
                       engine_arg=engine_arg)
     print("dtype: %s (%s)" % choose_dtype(spec.engine.dtype), flush=True)
     if spec.address:
         check_reachable(spec.address)
+    elif spec.memory_check and not on_gpu():
+        check_memory(spec)
     if dry_run:
         print_table(spec)
         return

@@ -55,6 +55,7 @@ class ServeOptions(Options):
     api_key: Optional[str] = None           # require "Authorization: Bearer <key>"
     address: Optional[str] = None           # join this Ray cluster instead of starting one
     num_cpus: Optional[int] = Field(None, ge=1)  # None: ServeSpec.ray_cpus_needed()
+    memory_check: bool = True               # refuse a local CPU serve that cannot fit in memory
     engine: EngineOptions = Field(default_factory=EngineOptions)
 
     @classmethod
@@ -124,6 +125,7 @@ class ServeSpec:
     api_key: str | None
     address: str | None
     num_cpus: int | None
+    memory_check: bool = True
 
     @classmethod
     def from_options(cls, o: ServeOptions) -> "ServeSpec":
@@ -134,7 +136,7 @@ class ServeSpec:
             dense_name=o.dense_name)
         return cls(model_alias=alias, model=resolved, variants=variants, engine=o.engine,
                    host=o.host, port=o.port, metrics_port=o.metrics_port, api_key=o.api_key,
-                   address=o.address, num_cpus=o.num_cpus)
+                   address=o.address, num_cpus=o.num_cpus, memory_check=o.memory_check)
 
     def ray_cpus_needed(self) -> int:
         # Each CPU LLMServer replica holds 2 logical CPUs (actor + placement bundle); ingress 1.
@@ -247,6 +249,24 @@ def engine_needs(spec: ServeSpec, gpu: bool) -> list[Any]:
     return [EngineNeed(v.name, weight_bytes(config, v.blocks_kept, nbytes),
                        kv_bytes_per_token(config, v.blocks_kept, nbytes),
                        spec.engine.tensor_parallel_size, v.replicas) for v in spec.variants]
+
+
+# Measured per CPU engine beyond its weights and KV cache (bench/serve_memory.py,
+# bench/results/serve_memory.json): vLLM worker + engine core + Ray replica actor.
+CPU_ENGINE_OVERHEAD_GIB = 1.6
+# Once per app: Ray's GCS, raylet, agents, the Serve controller, proxy and ingress.
+CPU_APP_OVERHEAD_GIB = 1.5
+
+
+def cpu_memory_estimate(spec: ServeSpec) -> tuple[int, dict[str, int]]:
+    """Host memory a local CPU serve of `spec` needs: (total bytes, bytes per variant, all its
+    replicas). Weights at the variant's depth and dtype + its KV cache + the measured overhead."""
+    from tabp_vllm.engine import DEFAULT_CPU_KV_CACHE_GIB, GiB
+
+    kv = (spec.engine.kv_cache_gib or DEFAULT_CPU_KV_CACHE_GIB) * GiB
+    per = {n.name: int(n.replicas * (n.weight_bytes + kv + CPU_ENGINE_OVERHEAD_GIB * GiB))
+           for n in engine_needs(spec, gpu=False)}
+    return int(CPU_APP_OVERHEAD_GIB * GiB) + sum(per.values()), per
 
 
 def gpu_fractions(spec: ServeSpec, gpu_bytes: int | None = None) -> dict[str, float] | None:
