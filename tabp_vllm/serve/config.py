@@ -29,6 +29,7 @@ class EngineOptions(Options):
     kv_cache_gib: Optional[float] = Field(None, gt=0)  # None: engine.DEFAULT_CPU_KV_CACHE_GIB on CPU
     enforce_eager: Optional[bool] = None               # None: engine.default_enforce_eager (CPU eager, GPU graphs)
     tensor_parallel_size: int = Field(1, ge=1)         # GPUs per engine (each variant's replica)
+    cpu_uniproc: bool = True                           # CPU: the worker in the engine core process
     extra: dict[str, Any] = Field(default_factory=dict)  # any other vLLM engine argument
 
 
@@ -326,6 +327,8 @@ def llm_configs(spec: ServeSpec, *, gpu: bool | None = None,
         if not gpu:
             cfg["accelerator_config"] = {"kind": "cpu"}
             cfg["placement_group_config"] = {"bundles": [{"CPU": 1}]}
+            if spec.engine.cpu_uniproc:
+                cfg["server_cls"] = "tabp_vllm.serve.app.UniprocLLMServer"
         elif fractions:
             kwargs["gpu_memory_utilization"] = fractions[v.name]
             cfg["placement_group_config"] = {"bundles": [{"GPU": fractions[v.name], "CPU": 1}] * tp}
