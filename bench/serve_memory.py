@@ -28,6 +28,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -181,8 +182,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pruned", type=int, default=2, help="pruned variants besides dense")
     ap.add_argument("--kv-cache-gib", type=float, default=0.25)
-    ap.add_argument("--setting", action="append", default=[],
-                    help="NAME or NAME:KEY=VAL,KEY=VAL (serve's environment); default: baseline")
+    ap.add_argument("--setting", action="append", default=[], help=(
+        "NAME or NAME:KEY=VAL,KEY=VAL: environment variables of serve, or engine.KEY=VAL engine "
+        "options (a YAML config); default: one setting, 'default'"))
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve_memory.json")
     ap.add_argument("--serve-arg", action="append", default=[], help="extra `serve` argument")
     args = ap.parse_args()
@@ -196,10 +198,18 @@ def main() -> None:
     masks = [make_mask(model, list(range(26 - 2 * i, 30 - 2 * i)), task=f"m{i}", model_id="llama")
              .save(work / f"m{i}.json") for i in range(args.pruned)]
     results = []
-    for s in args.setting or ["baseline"]:
+    for s in args.setting or ["default"]:
         name, _, kvs = s.partition(":")
-        env = dict(kv.split("=", 1) for kv in kvs.split(",") if kv)
-        res = run_setting(name, env, masks, args.kv_cache_gib, work, args.serve_arg)
+        pairs = dict(kv.split("=", 1) for kv in kvs.split(",") if kv)
+        env = {k: v for k, v in pairs.items() if not k.startswith("engine.")}
+        engine = {k[len("engine."):]: yaml.safe_load(v) for k, v in pairs.items() if k.startswith("engine.")}
+        extra = list(args.serve_arg)
+        if engine:
+            cfg = work / f"{name}.yaml"
+            cfg.write_text(yaml.safe_dump({"engine": engine}))
+            extra += ["--config", str(cfg)]
+        res = run_setting(name, env, masks, args.kv_cache_gib, work, extra)
+        res["engine"] = engine
         results.append(res)
         for v, m in res["variants"].items():
             print(f"{name:>14} {v:>10}: RSS {m['rss_gib']:.2f} GiB (PSS {m['pss_gib']:.2f}) "

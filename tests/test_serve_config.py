@@ -156,3 +156,38 @@ def test_memory_estimate_and_refusal_before_ray(two_masks, monkeypatch):
     assert res.exit_code == 2
     assert res.stderr.strip().splitlines()[-1].startswith("error: 3 variants need ~")
     assert CliRunner().invoke(app, [*args, "--no-memory-check"]).exit_code == 0
+
+
+def test_one_progress_line_per_variant_as_it_becomes_ready(two_masks, monkeypatch):
+    """`wait_running` polls Serve's status while the app deploys and prints one line per variant
+    when all its replicas run (fake status here; tests/test_serve.py sees the real lines)."""
+    from types import SimpleNamespace as NS
+
+    from ray import serve
+
+    from tabp_vllm.serve import commands
+
+    spec = build_spec(task_mask=list(two_masks))
+    steps = iter([{}, {"LLMServer:llama-arc": 1}, {"LLMServer:llama-arc": 1, "LLMServer:llama": 1},
+                  {"LLMServer:llama-arc": 1, "LLMServer:llama": 1, "LLMServer:llama-gsm8k": 1}])
+
+    def status():
+        running = next(steps)
+        deps = {name: NS(replica_states={"RUNNING": n}) for name, n in running.items()}
+        deps["TabpIngress"] = NS(replica_states={"RUNNING": 1})
+        app = NS(status="RUNNING" if len(running) == 3 else "DEPLOYING", deployments=deps,
+                 message="")
+        return NS(applications={commands.APP_NAME: app})
+
+    monkeypatch.setattr(serve, "status", status)
+    lines: list[str] = []
+    commands.wait_running(spec, log=lines.append, poll_s=0)
+    assert [ln.split(" (")[0] for ln in lines] == [
+        "ready: llama-arc", "ready: llama", "ready: llama-gsm8k"]
+    assert lines[-1].startswith("ready: llama-gsm8k (3/3 variants, ")
+
+    failed = NS(applications={commands.APP_NAME: NS(status="DEPLOY_FAILED", deployments={},
+                                                    message="replica crashed")})
+    monkeypatch.setattr(serve, "status", lambda: failed)
+    with pytest.raises(RuntimeError, match="replica crashed"):
+        commands.wait_running(spec, log=lines.append, poll_s=0)

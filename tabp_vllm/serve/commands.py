@@ -181,12 +181,18 @@ def print_table(spec) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from tabp_vllm.engine import GiB, on_gpu
+    from tabp_vllm.serve.config import cpu_memory_estimate
+
     base = f"http://{spec.host}:{spec.port}"
+    memory = {} if on_gpu() else cpu_memory_estimate(spec)[1]
     table = Table("variant", "task", "blocks kept", "speedup*", "mask hash", "replicas",
+                  *(["memory**"] if memory else []),
                   title=f"tabp-vllm serve: {spec.model_alias} ({spec.model})")
     for v in spec.variants:
         table.add_row(v.name, v.task or "(dense)", f"{v.blocks_kept}/{v.blocks_total}",
-                      f"{v.theoretical_speedup:.3f}", v.mask_hash or "-", str(v.replicas))
+                      f"{v.theoretical_speedup:.3f}", v.mask_hash or "-", str(v.replicas),
+                      *([f"{memory[v.name] / GiB:.2f} GiB"] if memory else []))
     console = Console()
     console.print(table)
     print(f"endpoints: {base}/v1/models  {base}/v1/completions  {base}/v1/chat/completions"
@@ -195,6 +201,9 @@ def print_table(spec) -> None:
                else "the Ray cluster's metrics export port(s)")
     print(f"metrics:   {metrics}")
     console.print("* ideal speedup: dense / variant FLOPs per decode step. Ctrl-C to stop.")
+    if memory:
+        console.print("** host memory per variant: weights + KV cache + the measured engine and "
+                      "Ray overhead (bench/serve_memory.py)")
     sys.stdout.flush()
 
 
