@@ -59,12 +59,23 @@ class UniprocLLMServer(LLMServer):
     one more Python + torch process (bench/serve_memory.py measures it)."""
 
     async def __init__(self, llm_config, **kwargs):
-        # Private: the constant `VLLMEngineConfig.get_initialization_kwargs` reads for CPU; set in
-        # this replica's own process before its engine starts.
-        from ray.llm._internal.serve.engines.vllm import vllm_models
+        await super().__init__(llm_config, engine_cls=_uniproc_engine_cls(), **kwargs)
 
-        vllm_models.EXECUTOR_BACKEND_MP = "uni"
-        await super().__init__(llm_config, **kwargs)
+
+def _uniproc_engine_cls():
+    # Private: VLLMEngine and its `_start_async_llm_engine`, the one place that turns the vLLM
+    # config into an engine in this replica's process (Ray Serve LLM's config step may run in
+    # another process, so the backend is set here, on the finished config).
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+
+    class UniprocVLLMEngine(VLLMEngine):
+        def _start_async_llm_engine(self, engine_args, vllm_config, placement_group):
+            if vllm_config.parallel_config.world_size == 1:
+                vllm_config.parallel_config.distributed_executor_backend = "uni"
+                engine_args.distributed_executor_backend = "uni"
+            return super()._start_async_llm_engine(engine_args, vllm_config, placement_group)
+
+    return UniprocVLLMEngine
 
 
 class TabpIngress(OpenAiIngress):

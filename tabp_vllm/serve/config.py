@@ -29,7 +29,7 @@ class EngineOptions(Options):
     kv_cache_gib: Optional[float] = Field(None, gt=0)  # None: engine.DEFAULT_CPU_KV_CACHE_GIB on CPU
     enforce_eager: Optional[bool] = None               # None: engine.default_enforce_eager (CPU eager, GPU graphs)
     tensor_parallel_size: int = Field(1, ge=1)         # GPUs per engine (each variant's replica)
-    cpu_uniproc: bool = True                           # CPU: the worker in the engine core process
+    cpu_uniproc: bool = False                          # CPU: the worker in the engine core process
     extra: dict[str, Any] = Field(default_factory=dict)  # any other vLLM engine argument
 
 
