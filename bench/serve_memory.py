@@ -178,6 +178,22 @@ def run_setting(name: str, env: dict[str, str], masks: list[Path], kv_gib: float
             **summarize(snap, weights, int(kv_gib * GiB)), "processes": snap}
 
 
+def markdown_table(doc: dict) -> str:
+    """The docs/serving.md table: one row per setting, the dense variant's numbers."""
+    rows = ["| setting | per-variant RSS (replica actor + engine core + worker) | per-variant PSS | "
+            "target RSS (weights + KV + 0.6) | app PSS (driver, Ray, Serve, ingress) | total PSS | "
+            "ready after |", "|---|---|---|---|---|---|---|"]
+    for r in doc["results"]:
+        v = r["variants"].get("llama") or next(iter(r["variants"].values()))
+        parts = " + ".join(f"{v['by_role_rss_gib'].get(k, 0):.2f}"
+                           for k in ("replica actor", "engine core", "vllm worker")
+                           if k in v["by_role_rss_gib"])
+        rows.append(f"| {r['setting']} | {v['rss_gib']:.2f} GiB ({parts}) | {v['pss_gib']:.2f} GiB | "
+                    f"{v['target_gib']:.2f} GiB | {r['app_total_pss_gib']:.2f} GiB | "
+                    f"{r['total_pss_gib']:.2f} GiB | {r['ready_s']:.0f} s |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pruned", type=int, default=2, help="pruned variants besides dense")
@@ -226,6 +242,7 @@ def main() -> None:
     doc["results"] = list(done.values())
     args.out.write_text(json.dumps(doc, indent=1))
     print(f"wrote {args.out}")
+    print(markdown_table(doc))
 
 
 if __name__ == "__main__":

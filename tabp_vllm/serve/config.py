@@ -252,11 +252,14 @@ def engine_needs(spec: ServeSpec, gpu: bool) -> list[Any]:
                        spec.engine.tensor_parallel_size, v.replicas) for v in spec.variants]
 
 
-# Measured per CPU engine beyond its weights and KV cache (bench/serve_memory.py,
-# bench/results/serve_memory.json): vLLM worker + engine core + Ray replica actor.
-CPU_ENGINE_OVERHEAD_GIB = 1.6
-# Once per app: Ray's GCS, raylet, agents, the Serve controller, proxy and ingress.
-CPU_APP_OVERHEAD_GIB = 1.5
+# Measured per CPU engine beyond its weights and KV cache, as PSS (what the machine spends; RSS
+# counts the shared torch/vLLM pages once per process): Ray replica actor + engine core + vLLM
+# worker, bench/serve_memory.py -> bench/results/serve_memory.json ("mp": 2.49 GiB PSS per
+# variant with 0.25 GiB weights and 0.25 GiB KV cache).
+CPU_ENGINE_OVERHEAD_GIB = 2.0
+# Once per app: driver, Ray's GCS, raylet, agents, the Serve controller, proxy and ingress
+# (2.01 GiB PSS measured).
+CPU_APP_OVERHEAD_GIB = 2.0
 
 
 def cpu_memory_estimate(spec: ServeSpec) -> tuple[int, dict[str, int]]:
