@@ -29,7 +29,7 @@ class EngineOptions(Options):
     kv_cache_gib: Optional[float] = Field(None, gt=0)  # None: engine.DEFAULT_CPU_KV_CACHE_GIB on CPU
     enforce_eager: Optional[bool] = None               # None: engine.default_enforce_eager (CPU eager, GPU graphs)
     tensor_parallel_size: int = Field(1, ge=1)         # GPUs per engine (each variant's replica)
-    cpu_uniproc: bool = False                          # CPU: the worker in the engine core process
+    cpu_uniproc: bool = True                           # CPU: the worker in the engine core process
     extra: dict[str, Any] = Field(default_factory=dict)  # any other vLLM engine argument
 
 
@@ -253,10 +253,10 @@ def engine_needs(spec: ServeSpec, gpu: bool) -> list[Any]:
 
 
 # Measured per CPU engine beyond its weights and KV cache, as PSS (what the machine spends; RSS
-# counts the shared torch/vLLM pages once per process): Ray replica actor + engine core + vLLM
-# worker, bench/serve_memory.py -> bench/results/serve_memory.json ("mp": 2.49 GiB PSS per
-# variant with 0.25 GiB weights and 0.25 GiB KV cache).
-CPU_ENGINE_OVERHEAD_GIB = 2.0
+# counts the shared torch/vLLM pages once per process): Ray replica actor + engine core (with the
+# worker in it, `cpu_uniproc`), bench/serve_memory.py -> bench/results/serve_memory.json ("uni":
+# 1.96 GiB PSS per variant with 0.25 GiB weights and 0.25 GiB KV cache; "mp" 2.49).
+CPU_ENGINE_OVERHEAD_GIB = 1.5
 # Once per app: driver, Ray's GCS, raylet, agents, the Serve controller, proxy and ingress
 # (2.01 GiB PSS measured).
 CPU_APP_OVERHEAD_GIB = 2.0
