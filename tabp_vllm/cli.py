@@ -135,6 +135,7 @@ def generate(
 def _register_feature_commands() -> None:
     # Imported here, after `user_errors` exists: these modules decorate their commands with it.
     from tabp_vllm.loadtest.commands import bench
+    from tabp_vllm.loadtest.vllm_bench import vllm_bench_command
     from tabp_vllm.commands_score import eval as eval_command
     from tabp_vllm.commands_score import score
     from tabp_vllm.serve.commands import serve
@@ -145,6 +146,9 @@ def _register_feature_commands() -> None:
     app.command("serve")(serve)
     app.command("bench")(bench)
     app.command("synth-model")(synth_model_command)
+    # Every argument, --help included, goes to vLLM's own parser.
+    app.command("vllm-bench", add_help_option=False, context_settings={
+        "allow_extra_args": True, "ignore_unknown_options": True})(vllm_bench_command)
 
 
 _register_feature_commands()

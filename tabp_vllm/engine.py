@@ -6,8 +6,9 @@ so a variant measured anywhere is the variant that is served.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from tabp_vllm.loader import (
     EXTRA_MASK_HASH,
@@ -15,6 +16,7 @@ from tabp_vllm.loader import (
     EXTRA_REMOVED,
     LOAD_FORMAT,
 )
+from tabp_vllm.errors import TabpError
 from tabp_vllm.mask import TaskMask
 from tabp_vllm.models import load_model_config, model_fingerprint
 
@@ -83,6 +85,113 @@ def on_gpu() -> bool:
         return False
 
 
+def default_enforce_eager(gpu: bool) -> bool:
+    """The one rule for eager mode: eager on a CPU (an engine starts in ~25 s instead of ~100 s of
+    torch.compile there), compiled with CUDA graphs on a GPU (what a GPU user expects: eager
+    gives up the graphs, the largest decode win at small batch)."""
+    return not gpu
+
+
+# ---- memory an engine needs (GPU fractions, the CPU fit check) ----------------------------------
+
+# vLLM's own gpu_memory_utilization for one engine: the rest of the card is the CUDA context,
+# NCCL buffers and whatever else runs there. Several engines on one GPU share this much in all.
+GPU_USABLE_FRACTION = 0.9
+# Per GPU engine beyond weights + KV cache: the activation peak of a max_num_batched_tokens
+# prefill, CUDA graphs, the sampler's logits (an 8B engine profiles at ~1-1.5 GiB; rounded up).
+GPU_ENGINE_OVERHEAD_GIB = 2.0
+_DTYPE_BYTES = {"half": 2, "float16": 2, "bfloat16": 2, "float": 4, "float32": 4}
+
+
+def dtype_bytes(dtype: str, config: dict[str, Any], gpu: bool) -> int:
+    """Bytes per weight / KV element of the engine for `dtype` (resolved by `choose_dtype`).
+
+    "auto" on a GPU: the checkpoint's 16-bit dtype; vLLM runs a float32 checkpoint in 16 bits
+    there too, so auto is 2 bytes on a GPU.
+    """
+    if dtype in _DTYPE_BYTES:
+        return _DTYPE_BYTES[dtype]
+    if gpu:
+        return 2
+    return _DTYPE_BYTES.get(str(config.get("torch_dtype") or config.get("dtype") or "float32"), 4)
+
+
+def weight_bytes(config: dict[str, Any], kept: int, nbytes: int) -> int:
+    """Bytes of the weights an engine holds with `kept` decoder blocks (embedding, blocks, final
+    norm, LM head unless tied; the q/k/v biases of Qwen2-style blocks included)."""
+    from tabp_vllm.flops import DecoderShape
+
+    s = DecoderShape.from_config(config)
+    q, kv = s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
+    attn = s.hidden_size * (q + 2 * kv) + q * s.hidden_size
+    if config.get("attention_bias") or config.get("model_type") == "qwen2":
+        attn += q + 2 * kv
+    block = attn + (3 if s.gated_mlp else 2) * s.hidden_size * s.intermediate_size + 2 * s.hidden_size
+    embed = s.vocab_size * s.hidden_size
+    head = 0 if config.get("tie_word_embeddings", False) else embed
+    return (embed + kept * block + s.hidden_size + head) * nbytes
+
+
+def kv_bytes_per_token(config: dict[str, Any], kept: int, nbytes: int) -> int:
+    """KV cache bytes one token takes in an engine with `kept` decoder blocks (K and V)."""
+    from tabp_vllm.flops import DecoderShape
+
+    s = DecoderShape.from_config(config)
+    return 2 * kept * s.num_key_value_heads * s.head_dim * nbytes
+
+
+@dataclass(frozen=True)
+class EngineNeed:
+    """What one variant's engine holds (per replica, summed over its tensor-parallel ranks)."""
+
+    name: str
+    weight_bytes: int
+    kv_bytes_per_token: int
+    tensor_parallel_size: int = 1
+    replicas: int = 1
+
+
+def gpu_memory_fractions(needs: Sequence[EngineNeed], gpu_bytes: int, max_model_len: int,
+                         usable: float = GPU_USABLE_FRACTION,
+                         overhead_gib: float = GPU_ENGINE_OVERHEAD_GIB) -> list[float]:
+    """`gpu_memory_utilization` per variant so that every engine fits one GPU (per GPU: each
+    rank of a tensor-parallel engine holds 1/tp of its weights and KV cache).
+
+    Each engine first gets its weights + the overhead + KV cache for one `max_model_len` sequence
+    (vLLM refuses to start with less); what remains of `usable` x the card is split so that every
+    engine caches the same number of tokens (a pruned variant's token costs less, so it gets fewer
+    bytes). The fractions, summed over all replicas, are <= `usable`. One `TabpError` line if the
+    minimums alone do not fit.
+    """
+    overhead = overhead_gib * GiB
+    budget = usable * gpu_bytes
+    engines = [(n, n.tensor_parallel_size) for n in needs for _ in range(n.replicas)]
+    base = [n.weight_bytes / tp + overhead + max_model_len * n.kv_bytes_per_token / tp
+            for n, tp in engines]
+    left = budget - sum(base)
+    if left < 0:
+        raise TabpError(
+            f"{len(engines)} engines need {sum(base) / GiB:.1f} GiB per GPU (weights + KV cache for "
+            f"one {max_model_len}-token sequence + {overhead_gib:g} GiB each); the GPU offers "
+            f"{budget / GiB:.1f} GiB ({usable:g} x {gpu_bytes / GiB:.1f}): serve fewer variants, "
+            f"lower --max-model-len or raise tensor_parallel_size")
+    per_token = sum(n.kv_bytes_per_token / tp for n, tp in engines)
+    extra_tokens = left / per_token
+    out = []
+    for n in needs:
+        tp = n.tensor_parallel_size
+        need = n.weight_bytes / tp + overhead + (max_model_len + extra_tokens) * n.kv_bytes_per_token / tp
+        out.append(int(need / gpu_bytes * 1e4) / 1e4)  # floor: the sum stays <= usable
+    return out
+
+
+def gpu_total_bytes() -> int:
+    """Total memory of GPU 0 (the card the variants share)."""
+    import torch
+
+    return int(torch.cuda.get_device_properties(0).total_memory)
+
+
 def per_layer_overrides(config: dict[str, Any], mask: TaskMask) -> dict[str, Any]:
     """Config overrides that give the engine the pruned depth everywhere.
 
@@ -104,8 +213,10 @@ def engine_args_for(
     *,
     dtype: str = "auto",
     max_model_len: int | None = 2048,
-    enforce_eager: bool = True,
+    enforce_eager: bool | None = None,
     kv_cache_gib: float | None = None,
+    tensor_parallel_size: int = 1,
+    gpu: bool | None = None,
     seed: int = 0,
     served_model_name: str | None = None,
     extra: dict[str, Any] | None = None,
@@ -113,19 +224,24 @@ def engine_args_for(
     """Keyword arguments for `vllm.LLM`, `AsyncEngineArgs` or a Ray Serve `LLMConfig`.
 
     `model` is a resolved checkpoint (path or HF id); `mask` None gives the dense model.
-    `dtype="auto"` resolves through `choose_dtype` (on a CPU: bf16 only with native support).
+    `dtype="auto"` resolves through `choose_dtype` (on a CPU: bf16 only with native support);
+    `enforce_eager=None` through `default_enforce_eager` (eager on CPU, CUDA graphs on a GPU).
+    `gpu` None: whether this process sees a GPU.
     """
+    gpu = on_gpu() if gpu is None else gpu
     args: dict[str, Any] = {
         "model": model,
-        "dtype": choose_dtype(dtype)[0],
-        "enforce_eager": enforce_eager,
+        "dtype": choose_dtype(dtype, gpu=gpu)[0],
+        "enforce_eager": default_enforce_eager(gpu) if enforce_eager is None else enforce_eager,
         "seed": seed,
     }
+    if tensor_parallel_size != 1:
+        args["tensor_parallel_size"] = tensor_parallel_size
     if max_model_len is not None:
         args["max_model_len"] = max_model_len
     if served_model_name:
         args["served_model_name"] = served_model_name
-    if not on_gpu():
+    if not gpu:
         gib = DEFAULT_CPU_KV_CACHE_GIB if kv_cache_gib is None else kv_cache_gib
         args["kv_cache_memory_bytes"] = int(gib * GiB)
     elif kv_cache_gib is not None:

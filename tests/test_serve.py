@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -358,6 +359,37 @@ def test_prometheus_counts_requests_per_variant(server, client, prometheus):
     assert kept == {DENSE: 30, GSM8K: 26, ARC: 25}, raw
     assert total == {DENSE: 30, GSM8K: 30, ARC: 30}
     assert speed[DENSE] == 1.0 and speed[ARC] > speed[GSM8K] > 1.0
+
+
+DASHBOARD = REPO / "examples" / "grafana" / "tabp-vllm-dashboard.json"
+
+
+def _dashboard_exprs(doc: dict) -> list[str]:
+    panels = [p for top in doc["panels"] for p in [top, *top.get("panels", [])]]  # rows nest
+    exprs = [t["expr"] for p in panels for t in p.get("targets", []) if t.get("expr")]
+    exprs += [v["query"]["query"] for v in doc["templating"]["list"] if v["type"] == "query"]
+    return exprs
+
+
+def _grafana_to_promql(expr: str) -> str:
+    """What Grafana sends for "All" variants over the last few minutes."""
+    m = re.match(r"^label_values\((.+), *\w+\)$", expr)  # a variable's query: its metric
+    expr = m.group(1) if m else expr
+    return expr.replace("$model_name", ".*").replace("$__rate_interval", "5m")
+
+
+def test_grafana_dashboard_queries_return_series(server, client, prometheus):
+    exprs = _dashboard_exprs(json.loads(DASHBOARD.read_text()))
+    assert len(exprs) >= 10
+    empty = exprs
+    deadline = time.time() + 120
+    while empty and time.time() < deadline:
+        # traffic on every variant: gauges of an idle engine drop out of Ray's export
+        for model in VARIANTS:
+            greedy(client, model, "Once upon a time", max_tokens=6)
+        time.sleep(5)
+        empty = [e for e in exprs if not prometheus.query(_grafana_to_promql(e))]
+    assert not empty, f"dashboard queries with no series: {empty}"
 
 
 # ---- fault: kill one variant's replica (last: it leaves that variant restarting) ---------------

@@ -120,3 +120,74 @@ def test_unreachable_cluster_is_one_line(address, message):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Triton" not in ln]
     assert len(lines) == 1 and message in lines[0] and address in lines[0], proc.stderr
     assert time.time() - t0 < 120
+
+
+def test_memory_estimate_and_refusal_before_ray(two_masks, monkeypatch):
+    """`serve` estimates the memory of its variants first and refuses, in one line and before Ray
+    starts, a set that cannot fit what the machine has available (here a fake 3 GiB)."""
+    from collections import namedtuple
+
+    import psutil
+    import typer
+    from typer.testing import CliRunner
+
+    from tabp_vllm.engine import GiB
+    from tabp_vllm.serve.commands import check_memory, serve
+    from tabp_vllm.serve.config import (CPU_APP_OVERHEAD_GIB, CPU_ENGINE_OVERHEAD_GIB,
+                                        cpu_memory_estimate)
+
+    spec = build_spec(task_mask=list(two_masks), kv_cache_gib=0.5, dtype="float32")
+    need, per = cpu_memory_estimate(spec)
+    assert list(per) == ["llama", "llama-gsm8k", "llama-arc"]
+    # the dense demo model in float32: 134.5M parameters (tied head) = 0.50 GiB
+    assert per["llama"] == pytest.approx((0.501 + 0.5 + CPU_ENGINE_OVERHEAD_GIB) * GiB, rel=1e-2)
+    assert per["llama"] > per["llama-gsm8k"] > per["llama-arc"]      # fewer blocks, fewer bytes
+    assert need == int(CPU_APP_OVERHEAD_GIB * GiB) + sum(per.values())
+    check_memory(spec, available_bytes=need + 1)
+    with pytest.raises(TabpError, match=r"^3 variants need ~\d+\.\d GiB .* 3\.0 GiB is available"):
+        check_memory(spec, available_bytes=3 * GiB)
+
+    Mem = namedtuple("Mem", "available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Mem(3 * GiB))
+    app = typer.Typer()
+    app.command()(serve)
+    args = ["--task-mask", str(two_masks[0]), "--task-mask", str(two_masks[1]), "--dry-run"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2
+    assert res.stderr.strip().splitlines()[-1].startswith("error: 3 variants need ~")
+    assert CliRunner().invoke(app, [*args, "--no-memory-check"]).exit_code == 0
+
+
+def test_one_progress_line_per_variant_as_it_becomes_ready(two_masks, monkeypatch):
+    """`wait_running` polls Serve's status while the app deploys and prints one line per variant
+    when all its replicas run (fake status here; tests/test_serve.py sees the real lines)."""
+    from types import SimpleNamespace as NS
+
+    from ray import serve
+
+    from tabp_vllm.serve import commands
+
+    spec = build_spec(task_mask=list(two_masks))
+    steps = iter([{}, {"LLMServer:llama-arc": 1}, {"LLMServer:llama-arc": 1, "LLMServer:llama": 1},
+                  {"LLMServer:llama-arc": 1, "LLMServer:llama": 1, "LLMServer:llama-gsm8k": 1}])
+
+    def status():
+        running = next(steps)
+        deps = {name: NS(replica_states={"RUNNING": n}) for name, n in running.items()}
+        deps["TabpIngress"] = NS(replica_states={"RUNNING": 1})
+        app = NS(status="RUNNING" if len(running) == 3 else "DEPLOYING", deployments=deps,
+                 message="")
+        return NS(applications={commands.APP_NAME: app})
+
+    monkeypatch.setattr(serve, "status", status)
+    lines: list[str] = []
+    commands.wait_running(spec, log=lines.append, poll_s=0)
+    assert [ln.split(" (")[0] for ln in lines] == [
+        "ready: llama-arc", "ready: llama", "ready: llama-gsm8k"]
+    assert lines[-1].startswith("ready: llama-gsm8k (3/3 variants, ")
+
+    failed = NS(applications={commands.APP_NAME: NS(status="DEPLOY_FAILED", deployments={},
+                                                    message="replica crashed")})
+    monkeypatch.setattr(serve, "status", lambda: failed)
+    with pytest.raises(RuntimeError, match="replica crashed"):
+        commands.wait_running(spec, log=lines.append, poll_s=0)

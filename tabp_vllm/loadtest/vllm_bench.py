@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import sys
 
+import typer
+
 
 def main(argv: list[str] | None = None) -> int:
     from vllm.benchmarks.serve import FlexibleArgumentParser, add_cli_args
@@ -26,6 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     add_cli_args(parser)
     bench_main(parser.parse_args(argv))
     return 0
+
+
+def vllm_bench_command(ctx: typer.Context) -> None:
+    """vLLM's `bench serve`, every flag passed through (`tabp-vllm vllm-bench --help` lists them).
+
+    E.g. `tabp-vllm vllm-bench --base-url http://127.0.0.1:8000 --model llama-gsm8k --tokenizer
+    "$(tabp-vllm setup-model llama)" --dataset-name random --num-prompts 64 --save-result`.
+    """
+    raise typer.Exit(main(list(ctx.args)))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import secrets
 from typing import Any, Dict, Optional
 
+from ray.serve.llm import LLMServer
 from ray.serve.llm.ingress import OpenAiIngress
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
@@ -49,6 +50,32 @@ class ApiKeyMiddleware:
         await JSONResponse(status_code=401, content={"error": {
             "message": "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
             "type": "invalid_api_key", "param": None, "code": 401}})(scope, receive, send)
+
+
+class UniprocLLMServer(LLMServer):
+    """Ray Serve LLM's `LLMServer` whose CPU engine runs its one worker inside the engine core
+    process (vLLM's uni-process executor, vLLM's own default for one worker) instead of a process
+    of its own: Ray Serve LLM forces the multiprocess executor on CPU, which costs every variant
+    one more Python + torch process (bench/serve_memory.py measures it)."""
+
+    async def __init__(self, llm_config, **kwargs):
+        await super().__init__(llm_config, engine_cls=_uniproc_engine_cls(), **kwargs)
+
+
+def _uniproc_engine_cls():
+    # Private: VLLMEngine and its `_start_async_llm_engine`, the one place that turns the vLLM
+    # config into an engine in this replica's process (Ray Serve LLM's config step may run in
+    # another process, so the backend is set here, on the finished config).
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+
+    class UniprocVLLMEngine(VLLMEngine):
+        def _start_async_llm_engine(self, engine_args, vllm_config, placement_group):
+            if vllm_config.parallel_config.world_size == 1:
+                vllm_config.parallel_config.distributed_executor_backend = "uni"
+                engine_args.distributed_executor_backend = "uni"
+            return super()._start_async_llm_engine(engine_args, vllm_config, placement_group)
+
+    return UniprocVLLMEngine
 
 
 class TabpIngress(OpenAiIngress):
@@ -109,7 +136,9 @@ def build_app(spec) -> Any:
     configs = llm_configs(spec)
     ingress = make_fastapi_ingress(TabpIngress, app=ingress_app(spec.api_key))
     return serve.deployment(ingress, **TabpIngress.get_deployment_options(configs)).bind(
-        llm_deployments={c.model_id: build_llm_deployment(c) for c in configs},
+        # one name whatever the server class: "LLMServer:<variant>"
+        llm_deployments={c.model_id: build_llm_deployment(c, name_prefix="LLMServer:")
+                         for c in configs},
         model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in configs},
         variant_metadata={v.name: v.metadata() for v in spec.variants},
     )

@@ -29,7 +29,7 @@ def _parse_extra(items: list[str]) -> dict:
     return extra
 
 
-ENGINE_KEYS = ("max_model_len", "dtype", "kv_cache_gib", "enforce_eager")
+ENGINE_KEYS = ("max_model_len", "dtype", "kv_cache_gib", "enforce_eager", "tensor_parallel_size")
 
 
 def serve_options(config: Optional[Path] = None, task_mask: Optional[List[Path]] = None,
@@ -103,7 +103,58 @@ def start(spec, *, quiet: bool = False) -> None:
                  _metrics_export_port=spec.metrics_port, log_to_driver=not quiet)
     app = build_app(spec)
     serve.start(http_options={"host": spec.host, "port": spec.port})
-    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run_many([serve.RunTarget(target=app, name=APP_NAME, route_prefix="/")],
+                   wait_for_applications_running=False)
+    wait_running(spec, log=None if quiet else print)
+
+
+def deployment_key(model_id: str) -> str:
+    # Ray Serve LLM names a variant's deployment "LLMServer:<model_id>", '/' and '.' replaced.
+    return model_id.replace("/", "--").replace(".", "_")
+
+
+def wait_running(spec, log=print, poll_s: float = 2.0) -> None:
+    """Wait until the app is RUNNING, printing one line per variant as its replicas come up
+    (`serve.run` would wait silently: ten CPU variants take minutes)."""
+    from ray import serve
+
+    t0 = time.monotonic()
+    pending = {deployment_key(v.name): v for v in spec.variants}
+    total = len(pending)
+    while True:
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None:
+            for name, dep in app.deployments.items():
+                v = pending.get(name.split(":", 1)[-1])
+                if v is not None and dep.replica_states.get("RUNNING", 0) >= v.replicas:
+                    del pending[deployment_key(v.name)]
+                    if log:
+                        log(f"ready: {v.name} ({total - len(pending)}/{total} variants, "
+                            f"{time.monotonic() - t0:.0f} s)")
+                        sys.stdout.flush()
+            if app.status == "RUNNING" and not pending:
+                return
+            if app.status == "DEPLOY_FAILED":  # what serve.run raises
+                raise RuntimeError(f"Deploying application {APP_NAME} failed: {app.message}")
+        time.sleep(poll_s)
+
+
+def check_memory(spec, available_bytes: int | None = None) -> None:
+    """Refuse, in one line and before Ray starts, a local CPU serve whose variants cannot fit
+    the memory this machine has available (`config.cpu_memory_estimate`)."""
+    import psutil
+
+    from tabp_vllm.engine import GiB
+    from tabp_vllm.serve.config import cpu_memory_estimate
+
+    need, per_variant = cpu_memory_estimate(spec)
+    avail = psutil.virtual_memory().available if available_bytes is None else available_bytes
+    if need > avail:
+        worst = max(per_variant.values())
+        raise TabpError(
+            f"{len(spec.variants)} variants need ~{need / GiB:.1f} GiB (up to {worst / GiB:.1f} GiB "
+            f"each: weights + KV cache + engine and Ray processes), {avail / GiB:.1f} GiB is "
+            f"available: serve fewer variants or lower --kv-cache-gib")
 
 
 def stop(joined: bool = False, serve_timeout_s: float = 90.0) -> None:
@@ -130,12 +181,18 @@ def print_table(spec) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from tabp_vllm.engine import GiB, on_gpu
+    from tabp_vllm.serve.config import cpu_memory_estimate
+
     base = f"http://{spec.host}:{spec.port}"
+    memory = {} if on_gpu() else cpu_memory_estimate(spec)[1]
     table = Table("variant", "task", "blocks kept", "speedup*", "mask hash", "replicas",
+                  *(["memory**"] if memory else []),
                   title=f"tabp-vllm serve: {spec.model_alias} ({spec.model})")
     for v in spec.variants:
         table.add_row(v.name, v.task or "(dense)", f"{v.blocks_kept}/{v.blocks_total}",
-                      f"{v.theoretical_speedup:.3f}", v.mask_hash or "-", str(v.replicas))
+                      f"{v.theoretical_speedup:.3f}", v.mask_hash or "-", str(v.replicas),
+                      *([f"{memory[v.name] / GiB:.2f} GiB"] if memory else []))
     console = Console()
     console.print(table)
     print(f"endpoints: {base}/v1/models  {base}/v1/completions  {base}/v1/chat/completions"
@@ -144,6 +201,9 @@ def print_table(spec) -> None:
                else "the Ray cluster's metrics export port(s)")
     print(f"metrics:   {metrics}")
     console.print("* ideal speedup: dense / variant FLOPs per decode step. Ctrl-C to stop.")
+    if memory:
+        console.print("** host memory per variant: weights + KV cache + the measured engine and "
+                      "Ray overhead (bench/serve_memory.py)")
     sys.stdout.flush()
 
 
@@ -179,6 +239,8 @@ def serve(
                                           help="Join an existing Ray cluster (e.g. 'auto')."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help=(
         "Logical CPUs for a local Ray (default: 2 per CPU replica + 1 for the ingress).")),
+    memory_check: Optional[bool] = _opt("memory_check", "--memory-check/--no-memory-check", help=(
+        "Refuse variants whose estimated memory exceeds what is available (local CPU serve).")),
     max_model_len: Optional[int] = _opt("max_model_len", "--max-model-len"),
     dtype: Optional[str] = _opt("dtype", "--dtype", help=(
         "auto: on a CPU bfloat16 only with native bf16 (avx512_bf16/amx_bf16), else float32.")),
@@ -186,22 +248,28 @@ def serve(
                                          help="KV cache space per engine, GiB."),
     enforce_eager: Optional[bool] = _opt("enforce_eager", "--eager/--no-eager",
                                          help="Eager mode (fast start) or torch.compile / graphs."),
+    tensor_parallel_size: Optional[int] = _opt("tensor_parallel_size", "--tensor-parallel-size",
+                                               "-tp", help="GPUs per engine (every variant)."),
     engine_arg: Optional[List[str]] = typer.Option(None, "--engine-arg",
                                                    help="Any other vLLM engine arg, KEY=VALUE."),
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Validate and print the variants; start nothing."),
 ) -> None:
     """Serve the dense model and one pruned variant per mask behind one OpenAI endpoint."""
-    from tabp_vllm.engine import choose_dtype
+    from tabp_vllm.engine import choose_dtype, on_gpu
 
     spec = build_spec(model=model, task_mask=task_mask, task=task, config=config, dense=dense,
                       replicas=replicas, host=host, port=port, metrics_port=metrics_port,
                       api_key=api_key, address=address, num_cpus=num_cpus,
-                      max_model_len=max_model_len, dtype=dtype, kv_cache_gib=kv_cache_gib,
-                      enforce_eager=enforce_eager, engine_arg=engine_arg)
+                      memory_check=memory_check, max_model_len=max_model_len, dtype=dtype,
+                      kv_cache_gib=kv_cache_gib,
+                      enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
+                      engine_arg=engine_arg)
     print("dtype: %s (%s)" % choose_dtype(spec.engine.dtype), flush=True)
     if spec.address:
         check_reachable(spec.address)
+    elif spec.memory_check and not on_gpu():
+        check_memory(spec)
     if dry_run:
         print_table(spec)
         return

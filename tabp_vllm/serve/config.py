@@ -27,7 +27,9 @@ class EngineOptions(Options):
     max_model_len: Optional[int] = Field(2048, ge=1)   # None: the checkpoint's own
     dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "auto"  # auto: engine.choose_dtype
     kv_cache_gib: Optional[float] = Field(None, gt=0)  # None: engine.DEFAULT_CPU_KV_CACHE_GIB on CPU
-    enforce_eager: bool = True                         # fast start on CPU; GPUs want graphs
+    enforce_eager: Optional[bool] = None               # None: engine.default_enforce_eager (CPU eager, GPU graphs)
+    tensor_parallel_size: int = Field(1, ge=1)         # GPUs per engine (each variant's replica)
+    cpu_uniproc: bool = True                           # CPU: the worker in the engine core process
     extra: dict[str, Any] = Field(default_factory=dict)  # any other vLLM engine argument
 
 
@@ -54,6 +56,7 @@ class ServeOptions(Options):
     api_key: Optional[str] = None           # require "Authorization: Bearer <key>"
     address: Optional[str] = None           # join this Ray cluster instead of starting one
     num_cpus: Optional[int] = Field(None, ge=1)  # None: ServeSpec.ray_cpus_needed()
+    memory_check: bool = True               # refuse a local CPU serve that cannot fit in memory
     engine: EngineOptions = Field(default_factory=EngineOptions)
 
     @classmethod
@@ -63,6 +66,8 @@ class ServeOptions(Options):
         value = owner.default(name)
         if name == "kv_cache_gib":
             return "engine default (1 GiB on CPU)"
+        if name == "enforce_eager":
+            return "eager on CPU, compiled + CUDA graphs on GPU"
         return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
@@ -121,6 +126,7 @@ class ServeSpec:
     api_key: str | None
     address: str | None
     num_cpus: int | None
+    memory_check: bool = True
 
     @classmethod
     def from_options(cls, o: ServeOptions) -> "ServeSpec":
@@ -131,7 +137,7 @@ class ServeSpec:
             dense_name=o.dense_name)
         return cls(model_alias=alias, model=resolved, variants=variants, engine=o.engine,
                    host=o.host, port=o.port, metrics_port=o.metrics_port, api_key=o.api_key,
-                   address=o.address, num_cpus=o.num_cpus)
+                   address=o.address, num_cpus=o.num_cpus, memory_check=o.memory_check)
 
     def ray_cpus_needed(self) -> int:
         # Each CPU LLMServer replica holds 2 logical CPUs (actor + placement bundle); ingress 1.
@@ -233,21 +239,84 @@ def load_yaml_spec(path: str | Path) -> dict[str, Any]:
     return doc
 
 
-def llm_configs(spec: ServeSpec) -> list[Any]:
-    """One `ray.serve.llm.LLMConfig` per variant, engine kwargs from `engine_args_for`."""
+def engine_needs(spec: ServeSpec, gpu: bool) -> list[Any]:
+    """What each variant's engine holds (`engine.EngineNeed`), from the checkpoint's config:
+    weights and KV bytes per token at its kept depth, in the dtype the engine will run."""
+    from tabp_vllm.engine import EngineNeed, choose_dtype, dtype_bytes, kv_bytes_per_token, weight_bytes
+    from tabp_vllm.models import load_model_config
+
+    config = load_model_config(spec.model)
+    nbytes = dtype_bytes(choose_dtype(spec.engine.dtype, gpu=gpu)[0], config, gpu)
+    return [EngineNeed(v.name, weight_bytes(config, v.blocks_kept, nbytes),
+                       kv_bytes_per_token(config, v.blocks_kept, nbytes),
+                       spec.engine.tensor_parallel_size, v.replicas) for v in spec.variants]
+
+
+# Measured per CPU engine beyond its weights and KV cache, as PSS (what the machine spends; RSS
+# counts the shared torch/vLLM pages once per process): Ray replica actor + engine core (with the
+# worker in it, `cpu_uniproc`), bench/serve_memory.py -> bench/results/serve_memory.json ("uni":
+# 1.96 GiB PSS per variant with 0.25 GiB weights and 0.25 GiB KV cache; "mp" 2.49).
+CPU_ENGINE_OVERHEAD_GIB = 1.5
+# Once per app: driver, Ray's GCS, raylet, agents, the Serve controller, proxy and ingress
+# (2.01 GiB PSS measured).
+CPU_APP_OVERHEAD_GIB = 2.0
+
+
+def cpu_memory_estimate(spec: ServeSpec) -> tuple[int, dict[str, int]]:
+    """Host memory a local CPU serve of `spec` needs: (total bytes, bytes per variant, all its
+    replicas). Weights at the variant's depth and dtype + its KV cache + the measured overhead."""
+    from tabp_vllm.engine import DEFAULT_CPU_KV_CACHE_GIB, GiB
+
+    kv = (spec.engine.kv_cache_gib or DEFAULT_CPU_KV_CACHE_GIB) * GiB
+    per = {n.name: int(n.replicas * (n.weight_bytes + kv + CPU_ENGINE_OVERHEAD_GIB * GiB))
+           for n in engine_needs(spec, gpu=False)}
+    return int(CPU_APP_OVERHEAD_GIB * GiB) + sum(per.values()), per
+
+
+def gpu_fractions(spec: ServeSpec, gpu_bytes: int | None = None) -> dict[str, float] | None:
+    """`gpu_memory_utilization` per variant when several engines share the GPU; None when vLLM's
+    own default is right (one engine) or the user sized memory (`gpu_memory_utilization` in
+    `engine.extra`, or `kv_cache_gib`)."""
+    from tabp_vllm.engine import gpu_memory_fractions, gpu_total_bytes
+
+    engines = sum(v.replicas for v in spec.variants)
+    if engines < 2 or "gpu_memory_utilization" in spec.engine.extra or spec.engine.kv_cache_gib:
+        return None
+    needs = engine_needs(spec, gpu=True)
+    max_len = spec.engine.max_model_len or int(_max_positions(spec.model))
+    fractions = gpu_memory_fractions(needs, gpu_bytes or gpu_total_bytes(), max_len)
+    return {n.name: f for n, f in zip(needs, fractions)}
+
+
+def _max_positions(model: str) -> int:
+    from tabp_vllm.models import load_model_config
+
+    return load_model_config(model).get("max_position_embeddings", 2048)
+
+
+def llm_configs(spec: ServeSpec, *, gpu: bool | None = None,
+                gpu_bytes: int | None = None) -> list[Any]:
+    """One `ray.serve.llm.LLMConfig` per variant, engine kwargs from `engine_args_for`.
+
+    On a GPU several engines share the card: each gets a `gpu_memory_utilization` from
+    `gpu_fractions` and asks Ray for that fraction of a GPU per tensor-parallel rank, so Ray
+    packs them onto one GPU. `gpu`/`gpu_bytes` None: what this process sees (tests pass fakes).
+    """
     from ray.serve.llm import LLMConfig
 
     from tabp_vllm.engine import engine_args_for, on_gpu
     from tabp_vllm.mask import load_mask
 
-    gpu = on_gpu()
+    gpu = on_gpu() if gpu is None else gpu
+    fractions = gpu_fractions(spec, gpu_bytes) if gpu else None
+    tp = spec.engine.tensor_parallel_size
     configs = []
     for v in spec.variants:
         mask = load_mask(v.mask_path, v.model) if v.mask_path else None
         kwargs = engine_args_for(
             v.model, mask, dtype=spec.engine.dtype, max_model_len=spec.engine.max_model_len,
             enforce_eager=spec.engine.enforce_eager, kv_cache_gib=spec.engine.kv_cache_gib,
-            extra=spec.engine.extra,
+            tensor_parallel_size=tp, gpu=gpu, extra=spec.engine.extra,
         )
         kwargs.pop("model", None)  # model_source below
         kwargs.pop("served_model_name", None)  # Ray Serve names the engine after model_id
@@ -261,5 +330,10 @@ def llm_configs(spec: ServeSpec) -> list[Any]:
         if not gpu:
             cfg["accelerator_config"] = {"kind": "cpu"}
             cfg["placement_group_config"] = {"bundles": [{"CPU": 1}]}
+            if spec.engine.cpu_uniproc:
+                cfg["server_cls"] = "tabp_vllm.serve.app.UniprocLLMServer"
+        elif fractions:
+            kwargs["gpu_memory_utilization"] = fractions[v.name]
+            cfg["placement_group_config"] = {"bundles": [{"GPU": fractions[v.name], "CPU": 1}] * tp}
         configs.append(LLMConfig(**cfg))
     return configs

@@ -1,0 +1,131 @@
+"""GPU defaults without a GPU: compiled mode, per-variant `gpu_memory_utilization`, tensor
+parallelism, computed for a fake 80 GiB card and the Llama-3.1-8B shape (config only, no weights)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tabp_vllm.engine import (
+    GPU_ENGINE_OVERHEAD_GIB,
+    GPU_USABLE_FRACTION,
+    GiB,
+    engine_args_for,
+    kv_bytes_per_token,
+    weight_bytes,
+)
+from tabp_vllm.errors import TabpError
+from tabp_vllm.mask import make_mask
+from tabp_vllm.serve.commands import build_spec
+from tabp_vllm.synth import ARCHS, PUBLISHED_PARAMS
+
+CARD = 80 * GiB
+MAX_LEN = 2048
+
+
+@pytest.fixture()
+def llama8b(tmp_path):
+    """A Llama-3.1-8B checkpoint directory with its published config and no weights, plus
+    hand-made k=4 and k=8 masks (the last blocks removed)."""
+    model = tmp_path / "llama-3.1-8b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**ARCHS["llama-3.1-8b"], "torch_dtype": "bfloat16"}))
+    masks = []
+    for k in (4, 8):
+        masks.append(make_mask(str(model), list(range(31 - k, 31)), task=f"k{k}",
+                               model_id="llama-3.1-8b").save(tmp_path / f"k{k}.json"))
+    return str(model), masks
+
+
+def test_weight_and_kv_bytes_match_the_published_shape():
+    cfg = ARCHS["llama-3.1-8b"]
+    # bf16: 2 bytes a parameter; the count agrees with the published 8.03e9 to 0.5 %
+    assert weight_bytes(cfg, 32, 2) / 2 == pytest.approx(PUBLISHED_PARAMS["llama-3.1-8b"], rel=5e-3)
+    assert weight_bytes(ARCHS["qwen2.5-7b"], 28, 2) / 2 == pytest.approx(
+        PUBLISHED_PARAMS["qwen2.5-7b"], rel=5e-3)
+    # K and V, 8 KV heads x 128, 32 blocks, bf16: 128 KiB a token; kept blocks scale it
+    assert kv_bytes_per_token(cfg, 32, 2) == 2 * 32 * 8 * 128 * 2 == 128 * 1024
+    assert kv_bytes_per_token(cfg, 24, 2) == 96 * 1024
+    one_block = (weight_bytes(cfg, 32, 2) - weight_bytes(cfg, 28, 2)) / 4
+    assert one_block == 2 * (4096 * (4096 + 2 * 1024) + 4096 * 4096 + 3 * 4096 * 14336 + 2 * 4096)
+
+
+def test_eager_is_the_cpu_default_graphs_the_gpu_one(llama8b):
+    model, _ = llama8b
+    gpu = engine_args_for(model, gpu=True)
+    assert gpu["enforce_eager"] is False and gpu["dtype"] == "auto"
+    assert "kv_cache_memory_bytes" not in gpu        # vLLM sizes it from gpu_memory_utilization
+    cpu = engine_args_for(model, gpu=False, dtype="float32")
+    assert cpu["enforce_eager"] is True and cpu["kv_cache_memory_bytes"] == GiB
+    assert engine_args_for(model, gpu=True, enforce_eager=True)["enforce_eager"] is True
+    assert engine_args_for(model, gpu=True, tensor_parallel_size=2)["tensor_parallel_size"] == 2
+    assert "tensor_parallel_size" not in gpu
+
+
+def test_three_variants_share_an_80_gib_card(llama8b):
+    from tabp_vllm.serve.config import llm_configs
+
+    model, masks = llama8b
+    spec = build_spec(model=model, task_mask=masks, max_model_len=MAX_LEN)
+    configs = llm_configs(spec, gpu=True, gpu_bytes=CARD)
+    assert [c.model_id for c in configs] == ["llama-3.1-8b", "llama-3.1-8b-k4", "llama-3.1-8b-k8"]
+    util = {c.model_id: c.engine_kwargs["gpu_memory_utilization"] for c in configs}
+    assert sum(util.values()) <= GPU_USABLE_FRACTION
+    assert sum(util.values()) > GPU_USABLE_FRACTION - 0.001      # nothing left unused
+    kept = {"llama-3.1-8b": 32, "llama-3.1-8b-k4": 28, "llama-3.1-8b-k8": 24}
+    tokens = {}
+    for name, f in util.items():
+        w = weight_bytes(ARCHS["llama-3.1-8b"], kept[name], 2)
+        kv = f * CARD - w - GPU_ENGINE_OVERHEAD_GIB * GiB
+        tokens[name] = kv / kv_bytes_per_token(ARCHS["llama-3.1-8b"], kept[name], 2)
+        assert tokens[name] >= MAX_LEN                           # one full sequence at least
+    # the rest is split so that every variant caches the same number of tokens
+    assert max(tokens.values()) / min(tokens.values()) == pytest.approx(1, abs=1e-3)
+    assert util["llama-3.1-8b"] > util["llama-3.1-8b-k4"] > util["llama-3.1-8b-k8"]
+    # by hand: weights 14.96 / 13.33 / 11.71 GiB, + 2 GiB each; 72 - 46.0 = 26 GiB of KV at
+    # 128 + 112 + 96 KiB a token = 81,139 tokens each: 9.90 / 8.67 / 7.43 GiB
+    assert util == {"llama-3.1-8b": pytest.approx(26.86 / 80, abs=2e-4),
+                    "llama-3.1-8b-k4": pytest.approx(24.00 / 80, abs=2e-4),
+                    "llama-3.1-8b-k8": pytest.approx(21.14 / 80, abs=2e-4)}
+    for c in configs:
+        f = c.engine_kwargs["gpu_memory_utilization"]
+        assert c.engine_kwargs["enforce_eager"] is False
+        # Ray packs the three onto one GPU: each asks for its fraction of it
+        assert c.placement_group_config == {"bundles": [{"GPU": f, "CPU": 1}]}
+
+
+def test_tensor_parallel_passes_through_and_halves_each_rank(llama8b):
+    from tabp_vllm.serve.config import gpu_fractions, llm_configs
+
+    model, masks = llama8b
+    one = gpu_fractions(build_spec(model=model, task_mask=masks), CARD)
+    spec = build_spec(model=model, task_mask=masks, tensor_parallel_size=2)
+    two = gpu_fractions(spec, CARD)
+    assert sum(two.values()) <= GPU_USABLE_FRACTION and two != one
+    for c in llm_configs(spec, gpu=True, gpu_bytes=CARD):
+        assert c.engine_kwargs["tensor_parallel_size"] == 2
+        f = c.engine_kwargs["gpu_memory_utilization"]
+        assert c.placement_group_config["bundles"] == [{"GPU": f, "CPU": 1}] * 2
+
+
+def test_user_sizing_and_a_single_engine_keep_vllms_default(llama8b):
+    from tabp_vllm.serve.config import gpu_fractions
+
+    model, masks = llama8b
+    assert gpu_fractions(build_spec(model=model), CARD) is None
+    assert gpu_fractions(build_spec(model=model, task_mask=masks,
+                                    engine_arg=["gpu_memory_utilization=0.3"]), CARD) is None
+    assert gpu_fractions(build_spec(model=model, task_mask=masks, kv_cache_gib=4), CARD) is None
+    # replicas count as engines
+    assert len(gpu_fractions(build_spec(model=model, replicas=2), CARD)) == 1
+
+
+def test_too_many_variants_for_the_card_is_one_line(llama8b, tmp_path):
+    from tabp_vllm.serve.config import gpu_fractions
+
+    model, masks = llama8b
+    with pytest.raises(TabpError) as exc:
+        gpu_fractions(build_spec(model=model, task_mask=masks, replicas=2), 40 * GiB)
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.startswith("6 engines need ") and "GPU offers 36.0 GiB" in msg
