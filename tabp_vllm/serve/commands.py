@@ -188,6 +188,8 @@ def serve(
                                          help="Eager mode (fast start) or torch.compile / graphs."),
     engine_arg: Optional[List[str]] = typer.Option(None, "--engine-arg",
                                                    help="Any other vLLM engine arg, KEY=VALUE."),
+    force: Optional[bool] = _opt("force", "--force", help=(
+        "Serve masks keeping under half the blocks (refused otherwise); still warns.")),
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Validate and print the variants; start nothing."),
 ) -> None:
@@ -198,7 +200,7 @@ def serve(
                       replicas=replicas, host=host, port=port, metrics_port=metrics_port,
                       api_key=api_key, address=address, num_cpus=num_cpus,
                       max_model_len=max_model_len, dtype=dtype, kv_cache_gib=kv_cache_gib,
-                      enforce_eager=enforce_eager, engine_arg=engine_arg)
+                      enforce_eager=enforce_eager, engine_arg=engine_arg, force=force)
     print("dtype: %s (%s)" % choose_dtype(spec.engine.dtype), flush=True)
     if spec.address:
         check_reachable(spec.address)
