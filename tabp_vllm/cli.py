@@ -42,7 +42,7 @@ def masks_show(
     as_json: bool = typer.Option(False, "--json", help="Print the validated mask as JSON."),
 ) -> None:
     """Print a mask as a table: blocks, the removed ones marked, their scores."""
-    from tabp_vllm.mask import load_mask
+    from tabp_vllm.mask import load_mask, public_name
 
     mask = load_mask(file)
     if as_json:
@@ -51,7 +51,7 @@ def masks_show(
     removed = set(mask.removed_layers)
     cal = mask.calibration
     console.print(
-        f"[bold]{file}[/]  task=[cyan]{mask.task}[/]  model={mask.model_id}  "
+        f"[bold]{file}[/]  task=[cyan]{mask.task}[/]  model={public_name(mask.model_id)}  "
         f"method={mask.method}  kept {mask.num_kept}/{mask.num_hidden_layers}  "
         f"hash={mask.content_hash()}"
     )
