@@ -95,8 +95,9 @@ class RssSampler(threading.Thread):
 
 
 class Load:
-    def __init__(self, base: str, seed: int, disconnect_share: float, malformed_every: int):
-        self.base, self.rng = base, random.Random(seed)
+    def __init__(self, base: str, seed: int, disconnect_share: float, malformed_every: int,
+                 transport=None):
+        self.base, self.rng, self.transport = base, random.Random(seed), transport
         self.disconnect_share, self.malformed_every = disconnect_share, malformed_every
         self.counts = {k: 0 for k in ("ok", "stream_ok", "hung_up", "malformed_ok", "errors")}
         self.per_variant = {v: 0 for v in VARIANTS}
@@ -182,7 +183,7 @@ class Load:
         t0 = time.time()
 
         async def worker():
-            async with httpx.AsyncClient(timeout=300) as c:
+            async with httpx.AsyncClient(timeout=300, transport=self.transport) as c:
                 while time.time() - t0 < seconds:
                     await self.one(c, t0)
 
