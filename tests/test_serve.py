@@ -537,7 +537,7 @@ def test_killed_replica_other_variant_unaffected_and_restarts(server, client):
     for th, _, _ in streams:
         th.join(timeout=90)
     ended_s = time.time() - t_kill
-    outcomes = [o[0] if o else "hung" for _, _, o in streams]
+    outcomes = [o[0][0] if o else "hung" for _, _, o in streams]
     assert outcomes == ["error-event"] * 3, ([o for _, _, o in streams], ended_s)
     t0 = time.time()
     back = False
