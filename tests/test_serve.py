@@ -522,37 +522,39 @@ def test_killed_replica_other_variant_unaffected_and_restarts(server, client):
 
     t = threading.Thread(target=traffic)
     t.start()
-    streamer = OpenAI(base_url=f"{server.base}/v1", api_key=API_KEY, timeout=120, max_retries=0)
-    streams = []
-    for _ in range(3):
-        started, outcome = threading.Event(), []
-        th = threading.Thread(target=_stream_until_end, args=(streamer, ARC, started, outcome))
-        th.start()
-        streams.append((th, started, outcome))
-    for _, started, _ in streams:
-        assert started.wait(120), "a stream never started"
-    time.sleep(1)
-    os.kill(pids[0], signal.SIGKILL)
-    t_kill = time.time()
-    for th, _, _ in streams:
-        th.join(timeout=90)
-    ended_s = time.time() - t_kill
-    outcomes = [o[0][0] if o else "hung" for _, _, o in streams]
-    assert outcomes == ["error-event"] * 3, ([o for _, _, o in streams], ended_s)
-    t0 = time.time()
-    back = False
-    while time.time() - t0 < READY_TIMEOUT:
-        new = _replica_pids(server.proc.pid, ARC)
-        if new and new != pids:
-            try:
-                if greedy(client, ARC, "The sky is", max_tokens=2).usage.completion_tokens == 2:
-                    back = True
-                    break
-            except Exception:  # noqa: BLE001 - still restarting
-                pass
-        time.sleep(3)
-    stop.set()
-    t.join(timeout=300)
+    try:
+        streamer = OpenAI(base_url=f"{server.base}/v1", api_key=API_KEY, timeout=120, max_retries=0)
+        streams = []
+        for _ in range(3):
+            started, outcome = threading.Event(), []
+            th = threading.Thread(target=_stream_until_end, args=(streamer, ARC, started, outcome))
+            th.start()
+            streams.append((th, started, outcome))
+        for _, started, _ in streams:
+            assert started.wait(120), "a stream never started"
+        time.sleep(1)
+        os.kill(pids[0], signal.SIGKILL)
+        t_kill = time.time()
+        for th, _, _ in streams:
+            th.join(timeout=90)
+        ended_s = time.time() - t_kill
+        outcomes = [o[0][0] if o else "hung" for _, _, o in streams]
+        assert outcomes == ["error-event"] * 3 and ended_s < 30, ([o for _, _, o in streams], ended_s)
+        t0 = time.time()
+        back = False
+        while time.time() - t0 < READY_TIMEOUT:
+            new = _replica_pids(server.proc.pid, ARC)
+            if new and new != pids:
+                try:
+                    if greedy(client, ARC, "The sky is", max_tokens=2).usage.completion_tokens == 2:
+                        back = True
+                        break
+                except Exception:  # noqa: BLE001 - still restarting
+                    pass
+            time.sleep(3)
+    finally:  # a failed check must not leave the traffic thread spinning
+        stop.set()
+        t.join(timeout=300)
     assert not errors, errors[:3]
     assert len(results) >= 5 and len(set(results)) == 1
     assert back, "the killed variant did not come back"
