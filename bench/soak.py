@@ -74,6 +74,9 @@ class RssSampler(threading.Thread):
         self.sid, self.interval, self.stop_event = sid, interval, threading.Event()
         self.t0 = time.time()
         self.samples: dict[str, list[tuple[float, float]]] = {}
+        # Ray retitles an actor while it runs a method (`...:llama.handle_request_with_rejection`):
+        # a process keeps the label it had when first seen.
+        self.labels: dict[int, str] = {}
 
     def sample(self) -> None:
         import psutil
@@ -83,7 +86,7 @@ class RssSampler(threading.Thread):
             try:
                 if os.getsid(p.pid) != self.sid:
                     continue
-                key = f"{process_label(p)}[{p.pid}]"
+                key = self.labels.setdefault(p.pid, f"{process_label(p)}[{p.pid}]")
                 self.samples.setdefault(key, []).append((now, p.memory_info().rss / 2**20))
             except (ProcessLookupError, PermissionError, psutil.Error):
                 continue
