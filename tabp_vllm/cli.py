@@ -7,6 +7,7 @@ what is wrong with their file or option, never a traceback.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from tabp_vllm.errors import TabpError, user_errors  # noqa: F401 (re-exported)
+
+FORCE_HELP = "Accept a mask keeping under half the blocks (mask.MIN_KEPT_FRACTION); still warns."
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Task-aware block pruning for vLLM: score, serve, bench, eval.")
@@ -39,7 +42,7 @@ def masks_show(
     as_json: bool = typer.Option(False, "--json", help="Print the validated mask as JSON."),
 ) -> None:
     """Print a mask as a table: blocks, the removed ones marked, their scores."""
-    from tabp_vllm.mask import load_mask
+    from tabp_vllm.mask import load_mask, public_name
 
     mask = load_mask(file)
     if as_json:
@@ -48,7 +51,7 @@ def masks_show(
     removed = set(mask.removed_layers)
     cal = mask.calibration
     console.print(
-        f"[bold]{file}[/]  task=[cyan]{mask.task}[/]  model={mask.model_id}  "
+        f"[bold]{file}[/]  task=[cyan]{mask.task}[/]  model={public_name(mask.model_id)}  "
         f"method={mask.method}  kept {mask.num_kept}/{mask.num_hidden_layers}  "
         f"hash={mask.content_hash()}"
     )
@@ -73,14 +76,16 @@ def masks_validate(
     files: list[Path],
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="Also check the masks fit this model."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Validate mask files (and that they fit --model); exit 2 on the first bad one."""
-    from tabp_vllm.mask import load_mask
+    from tabp_vllm.mask import check_depth, load_mask
     from tabp_vllm.models import resolve_model
 
     resolved = resolve_model(model) if model else None
     for file in files:
-        mask = load_mask(file, resolved)
+        mask = load_mask(file, resolved, model_name=model)
+        _warn(check_depth(mask, str(file), force))
         print(f"ok: {file} (task {mask.task}, removes {len(mask.removed_layers)} of "
               f"{mask.num_hidden_layers} blocks: {mask.removed_layers})")
 
@@ -92,9 +97,10 @@ def masks_make(
     remove: str = typer.Option(..., "--remove", help="Blocks to remove, e.g. '3,10-12,29'."),
     task: str = typer.Option(..., "--task"),
     model: str = typer.Option("llama", "--model", "-m"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Write a hand-made mask (for experiments and tests; `score` makes real ones)."""
-    from tabp_vllm.mask import make_mask
+    from tabp_vllm.mask import check_depth, make_mask
     from tabp_vllm.models import resolve_model
 
     layers: list[int] = []
@@ -105,8 +111,14 @@ def masks_make(
         except ValueError:
             raise TabpError(f"--remove: {part!r} is not a block index or range") from None
     mask = make_mask(resolve_model(model), layers, task=task, model_id=model)
+    _warn(check_depth(mask, str(output), force))
     mask.save(output)
     print(f"wrote {output}: removes {mask.removed_layers}")
+
+
+def _warn(text: Optional[str]) -> None:
+    if text:
+        print(f"warning: {text}", file=sys.stderr)
 
 
 @app.command("generate")

@@ -90,8 +90,26 @@ class Dataset:
         return h.hexdigest()[:16]
 
     def provenance(self, seed: int) -> dict[str, Any]:
-        return {"data": self.name, "split": self.split, "source": self.source, "kind": self.kind,
-                "samples": len(self.items), "seed": seed, "sha256": self.content_hash()}
+        return {"data": self.name, "split": self.split, "source": portable_source(self.source),
+                "kind": self.kind, "samples": len(self.items), "seed": seed,
+                "sha256": self.content_hash()}
+
+
+def portable_source(source: str) -> str:
+    """A data file as a mask records it: relative to the data root (`data:arc/ARC-Easy.jsonl`) or
+    to the package's demo data (`package:demo_mcqa.jsonl`); any other file by its name alone
+    (`user:my.jsonl`; the sha256 beside it identifies the content). Never an absolute path: it
+    means nothing on another machine and leaks the local layout."""
+    if not source:
+        return source
+    path = Path(source).expanduser()
+    path = path.resolve() if path.is_absolute() or path.exists() else path
+    for label, root in (("data", data_root()), ("package", PACKAGE_DATA)):
+        try:
+            return f"{label}:{path.relative_to(Path(root).resolve()).as_posix()}"
+        except ValueError:
+            continue
+    return f"user:{path.name}"
 
 
 def data_root() -> Path:

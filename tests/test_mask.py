@@ -148,3 +148,99 @@ def test_saved_mask_is_atomic_and_valid(tmp_path, demo_model):
     again = load_mask(path, demo_model)
     assert again.removed_layers == [0, 29]
     assert again.content_hash() == mask.content_hash()
+
+
+# ---- masks that cannot mislead (issue 14) -------------------------------------------------------
+
+def test_empty_removed_list_refused(write_mask):
+    path = write_mask([1], edit=lambda d: d.update(removed_layers=[]))
+    assert_one_line_error(*validate(path), "removes no block", "dense")
+    result = runner.invoke(app, ["masks", "make", str(path.with_name("e.json")), "--remove", "",
+                                 "--task", "t"])
+    assert_one_line_error(result.exit_code, result.output.strip(), "removes no block")
+
+
+def test_serve_refuses_empty_mask(write_mask):
+    path = write_mask([1], edit=lambda d: d.update(removed_layers=[]))
+    result = runner.invoke(app, ["serve", "--task-mask", str(path), "--dry-run"])
+    lines = [ln for ln in result.output.strip().splitlines() if not ln.startswith("dtype:")]
+    assert_one_line_error(result.exit_code, "\n".join(lines), "removes no block")
+
+
+SHALLOW = list(range(1, 30))  # keeps 1 block of 30
+
+
+@pytest.mark.parametrize("removed,refused", [(SHALLOW, True), (list(range(16)), True),
+                                             (list(range(15)), False)])
+def test_shallow_mask_needs_force(write_mask, removed, refused):
+    path = write_mask(removed)
+    code, out = validate(path)
+    if not refused:
+        assert code == 0 and "warning" not in out, out
+        return
+    kept = 30 - len(removed)
+    assert_one_line_error(code, out, f"keeps {kept} of 30 blocks", "under the minimum of 50%",
+                          "near chance", "--force")
+    result = runner.invoke(app, ["masks", "validate", str(path), "--model", "llama", "--force"])
+    assert result.exit_code == 0, result.output
+    assert any(ln.startswith("warning: ") and f"keeps {kept} of 30" in ln
+               for ln in result.output.splitlines())
+
+
+def test_make_shallow_mask_needs_force(tmp_path):
+    out = tmp_path / "m.json"
+    args = ["masks", "make", str(out), "--remove", "1-29", "--task", "t"]
+    result = runner.invoke(app, args)
+    assert_one_line_error(result.exit_code, result.output.strip(), "keeps 1 of 30 blocks")
+    assert not out.exists()
+    result = runner.invoke(app, args + ["--force"])
+    assert result.exit_code == 0 and out.exists(), result.output
+    assert "warning: " in result.output
+
+
+def test_serve_shallow_mask_needs_force(write_mask):
+    path = write_mask(SHALLOW)
+    result = runner.invoke(app, ["serve", "--task-mask", str(path), "--dry-run"])
+    lines = [ln for ln in result.output.strip().splitlines() if not ln.startswith("dtype:")]
+    assert_one_line_error(result.exit_code, "\n".join(lines), "keeps 1 of 30 blocks", "--force")
+    result = runner.invoke(app, ["serve", "--task-mask", str(path), "--dry-run", "--force"])
+    assert result.exit_code == 0, result.output
+    assert "warning: " in result.output and "1/30" in result.output
+
+
+def test_model_mismatch_names_alias_and_fingerprint_never_a_path(write_mask, demo_model):
+    def other_model(doc):
+        doc["model"]["id"] = "/home/someone/ckpts/Llama-3.1-8B"  # an old mask with a path
+        doc["model"]["fingerprint"].update(num_hidden_layers=32)
+        doc["num_hidden_layers"] = 32
+
+    path = write_mask([1], edit=other_model)
+    code, out = validate(path)
+    assert_one_line_error(code, out, "made for model 'Llama-3.1-8B' [architecture=",
+                          "num_hidden_layers=32", "not for 'llama' [", "num_hidden_layers=30")
+    assert "/home/someone" not in out and demo_model not in out
+    with pytest.raises(MaskError) as exc:
+        load_mask(path, demo_model)  # no alias given: the checkpoint folder's name, not its path
+    assert demo_model not in str(exc.value) and "smollm2" in str(exc.value).lower()
+
+
+def test_made_mask_records_no_local_path(demo_model):
+    assert make_mask(demo_model, [3], task="t").model_id == "smollm2-135m-instruct"
+    assert make_mask(demo_model, [3], task="t", model_id="llama").model_id == "llama"
+
+
+def test_provenance_relative_to_data_root(tmp_path, monkeypatch):
+    from tabp_vllm.data import Dataset, load_task, portable_source
+
+    root = tmp_path / "root"
+    (root / "sets").mkdir(parents=True)
+    monkeypatch.setenv("TABP_VLLM_DATA", str(root))
+    f = root / "sets" / "x.jsonl"
+    f.write_text('{"text": "hello"}\n')
+    assert Dataset("x", "user", "text", [], str(f)).provenance(0)["source"] == "data:sets/x.jsonl"
+    outside = tmp_path / "mine.jsonl"
+    outside.write_text('{"text": "hello"}\n')
+    assert portable_source(str(outside)) == "user:mine.jsonl"
+    prov = load_task("demo").provenance(0)
+    assert prov["source"] == "package:demo_mcqa.jsonl"
+    assert str(tmp_path) not in json.dumps(prov)

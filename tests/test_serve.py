@@ -256,28 +256,134 @@ def test_logprobs(client):
     assert content and all(len(c.top_logprobs) == 2 for c in content)
 
 
-# ---- errors: the server keeps serving -----------------------------------------------------------
+# ---- errors: every one in OpenAI shape, and the server keeps serving ----------------------------
 
-def test_errors_then_still_serving(server, client):
+AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+
+
+def _post(server, body, path="/v1/completions", headers=AUTH):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(server.base + path, content=content, headers=headers, timeout=120)
+
+
+# (name, request, status, fragment of the message, param); the unit twin without Ray is
+# tests/test_serve_errors_unit.py
+ERROR_CASES = [
+    ("unknown model", lambda s: _post(s, {"model": "llama-nope", "prompt": "x"}), 404,
+     "'llama-nope' does not exist. Valid models: llama, llama-arc, llama-gsm8k", "model"),
+    ("unknown model card", lambda s: httpx.get(s.base + "/v1/models/llama-nope", headers=AUTH), 404,
+     "'llama-nope' does not exist", "model"),
+    ("missing model", lambda s: _post(s, {"prompt": "x"}), 400, "'model' field is required", "model"),
+    ("malformed json", lambda s: _post(s, b"{not json"), 400, "not valid JSON", None),
+    ("wrong type", lambda s: _post(s, {"model": DENSE, "prompt": "x", "max_tokens": "many"}), 400,
+     "'max_tokens'", "max_tokens"),
+    ("chat messages not a list", lambda s: _post(s, {"model": DENSE, "messages": "nope"},
+                                                 "/v1/chat/completions"), 400, "'messages'", "messages"),
+    ("missing prompt", lambda s: _post(s, {"model": DENSE}), 400, "prompt", "prompt"),
+    ("over-long prompt", lambda s: _post(s, {"model": GSM8K, "prompt": "hello " * (MAX_MODEL_LEN + 10),
+                                             "max_tokens": 2}), 400, "maximum context length", None),
+    ("max_tokens=-1", lambda s: _post(s, {"model": DENSE, "prompt": "x", "max_tokens": -1}), 400,
+     "max_tokens", "max_tokens"),
+    ("wrong api key", lambda s: _post(s, {"model": DENSE, "prompt": "x"},
+                                      headers={"Authorization": "Bearer nope"}), 401, "API key", None),
+    ("missing api key", lambda s: _post(s, {"model": DENSE, "prompt": "x"}, headers={}), 401,
+     "API key", None),
+    ("unknown route", lambda s: _post(s, {"model": DENSE}, "/v1/nothing"), 404, "Not Found", None),
+    ("wrong method", lambda s: httpx.get(s.base + "/v1/completions", headers=AUTH), 405,
+     "Method Not Allowed", None),
+]
+
+
+def test_every_error_is_openai_shaped(server, client):
+    bad = []
+    for name, call, status, fragment, param in ERROR_CASES:
+        r = call(server)
+        try:
+            err = r.json()["error"]
+            ok = (r.status_code == status and set(r.json()) == {"error"}
+                  and set(err) == {"message", "type", "param", "code"} and err["code"] == status
+                  and fragment in err["message"] and (param is None or err["param"] == param)
+                  and not any(leak in err["message"] for leak in (
+                      "Internal exception", "original exception", "ray.", "vllm.", "Traceback")))
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            bad.append((name, r.status_code, r.text[:300]))
+    assert not bad, bad
     import openai
 
-    with pytest.raises(openai.NotFoundError) as exc:
+    with pytest.raises(openai.NotFoundError):
         greedy(client, "llama-nope", "Hi", max_tokens=2)
-    msg = str(exc.value)
-    assert "llama-nope" in msg and all(name in msg for name in VARIANTS)
-    with pytest.raises(openai.BadRequestError) as exc:
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
         greedy(client, GSM8K, "hello " * (MAX_MODEL_LEN + 10), max_tokens=2)
-    assert "maximum context length" in str(exc.value)
-    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
-    for body in (b"{not json", json.dumps({"model": DENSE}).encode(),
-                 json.dumps({"model": DENSE, "prompt": "x", "max_tokens": "many"}).encode(),
-                 json.dumps({"model": DENSE, "messages": "nope"}).encode()):
-        url = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
-        r = httpx.post(server.base + url, content=body, headers=headers, timeout=60)
-        assert r.status_code in (400, 422), (body, r.status_code, r.text)
-        assert "error" in r.json() or "detail" in r.json()
     for name in VARIANTS:
         assert greedy(client, name, "Hi", max_tokens=2).usage.completion_tokens == 2
+
+
+# ---- disconnects free the engine ------------------------------------------------------------------
+
+def _engine_metrics(server) -> dict[tuple[str, str], float]:
+    """vLLM's own series on Ray's metrics export port: (name, variant) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=30).text
+    out: dict[tuple[str, str], float] = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name in ("ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting",
+                            "ray_vllm_generation_tokens_total"):
+                key = (smp.name, smp.labels.get("model_name", ""))
+                out[key] = out.get(key, 0.0) + smp.value
+    return out
+
+
+def test_disconnects_abort_in_the_engine(server, client):
+    """N streaming and M non-streaming clients hang up early: vLLM stops generating for them
+    (its generated-token counter stops growing within a report interval) and, once the engine
+    takes one more step, reports no request running (a gauge is only recorded on an engine
+    step: an idle engine keeps its last value until Ray drops the series; docs/serving.md)."""
+    import asyncio
+
+    n_stream, n_plain, max_tokens = 12, 4, 400
+    tokens = ("ray_vllm_generation_tokens_total", GSM8K)
+    before = _engine_metrics(server).get(tokens, 0.0)
+    body = {"model": GSM8K, "max_tokens": max_tokens, "temperature": 0.8, "ignore_eos": True}
+
+    async def hang_up(c, i, stream):
+        req = dict(body, prompt=f"Tell me a long story, number {i}:", stream=stream)
+        if stream:
+            async with c.stream("POST", server.base + "/v1/completions", json=req,
+                                headers=AUTH) as r:
+                assert r.status_code == 200
+                async for _ in r.aiter_lines():
+                    return  # first event seen: hang up
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(c.post(server.base + "/v1/completions", json=req,
+                                          headers=AUTH), timeout=1.5)
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as c:
+            await asyncio.gather(*[hang_up(c, i, i < n_stream) for i in range(n_stream + n_plain)])
+
+    asyncio.run(run())
+    time.sleep(4)  # > 1 s abort + one 2 s metrics report interval
+    settled = _engine_metrics(server).get(tokens, 0.0)
+    time.sleep(8)
+    later = _engine_metrics(server).get(tokens, 0.0)
+    assert later == settled, f"the engine kept generating after every client left: {settled} -> {later}"
+    generated = later - before
+    assert generated < (n_stream + n_plain) * max_tokens / 4, generated
+    # one more request makes the engine step and record its gauges: nothing else is running
+    assert greedy(client, GSM8K, "Hi", max_tokens=2).usage.completion_tokens == 2
+    deadline = time.time() + 30
+    while True:
+        m = _engine_metrics(server)
+        running = m.get(("ray_vllm_num_requests_running", GSM8K))
+        if running == 0.0 or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert running == 0.0, m
+    assert m.get(("ray_vllm_num_requests_waiting", GSM8K)) == 0.0
 
 
 # ---- Prometheus -----------------------------------------------------------------------------------
@@ -409,7 +515,31 @@ def _replica_pids(sid: int, variant: str) -> list[int]:
     return pids
 
 
+def _stream_until_end(client, model, started: threading.Event, outcome: list) -> None:
+    """One long stream; `outcome` gets ('completed' | 'error-event' | 'cut', detail)."""
+    import openai
+
+    try:
+        stream = client.completions.create(model=model, prompt="Tell me a long story:",
+                                           max_tokens=400, temperature=0.8, stream=True,
+                                           extra_body={"ignore_eos": True})
+        for _ in stream:
+            started.set()
+        outcome.append(("completed", ""))
+    except openai.APIError as exc:  # an SSE error event (or an HTTP error status)
+        outcome.append(("error-event" if "temporarily unavailable" in str(exc) else "cut", repr(exc)))
+    except Exception as exc:  # noqa: BLE001 - a cut connection, a timeout
+        outcome.append(("cut", repr(exc)))
+    finally:
+        started.set()
+
+
 def test_killed_replica_other_variant_unaffected_and_restarts(server, client):
+    """Kill one variant's replica while its streams run and another variant serves traffic: the
+    streams end with an OpenAI error event (not a hang, not a cut connection), the variant comes
+    back, the other variant never fails."""
+    from openai import OpenAI
+
     pids = _replica_pids(server.proc.pid, ARC)
     assert len(pids) == 1, pids
     results, errors = [], []
@@ -424,22 +554,39 @@ def test_killed_replica_other_variant_unaffected_and_restarts(server, client):
 
     t = threading.Thread(target=traffic)
     t.start()
-    time.sleep(1)
-    os.kill(pids[0], signal.SIGKILL)
-    t0 = time.time()
-    back = False
-    while time.time() - t0 < READY_TIMEOUT:
-        new = _replica_pids(server.proc.pid, ARC)
-        if new and new != pids:
-            try:
-                if greedy(client, ARC, "The sky is", max_tokens=2).usage.completion_tokens == 2:
-                    back = True
-                    break
-            except Exception:  # noqa: BLE001 - still restarting
-                pass
-        time.sleep(3)
-    stop.set()
-    t.join(timeout=300)
+    try:
+        streamer = OpenAI(base_url=f"{server.base}/v1", api_key=API_KEY, timeout=120, max_retries=0)
+        streams = []
+        for _ in range(3):
+            started, outcome = threading.Event(), []
+            th = threading.Thread(target=_stream_until_end, args=(streamer, ARC, started, outcome))
+            th.start()
+            streams.append((th, started, outcome))
+        for _, started, _ in streams:
+            assert started.wait(120), "a stream never started"
+        time.sleep(1)
+        os.kill(pids[0], signal.SIGKILL)
+        t_kill = time.time()
+        for th, _, _ in streams:
+            th.join(timeout=90)
+        ended_s = time.time() - t_kill
+        outcomes = [o[0][0] if o else "hung" for _, _, o in streams]
+        assert outcomes == ["error-event"] * 3 and ended_s < 30, ([o for _, _, o in streams], ended_s)
+        t0 = time.time()
+        back = False
+        while time.time() - t0 < READY_TIMEOUT:
+            new = _replica_pids(server.proc.pid, ARC)
+            if new and new != pids:
+                try:
+                    if greedy(client, ARC, "The sky is", max_tokens=2).usage.completion_tokens == 2:
+                        back = True
+                        break
+                except Exception:  # noqa: BLE001 - still restarting
+                    pass
+            time.sleep(3)
+    finally:  # a failed check must not leave the traffic thread spinning
+        stop.set()
+        t.join(timeout=300)
     assert not errors, errors[:3]
     assert len(results) >= 5 and len(set(results)) == 1
     assert back, "the killed variant did not come back"

@@ -8,6 +8,8 @@ ingress routing by `model`), with two additions that function cannot take:
 - `TabpIngress` (an `OpenAiIngress`) adds an OpenAI-style 404 for an unknown `model` that names the
   valid ones, per-variant metadata (task, blocks kept/total, mask hash, speedup) in `/v1/models`,
   and the tabp gauges (blocks kept/total, theoretical speedup) through Ray's metrics export.
+Every error, whatever layer raises it, leaves as an OpenAI error object (`serve/errors.py`); a
+stream whose replica dies ends with an error event instead of a cut connection.
 Routing, streaming, logprobs and the engines are Ray Serve LLM + vLLM, unchanged.
 """
 
@@ -19,7 +21,9 @@ from typing import Any, Dict, Optional
 from ray.serve.llm import LLMServer
 from ray.serve.llm.ingress import OpenAiIngress
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
+
+from tabp_vllm.serve.errors import error_body, guard_stream, install_openai_errors
 
 # Private Ray Serve LLM modules (patches/README.md says why no public hook serves).
 from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
@@ -47,9 +51,9 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or scope.get("method") == "OPTIONS" or self.authorized(scope):
             await self.app(scope, receive, send)
             return
-        await JSONResponse(status_code=401, content={"error": {
-            "message": "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-            "type": "invalid_api_key", "param": None, "code": 401}})(scope, receive, send)
+        await JSONResponse(status_code=401, content=error_body(
+            401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'"),
+        )(scope, receive, send)
 
 
 class UniprocLLMServer(LLMServer):
@@ -90,15 +94,25 @@ class TabpIngress(OpenAiIngress):
 
         self._gauges = publish_variant_gauges(variant_metadata)
 
+    def _model_error(self, status: int, message: str) -> OpenAIHTTPException:
+        exc = OpenAIHTTPException(status_code=status, type="invalid_request_error",
+                                  message=f"{message} Valid models: {', '.join(sorted(self._model_cards))}")
+        exc.param = "model"  # read by serve/errors.py
+        return exc
+
     def _not_found(self, model: str) -> OpenAIHTTPException:
-        return OpenAIHTTPException(
-            status_code=404,
-            message=(f"The model '{model}' does not exist. Valid models: "
-                     f"{', '.join(sorted(self._model_cards))}"),
-            type="NotFoundError",
-        )
+        return self._model_error(404, f"The model '{model}' does not exist.")
+
+    async def _process_llm_request(self, body, call_method: str, raw_request=None):
+        response = await super()._process_llm_request(body, call_method, raw_request)
+        if isinstance(response, StreamingResponse):
+            rid = getattr(getattr(raw_request, "state", None), "request_id", None) or "-"
+            response.body_iterator = guard_stream(response.body_iterator, rid)
+        return response
 
     async def _get_model_id(self, model: Optional[str]) -> str:
+        if model is None and len(self._model_cards) > 1:
+            raise self._model_error(400, "The 'model' field is required.")
         if model is not None and get_base_model_id(model) not in self._model_cards:
             raise self._not_found(model)
         return await super()._get_model_id(model)
@@ -117,6 +131,7 @@ def ingress_app(api_key: Optional[str]):
     from ray.llm._internal.serve.core.ingress.ingress import init
 
     app = init()
+    install_openai_errors(app)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     return app

@@ -252,6 +252,8 @@ def serve(
                                                "-tp", help="GPUs per engine (every variant)."),
     engine_arg: Optional[List[str]] = typer.Option(None, "--engine-arg",
                                                    help="Any other vLLM engine arg, KEY=VALUE."),
+    force: Optional[bool] = _opt("force", "--force", help=(
+        "Serve masks keeping under half the blocks (refused otherwise); still warns.")),
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Validate and print the variants; start nothing."),
 ) -> None:
@@ -264,7 +266,7 @@ def serve(
                       memory_check=memory_check, max_model_len=max_model_len, dtype=dtype,
                       kv_cache_gib=kv_cache_gib,
                       enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
-                      engine_arg=engine_arg)
+                      engine_arg=engine_arg, force=force)
     print("dtype: %s (%s)" % choose_dtype(spec.engine.dtype), flush=True)
     if spec.address:
         check_reachable(spec.address)

@@ -57,6 +57,7 @@ class ServeOptions(Options):
     address: Optional[str] = None           # join this Ray cluster instead of starting one
     num_cpus: Optional[int] = Field(None, ge=1)  # None: ServeSpec.ray_cpus_needed()
     memory_check: bool = True               # refuse a local CPU serve that cannot fit in memory
+    force: bool = False                     # serve masks keeping < mask.MIN_KEPT_FRACTION blocks
     engine: EngineOptions = Field(default_factory=EngineOptions)
 
     @classmethod
@@ -134,7 +135,7 @@ class ServeSpec:
         alias, resolved, variants = build_variants(
             o.model, [v.mask for v in o.variants], tasks=[v.task for v in o.variants],
             names=[v.name for v in o.variants], dense=o.dense, replicas=o.replicas,
-            dense_name=o.dense_name)
+            dense_name=o.dense_name, force=o.force)
         return cls(model_alias=alias, model=resolved, variants=variants, engine=o.engine,
                    host=o.host, port=o.port, metrics_port=o.metrics_port, api_key=o.api_key,
                    address=o.address, num_cpus=o.num_cpus, memory_check=o.memory_check)
@@ -176,13 +177,17 @@ def build_variants(
     dense: bool = True,
     replicas: int = 1,
     dense_name: str | None = None,
+    force: bool = False,
 ) -> tuple[str, str, list[Variant]]:
     """Resolve the model, validate every mask against it, name the variants.
 
     Returns (alias, resolved checkpoint, variants). Names: the alias for dense,
-    `<alias>-<task>` per mask (task from the mask unless overridden).
+    `<alias>-<task>` per mask (task from the mask unless overridden). A mask removing no block is
+    refused (serve dense as dense), one keeping under half the blocks unless `force` (then warned).
     """
-    from tabp_vllm.mask import load_mask
+    import sys
+
+    from tabp_vllm.mask import check_depth, load_mask
     from tabp_vllm.models import load_model_config, model_fingerprint
     from tabp_vllm.models import alias_of, resolve_model
 
@@ -204,7 +209,10 @@ def build_variants(
     tasks = list(tasks or [])
     names = list(names or [])
     for i, path in enumerate(masks):
-        mask = load_mask(path, resolved)
+        mask = load_mask(path, resolved, model_name=model)
+        warning = check_depth(mask, str(path), force)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         task = (tasks[i] if i < len(tasks) else None) or mask.task
         name = (names[i] if i < len(names) else None) or f"{alias}-{task}"
         variants.append(Variant(

@@ -1,0 +1,342 @@
+"""A bounded soak of `tabp-vllm serve` on loopback (issue 14): does it hold up over time?
+
+Starts dense `llama` + `llama-k4` + `llama-k8` (masks in bench/results/masks) on 127.0.0.1, then
+for --minutes runs mixed load from --clients concurrent clients: completions and chat, streaming
+and not, a share of clients hanging up early (streams after their first event, plain requests on
+a short timeout), and every --malformed-every-th request a malformed one (bad JSON, unknown model,
+missing field, max_tokens=-1). Every process of the server's session has its RSS sampled every
+--sample-s seconds. Pass when:
+- every valid request that was not hung up on succeeded (zero errors), every malformed one got a
+  4xx OpenAI error object;
+- no process with more than 100 MiB grew its RSS by more than 5 % from the end of the warm-up
+  (mean of its first three samples after it) to the end (mean of its last three);
+- after the load, one short request per variant (an engine step records vLLM's gauges) leaves
+  `ray_vllm_num_requests_running` at 0 for every variant.
+
+    python bench/soak.py                 # 15 minutes
+    python bench/soak.py --minutes 2     # a short one
+
+Writes bench/results/soak/soak.json and soak.png (or --out); exit status 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+VARIANTS = ["llama", "llama-k4", "llama-k8"]
+API_KEY = "soak-key"
+RSS_GROWTH_LIMIT = 0.05
+RSS_FLOOR_MIB = 100
+
+MALFORMED = [  # (path, raw body)
+    ("/v1/completions", b"{not json"),
+    ("/v1/completions", json.dumps({"model": "llama-nope", "prompt": "x"}).encode()),
+    ("/v1/completions", json.dumps({"prompt": "x"}).encode()),
+    ("/v1/completions", json.dumps({"model": "llama", "prompt": "x", "max_tokens": -1}).encode()),
+    ("/v1/chat/completions", json.dumps({"model": "llama-k4", "messages": "nope"}).encode()),
+]
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time",
+           "The three primary colors are", "Water boils at"]
+
+
+def process_label(p) -> str:
+    """A stable name for a server process: Ray sets actor titles (`ray::ServeReplica:...`)."""
+    try:
+        cmd = " ".join(p.cmdline())[:120]
+    except Exception:  # noqa: BLE001
+        return f"pid{p.pid}"
+    if cmd.startswith("ray::"):
+        return cmd.split()[0][5:]
+    for key in ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "tabp_vllm serve",
+                "EngineCore", "default_worker.py", "runtime_env"):
+        if key in cmd:
+            return key
+    return p.name()
+
+
+class RssSampler(threading.Thread):
+    """Every `interval` s: RSS (MiB) of every process in session `sid`, keyed 'label[pid]'."""
+
+    def __init__(self, sid: int, interval: float):
+        super().__init__(daemon=True)
+        self.sid, self.interval, self.stop_event = sid, interval, threading.Event()
+        self.t0 = time.time()
+        self.samples: dict[str, list[tuple[float, float]]] = {}
+        # Ray retitles an actor while it runs a method (`...:llama.handle_request_with_rejection`):
+        # a process keeps the label it had when first seen.
+        self.labels: dict[int, str] = {}
+
+    def sample(self) -> None:
+        import psutil
+
+        now = time.time() - self.t0
+        for p in psutil.process_iter():
+            try:
+                if os.getsid(p.pid) != self.sid:
+                    continue
+                key = self.labels.setdefault(p.pid, f"{process_label(p)}[{p.pid}]")
+                self.samples.setdefault(key, []).append((now, p.memory_info().rss / 2**20))
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                continue
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            self.sample()
+            self.stop_event.wait(self.interval)
+
+
+class Load:
+    def __init__(self, base: str, seed: int, disconnect_share: float, malformed_every: int,
+                 transport=None):
+        self.base, self.rng, self.transport = base, random.Random(seed), transport
+        self.disconnect_share, self.malformed_every = disconnect_share, malformed_every
+        self.counts = {k: 0 for k in ("ok", "stream_ok", "hung_up", "malformed_ok", "errors")}
+        self.per_variant = {v: 0 for v in VARIANTS}
+        self.errors: list[str] = []
+        self.n = 0
+        self.timeline: list[tuple[float, str]] = []
+
+    def fail(self, what: str) -> None:
+        self.counts["errors"] += 1
+        if len(self.errors) < 50:
+            self.errors.append(what[:400])
+
+    async def one(self, c: httpx.AsyncClient, t0: float) -> None:
+        self.n += 1
+        headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+        if self.malformed_every and self.n % self.malformed_every == 0:
+            path, raw = self.rng.choice(MALFORMED)
+            r = await c.post(self.base + path, content=raw, headers=headers)
+            err = r.json().get("error") if r.headers.get("content-type", "").startswith(
+                "application/json") else None
+            if 400 <= r.status_code < 500 and isinstance(err, dict) and \
+                    {"message", "type", "param", "code"} <= set(err):
+                self.counts["malformed_ok"] += 1
+            else:
+                self.fail(f"malformed {raw[:40]!r}: {r.status_code} {r.text[:200]}")
+            return
+        model = self.rng.choice(VARIANTS)
+        chat = self.rng.random() < 0.3
+        stream = self.rng.random() < 0.5
+        hang_up = self.rng.random() < self.disconnect_share
+        max_tokens = self.rng.randint(8, 48)
+        prompt = self.rng.choice(PROMPTS)
+        body = {"model": model, "max_tokens": max_tokens, "temperature": 0.7, "stream": stream}
+        if chat:
+            path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": prompt}]
+        else:
+            path, body["prompt"] = "/v1/completions", prompt
+        url = self.base + path
+        try:
+            if stream:
+                events, done = 0, False
+                async with c.stream("POST", url, json=body, headers=headers) as r:
+                    if r.status_code != 200:
+                        await r.aread()
+                        self.fail(f"{model} stream: {r.status_code} {r.text[:200]}")
+                        return
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: "):
+                            continue
+                        data = line[6:]
+                        if data == "[DONE]":
+                            done = True
+                            break
+                        if '"error"' in data[:20]:
+                            self.fail(f"{model} stream error event: {data[:200]}")
+                            return
+                        events += 1
+                        if hang_up and events >= 2:
+                            self.counts["hung_up"] += 1
+                            return
+                if done and events:
+                    self.counts["stream_ok"] += 1
+                    self.per_variant[model] += 1
+                else:
+                    self.fail(f"{model} stream ended without [DONE] after {events} events")
+            else:
+                if hang_up:
+                    try:
+                        await asyncio.wait_for(c.post(url, json=body, headers=headers), timeout=0.3)
+                    except asyncio.TimeoutError:
+                        self.counts["hung_up"] += 1
+                        return
+                r = await c.post(url, json=body, headers=headers)
+                if r.status_code == 200 and r.json().get("usage", {}).get("completion_tokens"):
+                    self.counts["ok"] += 1
+                    self.per_variant[model] += 1
+                else:
+                    self.fail(f"{model}: {r.status_code} {r.text[:200]}")
+        except httpx.HTTPError as exc:
+            self.fail(f"{model} {path} stream={stream}: {exc!r}")
+
+    async def run(self, clients: int, seconds: float) -> None:
+        t0 = time.time()
+
+        async def worker():
+            async with httpx.AsyncClient(timeout=300, transport=self.transport) as c:
+                while time.time() - t0 < seconds:
+                    await self.one(c, t0)
+
+        await asyncio.gather(*[worker() for _ in range(clients)])
+
+
+def engine_gauges(metrics_port: int) -> dict[str, dict[str, float]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).text
+    out: dict[str, dict[str, float]] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name in ("ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting"):
+                d = out.setdefault(s.name, {})
+                d[s.labels.get("model_name", "")] = d.get(s.labels.get("model_name", ""), 0) + s.value
+    return out
+
+
+def rss_report(samples, warmup_s: float) -> dict[str, dict]:
+    report = {}
+    for key, series in samples.items():
+        after = [v for t, v in series if t >= warmup_s]
+        if len(after) < 4:
+            continue
+        first, last = sum(after[:3]) / 3, sum(after[-3:]) / 3
+        growth = (last - first) / first if first else 0.0
+        report[key] = {"warm_mib": round(first, 1), "end_mib": round(last, 1),
+                       "max_mib": round(max(after), 1), "growth": round(growth, 4),
+                       "checked": first >= RSS_FLOOR_MIB}
+    return report
+
+
+def plot(samples, warmup_s: float, summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 6))
+    for key, series in sorted(samples.items()):
+        if max(v for _, v in series) < RSS_FLOOR_MIB:
+            continue
+        ax.plot([t / 60 for t, _ in series], [v for _, v in series], label=key, lw=1.2)
+    ax.axvline(warmup_s / 60, color="grey", ls="--", lw=1, label="end of warm-up")
+    ax.set_xlabel("minutes")
+    ax.set_ylabel("RSS (MiB)")
+    c = summary["requests"]
+    ax.set_title(f"tabp-vllm serve soak: {summary['minutes']} min, {c['ok'] + c['stream_ok']} ok, "
+                 f"{c['hung_up']} hung up, {c['malformed_ok']} malformed, {c['errors']} errors; "
+                 f"max RSS growth {summary['rss_max_growth']:.1%}", fontsize=9)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    from tabp_vllm.errors import TabpError
+    from tabp_vllm.process import ManagedProcess, lists_models
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--minutes", type=float, default=15.0)
+    ap.add_argument("--warmup-minutes", type=float, default=None,
+                    help="default: a fifth of --minutes, at most 3")
+    ap.add_argument("--clients", type=int, default=6)
+    ap.add_argument("--disconnect-share", type=float, default=0.2)
+    ap.add_argument("--malformed-every", type=int, default=25)
+    ap.add_argument("--sample-s", type=float, default=10.0)
+    ap.add_argument("--port", type=int, default=8061)
+    ap.add_argument("--metrics-port", type=int, default=8092)
+    ap.add_argument("--kv-cache-gib", type=float, default=0.25)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS / "soak"))
+    args = ap.parse_args()
+    warmup_s = 60 * (args.warmup_minutes if args.warmup_minutes is not None
+                     else min(3.0, args.minutes / 5))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = f"http://127.0.0.1:{args.port}"
+    masks = [str(RESULTS / "masks" / "k4.json"), str(RESULTS / "masks" / "k8.json")]
+    serve = ManagedProcess(
+        [sys.executable, "-m", "tabp_vllm", "serve", "--model", "llama", "--host", "127.0.0.1",
+         "--port", str(args.port), "--metrics-port", str(args.metrics_port), "--api-key", API_KEY,
+         "--kv-cache-gib", str(args.kv_cache_gib), "--max-model-len", "512",
+         *[a for m in masks for a in ("--task-mask", m)]],
+        out / "serve.log", env={"RAY_metrics_report_interval_ms": "2000"}, name="tabp-vllm serve")
+    serve.start()
+    summary: dict = {}
+    try:
+        try:
+            serve.wait_ready(f"{base}/v1/models", ready=lists_models(VARIANTS),
+                             headers={"Authorization": f"Bearer {API_KEY}"}, log_line="\nREADY",
+                             deadline_s=900, interval_s=2)
+        except TabpError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        sampler = RssSampler(serve.pid, args.sample_s)
+        sampler.start()
+        load = Load(base, args.seed, args.disconnect_share, args.malformed_every)
+        t0 = time.time()
+        asyncio.run(load.run(args.clients, args.minutes * 60))
+        load_s = time.time() - t0
+        time.sleep(3)
+        # An engine records its gauges on a step: one short request each, then read them.
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        for v in VARIANTS:
+            httpx.post(f"{base}/v1/completions", headers=headers, timeout=120,
+                       json={"model": v, "prompt": "Hi", "max_tokens": 2}).raise_for_status()
+        running: dict = {}
+        for _ in range(20):
+            time.sleep(1.5)
+            g = engine_gauges(args.metrics_port)
+            running = g.get("ray_vllm_num_requests_running", {})
+            if set(VARIANTS) <= set(running) and not any(running.values()):
+                break
+        sampler.stop_event.set()
+        sampler.join(timeout=30)
+        sampler.sample()
+        rss = rss_report(sampler.samples, warmup_s)
+        checked = {k: r for k, r in rss.items() if r["checked"]}
+        max_growth = max((r["growth"] for r in checked.values()), default=0.0)
+        summary = {
+            "minutes": args.minutes, "load_s": round(load_s, 1), "warmup_s": warmup_s,
+            "clients": args.clients, "disconnect_share": args.disconnect_share,
+            "malformed_every": args.malformed_every, "sample_s": args.sample_s,
+            "requests": load.counts, "completed_per_variant": load.per_variant,
+            "errors": load.errors, "running_at_end": running,
+            "rss_max_growth": max_growth, "rss": rss,
+            "rss_samples": {k: [[round(t, 1), round(v, 1)] for t, v in s]
+                            for k, s in sampler.samples.items()},
+        }
+        checks = {
+            "zero_errors": load.counts["errors"] == 0,
+            "rss_growth_within_5pct": max_growth <= RSS_GROWTH_LIMIT,
+            "running_back_to_zero": set(VARIANTS) <= set(running) and not any(running.values()),
+            "every_variant_served": all(load.per_variant.values()),
+        }
+        summary["checks"] = checks
+        summary["passed"] = all(checks.values())
+    finally:
+        left = serve.stop(grace_s=180)
+        if summary:
+            summary["orphans_after_stop"] = [list(p) for p in left]
+    (out / "soak.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot(sampler.samples, warmup_s, summary, out / "soak.png")
+    c = summary["requests"]
+    print(f"soak {args.minutes} min: {c}; max RSS growth {summary['rss_max_growth']:.2%}; "
+          f"running at end {summary['running_at_end']}; checks {summary['checks']}")
+    return 0 if summary["passed"] and not left else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
