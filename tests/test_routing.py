@@ -356,8 +356,11 @@ def test_fit_with_scorer_and_merged_variants(tmp_path, tiny_model_dir):
     r2 = fit_router(o2, encoder=FakeEncoder(), model_path=str(tiny_model_dir),
                     calibration=_calibration())
     assert len(r2.variants()) == 1
-    if r2.provenance["merge"]:
-        assert len(r2.provenance["merge"]["cost_kl"]) == 2
+    merge = r2.provenance["merge"]
+    if merge:  # the two clusters had learned different masks: one now uses the other's
+        assert len(merge["cost_kl"]) == 2 and len(set(merge["uses_mask_of"])) == 1
+        moved = [m for m in r2.masks if "merged_into_mask_of_cluster" in m.params]
+        assert len(moved) == 1
 
 
 def test_self_encoder_tiny_llama(tmp_path, tiny_model_dir):

@@ -311,10 +311,9 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
                 tick = task(f"cluster {c}: dense reference", -(-len(idx) // o.batch_size))
                 objectives[c] = KLObjective(model, tok, [_kl_text(cal.items[i]) for i in idx],
                                             o.batch_size, o.max_length, o.kl_positions, tick)
-        pairs = range(o.clusters) if need_merge else [None]
         cost = [[0.0] * o.clusters for _ in range(o.clusters)]
         for c in range(o.clusters):
-            for d in (pairs if need_merge else [c]):
+            for d in (range(o.clusters) if need_merge else [c]):
                 cost[c][d] = objectives[c].total_kl(removed_of[d])
             per_cluster[c]["kl"] = round(cost[c][c] / max(len(members[c]), 1), 6)
         if need_merge:
