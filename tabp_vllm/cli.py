@@ -44,6 +44,10 @@ def masks_show(
     """Print a mask as a table: blocks, the removed ones marked, their scores."""
     from tabp_vllm.mask import load_mask, public_name
 
+    from tabp_vllm.routing.router import is_router_file, show_router
+
+    if is_router_file(file):  # a router file: its clusters' masks
+        return show_router(file, as_json, console)
     mask = load_mask(file)
     if as_json:
         print(json.dumps(mask.to_json(), indent=2))
@@ -83,7 +87,12 @@ def masks_validate(
     from tabp_vllm.models import resolve_model
 
     resolved = resolve_model(model) if model else None
+    from tabp_vllm.routing.router import is_router_file, validate_router_file
+
     for file in files:
+        if is_router_file(file):  # a router file: every check, its encoder loaded
+            print(validate_router_file(file, resolved))
+            continue
         mask = load_mask(file, resolved, model_name=model)
         _warn(check_depth(mask, str(file), force))
         print(f"ok: {file} (task {mask.task}, removes {len(mask.removed_layers)} of "
@@ -152,6 +161,7 @@ def _register_feature_commands() -> None:
     from tabp_vllm.commands_score import score
     from tabp_vllm.serve.commands import serve
     from tabp_vllm.synth import synth_model_command
+    from tabp_vllm.routing.commands import route_app
 
     app.command("score")(score)
     app.command("eval")(eval_command)
@@ -161,6 +171,7 @@ def _register_feature_commands() -> None:
     # Every argument, --help included, goes to vLLM's own parser.
     app.command("vllm-bench", add_help_option=False, context_settings={
         "allow_extra_args": True, "ignore_unknown_options": True})(vllm_bench_command)
+    app.add_typer(route_app, name="route")
 
 
 _register_feature_commands()

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from tabp_vllm.errors import TabpError
-from tabp_vllm.models import FINGERPRINT_KEYS, load_model_config, model_fingerprint
+from tabp_vllm.models import (FINGERPRINT_KEYS, fingerprint_diffs, load_model_config,
+                              model_fingerprint, save_json_atomically)
 
 MASK_FORMAT = "tabp-vllm-mask"
 MASK_VERSION = 1
@@ -80,22 +81,13 @@ class TaskMask:
         return hashlib.sha256(key.encode()).hexdigest()[:12]
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        tmp.replace(path)  # never leave a half-written mask behind
-        return path
+        return save_json_atomically(path, self.to_json())
 
     def check_model(self, model_config: dict[str, Any], model_name: str, where: str) -> None:
         """Refuse a mask made for a different model. Both models are named by their public name
         (an alias, an HF id or a checkpoint folder's name, never a local path) and fingerprint."""
         actual = model_fingerprint(model_config)
-        diffs = [
-            f"{k} {self.fingerprint.get(k)!r} != {actual.get(k)!r}"
-            for k in FINGERPRINT_KEYS
-            if self.fingerprint.get(k) != actual.get(k)
-        ]
+        diffs = fingerprint_diffs(self.fingerprint, actual)
         if diffs:
             raise MaskError(
                 f"{where}: mask was made for model {public_name(self.model_id)!r} "
@@ -135,27 +127,49 @@ def _fail(where: str, msg: str) -> MaskError:
     return MaskError(f"{where}: {msg}")
 
 
-def parse_mask(data: Any, where: str = "<mask>") -> TaskMask:
-    """Validate a decoded mask document and build a TaskMask; raise MaskError on any fault."""
+def read_json_artefact(path: Path, what: str, fail) -> Any:
+    """The decoded JSON of a mask or router file; `fail(where, msg)` builds the one-line error."""
+    where = str(path)
+    if not path.exists():
+        raise fail(where, f"{what} file not found")
+    if path.is_dir():
+        raise fail(where, f"is a directory, not a {what} file")
+    try:
+        return json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise fail(where, f"not a {what} file (not UTF-8 text)") from None
+    except json.JSONDecodeError as exc:
+        raise fail(where, f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+
+
+def check_envelope(data: Any, where: str, fmt: str, version: int, what: str,
+                   fail) -> tuple[dict[str, Any], int]:
+    """What every tabp-vllm artefact (mask, router) starts with: a JSON object of format `fmt` at
+    `version`, made for a model fingerprint. Returns (fingerprint, num_hidden_layers); `fail(where,
+    msg)` builds the one-line error."""
     if not isinstance(data, dict):
-        raise _fail(where, "not a mask file (expected a JSON object)")
-    if data.get("format") != MASK_FORMAT:
-        raise _fail(where, f"not a mask file (format is {data.get('format')!r}, "
-                           f"expected {MASK_FORMAT!r})")
-    version = data.get("version")
-    if version != MASK_VERSION:
-        raise _fail(where, f"unsupported mask version {version!r} "
-                           f"(this tabp-vllm reads version {MASK_VERSION})")
+        raise fail(where, f"not a {what} file (expected a JSON object)")
+    if data.get("format") != fmt:
+        raise fail(where, f"not a {what} file (format is {data.get('format')!r}, expected {fmt!r})")
+    if data.get("version") != version:
+        raise fail(where, f"unsupported {what} version {data.get('version')!r} "
+                          f"(this tabp-vllm reads version {version})")
     model = data.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("fingerprint"), dict):
-        raise _fail(where, "missing 'model.fingerprint'")
+        raise fail(where, "missing 'model.fingerprint'")
     fingerprint = model["fingerprint"]
     missing = [k for k in FINGERPRINT_KEYS if k not in fingerprint]
     if missing:
-        raise _fail(where, f"model fingerprint lacks {', '.join(missing)}")
+        raise fail(where, f"model fingerprint lacks {', '.join(missing)}")
     n = fingerprint["num_hidden_layers"]
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-        raise _fail(where, f"model fingerprint has an invalid num_hidden_layers {n!r}")
+        raise fail(where, f"model fingerprint has an invalid num_hidden_layers {n!r}")
+    return fingerprint, n
+
+
+def parse_mask(data: Any, where: str = "<mask>") -> TaskMask:
+    """Validate a decoded mask document and build a TaskMask; raise MaskError on any fault."""
+    fingerprint, n = check_envelope(data, where, MASK_FORMAT, MASK_VERSION, "mask", _fail)
     if data.get("num_hidden_layers", n) != n:
         raise _fail(where, f"num_hidden_layers {data.get('num_hidden_layers')!r} disagrees "
                            f"with the model fingerprint ({n})")
@@ -186,7 +200,7 @@ def parse_mask(data: Any, where: str = "<mask>") -> TaskMask:
         raise _fail(where, f"'scores' must list one value per block ({n})")
     return TaskMask(
         task=task,
-        model_id=str(model.get("id", "")),
+        model_id=str(data["model"].get("id", "")),
         fingerprint={k: fingerprint[k] for k in FINGERPRINT_KEYS},
         removed_layers=sorted(removed),
         method=str(method.get("name", "manual")),
@@ -201,18 +215,8 @@ def load_mask(path: str | Path, model: str | None = None,
               model_name: str | None = None) -> TaskMask:
     """Read and validate a mask file; with `model` (a resolved checkpoint), check it fits.
     `model_name`: what the user called that model (an alias), for the message."""
-    path = Path(path)
     where = str(path)
-    if not path.exists():
-        raise _fail(where, "mask file not found")
-    if path.is_dir():
-        raise _fail(where, "is a directory, not a mask file")
-    try:
-        data = json.loads(path.read_text())
-    except UnicodeDecodeError:
-        raise _fail(where, "not a mask file (not UTF-8 text)") from None
-    except json.JSONDecodeError as exc:
-        raise _fail(where, f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    data = read_json_artefact(Path(path), "mask", _fail)
     mask = parse_mask(data, where)
     if model is not None:
         mask.check_model(load_model_config(model), model_name or model, where)

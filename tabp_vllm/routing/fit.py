@@ -1,0 +1,353 @@
+"""Fitting a router: embed the calibration inputs, k-means them, one block mask per cluster.
+
+    router = fit_router(options)            # RouteFitOptions; see routing/options.py
+
+Per cluster the mask is learned with one Hard-Concrete gate per candidate block on the frozen
+model (transformers): a gate scales its block's residual contribution, h + z * (f(h) - h), through
+a forward hook on the decoder layer; the loss is KL(dense || gated) over the next-token
+distributions of the cluster's inputs (their last `kl_positions` tokens; the dense ones computed
+once and cached) plus the Lagrangian sparsity term, and the mask removes the k gates of lowest
+log_alpha. `--mask-method NAME` instead scores the cluster's inputs with a registered scorer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from tabp_vllm.data import Dataset, MCQAItem, load_task
+from tabp_vllm.errors import TabpError
+from tabp_vllm.routing import hardconcrete as hc
+from tabp_vllm.routing.options import L0, RouteFitOptions
+from tabp_vllm.routing.router import Router, merge_variants, route_text
+
+Progress = Callable[[str, int], Callable[[int], None]]
+
+
+@dataclass
+class Calibration:
+    """The mixed calibration inputs and the task each came from."""
+
+    items: list
+    tasks: list[str]
+    sources: list[dict[str, Any]] = field(default_factory=list)  # per task: provenance
+
+    def data_hash(self) -> str:
+        h = hashlib.sha256()
+        for src in self.sources:
+            h.update(f"{src['data']}/{src['split']}:{src['sha256']}\n".encode())
+        return h.hexdigest()[:16]
+
+    def sizes(self, members: list[int]) -> dict[str, int]:
+        names = list(dict.fromkeys(self.tasks))
+        return {t: sum(1 for i in members if self.tasks[i] == t) for t in names}
+
+    def dataset(self, members: list[int], name: str) -> Dataset:
+        items = [self.items[i] for i in members]
+        kind = "mcqa" if all(isinstance(i, MCQAItem) for i in items) else "text"
+        return Dataset(name, "mixed", kind, items, "+".join(s["data"] for s in self.sources))
+
+
+def load_calibration(tasks: list[str], split: str, samples: int, seed: int) -> Calibration:
+    cal = Calibration([], [])
+    for task in tasks:
+        ds = load_task(task, split).subset(samples, seed)
+        cal.items += ds.items
+        cal.tasks += [task] * len(ds)
+        cal.sources.append(ds.provenance(seed))
+    return cal
+
+
+def kmeans(vectors: np.ndarray, n: int, seed: int, n_init: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, centroids) of seeded k-means (scikit-learn): the same for the same seed."""
+    from sklearn.cluster import KMeans
+
+    if n > len(vectors):
+        raise TabpError(f"--clusters {n}: more clusters than the {len(vectors)} calibration inputs")
+    km = KMeans(n_clusters=n, n_init=n_init, random_state=seed).fit(np.asarray(vectors, np.float64))
+    return km.labels_.astype(int), km.cluster_centers_
+
+
+# --------------------------------------------------------------------------- gated model
+
+@contextlib.contextmanager
+def gated(model, blocks: list[int], z):
+    """Blocks `blocks[j]` compute h + z[j] * (f(h) - h) while inside (z: a tensor, read at call
+    time through `z()` when callable, so one hook serves every step)."""
+    from tabp_vllm.scoring.probe import decoder_layers
+
+    def hook_for(j: int):
+        def hook(_module, args, kwargs, out):
+            h = args[0] if args else kwargs["hidden_states"]
+            gate = (z() if callable(z) else z)[j]
+            if isinstance(out, tuple):
+                return (h + gate * (out[0] - h),) + tuple(out[1:])
+            return h + gate * (out - h)
+        return hook
+
+    layers = decoder_layers(model)
+    handles = [layers[b].register_forward_hook(hook_for(j), with_kwargs=True)
+               for j, b in enumerate(blocks)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class Batch:
+    members: list[int]  # indices into the cluster's inputs
+    inputs: dict  # input_ids, attention_mask, position_ids (left padded)
+    valid: Any  # (b, P) bool: which of the last P positions are real tokens
+    teacher: Any = None  # (b, P, V) float16 dense log-probabilities, cached
+
+
+class KLObjective:
+    """The cluster's inputs in fixed, length-sorted batches with the dense model's next-token
+    log-probabilities at their last P positions cached; `kl(batch)` of the model as it runs now."""
+
+    def __init__(self, model, tokenizer, texts: list[str], batch_size: int, max_length: int,
+                 positions: int, tick: Callable[[int], None] | None = None):
+        import torch
+
+        self.model, self.P = model, positions
+        self.forward_passes = 0
+        device = next(model.parameters()).device
+        lengths = [len(tokenizer(t, truncation=True, max_length=max_length)["input_ids"])
+                   for t in texts]
+        order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+        self.batches: list[Batch] = []
+        for s in range(0, len(order), batch_size):
+            members = order[s:s + batch_size]
+            enc = tokenizer([texts[i] for i in members], return_tensors="pt", padding=True,
+                            truncation=True, max_length=max_length)
+            att = enc["attention_mask"]
+            inputs = {"input_ids": enc["input_ids"].to(device), "attention_mask": att.to(device),
+                      "position_ids": (att.cumsum(-1) - 1).clamp_min(0).to(device)}
+            valid = self._tail(att).bool().to(device)
+            b = Batch(members, inputs, valid)
+            with torch.no_grad():
+                b.teacher = self.log_probs(b).to(torch.float16)
+            self.batches.append(b)
+            if tick:
+                tick(1)
+
+    def _tail(self, t):
+        import torch.nn.functional as F
+
+        P = self.P
+        return t[:, -P:] if t.shape[1] >= P else F.pad(t, (P - t.shape[1], 0))
+
+    def log_probs(self, b: Batch):
+        import torch
+
+        h = self.model.model(**b.inputs, use_cache=False).last_hidden_state
+        self.forward_passes += h.shape[0]
+        h = h[:, -self.P:]
+        if h.shape[1] < self.P:
+            h = torch.nn.functional.pad(h, (0, 0, self.P - h.shape[1], 0))
+        return torch.log_softmax(self.model.lm_head(h).float(), -1)
+
+    def kl(self, b: Batch):
+        """Mean KL(dense || now) over the batch's valid positions (a differentiable tensor)."""
+        t = b.teacher.float()
+        per_pos = (t.exp() * (t - self.log_probs(b))).sum(-1)
+        return (per_pos * b.valid).sum() / b.valid.sum().clamp_min(1)
+
+    def total_kl(self, removed: list[int] | set[int]) -> float:
+        """Summed per-input mean KL with the `removed` blocks left out (no gradient): the cost of
+        a mask on these inputs, size-weighted."""
+        import torch
+
+        from tabp_vllm.scoring.probe import without_blocks
+
+        total = 0.0
+        with torch.no_grad(), without_blocks(self.model, set(removed)):
+            for b in self.batches:
+                t = b.teacher.float()
+                per_pos = (t.exp() * (t - self.log_probs(b))).sum(-1) * b.valid
+                total += float((per_pos.sum(1) / b.valid.sum(1).clamp_min(1)).sum())
+        return total
+
+
+def fit_l0(objective: KLObjective, blocks: list[int], k: int, o: RouteFitOptions, seed: int,
+           tick: Callable[[int], None] | None = None) -> tuple[list[int], list[float], dict]:
+    """Hard-Concrete gates on `blocks`, trained for `o.steps` steps on the objective; returns the
+    removed blocks (the k lowest log_alpha), the final log_alpha per gated block and the run's
+    statistics."""
+    import torch
+
+    log_alpha = torch.full((len(blocks),), float(o.init_log_alpha), requires_grad=True)
+    lambdas = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.Adam([log_alpha], lr=o.lr)
+    ascent = torch.optim.Adam([lambdas], lr=o.lambda_lr, maximize=True)
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    target = k / len(blocks)
+    warmup_steps = round(o.warmup * o.steps)
+    z = {"now": torch.ones(len(blocks))}
+    order: list[int] = []
+    backward = 0
+    last: dict[str, float] = {}
+    with gated(objective.model, blocks, lambda: z["now"]):
+        for step in range(o.steps):
+            if not order:
+                order = list(range(len(objective.batches)))
+                rng.shuffle(order)
+            b = objective.batches[order.pop()]
+            z["now"] = hc.sample(log_alpha, gen)
+            kl = objective.kl(b)
+            t = hc.target_at(step, target, warmup_steps)
+            s_hat = hc.expected_sparsity(log_alpha)
+            loss = kl + hc.lagrangian(s_hat, t, lambdas[0], lambdas[1])
+            opt.zero_grad()
+            ascent.zero_grad()
+            loss.backward()
+            opt.step()
+            ascent.step()
+            hc.clamp_(log_alpha)
+            backward += b.inputs["input_ids"].shape[0]
+            last = {"kl": kl.item(), "expected_sparsity": s_hat.item(), "target": t,
+                    "lambda1": lambdas[0].item(), "lambda2": lambdas[1].item()}
+            if tick:
+                tick(1)
+    removed = hc.deterministic_removed(log_alpha.detach(), blocks, k)
+    return removed, [float(v) for v in log_alpha.detach()], {"backward_passes": backward,
+                                                             "last_step": last}
+
+
+def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple | None = None,
+               model_path: str | None = None, progress: Progress | None = None,
+               calibration: Calibration | None = None) -> Router:
+    """The whole fit; `encoder`, the loaded model and the calibration can be handed in (tests)."""
+    import torch
+
+    from tabp_vllm.mask import make_mask
+    from tabp_vllm.models import alias_of, load_model_config, model_fingerprint, resolve_model
+    from tabp_vllm.routing.encoder import load_encoder
+    from tabp_vllm.scoring import parse_range, resolve_k, run_scoring
+    from tabp_vllm.scoring.probe import load_model, pick_device
+
+    def task(desc: str, total: int) -> Callable[[int], None]:
+        return progress(desc, total) if progress else (lambda n=1: None)
+
+    t0 = time.perf_counter()
+    path = model_path or resolve_model(o.model)
+    B = model_fingerprint(load_model_config(path))["num_hidden_layers"]
+    blocks = parse_range(o.block_range, B)
+    k = resolve_k(o.k, None, B, blocks)
+    cal = calibration or load_calibration(o.task, o.split, o.samples, o.seed)
+    if o.clusters > len(cal.items):
+        raise TabpError(f"--clusters {o.clusters}: more clusters than the {len(cal.items)} "
+                        f"calibration inputs")
+    if encoder is None and o.encoder != "self":
+        encoder = load_encoder(o.encoder)  # before the model: an unreachable registry fails fast
+    torch.manual_seed(o.seed)
+    device = pick_device(o.device)
+    model, tok = model_and_tokenizer or load_model(path, device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if encoder is None:
+        encoder = load_encoder("self", model_and_tokenizer=(model, tok), model_id=alias_of(o.model))
+
+    tick = task("embedding inputs", 1)
+    vectors = encoder.encode([route_text(i) for i in cal.items])
+    tick(1)
+    labels, centroids = kmeans(vectors, o.clusters, o.seed, o.kmeans_init)
+    members = [[i for i in range(len(cal.items)) if labels[i] == c] for c in range(o.clusters)]
+
+    forward = backward = 0
+    removed_of: list[list[int]] = []
+    scores_of: list[list[float | None]] = []
+    params_of: list[dict[str, Any]] = []
+    objectives: list[KLObjective | None] = []
+    per_cluster: list[dict[str, Any]] = []
+    for c, idx in enumerate(members):
+        tc = time.perf_counter()
+        texts = [_kl_text(cal.items[i]) for i in idx]
+        stats: dict[str, Any] = {}
+        if o.mask_method == L0:
+            nb = -(-len(idx) // o.batch_size)
+            tick = task(f"cluster {c} ({len(idx)} inputs): L0 gates", nb + o.steps)
+            obj = KLObjective(model, tok, texts, o.batch_size, o.max_length, o.kl_positions, tick)
+            removed, log_alpha, stats = fit_l0(obj, blocks, k, o, o.seed + c, tick)
+            scores: list[float | None] = [None] * B
+            for b, a in zip(blocks, log_alpha):
+                scores[b] = a
+            params = {"k": k, "candidate_range": [blocks[0], blocks[-1] + 1], "seed": o.seed + c,
+                      "score": "final log_alpha of the block's Hard-Concrete gate"}
+            backward += stats.pop("backward_passes")
+        else:
+            res = run_scoring(path, cal.dataset(idx, f"cluster{c}"), o.mask_method, k=k,
+                              block_range=o.block_range, batch_size=o.batch_size,
+                              max_length=o.max_length, seed=o.seed, device=device,
+                              progress=progress, model_and_tokenizer=(model, tok))
+            removed, scores, params = res.removed, res.scores, res.params
+            forward += res.forward_passes
+            obj = None
+        objectives.append(obj)
+        removed_of.append(removed)
+        scores_of.append(scores)
+        params_of.append(params)
+        per_cluster.append({"cluster": c, "inputs": len(idx), "wall_s": 0.0, **stats})
+        per_cluster[-1]["wall_s"] = round(time.perf_counter() - tc, 3)
+
+    uses = list(range(o.clusters))
+    cost: list[list[float]] | None = None
+    distinct = len({tuple(r) for r in removed_of})
+    need_merge = o.max_variants is not None and distinct > o.max_variants
+    if need_merge or o.mask_method == L0:
+        # The cost of every cluster's mask on every cluster's inputs (dense KL, size-weighted):
+        # what merging minimises, and each mask's own loss, recorded.
+        for c, idx in enumerate(members):
+            if objectives[c] is None:
+                tick = task(f"cluster {c}: dense reference", -(-len(idx) // o.batch_size))
+                objectives[c] = KLObjective(model, tok, [_kl_text(cal.items[i]) for i in idx],
+                                            o.batch_size, o.max_length, o.kl_positions, tick)
+        cost = [[0.0] * o.clusters for _ in range(o.clusters)]
+        for c in range(o.clusters):
+            for d in (range(o.clusters) if need_merge else [c]):
+                cost[c][d] = objectives[c].total_kl(removed_of[d])
+            per_cluster[c]["kl"] = round(cost[c][c] / max(len(members[c]), 1), 6)
+        if need_merge:
+            uses = merge_variants(cost, removed_of, o.max_variants)
+    forward += sum(ob.forward_passes for ob in objectives if ob is not None)
+
+    fingerprint = model_fingerprint(load_model_config(path))
+    masks = []
+    for c, idx in enumerate(members):
+        d = uses[c]
+        cal_c = {"data": "+".join(o.task), "split": o.split, "samples": len(idx),
+                 "seed": o.seed, "sha256": cal.dataset(idx, "").content_hash(),
+                 "sizes": cal.sizes(idx), "cluster": c}
+        params = dict(params_of[d])
+        if d != c:
+            params["merged_into_mask_of_cluster"] = d
+        masks.append(make_mask(path, removed_of[d], task=f"cluster{c}", model_id=alias_of(o.model),
+                               method=o.mask_method, params=params, scores=scores_of[d],
+                               calibration=cal_c))
+    wall = time.perf_counter() - t0
+    provenance = {"data": cal.sources, "data_sha256": cal.data_hash(), "seed": o.seed,
+                  "samples": len(cal.items), "wall_s": round(wall, 3), "forward_passes": forward,
+                  "backward_passes": backward, "device": device, "clusters": per_cluster,
+                  "hard_concrete": {"beta": hc.BETA, "l": hc.LIMIT_L, "r": hc.LIMIT_R,
+                                    "log_alpha_limit": hc.LOG_ALPHA_LIMIT},
+                  "merge": {"uses_mask_of": uses, "cost_kl": cost} if need_merge else None}
+    return Router(model_id=alias_of(o.model), fingerprint=fingerprint, k=k,
+                  encoder=encoder.record(), centroids=[[float(x) for x in c] for c in centroids],
+                  masks=masks, sizes=[cal.sizes(idx) for idx in members], method=o.mask_method,
+                  params=o.hyperparameters(), provenance=provenance)
+
+
+def _kl_text(item) -> str:
+    """What the KL is taken over: the input with its answer, as the perplexity scorers read it."""
+    from tabp_vllm.scoring.probe import lm_text
+
+    return lm_text(item)

