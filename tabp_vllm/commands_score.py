@@ -128,7 +128,9 @@ def score(
                                      "'_' for '-'; --range is block_range); flags given win."),
     model: Optional[str] = _opt(ScoreOptions, "model", help="Alias, HF id or path."),
     task: Optional[str] = _required("Task name: a known data set (arc_easy, arc_challenge, boolq, "
-                                    "piqa, gsm8k, wikitext2, demo) or the name for --data."),
+                                    "piqa, gsm8k, wikitext2, demo), lmeval:NAME for an lm-eval "
+                                    "task (its prompts, choices and gold, e.g. "
+                                    "lmeval:tabp_arc_easy), or the name for --data."),
     data: Optional[Path] = _opt(ScoreOptions, "data", help="A JSONL file (MCQA or free-text schema)."),
     split: Optional[str] = _opt(ScoreOptions, "split", help="Split of a known data set."),
     method: Optional[str] = _opt(ScoreOptions, "method", help=", ".join(METHOD_NAMES) + "."),

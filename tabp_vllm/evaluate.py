@@ -20,15 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from tabp_vllm.errors import TabpError
+from tabp_vllm.lmeval_tasks import JSONL_TASK, TASKS_DIR, load_task_object, task_manager
 from tabp_vllm.process import ManagedProcess
 
-# A custom MCQA JSONL file (`--data`, the schema of tabp_vllm.data) becomes this task with its
-# file as data_files, written into a temporary task folder next to ours.
-JSONL_TASK = "tabp_jsonl"
-
-
-def tasks_dir() -> str:
-    return str(Path(__file__).resolve().parent / "lmeval_tasks")
+# A custom MCQA JSONL file (`--data`, the schema of tabp_vllm.data) becomes a task including
+# lmeval_tasks/tabp_jsonl.yaml with its file as data_files, in a temporary task folder.
 
 
 def jsonl_task_folder(name: str, data: str | Path, folder: str | Path) -> str:
@@ -41,47 +37,16 @@ def jsonl_task_folder(name: str, data: str | Path, folder: str | Path) -> str:
     if ds.kind != "mcqa":
         raise TabpError(f"{data}: eval needs MCQA data (question, choices, gold)")
     Path(folder).mkdir(parents=True, exist_ok=True)
-    doc = {"include": os.path.join(tasks_dir(), f"{JSONL_TASK}.yaml"), "task": name,
+    doc = {"include": str(TASKS_DIR / f"{JSONL_TASK}.yaml"), "task": name,
            "dataset_kwargs": {"data_files": str(Path(data).resolve())}}
     (Path(folder) / f"{name}.yaml").write_text(yaml.safe_dump(doc))
     return str(folder)
 
 
-def task_manager(include: list[str] | None = None):
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager(include_path=[tasks_dir()] + list(include or []))
-
-
 def check_tasks(tasks: list[str], include: list[str] | None = None) -> dict[str, int]:
     """Every task known and its data at hand (number of evaluation documents per task), checked
     before any engine starts; a task that cannot be had is one line saying how to fix it."""
-    from lm_eval.tasks import get_task_dict
-
-    tm = task_manager(include)
-    known = set(tm.all_tasks)
-    for t in tasks:
-        if t not in known:
-            raise TabpError(f"unknown lm-eval task {t!r}: the offline tasks are "
-                            f"{', '.join(offline_tasks(tm))}; see `lm-eval ls tasks` for the rest")
-    sizes = {}
-    for t in tasks:
-        try:
-            task = get_task_dict([t], tm)[t]
-            sizes[t] = len(task.eval_docs)
-        except TabpError:
-            raise
-        except Exception as exc:  # the hub out of reach, a data set missing, ...
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TabpError(f"task {t!r}: its data could not be loaded ({first[:200]}); offline, "
-                            f"use the tabp_{t.removeprefix('tabp_')} task on the local files "
-                            f"($TABP_VLLM_DATA) or --data FILE.jsonl") from None
-    return sizes
-
-
-def offline_tasks(tm=None) -> list[str]:
-    tm = tm or task_manager()
-    return sorted(t for t in tm.all_tasks if t.startswith("tabp_") and t != JSONL_TASK)
+    return {t: len(load_task_object(t, include).eval_docs) for t in tasks}
 
 
 def compact_samples(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -23,20 +23,17 @@ a `TabpVLLM` needs the `if __name__ == "__main__":` guard.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 from lm_eval.api.registry import register_model
 from lm_eval.models.vllm_causallms import VLLM
 
 from tabp_vllm.engine import engine_args_for
+from tabp_vllm.lmeval_tasks import TASKS_DIR
 from tabp_vllm.mask import load_mask
 from tabp_vllm.models import resolve_model
 
 MODEL_NAME = "tabp-vllm"
-# YAML tasks mirroring lm-eval's arc_easy, arc_challenge, piqa, boolq on the local data sets,
-# named tabp_<task> so that lm-eval's own (hub) tasks keep their names and behaviour.
-TASKS_DIR = Path(__file__).resolve().parent / "lmeval_tasks"
 
 
 @register_model(MODEL_NAME)
