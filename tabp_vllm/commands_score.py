@@ -162,7 +162,7 @@ def score(
 
 
 def run_score(o: ScoreOptions) -> None:
-    from tabp_vllm.data import load_task
+    from tabp_vllm.data import LMEVAL_PREFIX, load_task
     from tabp_vllm.models import alias_of, resolve_model
     from tabp_vllm.scoring import score_to_mask
 
@@ -180,7 +180,10 @@ def run_score(o: ScoreOptions) -> None:
                           norm=o.norm, batch_size=o.batch_size, max_length=o.max_length,
                           text_positions=o.text_positions, seed=o.seed, device=o.device,
                           progress=progress)
-    mask = score_to_mask(path, res, task=o.task, model_id=alias_of(o.model))
+    # an lm-eval task's mask is named after the task (variant `llama-tabp_arc_easy`); the
+    # calibration provenance says it came from lm-eval
+    task = o.task.removeprefix(LMEVAL_PREFIX)
+    mask = score_to_mask(path, res, task=task, model_id=alias_of(o.model))
     mask.save(o.output)
     console.print(f"wrote {o.output}: method={res.method} removed {res.removed} "
                   f"({mask.num_kept}/{mask.num_hidden_layers} kept), {len(ds)} samples, "
