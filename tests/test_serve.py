@@ -273,13 +273,18 @@ def test_lm_eval_local_completions_agrees_with_offline(server, mask_files, demo_
            "--model_args", args, "--tasks", "tabp_demo", "--limit", str(LMEVAL_LIMIT),
            "--batch_size", "8", "--log_samples", "--output_path", str(out)]
     env = {**os.environ, "OPENAI_API_KEY": API_KEY, "PYTHONPATH": str(REPO)}
+    t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    wall = time.perf_counter() - t0
     assert p.returncode == 0, p.stderr[-3000:]
     served = {}
     for line in sorted(out.rglob("samples_tabp_demo_*.jsonl"))[-1].read_text().splitlines():
         s = json.loads(line)
         served[s["doc_id"]] = [float(r[0]) for r in s["filtered_resps"]]
     assert len(served) == LMEVAL_LIMIT
+    n = sum(len(v) for v in served.values())
+    print(f"\nlm-eval local-completions: {n} requests in {wall:.1f} s wall (process start, task "
+          f"load and tokenizer included): {n / wall:.2f} requests/s")
     offline = evaluate_variant(demo_model, ["tabp_demo"], str(arc_mask), limit=LMEVAL_LIMIT)
     assert offline["removed_layers"] == MASKS["arc"]
     for row in offline["samples"]["tabp_demo"]:
