@@ -125,3 +125,23 @@ def test_lm_eval_runner_scores_a_pruned_variant(tmp_path, demo_model, write_mask
     assert "task_mask=" in str(doc["config"]["model_args"])
     samples = sorted(out.rglob("samples_tabp_demo_*.jsonl"))
     assert samples and len(samples[-1].read_text().splitlines()) == 4
+
+
+def test_user_jsonl_becomes_a_task(tmp_path):
+    from tabp_vllm.evaluate import check_tasks, jsonl_task_folder
+    from tabp_vllm.lmeval_tasks import load_task_object
+
+    f = tmp_path / "mine.jsonl"
+    f.write_text('{"question": "2+2?", "choices": ["3", "4"], "gold": 1}\n'
+                 '{"question": "Sky?", "choices": ["blue", "red"], "gold": "blue", "context": "Look up."}\n')
+    inc = [jsonl_task_folder("mine", f, tmp_path / "tasks")]
+    assert check_tasks(["mine"], inc) == {"mine": 2}
+    task = load_task_object("mine", inc)
+    docs = list(task.eval_docs)
+    assert task.doc_to_text(docs[0]) == "Question: 2+2?\nAnswer:"
+    assert task.doc_to_text(docs[1]) == "Look up.\nQuestion: Sky?\nAnswer:"
+    assert [task.doc_to_target(d) for d in docs] == [1, 0]  # gold text resolved to its index
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "choices": ["a"], "gold": 0}\n')
+    with pytest.raises(TabpError, match=r"bad.jsonl:1: 'choices' must be a list of at least 2"):
+        jsonl_task_folder("bad", bad, tmp_path / "tasks2")
