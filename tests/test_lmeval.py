@@ -122,7 +122,7 @@ def test_lm_eval_runner_scores_a_pruned_variant(tmp_path, demo_model, write_mask
     doc = json.loads(files[-1].read_text())
     assert doc["n-samples"]["tabp_demo"]["effective"] == 4
     assert 0.0 <= doc["results"]["tabp_demo"]["acc,none"] <= 1.0
-    assert "task_mask=" in str(doc["config"]["model_args"])
+    assert doc["config"]["model_args"]["task_mask"] == str(mask)  # lm-eval records it parsed
     samples = sorted(out.rglob("samples_tabp_demo_*.jsonl"))
     assert samples and len(samples[-1].read_text().splitlines()) == 4
 
