@@ -143,13 +143,16 @@ def task_independent(method: str) -> bool:
 
 def evaluate_task(model: str, args, task: str, masks: dict, report: dict) -> None:
     """One engine per distinct removed-block set; results cached in eval_cache.json."""
-    from tabp_vllm.data import load_task
-    from tabp_vllm.evaluate import accuracy, evaluate_variant
+    from tabp_vllm.evaluate import evaluate_variant
 
-    val = {t: load_task(t, "validation").first(args.eval_limit).items for t in args.tasks}
+    # lm-eval on the offline tasks (tabp_<task>, lm-eval's YAML on the local files): its split
+    # (test where the task has one, else validation), its prompts, its acc / acc_norm
+    lm_task = {t: f"tabp_{t}" for t in args.tasks}
     cache_path = args.out / "eval_cache.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    key = lambda t, removed: f"{t}|{','.join(map(str, removed))}"  # noqa: E731
+    # "lmeval|": results of the hand-written scorer (validation split, its own prompt) in an
+    # older cache are not reused
+    key = lambda t, removed: f"lmeval|{t}|{','.join(map(str, removed))}"  # noqa: E731
 
     variants: dict[tuple[int, ...], tuple[set[str], Path | None]] = {(): (set(args.tasks), None)}
     for (method, _k), (removed, path) in masks.items():
@@ -159,15 +162,14 @@ def evaluate_task(model: str, args, task: str, masks: dict, report: dict) -> Non
     todo = [x for x in todo if x[1]]
     print(f"{task}: {len(variants)} distinct variants, {len(todo)} to evaluate", flush=True)
     for i, (removed, tasks, path) in enumerate(todo, 1):
-        items = [it for t in tasks for it in val[t]]
         t0 = time.perf_counter()
-        res = evaluate_variant(model, items, str(path) if path else None)
-        start = 0
+        res = evaluate_variant(model, [lm_task[t] for t in tasks], str(path) if path else None,
+                               limit=args.eval_limit)
         for t in tasks:
-            n = len(val[t])
-            ll = {(a, j): v for a, row in enumerate(res["loglik"][start:start + n]) for j, v in enumerate(row)}
-            cache[key(t, removed)] = accuracy(val[t], ll)
-            start += n
+            m = res["results"][lm_task[t]]
+            # BoolQ: lm-eval's task reports acc only (acc_norm None, shown as "-")
+            cache[key(t, removed)] = {"acc": m["acc,none"], "acc_norm": m.get("acc_norm,none"),
+                                      "n": res["n-samples"][lm_task[t]]["effective"]}
         cache_path.write_text(json.dumps(cache, indent=1) + "\n")
         print(f"[{i}/{len(todo)}] removed {list(removed) or 'none'} on {', '.join(tasks)}: "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
@@ -224,8 +226,9 @@ def write_markdown(report: dict, path: Path) -> None:
              f"Model: {report['model']}. Calibration: {a['samples']} train samples per task "
              f"({a['sleb_samples']} for SLEB and PPL), seed {a['seed']}, candidate blocks "
              f"{a['block_range'] or 'latter half (15-29)'}, TaBP {a['statistic']}/{a['aggregate']}. "
-             f"Evaluation: first {a['eval_limit']} validation items per task, zero-shot, vLLM engine "
-             "(`tabp_vllm.evaluate`). BoolQ and PIQA have no train split here: a fixed seeded half of "
+             f"Evaluation: lm-eval 0.4.13 (offline tabp_* tasks, its prompts and metrics), first "
+             f"{a['eval_limit']} documents of its evaluation split (test where the task has one, "
+             "else validation) per task, zero-shot, vLLM engine (`tabp_vllm.evaluate`). BoolQ and PIQA have no train split here: a fixed seeded half of "
              "dev calibrates, the other half is evaluated.", ""]
     if report.get("note"):
         lines += [report["note"], ""]
@@ -241,13 +244,14 @@ def write_markdown(report: dict, path: Path) -> None:
         lines += [head, "|---" * (1 + len(tasks) * len(ks)) + "|"]
         dense = {r["task"]: r for r in acc if r["method"] == "dense"}
         lines.append("| dense | " + " | ".join(
-            f"{dense[t][metric]:.3f} ± {_se(dense[t][metric], dense[t]['n']):.3f}" for t in tasks for _ in ks) + " |")
+            f"{dense[t][metric]:.3f} ± {_se(dense[t][metric], dense[t]['n']):.3f}"
+            if dense[t][metric] is not None else "-" for t in tasks for _ in ks) + " |")
         for m in methods:
             cells = []
             for t in tasks:
                 for k in ks:
                     r = next((r for r in acc if (r["task"], r["method"], r["k"]) == (t, m, k)), None)
-                    cells.append(f"{r[metric]:.3f}" if r else "-")
+                    cells.append(f"{r[metric]:.3f}" if r and r[metric] is not None else "-")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Scoring cost (2 CPU cores)", "",
@@ -281,6 +285,9 @@ def plot(report: dict, path: Path) -> None:
         for ax, task in zip(axes[row], tasks):
             rows = [r for r in acc if r["task"] == task]
             dense = next(r for r in rows if r["method"] == "dense")
+            if dense[metric] is None:  # BoolQ has no acc_norm in lm-eval
+                ax.set_visible(False)
+                continue
             for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
                 pts = sorted((r["k"], r[metric]) for r in rows if r["method"] == m)
                 ax.plot([0] + [p[0] for p in pts], [dense[metric]] + [p[1] for p in pts], marker="o",

@@ -114,9 +114,8 @@ class EvalOptions(Options):
     """Everything `eval` takes."""
 
     model: str = "llama"
-    task: str
+    task: str  # lm-eval task names, comma-separated (the offline ones: tabp_arc_easy, ...)
     data: Optional[Path] = None
-    split: str = "validation"
     task_mask: List[Path] = []
     dense: bool = True
     limit: Optional[int] = None
@@ -153,7 +152,9 @@ def score(
                                      "'_' for '-'; --range is block_range); flags given win."),
     model: Optional[str] = _opt(ScoreOptions, "model", help="Alias, HF id or path."),
     task: Optional[str] = _required("Task name: a known data set (arc_easy, arc_challenge, boolq, "
-                                    "piqa, gsm8k, wikitext2, demo) or the name for --data."),
+                                    "piqa, gsm8k, wikitext2, demo), lmeval:NAME for an lm-eval "
+                                    "task (its prompts, choices and gold, e.g. "
+                                    "lmeval:tabp_arc_easy), or the name for --data."),
     data: Optional[Path] = _opt(ScoreOptions, "data", help="A JSONL file (MCQA or free-text schema)."),
     split: Optional[str] = _opt(ScoreOptions, "split", help="Split of a known data set."),
     method: Optional[str] = _opt(ScoreOptions, "method", help=", ".join(METHOD_NAMES) + "."),
@@ -198,7 +199,7 @@ def score(
 
 
 def run_score(o: ScoreOptions) -> None:
-    from tabp_vllm.data import load_task
+    from tabp_vllm.data import LMEVAL_PREFIX, load_task
     from tabp_vllm.models import alias_of, resolve_model
     from tabp_vllm.scoring import score_to_mask
 
@@ -217,7 +218,10 @@ def run_score(o: ScoreOptions) -> None:
                           norm=o.norm, batch_size=o.batch_size, max_length=o.max_length,
                           text_positions=o.text_positions, probe=o.probe, preset=o.preset,
                           seed=o.seed, device=o.device, progress=progress)
-    mask = score_to_mask(path, res, task=o.task, model_id=alias_of(o.model))
+    # an lm-eval task's mask is named after the task (variant `llama-tabp_arc_easy`); the
+    # calibration provenance says it came from lm-eval
+    task = o.task.removeprefix(LMEVAL_PREFIX)
+    mask = score_to_mask(path, res, task=task, model_id=alias_of(o.model))
     mask.save(o.output)
     console.print(f"wrote {o.output}: method={res.method} removed {res.removed} "
                   f"({mask.num_kept}/{mask.num_hidden_layers} kept), {len(ds)} samples, "
@@ -230,33 +234,37 @@ def eval(  # noqa: A001 - the command is called eval
         None, "--config", "-c", help="YAML file of these options (keys as the option names with "
                                      "'_' for '-'); flags given win."),
     model: Optional[str] = _opt(EvalOptions, "model", help="Alias, HF id or path."),
-    task: Optional[str] = _required("A known MCQA data set, or the name for --data."),
+    task: Optional[str] = _required("lm-eval task names, comma-separated: the offline tabp_arc_easy, "
+                                    "tabp_arc_challenge, tabp_piqa, tabp_boolq, tabp_demo, lm-eval's "
+                                    "own (arc_easy, ...) where their data can be had, or the name "
+                                    "for --data."),
     data: Optional[Path] = _opt(EvalOptions, "data", help="A JSONL file in the MCQA schema."),
-    split: Optional[str] = _opt(EvalOptions, "split"),
     task_mask: Optional[List[Path]] = typer.Option(None, "--task-mask",
                                                    help="Mask file (repeatable)."),
     dense: Optional[bool] = _opt(EvalOptions, "dense", "--dense/--no-dense",
                                  help="Evaluate the dense model too."),
-    limit: Optional[int] = _opt(EvalOptions, "limit", help="Evaluate the first N items."),
+    limit: Optional[int] = _opt(EvalOptions, "limit", help="Evaluate the first N documents per task."),
     kv_cache_gib: Optional[float] = _opt(EvalOptions, "kv_cache_gib", help="KV cache per engine, GiB."),
     output: Optional[Path] = _opt(EvalOptions, "output", "-o", "--output", help="Results JSON."),
 ) -> None:
-    """Zero-shot MCQA accuracy (acc, acc_norm) of dense and pruned variants on the vLLM engine."""
+    """Zero-shot accuracy of dense and pruned variants through lm-evaluation-harness."""
     given = {name: value for name, value in locals().items() if name != "config"}
     given["task_mask"] = given["task_mask"] or None  # typer gives [] for "not given"
     run_eval(build_options(EvalOptions, given, config))
 
 
 def run_eval(o: EvalOptions) -> None:
-    from tabp_vllm.data import load_task
-    from tabp_vllm.evaluate import evaluate_variant
+    import tempfile
+
+    from tabp_vllm.evaluate import check_tasks, evaluate_variant, jsonl_task_folder
     from tabp_vllm.mask import load_mask
     from tabp_vllm.models import load_model_config, model_fingerprint, resolve_model
 
-    ds = load_task(o.task, o.split, o.data)
-    if ds.kind != "mcqa":
-        raise TabpError(f"{ds.source}: eval needs MCQA data (question, choices, gold)")
-    ds = ds.first(o.limit)
+    tasks = [t.strip() for t in o.task.split(",") if t.strip()]
+    if not tasks:
+        raise TabpError("--task: no task named")
+    if o.data is not None and len(tasks) != 1:
+        raise TabpError("--data names one task: give one --task name for it")
     path = resolve_model(o.model)
     for m in o.task_mask:  # validate every mask before any engine starts
         load_mask(m, path)
@@ -264,22 +272,36 @@ def run_eval(o: EvalOptions) -> None:
     variants += [(m.stem, str(m)) for m in o.task_mask]
     if not variants:
         raise TabpError("nothing to evaluate: --no-dense and no --task-mask")
-    rows = []
-    for name, mpath in variants:
-        console.print(f"evaluating {name} on {ds.name}/{ds.split} ({len(ds)} items) ...")
-        r = evaluate_variant(path, ds.items, mpath, kv_cache_gib=o.kv_cache_gib)
-        r.update(variant=name, mask=mpath)
-        rows.append(r)
-    table = Table("variant", "blocks kept", "acc", "acc_norm", "n", title=f"{ds.name} / {ds.split}")
+    with tempfile.TemporaryDirectory(prefix="tabp-tasks-") as tmp:
+        include = [jsonl_task_folder(tasks[0], o.data, tmp)] if o.data is not None else []
+        sizes = check_tasks(tasks, include)  # every task and its data, before any engine
+        rows = []
+        for name, mpath in variants:
+            n = {t: min(s, o.limit) if o.limit else s for t, s in sizes.items()}
+            console.print(f"evaluating {name} on {', '.join(f'{t} ({n[t]})' for t in tasks)} ...")
+            r = evaluate_variant(path, tasks, mpath, limit=o.limit, kv_cache_gib=o.kv_cache_gib,
+                                 include=include)
+            r.update(variant=name, mask=mpath)
+            rows.append(r)
     total = model_fingerprint(load_model_config(path))["num_hidden_layers"]
+    table = Table("variant", "blocks kept", "task", "metric", "value", "stderr", "n",
+                  title="lm-eval, zero-shot")
     for r in rows:
         kept = r["blocks_kept"] if r["blocks_kept"] is not None else total
-        table.add_row(r["variant"], f"{kept}/{total}", f"{r['acc']:.3f}", f"{r['acc_norm']:.3f}",
-                      str(r["n"]))
+        for t in tasks:
+            m = r["results"][t]
+            for key, value in m.items():
+                metric, _, flt = key.partition(",")
+                if metric in ("alias",) or metric.endswith("_stderr") or not flt:
+                    continue
+                err = m.get(f"{metric}_stderr,{flt}")
+                table.add_row(r["variant"], f"{kept}/{total}", t, metric, f"{value:.4f}",
+                              f"{err:.4f}" if isinstance(err, float) else "-",
+                              str(r["n-samples"][t]["effective"]))
     Console().print(table)
     if o.output:
         o.output.parent.mkdir(parents=True, exist_ok=True)
-        o.output.write_text(json.dumps({"model": o.model, "task": ds.name, "split": ds.split,
-                                        "data_sha256": ds.content_hash(), "results": rows},
-                                       indent=2) + "\n")
+        o.output.write_text(json.dumps({"model": o.model, "tasks": tasks, "limit": o.limit,
+                                        "data": str(o.data) if o.data else None,
+                                        "results": rows}, indent=2) + "\n")
         console.print(f"wrote {o.output}")

@@ -56,6 +56,14 @@ class TextItem:
     id: str = ""
 
 
+@dataclass
+class TaskPromptItem(MCQAItem):
+    """An MCQA item from an lm-eval task: `prompt` is its doc_to_text, the context the task's
+    evaluation scores; a choice follows it after one space (lm-eval's target_delimiter)."""
+
+    prompt: str = ""
+
+
 Item = Union[MCQAItem, TextItem]
 
 
@@ -330,10 +338,52 @@ KNOWN: dict[str, tuple[str, Any, tuple[str, ...]]] = {
 }
 
 
+LMEVAL_PREFIX = "lmeval:"  # --task lmeval:NAME reads lm-eval's task NAME (tabp_arc_easy, ...)
+
+
+def _load_lmeval(name: str, split: str) -> Dataset:
+    """An lm-eval task's documents as calibration items, in the task's own prompt format:
+    doc_to_text as the prompt, doc_to_choice, doc_to_target; free text (prompt, delimiter,
+    target) for a task that is not multiple choice."""
+    from tabp_vllm.lmeval_tasks import task_docs
+
+    task, docs = task_docs(name, split)
+    delim = task.config.target_delimiter
+    items: list[Item] = []
+    where = f"lm-eval task {name!r}"
+    for n, doc in enumerate(docs, 1):
+        prompt = task.doc_to_text(doc)
+        target = task.doc_to_target(doc)
+        if task.OUTPUT_TYPE != "multiple_choice":
+            tgt = target[0] if isinstance(target, list) else target
+            items.append(TextItem(f"{prompt}{delim}{tgt}", str(n - 1)))
+            continue
+        if delim != " ":  # mcqa_context's continuation is one space and the choice
+            raise _fail(where, None, f"target_delimiter {delim!r}: only ' ' is supported")
+        choices = [str(c) for c in task.doc_to_choice(doc)]
+        gold = target[0] if isinstance(target, list) else target
+        if isinstance(gold, str) and not gold.isdigit():
+            if gold not in choices:
+                raise _fail(where, n, f"gold answer {gold!r} is not among the choices")
+            gold = choices.index(gold)
+        gold = int(gold)
+        if not 0 <= gold < len(choices):
+            raise _fail(where, n, f"gold answer index {gold} is not among the choices")
+        items.append(TaskPromptItem(question=prompt, choices=choices, gold=gold, id=str(n - 1),
+                                    prompt=prompt))
+    if not items:
+        raise _fail(where, None, f"no documents in split {split!r}")
+    kind = "mcqa" if isinstance(items[0], MCQAItem) else "text"
+    return Dataset(name, split, kind, items, f"lm-eval:{name}")
+
+
 def load_task(task: str, split: str = "train", data: str | Path | None = None) -> Dataset:
-    """A known data set by name, or the user's JSONL file (`data`) labelled `task`."""
+    """A known data set by name, an lm-eval task (`lmeval:NAME`), or the user's JSONL file
+    (`data`) labelled `task`."""
     if data is not None:
         return load_jsonl(data, name=task, split=split)
+    if task.startswith(LMEVAL_PREFIX):
+        return _load_lmeval(task[len(LMEVAL_PREFIX):], split)
     if task not in KNOWN:
         raise TabpError(f"unknown task {task!r}: known are {', '.join(KNOWN)}; "
                         f"or pass a JSONL file with --data")
@@ -351,7 +401,10 @@ def load_task(task: str, split: str = "train", data: str | Path | None = None) -
 
 
 def mcqa_context(item: MCQAItem) -> str:
-    """lm-evaluation-harness style context; the continuation is ' {choice}'."""
+    """lm-evaluation-harness style context; the continuation is ' {choice}'. An item from an
+    lm-eval task has the task's own context."""
+    if isinstance(item, TaskPromptItem):
+        return item.prompt
     pre = f"{item.context}\n" if item.context else ""
     return f"{pre}Question: {item.question}\nAnswer:"
 
@@ -360,7 +413,11 @@ LETTERS = "ABCDEFGHIJ"
 
 
 def mcqa_lettered_prompt(item: MCQAItem) -> str:
-    """The scoring prompt: options listed with letters, ending with 'Answer:'."""
-    pre = f"{item.context}\n" if item.context else ""
+    """The scoring prompt: options listed with letters, ending with 'Answer:'. An item from an
+    lm-eval task lists them after the task's prompt, before its closing 'Answer:'."""
     opts = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(item.choices))
+    if isinstance(item, TaskPromptItem):
+        head = item.prompt[:-len("Answer:")].rstrip("\n") if item.prompt.endswith("Answer:") else item.prompt
+        return f"{head}\n{opts}\nAnswer:"
+    pre = f"{item.context}\n" if item.context else ""
     return f"{pre}Question: {item.question}\n{opts}\nAnswer:"

@@ -1,10 +1,12 @@
-"""Zero-shot MCQA accuracy measured on the served engine (vLLM, the project's own loader).
+"""Accuracy of a variant through lm-evaluation-harness, one engine per child process.
 
-lm-evaluation-harness conventions: context "Question: {q}\\nAnswer:", continuation " {choice}";
-each choice is scored by the sum of its tokens' log-probabilities (prompt logprobs of one batched
-`LLM.generate` call); acc takes the argmax of that sum, acc_norm the argmax of sum / number of
-characters in the continuation. Each variant (dense, one per mask) runs in its own subprocess,
-so every engine starts in a fresh process.
+lm-eval is the evaluator: its tasks (the offline `tabp_*` tasks of `lmeval.TASKS_DIR`, lm-eval's
+own when its data can be had), its prompts, its metrics and its results document. The model is
+`lmeval.TabpVLLM`, lm-eval's vLLM backend on the engine `engine_args_for(model, mask)` builds.
+What this module adds is robustness: each variant (dense, one per mask) runs in a fresh Python
+process, which writes its result file only once lm-eval is done, shuts the engine down and skips
+interpreter teardown (where vLLM's engine stack now and then aborts); a child killed by a signal
+before it finished runs once more; every failure is one line.
 """
 
 from __future__ import annotations
@@ -14,78 +16,72 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tabp_vllm.data import Dataset, MCQAItem, mcqa_context
 from tabp_vllm.errors import TabpError
+from tabp_vllm.lmeval_tasks import JSONL_TASK, TASKS_DIR, load_task_object, task_manager
 from tabp_vllm.process import ManagedProcess
 
-
-def build_requests(tok, items: list[MCQAItem]) -> list[tuple[int, int, list[int], int]]:
-    """(item, choice, token ids, continuation start) per choice, lm-eval style tokenisation."""
-    reqs = []
-    for n, it in enumerate(items):
-        ctx = mcqa_context(it)
-        ctx_ids = tok.encode(ctx, add_special_tokens=False)
-        for j, ch in enumerate(it.choices):
-            whole = tok.encode(ctx + " " + ch, add_special_tokens=False)
-            start = len(ctx_ids)
-            if whole[:start] != ctx_ids:  # tokens merged across the boundary: encode apart
-                whole = ctx_ids + tok.encode(" " + ch, add_special_tokens=False)
-            reqs.append((n, j, whole, start))
-    return reqs
+# A custom MCQA JSONL file (`--data`, the schema of tabp_vllm.data) becomes a task including
+# lmeval_tasks/tabp_jsonl.yaml with its file as data_files, in a temporary task folder.
 
 
-def _logprob_at(pl, pos: int, token: int) -> float:
-    entry = pl[pos]
-    if entry is None:
-        raise RuntimeError("prompt logprob missing at a scored position")
-    return float(entry[token].logprob)
+def jsonl_task_folder(name: str, data: str | Path, folder: str | Path) -> str:
+    """A task folder holding one task `name` over a user's MCQA JSONL file (our schema)."""
+    import yaml
+
+    from tabp_vllm.data import load_jsonl
+
+    ds = load_jsonl(data, name=name)  # every fault in the file: one line, before any engine
+    if ds.kind != "mcqa":
+        raise TabpError(f"{data}: eval needs MCQA data (question, choices, gold)")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    doc = {"include": str(TASKS_DIR / f"{JSONL_TASK}.yaml"), "task": name,
+           "dataset_kwargs": {"data_files": str(Path(data).resolve())}}
+    (Path(folder) / f"{name}.yaml").write_text(yaml.safe_dump(doc))
+    return str(folder)
 
 
-def accuracy(items: list[MCQAItem], loglik: dict[tuple[int, int], float]) -> dict[str, Any]:
-    acc = acc_norm = 0
-    for n, it in enumerate(items):
-        ll = [loglik[(n, j)] for j in range(len(it.choices))]
-        norm = [ll[j] / len(" " + c) for j, c in enumerate(it.choices)]
-        acc += int(max(range(len(ll)), key=lambda j: ll[j]) == it.gold)
-        acc_norm += int(max(range(len(norm)), key=lambda j: norm[j]) == it.gold)
-    n = len(items)
-    return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
+def check_tasks(tasks: list[str], include: list[str] | None = None) -> dict[str, int]:
+    """Every task known and its data at hand (number of evaluation documents per task), checked
+    before any engine starts; a task that cannot be had is one line saying how to fix it."""
+    return {t: len(load_task_object(t, include).eval_docs) for t in tasks}
 
 
-def evaluate_in_process(model: str, items: list[MCQAItem], mask_path: str | None,
-                        kv_cache_gib: float | None = None, max_model_len: int = 2048) -> dict[str, Any]:
-    """Build the engine for (model, mask) and score every choice; needs the __main__ guard."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+def compact_samples(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per document: its id, gold index, each choice's (context, continuation) and log-likelihood."""
+    rows = []
+    for s in sorted(samples, key=lambda s: s["doc_id"]):
+        rows.append({"doc_id": s["doc_id"], "target": s["target"],
+                     "arguments": [list(a[:2]) for a in s["arguments"]],
+                     "loglik": [float(r[0]) for r in s["filtered_resps"]]})
+    return rows
 
-    from tabp_vllm.engine import build_llm
-    from tabp_vllm.mask import load_mask
 
-    mask = load_mask(mask_path, model) if mask_path else None
-    llm = build_llm(model, mask, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len)
+def evaluate_in_process(model: str, tasks: list[str], mask_path: str | None,
+                        limit: int | None = None, kv_cache_gib: float | None = None,
+                        include: list[str] | None = None) -> dict[str, Any]:
+    """lm-eval's `simple_evaluate` on the engine of (model, mask); needs the __main__ guard."""
+    from lm_eval import simple_evaluate
+    from lm_eval.utils import handle_non_serializable
+
+    from tabp_vllm.lmeval import TabpVLLM
+
+    lm = TabpVLLM(pretrained=model, task_mask=mask_path, kv_cache_gib=kv_cache_gib)
     try:
-        reqs = build_requests(llm.get_tokenizer(), items)
-        too_long = [r for r in reqs if len(r[2]) >= max_model_len]
-        if too_long:
-            raise TabpError(f"{len(too_long)} prompts exceed max_model_len {max_model_len}")
-        sp = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-        outs = llm.generate([TokensPrompt(prompt_token_ids=r[2]) for r in reqs], sp,
-                            use_tqdm=False)
+        out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, log_samples=True,
+                              task_manager=task_manager(include))
     finally:  # stop the engine core now rather than in interpreter teardown
-        llm.llm_engine.engine_core.shutdown()
-    loglik = {}
-    for (n, j, ids, start), out in zip(reqs, outs):
-        pl = out.prompt_logprobs
-        loglik[(n, j)] = sum(_logprob_at(pl, pos, ids[pos]) for pos in range(start, len(ids)))
-    res = accuracy(items, loglik)
+        lm.shutdown()
+    mask = lm.task_mask
+    res = {key: out[key] for key in ("results", "configs", "versions", "n-shot", "higher_is_better",
+                                     "n-samples") if key in out}
+    res = json.loads(json.dumps(res, default=handle_non_serializable))
+    res["samples"] = {t: compact_samples(s) for t, s in out["samples"].items()}
     res["blocks_kept"] = mask.num_kept if mask else None
     res["removed_layers"] = mask.removed_layers if mask else []
-    res["requests"] = len(reqs)
-    res["loglik"] = [[loglik[(n, j)] for j in range(len(it.choices))] for n, it in enumerate(items)]
+    res["requests"] = sum(len(r["loglik"]) for s in res["samples"].values() for r in s)
     return res
 
 
@@ -101,15 +97,15 @@ def _run_once(spec: str, out: str, err: str, log_path: str) -> subprocess.Comple
         return subprocess.CompletedProcess(cmd, proc.wait())
 
 
-def evaluate_variant(model: str, items: list[MCQAItem], mask_path: str | None,
-                     kv_cache_gib: float | None = None) -> dict[str, Any]:
+def evaluate_variant(model: str, tasks: list[str], mask_path: str | None, *,
+                     limit: int | None = None, kv_cache_gib: float | None = None,
+                     include: list[str] | None = None) -> dict[str, Any]:
     """Run `evaluate_in_process` in a fresh Python process (one engine per process).
 
-    The child writes its result file only once every choice is scored, then shuts the engine
-    down and skips interpreter teardown (where vLLM's engine stack now and then aborts); a result
-    that exists is complete and kept even if the child dies after writing it. A child killed by
-    a signal before it finished is run once more; its output is kept under the cache directory
-    and named in the error.
+    The child writes its result file only once every task is scored; a result that exists is
+    complete and kept even if the child dies after writing it. A child killed by a signal before
+    it finished is run once more; its output is kept under the cache directory and named in the
+    error.
     """
     from tabp_vllm.models import cache_dir
 
@@ -119,8 +115,8 @@ def evaluate_variant(model: str, items: list[MCQAItem], mask_path: str | None,
     with tempfile.TemporaryDirectory(prefix="tabp-eval-") as tmp:
         spec, out, err = (os.path.join(tmp, n) for n in ("spec.json", "out.json", "error.txt"))
         with open(spec, "w") as f:
-            json.dump({"model": model, "mask": mask_path, "kv_cache_gib": kv_cache_gib,
-                       "items": [asdict(i) for i in items]}, f)
+            json.dump({"model": model, "tasks": list(tasks), "mask": mask_path, "limit": limit,
+                       "kv_cache_gib": kv_cache_gib, "include": include}, f)
         for attempt in (1, 2):
             log_path = str(logs / f"eval-{os.getpid()}-{Path(label).stem}-{attempt}.log")
             proc = _run_once(spec, out, err, log_path)
@@ -150,9 +146,9 @@ def _main(argv: list[str]) -> int:
     spec_path, out_path, err_path = argv
     with open(spec_path) as f:
         spec = json.load(f)
-    items = [MCQAItem(**d) for d in spec["items"]]
     try:
-        res = evaluate_in_process(spec["model"], items, spec["mask"], spec["kv_cache_gib"])
+        res = evaluate_in_process(spec["model"], spec["tasks"], spec["mask"], spec["limit"],
+                                  spec["kv_cache_gib"], spec["include"])
     except TabpError as exc:
         with open(err_path, "w") as f:
             f.write(str(exc))
@@ -162,7 +158,7 @@ def _main(argv: list[str]) -> int:
 
         traceback.print_exc()
         with open(err_path, "w") as f:
-            f.write(f"{type(exc).__name__}: {exc}")
+            f.write(" ".join(f"{type(exc).__name__}: {exc}".split()))
         return 1
     # write then rename: the parent treats an existing result file as complete
     with open(out_path + ".tmp", "w") as f:

@@ -31,11 +31,9 @@ def test_score_writes_valid_mask_that_is_served(tmp_path, demo_model):
                                "--batch-size", "8", "-o", str(out2)])
     assert load_mask(out2).removed_layers == mask.removed_layers
     # the loader accepts it and the engine serves it
-    from tabp_vllm.data import load_task
     from tabp_vllm.evaluate import evaluate_variant
-    items = load_task("demo", "validation").first(3).items
-    res = evaluate_variant(demo_model, items, str(out))
-    assert res["blocks_kept"] == 26 and res["n"] == 3
+    res = evaluate_variant(demo_model, ["tabp_demo"], str(out), limit=3)
+    assert res["blocks_kept"] == 26 and res["n-samples"]["tabp_demo"]["effective"] == 3
 
 
 def test_score_bad_options_exit_2(tmp_path):

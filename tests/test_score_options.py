@@ -83,7 +83,7 @@ def test_eval_options(tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["eval", "--task", "demo"])
     assert r.exit_code == 0, r.output
     o = got.pop()
-    assert (o.task_mask, o.dense, o.kv_cache_gib, o.split, o.limit) == ([], True, None, "validation", None)
+    assert (o.task_mask, o.dense, o.kv_cache_gib, o.limit) == ([], True, None, None)
     cfg = tmp_path / "eval.yaml"
     cfg.write_text("task: arc_easy\nlimit: 20\nkv_cache_gib: 0.5\ntask_mask: [a.json]\n")
     r = CliRunner().invoke(app, ["eval", "-c", str(cfg), "--no-dense", "--task-mask", "b.json",

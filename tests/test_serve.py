@@ -256,6 +256,43 @@ def test_logprobs(client):
     assert content and all(len(c.top_logprobs) == 2 for c in content)
 
 
+# ---- lm-eval through the server ----------------------------------------------------------------
+
+LMEVAL_LIMIT = 6
+
+
+def test_lm_eval_local_completions_agrees_with_offline(server, mask_files, demo_model, tmp_path):
+    """lm-eval's `local-completions` (echo + logprobs on /v1/completions) scores a pruned variant
+    through the server; its log-likelihoods equal the offline lm-eval path's (`tabp-vllm eval`)."""
+    from tabp_vllm.evaluate import evaluate_variant
+
+    arc_mask = next(m for m in mask_files if m.stem == "arc")
+    out = tmp_path / "lmeval"
+    args = (f"model={ARC},base_url={server.base}/v1/completions,tokenizer_backend=huggingface,"
+            f"tokenizer={demo_model},max_length={MAX_MODEL_LEN},num_concurrent=2,max_retries=1")
+    cmd = [sys.executable, "-m", "tabp_vllm.lmeval", "--model", "local-completions",
+           "--model_args", args, "--tasks", "tabp_demo", "--limit", str(LMEVAL_LIMIT),
+           "--batch_size", "8", "--log_samples", "--output_path", str(out)]
+    env = {**os.environ, "OPENAI_API_KEY": API_KEY, "PYTHONPATH": str(REPO)}
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    wall = time.perf_counter() - t0
+    assert p.returncode == 0, p.stderr[-3000:]
+    served = {}
+    for line in sorted(out.rglob("samples_tabp_demo_*.jsonl"))[-1].read_text().splitlines():
+        s = json.loads(line)
+        served[s["doc_id"]] = [float(r[0]) for r in s["filtered_resps"]]
+    assert len(served) == LMEVAL_LIMIT
+    n = sum(len(v) for v in served.values())
+    print(f"\nlm-eval local-completions: {n} requests in {wall:.1f} s wall (process start, task "
+          f"load and tokenizer included): {n / wall:.2f} requests/s")
+    offline = evaluate_variant(demo_model, ["tabp_demo"], str(arc_mask), limit=LMEVAL_LIMIT)
+    assert offline["removed_layers"] == MASKS["arc"]
+    for row in offline["samples"]["tabp_demo"]:
+        # the same engine arguments (dtype, loader) on both paths: bf16 noise at most
+        assert served[row["doc_id"]] == pytest.approx(row["loglik"], rel=0.1, abs=0.15)
+
+
 # ---- errors: every one in OpenAI shape, and the server keeps serving ----------------------------
 
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}

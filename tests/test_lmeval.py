@@ -1,0 +1,147 @@
+"""lm-eval integration: the offline tasks mirror lm-eval's own, the `tabp-vllm` model is
+registered and evaluates a pruned variant, lm-eval tasks are calibration data."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tabp_vllm.errors import TabpError
+from tabp_vllm.lmeval_tasks import TASKS_DIR, offline_tasks
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _lm_eval_yaml(rel: str) -> dict:
+    import lm_eval
+
+    text = (Path(lm_eval.__file__).parent / "tasks" / rel).read_text()
+    return yaml.safe_load(text.replace("!function", ""))
+
+
+def _ours(name: str) -> dict:
+    doc = yaml.load((TASKS_DIR / f"{name}.yaml").read_text().replace("!function", ""),
+                    Loader=yaml.SafeLoader)
+    if "include" in doc:
+        return {**_ours(Path(doc.pop("include")).stem), **doc}
+    return doc
+
+
+MIRRORS = {"tabp_arc_easy": "arc/arc_easy.yaml", "tabp_arc_challenge": "arc/arc_easy.yaml",
+           "tabp_piqa": "piqa/piqa.yaml", "tabp_boolq": "super_glue/boolq/default.yaml"}
+PROMPT_KEYS = ("output_type", "doc_to_text", "doc_to_target", "doc_to_choice", "metric_list",
+               "target_delimiter", "training_split", "validation_split", "test_split")
+
+
+@pytest.mark.parametrize("ours,theirs", sorted(MIRRORS.items()))
+def test_offline_tasks_mirror_lm_eval(ours, theirs):
+    a, b = _ours(ours), _lm_eval_yaml(theirs)
+    for key in PROMPT_KEYS:
+        assert a.get(key) == b.get(key), key
+    assert "dataset_path" not in a and "custom_dataset" in a  # the local files, not the hub
+
+
+def test_offline_tasks_read_the_shared_data_with_the_project_split():
+    from tabp_vllm.data import load_task
+    from tabp_vllm.evaluate import check_tasks
+
+    assert offline_tasks() == ["tabp_arc_challenge", "tabp_arc_easy", "tabp_boolq", "tabp_demo",
+                               "tabp_piqa"]
+    sizes = check_tasks(["tabp_arc_easy", "tabp_arc_challenge", "tabp_piqa", "tabp_boolq"])
+    # lm-eval evaluates on test where the task has one (ARC), else validation
+    assert sizes == {"tabp_arc_easy": 2376, "tabp_arc_challenge": 1172, "tabp_piqa": 919,
+                     "tabp_boolq": 1635}
+    # BoolQ / PIQA: the project's seeded halves of dev, so calibration (train) never meets eval
+    for task in ("piqa", "boolq"):
+        for split in ("train", "validation"):
+            ours = load_task(task, split).items
+            lm = load_task(f"lmeval:tabp_{task}", split).items
+            assert [i.choices for i in ours] == [i.choices for i in lm]
+            assert [i.gold for i in ours] == [i.gold for i in lm]
+
+
+def test_lmeval_task_as_calibration_data():
+    from tabp_vllm.data import load_task, mcqa_context, mcqa_lettered_prompt
+
+    own = load_task("arc_easy", "train").items[:5]
+    lm = load_task("lmeval:tabp_arc_easy", "train").items[:5]
+    assert [(i.choices, i.gold) for i in own] == [(i.choices, i.gold) for i in lm]
+    # the same prompt as the evaluation's (lm-eval's arc_easy doc_to_text) and, for the lettered
+    # probe, the project's own lettered format
+    assert [mcqa_context(i) for i in lm] == [f"Question: {i.question}\nAnswer:" for i in own]
+    assert [mcqa_lettered_prompt(i) for i in lm] == [mcqa_lettered_prompt(i) for i in own]
+    boolq = load_task("lmeval:tabp_boolq", "train").items[0]
+    assert boolq.choices == ["no", "yes"] and "\nQuestion: " in mcqa_context(boolq)
+
+
+def test_lmeval_task_unavailable_is_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tabp_vllm.cli import app
+    from tabp_vllm.data import load_task
+
+    with pytest.raises(TabpError, match="unknown lm-eval task 'nope'"):
+        load_task("lmeval:nope", "train")
+    with pytest.raises(TabpError, match="has no 'test' split"):
+        load_task("lmeval:tabp_piqa", "test")
+    monkeypatch.setenv("TABP_VLLM_DATA", str(tmp_path))
+    r = CliRunner().invoke(app, ["score", "--task", "lmeval:tabp_arc_easy", "-o",
+                                 str(tmp_path / "m.json")])
+    assert r.exit_code == 2
+    err = [ln for ln in r.output.splitlines() if ln.startswith("error")]
+    assert len(err) == 1 and "tabp_arc_easy" in err[0] and "TABP_VLLM_DATA" in err[0]
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_model_registered():
+    from tabp_vllm.lmeval import TabpVLLM  # first: it lets lm-eval's vllm backend import
+
+    from lm_eval.api.registry import get_model
+    from lm_eval.models.vllm_causallms import VLLM
+
+    assert get_model("tabp-vllm") is TabpVLLM and issubclass(TabpVLLM, VLLM)
+
+
+@pytest.mark.engine
+def test_lm_eval_runner_scores_a_pruned_variant(tmp_path, demo_model, write_mask):
+    """`python -m tabp_vllm.lmeval --model tabp-vllm` (lm-eval's own CLI) on a masked variant."""
+    mask = write_mask([26, 27, 28, 29], task="demo", name="k4.json")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "tabp_vllm.lmeval", "--model", "tabp-vllm", "--model_args",
+           f"pretrained=llama,task_mask={mask}", "--tasks", "tabp_demo", "--limit", "4",
+           "--output_path", str(out), "--log_samples"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    files = sorted(out.rglob("results_*.json"))
+    assert files, p.stdout[-2000:]
+    doc = json.loads(files[-1].read_text())
+    assert doc["n-samples"]["tabp_demo"]["effective"] == 4
+    assert 0.0 <= doc["results"]["tabp_demo"]["acc,none"] <= 1.0
+    assert doc["config"]["model_args"]["task_mask"] == str(mask)  # lm-eval records it parsed
+    samples = sorted(out.rglob("samples_tabp_demo_*.jsonl"))
+    assert samples and len(samples[-1].read_text().splitlines()) == 4
+
+
+def test_user_jsonl_becomes_a_task(tmp_path):
+    from tabp_vllm.evaluate import check_tasks, jsonl_task_folder
+    from tabp_vllm.lmeval_tasks import load_task_object
+
+    f = tmp_path / "mine.jsonl"
+    f.write_text('{"question": "2+2?", "choices": ["3", "4"], "gold": 1}\n'
+                 '{"question": "Sky?", "choices": ["blue", "red"], "gold": "blue", "context": "Look up."}\n')
+    inc = [jsonl_task_folder("mine", f, tmp_path / "tasks")]
+    assert check_tasks(["mine"], inc) == {"mine": 2}
+    task = load_task_object("mine", inc)
+    docs = list(task.eval_docs)
+    assert task.doc_to_text(docs[0]) == "Question: 2+2?\nAnswer:"
+    assert task.doc_to_text(docs[1]) == "Look up.\nQuestion: Sky?\nAnswer:"
+    assert [task.doc_to_target(d) for d in docs] == [1, 0]  # gold text resolved to its index
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "choices": ["a"], "gold": 0}\n')
+    with pytest.raises(TabpError, match=r"bad.jsonl:1: 'choices' must be a list of at least 2"):
+        jsonl_task_folder("bad", bad, tmp_path / "tasks2")
