@@ -145,11 +145,14 @@ def _required(help: str, *flags: str) -> Any:
                         show_default=False)
 
 
+def _config_option(note: str = "") -> Any:
+    return typer.Option(None, "--config", "-c", help="YAML file of these options (keys as the "
+                        f"option names with '_' for '-'; {note}flags given win).")
+
+
 @user_errors
 def score(
-    config: Optional[Path] = typer.Option(
-        None, "--config", "-c", help="YAML file of these options (keys as the option names with "
-                                     "'_' for '-'; --range is block_range); flags given win."),
+    config: Optional[Path] = _config_option("--range is block_range; "),
     model: Optional[str] = _opt(ScoreOptions, "model", help="Alias, HF id or path."),
     task: Optional[str] = _required("Task name: a known data set (arc_easy, arc_challenge, boolq, "
                                     "piqa, gsm8k, wikitext2, demo), lmeval:NAME for an lm-eval "
@@ -230,9 +233,7 @@ def run_score(o: ScoreOptions) -> None:
 
 @user_errors
 def eval(  # noqa: A001 - the command is called eval
-    config: Optional[Path] = typer.Option(
-        None, "--config", "-c", help="YAML file of these options (keys as the option names with "
-                                     "'_' for '-'); flags given win."),
+    config: Optional[Path] = _config_option(),
     model: Optional[str] = _opt(EvalOptions, "model", help="Alias, HF id or path."),
     task: Optional[str] = _required("lm-eval task names, comma-separated: the offline tabp_arc_easy, "
                                     "tabp_arc_challenge, tabp_piqa, tabp_boolq, tabp_demo, lm-eval's "
