@@ -145,6 +145,14 @@ def _required(help: str, *flags: str) -> Any:
                         show_default=False)
 
 
+SCORE_TASK_HELP = ("Task name: a known data set (arc_easy, arc_challenge, boolq, piqa, gsm8k, "
+                   "wikitext2, demo), lmeval:NAME for an lm-eval task (its prompts, choices and "
+                   "gold, e.g. lmeval:tabp_arc_easy), or the name for --data.")
+EVAL_TASK_HELP = ("lm-eval task names, comma-separated: the offline tabp_arc_easy, "
+                  "tabp_arc_challenge, tabp_piqa, tabp_boolq, tabp_demo, lm-eval's own (arc_easy, "
+                  "...) where their data can be had, or the name for --data.")
+
+
 def _config_option(note: str = "") -> Any:
     return typer.Option(None, "--config", "-c", help="YAML file of these options (keys as the "
                         f"option names with '_' for '-'; {note}flags given win).")
@@ -154,10 +162,7 @@ def _config_option(note: str = "") -> Any:
 def score(
     config: Optional[Path] = _config_option("--range is block_range; "),
     model: Optional[str] = _opt(ScoreOptions, "model", help="Alias, HF id or path."),
-    task: Optional[str] = _required("Task name: a known data set (arc_easy, arc_challenge, boolq, "
-                                    "piqa, gsm8k, wikitext2, demo), lmeval:NAME for an lm-eval "
-                                    "task (its prompts, choices and gold, e.g. "
-                                    "lmeval:tabp_arc_easy), or the name for --data."),
+    task: Optional[str] = _required(SCORE_TASK_HELP),
     data: Optional[Path] = _opt(ScoreOptions, "data", help="A JSONL file (MCQA or free-text schema)."),
     split: Optional[str] = _opt(ScoreOptions, "split", help="Split of a known data set."),
     method: Optional[str] = _opt(ScoreOptions, "method", help=", ".join(METHOD_NAMES) + "."),
@@ -235,10 +240,7 @@ def run_score(o: ScoreOptions) -> None:
 def eval(  # noqa: A001 - the command is called eval
     config: Optional[Path] = _config_option(),
     model: Optional[str] = _opt(EvalOptions, "model", help="Alias, HF id or path."),
-    task: Optional[str] = _required("lm-eval task names, comma-separated: the offline tabp_arc_easy, "
-                                    "tabp_arc_challenge, tabp_piqa, tabp_boolq, tabp_demo, lm-eval's "
-                                    "own (arc_easy, ...) where their data can be had, or the name "
-                                    "for --data."),
+    task: Optional[str] = _required(EVAL_TASK_HELP),
     data: Optional[Path] = _opt(EvalOptions, "data", help="A JSONL file in the MCQA schema."),
     task_mask: Optional[List[Path]] = typer.Option(None, "--task-mask",
                                                    help="Mask file (repeatable)."),
