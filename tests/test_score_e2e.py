@@ -23,7 +23,11 @@ def test_score_writes_valid_mask_that_is_served(tmp_path, demo_model):
     assert len(mask.removed_layers) == 4 and all(15 <= i < 30 for i in mask.removed_layers)
     assert mask.method == "tabp" and mask.params["statistic"] == "entropy"
     cal = mask.calibration
-    assert cal["samples"] == 8 and cal["forward_passes"] == 8 and len(cal["sha256"]) == 16
+    # the auto probe judges the lettered format in the probe's own pass; cloze costs a second one
+    auto = mask.params["probe_auto"]
+    assert auto["n"] == 8 and mask.params["probe"] == auto["choice"]
+    passes = 8 if auto["choice"] == "letters" else 16
+    assert cal["samples"] == 8 and cal["forward_passes"] == passes and len(cal["sha256"]) == 16
     assert len(mask.scores) == 30 and mask.scores[0] is None
     # deterministic for a seed
     out2 = tmp_path / "demo2.json"
