@@ -26,8 +26,9 @@ def test_score_writes_valid_mask_that_is_served(tmp_path, demo_model):
     # the auto probe judges the lettered format in the probe's own pass; cloze costs a second one
     auto = mask.params["probe_auto"]
     assert auto["n"] == 8 and mask.params["probe"] == auto["choice"]
-    passes = 8 if auto["choice"] == "letters" else 16
-    assert cal["samples"] == 8 and cal["forward_passes"] == passes and len(cal["sha256"]) == 16
+    # cloze: items whose choices share a first token (" 1" in " 12" and " 15") add a pass a choice
+    assert cal["forward_passes"] == 8 if auto["choice"] == "letters" else cal["forward_passes"] >= 16
+    assert cal["samples"] == 8 and len(cal["sha256"]) == 16
     assert len(mask.scores) == 30 and mask.scores[0] is None
     # deterministic for a seed
     out2 = tmp_path / "demo2.json"
