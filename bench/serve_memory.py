@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import time
 from pathlib import Path
@@ -34,21 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tabp_vllm.engine import GiB, cpu_info  # noqa: E402
-from tabp_vllm.process import ManagedProcess, lists_models  # noqa: E402
+from tabp_vllm.process import ManagedProcess, free_port, lists_models  # noqa: E402
 
 TARGET_OVERHEAD_GIB = 0.6
 LLM_REPLICA = "ray::ServeReplica:tabp:LLMServer:"
-
-
-def free_port(lo: int, hi: int) -> int:
-    for port in range(lo, hi):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {lo}-{hi}")
 
 
 def _cmd(p: psutil.Process) -> str:

@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tabp_vllm.process import ManagedProcess, lists_models
+from tabp_vllm.process import ManagedProcess, free_port, lists_models
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(3600)]
 
@@ -32,17 +31,6 @@ DENSE, GSM8K, ARC = "llama", "llama-gsm8k", "llama-arc"
 VARIANTS = [DENSE, GSM8K, ARC]
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 READY_TIMEOUT = float(os.environ.get("TABP_SERVE_READY_TIMEOUT", "1200"))
-
-
-def free_port(lo: int, hi: int) -> int:
-    for port in range(lo, hi):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {lo}-{hi}")
 
 
 class Server:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tabp_vllm.process import ManagedProcess, lists_models
-from test_serve import free_port
+from tabp_vllm.process import free_port
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(1800)]
 
