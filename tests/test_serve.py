@@ -1,5 +1,6 @@
-"""End-to-end: one real `serve` process (Ray Serve LLM + 3 vLLM engines on the demo model), a real
-Prometheus scraping it, the official `openai` client. One server for the whole module (CI has two
+"""End-to-end: one real `serve` process (Ray Serve LLM + 4 vLLM engines on the demo model: dense,
+two task masks, and one variant of a two-cluster router whose other cluster shares the gsm8k
+mask), a real Prometheus scraping it, the official `openai` client. One server for the whole module (CI has two
 cores); the fault test runs last and the teardown checks that Ctrl-C leaves no process behind.
 """
 
@@ -28,7 +29,10 @@ API_KEY = "tabp-test-key"
 MAX_MODEL_LEN = 512
 MASKS = {"gsm8k": [20, 21, 22, 23], "arc": [10, 11, 12, 13, 25]}
 DENSE, GSM8K, ARC = "llama", "llama-gsm8k", "llama-arc"
-VARIANTS = [DENSE, GSM8K, ARC]
+# `--router`: arithmetic inputs share the gsm8k variant, commonsense ones get a variant of their own
+ROUTER_MASKS = {"arithmetic": MASKS["gsm8k"], "commonsense": [10, 11, 12, 13]}
+ROUTED, COMMONSENSE = "llama-auto", "llama-auto-0"
+VARIANTS = [DENSE, GSM8K, ARC, COMMONSENSE]
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 READY_TIMEOUT = float(os.environ.get("TABP_SERVE_READY_TIMEOUT", "1200"))
 
@@ -36,7 +40,7 @@ READY_TIMEOUT = float(os.environ.get("TABP_SERVE_READY_TIMEOUT", "1200"))
 class Server:
     """`tabp-vllm serve` as a ManagedProcess; `proc.pid` is also its session id."""
 
-    def __init__(self, tmp: Path, masks: list[Path]):
+    def __init__(self, tmp: Path, masks: list[Path], router: Path):
         self.port = free_port(8040, 8080)
         self.metrics_port = free_port(8080, 8100)
         self.base = f"http://127.0.0.1:{self.port}"
@@ -46,6 +50,7 @@ class Server:
                "--api-key", API_KEY]
         for m in masks:
             cmd += ["--task-mask", str(m)]
+        cmd += ["--router", str(router)]
         env = {"RAY_metrics_report_interval_ms": "2000", "RAY_SERVE_HTTP_REQUEST_MAX_RETRIES": "0"}
         self.proc = ManagedProcess(cmd, tmp / "serve.log", env=env, cwd=REPO, name="tabp-vllm serve")
 
@@ -58,7 +63,7 @@ class Server:
     def wait_ready(self) -> None:
         # /v1/models answers from the ingress as soon as it is up; the READY line (after the
         # variant table test_startup_table reads) follows once every engine is up.
-        self.proc.wait_ready(f"{self.base}/v1/models", ready=lists_models(VARIANTS),
+        self.proc.wait_ready(f"{self.base}/v1/models", ready=lists_models(VARIANTS + [ROUTED]),
                              headers={"Authorization": f"Bearer {API_KEY}"}, log_line="READY",
                              deadline_s=READY_TIMEOUT, interval_s=2)
 
@@ -108,8 +113,17 @@ def mask_files(tmp_path_factory, demo_model):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, mask_files):
-    srv = Server(tmp_path_factory.mktemp("serve"), mask_files)
+def router_file(tmp_path_factory, demo_model):
+    from routers import build_two_kind_router
+
+    path = tmp_path_factory.mktemp("router") / "mix.json"
+    build_two_kind_router(demo_model, ROUTER_MASKS, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, mask_files, router_file):
+    srv = Server(tmp_path_factory.mktemp("serve"), mask_files, router_file)
     srv.start()
     try:
         srv.wait_ready()
@@ -149,13 +163,14 @@ def test_startup_table(server, prometheus):  # (Prometheus starts scraping from 
     for name in VARIANTS:
         assert name in text
     assert "26/30" in text and "25/30" in text and "30/30" in text
+    assert f"routed:    {ROUTED} (2 clusters" in text and f"-> {COMMONSENSE}" in text
     assert f"http://127.0.0.1:{server.metrics_port}/metrics" in text
     assert f"{server.base}/v1/completions" in text
 
 
 def test_models_lists_variants_with_metadata(client):
     models = {m.id: m for m in client.models.list().data}
-    assert set(models) == set(VARIANTS)
+    assert set(models) == set(VARIANTS) | {ROUTED}
     meta = {k: models[k].model_extra["metadata"] for k in models}
     assert meta[DENSE]["blocks_kept"] == 30 and meta[DENSE]["blocks_total"] == 30
     assert meta[DENSE]["task"] is None and meta[DENSE]["mask_hash"] is None
@@ -163,6 +178,11 @@ def test_models_lists_variants_with_metadata(client):
     assert meta[ARC]["task"] == "arc" and meta[ARC]["blocks_kept"] == 25
     assert len(meta[ARC]["mask_hash"]) == 12 and meta[ARC]["mask_hash"] != meta[GSM8K]["mask_hash"]
     assert meta[ARC]["theoretical_speedup"] > meta[GSM8K]["theoretical_speedup"] > 1.0
+    assert meta[COMMONSENSE]["blocks_kept"] == 26 and len(meta[COMMONSENSE]["router_clusters"]) == 1
+    routed = meta[ROUTED]
+    assert routed["routed"] is True and routed["clusters"] == 2
+    assert sorted(routed["cluster_variants"]) == sorted([GSM8K, COMMONSENSE])
+    assert routed["encoder"] == "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def test_api_key_required(server, client):
@@ -480,16 +500,80 @@ def test_prometheus_counts_requests_per_variant(server, client, prometheus):
         return prometheus.query(f"max by (model_name) (last_over_time({name}[10m]))")
 
     deadline = time.time() + 60
-    while (kept := gauge("ray_tabp_variant_blocks_kept")) != {DENSE: 30, GSM8K: 26, ARC: 25} \
-            and time.time() < deadline:
+    want_kept = {DENSE: 30, GSM8K: 26, ARC: 25, COMMONSENSE: 26}
+    while (kept := gauge("ray_tabp_variant_blocks_kept")) != want_kept and time.time() < deadline:
         time.sleep(2)
     total = gauge("ray_tabp_variant_blocks_total")
     speed = gauge("ray_tabp_variant_theoretical_speedup")
     raw = [l for l in httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=30).text
            .splitlines() if "tabp_" in l and not l.startswith("#")]
-    assert kept == {DENSE: 30, GSM8K: 26, ARC: 25}, raw
-    assert total == {DENSE: 30, GSM8K: 30, ARC: 30}
+    assert kept == want_kept, raw
+    assert total == {DENSE: 30, GSM8K: 30, ARC: 30, COMMONSENSE: 30}
     assert speed[DENSE] == 1.0 and speed[ARC] > speed[GSM8K] > 1.0
+
+
+# ---- the routed name (serve --router) ----------------------------------------------------------
+
+ARITHMETIC_ASKED = ["What is 48 + 17?", "Compute 6 * 13.", "What is 250 minus 75?"]
+COMMONSENSE_ASKED = ["Why do people wear sunglasses?", "Where do penguins live?"]
+
+
+def _routed_counts(prom) -> dict[str, float]:
+    return prom.query(f'sum by (model_name) (ray_tabp_routed_requests_total{{routed_name="{ROUTED}"}})')
+
+
+def test_routed_requests_land_on_their_variant(server, client, prometheus):
+    """Each kind of question sent to llama-auto is answered by its cluster's variant: the
+    response says so (header and `model`), and Prometheus counts it there and nowhere else."""
+    before = _settled(prometheus)
+    routed_before = _routed_counts(prometheus)
+    latency_before = prometheus.query("sum(ray_tabp_routing_latency_seconds_count)").get("", 0)
+    # each prompt routed once and asked directly once; 2 more commonsense ones (chat, stream)
+    want = {GSM8K: 2 * len(ARITHMETIC_ASKED), COMMONSENSE: 2 * len(COMMONSENSE_ASKED) + 2}
+    for prompts, variant in ((ARITHMETIC_ASKED, GSM8K), (COMMONSENSE_ASKED, COMMONSENSE)):
+        for prompt in prompts:
+            raw = client.completions.with_raw_response.create(model=ROUTED, prompt=prompt,
+                                                              max_tokens=4, temperature=0)
+            assert raw.headers["x-tabp-variant"] == variant, prompt
+            assert raw.headers["x-tabp-cluster"] in ("0", "1")
+            r = raw.parse()
+            assert r.model == variant and r.usage.completion_tokens == 4
+            # the same answer as asking that variant directly (greedy)
+            assert r.choices[0].text == greedy(client, variant, prompt, max_tokens=4).choices[0].text
+    # chat routes by the last user message; streaming chunks name the variant too
+    chat = client.chat.completions.create(
+        model=ROUTED, max_tokens=4, temperature=0,
+        messages=[{"role": "user", "content": "What is 7 + 8?"}, {"role": "assistant", "content": "15"},
+                  {"role": "user", "content": "Why do birds fly south in winter?"}])
+    assert chat.model == COMMONSENSE
+    chunks = list(client.completions.create(model=ROUTED, prompt="Why does bread go stale?",
+                                            max_tokens=4, temperature=0, stream=True))
+    assert {c.model for c in chunks} == {COMMONSENSE}
+    deadline = time.time() + 120
+    while True:
+        after = _snapshot(prometheus)["requests"]
+        delta = {m: after.get(m, 0) - before["requests"].get(m, 0) for m in VARIANTS}
+        routed = {m: v - routed_before.get(m, 0) for m, v in _routed_counts(prometheus).items()}
+        if (delta == {DENSE: 0, ARC: 0, **want}
+                and routed == {GSM8K: len(ARITHMETIC_ASKED), COMMONSENSE: len(COMMONSENSE_ASKED) + 2}) \
+                or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert delta == {DENSE: 0, ARC: 0, **want}
+    assert routed == {GSM8K: len(ARITHMETIC_ASKED), COMMONSENSE: len(COMMONSENSE_ASKED) + 2}
+    latency = prometheus.query("sum(ray_tabp_routing_latency_seconds_count)").get("", 0)
+    assert latency - latency_before == len(ARITHMETIC_ASKED) + len(COMMONSENSE_ASKED) + 2
+
+
+def test_routed_name_errors(server):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    for path, body, status, text in (
+            ("/v1/completions", {"model": ROUTED, "prompt": [1, 2, 3], "max_tokens": 2}, 400, "as a string"),
+            ("/v1/chat/completions", {"model": ROUTED, "max_tokens": 2,
+                                      "messages": [{"role": "system", "content": "hi"}]}, 400, "user message"),
+            ("/v1/embeddings", {"model": ROUTED, "input": "x"}, 400, "routed model")):
+        r = httpx.post(server.base + path, json=body, headers=headers, timeout=60)
+        assert r.status_code == status and text in r.json()["error"]["message"], r.text
 
 
 DASHBOARD = REPO / "examples" / "grafana" / "tabp-vllm-dashboard.json"
@@ -516,7 +600,7 @@ def test_grafana_dashboard_queries_return_series(server, client, prometheus):
     deadline = time.time() + 120
     while empty and time.time() < deadline:
         # traffic on every variant: gauges of an idle engine drop out of Ray's export
-        for model in VARIANTS:
+        for model in VARIANTS + [ROUTED]:
             greedy(client, model, "Once upon a time", max_tokens=6)
         time.sleep(5)
         empty = [e for e in exprs if not prometheus.query(_grafana_to_promql(e))]

@@ -191,3 +191,77 @@ def test_one_progress_line_per_variant_as_it_becomes_ready(two_masks, monkeypatc
     monkeypatch.setattr(serve, "status", lambda: failed)
     with pytest.raises(RuntimeError, match="replica crashed"):
         commands.wait_running(spec, log=lines.append, poll_s=0)
+
+
+# ---- serve --router ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_kind_router(tmp_path_factory, demo_model):
+    from routers import build_two_kind_router
+
+    path = tmp_path_factory.mktemp("router") / "mix.json"
+    build_two_kind_router(demo_model, {"arithmetic": [20, 21, 22, 23],
+                                       "commonsense": [10, 11, 12, 13]}, path)
+    return path
+
+
+def test_router_variants_share_equal_masks(two_masks, two_kind_router):
+    import json
+
+    spec = build_spec(task_mask=[two_masks[0]], router=str(two_kind_router))
+    # the arithmetic cluster's mask is the --task-mask's: one variant; the other is new
+    assert [v.name for v in spec.variants] == ["llama", "llama-gsm8k", "llama-auto-0"]
+    doc = json.loads(two_kind_router.read_text())
+    tasks = [c["mask"]["task"] for c in doc["clusters"]]
+    expect = ["llama-gsm8k" if t == "arithmetic" else "llama-auto-0" for t in tasks]
+    assert spec.routed.name == "llama-auto" and spec.routed.cluster_variants == expect
+    new = spec.variants[2]
+    assert new.blocks_kept == 26 and new.clusters == [tasks.index("commonsense")]
+    assert new.metadata()["router_clusters"] == new.clusters
+    app = spec.routed_app_config()
+    assert app["cluster_variants"] == expect and app["router"]["format"] == "tabp-vllm-router"
+    assert "router_doc" not in json.dumps(spec.to_dict())
+    # without the --task-mask both clusters get new variants; a name of one's own
+    spec = build_spec(router=str(two_kind_router), dense=False, routed_name="mix")
+    assert sorted(v.name for v in spec.variants) == ["mix-0", "mix-1"]
+    assert spec.routed.name == "mix"
+
+
+def test_router_errors_are_one_line_before_ray(tmp_path, two_kind_router, demo_model):
+    import json
+
+    doc = json.loads(two_kind_router.read_text())
+    with pytest.raises(TabpError, match="--routed-name needs --router"):
+        build_spec(routed_name="auto")
+    with pytest.raises(TabpError, match="also a variant's name"):
+        build_spec(router=str(two_kind_router), routed_name="llama")
+    other = json.loads(json.dumps(doc))
+    other["model"]["fingerprint"]["num_hidden_layers"] = 24
+    other["num_hidden_layers"] = 24
+    for c in other["clusters"]:
+        c["mask"]["model"]["fingerprint"]["num_hidden_layers"] = 24
+        c["mask"]["num_hidden_layers"] = 24
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(TabpError, match="router was made for model"):
+        build_spec(router=str(tmp_path / "other.json"))
+    gone = json.loads(json.dumps(doc))
+    gone["encoder"]["name"] = str(tmp_path / "no-such-encoder")
+    (tmp_path / "gone.json").write_text(json.dumps(gone))
+    with pytest.raises(TabpError, match="encoder cannot be loaded"):
+        build_spec(router=str(tmp_path / "gone.json"))
+    # the CLI: one line, exit 2, nothing started
+    r = subprocess.run([sys.executable, "-m", "tabp_vllm", "serve", "--router",
+                        str(tmp_path / "gone.json"), "--dry-run"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "encoder" in r.stderr
+
+
+def test_dry_run_table_shows_weights_total_and_routes(two_kind_router):
+    r = subprocess.run([sys.executable, "-m", "tabp_vllm", "serve", "--router", str(two_kind_router),
+                        "--dry-run", "--no-dense"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "llama-auto-0" in r.stdout and "llama-auto-1" in r.stdout and "total" in r.stdout
+    assert "GiB" in r.stdout
+    routes = next(l for l in r.stdout.splitlines() if l.startswith("routed:"))
+    assert "llama-auto (2 clusters" in routes and "cluster 0 -> llama-auto-" in routes

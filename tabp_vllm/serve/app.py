@@ -8,6 +8,9 @@ ingress routing by `model`), with two additions that function cannot take:
 - `TabpIngress` (an `OpenAiIngress`) adds an OpenAI-style 404 for an unknown `model` that names the
   valid ones, per-variant metadata (task, blocks kept/total, mask hash, speedup) in `/v1/models`,
   and the tabp gauges (blocks kept/total, theoretical speedup) through Ray's metrics export.
+With `serve --router`, the ingress also lists a routed name (`<alias>-auto`) whose requests each
+go to the variant of their input's cluster (`serve/routed.py`), with `x-tabp-variant` /
+`x-tabp-cluster` response headers and the routing metrics (`serve/metrics.py`).
 Every error, whatever layer raises it, leaves as an OpenAI error object (`serve/errors.py`); a
 stream whose replica dies ends with an error event instead of a cut connection.
 Routing, streaming, logprobs and the engines are Ray Serve LLM + vLLM, unchanged.
@@ -28,6 +31,11 @@ from tabp_vllm.serve.errors import error_body, guard_stream, install_openai_erro
 # Private Ray Serve LLM modules (patches/README.md says why no public hook serves).
 from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
 from ray.llm._internal.serve.utils.lora_serve_utils import get_base_model_id
+
+
+# Response headers of a routed request: the variant that served it and the input's cluster.
+VARIANT_HEADER = "x-tabp-variant"
+CLUSTER_HEADER = "x-tabp-cluster"
 
 
 class ApiKeyMiddleware:
@@ -84,15 +92,26 @@ def _uniproc_engine_cls():
 
 class TabpIngress(OpenAiIngress):
     def __init__(self, llm_deployments, model_cards, *, variant_metadata: Dict[str, dict],
-                 **kwargs):
+                 routed: Optional[dict] = None, **kwargs):
         cards = {}
         for model_id, card in model_cards.items():
             meta = {**card.metadata, **variant_metadata.get(model_id, {})}
             cards[model_id] = card.model_copy(update={"metadata": meta, "owned_by": "tabp-vllm"})
         super().__init__(llm_deployments, cards, **kwargs)
-        from tabp_vllm.serve.metrics import publish_variant_gauges
+        from tabp_vllm.serve.metrics import RoutingMetrics, publish_variant_gauges
 
         self._gauges = publish_variant_gauges(variant_metadata)
+        # The routed name (`serve --router`): listed like a model, answered by the variant of each
+        # request's cluster (serve/routed.py); it has no deployment of its own.
+        self._routed = None
+        if routed:
+            from tabp_vllm.serve.routed import RoutedModel
+
+            self._routed = RoutedModel(routed["name"], routed["router"], routed["cluster_variants"])
+            first = cards[routed["cluster_variants"][0]]
+            self._model_cards[self._routed.name] = first.model_copy(
+                update={"id": self._routed.name, "metadata": self._routed.card_metadata()})
+            self._routing_metrics = RoutingMetrics()
 
     def _model_error(self, status: int, message: str) -> OpenAIHTTPException:
         exc = OpenAIHTTPException(status_code=status, type="invalid_request_error",
@@ -104,13 +123,25 @@ class TabpIngress(OpenAiIngress):
         return self._model_error(404, f"The model '{model}' does not exist.")
 
     async def _process_llm_request(self, body, call_method: str, raw_request=None):
+        route = None
+        if self._routed is not None and body.model == self._routed.name:
+            route = await self._routed.route(body)  # 400 / 503 through serve/errors.py
+            self._routing_metrics.record(self._routed.name, route)
+            body.model = route.variant
         response = await super()._process_llm_request(body, call_method, raw_request)
         if isinstance(response, StreamingResponse):
             rid = getattr(getattr(raw_request, "state", None), "request_id", None) or "-"
             response.body_iterator = guard_stream(response.body_iterator, rid)
+        if route is not None:  # the body's `model` already names the variant (vLLM's own)
+            response.headers[VARIANT_HEADER] = route.variant
+            response.headers[CLUSTER_HEADER] = str(route.cluster)
         return response
 
     async def _get_model_id(self, model: Optional[str]) -> str:
+        if self._routed is not None and model == self._routed.name:
+            # only reached by routes that do not route (embeddings, tokenize, ...)
+            raise self._model_error(400, f"'{model}' is a routed model: it serves completions and "
+                                         f"chat completions only.")
         if model is None and len(self._model_cards) > 1:
             raise self._model_error(400, "The 'model' field is required.")
         if model is not None and get_base_model_id(model) not in self._model_cards:
@@ -156,4 +187,5 @@ def build_app(spec) -> Any:
                          for c in configs},
         model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in configs},
         variant_metadata={v.name: v.metadata() for v in spec.variants},
+        routed=spec.routed_app_config(),
     )

@@ -182,19 +182,31 @@ def print_table(spec) -> None:
     from rich.table import Table
 
     from tabp_vllm.engine import GiB, on_gpu
-    from tabp_vllm.serve.config import cpu_memory_estimate
+    from tabp_vllm.serve.config import cpu_memory_estimate, engine_needs
 
     base = f"http://{spec.host}:{spec.port}"
-    memory = {} if on_gpu() else cpu_memory_estimate(spec)[1]
-    table = Table("variant", "task", "blocks kept", "speedup*", "mask hash", "replicas",
+    gpu = on_gpu()
+    memory = {} if gpu else cpu_memory_estimate(spec)[1]
+    weights = {n.name: n.weight_bytes * n.replicas for n in engine_needs(spec, gpu=gpu)}
+    table = Table("variant", "task", "blocks kept", "speedup*", "mask hash", "replicas", "weights",
                   *(["memory**"] if memory else []),
                   title=f"tabp-vllm serve: {spec.model_alias} ({spec.model})")
     for v in spec.variants:
         table.add_row(v.name, v.task or "(dense)", f"{v.blocks_kept}/{v.blocks_total}",
                       f"{v.theoretical_speedup:.3f}", v.mask_hash or "-", str(v.replicas),
+                      f"{weights[v.name] / GiB:.2f} GiB",
                       *([f"{memory[v.name] / GiB:.2f} GiB"] if memory else []))
-    console = Console()
+    total = cpu_memory_estimate(spec)[0] if memory else None
+    table.add_section()
+    table.add_row("total", "", "", "", "", str(sum(v.replicas for v in spec.variants)),
+                  f"{sum(weights.values()) / GiB:.2f} GiB",
+                  *([f"{total / GiB:.2f} GiB"] if memory else []))
+    console = Console(width=None if sys.stdout.isatty() else 150)  # a log file: no wrapped cells
     console.print(table)
+    if spec.routed:
+        r = spec.routed
+        routes = ", ".join(f"cluster {c} -> {name}" for c, name in enumerate(r.cluster_variants))
+        print(f"routed:    {r.name} ({len(r.cluster_variants)} clusters, encoder {r.encoder}): {routes}")
     print(f"endpoints: {base}/v1/models  {base}/v1/completions  {base}/v1/chat/completions"
                   + ("  (Bearer API key required)" if spec.api_key else ""))
     metrics = (f"http://127.0.0.1:{spec.metrics_port}/metrics" if not spec.address
@@ -203,7 +215,7 @@ def print_table(spec) -> None:
     console.print("* ideal speedup: dense / variant FLOPs per decode step. Ctrl-C to stop.")
     if memory:
         console.print("** host memory per variant: weights + KV cache + the measured engine and "
-                      "Ray overhead (bench/serve_memory.py)")
+                      "Ray overhead (bench/serve_memory.py); the total adds Ray's own processes")
     sys.stdout.flush()
 
 
@@ -254,6 +266,11 @@ def serve(
                                                    help="Any other vLLM engine arg, KEY=VALUE."),
     force: Optional[bool] = _opt("force", "--force", help=(
         "Serve masks keeping under half the blocks (refused otherwise); still warns.")),
+    router: Optional[Path] = typer.Option(None, "--router", help=(
+        "A router file (`route fit`): serve one variant per distinct cluster mask and a routed "
+        "name whose requests each go to their input's cluster.")),
+    routed_name: Optional[str] = typer.Option(None, "--routed-name", show_default=False, help=(
+        "The routed model's name. \\[default: <alias>-auto]")),
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Validate and print the variants; start nothing."),
 ) -> None:
@@ -266,7 +283,8 @@ def serve(
                       memory_check=memory_check, max_model_len=max_model_len, dtype=dtype,
                       kv_cache_gib=kv_cache_gib,
                       enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
-                      engine_arg=engine_arg, force=force)
+                      engine_arg=engine_arg, force=force,
+                      router=str(router) if router else None, routed_name=routed_name)
     print("dtype: %s (%s)" % choose_dtype(spec.engine.dtype), flush=True)
     if spec.address:
         check_reachable(spec.address)

@@ -7,7 +7,7 @@ Everything here runs in the driver, before Ray starts: a bad mask or option fail
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -58,6 +58,8 @@ class ServeOptions(Options):
     num_cpus: Optional[int] = Field(None, ge=1)  # None: ServeSpec.ray_cpus_needed()
     memory_check: bool = True               # refuse a local CPU serve that cannot fit in memory
     force: bool = False                     # serve masks keeping < mask.MIN_KEPT_FRACTION blocks
+    router: Optional[str] = None            # a router file (`route fit`): serve its routed name
+    routed_name: Optional[str] = None       # None: <alias>-auto
     engine: EngineOptions = Field(default_factory=EngineOptions)
 
     @classmethod
@@ -97,6 +99,8 @@ class Variant:
     mask_hash: str | None
     theoretical_speedup: float
     replicas: int = 1
+    mask: Any = field(default=None, repr=False)  # the validated TaskMask (None: dense)
+    clusters: list[int] = field(default_factory=list)  # router clusters it serves
 
     def metadata(self) -> dict[str, Any]:
         """What `/v1/models` shows for this variant (under `metadata`)."""
@@ -109,7 +113,19 @@ class Variant:
             "mask_hash": self.mask_hash,
             "theoretical_speedup": round(self.theoretical_speedup, 4),
             "replicas": self.replicas,
+            **({"router_clusters": self.clusters} if self.clusters else {}),
         }
+
+
+@dataclass
+class RoutedSpec:
+    """The routed name of `serve --router`: the router document and the variant of each cluster."""
+
+    name: str
+    router_path: str
+    router_doc: dict[str, Any] = field(repr=False)
+    cluster_variants: list[str]
+    encoder: str
 
 
 @dataclass
@@ -128,17 +144,34 @@ class ServeSpec:
     address: str | None
     num_cpus: int | None
     memory_check: bool = True
+    routed: RoutedSpec | None = None
 
     @classmethod
     def from_options(cls, o: ServeOptions) -> "ServeSpec":
-        """Resolve the model and validate every mask (`build_variants`)."""
+        """Resolve the model and validate every mask (`build_variants`) and the router."""
         alias, resolved, variants = build_variants(
             o.model, [v.mask for v in o.variants], tasks=[v.task for v in o.variants],
             names=[v.name for v in o.variants], dense=o.dense, replicas=o.replicas,
             dense_name=o.dense_name, force=o.force)
+        routed = None
+        if o.router:
+            routed = add_router_variants(o.router, o.model, resolved, variants,
+                                         o.routed_name or f"{alias}-auto", o.replicas, o.force)
+        elif o.routed_name:
+            raise TabpError("--routed-name needs --router")
+        if not variants:
+            raise TabpError("nothing to serve: --no-dense and no --task-mask or --router")
         return cls(model_alias=alias, model=resolved, variants=variants, engine=o.engine,
                    host=o.host, port=o.port, metrics_port=o.metrics_port, api_key=o.api_key,
-                   address=o.address, num_cpus=o.num_cpus, memory_check=o.memory_check)
+                   address=o.address, num_cpus=o.num_cpus, memory_check=o.memory_check,
+                   routed=routed)
+
+    def routed_app_config(self) -> dict[str, Any] | None:
+        """What the ingress needs to serve the routed name (shipped with the app)."""
+        if self.routed is None:
+            return None
+        return {"name": self.routed.name, "router": self.routed.router_doc,
+                "cluster_variants": self.routed.cluster_variants}
 
     def ray_cpus_needed(self) -> int:
         # Each CPU LLMServer replica holds 2 logical CPUs (actor + placement bundle); ingress 1.
@@ -147,6 +180,10 @@ class ServeSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("api_key")
+        for v in d["variants"]:
+            v.pop("mask")
+        if d["routed"]:
+            d["routed"].pop("router_doc")
         d["engine"] = self.engine.model_dump()
         return d
 
@@ -219,16 +256,61 @@ def build_variants(
             name=_check_name(name, str(path)), model=resolved, mask_path=str(Path(path).resolve()),
             task=task, blocks_kept=mask.num_kept, blocks_total=mask.num_hidden_layers,
             mask_hash=mask.content_hash(),
-            theoretical_speedup=theoretical_speedup(resolved, mask.num_kept), replicas=replicas))
-    if not variants:
-        raise TabpError("nothing to serve: --no-dense and no --task-mask")
+            theoretical_speedup=theoretical_speedup(resolved, mask.num_kept), replicas=replicas,
+            mask=mask))
+    _check_unique_names(variants)
+    return alias, resolved, variants
+
+
+def _check_unique_names(variants: list[Variant]) -> None:
     seen: dict[str, str] = {}
     for v in variants:
         if v.name in seen:
             raise TabpError(f"two variants are named {v.name!r} ({seen[v.name]} and "
-                            f"{v.mask_path or 'dense'}): give one a different task (--task)")
+                            f"{v.mask_path or 'dense'}): give one a different name")
         seen[v.name] = v.mask_path or "dense"
-    return alias, resolved, variants
+
+
+def add_router_variants(router_path: str, model: str, resolved: str, variants: list[Variant],
+                        routed_name: str, replicas: int, force: bool) -> RoutedSpec:
+    """Validate the router against the model (its encoder loaded once, as the ingress will), and
+    give every cluster a variant: one already served with the same mask (a `--task-mask`), else one
+    new variant per distinct mask,
+    `<routed_name>-0`, `-1`, ... Appends the new variants to `variants`."""
+    import sys
+
+    from tabp_vllm.mask import check_depth
+    from tabp_vllm.routing.router import load_router
+
+    path = Path(router_path)
+    router = load_router(path, resolved, check_encoder=True)
+    _check_name(routed_name, "--routed-name")
+    by_hash = {v.mask_hash: v for v in variants if v.mask_hash}
+    cluster_variants: list[str] = [""] * router.num_clusters
+    new = 0
+    for mask, clusters in router.variants():
+        v = by_hash.get(mask.content_hash())
+        if v is None:
+            warning = check_depth(mask, f"{path}: cluster {clusters[0]}", force)
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr)
+            v = Variant(name=f"{routed_name}-{new}", model=resolved, mask_path=str(path.resolve()),
+                        task=f"clusters {','.join(map(str, clusters))}",
+                        blocks_kept=mask.num_kept, blocks_total=mask.num_hidden_layers,
+                        mask_hash=mask.content_hash(),
+                        theoretical_speedup=theoretical_speedup(resolved, mask.num_kept),
+                        replicas=replicas, mask=mask)
+            variants.append(v)
+            by_hash[v.mask_hash] = v
+            new += 1
+        v.clusters = sorted(set(v.clusters) | set(clusters))
+        for c in clusters:
+            cluster_variants[c] = v.name
+    if routed_name in {v.name for v in variants}:
+        raise TabpError(f"--routed-name {routed_name!r} is also a variant's name")
+    _check_unique_names(variants)
+    return RoutedSpec(name=routed_name, router_path=str(path.resolve()), router_doc=router.to_json(),
+                      cluster_variants=cluster_variants, encoder=str(router.encoder.get("id")))
 
 
 def load_yaml_spec(path: str | Path) -> dict[str, Any]:
@@ -313,16 +395,14 @@ def llm_configs(spec: ServeSpec, *, gpu: bool | None = None,
     from ray.serve.llm import LLMConfig
 
     from tabp_vllm.engine import engine_args_for, on_gpu
-    from tabp_vllm.mask import load_mask
 
     gpu = on_gpu() if gpu is None else gpu
     fractions = gpu_fractions(spec, gpu_bytes) if gpu else None
     tp = spec.engine.tensor_parallel_size
     configs = []
     for v in spec.variants:
-        mask = load_mask(v.mask_path, v.model) if v.mask_path else None
         kwargs = engine_args_for(
-            v.model, mask, dtype=spec.engine.dtype, max_model_len=spec.engine.max_model_len,
+            v.model, v.mask, dtype=spec.engine.dtype, max_model_len=spec.engine.max_model_len,
             enforce_eager=spec.engine.enforce_eager, kv_cache_gib=spec.engine.kv_cache_gib,
             tensor_parallel_size=tp, gpu=gpu, extra=spec.engine.extra,
         )

@@ -16,6 +16,7 @@ Layers and where each is caught, innermost first:
 - anything else escaping a route before the response started (a dead replica's `RayActorError`,
   Ray Serve back-pressure, a bug): `OpenAIErrorMiddleware`, innermost middleware, so Ray's own
   exception middleware (which pastes `str(exc)` into the message) never sees it;
+- a routed-model request that cannot be routed (`serve/routed.py`): 400 / 503 with our message;
 - after a stream started, headers are gone: `guard_stream` ends the stream with one SSE error event
   and `[DONE]`, which the OpenAI clients raise as `APIError`.
 """
@@ -128,6 +129,16 @@ async def _on_http(request, exc: StarletteHTTPException) -> JSONResponse:
     return resp
 
 
+async def _on_routing(request, exc) -> JSONResponse:
+    """A routed-model request that cannot be routed: 400 (nothing to route by) or 503 (the
+    encoder failed or is not loaded); our own text, which names the cause."""
+    from tabp_vllm.serve.routed import RoutingUnavailable
+
+    status = 503 if isinstance(exc, RoutingUnavailable) else 400
+    logger.warning("routing failed (%d): %s", status, exc)
+    return error_response(status, str(exc), "model" if status == 503 else None)
+
+
 async def _on_openai(request, exc) -> JSONResponse:
     """Ray Serve LLM's `OpenAIHTTPException` (its own errors and vLLM's `ErrorResponse`s)."""
     status = int(getattr(exc, "status_code", 500) or 500)
@@ -172,6 +183,10 @@ def install_openai_errors(app) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(OpenAIHTTPException, _on_openai)
+    from tabp_vllm.serve.routed import NotRoutable, RoutingUnavailable
+
+    app.add_exception_handler(RoutingUnavailable, _on_routing)
+    app.add_exception_handler(NotRoutable, _on_routing)
     # add_middleware() puts a middleware outermost; this one must sit inside Ray's exception
     # middleware, right around the routes.
     app.user_middleware.append(Middleware(OpenAIErrorMiddleware))
