@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
 from pathlib import Path
 from typing import Any, ClassVar, List, Optional
 
@@ -121,6 +122,7 @@ class EvalOptions(Options):
     limit: Optional[int] = None
     kv_cache_gib: Optional[float] = None  # None: the engine's default (engine.DEFAULT_CPU_KV_CACHE_GIB)
     output: Optional[Path] = None
+    router: Optional[Path] = None  # also evaluate the routed model: each item by its cluster's mask
 
     @classmethod
     def shown(cls, name: str) -> str:
@@ -249,6 +251,9 @@ def eval(  # noqa: A001 - the command is called eval
     limit: Optional[int] = _opt(EvalOptions, "limit", help="Evaluate the first N documents per task."),
     kv_cache_gib: Optional[float] = _opt(EvalOptions, "kv_cache_gib", help="KV cache per engine, GiB."),
     output: Optional[Path] = _opt(EvalOptions, "output", "-o", "--output", help="Results JSON."),
+    router: Optional[Path] = _opt(EvalOptions, "router", help=(
+        "A router file: also evaluate the routed model (each item answered by the mask of its "
+        "question's cluster).")),
 ) -> None:
     """Zero-shot accuracy of dense and pruned variants through lm-evaluation-harness."""
     given = {name: value for name, value in locals().items() if name != "config"}
@@ -271,10 +276,17 @@ def run_eval(o: EvalOptions) -> None:
     path = resolve_model(o.model)
     for m in o.task_mask:  # validate every mask before any engine starts
         load_mask(m, path)
+    router = encoder = None
+    if o.router is not None:  # the router and its encoder too
+        from tabp_vllm.routing.router import load_router, open_encoder
+
+        router = load_router(o.router, path, check_encoder=True)
+        encoder = open_encoder(router, str(o.router), model_path=path)
     variants: list[tuple[str, Optional[str]]] = [("dense", None)] if o.dense else []
     variants += [(m.stem, str(m)) for m in o.task_mask]
-    if not variants:
-        raise TabpError("nothing to evaluate: --no-dense and no --task-mask")
+    if not variants and router is None:
+        raise TabpError("nothing to evaluate: --no-dense and no --task-mask or --router")
+    routed = None
     with tempfile.TemporaryDirectory(prefix="tabp-tasks-") as tmp:
         include = [jsonl_task_folder(tasks[0], o.data, tmp)] if o.data is not None else []
         sizes = check_tasks(tasks, include)  # every task and its data, before any engine
@@ -286,6 +298,16 @@ def run_eval(o: EvalOptions) -> None:
                                  include=include)
             r.update(variant=name, mask=mpath)
             rows.append(r)
+        if router is not None:
+            from functools import partial
+
+            from tabp_vllm.routing.evaluate import evaluate_routed
+
+            routed = evaluate_routed(
+                path, router, encoder, tasks, include=include, limit=o.limit, workdir=Path(tmp),
+                run_variant=partial(evaluate_variant, kv_cache_gib=o.kv_cache_gib, include=include),
+                say=console.print)
+            routed.update(variant="routed", router_file=str(o.router))
     total = model_fingerprint(load_model_config(path))["num_hidden_layers"]
     table = Table("variant", "blocks kept", "task", "metric", "value", "stderr", "n",
                   title="lm-eval, zero-shot")
@@ -301,10 +323,19 @@ def run_eval(o: EvalOptions) -> None:
                 table.add_row(r["variant"], f"{kept}/{total}", t, metric, f"{value:.4f}",
                               f"{err:.4f}" if isinstance(err, float) else "-",
                               str(r["n-samples"][t]["effective"]))
-    Console().print(table)
+    if routed is not None:
+        for t in tasks:
+            for metric, m in routed["results"][t].items():
+                table.add_row(f"routed ({router.num_clusters} clusters)", f"{total - router.k}/{total}",
+                              t, metric, f"{m['value']:.4f}", f"{m['stderr']:.4f}", str(m["n"]))
+    Console(width=None if sys.stdout.isatty() else 150).print(table)  # a log: no wrapped cells
+    if routed is not None:
+        for t in tasks:
+            mix = ", ".join(f"cluster {c}: {n}" for c, n in routed["cluster_mix"][t].items())
+            console.print(f"{t}: documents per cluster: {mix}")
     if o.output:
         o.output.parent.mkdir(parents=True, exist_ok=True)
         o.output.write_text(json.dumps({"model": o.model, "tasks": tasks, "limit": o.limit,
                                         "data": str(o.data) if o.data else None,
-                                        "results": rows}, indent=2) + "\n")
+                                        "results": rows, "routed": routed}, indent=2) + "\n")
         console.print(f"wrote {o.output}")

@@ -50,19 +50,23 @@ def check_tasks(tasks: list[str], include: list[str] | None = None) -> dict[str,
 
 
 def compact_samples(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per document: its id, gold index, each choice's (context, continuation) and log-likelihood."""
+    """Per document: its id, gold index, each choice's (context, continuation), log-likelihood
+    and the document's metric values (acc, acc_norm, ...: what `eval --router` pools)."""
     rows = []
     for s in sorted(samples, key=lambda s: s["doc_id"]):
         rows.append({"doc_id": s["doc_id"], "target": s["target"],
                      "arguments": [list(a[:2]) for a in s["arguments"]],
-                     "loglik": [float(r[0]) for r in s["filtered_resps"]]})
+                     "loglik": [float(r[0]) for r in s["filtered_resps"]],
+                     "metrics": {m: float(s[m]) for m in s.get("metrics", []) if m in s}})
     return rows
 
 
 def evaluate_in_process(model: str, tasks: list[str], mask_path: str | None,
                         limit: int | None = None, kv_cache_gib: float | None = None,
-                        include: list[str] | None = None) -> dict[str, Any]:
-    """lm-eval's `simple_evaluate` on the engine of (model, mask); needs the __main__ guard."""
+                        include: list[str] | None = None,
+                        samples: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """lm-eval's `simple_evaluate` on the engine of (model, mask); needs the __main__ guard.
+    `samples`: only these document ids per task (instead of `limit`)."""
     from lm_eval import simple_evaluate
     from lm_eval.utils import handle_non_serializable
 
@@ -70,7 +74,8 @@ def evaluate_in_process(model: str, tasks: list[str], mask_path: str | None,
 
     lm = TabpVLLM(pretrained=model, task_mask=mask_path, kv_cache_gib=kv_cache_gib)
     try:
-        out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, log_samples=True,
+        out = simple_evaluate(model=lm, tasks=list(tasks), limit=None if samples else limit,
+                              samples=samples or None, log_samples=True,
                               task_manager=task_manager(include))
     finally:  # stop the engine core now rather than in interpreter teardown
         lm.shutdown()
@@ -99,7 +104,8 @@ def _run_once(spec: str, out: str, err: str, log_path: str) -> subprocess.Comple
 
 def evaluate_variant(model: str, tasks: list[str], mask_path: str | None, *,
                      limit: int | None = None, kv_cache_gib: float | None = None,
-                     include: list[str] | None = None) -> dict[str, Any]:
+                     include: list[str] | None = None,
+                     samples: dict[str, list[int]] | None = None) -> dict[str, Any]:
     """Run `evaluate_in_process` in a fresh Python process (one engine per process).
 
     The child writes its result file only once every task is scored; a result that exists is
@@ -116,7 +122,7 @@ def evaluate_variant(model: str, tasks: list[str], mask_path: str | None, *,
         spec, out, err = (os.path.join(tmp, n) for n in ("spec.json", "out.json", "error.txt"))
         with open(spec, "w") as f:
             json.dump({"model": model, "tasks": list(tasks), "mask": mask_path, "limit": limit,
-                       "kv_cache_gib": kv_cache_gib, "include": include}, f)
+                       "kv_cache_gib": kv_cache_gib, "include": include, "samples": samples}, f)
         for attempt in (1, 2):
             log_path = str(logs / f"eval-{os.getpid()}-{Path(label).stem}-{attempt}.log")
             proc = _run_once(spec, out, err, log_path)
@@ -148,7 +154,7 @@ def _main(argv: list[str]) -> int:
         spec = json.load(f)
     try:
         res = evaluate_in_process(spec["model"], spec["tasks"], spec["mask"], spec["limit"],
-                                  spec["kv_cache_gib"], spec["include"])
+                                  spec["kv_cache_gib"], spec["include"], spec.get("samples"))
     except TabpError as exc:
         with open(err_path, "w") as f:
             f.write(str(exc))

@@ -51,3 +51,17 @@ def build_two_kind_router(model_path: str, masks: dict[str, list[int]], out: Pat
                     sizes=sizes, method="test", provenance={"seed": seed})
     router.save(out)
     return router
+
+
+# MCQA items of both kinds (tabp_vllm.data's JSONL schema) for `eval --router --data`.
+MIXED_MCQA = [
+    {"id": "a0", "question": "What is 12 plus 9?", "choices": ["21", "19", "23", "18"], "gold": 0},
+    {"id": "c0", "question": "Where would you keep ice cream so it stays frozen?",
+     "choices": ["in the oven", "in the freezer", "on a shelf", "in a drawer"], "gold": 1},
+    {"id": "a1", "question": "What is 7 times 6?", "choices": ["36", "48", "42", "49"], "gold": 2},
+    {"id": "c1", "question": "Why do people wear gloves in winter?",
+     "choices": ["to keep hands warm", "to swim", "to cook", "to sleep"], "gold": 0},
+    {"id": "a2", "question": "What is 30 minus 14?", "choices": ["14", "16", "18", "26"], "gold": 1},
+    {"id": "c2", "question": "What do you use to dry yourself after a shower?",
+     "choices": ["a spoon", "a pillow", "a towel", "a book"], "gold": 2},
+]

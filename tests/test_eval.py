@@ -116,3 +116,46 @@ def test_eval_survives_a_killed_child_and_a_teardown_crash(monkeypatch, capsys, 
     err = capsys.readouterr().err
     assert "killed by signal 9" in err and "running it once more" in err
     assert "exited with code -6 after writing its results" in err
+
+
+def test_eval_router_routes_each_item_by_its_question(tmp_path, demo_model):
+    """`eval --router`: every document routed by its question alone, each distinct mask run by
+    lm-eval on its own documents, the per-document values pooled (equal to lm-eval's own
+    per-run aggregates, weighted by their document counts)."""
+    from routers import MIXED_MCQA, build_two_kind_router
+
+    from tabp_vllm.lmeval_tasks import load_task_object
+    from tabp_vllm.routing.router import open_encoder, route_input
+
+    router = build_two_kind_router(demo_model, {"arithmetic": [20, 21, 22, 23],
+                                                "commonsense": [10, 11, 12, 13]}, tmp_path / "mix.json")
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(item) + "\n" for item in MIXED_MCQA))
+    out = tmp_path / "routed.json"
+    r = CliRunner().invoke(_app(), ["eval", "--task", "mixed", "--data", str(data), "--no-dense",
+                                    "--router", str(tmp_path / "mix.json"), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    routed = json.loads(out.read_text())["routed"]
+    # the routing: each document's question as lm-eval prompts it, no choice in it
+    from tabp_vllm.evaluate import jsonl_task_folder
+
+    task = load_task_object("mixed", [jsonl_task_folder("mixed", data, tmp_path / "tasks")])
+    texts = [task.doc_to_text(d) for d in task.eval_docs]
+    assert all("Question: " in t and "freezer" not in t for t in texts)
+    want = route_input(router, texts, open_encoder(router))
+    kinds = [item["id"][0] for item in MIXED_MCQA]
+    arithmetic = next(c for c, m in enumerate(router.masks) if m.task == "arithmetic")
+    assert [c == arithmetic for c in want] == [k == "a" for k in kinds]  # each kind its cluster
+    assert routed["cluster_mix"]["mixed"] == {"0": 3, "1": 3}
+    assert len(routed["runs"]) == 2
+    for run in routed["runs"]:
+        assert run["removed_layers"] == router.masks[run["clusters"][0]].removed_layers
+        assert run["docs"]["mixed"] == 3
+    # pooled = lm-eval's per-run means weighted by their document counts
+    for metric in ("acc", "acc_norm"):
+        pooled = routed["results"]["mixed"][metric]
+        assert pooled["n"] == 6
+        weighted = sum(run["results"]["mixed"][f"{metric},none"] * run["docs"]["mixed"]
+                       for run in routed["runs"]) / 6
+        assert pooled["value"] == pytest.approx(weighted)
+    assert "routed (2 clusters)" in r.output and "documents per cluster" in r.output
