@@ -1,9 +1,14 @@
 """`make demo`: the main job end to end on the embedded defaults.
 
 1. score the demo model's blocks with TaBP on the bundled (generated) calibration set -> a mask;
-2. `tabp-vllm serve` the dense model and the pruned variant behind one OpenAI endpoint;
-3. ask both the same question through the official `openai` client;
-4. read the per-variant counters from the server's Prometheus endpoint; stop the server cleanly.
+2. fit an input-guided router on the same set: 2 clusters of inputs (arithmetic vs the rest),
+   one learned mask each (`route fit`);
+3. `tabp-vllm serve` the dense model, the pruned variant and the router's variants behind one
+   OpenAI endpoint, with the routed name `llama-auto`;
+4. ask every variant the same question through the official `openai` client;
+5. send an arithmetic and a general question to `llama-auto`: each is answered by the variant
+   of its cluster, and the response says which;
+6. read the per-variant counters from the server's Prometheus endpoint; stop the server cleanly.
 
 Each step runs the real `tabp-vllm` command, so the demo shows what a user would type.
 """
@@ -27,9 +32,12 @@ OUT = Path(os.environ.get("TABP_VLLM_DEMO_OUT", "out/demo"))
 PORT, METRICS_PORT = 8000, 8090
 CLI = [sys.executable, "-m", "tabp_vllm"]
 VARIANTS = ("llama", "llama-demo")  # --model llama + one mask of task "demo" (<alias>-<task>)
+ROUTED = "llama-auto"  # the router's routed name (<alias>-auto)
+ROUTED_QUESTIONS = ("What is 12 plus 9?", "What is the capital of France?")
 SUCCESS, BLOCKS_KEPT = "ray_vllm_request_success_total", "ray_tabp_variant_blocks_kept"
+ROUTED_COUNT = "ray_tabp_routed_requests_total"
 SHOWN = (SUCCESS, "ray_vllm_generation_tokens_total", BLOCKS_KEPT,
-         "ray_tabp_variant_theoretical_speedup")
+         "ray_tabp_variant_theoretical_speedup", ROUTED_COUNT)
 
 
 def step(title: str) -> None:
@@ -62,6 +70,8 @@ def wait_for_metrics(url: str, deadline_s: float = 120.0) -> dict[tuple[str, str
         got = variant_metrics(httpx.get(url, timeout=10).text)
         missing = [v for v in VARIANTS
                    if got.get((SUCCESS, v), 0) < 1 or (BLOCKS_KEPT, v) not in got]
+        if sum(x for (m, _), x in got.items() if m == ROUTED_COUNT) < len(ROUTED_QUESTIONS):
+            missing.append(ROUTED)
         if not missing:
             return got
         if time.monotonic() > t_end:
@@ -81,41 +91,68 @@ def main() -> int:
                           "--k", "4", "--samples", "64", "-o", str(mask)], check=True)
     subprocess.run(CLI + ["masks", "show", str(mask)], check=True)
 
-    step("2. serve: dense + pruned, one OpenAI endpoint (Ray Serve + vLLM)")
+    step("2. route fit: input-guided masks, 2 clusters of the same set, k=4 (Hard-Concrete L0)")
+    router = OUT / "router.json"
+    subprocess.run(CLI + ["route", "fit", "--model", "llama", "--task", "demo", "--clusters", "2",
+                          "--k", "4", "--steps", "12", "-o", str(router)], check=True)
+    subprocess.run(CLI + ["masks", "show", str(router)], check=True)
+
+    step("3. serve: dense + pruned + routed, one OpenAI endpoint (Ray Serve + vLLM)")
     server = ManagedProcess(
-        CLI + ["serve", "--model", "llama", "--task-mask", str(mask), "--port", str(PORT),
+        CLI + ["serve", "--model", "llama", "--task-mask", str(mask), "--router", str(router),
+               "--port", str(PORT),
                "--metrics-port", str(METRICS_PORT), "--kv-cache-gib", "0.25",
                "--max-model-len", "1024"],
         OUT / "serve.log", name="tabp-vllm serve").start()
     try:
         # /v1/models answers from the ingress as soon as it is up; the READY line follows once
         # every variant's engine is up, right after the variant table we show here.
-        server.wait_ready(f"http://127.0.0.1:{PORT}/v1/models", ready=lists_models(VARIANTS),
+        server.wait_ready(f"http://127.0.0.1:{PORT}/v1/models",
+                          ready=lists_models(VARIANTS + (ROUTED,)),
                           log_line="\nREADY", deadline_s=600, interval_s=2)
         lines = server.log_text().splitlines()
         first = next(i for i, ln in enumerate(lines) if "tabp-vllm serve:" in ln)
         last = next(i for i, ln in enumerate(lines) if ln.startswith("metrics:"))
         print("\n".join(lines[first:last + 1]))
 
-        step("3. the same question to both variants (openai client, greedy)")
+        step("4. the same question to every variant (openai client, greedy)")
         client = OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="unused")
         question = [{"role": "user", "content": "What is the capital of France?"}]
         for m in client.models.list().data:
+            if m.id == ROUTED:
+                continue
             reply = client.chat.completions.create(model=m.id, messages=question, max_tokens=32,
                                                    temperature=0)
             meta = (m.model_extra or {}).get("metadata", {})
             console.print(f"[bold]{m.id}[/] (blocks kept {meta.get('blocks_kept')}/"
                           f"{meta.get('blocks_total')}): [green]{reply.choices[0].message.content}")
 
-        step("4. Prometheus metrics, per variant")
+        step(f"5. routing: two kinds of question to {ROUTED}")
+        served_by = set()
+        for q in ROUTED_QUESTIONS:
+            raw = client.chat.completions.with_raw_response.create(
+                model=ROUTED, messages=[{"role": "user", "content": q}], max_tokens=24, temperature=0)
+            reply = raw.parse()
+            served_by.add(reply.model)
+            console.print(f"[bold]{q}[/] -> cluster {raw.headers.get('x-tabp-cluster')}, answered "
+                          f"by [bold]{raw.headers.get('x-tabp-variant')}[/]: "
+                          f"[green]{reply.choices[0].message.content}")
+        if len(served_by) < 2:
+            console.print("[yellow]both questions went to one variant: this router's clusters "
+                          "share a mask or split the questions otherwise")
+
+        step("6. Prometheus metrics, per variant")
         got = wait_for_metrics(f"http://127.0.0.1:{METRICS_PORT}/metrics")
         for metric in SHOWN:
             for variant in VARIANTS:
-                if (metric, variant) in got:
+                if (metric, variant) in got and metric != ROUTED_COUNT:
                     console.print(f"  {metric} {{model_name={variant}}} {got[metric, variant]:g}")
-        console.print(f"\nmask: {mask}   server log: {server.log_path}")
+        for (metric, variant), value in sorted(got.items()):
+            if metric == ROUTED_COUNT:
+                console.print(f"  {metric} {{routed_name={ROUTED}, model_name={variant}}} {value:g}")
+        console.print(f"\nmask: {mask}   router: {router}   server log: {server.log_path}")
     finally:
-        step("5. stop (Ctrl-C)")
+        step("7. stop (Ctrl-C)")
         left = server.stop(grace_s=120)
         console.print(f"server exited with code {server.returncode}"
                       + (f"; killed {len(left)} process(es) still running after 120 s"
