@@ -27,7 +27,7 @@ demo: setup
 
 test: setup
 	bash scripts/system-deps.sh
-	$(BIN)/python -m pytest -v -rs tests
+	$(BIN)/python -m pytest -v -rs --durations=25 tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info
