@@ -32,3 +32,17 @@ def write_mask(tmp_path, demo_model):
         return path
 
     return _write
+
+
+@pytest.fixture(autouse=True)
+def no_ray_driver_left_behind():
+    """No test may leave a Ray driver in the pytest process: when its raylet goes away later
+    (another test stops a cluster), Ray's core worker ends the whole process with exit code 1
+    and no word, and the suite stops mid-run without a summary."""
+    import sys
+
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail("this test left a Ray driver in the pytest process (ray.shutdown() it)")

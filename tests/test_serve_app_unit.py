@@ -58,7 +58,23 @@ def test_no_key_no_check():
         ApiKeyMiddleware(None, "")
 
 
-def test_build_app_wires_ingress_and_variants(write_mask):
+@pytest.fixture()
+def local_ray():
+    """Building the app starts a local Ray instance in this process (Ray Serve LLM's deployment
+    builder auto-inits Ray): start it small here and shut it down after, so no Ray driver stays
+    in the pytest process. (A driver left behind dies with exit code 1, silently, when another
+    test's `ray stop` or cluster teardown takes its raylet away.)"""
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+    assert not ray.is_initialized()
+
+
+def test_build_app_wires_ingress_and_variants(write_mask, local_ray):
     """The application graph: one ingress with our middleware's key, one LLM deployment per variant."""
     from tabp_vllm.serve.app import build_app
     from tabp_vllm.serve.commands import build_spec

@@ -40,19 +40,51 @@ def app_replicas(address: str, env: dict) -> dict:
     return json.loads(line[len("STATUS "):])
 
 
+def stop_cluster(temp_dir: str, grace_s: float = 15.0) -> None:
+    """Stop the Ray cluster whose processes name `temp_dir`, and everything below them (agents,
+    workers). Only that cluster: `ray stop` would take down every Ray on the machine, the local
+    instance of any other test or user included."""
+    import psutil
+
+    me = psutil.Process()
+    ours = {me.pid, *(p.pid for p in me.parents())}
+    roots = [p for p in psutil.process_iter(["cmdline"])
+             if p.pid not in ours and any(temp_dir in arg for arg in p.info["cmdline"] or [])]
+    family = {p.pid: p for p in roots}
+    for p in roots:
+        try:
+            family.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.Error:
+            pass
+    for p in family.values():
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(list(family.values()), timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
+
+
 @pytest.fixture()
-def ray_cluster():
+def ray_cluster(tmp_path_factory):
     gcs = free_port(6390, 6420)
     address = f"127.0.0.1:{gcs}"
+    temp_dir = f"/tmp/tabp-ray-{gcs}-{os.getpid()}"  # short: Ray's socket paths must fit 107 bytes
     # Ray 2.60 clusters use token auth (~/.ray/auth_token); a joining driver must be told so.
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
-    subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--num-cpus=8",
-                    "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=180)
     try:
+        subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--num-cpus=8",
+                        "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+                        "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+                       check=True, env=env, capture_output=True, timeout=180)
         yield address, env
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=180)
+        stop_cluster(temp_dir)
 
 
 def test_join_cluster_with_two_replicas(tmp_path, demo_model, ray_cluster):
