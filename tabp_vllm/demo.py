@@ -3,12 +3,15 @@
 1. score the demo model's blocks with TaBP on the bundled (generated) calibration set -> a mask;
 2. fit an input-guided router on the same set: 2 clusters of inputs (arithmetic vs the rest),
    one learned mask each (`route fit`);
-3. `tabp-vllm serve` the dense model, the pruned variant and the router's variants behind one
+3. accuracy of dense, pruned and routed on the bundled questions calibration did not see
+   (`eval`, through lm-evaluation-harness);
+4. `tabp-vllm serve` the dense model, the pruned variant and the router's variants behind one
    OpenAI endpoint, with the routed name `llama-auto`;
-4. ask every variant the same question through the official `openai` client;
-5. send an arithmetic and a general question to `llama-auto`: each is answered by the variant
+5. ask every variant the same question through the official `openai` client;
+6. send an arithmetic and a general question to `llama-auto`: each is answered by the variant
    of its cluster, and the response says which;
-6. read the per-variant counters from the server's Prometheus endpoint; stop the server cleanly.
+7. measure dense vs pruned throughput under load (`bench`, short);
+8. read the per-variant counters from the server's Prometheus endpoint; stop the server cleanly.
 
 Each step runs the real `tabp-vllm` command, so the demo shows what a user would type.
 """
@@ -97,7 +100,11 @@ def main() -> int:
                           "--k", "4", "--steps", "12", "-o", str(router)], check=True)
     subprocess.run(CLI + ["masks", "show", str(router)], check=True)
 
-    step("3. serve: dense + pruned + routed, one OpenAI endpoint (Ray Serve + vLLM)")
+    step("3. eval: accuracy on the 32 bundled questions calibration did not use (lm-eval)")
+    subprocess.run(CLI + ["eval", "--model", "llama", "--task", "tabp_demo", "--task-mask", str(mask),
+                          "--router", str(router), "-o", str(OUT / "eval.json")], check=True)
+
+    step("4. serve: dense + pruned + routed, one OpenAI endpoint (Ray Serve + vLLM)")
     server = ManagedProcess(
         CLI + ["serve", "--model", "llama", "--task-mask", str(mask), "--router", str(router),
                "--port", str(PORT),
@@ -115,7 +122,7 @@ def main() -> int:
         last = next(i for i, ln in enumerate(lines) if ln.startswith("metrics:"))
         print("\n".join(lines[first:last + 1]))
 
-        step("4. the same question to every variant (openai client, greedy)")
+        step("5. the same question to every variant (openai client, greedy)")
         client = OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="unused")
         question = [{"role": "user", "content": "What is the capital of France?"}]
         for m in client.models.list().data:
@@ -127,7 +134,7 @@ def main() -> int:
             console.print(f"[bold]{m.id}[/] (blocks kept {meta.get('blocks_kept')}/"
                           f"{meta.get('blocks_total')}): [green]{reply.choices[0].message.content}")
 
-        step(f"5. routing: two kinds of question to {ROUTED}")
+        step(f"6. routing: two kinds of question to {ROUTED}")
         served_by = set()
         for q in ROUTED_QUESTIONS:
             raw = client.chat.completions.with_raw_response.create(
@@ -141,7 +148,13 @@ def main() -> int:
             console.print("[yellow]both questions went to one variant: this router's clusters "
                           "share a mask or split the questions otherwise")
 
-        step("6. Prometheus metrics, per variant")
+        step("7. bench: dense vs pruned throughput, 4 concurrent clients, 2 x 15 s interleaved")
+        subprocess.run(CLI + ["bench", "--url", f"http://127.0.0.1:{PORT}", "--variant", VARIANTS[0],
+                              "--variant", VARIANTS[1], "--mask", f"{VARIANTS[1]}={mask}",
+                              "--levels", "4", "--duration", "30", "--rounds", "2", "--ramp", "2",
+                              "--output-len", "32", "--out", str(OUT), "--name", "bench"], check=True)
+
+        step("8. Prometheus metrics, per variant")
         got = wait_for_metrics(f"http://127.0.0.1:{METRICS_PORT}/metrics")
         for metric in SHOWN:
             for variant in VARIANTS:
@@ -152,7 +165,7 @@ def main() -> int:
                 console.print(f"  {metric} {{routed_name={ROUTED}, model_name={variant}}} {value:g}")
         console.print(f"\nmask: {mask}   router: {router}   server log: {server.log_path}")
     finally:
-        step("7. stop (Ctrl-C)")
+        step("9. stop (Ctrl-C)")
         left = server.stop(grace_s=120)
         console.print(f"server exited with code {server.returncode}"
                       + (f"; killed {len(left)} process(es) still running after 120 s"
