@@ -315,7 +315,7 @@ def add_router_variants(router_path: str, model: str, resolved: str, variants: l
 
 def load_yaml_spec(path: str | Path) -> dict[str, Any]:
     """Read and validate a serve config file (see examples/serve.yaml); its top-level mapping,
-    with mask paths made relative to the file. A bad key or value: one TabpError line."""
+    with mask and router paths made relative to the file. A bad key or value: one TabpError line."""
     p = Path(path)
     doc = read_config_file(p)
     unknown = sorted(set(doc) - set(ServeOptions.model_fields))
@@ -325,6 +325,9 @@ def load_yaml_spec(path: str | Path) -> dict[str, Any]:
         if isinstance(v, dict) and isinstance(v.get("mask"), (str, Path)):
             mp = Path(str(v["mask"])).expanduser()
             v["mask"] = str(mp if mp.is_absolute() else (p.parent / mp))
+    if isinstance(doc.get("router"), (str, Path)):
+        rp = Path(str(doc["router"])).expanduser()
+        doc["router"] = str(rp if rp.is_absolute() else (p.parent / rp))
     build_options(ServeOptions, file=p, file_doc=doc)
     return doc
 
