@@ -222,8 +222,8 @@ if __name__ == "__main__":
 
 
 def test_greedy_equals_offline_engine(client, mask_files, tmp_path):
-    served = {name: [greedy(client, name, p).choices[0].text for p in PROMPTS] for name in VARIANTS}
     variants = {DENSE: None, GSM8K: str(mask_files[0]), ARC: str(mask_files[1])}
+    served = {name: [greedy(client, name, p).choices[0].text for p in PROMPTS] for name in variants}
     script = tmp_path / "offline.py"
     script.write_text(OFFLINE)
     proc = subprocess.run([sys.executable, str(script), json.dumps(PROMPTS), "16",
@@ -315,7 +315,8 @@ def _post(server, body, path="/v1/completions", headers=AUTH):
 # tests/test_serve_errors_unit.py
 ERROR_CASES = [
     ("unknown model", lambda s: _post(s, {"model": "llama-nope", "prompt": "x"}), 404,
-     "'llama-nope' does not exist. Valid models: llama, llama-arc, llama-gsm8k", "model"),
+     "'llama-nope' does not exist. Valid models: llama, llama-arc, llama-auto, llama-auto-0, "
+     "llama-gsm8k", "model"),
     ("unknown model card", lambda s: httpx.get(s.base + "/v1/models/llama-nope", headers=AUTH), 404,
      "'llama-nope' does not exist", "model"),
     ("missing model", lambda s: _post(s, {"prompt": "x"}), 400, "'model' field is required", "model"),
@@ -336,6 +337,14 @@ ERROR_CASES = [
     ("unknown route", lambda s: _post(s, {"model": DENSE}, "/v1/nothing"), 404, "Not Found", None),
     ("wrong method", lambda s: httpx.get(s.base + "/v1/completions", headers=AUTH), 405,
      "Method Not Allowed", None),
+    # the routed name
+    ("routed: token-id prompt", lambda s: _post(s, {"model": ROUTED, "prompt": [1, 2, 3], "max_tokens": 2}),
+     400, "send the prompt as a string", None),
+    ("routed: chat without a user message", lambda s: _post(
+        s, {"model": ROUTED, "max_tokens": 2, "messages": [{"role": "system", "content": "hi"}]},
+        "/v1/chat/completions"), 400, "needs a user message", None),
+    ("routed: not a generation route", lambda s: _post(s, {"model": ROUTED, "input": "x"}, "/v1/embeddings"),
+     400, "is a routed model", "model"),
 ]
 
 
@@ -563,17 +572,6 @@ def test_routed_requests_land_on_their_variant(server, client, prometheus):
     assert routed == {GSM8K: len(ARITHMETIC_ASKED), COMMONSENSE: len(COMMONSENSE_ASKED) + 2}
     latency = prometheus.query("sum(ray_tabp_routing_latency_seconds_count)").get("", 0)
     assert latency - latency_before == len(ARITHMETIC_ASKED) + len(COMMONSENSE_ASKED) + 2
-
-
-def test_routed_name_errors(server):
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    for path, body, status, text in (
-            ("/v1/completions", {"model": ROUTED, "prompt": [1, 2, 3], "max_tokens": 2}, 400, "as a string"),
-            ("/v1/chat/completions", {"model": ROUTED, "max_tokens": 2,
-                                      "messages": [{"role": "system", "content": "hi"}]}, 400, "user message"),
-            ("/v1/embeddings", {"model": ROUTED, "input": "x"}, 400, "routed model")):
-        r = httpx.post(server.base + path, json=body, headers=headers, timeout=60)
-        assert r.status_code == status and text in r.json()["error"]["message"], r.text
 
 
 DASHBOARD = REPO / "examples" / "grafana" / "tabp-vllm-dashboard.json"
