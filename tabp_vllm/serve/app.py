@@ -91,6 +91,8 @@ def _uniproc_engine_cls():
 
 
 class TabpIngress(OpenAiIngress):
+    _routed = None  # the routed name's RoutedModel, when serving a router
+
     def __init__(self, llm_deployments, model_cards, *, variant_metadata: Dict[str, dict],
                  routed: Optional[dict] = None, **kwargs):
         cards = {}
@@ -103,7 +105,6 @@ class TabpIngress(OpenAiIngress):
         self._gauges = publish_variant_gauges(variant_metadata)
         # The routed name (`serve --router`): listed like a model, answered by the variant of each
         # request's cluster (serve/routed.py); it has no deployment of its own.
-        self._routed = None
         if routed:
             from tabp_vllm.serve.routed import RoutedModel
 
