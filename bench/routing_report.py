@@ -73,20 +73,23 @@ def main() -> None:
     def evaluate(config: str, k: int, n: int | None, args: list[str], fit_s: float | None,
                  extra: dict | None = None) -> None:
         res_path = out / f"eval-{config}-k{k}-n{n}.json"
-        wall = run(CLI + ["eval", "--task", lm_tasks, "--limit", str(a.limit), "-o", str(res_path)]
-                   + args, log)
+        wall = None  # an earlier run's result is kept (the run was interrupted after it)
+        if not res_path.exists():
+            wall = run(CLI + ["eval", "--task", lm_tasks, "--limit", str(a.limit), "-o", str(res_path)]
+                       + args, log)
         res = json.loads(res_path.read_text())
         acc = {}
         if res.get("routed"):
             for t in evals:
                 m = res["routed"]["results"][EVAL_OF[t]]
-                acc[t] = {"acc": m["acc"]["value"], "acc_norm": m["acc_norm"]["value"], "n": m["acc"]["n"]}
+                acc[t] = {"acc": m["acc"]["value"], "acc_norm": m.get("acc_norm", m["acc"])["value"],
+                          "n": m["acc"]["n"]}
             mix = res["routed"]["cluster_mix"]
         else:
             r = res["results"][0]
             for t in evals:
                 m = r["results"][EVAL_OF[t]]
-                acc[t] = {"acc": m["acc,none"], "acc_norm": m["acc_norm,none"],
+                acc[t] = {"acc": m["acc,none"], "acc_norm": m.get("acc_norm,none", m["acc,none"]),
                           "n": r["n-samples"][EVAL_OF[t]]["effective"]}
             mix = None
         doc["rows"].append({"config": config, "k": k, "n": n, "accuracy": acc, "fit_s": fit_s,
@@ -127,7 +130,8 @@ def main() -> None:
             r = json.loads(res_path.read_text())["results"][0]
             m = r["results"][EVAL_OF[t]]
             doc["rows"].append({"config": f"oracle-{t}", "k": k, "n": None, "fit_s": fit_s, "eval_s": wall,
-                                "accuracy": {t: {"acc": m["acc,none"], "acc_norm": m["acc_norm,none"],
+                                "accuracy": {t: {"acc": m["acc,none"],
+                                                 "acc_norm": m.get("acc_norm,none", m["acc,none"]),
                                                  "n": r["n-samples"][EVAL_OF[t]]["effective"]}}})
             save()
     write_report(doc, out)
@@ -148,7 +152,8 @@ def write_report(doc: dict, out: Path) -> None:
              f"lm-eval through `tabp-vllm eval` (routed: `eval --router`). L0: {doc['steps']} "
              f"steps per cluster. Host: {doc['host'].get('model', '?')}.", "",
              "Static masks are `route fit --clusters 1` with each method (one mask from the whole "
-             "mixed set); the oracle is each task's own TaBP mask (it knows every request's task).", ""]
+             "mixed set); the oracle is each task's own TaBP mask (it knows every request's task). "
+             "lm-eval has no acc_norm for BoolQ: its acc_norm column is acc.", ""]
     for metric in ("acc_norm", "acc"):
         lines += [f"## {metric}", "",
                   "| config | k | N | distinct masks | " + " | ".join(evals) + " | mean | fit s |",
