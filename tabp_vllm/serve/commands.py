@@ -99,8 +99,14 @@ def start(spec, *, quiet: bool = False) -> None:
     else:
         # "local": always a private Ray, even when a `ray start` cluster runs on this host (plain
         # ray.init() would join that one, and fail on num_cpus).
-        ray.init(address="local", num_cpus=spec.num_cpus or spec.ray_cpus_needed(), include_dashboard=False,
-                 _metrics_export_port=spec.metrics_port, log_to_driver=not quiet)
+        try:
+            ray.init(address="local", num_cpus=spec.num_cpus or spec.ray_cpus_needed(),
+                     include_dashboard=False, _metrics_export_port=spec.metrics_port,
+                     log_to_driver=not quiet)
+        except (RuntimeError, ConnectionError) as exc:  # e.g. GCS/raylet start timed out on a busy host
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TabpError(f"could not start a local Ray instance: {first} (is the machine "
+                            f"overloaded, or out of memory?)") from None
     app = build_app(spec)
     serve.start(http_options={"host": spec.host, "port": spec.port})
     serve.run_many([serve.RunTarget(target=app, name=APP_NAME, route_prefix="/")],
