@@ -280,7 +280,9 @@ def run_eval(o: EvalOptions) -> None:
     if o.router is not None:  # the router and its encoder too
         from tabp_vllm.routing.router import load_router, open_encoder
 
-        router = load_router(o.router, path, check_encoder=True)
+        # open_encoder loads it once and checks its dimension (load_router's check would load it
+        # a second time)
+        router = load_router(o.router, path)
         encoder = open_encoder(router, str(o.router), model_path=path)
     variants: list[tuple[str, Optional[str]]] = [("dense", None)] if o.dense else []
     variants += [(m.stem, str(m)) for m in o.task_mask]

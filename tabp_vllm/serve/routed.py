@@ -125,8 +125,6 @@ class RoutedModel:
         except asyncio.TimeoutError:
             raise RoutingUnavailable(f"routing for '{self.name}' is unavailable: the encoder did "
                                      f"not answer within {self.encode_timeout_s:.0f} s") from None
-        except RoutingUnavailable:
-            raise
         except Exception as exc:  # noqa: BLE001 - any encoder fault is the routed name's 503
             raise RoutingUnavailable(f"routing for '{self.name}' is unavailable: the encoder "
                                      f"failed ({type(exc).__name__}: {exc})") from None
