@@ -101,17 +101,20 @@ def main() -> None:
     for k in [int(x) for x in a.ks.split(",")]:
         fit_common = ["--model", "llama", *sum((["--task", t] for t in calib), []),
                       "--samples", str(a.samples), "--k", str(k), "--steps", str(a.steps)]
-        configs = [("l0", n) for n in map(int, a.clusters.split(","))]
-        configs += [("tabp", n) for n in map(int, a.clusters.split(","))]
+        # cheap fits first, the learned gates (backward passes) last
+        configs = [("tabp", n) for n in map(int, a.clusters.split(","))]
         configs += [(m, 1) for m in a.static_methods.split(",") if m]
+        configs += [("l0", n) for n in map(int, a.clusters.split(","))]
         for method, n in configs:
             config = method if method in ("l0", "tabp") else f"static-{method}"
             if (config, k, n) in done:
                 continue
             router = out / "routers" / f"{method}-k{k}-n{n}.json"
-            fit_s = run(CLI + ["route", "fit", *fit_common, "--clusters", str(n),
-                               "--mask-method", method, "-o", str(router)], log)
+            if not router.exists():  # else an interrupted run's fit is kept
+                run(CLI + ["route", "fit", *fit_common, "--clusters", str(n),
+                           "--mask-method", method, "-o", str(router)], log)
             r = json.loads(router.read_text())
+            fit_s = r["provenance"]["wall_s"]  # the fit as the router records it (model load excluded)
             evaluate(config, k, n, ["--no-dense", "--router", str(router)], fit_s,
                      {"distinct_masks": len({json.dumps(c["mask"]["removed_layers"]) for c in r["clusters"]}),
                       "passes": {key: r["provenance"].get(key) for key in
@@ -121,9 +124,11 @@ def main() -> None:
             if (f"oracle-{t}", k, None) in done:
                 continue
             mask = out / "routers" / f"oracle-{t}-k{k}.json"
-            fit_s = run(CLI + ["score", "--model", "llama", "--task", t, "--method", "tabp",
-                               "--k", str(k), "--samples", str(a.samples * len(calib)),
-                               "-o", str(mask)], log)
+            if not mask.exists():
+                run(CLI + ["score", "--model", "llama", "--task", t, "--method", "tabp",
+                           "--k", str(k), "--samples", str(a.samples * len(calib)),
+                           "-o", str(mask)], log)
+            fit_s = json.loads(mask.read_text())["calibration"]["wall_s"]
             res_path = out / f"eval-oracle-{t}-k{k}.json"
             wall = run(CLI + ["eval", "--task", EVAL_OF[t], "--limit", str(a.limit), "--no-dense",
                               "--task-mask", str(mask), "-o", str(res_path)], log)
