@@ -4,6 +4,12 @@ import functools
 import sys
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message as one line: its first line, or its class name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class TabpError(Exception):
     """An error caused by the user's input, reported as one clear line."""
 

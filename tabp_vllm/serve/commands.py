@@ -11,7 +11,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from tabp_vllm.errors import TabpError, user_errors
+from tabp_vllm.errors import TabpError, first_line, user_errors
 
 APP_NAME = "tabp"
 
@@ -104,8 +104,7 @@ def start(spec, *, quiet: bool = False) -> None:
                      include_dashboard=False, _metrics_export_port=spec.metrics_port,
                      log_to_driver=not quiet)
         except (RuntimeError, ConnectionError) as exc:  # e.g. GCS/raylet start timed out on a busy host
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TabpError(f"could not start a local Ray instance: {first} (is the machine "
+            raise TabpError(f"could not start a local Ray instance: {first_line(exc)} (is the machine "
                             f"overloaded, or out of memory?)") from None
     app = build_app(spec)
     serve.start(http_options={"host": spec.host, "port": spec.port})

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from tabp_vllm.errors import first_line
 from tabp_vllm.routing.router import Router, parse_router
 
 # At most this many queued texts are embedded in one encoder call.
@@ -93,7 +94,7 @@ class RoutedModel:
         try:
             self._encoder = self._factory(self.router)
         except BaseException as exc:  # noqa: BLE001 - reported on every routed request
-            self._load_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self._load_error = first_line(exc)
         finally:
             self._loaded.set()
 
