@@ -64,6 +64,29 @@ def test_llm_configs_carry_engine_args(two_masks):
     assert pruned.deployment_config["num_replicas"] == 2
 
 
+def test_request_path_options_reach_the_app(tmp_path, two_masks):
+    """Defaults leave Ray Serve LLM's own settings; given ones land in the LLMConfigs and the
+    ingress deployment's options, file < CLI."""
+    from tabp_vllm.serve.config import llm_configs
+
+    ray_defaults = {"max_ongoing_requests": 10**9,
+                    "autoscaling_config": {"target_ongoing_requests": 10**9}}
+    plain = build_spec(task_mask=[two_masks[0]])
+    assert all("stream_batching_interval_ms" not in c.experimental_configs for c in llm_configs(plain))
+    assert plain.ingress_options(ray_defaults) == ray_defaults
+
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(yaml.safe_dump({"request_path": {"stream_batching_interval_ms": 10,
+                                                    "ingress_replicas": 3}}))
+    spec = build_spec(config=cfg, stream_batching_interval_ms=0.0, ingress_max_ongoing_requests=64)
+    assert {c.experimental_configs["stream_batching_interval_ms"] for c in llm_configs(spec)} == {0.0}
+    options = spec.ingress_options(ray_defaults)
+    assert options == {"max_ongoing_requests": 64, "num_replicas": 3}
+    assert ray_defaults["max_ongoing_requests"] == 10**9  # Ray's dict is not changed
+    with pytest.raises(TabpError, match="request_path.ingress_replicas"):
+        build_spec(ingress_replicas=0)
+
+
 def test_yaml_config(tmp_path, two_masks):
     (tmp_path / "m").mkdir()
     for p in two_masks:

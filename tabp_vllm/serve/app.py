@@ -182,7 +182,8 @@ def build_app(spec) -> Any:
 
     configs = llm_configs(spec)
     ingress = make_fastapi_ingress(TabpIngress, app=ingress_app(spec.api_key))
-    return serve.deployment(ingress, **TabpIngress.get_deployment_options(configs)).bind(
+    options = spec.ingress_options(TabpIngress.get_deployment_options(configs))
+    return serve.deployment(ingress, **options).bind(
         # one name whatever the server class: "LLMServer:<variant>"
         llm_deployments={c.model_id: build_llm_deployment(c, name_prefix="LLMServer:")
                          for c in configs},

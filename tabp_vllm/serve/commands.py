@@ -30,6 +30,7 @@ def _parse_extra(items: list[str]) -> dict:
 
 
 ENGINE_KEYS = ("max_model_len", "dtype", "kv_cache_gib", "enforce_eager", "tensor_parallel_size")
+REQUEST_PATH_KEYS = ("ingress_replicas", "ingress_max_ongoing_requests", "stream_batching_interval_ms")
 
 
 def serve_options(config: Optional[Path] = None, task_mask: Optional[List[Path]] = None,
@@ -51,7 +52,8 @@ def serve_options(config: Optional[Path] = None, task_mask: Optional[List[Path]]
     engine = {k: given.pop(k) for k in ENGINE_KEYS if given.get(k) is not None}
     if engine_arg:
         engine["extra"] = _parse_extra(engine_arg)
-    cli = dict(given, engine=engine or None,
+    path = {k: given.pop(k) for k in REQUEST_PATH_KEYS if given.get(k) is not None}
+    cli = dict(given, engine=engine or None, request_path=path or None,
                variants=[{"mask": m, "task": tasks[i] if i < len(tasks) else None}
                          for i, m in enumerate(masks)] or None)
     from_cli = build_options(ServeOptions, cli)
@@ -276,6 +278,14 @@ def serve(
         "name whose requests each go to their input's cluster.")),
     routed_name: Optional[str] = typer.Option(None, "--routed-name", show_default=False, help=(
         "The routed model's name. \\[default: <alias>-auto]")),
+    ingress_replicas: Optional[int] = _opt("ingress_replicas", "--ingress-replicas", help=(
+        "Replicas of the HTTP ingress (a fixed count instead of Ray's autoscaling).")),
+    ingress_max_ongoing_requests: Optional[int] = _opt(
+        "ingress_max_ongoing_requests", "--ingress-max-ongoing-requests",
+        help="Requests one ingress replica takes at a time."),
+    stream_batching_interval_ms: Optional[float] = _opt(
+        "stream_batching_interval_ms", "--stream-batching-interval-ms",
+        help="How long streamed tokens are gathered into one chunk (0: each token at once)."),
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Validate and print the variants; start nothing."),
 ) -> None:
@@ -289,7 +299,10 @@ def serve(
                       kv_cache_gib=kv_cache_gib,
                       enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
                       engine_arg=engine_arg, force=force,
-                      router=str(router) if router else None, routed_name=routed_name)
+                      router=str(router) if router else None, routed_name=routed_name,
+                      ingress_replicas=ingress_replicas,
+                      ingress_max_ongoing_requests=ingress_max_ongoing_requests,
+                      stream_batching_interval_ms=stream_batching_interval_ms)
     print("dtype: %s (%s)" % choose_dtype(spec.engine.dtype), flush=True)
     if spec.address:
         check_reachable(spec.address)

