@@ -98,47 +98,55 @@ def main() -> None:
 
     if ("dense", 0, None) not in done:
         evaluate("dense", 0, None, [], None)
-    for k in [int(x) for x in a.ks.split(",")]:
-        fit_common = ["--model", "llama", *sum((["--task", t] for t in calib), []),
-                      "--samples", str(a.samples), "--k", str(k), "--steps", str(a.steps)]
-        # cheap fits first, the learned gates (backward passes) last
-        configs = [("tabp", n) for n in map(int, a.clusters.split(","))]
-        configs += [(m, 1) for m in a.static_methods.split(",") if m]
-        configs += [("l0", n) for n in map(int, a.clusters.split(","))]
-        for method, n in configs:
-            config = method if method in ("l0", "tabp") else f"static-{method}"
-            if (config, k, n) in done:
-                continue
-            router = out / "routers" / f"{method}-k{k}-n{n}.json"
-            if not router.exists():  # else an interrupted run's fit is kept
-                run(CLI + ["route", "fit", *fit_common, "--clusters", str(n),
-                           "--mask-method", method, "-o", str(router)], log)
-            r = json.loads(router.read_text())
-            fit_s = r["provenance"]["wall_s"]  # the fit as the router records it (model load excluded)
-            evaluate(config, k, n, ["--no-dense", "--router", str(router)], fit_s,
-                     {"distinct_masks": len({json.dumps(c["mask"]["removed_layers"]) for c in r["clusters"]}),
-                      "passes": {key: r["provenance"].get(key) for key in
-                                 ("forward_passes", "backward_passes")}})
-        # the oracle: each task's own TaBP mask, evaluated on that task only
-        for t in evals:
-            if (f"oracle-{t}", k, None) in done:
-                continue
-            mask = out / "routers" / f"oracle-{t}-k{k}.json"
-            if not mask.exists():
-                run(CLI + ["score", "--model", "llama", "--task", t, "--method", "tabp",
-                           "--k", str(k), "--samples", str(a.samples * len(calib)),
-                           "-o", str(mask)], log)
-            fit_s = json.loads(mask.read_text())["calibration"]["wall_s"]
-            res_path = out / f"eval-oracle-{t}-k{k}.json"
-            wall = run(CLI + ["eval", "--task", EVAL_OF[t], "--limit", str(a.limit), "--no-dense",
-                              "--task-mask", str(mask), "-o", str(res_path)], log)
-            r = json.loads(res_path.read_text())["results"][0]
-            m = r["results"][EVAL_OF[t]]
-            doc["rows"].append({"config": f"oracle-{t}", "k": k, "n": None, "fit_s": fit_s, "eval_s": wall,
-                                "accuracy": {t: {"acc": m["acc,none"],
-                                                 "acc_norm": m.get("acc_norm,none", m["acc,none"]),
-                                                 "n": r["n-samples"][EVAL_OF[t]]["effective"]}}})
-            save()
+    def routed_or_static(method: str, k: int, n: int) -> None:
+        config = method if method in ("l0", "tabp") else f"static-{method}"
+        router = out / "routers" / f"{method}-k{k}-n{n}.json"
+        if not router.exists():  # else an interrupted run's fit is kept
+            run(CLI + ["route", "fit", "--model", "llama", *sum((["--task", t] for t in calib), []),
+                       "--samples", str(a.samples), "--k", str(k), "--steps", str(a.steps),
+                       "--clusters", str(n), "--mask-method", method, "-o", str(router)], log)
+        r = json.loads(router.read_text())
+        fit_s = r["provenance"]["wall_s"]  # the fit as the router records it (model load excluded)
+        evaluate(config, k, n, ["--no-dense", "--router", str(router)], fit_s,
+                 {"distinct_masks": len({json.dumps(c["mask"]["removed_layers"]) for c in r["clusters"]}),
+                  "passes": {key: r["provenance"].get(key) for key in
+                             ("forward_passes", "backward_passes")}})
+
+    def oracle(t: str, k: int) -> None:
+        """Each task's own TaBP mask, evaluated on that task only."""
+        mask = out / "routers" / f"oracle-{t}-k{k}.json"
+        if not mask.exists():
+            run(CLI + ["score", "--model", "llama", "--task", t, "--method", "tabp",
+                       "--k", str(k), "--samples", str(a.samples * len(calib)),
+                       "-o", str(mask)], log)
+        fit_s = json.loads(mask.read_text())["calibration"]["wall_s"]
+        res_path = out / f"eval-oracle-{t}-k{k}.json"
+        wall = run(CLI + ["eval", "--task", EVAL_OF[t], "--limit", str(a.limit), "--no-dense",
+                          "--task-mask", str(mask), "-o", str(res_path)], log)
+        r = json.loads(res_path.read_text())["results"][0]
+        m = r["results"][EVAL_OF[t]]
+        doc["rows"].append({"config": f"oracle-{t}", "k": k, "n": None, "fit_s": fit_s, "eval_s": wall,
+                            "accuracy": {t: {"acc": m["acc,none"],
+                                             "acc_norm": m.get("acc_norm,none", m["acc,none"]),
+                                             "n": r["n-samples"][EVAL_OF[t]]["effective"]}}})
+        save()
+
+    # Breadth first: per k the cheap fits, the static masks and the oracle, then the learned
+    # gates; the largest N (most engines to evaluate) of every k last.
+    ks, ns = [int(x) for x in a.ks.split(",")], sorted(int(x) for x in a.clusters.split(","))
+    jobs = []
+    for k in ks:
+        jobs += [("tabp", k, n) for n in ns[:-1]]
+        jobs += [(m, k, 1) for m in a.static_methods.split(",") if m]
+        jobs += [("oracle", k, t) for t in evals]
+        jobs += [("l0", k, n) for n in ns[:-1]]
+    jobs += [(method, k, ns[-1]) for k in ks for method in ("tabp", "l0")]
+    for method, k, n in jobs:
+        if method == "oracle":
+            if (f"oracle-{n}", k, None) not in done:
+                oracle(n, k)
+        elif (method if method in ("l0", "tabp") else f"static-{method}", k, n) not in done:
+            routed_or_static(method, k, n)
     write_report(doc, out)
 
 
@@ -164,7 +172,7 @@ def write_report(doc: dict, out: Path) -> None:
                   "| config | k | N | distinct masks | " + " | ".join(evals) + " | mean | fit s |",
                   "|---|---|---|---|" + "---|" * (len(evals) + 2)]
         d = [dense["accuracy"][t][metric] for t in evals]
-        lines.append(f"| dense | - | - | - | " + " | ".join(f"{x:.3f}" for x in d)
+        lines.append("| dense | - | - | - | " + " | ".join(f"{x:.3f}" for x in d)
                      + f" | {sum(d) / len(d):.3f} | - |")
         for k in ks:
             for r in rows:
