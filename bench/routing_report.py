@@ -98,8 +98,11 @@ def main() -> None:
 
     if ("dense", 0, None) not in done:
         evaluate("dense", 0, None, [], None)
+    def config_of(method: str) -> str:
+        return method if method in ("l0", "tabp") else f"static-{method}"
+
     def routed_or_static(method: str, k: int, n: int) -> None:
-        config = method if method in ("l0", "tabp") else f"static-{method}"
+        config = config_of(method)
         router = out / "routers" / f"{method}-k{k}-n{n}.json"
         if not router.exists():  # else an interrupted run's fit is kept
             run(CLI + ["route", "fit", "--model", "llama", *sum((["--task", t] for t in calib), []),
@@ -145,7 +148,7 @@ def main() -> None:
         if method == "oracle":
             if (f"oracle-{n}", k, None) not in done:
                 oracle(n, k)
-        elif (method if method in ("l0", "tabp") else f"static-{method}", k, n) not in done:
+        elif (config_of(method), k, n) not in done:
             routed_or_static(method, k, n)
     write_report(doc, out)
 

@@ -139,7 +139,7 @@ def write_report(doc: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, s in doc["settings"].items():
         if "levels" not in s:
-            lines.append(f"| {name} | - | {s.get('skipped') or s.get('error')} | | | |")
+            lines.append(f"| {name} | - | error: {s['error']} | | | |")
             continue
         for lv in s["levels"]:
             rr = lv["ratio_rounds"] or {}

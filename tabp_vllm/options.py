@@ -17,7 +17,7 @@ from typing import Any, Mapping, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from tabp_vllm.errors import TabpError
+from tabp_vllm.errors import TabpError, first_line
 
 O = TypeVar("O", bound="Options")
 
@@ -55,7 +55,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     try:
         doc = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
-        raise TabpError(f"{p}: invalid YAML ({str(exc).splitlines()[0]})") from None
+        raise TabpError(f"{p}: invalid YAML ({first_line(exc)})") from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):

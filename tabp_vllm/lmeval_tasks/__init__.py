@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tabp_vllm.errors import TabpError
+from tabp_vllm.errors import TabpError, first_line
 
 TASKS_DIR = Path(__file__).resolve().parent
 JSONL_TASK = "tabp_jsonl"  # the base of a user's MCQA JSONL file as a task (tabp_jsonl.yaml)
@@ -37,9 +37,7 @@ def offline_tasks(tm=None) -> list[str]:
 
 
 def _unavailable(task: str, exc: Exception) -> TabpError:
-    text = str(exc).strip()
-    first = text.splitlines()[0][:200] if text else type(exc).__name__
-    return TabpError(f"task {task!r}: its data could not be loaded ({first}); offline, use the "
+    return TabpError(f"task {task!r}: its data could not be loaded ({first_line(exc)[:200]}); offline, use the "
                      f"tabp_{task.removeprefix('tabp_')} task on the local files ($TABP_VLLM_DATA) "
                      f"or point a task YAML at local files (custom_dataset, or dataset_path: json "
                      f"with dataset_kwargs.data_files) in --include_path, or use --data FILE.jsonl")

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from tabp_vllm.data import MCQAItem, TextItem, mcqa_context
-from tabp_vllm.errors import TabpError
+from tabp_vllm.errors import TabpError, first_line
 from tabp_vllm.mask import MaskError, TaskMask, check_envelope, parse_mask, read_json_artefact
 from tabp_vllm.models import (FINGERPRINT_KEYS, fingerprint_diffs, load_model_config,
                               model_fingerprint, save_json_atomically)
@@ -225,7 +225,7 @@ def open_encoder(router: Router, where: str = "<router>", model_and_tokenizer: t
     except TabpError as exc:
         raise _fail(where, f"encoder cannot be loaded: {exc}") from None
     except OSError as exc:  # transformers: no checkpoint at the path
-        raise _fail(where, f"encoder cannot be loaded: {str(exc).splitlines()[0]}") from None
+        raise _fail(where, f"encoder cannot be loaded: {first_line(exc)}") from None
     if enc.dimension != router.dimension:
         raise _fail(where, f"encoder {name!r} gives {enc.dimension}-d vectors, the router's "
                            f"centroids are {router.dimension}-d")
