@@ -49,12 +49,18 @@ def test_offline_tasks_read_the_shared_data_with_the_project_split():
     from tabp_vllm.data import load_task
     from tabp_vllm.evaluate import check_tasks
 
-    assert offline_tasks() == ["tabp_arc_challenge", "tabp_arc_easy", "tabp_boolq", "tabp_demo",
-                               "tabp_piqa"]
-    sizes = check_tasks(["tabp_arc_easy", "tabp_arc_challenge", "tabp_piqa", "tabp_boolq"])
-    # lm-eval evaluates on test where the task has one (ARC), else validation
+    assert offline_tasks() == ["tabp_arc_challenge", "tabp_arc_challenge_validation",
+                               "tabp_arc_easy", "tabp_arc_easy_validation", "tabp_boolq",
+                               "tabp_demo", "tabp_piqa"]
+    sizes = check_tasks(["tabp_arc_easy", "tabp_arc_challenge", "tabp_piqa", "tabp_boolq",
+                         "tabp_arc_easy_validation", "tabp_arc_challenge_validation"])
+    # lm-eval evaluates on test where the task has one (ARC), else validation; the _validation
+    # variants (the comparison report's split) score ARC's validation split
     assert sizes == {"tabp_arc_easy": 2376, "tabp_arc_challenge": 1172, "tabp_piqa": 919,
-                     "tabp_boolq": 1635}
+                     "tabp_boolq": 1635, "tabp_arc_easy_validation": 570,
+                     "tabp_arc_challenge_validation": 299}
+    assert _ours("tabp_arc_easy_validation") == {**_ours("tabp_arc_easy"), "test_split": None,
+                                                 "task": "tabp_arc_easy_validation"}
     # BoolQ / PIQA: the project's seeded halves of dev, so calibration (train) never meets eval
     for task in ("piqa", "boolq"):
         for split in ("train", "validation"):

@@ -1,0 +1,438 @@
+"""TaBP against the baselines on the demo model, measured so methods can be told apart (report v2).
+
+What it runs, all through the product's own code (`score_with_options` = `tabp-vllm score`, and
+`evaluate_variant` = `tabp-vllm eval`, i.e. lm-evaluation-harness on the served engine):
+- configurations (CONFIGS): TaBP as the product runs it by default (auto probe, SSN, latter half),
+  TaBP with `--preset paper` (the official code's setting), TaBP with DDF, TaBP over the whole
+  depth; the baselines as published (Block Influence, angular distance, SLEB and PPL on
+  WikiText-2), the task-aligned SLEB and PPL (`sleb-task`, `ppl-task`: calibrated on the task's
+  own `Question ... Answer: <gold>` text), and the floors (random, last-k);
+- two protocols: `paper` (calibrate once on ARC-Easy train, evaluate on every task: what the TaBP
+  paper does) and `per-task` (calibrate on each task's own train split);
+- calibration seeds (`--seeds`): each seed draws another calibration sample (and another random
+  mask); configurations whose calibration does not depend on the seed (the paper preset reads the
+  first 1,024 items, last-k reads nothing) are scored once;
+- evaluation on whole held-out splits with lm-eval's prompts and metrics: ARC-Easy validation
+  (570), ARC-Challenge validation (299), the held-out halves of PIQA (919) and BoolQ (1,635) (no
+  `--limit` unless given);
+- per (protocol, task, k, configuration): mean and standard deviation over seeds, and a paired
+  bootstrap interval of its accuracy minus TaBP's (per document, each averaged over the seeds);
+  forward passes and wall time of every scoring run.
+
+Resumable: masks are kept under OUT/masks, per-document results of every (task, removed blocks)
+pair in OUT/eval_cache.json (one engine per distinct removed set, dense included), and the report
+(OUT/report.json, report.md, accuracy_vs_k.png) is rewritten after every evaluation, so an
+interrupted run keeps what it finished and a rerun does only what is missing. Work is ordered so
+that the first results are the ones the goal needs: seed by seed, the paper protocol first.
+
+    python bench/compare_v2.py --tasks arc_easy,piqa --seeds 0 --out bench/results/compare_v2
+    # quick smoke run:
+    python bench/compare_v2.py --tasks arc_easy --ks 2 --seeds 0 --configs tabp,random \\
+        --samples 16 --limit 20 --out /tmp/cmp2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# name -> the `score` options that make it (method + settings); the first is the reference
+CONFIGS: dict[str, dict[str, Any]] = {
+    "tabp": {"method": "tabp"},
+    "tabp-paper": {"method": "tabp", "preset": "paper"},
+    "tabp-ddf": {"method": "tabp", "aggregate": "ddf"},
+    "tabp-whole": {"method": "tabp", "block_range": "whole"},
+    "block_influence": {"method": "block_influence"},
+    "angular": {"method": "angular"},
+    "sleb": {"method": "sleb"},
+    "ppl": {"method": "ppl"},
+    "sleb-task": {"method": "sleb-task"},
+    "ppl-task": {"method": "ppl-task"},
+    "random": {"method": "random"},
+    "last_k": {"method": "last_k"},
+}
+REFERENCE = "tabp"
+PUBLISHED = ["sleb", "ppl", "block_influence", "angular"]  # the goal's "published-setting" baselines
+SEEDLESS = {"tabp-paper", "last_k"}  # calibration does not depend on the seed
+NO_DATA = {"random", "last_k"}  # no calibration data: one mask for every task
+WIKITEXT = {"sleb", "ppl"}  # calibrated on WikiText-2 whatever the task
+# our task -> the lm-eval task it is scored with (whole held-out split)
+LM_TASK = {"arc_easy": "tabp_arc_easy_validation", "arc_challenge": "tabp_arc_challenge_validation",
+           "piqa": "tabp_piqa", "boolq": "tabp_boolq"}
+METRIC = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "boolq": "acc"}
+BOOTSTRAP = 2000
+
+
+def calibration_of(config: str, task: str) -> str:
+    """The data a configuration's mask depends on under a protocol whose calibration task is
+    `task`: that task, WikiText-2, or nothing."""
+    if config in NO_DATA:
+        return "none"
+    return "wikitext2" if config in WIKITEXT else task
+
+
+class Report:
+    """The run's state: scoring records, per-document evaluation cache, and the report files."""
+
+    def __init__(self, out: Path, args: argparse.Namespace):
+        from tabp_vllm.engine import cpu_info
+
+        self.out, self.args = out, args
+        (out / "masks").mkdir(parents=True, exist_ok=True)
+        self.cache_path, self.doc_path = out / "eval_cache.json", out / "report.json"
+        self.cache = json.loads(self.cache_path.read_text()) if self.cache_path.exists() else {}
+        old = json.loads(self.doc_path.read_text()) if self.doc_path.exists() else {}
+        self.scoring: dict[str, dict] = old.get("scoring", {})
+        self.host = cpu_info()
+        self.mt = None  # the transformers model, loaded on the first scoring run
+
+    # ---------------------------------------------------------------- masks
+    def mask_path(self, config: str, calib: str, seed: int, k: int) -> Path:
+        return self.out / "masks" / f"{config}-{calib}-s{seed}-k{k}.json"
+
+    def masks(self, config: str, task: str, seed: int) -> dict[int, tuple[tuple[int, ...], Path]]:
+        """k -> (removed blocks, mask file) of `config` calibrated for `task` with `seed`; scored
+        now if any k is missing (once at the largest k when the method ranks every k)."""
+        from tabp_vllm.commands_score import ScoreOptions, score_with_options
+        from tabp_vllm.mask import load_mask
+        from tabp_vllm.models import resolve_model
+        from tabp_vllm.scoring import get_method, result_for_k, score_to_mask
+        from tabp_vllm.scoring.probe import load_model, pick_device
+
+        calib, seed = calibration_of(config, task), 0 if config in SEEDLESS else seed
+        ks = sorted(self.args.ks)
+        todo = [k for k in ks if not self.mask_path(config, calib, seed, k).exists()]
+        if todo:
+            spec = dict(CONFIGS[config])
+            method = get_method(spec["method"])
+            if "preset" not in spec:  # the preset brings its own sample (first 1,024)
+                multi = method.forward_passes(1, max(ks) + 1, max(ks)) > 1  # SLEB, PPL
+                spec["samples"] = self.args.sleb_samples if multi else self.args.samples
+            model = resolve_model("llama")
+            if self.mt is None:
+                self.mt = load_model(model, pick_device("cpu"))
+            runs_at = [max(todo)] if method.ranks_all_k else todo
+            for kk in runs_at:
+                o = ScoreOptions(model="llama", task=calib if calib not in ("none", "wikitext2")
+                                 else "arc_easy", seed=seed, output=self.mask_path(config, calib, seed, kk),
+                                 **spec)
+                print(f"scoring {config} on {calib} (seed {seed}) at k = {kk} ...", flush=True)
+                run = score_with_options(o, k=kk, model_and_tokenizer=self.mt)
+                self.scoring[f"{config}|{calib}|{seed}|{kk}"] = {
+                    "config": config, "calibration": calib, "seed": seed, "scored_at_k": kk,
+                    "samples": run.calibration["samples"], "forward_passes": run.forward_passes,
+                    "wall_s": round(run.wall_s, 2)}
+                for k in (todo if method.ranks_all_k else [kk]):
+                    res = run if k == kk else result_for_k(run, k)
+                    score_to_mask(model, res, task=calib, model_id="llama").save(
+                        self.mask_path(config, calib, seed, k))
+                print(f"  {run.forward_passes} forward passes, {run.wall_s:.1f} s", flush=True)
+                self.save()
+        return {k: (tuple(load_mask(self.mask_path(config, calib, seed, k)).removed_layers),
+                    self.mask_path(config, calib, seed, k)) for k in ks}
+
+    # ---------------------------------------------------------------- evaluation
+    @staticmethod
+    def key(task: str, removed: tuple[int, ...]) -> str:
+        return f"{LM_TASK[task]}|{','.join(map(str, removed))}"
+
+    def evaluate(self, needed: dict[tuple[int, ...], tuple[set[str], Path | None]]) -> None:
+        """One engine per removed set, on every task it still lacks; cached per document."""
+        from tabp_vllm.evaluate import evaluate_variant
+        from tabp_vllm.models import resolve_model
+
+        todo = [(r, sorted(t for t in ts if self.key(t, r) not in self.cache), p)
+                for r, (ts, p) in needed.items()]
+        todo = [x for x in todo if x[1]]
+        for i, (removed, tasks, path) in enumerate(todo, 1):
+            t0 = time.perf_counter()
+            res = evaluate_variant(resolve_model("llama"), [LM_TASK[t] for t in tasks],
+                                   str(path) if path else None, limit=self.args.limit)
+            for t in tasks:
+                docs = sorted(res["samples"][LM_TASK[t]], key=lambda d: d["doc_id"])
+                per_doc = {m: [d["metrics"][m] for d in docs] for m in ("acc", "acc_norm")
+                           if m in docs[0]["metrics"]}
+                self.cache[self.key(t, removed)] = {
+                    "n": len(docs), **{m: float(np.mean(v)) for m, v in per_doc.items()},
+                    "docs": per_doc}
+            self.cache_path.write_text(json.dumps(self.cache) + "\n")
+            print(f"[{i}/{len(todo)}] removed {list(removed) or 'none'} on {', '.join(tasks)}: "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+            self.save()
+
+    # ---------------------------------------------------------------- report
+    def per_doc(self, task: str, removed: tuple[int, ...]) -> np.ndarray | None:
+        hit = self.cache.get(self.key(task, removed))
+        return None if hit is None else np.asarray(hit["docs"][METRIC[task]], dtype=float)
+
+    def summarize(self) -> dict[str, Any]:
+        """Per protocol, task, k and configuration: per-seed accuracy, mean, sd, and the paired
+        bootstrap interval of (configuration - TaBP) on seed-averaged per-document scores."""
+        from tabp_vllm.mask import load_mask
+
+        a = self.args
+        rows = []
+        for protocol in a.protocols:
+            for task in a.tasks:
+                calib_task = "arc_easy" if protocol == "paper" else task
+                dense = self.per_doc(task, ())
+                for k in sorted(a.ks):
+                    per_config: dict[str, list[np.ndarray]] = {}
+                    removed_of: dict[str, list[list[int]]] = {}
+                    for config in a.configs:
+                        calib = calibration_of(config, calib_task)
+                        seeds = [0] if config in SEEDLESS else a.seeds
+                        got, rem = [], []
+                        for s in seeds:
+                            path = self.mask_path(config, calib, s, k)
+                            if not path.exists():
+                                continue
+                            removed = tuple(load_mask(path).removed_layers)
+                            x = self.per_doc(task, removed)
+                            if x is not None:
+                                got.append(x)
+                                rem.append(list(removed))
+                        if got:
+                            per_config[config], removed_of[config] = got, rem
+                    ref = per_config.get(REFERENCE)
+                    for config, got in per_config.items():
+                        accs = [float(x.mean()) for x in got]
+                        row = {"protocol": protocol, "task": task, "metric": METRIC[task], "k": k,
+                               "config": config, "seeds": len(got), "acc_per_seed": accs,
+                               "mean": float(np.mean(accs)),
+                               "sd": float(np.std(accs, ddof=1)) if len(accs) > 1 else None,
+                               "n": len(got[0]), "removed": removed_of[config],
+                               "dense": float(dense.mean()) if dense is not None else None}
+                        if ref is not None and config != REFERENCE:
+                            row["minus_tabp"] = paired_bootstrap(np.mean(got, axis=0),
+                                                                 np.mean(ref, axis=0))
+                        rows.append(row)
+        return {"rows": rows, "goal": self.goal(rows), "cost": self.cost()}
+
+    def goal(self, rows: list[dict]) -> list[dict]:
+        """Per (protocol, task, k) of the goal: does a TaBP configuration reach the best
+        published-setting baseline within the bootstrap interval, at <= 1/10 of SLEB's passes?"""
+        cost = {c["config"]: c for c in self.cost()}
+        sleb = cost.get("sleb", {}).get("forward_passes")
+        out = []
+        for protocol in self.args.protocols:
+            for task in ("arc_easy", "piqa"):
+                for k in (4, 8):
+                    here = {r["config"]: r for r in rows
+                            if (r["protocol"], r["task"], r["k"]) == (protocol, task, k)}
+                    base = [here[c] for c in PUBLISHED if c in here]
+                    if not base or not any(c.startswith("tabp") for c in here):
+                        continue
+                    best = max(base, key=lambda r: r["mean"])
+                    verdict = []
+                    for c in (c for c in here if c.startswith("tabp")):
+                        x = self.seed_mean(protocol, task, k, c)
+                        y = self.seed_mean(protocol, task, k, best["config"])
+                        lo, hi = paired_bootstrap(y, x)["interval"]  # best baseline - this TaBP
+                        passes = cost.get(c, {}).get("forward_passes")
+                        cheap = None if sleb is None or passes is None else passes <= sleb / 10
+                        verdict.append({"config": c, "mean": here[c]["mean"],
+                                        "baseline_minus_tabp": [lo, hi], "within": lo <= 0,
+                                        "passes": passes, "tenth_of_sleb": cheap,
+                                        "met": bool(lo <= 0 and cheap)})
+                    out.append({"protocol": protocol, "task": task, "k": k,
+                                "best_baseline": best["config"], "best_mean": best["mean"],
+                                "tabp": verdict, "met": any(v["met"] for v in verdict)})
+        return out
+
+    def seed_mean(self, protocol: str, task: str, k: int, config: str) -> np.ndarray:
+        from tabp_vllm.mask import load_mask
+
+        calib = calibration_of(config, "arc_easy" if protocol == "paper" else task)
+        got = []
+        for s in ([0] if config in SEEDLESS else self.args.seeds):
+            path = self.mask_path(config, calib, s, k)
+            if path.exists():
+                x = self.per_doc(task, tuple(load_mask(path).removed_layers))
+                if x is not None:
+                    got.append(x)
+        return np.mean(got, axis=0)
+
+    def cost(self) -> list[dict]:
+        """Per configuration: mean forward passes and wall time of one scoring run at the largest
+        k (the run that gives every k for the methods that rank every k)."""
+        kmax = max(self.args.ks)
+        out = []
+        for config in self.args.configs:
+            runs = [r for r in self.scoring.values() if r["config"] == config]
+            if not runs:
+                continue
+            top = [r for r in runs if r["scored_at_k"] == kmax] or runs
+            out.append({"config": config, "runs": len(runs),
+                        "samples": top[0]["samples"],
+                        "forward_passes": round(float(np.mean([r["forward_passes"] for r in top]))),
+                        "wall_s": round(float(np.mean([r["wall_s"] for r in top])), 1),
+                        "calibrations": sorted({r["calibration"] for r in runs})})
+        return out
+
+    def save(self) -> None:
+        doc = {"host": self.host, "command": sys.argv, "args": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items()},
+            "configs": {c: CONFIGS[c] for c in self.args.configs}, "reference": REFERENCE,
+            "lm_tasks": {t: LM_TASK[t] for t in self.args.tasks}, "metric": METRIC,
+            "bootstrap_resamples": BOOTSTRAP, "scoring": self.scoring, **self.summarize()}
+        self.doc_path.write_text(json.dumps(doc, indent=1) + "\n")
+        write_markdown(doc, self.out / "report.md")
+        plot(doc, self.out / "accuracy_vs_k.png")
+
+
+def paired_bootstrap(x: np.ndarray, y: np.ndarray, resamples: int = BOOTSTRAP,
+                     seed: int = 0) -> dict[str, Any]:
+    """Mean of x - y over the same documents and its 95 % percentile interval, resampling
+    documents with replacement (both scores of a document stay together: the pairing)."""
+    d = np.asarray(x, dtype=float) - np.asarray(y, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))
+    means = d[idx].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(d.mean()), "interval": [float(lo), float(hi)]}
+
+
+def write_markdown(doc: dict, path: Path) -> None:
+    a = doc["args"]
+    lines = ["# TaBP vs baselines on the demo model (report v2)", "",
+             f"Host: {doc['host'].get('model', '?')}. Evaluation: lm-eval on "
+             f"{', '.join(f'{t} ({name})' for t, name in doc['lm_tasks'].items())}"
+             f"{'' if a['limit'] is None else ', first %d documents' % a['limit']}; metric: "
+             f"acc_norm (ARC, PIQA), acc (BoolQ). Calibration: {a['samples']} samples "
+             f"({a['sleb_samples']} for SLEB / PPL; the paper preset its 1,024), seeds "
+             f"{a['seeds']}. Cells: mean over seeds (± sd), then [95 % paired bootstrap interval "
+             f"of the configuration minus `{doc['reference']}`].", ""]
+    rows = doc["rows"]
+    for protocol in a["protocols"]:
+        title = ("calibrated once on ARC-Easy train, evaluated on every task" if protocol == "paper"
+                 else "calibrated on each task's own train split")
+        for task in a["tasks"]:
+            here = [r for r in rows if (r["protocol"], r["task"]) == (protocol, task)]
+            if not here:
+                continue
+            ks = sorted({r["k"] for r in here})
+            dense = next((r["dense"] for r in here if r["dense"] is not None), None)
+            lines += [f"## {protocol} protocol ({title}): {task}, {METRIC[task]}"
+                      + (f", dense {dense:.3f}" if dense is not None else ""), "",
+                      "| configuration | " + " | ".join(f"k = {k}" for k in ks) + " |",
+                      "|---|" + "---|" * len(ks)]
+            for config in a["configs"]:
+                cells = []
+                for k in ks:
+                    r = next((r for r in here if r["config"] == config and r["k"] == k), None)
+                    if r is None:
+                        cells.append("-")
+                        continue
+                    cell = f"{r['mean']:.3f}" + (f" ± {r['sd']:.3f}" if r["sd"] is not None else "")
+                    if "minus_tabp" in r:
+                        lo, hi = r["minus_tabp"]["interval"]
+                        cell += f" [{lo:+.3f}, {hi:+.3f}]"
+                    cells.append(cell)
+                if any(c != "-" for c in cells):
+                    lines.append(f"| {config} | " + " | ".join(cells) + " |")
+            lines.append("")
+    if doc["cost"]:
+        lines += ["## Cost of one scoring run (at the largest k)", "",
+                  "| configuration | samples | forward passes | wall s | calibrations |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {c['config']} | {c['samples']} | {c['forward_passes']:,} | {c['wall_s']:.1f} "
+                  f"| {', '.join(c['calibrations'])} |" for c in doc["cost"]]
+        lines.append("")
+    if doc["goal"]:
+        lines += ["## Goal: a TaBP configuration at least as accurate as the best published-"
+                  "setting baseline (within the interval) at <= 1/10 of SLEB's forward passes", ""]
+        for g in doc["goal"]:
+            ok = [v["config"] for v in g["tabp"] if v["met"]]
+            lines.append(f"- {g['protocol']}, {g['task']}, k = {g['k']}: best baseline "
+                         f"{g['best_baseline']} {g['best_mean']:.3f}; "
+                         + ("met by " + ", ".join(ok) if ok else "not met") + " ("
+                         + "; ".join(f"{v['config']} {v['mean']:.3f}, baseline - it "
+                                     f"[{v['baseline_minus_tabp'][0]:+.3f}, "
+                                     f"{v['baseline_minus_tabp'][1]:+.3f}], {v['passes']} passes"
+                                     for v in g["tabp"]) + ")")
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = doc["args"]
+    rows = [r for r in doc["rows"] if r["protocol"] == a["protocols"][0]]
+    tasks = [t for t in a["tasks"] if any(r["task"] == t for r in rows)]
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        here = [r for r in rows if r["task"] == task]
+        for config in a["configs"]:
+            pts = sorted((r["k"], r["mean"], r["sd"] or 0.0) for r in here if r["config"] == config)
+            if pts:
+                ks, means, sds = zip(*pts)
+                ax.errorbar(ks, means, yerr=sds, marker="o", capsize=2, label=config,
+                            lw=2 if config.startswith("tabp") else 1)
+        dense = next((r["dense"] for r in here if r["dense"] is not None), None)
+        if dense is not None:
+            ax.axhline(dense, color="k", ls="--", lw=1, label="dense")
+        ax.set_title(f"{task} ({METRIC[task]}), {a['protocols'][0]} protocol", fontsize=9)
+        ax.set_xlabel("blocks removed (k)")
+    axes[0][0].set_ylabel("accuracy (mean over seeds ± sd)")
+    axes[0][-1].legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    csv = lambda t: lambda s: [t(x) for x in s.split(",") if x]  # noqa: E731
+    ap.add_argument("--tasks", type=csv(str), default=["arc_easy", "piqa", "arc_challenge", "boolq"])
+    ap.add_argument("--configs", type=csv(str), default=list(CONFIGS))
+    ap.add_argument("--protocols", type=csv(str), default=["paper", "per-task"])
+    ap.add_argument("--ks", type=csv(int), default=[4, 8])
+    ap.add_argument("--seeds", type=csv(int), default=[0, 1, 2])
+    ap.add_argument("--samples", type=int, default=256, help="calibration samples (one-pass methods)")
+    ap.add_argument("--sleb-samples", type=int, default=32,
+                    help="calibration samples of the methods that pass them once per candidate (SLEB, PPL)")
+    ap.add_argument("--limit", type=int, default=None, help="first N documents per task (default: all)")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "compare_v2")
+    a = ap.parse_args()
+    bad = ([t for t in a.tasks if t not in LM_TASK] + [c for c in a.configs if c not in CONFIGS]
+           + [p for p in a.protocols if p not in ("paper", "per-task")])
+    if bad:
+        sys.exit(f"error: unknown task, configuration or protocol: {', '.join(bad)}")
+    if REFERENCE not in a.configs:
+        a.configs.insert(0, REFERENCE)
+    rep = Report(a.out, a)
+    for seed in a.seeds:
+        for protocol in a.protocols:
+            groups = [("arc_easy", a.tasks)] if protocol == "paper" else [(t, [t]) for t in a.tasks]
+            for calib_task, eval_tasks in groups:
+                if protocol == "per-task" and calib_task == "arc_easy" and "paper" in a.protocols:
+                    continue  # the same calibration as the paper protocol: already done
+                needed: dict[tuple[int, ...], tuple[set[str], Path | None]] = {(): (set(a.tasks), None)}
+                for config in a.configs:
+                    if config in SEEDLESS and seed != a.seeds[0]:
+                        continue
+                    for _k, (removed, path) in rep.masks(config, calib_task, seed).items():
+                        needed.setdefault(removed, (set(), path))[0].update(eval_tasks)
+                rep.evaluate(needed)
+    rep.save()
+    print(f"wrote {a.out / 'report.md'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""bench/compare_v2.py: the paired bootstrap, and the summary it builds from per-document results
+(mean and sd over seeds, configuration minus TaBP, the goal's verdict)."""
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "bench" / "compare_v2.py"
+
+
+@pytest.fixture(scope="module")
+def cv2():
+    spec = importlib.util.spec_from_file_location("compare_v2", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_paired_bootstrap_keeps_documents_paired(cv2):
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 400).astype(float)
+    # the same documents, 20 of the wrong ones now right: +0.05, and every resample agrees on
+    # the sign because the pairs move together
+    x = y.copy()
+    x[np.flatnonzero(y == 0)[:20]] = 1.0
+    res = cv2.paired_bootstrap(x, y)
+    assert res["mean"] == pytest.approx(0.05)
+    lo, hi = res["interval"]
+    assert 0 < lo < 0.05 < hi < 0.1
+    assert cv2.paired_bootstrap(x, y) == res  # seeded
+    # identical scores: no difference and no width
+    assert cv2.paired_bootstrap(y, y) == {"mean": 0.0, "interval": [0.0, 0.0]}
+    # unpaired (y shuffled) the same mean difference is far less certain
+    lo_u, hi_u = cv2.paired_bootstrap(x, rng.permutation(y))["interval"]
+    assert hi_u - lo_u > 3 * (hi - lo)
+
+
+def test_calibration_of_names_what_a_mask_depends_on(cv2):
+    assert cv2.calibration_of("tabp", "piqa") == "piqa"
+    assert cv2.calibration_of("sleb-task", "piqa") == "piqa"
+    assert cv2.calibration_of("sleb", "piqa") == "wikitext2"  # as its paper: WikiText-2
+    assert cv2.calibration_of("random", "piqa") == "none"
+
+
+def test_summary_over_seeds_and_the_goal(cv2, tmp_path, demo_model):
+    from tabp_vllm.mask import make_mask
+
+    args = argparse.Namespace(tasks=["arc_easy"], configs=["tabp", "sleb", "last_k"],
+                              protocols=["paper"], ks=[4], seeds=[0, 1], samples=256,
+                              sleb_samples=32, limit=None)
+    rep = cv2.Report(tmp_path, args)
+    n = 200
+    # removed sets: TaBP seeds 0 and 1, SLEB seeds 0 and 1, last-k (seedless)
+    removed = {("tabp", "arc_easy", 0): [20, 21, 22, 23], ("tabp", "arc_easy", 1): [20, 21, 22, 24],
+               ("sleb", "wikitext2", 0): [10, 11, 12, 13], ("sleb", "wikitext2", 1): [10, 11, 12, 14],
+               ("last_k", "none", 0): [26, 27, 28, 29]}
+    right = {(20, 21, 22, 23): 100, (20, 21, 22, 24): 110, (10, 11, 12, 13): 150,
+             (10, 11, 12, 14): 160, (26, 27, 28, 29): 60, (): 170}  # documents right of 200
+    for (config, calib, seed), blocks in removed.items():
+        make_mask(demo_model, blocks, task=calib, model_id="llama").save(
+            rep.mask_path(config, calib, seed, 4))
+    for blocks, r in right.items():
+        docs = [1.0] * r + [0.0] * (n - r)
+        rep.cache[rep.key("arc_easy", blocks)] = {"n": n, "acc_norm": r / n,
+                                                  "docs": {"acc": docs, "acc_norm": docs}}
+    rep.scoring = {"tabp|arc_easy|0|4": {"config": "tabp", "calibration": "arc_easy", "seed": 0,
+                                         "scored_at_k": 4, "samples": 256, "forward_passes": 256,
+                                         "wall_s": 40.0},
+                   "sleb|wikitext2|0|4": {"config": "sleb", "calibration": "wikitext2", "seed": 0,
+                                          "scored_at_k": 4, "samples": 32, "forward_passes": 2944,
+                                          "wall_s": 1300.0}}
+    doc = rep.summarize()
+    rows = {r["config"]: r for r in doc["rows"]}
+    assert rows["tabp"]["acc_per_seed"] == [0.5, 0.55]
+    assert rows["tabp"]["mean"] == pytest.approx(0.525)
+    assert rows["tabp"]["sd"] == pytest.approx(np.std([0.5, 0.55], ddof=1))
+    assert rows["tabp"]["dense"] == pytest.approx(0.85)
+    assert rows["last_k"]["seeds"] == 1 and rows["last_k"]["sd"] is None
+    assert rows["sleb"]["minus_tabp"]["mean"] == pytest.approx(0.775 - 0.525)
+    assert rows["sleb"]["minus_tabp"]["interval"][0] > 0  # clearly better than TaBP here
+    (goal,) = doc["goal"]
+    assert goal["best_baseline"] == "sleb" and goal["best_mean"] == pytest.approx(0.775)
+    (verdict,) = goal["tabp"]
+    assert verdict["tenth_of_sleb"] is True  # 256 <= 2944 / 10 ...
+    assert verdict["within"] is False and goal["met"] is False  # ... but far less accurate
+    assert {c["config"]: c["forward_passes"] for c in doc["cost"]} == {"tabp": 256, "sleb": 2944}
