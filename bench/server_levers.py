@@ -92,20 +92,64 @@ def main() -> None:
             try:
                 server.wait_ready(f"http://127.0.0.1:{port}/v1/models", ready=lists_models(["llama"]),
                                   log_line="\nREADY", deadline_s=900, interval_s=2)
+                cpu0 = cpu_seconds(server.pid, ray=True), cpu_seconds(bare.pid)
                 res = run_bench(url=f"http://127.0.0.1:{port}", variants=["llama"], model="llama",
                                 bare_vllm=f"llama@http://127.0.0.1:{bare_port}", levels=a.levels,
                                 duration=a.duration, rounds=a.rounds, out=str(a.out / "settings"),
                                 stem=name, notes=f"setting {name}: {json.dumps(setting)}")
+                cpu1 = cpu_seconds(server.pid, ray=True), cpu_seconds(bare.pid)
             except TabpError as exc:
                 doc["settings"][name] = {"error": str(exc)}
                 continue
             finally:
                 server.stop(grace_s=120)
             doc["settings"][name] = {"setting": setting, "wall_s": round(time.time() - t0, 1),
-                                     "levels": summarize(res)}
+                                     "levels": summarize(res),
+                                     "cpu_s": {"server": cpu_delta(cpu0[0], cpu1[0]),
+                                               "bare": cpu_delta(cpu0[1], cpu1[1])}}
             doc_path.write_text(json.dumps(doc, indent=2) + "\n")
     doc_path.write_text(json.dumps(doc, indent=2) + "\n")
     write_report(doc, a.out)
+
+
+def cpu_seconds(root_pid: int, ray: bool = False) -> dict[int, tuple[str, float]]:
+    """pid -> (process title, CPU seconds so far) of every process under `root_pid`, and with
+    `ray` of every Ray process on the machine (raylet, GCS and the dashboard run in sessions of
+    their own). Ray titles its workers `ray::ProxyActor`, `ray::ServeReplica:APP:DEPLOYMENT`
+    (plus `.method` while one runs), vLLM its engine core `VLLM::EngineCore`."""
+    import psutil
+
+    try:
+        root = psutil.Process(root_pid)
+        procs = {p.pid: p for p in [root, *root.children(recursive=True)]}
+    except psutil.NoSuchProcess:
+        return {}
+    if ray:
+        for p in psutil.process_iter(["name", "cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if p.info["name"] in ("raylet", "gcs_server") or cmd.startswith("ray::") or "/ray/" in cmd:
+                procs.setdefault(p.pid, p)
+    out = {}
+    for pid, p in procs.items():
+        try:
+            with p.oneshot():
+                cmd = p.cmdline()
+                title = cmd[0].split(" ")[0] if cmd and "::" in cmd[0] else p.name()
+                t = p.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        out[pid] = (title.split(".")[0] if title.startswith("ray::") else title, t.user + t.system)
+    return out
+
+
+def cpu_delta(before: dict[int, tuple[str, float]],
+              after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds used between two `cpu_seconds` readings, summed by process title, largest
+    first (a process that started in between counts whole)."""
+    d: dict[str, float] = {}
+    for pid, (title, cpu) in after.items():
+        d[title] = d.get(title, 0.0) + cpu - before.get(pid, ("", 0.0))[1]
+    return dict(sorted(((k, round(v, 1)) for k, v in d.items() if v >= 0.1), key=lambda kv: -kv[1]))
 
 
 def summarize(res: dict) -> list[dict]:
@@ -149,6 +193,13 @@ def write_report(doc: dict, out: Path) -> None:
                          f"{lv['itl_p50_ms']:.1f} / {lv['itl_p99_ms']:.1f} | {lv['errors']} |")
         ax.plot([lv["level"] for lv in s["levels"]], [lv["ratio"] for lv in s["levels"]], "o-",
                 label=name)
+    lines += ["", "CPU seconds used during each setting's bench (both servers loaded in turn), "
+              "by process: where the time goes, hop by hop.", ""]
+    for name, s in doc["settings"].items():
+        for side in ("server", "bare"):
+            top = list(s.get("cpu_s", {}).get(side, {}).items())[:6]
+            if top:
+                lines.append(f"- {name}, {side}: " + ", ".join(f"`{k}` {v:.0f}" for k, v in top))
     ax.axhline(doc["target"], color="k", ls=":", lw=1, label="target")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrency")
