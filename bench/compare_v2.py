@@ -24,6 +24,8 @@ pair in OUT/eval_cache.json (one engine per distinct removed set, dense included
 (OUT/report.json, report.md, accuracy_vs_k.png) is rewritten after every evaluation, so an
 interrupted run keeps what it finished and a rerun does only what is missing. Work is ordered so
 that the first results are the ones the goal needs: seed by seed, the paper protocol first.
+`--score-only` makes every mask first (one CPU-bound transformers process) and leaves the
+evaluations to a later run.
 
     python bench/compare_v2.py --tasks arc_easy,piqa --seeds 0 --out bench/results/compare_v2
     # quick smoke run:
@@ -409,6 +411,8 @@ def main() -> None:
                     help="calibration samples of the methods that pass them once per candidate (SLEB, PPL)")
     ap.add_argument("--limit", type=int, default=None, help="first N documents per task (default: all)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "compare_v2")
+    ap.add_argument("--score-only", action="store_true",
+                    help="only score the masks (transformers, no engine); evaluate in a later run")
     a = ap.parse_args()
     bad = ([t for t in a.tasks if t not in LM_TASK] + [c for c in a.configs if c not in CONFIGS]
            + [p for p in a.protocols if p not in ("paper", "per-task")])
@@ -429,7 +433,8 @@ def main() -> None:
                         continue
                     for _k, (removed, path) in rep.masks(config, calib_task, seed).items():
                         needed.setdefault(removed, (set(), path))[0].update(eval_tasks)
-                rep.evaluate(needed)
+                if not a.score_only:
+                    rep.evaluate(needed)
     rep.save()
     print(f"wrote {a.out / 'report.md'}", flush=True)
 

@@ -10,8 +10,9 @@ Every configuration is made and measured with the product's own commands:
   the task of every request; `score --task T --method tabp`);
 - dense.
 Each is evaluated with `eval --router` (one lm-eval run per distinct mask on the documents routed
-to it; the oracle and dense with `eval --task-mask` / `eval`) on the first `--limit` validation
-documents of each `--eval` task. Results: `OUT/routing.json`, `OUT/routing.md`, `OUT/accuracy_vs_clusters.png`.
+to it; the oracle and dense with `eval --task-mask` / `eval`) on the first `--limit` documents
+of each `--eval` task's evaluation split as lm-eval picks it (ARC-Easy: test, as lm-eval's
+arc_easy; PIQA and BoolQ: the held-out half of dev, never used for calibration). Results: `OUT/routing.json`, `OUT/routing.md`, `OUT/accuracy_vs_clusters.png`.
 
     python bench/routing_report.py --clusters 1,2,4 --ks 4 --limit 100
 """
@@ -52,7 +53,7 @@ def main() -> None:
     ap.add_argument("--static-methods", default="block_influence,angular,sleb,ppl,random")
     ap.add_argument("--samples", type=int, default=32, help="calibration inputs per task")
     ap.add_argument("--steps", type=int, default=24, help="L0 steps per cluster")
-    ap.add_argument("--limit", type=int, default=100, help="validation documents per task")
+    ap.add_argument("--limit", type=int, default=100, help="evaluation documents per task")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "routing")
     a = ap.parse_args()
     out, log = a.out, a.out / "run.log"
@@ -164,7 +165,8 @@ def write_report(doc: dict, out: Path) -> None:
     dense = next(r for r in rows if r["config"] == "dense")
     lines = ["# Input-guided routing vs static masks (demo model)", "",
              f"Calibration: {', '.join(doc['calib'])} train splits, {doc['samples']} inputs each, "
-             f"mixed. Evaluation: first {doc['limit']} validation documents per task, zero-shot, "
+             f"mixed. Evaluation: first {doc['limit']} documents per task of lm-eval's evaluation split "
+             f"(ARC-Easy test; PIQA, BoolQ the held-out half of dev), zero-shot, "
              f"lm-eval through `tabp-vllm eval` (routed: `eval --router`). L0: {doc['steps']} "
              f"steps per cluster. Host: {doc['host'].get('model', '?')}.", "",
              "Static masks are `route fit --clusters 1` with each method (one mask from the whole "
