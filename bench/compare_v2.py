@@ -93,6 +93,13 @@ class Report:
         self.cache_path, self.doc_path = out / "eval_cache.json", out / "report.json"
         self.cache = json.loads(self.cache_path.read_text()) if self.cache_path.exists() else {}
         old = json.loads(self.doc_path.read_text()) if self.doc_path.exists() else {}
+        # masks are named by configuration, calibration, seed and k: a resumed run must draw
+        # its calibration sets as the run that made them did
+        for name in ("samples", "sleb_samples", "limit"):
+            was = old.get("args", {}).get(name, getattr(args, name))
+            if was != getattr(args, name):
+                sys.exit(f"error: {out} was made with --{name.replace('_', '-')} {was}; "
+                         f"resume with the same, or use another --out")
         self.scoring: dict[str, dict] = old.get("scoring", {})
         self.host = cpu_info()
         self.mt = None  # the transformers model, loaded on the first scoring run
