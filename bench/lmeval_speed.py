@@ -116,7 +116,10 @@ def measure_server(a: argparse.Namespace) -> None:
     cmd = [sys.executable, "-m", "tabp_vllm", "serve", "--model", a.model, "--port", str(port)]
     cmd += ["--task-mask", a.mask] if a.mask else []
     name = f"{a.model}-{Path(a.mask).stem}" if a.mask else a.model
-    server = ManagedProcess(cmd, a.out.parent / "lmeval_speed.serve.log", name="tabp-vllm serve")
+    from tabp_vllm.models import cache_dir
+
+    server = ManagedProcess(cmd, cache_dir() / "logs" / "lmeval_speed.serve.log",
+                            name="tabp-vllm serve")
     base = f"http://127.0.0.1:{port}"
     try:
         t0 = time.perf_counter()
