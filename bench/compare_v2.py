@@ -186,30 +186,16 @@ class Report:
     def summarize(self) -> dict[str, Any]:
         """Per protocol, task, k and configuration: per-seed accuracy, mean, sd, and the paired
         bootstrap interval of (configuration - TaBP) on seed-averaged per-document scores."""
-        from tabp_vllm.mask import load_mask
-
         a = self.args
         rows = []
         for protocol in a.protocols:
             for task in a.tasks:
-                calib_task = "arc_easy" if protocol == "paper" else task
                 dense = self.per_doc(task, ())
                 for k in sorted(a.ks):
                     per_config: dict[str, list[np.ndarray]] = {}
                     removed_of: dict[str, list[list[int]]] = {}
                     for config in a.configs:
-                        calib = calibration_of(config, calib_task)
-                        seeds = [0] if config in SEEDLESS else a.seeds
-                        got, rem = [], []
-                        for s in seeds:
-                            path = self.mask_path(config, calib, s, k)
-                            if not path.exists():
-                                continue
-                            removed = tuple(load_mask(path).removed_layers)
-                            x = self.per_doc(task, removed)
-                            if x is not None:
-                                got.append(x)
-                                rem.append(list(removed))
+                        got, rem = self.per_seed(protocol, task, k, config)
                         if got:
                             per_config[config], removed_of[config] = got, rem
                     ref = per_config.get(REFERENCE)
@@ -258,18 +244,26 @@ class Report:
                                 "tabp": verdict, "met": any(v["met"] for v in verdict)})
         return out
 
-    def seed_mean(self, protocol: str, task: str, k: int, config: str) -> np.ndarray:
+    def per_seed(self, protocol: str, task: str, k: int,
+                 config: str) -> tuple[list[np.ndarray], list[list[int]]]:
+        """Per calibration seed with a mask and its evaluation on `task`: the per-document scores
+        and the removed blocks."""
         from tabp_vllm.mask import load_mask
 
         calib = calibration_of(config, "arc_easy" if protocol == "paper" else task)
-        got = []
+        got, rem = [], []
         for s in ([0] if config in SEEDLESS else self.args.seeds):
             path = self.mask_path(config, calib, s, k)
             if path.exists():
-                x = self.per_doc(task, tuple(load_mask(path).removed_layers))
+                removed = tuple(load_mask(path).removed_layers)
+                x = self.per_doc(task, removed)
                 if x is not None:
                     got.append(x)
-        return np.mean(got, axis=0)
+                    rem.append(list(removed))
+        return got, rem
+
+    def seed_mean(self, protocol: str, task: str, k: int, config: str) -> np.ndarray:
+        return np.mean(self.per_seed(protocol, task, k, config)[0], axis=0)
 
     def cost(self) -> list[dict]:
         """Per configuration: mean forward passes and wall time of one scoring run at the largest
