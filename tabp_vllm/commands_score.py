@@ -10,8 +10,9 @@ from __future__ import annotations
 import inspect
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar, List, Optional
+from typing import Any, Callable, ClassVar, Iterator, List, Optional
 
 import typer
 from pydantic import field_validator, model_validator
@@ -227,17 +228,25 @@ def score_with_options(o: ScoreOptions, *, k: int | None = None, model_and_token
                        model_and_tokenizer=model_and_tokenizer, progress=progress)
 
 
+@contextmanager
+def progress_bars(out: Console = console) -> Iterator[Callable[[str, int], Callable[..., None]]]:
+    """Rich progress bars for long work: yields `progress(description, total)`, which adds a bar
+    and returns its `advance(n=1)` (the callback `run_scoring` and `fit_router` take)."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=out, transient=False) as prog:
+        def progress(desc: str, total: int) -> Callable[..., None]:
+            tid = prog.add_task(desc, total=total)
+            return lambda n=1: prog.advance(tid, n)
+
+        yield progress
+
+
 def run_score(o: ScoreOptions) -> None:
     from tabp_vllm.data import LMEVAL_PREFIX
     from tabp_vllm.models import alias_of, resolve_model
     from tabp_vllm.scoring import score_to_mask
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=False) as prog:
-        def progress(desc: str, total: int):
-            tid = prog.add_task(desc, total=total)
-            return lambda n=1: prog.advance(tid, n)
-
+    with progress_bars() as progress:
         res = score_with_options(o, progress=progress)
     # an lm-eval task's mask is named after the task (variant `llama-tabp_arc_easy`); the
     # calibration provenance says it came from lm-eval

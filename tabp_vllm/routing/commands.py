@@ -7,9 +7,9 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from tabp_vllm.commands_score import progress_bars
 from tabp_vllm.errors import user_errors
 from tabp_vllm.options import build_options
 from tabp_vllm.routing.options import RouteFitOptions
@@ -67,12 +67,7 @@ def fit(
 def run_fit(o: RouteFitOptions) -> None:
     from tabp_vllm.routing.fit import fit_router
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=False) as prog:
-        def progress(desc: str, total: int):
-            tid = prog.add_task(desc, total=total)
-            return lambda n=1: prog.advance(tid, n)
-
+    with progress_bars(console) as progress:
         router = fit_router(o, progress=progress)
     router.save(o.output)
     table = Table("cluster", "inputs per task", "removed blocks", "KL to dense", "variant")
