@@ -125,6 +125,25 @@ def masks_make(
     print(f"wrote {output}: removes {mask.removed_layers}")
 
 
+@masks_app.command("cut")
+@user_errors
+def masks_cut(
+    file: Path,
+    output: Path = typer.Option(..., "-o", "--output", help="The mask to write."),
+    k: int = typer.Option(..., "--k", help="Blocks to remove (at most the scored k)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Write the mask a smaller k gives, from a scored mask's own scores (no new scoring run;
+    for the methods that rank every k: every one but angular, which compares blocks k apart)."""
+    from tabp_vllm.mask import check_depth, load_mask
+    from tabp_vllm.scoring import mask_at_k
+
+    mask = mask_at_k(load_mask(file), k, where=str(file))
+    _warn(check_depth(mask, str(output), force))
+    mask.save(output)
+    print(f"wrote {output}: removes {mask.removed_layers}")
+
+
 def _warn(text: Optional[str]) -> None:
     if text:
         print(f"warning: {text}", file=sys.stderr)

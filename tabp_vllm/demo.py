@@ -1,24 +1,30 @@
 """`make demo`: the main job end to end on the embedded defaults.
 
-1. score the demo model's blocks with TaBP on the bundled (generated) calibration set -> a mask;
-2. fit an input-guided router on the same set: 2 clusters of inputs (arithmetic vs the rest),
-   one learned mask each (`route fit`);
-3. accuracy of dense, pruned and routed on the bundled questions calibration did not see
-   (`eval`, through lm-evaluation-harness);
+1. score the demo model's blocks with TaBP (the product's default settings) on the bundled
+   (generated) calibration set, once at the largest candidate k, and cut the smaller k from the
+   same scores (`masks cut`);
+2. accuracy of dense and every candidate on the bundled questions calibration did not see (`eval`,
+   through lm-evaluation-harness); the demo keeps the largest k whose accuracy stays at
+   KEEP_ACCURACY or more of dense's: pruning that breaks the model is not worth serving;
+3. fit an input-guided router on the same set at that k: 2 clusters of inputs (arithmetic vs the
+   rest), one learned mask each (`route fit`), and its accuracy on the same held-out questions;
 4. `tabp-vllm serve` the dense model, the pruned variant and the router's variants behind one
    OpenAI endpoint, with the routed name `llama-auto`;
 5. ask every variant the same question through the official `openai` client;
 6. send an arithmetic and a general question to `llama-auto`: each is answered by the variant
    of its cluster, and the response says which;
 7. measure dense vs pruned throughput under load (`bench`, short);
-8. read the per-variant counters from the server's Prometheus endpoint; stop the server cleanly.
+8. read the per-variant counters from the server's Prometheus endpoint; stop the server cleanly;
+   then one summary line: the k chosen, the accuracy it kept and the speedup it measured.
 
 Each step runs the real `tabp-vllm` command, so the demo shows what a user would type.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -37,6 +43,9 @@ CLI = [sys.executable, "-m", "tabp_vllm"]
 VARIANTS = ("llama", "llama-demo")  # --model llama + one mask of task "demo" (<alias>-<task>)
 ROUTED = "llama-auto"  # the router's routed name (<alias>-auto)
 ROUTED_QUESTIONS = ("What is 12 plus 9?", "What is the capital of France?")
+CHAT_QUESTION = "What color is the sky on a clear day?"  # not in the bundled set
+CANDIDATE_KS = (2, 4, 6)  # of 30 blocks; scored once at the largest
+KEEP_ACCURACY = 0.9  # the largest k whose held-out accuracy stays >= 90 % of dense's
 SUCCESS, BLOCKS_KEPT = "ray_vllm_request_success_total", "ray_tabp_variant_blocks_kept"
 ROUTED_COUNT = "ray_tabp_routed_requests_total"
 SHOWN = (SUCCESS, "ray_vllm_generation_tokens_total", BLOCKS_KEPT,
@@ -83,26 +92,73 @@ def wait_for_metrics(url: str, deadline_s: float = 120.0) -> dict[tuple[str, str
         time.sleep(2)
 
 
+def held_out_accuracy(eval_json: Path) -> dict[int | None, float]:
+    """k (None: dense) -> acc on the held-out demo questions, from `eval -o`'s JSON."""
+    from tabp_vllm.mask import load_mask
+
+    out = {}
+    for row in json.loads(eval_json.read_text())["results"]:
+        k = None if row["mask"] is None else len(load_mask(row["mask"]).removed_layers)
+        out[k] = row["results"]["tabp_demo"]["acc,none"]
+    return out
+
+
+def choose_k(accuracy: dict[int | None, float]) -> tuple[int, str]:
+    """The largest candidate k whose held-out accuracy is >= KEEP_ACCURACY of dense's (the
+    smallest k when none is), and the sentence that says why."""
+    dense = accuracy[None]
+    kept = [k for k in CANDIDATE_KS if accuracy[k] >= KEEP_ACCURACY * dense]
+    k = max(kept) if kept else min(CANDIDATE_KS)
+    table = ", ".join(f"k = {c}: {accuracy[c]:.3f}" for c in CANDIDATE_KS)
+    return k, (f"held-out accuracy: dense {dense:.3f}, {table}; serving k = {k}: "
+               + (f"the largest k keeping >= {KEEP_ACCURACY:.0%} of dense's accuracy" if kept
+                  else f"no k keeps {KEEP_ACCURACY:.0%} of dense's accuracy, so the smallest"))
+
+
+def summary(k: int, accuracy: dict[int | None, float], bench_json: Path) -> str:
+    """One line: what pruning kept (accuracy) and what it bought (measured vs ideal speedup)."""
+    rows = json.loads(bench_json.read_text())["comparison"]["speedups"]
+    row = next(r for r in rows if r["variant"] == VARIANTS[1])
+    ideal = f", ideal {row['ideal_speedup']:.3f}x" if row.get("ideal_speedup") else ""
+    return (f"summary: {VARIANTS[1]} removes {k} of 30 blocks, keeps {accuracy[k]:.3f} held-out "
+            f"accuracy of dense's {accuracy[None]:.3f} ({accuracy[k] / accuracy[None]:.0%}; 32 "
+            f"questions, one standard error ~0.08) and ran at {row['achieved_speedup']:.3f}x "
+            f"dense's output tokens/s with {row['level']:g} clients{ideal}")
+
+
 def main() -> int:
     from openai import OpenAI
 
     OUT.mkdir(parents=True, exist_ok=True)
     mask = OUT / "demo.json"
 
-    step("1. score: TaBP (SSN over entropy) on the bundled calibration set, remove k=4 blocks")
+    step(f"1. score: TaBP (product defaults) on the bundled calibration set, k = {max(CANDIDATE_KS)}, "
+         f"then cut k = {', '.join(map(str, CANDIDATE_KS[:-1]))} from the same scores")
+    masks = {k: OUT / f"demo-k{k}.json" for k in CANDIDATE_KS}
     subprocess.run(CLI + ["score", "--model", "llama", "--task", "demo", "--method", "tabp",
-                          "--k", "4", "--samples", "64", "-o", str(mask)], check=True)
-    subprocess.run(CLI + ["masks", "show", str(mask)], check=True)
+                          "--k", str(max(CANDIDATE_KS)), "--samples", "64",
+                          "-o", str(masks[max(CANDIDATE_KS)])], check=True)
+    for k in CANDIDATE_KS[:-1]:
+        subprocess.run(CLI + ["masks", "cut", str(masks[max(CANDIDATE_KS)]), "--k", str(k),
+                              "-o", str(masks[k])], check=True)
+    subprocess.run(CLI + ["masks", "show", str(masks[max(CANDIDATE_KS)])], check=True)
 
-    step("2. route fit: input-guided masks, 2 clusters of the same set, k=4 (Hard-Concrete L0)")
+    step("2. eval: dense and every k on the 32 bundled questions calibration did not use (lm-eval)")
+    subprocess.run(CLI + ["eval", "--model", "llama", "--task", "tabp_demo"]
+                   + [a for k in CANDIDATE_KS for a in ("--task-mask", str(masks[k]))]
+                   + ["-o", str(OUT / "eval.json")], check=True)
+    accuracy = held_out_accuracy(OUT / "eval.json")
+    k, why = choose_k(accuracy)
+    console.print(why)
+    shutil.copyfile(masks[k], mask)
+
+    step(f"3. route fit: input-guided masks, 2 clusters of the same set, k = {k} (Hard-Concrete L0)")
     router = OUT / "router.json"
     subprocess.run(CLI + ["route", "fit", "--model", "llama", "--task", "demo", "--clusters", "2",
-                          "--k", "4", "--steps", "12", "-o", str(router)], check=True)
+                          "--k", str(k), "--steps", "12", "-o", str(router)], check=True)
     subprocess.run(CLI + ["masks", "show", str(router)], check=True)
-
-    step("3. eval: accuracy on the 32 bundled questions calibration did not use (lm-eval)")
-    subprocess.run(CLI + ["eval", "--model", "llama", "--task", "tabp_demo", "--task-mask", str(mask),
-                          "--router", str(router), "-o", str(OUT / "eval.json")], check=True)
+    subprocess.run(CLI + ["eval", "--model", "llama", "--task", "tabp_demo", "--no-dense",
+                          "--router", str(router), "-o", str(OUT / "eval_routed.json")], check=True)
 
     step("4. serve: dense + pruned + routed, one OpenAI endpoint (Ray Serve + vLLM)")
     server = ManagedProcess(
@@ -124,7 +180,7 @@ def main() -> int:
 
         step("5. the same question to every variant (openai client, greedy)")
         client = OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="unused")
-        question = [{"role": "user", "content": "What is the capital of France?"}]
+        question = [{"role": "user", "content": CHAT_QUESTION}]
         for m in client.models.list().data:
             if m.id == ROUTED:
                 continue
@@ -164,6 +220,7 @@ def main() -> int:
             if metric == ROUTED_COUNT:
                 console.print(f"  {metric} {{routed_name={ROUTED}, model_name={variant}}} {value:g}")
         console.print(f"\nmask: {mask}   router: {router}   server log: {server.log_path}")
+        console.print(summary(k, accuracy, OUT / "bench.json"))
     finally:
         step("9. stop (Ctrl-C)")
         left = server.stop(grace_s=120)

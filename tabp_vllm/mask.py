@@ -32,6 +32,10 @@ class MaskError(TabpError):
     """A mask file that cannot be used: the message is one line naming the file and the fault."""
 
 
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
 @dataclass
 class TaskMask:
     """One task's pruning decision for one model."""
@@ -44,9 +48,7 @@ class TaskMask:
     params: dict[str, Any] = field(default_factory=dict)
     scores: list[float | None] | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
-    created_at: str = field(
-        default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    )
+    created_at: str = field(default_factory=now_iso)
 
     @property
     def num_hidden_layers(self) -> int:

@@ -244,3 +244,45 @@ def test_provenance_relative_to_data_root(tmp_path, monkeypatch):
     prov = load_task("demo").provenance(0)
     assert prov["source"] == "package:demo_mcqa.jsonl"
     assert str(tmp_path) not in json.dumps(prov)
+
+
+def test_cut_gives_the_smaller_k_from_the_masks_own_scores(demo_model, tmp_path):
+    # per-block scores over candidates 15..29 (lower = more removable): the k lowest go
+    scores = [None] * 15 + [float(s) for s in (9, 1, 7, 3, 8, 2, 10, 11, 12, 13, 14, 15, 16, 17, 4)]
+    scored = make_mask(demo_model, [15, 16, 18, 20], task="t", method="tabp", scores=scores,
+                       params={"k": 4, "candidate_range": [15, 30], "statistic": "entropy"})
+    src = scored.save(tmp_path / "k4.json")
+    out = tmp_path / "k2.json"
+    result = runner.invoke(app, ["masks", "cut", str(src), "--k", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    cut = load_mask(out, demo_model)
+    assert cut.removed_layers == [16, 20]  # scores 1 and 2
+    assert cut.params["k"] == 2 and cut.params["statistic"] == "entropy"
+    assert cut.scores == scores and cut.method == "tabp"
+    # SLEB: its greedy removal order, not the scores, decides
+    ppl = make_mask(demo_model, [4, 9, 21], task="t", method="sleb", scores=[0.0] * 30,
+                    params={"k": 3, "candidate_range": [1, 29], "removal_order": [21, 4, 9]})
+    result = runner.invoke(app, ["masks", "cut", str(ppl.save(tmp_path / "p.json")), "--k", "1",
+                                 "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert load_mask(out).removed_layers == [21]
+
+
+@pytest.mark.parametrize("case,fragment", [
+    ("larger", "k = 5 is larger than the scored k = 4"),
+    ("angular", "angular: the mask for k = 2 needs its own scoring run"),
+    ("manual", "recorded no per-block scores to cut"),
+])
+def test_cut_refuses_what_it_cannot_cut(demo_model, tmp_path, case, fragment):
+    if case == "manual":
+        mask = make_mask(demo_model, [3], task="t")
+    else:
+        mask = make_mask(demo_model, [15, 16, 17, 18], task="t", scores=[0.5] * 30,
+                         method="angular" if case == "angular" else "tabp",
+                         params={"k": 4, "candidate_range": [15, 30]})
+    src = mask.save(tmp_path / "m.json")
+    out = tmp_path / "out.json"
+    result = runner.invoke(app, ["masks", "cut", str(src), "--k", "5" if case == "larger" else "2",
+                                 "-o", str(out)])
+    assert_one_line_error(result.exit_code, result.output.strip(), str(src), fragment)
+    assert not out.exists()

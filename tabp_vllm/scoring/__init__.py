@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from tabp_vllm.data import Dataset
 from tabp_vllm.errors import TabpError
-from tabp_vllm.mask import TaskMask, make_mask
+from tabp_vllm.mask import TaskMask, make_mask, now_iso
 from tabp_vllm.scoring.base import MethodResult, ScoringMethod
 from tabp_vllm.scoring.registry import METHOD_NAMES, all_methods, get_method
 
@@ -162,6 +162,25 @@ def result_for_k(result: ScoringResult, k: int) -> ScoringResult:
     return replace(result, removed=removed, params=params)
 
 
+def mask_at_k(mask: TaskMask, k: int, where: str = "<mask>") -> TaskMask:
+    """The mask a scoring run at a smaller `k` would have written, cut from a scored mask's own
+    scores (`masks cut`): one scoring run, then any smaller k."""
+    if not mask.scores or "k" not in mask.params:
+        raise TabpError(f"{where}: method {mask.method!r} recorded no per-block scores to cut "
+                        f"(only masks written by `score` can be cut)")
+    if k < 1:
+        raise TabpError(f"--k must be at least 1, not {k}")
+    result = ScoringResult(method=mask.method, removed=mask.removed_layers, scores=mask.scores,
+                           params=mask.params, calibration=mask.calibration, wall_s=0.0,
+                           forward_passes=0)
+    try:
+        cut = result_for_k(result, k)
+    except TabpError as exc:
+        raise TabpError(f"{where}: {exc}") from None
+    return replace(mask, removed_layers=sorted(cut.removed), params=cut.params,
+                   created_at=now_iso())
+
+
 def score_to_mask(model_path: str, result: ScoringResult, task: str,
                   model_id: str | None = None) -> TaskMask:
     return make_mask(model_path, result.removed, task=task, model_id=model_id,
@@ -170,4 +189,4 @@ def score_to_mask(model_path: str, result: ScoringResult, task: str,
 
 
 __all__ = ["METHOD_NAMES", "ScoringMethod", "ScoringResult", "all_methods", "get_method",
-           "parse_range", "resolve_k", "result_for_k", "run_scoring", "score_to_mask"]
+           "mask_at_k", "parse_range", "resolve_k", "result_for_k", "run_scoring", "score_to_mask"]

@@ -1,0 +1,36 @@
+"""`make demo`'s choice of k and its summary line, on the files its commands write (the demo
+itself takes ~12 minutes: it is run from a fresh clone before a release, not in `make test`)."""
+
+import json
+
+import pytest
+
+from tabp_vllm import demo
+
+
+@pytest.mark.parametrize("acc,want", [
+    ({None: 0.70, 2: 0.69, 4: 0.64, 6: 0.50}, 4),   # 0.64 >= 0.9 * 0.70 = 0.63
+    ({None: 0.70, 2: 0.69, 4: 0.62, 6: 0.66}, 6),   # the largest that keeps it, not the first gap
+    ({None: 0.70, 2: 0.55, 4: 0.50, 6: 0.40}, 2),   # none keeps it: the smallest, said so
+])
+def test_choose_k_keeps_the_largest_k_that_stays_useful(acc, want):
+    k, why = demo.choose_k(acc)
+    assert k == want
+    assert f"serving k = {want}" in why and "dense 0.700" in why
+    assert ("no k keeps" in why) == (want == 2 and acc[2] < 0.63)
+
+
+def test_held_out_accuracy_and_summary_read_the_commands_outputs(tmp_path, write_mask):
+    masks = {k: write_mask(list(range(20, 20 + k)), task="demo", name=f"k{k}.json") for k in (2, 4)}
+    (tmp_path / "eval.json").write_text(json.dumps({"results": [
+        {"variant": "dense", "mask": None, "results": {"tabp_demo": {"acc,none": 0.75}}},
+        {"variant": "k2", "mask": str(masks[2]), "results": {"tabp_demo": {"acc,none": 0.6875}}},
+        {"variant": "k4", "mask": str(masks[4]), "results": {"tabp_demo": {"acc,none": 0.5}}}]}))
+    acc = demo.held_out_accuracy(tmp_path / "eval.json")
+    assert acc == {None: 0.75, 2: 0.6875, 4: 0.5}
+    (tmp_path / "bench.json").write_text(json.dumps({"comparison": {"speedups": [
+        {"variant": "llama", "level": 4, "achieved_speedup": 1.0, "ideal_speedup": 1.0},
+        {"variant": "llama-demo", "level": 4, "achieved_speedup": 1.041, "ideal_speedup": 1.07}]}}))
+    line = demo.summary(2, acc, tmp_path / "bench.json")
+    assert "removes 2 of 30 blocks" in line and "0.688" in line and "0.750" in line
+    assert "(92%" in line and "1.041x" in line and "ideal 1.070x" in line
