@@ -4,7 +4,7 @@ What it runs, all through the product's own code (`score_with_options` = `tabp-v
 `evaluate_variant` = `tabp-vllm eval`, i.e. lm-evaluation-harness on the served engine):
 - configurations (CONFIGS): TaBP as the product runs it by default (auto probe, SSN, latter half),
   TaBP with `--preset paper` (the official code's setting), TaBP with DDF, TaBP over the whole
-  depth; the baselines as published (Block Influence, angular distance, SLEB and PPL on
+  depth, the default on 64 samples (`tabp-64`); the baselines as published (Block Influence, angular distance, SLEB and PPL on
   WikiText-2), the task-aligned SLEB and PPL (`sleb-task`, `ppl-task`: calibrated on the task's
   own `Question ... Answer: <gold>` text), and the floors (random, last-k);
 - two protocols: `paper` (calibrate once on ARC-Easy train, evaluate on every task: what the TaBP
@@ -53,6 +53,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "tabp-paper": {"method": "tabp", "preset": "paper"},
     "tabp-ddf": {"method": "tabp", "aggregate": "ddf"},
     "tabp-whole": {"method": "tabp", "block_range": "whole"},
+    # the default at a quarter of the samples: under 1/10 of SLEB's forward passes at k = 8
+    "tabp-64": {"method": "tabp", "samples": 64},
     "block_influence": {"method": "block_influence"},
     "angular": {"method": "angular"},
     "sleb": {"method": "sleb"},
@@ -123,7 +125,7 @@ class Report:
         if todo:
             spec = dict(CONFIGS[config])
             method = get_method(spec["method"])
-            if "preset" not in spec:  # the preset brings its own sample (first 1,024)
+            if "preset" not in spec and "samples" not in spec:  # the preset: its first 1,024
                 multi = method.forward_passes(1, max(ks) + 1, max(ks)) > 1  # SLEB, PPL
                 spec["samples"] = self.args.sleb_samples if multi else self.args.samples
             model = resolve_model("llama")
@@ -315,6 +317,7 @@ def write_markdown(doc: dict, path: Path) -> None:
              f"{a['seeds']}. Cells: mean over seeds (± sd), then [95 % paired bootstrap interval "
              f"of the configuration minus `{doc['reference']}`].", ""]
     rows = doc["rows"]
+    lines += summary_table(doc) + [""]
     for protocol in a["protocols"]:
         title = ("calibrated once on ARC-Easy train, evaluated on every task" if protocol == "paper"
                  else "calibrated on each task's own train split")
@@ -365,6 +368,41 @@ def write_markdown(doc: dict, path: Path) -> None:
         lines.append("")
     path.write_text("\n".join(lines))
 
+
+
+def summary_table(doc: dict, tasks: tuple[str, ...] = ("arc_easy", "piqa")) -> list[str]:
+    """One table of the goal's cells (first protocol; ARC-Easy and PIQA at every k): per
+    configuration the mean accuracy, and in brackets its paired interval minus TaBP's."""
+    a, rows = doc["args"], doc["rows"]
+    protocol = a["protocols"][0]
+    cols = [(t, k) for t in tasks for k in sorted(a["ks"])
+            if any((r["protocol"], r["task"], r["k"]) == (protocol, t, k) for r in rows)]
+    if not cols:
+        return []
+    dense = {t: next((r["dense"] for r in rows if r["task"] == t and r["dense"] is not None), None)
+             for t, _ in cols}
+    out = [f"Summary ({protocol} protocol; {METRIC[cols[0][0]]}; [95 % paired interval of the "
+           f"configuration minus `{doc['reference']}`]):", "",
+           "| configuration | " + " | ".join(f"{t} k = {k}" for t, k in cols) + " |",
+           "|---|" + "---|" * len(cols),
+           "| dense | " + " | ".join(f"{dense[t]:.3f}" if dense[t] is not None else "-"
+                                    for t, _ in cols) + " |"]
+    for config in a["configs"]:
+        cells = []
+        for t, k in cols:
+            r = next((r for r in rows if (r["protocol"], r["task"], r["k"], r["config"])
+                      == (protocol, t, k, config)), None)
+            if r is None:
+                cells.append("-")
+                continue
+            cell = f"{r['mean']:.3f}"
+            if "minus_tabp" in r:
+                lo, hi = r["minus_tabp"]["interval"]
+                cell += f" [{lo:+.3f}, {hi:+.3f}]"
+            cells.append(cell)
+        if any(c != "-" for c in cells):
+            out.append(f"| {config} | " + " | ".join(cells) + " |")
+    return out
 
 
 def plot(doc: dict, path: Path) -> None:

@@ -36,6 +36,7 @@ class ManagedProcess:
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> "ManagedProcess":
+        _unwind_on_sigterm()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "w") as log:  # the child keeps its own copy of the descriptor
             # A new session makes the child a process-group leader: SIGINT to the group is what
@@ -170,6 +171,22 @@ def lists_models(names) -> Callable[[httpx.Response], bool]:
         return isinstance(doc, dict) and want <= {m.get("id") for m in doc.get("data") or []}
 
     return check
+
+
+def _unwind_on_sigterm() -> None:
+    """Make SIGTERM (`kill`, a job runner's stop) unwind the stack as Ctrl-C does, so every
+    `with ManagedProcess` on the way stops its child: by default SIGTERM ends Python at once and
+    the children, in their own sessions, live on as orphans. Only from the main thread, and
+    never over a handler someone else installed."""
+    import threading
+
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, _raise_exit)
+
+
+def _raise_exit(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

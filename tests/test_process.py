@@ -126,3 +126,30 @@ def test_early_exit_is_one_line_naming_the_log(tmp_path):
     msg = str(exc.value)
     assert "\n" not in msg and msg.startswith("child exited with code 1 before it was ready")
     assert "error: no such model" in msg and f"(log: {proc.log_path})" in msg
+
+
+# A parent that runs a sleeper through ManagedProcess and is then stopped with SIGTERM (`kill`,
+# a job runner's stop), not Ctrl-C.
+PARENT = r"""
+import sys, time
+from tabp_vllm.process import ManagedProcess
+with ManagedProcess([sys.executable, "-c", "import time; time.sleep(600)"], "child.log") as p:
+    open("child.pid", "w").write(str(p.pid))
+    time.sleep(600)
+"""
+
+
+def test_sigterm_to_the_parent_stops_the_child_too(tmp_path):
+    import subprocess
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], cwd=tmp_path)
+    pid_file = tmp_path / "child.pid"
+    t_end = time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < t_end:
+        time.sleep(0.1)
+    pid = int(pid_file.read_text())
+    assert not gone(pid)
+    parent.terminate()
+    assert parent.wait(timeout=60) == 128 + 15  # SIGTERM unwound the stack: exit code 143
+    assert gone(pid)  # the `with` block stopped the child on the way out
