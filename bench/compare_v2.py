@@ -416,22 +416,25 @@ def plot(doc: dict, path: Path) -> None:
     tasks = [t for t in a["tasks"] if any(r["task"] == t for r in rows)]
     if not tasks:
         return
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks) + 1.6, 3.8), squeeze=False)
+    colors = plt.get_cmap("tab20").colors  # one colour per configuration (13 > tab10's 10)
     for ax, task in zip(axes[0], tasks):
         here = [r for r in rows if r["task"] == task]
-        for config in a["configs"]:
+        for i, config in enumerate(a["configs"]):
             pts = sorted((r["k"], r["mean"], r["sd"] or 0.0) for r in here if r["config"] == config)
             if pts:
                 ks, means, sds = zip(*pts)
-                ax.errorbar(ks, means, yerr=sds, marker="o", capsize=2, label=config,
-                            lw=2 if config.startswith("tabp") else 1)
+                # TaBP solid and thick, published baselines dashed, the rest dotted
+                style = "-" if config.startswith("tabp") else "--" if config in PUBLISHED else ":"
+                ax.errorbar(ks, means, yerr=sds, marker="o", capsize=2, label=config, ls=style,
+                            color=colors[i % len(colors)], lw=2 if config.startswith("tabp") else 1.2)
         dense = next((r["dense"] for r in here if r["dense"] is not None), None)
         if dense is not None:
             ax.axhline(dense, color="k", ls="--", lw=1, label="dense")
         ax.set_title(f"{task} ({METRIC[task]}), {a['protocols'][0]} protocol", fontsize=9)
         ax.set_xlabel("blocks removed (k)")
     axes[0][0].set_ylabel("accuracy (mean over seeds ± sd)")
-    axes[0][-1].legend(fontsize=6, loc="lower left")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
