@@ -4,8 +4,8 @@
    (generated) calibration set, once at the largest candidate k, and cut the smaller k from the
    same scores (`masks cut`);
 2. accuracy of dense and every candidate on the bundled questions calibration did not see (`eval`,
-   through lm-evaluation-harness); the demo keeps the largest k whose accuracy stays at
-   KEEP_ACCURACY or more of dense's: pruning that breaks the model is not worth serving;
+   through lm-evaluation-harness); the demo serves the largest k before the first whose accuracy
+   falls under KEEP_ACCURACY of dense's: pruning that breaks the model is not worth serving;
 3. fit an input-guided router on the same set at that k: 2 clusters of inputs (arithmetic vs the
    rest), one learned mask each (`route fit`), and its accuracy on the same held-out questions;
 4. `tabp-vllm serve` the dense model, the pruned variant and the router's variants behind one
@@ -45,7 +45,7 @@ ROUTED = "llama-auto"  # the router's routed name (<alias>-auto)
 ROUTED_QUESTIONS = ("What is 12 plus 9?", "What is the capital of France?")
 CHAT_QUESTION = "What color is the sky on a clear day?"  # not in the bundled set
 CANDIDATE_KS = (2, 4, 6)  # of 30 blocks; scored once at the largest
-KEEP_ACCURACY = 0.9  # the largest k whose held-out accuracy stays >= 90 % of dense's
+KEEP_ACCURACY = 0.9  # serve the largest k before the first under 90 % of dense's accuracy
 SUCCESS, BLOCKS_KEPT = "ray_vllm_request_success_total", "ray_tabp_variant_blocks_kept"
 ROUTED_COUNT = "ray_tabp_routed_requests_total"
 SHOWN = (SUCCESS, "ray_vllm_generation_tokens_total", BLOCKS_KEPT,
@@ -104,15 +104,22 @@ def held_out_accuracy(eval_json: Path) -> dict[int | None, float]:
 
 
 def choose_k(accuracy: dict[int | None, float]) -> tuple[int, str]:
-    """The largest candidate k whose held-out accuracy is >= KEEP_ACCURACY of dense's (the
-    smallest k when none is), and the sentence that says why."""
+    """Going up from the smallest candidate k, the last one before the first whose held-out
+    accuracy falls under KEEP_ACCURACY of dense's (the smallest k when even it does), and the
+    sentence that says why. Stopping at the first miss: on 32 questions a larger k that scores
+    higher again is noise, not a model that recovered."""
     dense = accuracy[None]
-    kept = [k for k in CANDIDATE_KS if accuracy[k] >= KEEP_ACCURACY * dense]
-    k = max(kept) if kept else min(CANDIDATE_KS)
+    kept = []
+    for k in CANDIDATE_KS:
+        if accuracy[k] < KEEP_ACCURACY * dense:
+            break
+        kept.append(k)
+    k = kept[-1] if kept else CANDIDATE_KS[0]
     table = ", ".join(f"k = {c}: {accuracy[c]:.3f}" for c in CANDIDATE_KS)
     return k, (f"held-out accuracy: dense {dense:.3f}, {table}; serving k = {k}: "
-               + (f"the largest k keeping >= {KEEP_ACCURACY:.0%} of dense's accuracy" if kept
-                  else f"no k keeps {KEEP_ACCURACY:.0%} of dense's accuracy, so the smallest"))
+               + (f"the largest k before the first that keeps under {KEEP_ACCURACY:.0%} of dense's "
+                  f"accuracy" if kept else
+                  f"no k keeps {KEEP_ACCURACY:.0%} of dense's accuracy, so the smallest"))
 
 
 def summary(k: int, accuracy: dict[int | None, float], bench_json: Path) -> str:
