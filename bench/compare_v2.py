@@ -332,17 +332,8 @@ def write_markdown(doc: dict, path: Path) -> None:
                       "| configuration | " + " | ".join(f"k = {k}" for k in ks) + " |",
                       "|---|" + "---|" * len(ks)]
             for config in a["configs"]:
-                cells = []
-                for k in ks:
-                    r = next((r for r in here if r["config"] == config and r["k"] == k), None)
-                    if r is None:
-                        cells.append("-")
-                        continue
-                    cell = f"{r['mean']:.3f}" + (f" ± {r['sd']:.3f}" if r["sd"] is not None else "")
-                    if "minus_tabp" in r:
-                        lo, hi = r["minus_tabp"]["interval"]
-                        cell += f" [{lo:+.3f}, {hi:+.3f}]"
-                    cells.append(cell)
+                cells = [table_cell(next((r for r in here if r["config"] == config
+                                          and r["k"] == k), None)) for k in ks]
                 if any(c != "-" for c in cells):
                     lines.append(f"| {config} | " + " | ".join(cells) + " |")
             lines.append("")
@@ -370,6 +361,17 @@ def write_markdown(doc: dict, path: Path) -> None:
 
 
 
+def table_cell(r: dict | None, with_sd: bool = True) -> str:
+    """A row's mean (± sd over seeds) and [its paired interval minus TaBP]; '-' for no row."""
+    if r is None:
+        return "-"
+    cell = f"{r['mean']:.3f}" + (f" ± {r['sd']:.3f}" if with_sd and r["sd"] is not None else "")
+    if "minus_tabp" in r:
+        lo, hi = r["minus_tabp"]["interval"]
+        cell += f" [{lo:+.3f}, {hi:+.3f}]"
+    return cell
+
+
 def summary_table(doc: dict, tasks: tuple[str, ...] = ("arc_easy", "piqa")) -> list[str]:
     """One table of the goal's cells (first protocol; ARC-Easy and PIQA at every k): per
     configuration the mean accuracy, and in brackets its paired interval minus TaBP's."""
@@ -388,18 +390,9 @@ def summary_table(doc: dict, tasks: tuple[str, ...] = ("arc_easy", "piqa")) -> l
            "| dense | " + " | ".join(f"{dense[t]:.3f}" if dense[t] is not None else "-"
                                     for t, _ in cols) + " |"]
     for config in a["configs"]:
-        cells = []
-        for t, k in cols:
-            r = next((r for r in rows if (r["protocol"], r["task"], r["k"], r["config"])
-                      == (protocol, t, k, config)), None)
-            if r is None:
-                cells.append("-")
-                continue
-            cell = f"{r['mean']:.3f}"
-            if "minus_tabp" in r:
-                lo, hi = r["minus_tabp"]["interval"]
-                cell += f" [{lo:+.3f}, {hi:+.3f}]"
-            cells.append(cell)
+        cells = [table_cell(next((r for r in rows if (r["protocol"], r["task"], r["k"], r["config"])
+                                  == (protocol, t, k, config)), None), with_sd=False)
+                 for t, k in cols]
         if any(c != "-" for c in cells):
             out.append(f"| {config} | " + " | ".join(cells) + " |")
     return out
