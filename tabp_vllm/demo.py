@@ -139,16 +139,17 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     mask = OUT / "demo.json"
 
-    step(f"1. score: TaBP (product defaults) on the bundled calibration set, k = {max(CANDIDATE_KS)}, "
+    step(f"1. score: TaBP (product defaults) on the bundled calibration set, k = {CANDIDATE_KS[-1]}, "
          f"then cut k = {', '.join(map(str, CANDIDATE_KS[:-1]))} from the same scores")
     masks = {k: OUT / f"demo-k{k}.json" for k in CANDIDATE_KS}
+    scored = masks[CANDIDATE_KS[-1]]  # the one scoring run; the smaller k are cut from it
     subprocess.run(CLI + ["score", "--model", "llama", "--task", "demo", "--method", "tabp",
-                          "--k", str(max(CANDIDATE_KS)), "--samples", "64",
-                          "-o", str(masks[max(CANDIDATE_KS)])], check=True)
+                          "--k", str(CANDIDATE_KS[-1]), "--samples", "64", "-o", str(scored)],
+                   check=True)
     for k in CANDIDATE_KS[:-1]:
-        subprocess.run(CLI + ["masks", "cut", str(masks[max(CANDIDATE_KS)]), "--k", str(k),
-                              "-o", str(masks[k])], check=True)
-    subprocess.run(CLI + ["masks", "show", str(masks[max(CANDIDATE_KS)])], check=True)
+        subprocess.run(CLI + ["masks", "cut", str(scored), "--k", str(k), "-o", str(masks[k])],
+                       check=True)
+    subprocess.run(CLI + ["masks", "show", str(scored)], check=True)
 
     step("2. eval: dense and every k on the 32 bundled questions calibration did not use (lm-eval)")
     subprocess.run(CLI + ["eval", "--model", "llama", "--task", "tabp_demo"]
