@@ -44,7 +44,7 @@ VARIANTS = ("llama", "llama-demo")  # --model llama + one mask of task "demo" (<
 ROUTED = "llama-auto"  # the router's routed name (<alias>-auto)
 ROUTED_QUESTIONS = ("What is 12 plus 9?", "What is the capital of France?")
 CHAT_QUESTION = "What color is the sky on a clear day?"  # not in the bundled set
-CANDIDATE_KS = (2, 4, 6)  # of 30 blocks; scored once at the largest
+CANDIDATE_KS = (2, 4, 6)  # blocks removed (the demo model has 30); scored once at the largest
 KEEP_ACCURACY = 0.9  # serve the largest k before the first under 90 % of dense's accuracy
 SUCCESS, BLOCKS_KEPT = "ray_vllm_request_success_total", "ray_tabp_variant_blocks_kept"
 ROUTED_COUNT = "ray_tabp_routed_requests_total"
@@ -122,14 +122,25 @@ def choose_k(accuracy: dict[int | None, float]) -> tuple[int, str]:
                   f"no k keeps {KEEP_ACCURACY:.0%} of dense's accuracy, so the smallest"))
 
 
-def summary(k: int, accuracy: dict[int | None, float], bench_json: Path) -> str:
-    """One line: what pruning kept (accuracy) and what it bought (measured vs ideal speedup)."""
+def summary(mask: Path, accuracy: dict[int | None, float], eval_json: Path, bench_json: Path) -> str:
+    """One line: what pruning kept (accuracy, with lm-eval's standard error and the number of
+    questions) and what it bought (measured vs ideal speedup)."""
+    from tabp_vllm.mask import load_mask
+
+    served = load_mask(mask)
+    k, n_blocks = len(served.removed_layers), served.num_hidden_layers
+    row_eval = next(r for r in json.loads(eval_json.read_text())["results"]
+                    if r["mask"] is not None and len(load_mask(r["mask"]).removed_layers) == k)
+    task = row_eval["results"]["tabp_demo"]
+    n, stderr = task.get("sample_len"), task.get("acc_stderr,none")
     rows = json.loads(bench_json.read_text())["comparison"]["speedups"]
     row = next(r for r in rows if r["variant"] == VARIANTS[1])
     ideal = f", ideal {row['ideal_speedup']:.3f}x" if row.get("ideal_speedup") else ""
-    return (f"summary: {VARIANTS[1]} removes {k} of 30 blocks, keeps {accuracy[k]:.3f} held-out "
-            f"accuracy of dense's {accuracy[None]:.3f} ({accuracy[k] / accuracy[None]:.0%}; 32 "
-            f"questions, one standard error ~0.08) and ran at {row['achieved_speedup']:.3f}x "
+    about = "; ".join(x for x in (f"{n} questions" if n else "",
+                                  f"one standard error {stderr:.3f}" if stderr else "") if x)
+    return (f"summary: {VARIANTS[1]} removes {k} of {n_blocks} blocks, keeps {accuracy[k]:.3f} "
+            f"held-out accuracy of dense's {accuracy[None]:.3f} ({accuracy[k] / accuracy[None]:.0%}"
+            f"{'; ' + about if about else ''}) and ran at {row['achieved_speedup']:.3f}x "
             f"dense's output tokens/s with {row['level']:g} clients{ideal}")
 
 
@@ -228,7 +239,7 @@ def main() -> int:
             if metric == ROUTED_COUNT:
                 console.print(f"  {metric} {{routed_name={ROUTED}, model_name={variant}}} {value:g}")
         console.print(f"\nmask: {mask}   router: {router}   server log: {server.log_path}")
-        console.print(summary(k, accuracy, OUT / "bench.json"))
+        console.print(summary(mask, accuracy, OUT / "eval.json", OUT / "bench.json"))
     finally:
         step("9. stop (Ctrl-C)")
         left = server.stop(grace_s=120)

@@ -24,13 +24,16 @@ def test_held_out_accuracy_and_summary_read_the_commands_outputs(tmp_path, write
     masks = {k: write_mask(list(range(20, 20 + k)), task="demo", name=f"k{k}.json") for k in (2, 4)}
     (tmp_path / "eval.json").write_text(json.dumps({"results": [
         {"variant": "dense", "mask": None, "results": {"tabp_demo": {"acc,none": 0.75}}},
-        {"variant": "k2", "mask": str(masks[2]), "results": {"tabp_demo": {"acc,none": 0.6875}}},
+        {"variant": "k2", "mask": str(masks[2]), "results": {"tabp_demo": {
+            "acc,none": 0.6875, "acc_stderr,none": 0.0832, "sample_len": 32}}},
         {"variant": "k4", "mask": str(masks[4]), "results": {"tabp_demo": {"acc,none": 0.5}}}]}))
     acc = demo.held_out_accuracy(tmp_path / "eval.json")
     assert acc == {None: 0.75, 2: 0.6875, 4: 0.5}
     (tmp_path / "bench.json").write_text(json.dumps({"comparison": {"speedups": [
         {"variant": "llama", "level": 4, "achieved_speedup": 1.0, "ideal_speedup": 1.0},
         {"variant": "llama-demo", "level": 4, "achieved_speedup": 1.041, "ideal_speedup": 1.07}]}}))
-    line = demo.summary(2, acc, tmp_path / "bench.json")
-    assert "removes 2 of 30 blocks" in line and "0.688" in line and "0.750" in line
-    assert "(92%" in line and "1.041x" in line and "ideal 1.070x" in line
+    line = demo.summary(masks[2], acc, tmp_path / "eval.json", tmp_path / "bench.json")
+    assert "removes 2 of 30 blocks" in line  # the demo model's depth, read from the mask
+    assert "0.688" in line and "0.750" in line
+    assert "(92%; 32 questions; one standard error 0.083)" in line
+    assert "1.041x" in line and "ideal 1.070x" in line
