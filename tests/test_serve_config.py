@@ -82,6 +82,8 @@ def test_request_path_options_reach_the_app(tmp_path, two_masks):
     assert {c.experimental_configs["stream_batching_interval_ms"] for c in llm_configs(spec)} == {0.0}
     options = spec.ingress_options(ray_defaults)
     assert options == {"max_ongoing_requests": 64, "num_replicas": 3}
+    # the local Ray gets a logical CPU for every ingress replica (else the 2nd never schedules)
+    assert len(spec.variants) == 1 and spec.ray_cpus_needed() == 2 + 3
     assert ray_defaults["max_ongoing_requests"] == 10**9  # Ray's dict is not changed
     with pytest.raises(TabpError, match="request_path.ingress_replicas"):
         build_spec(ingress_replicas=0)

@@ -190,8 +190,9 @@ class ServeSpec:
                 "cluster_variants": self.routed.cluster_variants}
 
     def ray_cpus_needed(self) -> int:
-        # Each CPU LLMServer replica holds 2 logical CPUs (actor + placement bundle); ingress 1.
-        return sum(2 * v.replicas for v in self.variants) + 1
+        # Each CPU LLMServer replica holds 2 logical CPUs (actor + placement bundle), each ingress
+        # replica 1 (without a fixed count the ingress autoscales from 1 and stays there).
+        return sum(2 * v.replicas for v in self.variants) + (self.request_path.ingress_replicas or 1)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
