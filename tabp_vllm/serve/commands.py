@@ -30,7 +30,7 @@ def _parse_extra(items: list[str]) -> dict:
 
 
 ENGINE_KEYS = ("max_model_len", "dtype", "kv_cache_gib", "enforce_eager", "tensor_parallel_size")
-REQUEST_PATH_KEYS = ("ingress_replicas", "ingress_max_ongoing_requests", "stream_batching_interval_ms")
+REQUEST_PATH_KEYS = ("ray_serve", "ingress_replicas", "ingress_max_ongoing_requests", "stream_batching_interval_ms")
 
 
 def serve_options(config: Optional[Path] = None, task_mask: Optional[List[Path]] = None,
@@ -94,11 +94,22 @@ def start(spec, *, quiet: bool = False) -> None:
     from tabp_vllm.serve.app import build_app
 
     if spec.address:
+        if not quiet and spec.request_path.ray_serve != "default":
+            print(f"request path: ray_serve={spec.request_path.ray_serve} is not applied to a joined "
+                  f"cluster: its processes keep the RAY_SERVE_* environment of `ray start`", flush=True)
         try:
             ray.init(address=spec.address, log_to_driver=not quiet)
         except ConnectionError as exc:
             raise TabpError(f"--address {spec.address}: cannot join the Ray cluster ({exc})") from None
     else:
+        import os
+
+        from tabp_vllm.serve.config import apply_ray_serve_profile
+
+        applied = apply_ray_serve_profile(spec.request_path.ray_serve, os.environ)
+        if not quiet:
+            print(f"request path: ray_serve={spec.request_path.ray_serve}"
+                  + "".join(f" {k}={v}" for k, v in applied.items()), flush=True)
         # "local": always a private Ray, even when a `ray start` cluster runs on this host (plain
         # ray.init() would join that one, and fail on num_cpus).
         try:
@@ -278,6 +289,9 @@ def serve(
         "name whose requests each go to their input's cluster.")),
     routed_name: Optional[str] = typer.Option(None, "--routed-name", show_default=False, help=(
         "The routed model's name. \\[default: <alias>-auto]")),
+    ray_serve: Optional[str] = _opt("ray_serve", "--ray-serve", help=(
+        "Ray Serve's request-path settings for the local Ray: lean (Ray's throughput-optimized "
+        "bundle + a quieter controller), throughput-optimized, or default (Ray's own).")),
     ingress_replicas: Optional[int] = _opt("ingress_replicas", "--ingress-replicas", help=(
         "Replicas of the HTTP ingress (a fixed count instead of Ray's autoscaling).")),
     ingress_max_ongoing_requests: Optional[int] = _opt(
@@ -300,7 +314,7 @@ def serve(
                       enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
                       engine_arg=engine_arg, force=force,
                       router=str(router) if router else None, routed_name=routed_name,
-                      ingress_replicas=ingress_replicas,
+                      ray_serve=ray_serve, ingress_replicas=ingress_replicas,
                       ingress_max_ongoing_requests=ingress_max_ongoing_requests,
                       stream_batching_interval_ms=stream_batching_interval_ms)
     print("dtype: %s (%s)" % choose_dtype(spec.engine.dtype), flush=True)

@@ -41,10 +41,27 @@ class VariantOptions(Options):
     name: Optional[str] = None   # None: <alias>-<task>
 
 
+# Ray Serve's environment settings for the per-request path, by profile (`request_path.ray_serve`;
+# measured in bench/results/server_levers/, docs/serving.md "Server overhead"). They are read by
+# the Ray processes at start, so they apply to the local Ray that `serve` starts; a cluster joined
+# with --address keeps the environment it was started with.
+RAY_SERVE_PROFILES: dict[str, dict[str, str]] = {
+    "default": {},  # Ray Serve's own
+    # Ray Serve's bundle (serve/_private/constants.py): user code and the router on each replica's
+    # main event loop, request-path logs buffered, gRPC from proxy to replicas, GC frozen at start
+    "throughput-optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    # the bundle, and the controller's background work made rarer (its loop and the replicas'
+    # metric exports run every 0.1 s by default: ~10 CPU s per 6 minutes in the hop profile)
+    "lean": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+             "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"},
+}
+
+
 class RequestPathOptions(Options):
     """The per-request path between HTTP and the engines (docs/serving.md, "Server overhead"):
-    None everywhere = Ray Serve LLM's own defaults, named in the comments."""
+    None = Ray Serve LLM's own default, named in the comment."""
 
+    ray_serve: Literal["lean", "throughput-optimized", "default"] = "lean"  # RAY_SERVE_PROFILES
     ingress_replicas: Optional[int] = Field(None, ge=1)  # None: Ray's default (autoscaled, from 1)
     ingress_max_ongoing_requests: Optional[int] = Field(None, ge=1)  # None: Ray's (1e9: no cap)
     stream_batching_interval_ms: Optional[float] = Field(None, ge=0)  # None: Ray's 50 ms
@@ -78,7 +95,7 @@ class ServeOptions(Options):
         owner = (cls if name in cls.model_fields else
                  EngineOptions if name in EngineOptions.model_fields else RequestPathOptions)
         value = owner.default(name)
-        if owner is RequestPathOptions and value is None:
+        if owner is RequestPathOptions and value is None and name != "ray_serve":
             return "Ray Serve LLM's"
         if name == "kv_cache_gib":
             return "engine default (1 GiB on CPU)"
@@ -218,6 +235,14 @@ class ServeSpec:
             options.pop("autoscaling_config", None)
             options["num_replicas"] = rp.ingress_replicas
         return options
+
+
+def apply_ray_serve_profile(profile: str, environ: dict[str, str]) -> dict[str, str]:
+    """Put the profile's RAY_SERVE_* settings into `environ` (before the local Ray starts, whose
+    processes inherit it) and return what now applies; a variable the user set already wins."""
+    for key, value in RAY_SERVE_PROFILES[profile].items():
+        environ.setdefault(key, value)
+    return {key: environ[key] for key in RAY_SERVE_PROFILES[profile]}
 
 
 def theoretical_speedup(model: str, kept: int, context: int = SPEEDUP_CONTEXT) -> float:
