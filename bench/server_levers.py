@@ -23,7 +23,9 @@ The settings (Ray Serve 2.60 / Ray Serve LLM levers on the per-request path):
 - ingress-cap-64: `--ingress-max-ongoing-requests 64`;
 - throughput-optimized+haproxy: both;
 - lean: throughput-optimized, the Serve controller's loop every 0.5 s instead of 0.1 s and the
-  replicas' / routers' metrics exported every 1 s instead of 0.1 s.
+  replicas' / routers' metrics exported every 1 s instead of 0.1 s (`serve`'s default profile);
+- lean-mp: lean with Ray Serve LLM's multiprocess vLLM executor (`engine.cpu_uniproc: false`), the
+  executor the bare vLLM server runs.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ SETTINGS: dict[str, dict] = {
     # 0.1 s and replicas / routers export metrics every 0.1 s by default (constants.py); the
     # controller alone took ~10 CPU s per setting in the hop profile
     "lean": {"flags": ["--ray-serve", "lean"]},
+    # lean with Ray Serve LLM's multiprocess executor (the vLLM worker in its own process, as in
+    # the bare vLLM server) instead of our uni-process default: memory traded for overlap of the
+    # engine core's scheduling with the forward pass
+    "lean-mp": {"flags": ["--ray-serve", "lean"], "config": {"engine": {"cpu_uniproc": False}}},
 }
 TARGET = 0.95
 
@@ -101,8 +107,13 @@ def main() -> None:
         for name in names:
             setting = SETTINGS[name]
             port = free_port(8000, 8100)
+            flags = list(setting.get("flags", []))
+            if "config" in setting:  # options without a flag go through a config file
+                cfg = a.out / "settings" / f"{name}.yaml"
+                cfg.write_text(json.dumps(setting["config"]) + "\n")  # JSON is YAML
+                flags += ["--config", str(cfg)]
             server = ManagedProcess([sys.executable, "-m", "tabp_vllm", "serve", "--model", "llama",
-                                     "--port", str(port), *common, *setting.get("flags", [])],
+                                     "--port", str(port), *common, *flags],
                                     a.out / "settings" / f"{name}.serve.log", name=f"serve ({name})",
                                     env=setting.get("env"))
             t0 = time.time()
