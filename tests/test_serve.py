@@ -167,7 +167,7 @@ def test_startup_table(server, prometheus):  # (Prometheus starts scraping from 
     assert f"http://127.0.0.1:{server.metrics_port}/metrics" in text
     assert f"{server.base}/v1/completions" in text
     # the default request-path profile reached the local Ray (this whole module runs under it)
-    assert "request path: ray_serve=lean RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in text
+    assert "request path: ray_serve=throughput-optimized RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in text
 
 
 def test_models_lists_variants_with_metadata(client):

@@ -92,7 +92,7 @@ def test_request_path_options_reach_the_app(tmp_path, two_masks):
 def test_ray_serve_profile_sets_the_environment_a_user_did_not():
     from tabp_vllm.serve.config import RAY_SERVE_PROFILES, apply_ray_serve_profile
 
-    assert build_spec().request_path.ray_serve == "lean"  # the measured default (docs/serving.md)
+    assert build_spec().request_path.ray_serve == "throughput-optimized"  # measured best (docs/serving.md)
     env = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "2"}  # the user's own value wins
     applied = apply_ray_serve_profile("lean", env)
     assert applied == env == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",

@@ -290,8 +290,8 @@ def serve(
     routed_name: Optional[str] = typer.Option(None, "--routed-name", show_default=False, help=(
         "The routed model's name. \\[default: <alias>-auto]")),
     ray_serve: Optional[str] = _opt("ray_serve", "--ray-serve", help=(
-        "Ray Serve's request-path settings for the local Ray: lean (Ray's throughput-optimized "
-        "bundle + a quieter controller), throughput-optimized, or default (Ray's own).")),
+        "Ray Serve's request-path settings for the local Ray: throughput-optimized (Ray's "
+        "bundle), lean (the bundle + a quieter controller) or default (Ray's own).")),
     ingress_replicas: Optional[int] = _opt("ingress_replicas", "--ingress-replicas", help=(
         "Replicas of the HTTP ingress (a fixed count instead of Ray's autoscaling).")),
     ingress_max_ongoing_requests: Optional[int] = _opt(
