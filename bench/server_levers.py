@@ -189,12 +189,20 @@ def summarize(res: dict) -> list[dict]:
         if m["variant"] != "llama":
             continue
         r = ratios.get(m["level"], {})
+
+        def ms(dist: dict, q: str) -> float | None:  # None: no request finished in the window
+            return None if dist[q] is None else 1e3 * dist[q]
+
         out.append({"level": m["level"], "ratio": r.get("throughput_ratio"),
                     "ratio_rounds": r.get("throughput_ratio_rounds"),
                     "output_tokens_per_s": m["output_tokens_per_s"], "errors": m["errors"],
-                    "ttft_p50_ms": 1e3 * m["ttft_s"]["p50"], "ttft_p99_ms": 1e3 * m["ttft_s"]["p99"],
-                    "itl_p50_ms": 1e3 * m["itl_s"]["p50"], "itl_p99_ms": 1e3 * m["itl_s"]["p99"]})
+                    "ttft_p50_ms": ms(m["ttft_s"], "p50"), "ttft_p99_ms": ms(m["ttft_s"], "p99"),
+                    "itl_p50_ms": ms(m["itl_s"], "p50"), "itl_p99_ms": ms(m["itl_s"], "p99")})
     return out
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
 
 
 def write_report(doc: dict, out: Path) -> None:
@@ -218,8 +226,9 @@ def write_report(doc: dict, out: Path) -> None:
             rr = lv["ratio_rounds"] or {}
             lines.append(f"| {name} | {lv['level']:.0f} | {lv['ratio']:.3f} "
                          f"({rr.get('min', float('nan')):.2f}-{rr.get('max', float('nan')):.2f}) | "
-                         f"{lv['ttft_p50_ms']:.0f} / {lv['ttft_p99_ms']:.0f} | "
-                         f"{lv['itl_p50_ms']:.1f} / {lv['itl_p99_ms']:.1f} | {lv['errors']} |")
+                         f"{fmt(lv['ttft_p50_ms'], '.0f')} / {fmt(lv['ttft_p99_ms'], '.0f')} | "
+                         f"{fmt(lv['itl_p50_ms'], '.1f')} / {fmt(lv['itl_p99_ms'], '.1f')} | "
+                         f"{lv['errors']} |")
         ax.plot([lv["level"] for lv in s["levels"]], [lv["ratio"] for lv in s["levels"]], "o-",
                 label=name)
     lines += ["", "CPU seconds used during each setting's bench (both servers loaded in turn), "
