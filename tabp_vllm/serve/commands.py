@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -102,8 +103,6 @@ def start(spec, *, quiet: bool = False) -> None:
         except ConnectionError as exc:
             raise TabpError(f"--address {spec.address}: cannot join the Ray cluster ({exc})") from None
     else:
-        import os
-
         from tabp_vllm.serve.config import apply_ray_serve_profile
 
         applied = apply_ray_serve_profile(spec.request_path.ray_serve, os.environ)

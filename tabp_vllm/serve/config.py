@@ -96,7 +96,7 @@ class ServeOptions(Options):
         owner = (cls if name in cls.model_fields else
                  EngineOptions if name in EngineOptions.model_fields else RequestPathOptions)
         value = owner.default(name)
-        if owner is RequestPathOptions and value is None and name != "ray_serve":
+        if owner is RequestPathOptions and value is None:
             return "Ray Serve LLM's"
         if name == "kv_cache_gib":
             return "engine default (1 GiB on CPU)"
