@@ -218,7 +218,7 @@ def write_report(doc: dict, out: Path) -> None:
              "| setting | concurrency | server / bare (per round) | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors |",
              "|---|---|---|---|---|---|"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, s in doc["settings"].items():
+    for i, (name, s) in enumerate(doc["settings"].items()):
         if "levels" not in s:
             lines.append(f"| {name} | - | error: {s['error']} | | | |")
             continue
@@ -229,8 +229,12 @@ def write_report(doc: dict, out: Path) -> None:
                          f"{fmt(lv['ttft_p50_ms'], '.0f')} / {fmt(lv['ttft_p99_ms'], '.0f')} | "
                          f"{fmt(lv['itl_p50_ms'], '.1f')} / {fmt(lv['itl_p99_ms'], '.1f')} | "
                          f"{lv['errors']} |")
-        ax.plot([lv["level"] for lv in s["levels"]], [lv["ratio"] for lv in s["levels"]], "o-",
-                label=name)
+        # bars: the per-round range (this machine's noise), not a confidence interval
+        xs = [lv["level"] * 1.04 ** i for lv in s["levels"]]  # nudged apart so the bars show
+        ys = [lv["ratio"] for lv in s["levels"]]
+        lo = [y - (lv["ratio_rounds"] or {}).get("min", y) for y, lv in zip(ys, s["levels"])]
+        hi = [(lv["ratio_rounds"] or {}).get("max", y) - y for y, lv in zip(ys, s["levels"])]
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", capsize=3, alpha=0.8, label=name)
     lines += ["", "CPU seconds used during each setting's bench (both servers loaded in turn), "
               "by process: where the time goes, hop by hop.", ""]
     for name, s in doc["settings"].items():
@@ -241,7 +245,7 @@ def write_report(doc: dict, out: Path) -> None:
     ax.axhline(doc["target"], color="k", ls=":", lw=1, label="target")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrency")
-    ax.set_ylabel("server / bare vLLM output tokens/s")
+    ax.set_ylabel("server / bare vLLM output tokens/s\n(bars: per-round range)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "server_levers.png", dpi=110)
