@@ -48,7 +48,7 @@ class VariantOptions(Options):
 RAY_SERVE_PROFILES: dict[str, dict[str, str]] = {
     "default": {},  # Ray Serve's own
     # Ray Serve's bundle (serve/_private/constants.py): user code and the router on each replica's
-    # main event loop, request-path logs buffered, gRPC from proxy to replicas, GC frozen at start
+    # main event loop, request-path logs buffered, gRPC from proxy to replicas, direct ingress
     "throughput-optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
     # the bundle, and the controller's background work made rarer (its loop and the replicas'
     # metric exports run every 0.1 s by default: ~10 CPU s per 6 minutes in the hop profile);
