@@ -23,7 +23,7 @@ The settings (Ray Serve 2.60 / Ray Serve LLM levers on the per-request path):
 - ingress-cap-64: `--ingress-max-ongoing-requests 64`;
 - throughput-optimized+haproxy: both;
 - lean: throughput-optimized, the Serve controller's loop every 0.5 s instead of 0.1 s and the
-  replicas' / routers' metrics exported every 1 s instead of 0.1 s (`serve`'s default profile);
+  replicas' / routers' metrics exported every 1 s instead of 0.1 s;
 - lean-mp: lean with Ray Serve LLM's multiprocess vLLM executor (`engine.cpu_uniproc: false`), the
   executor the bare vLLM server runs.
 """
@@ -189,16 +189,17 @@ def summarize(res: dict) -> list[dict]:
         if m["variant"] != "llama":
             continue
         r = ratios.get(m["level"], {})
-
-        def ms(dist: dict, q: str) -> float | None:  # None: no request finished in the window
-            return None if dist[q] is None else 1e3 * dist[q]
-
         out.append({"level": m["level"], "ratio": r.get("throughput_ratio"),
                     "ratio_rounds": r.get("throughput_ratio_rounds"),
                     "output_tokens_per_s": m["output_tokens_per_s"], "errors": m["errors"],
                     "ttft_p50_ms": ms(m["ttft_s"], "p50"), "ttft_p99_ms": ms(m["ttft_s"], "p99"),
                     "itl_p50_ms": ms(m["itl_s"], "p50"), "itl_p99_ms": ms(m["itl_s"], "p99")})
     return out
+
+
+def ms(dist: dict, q: str) -> float | None:
+    """A latency quantile in ms; None when no request finished in the window."""
+    return None if dist[q] is None else 1e3 * dist[q]
 
 
 def fmt(x: float | None, spec: str) -> str:

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 from rich.console import Console
@@ -92,15 +93,20 @@ def wait_for_metrics(url: str, deadline_s: float = 120.0) -> dict[tuple[str, str
         time.sleep(2)
 
 
-def held_out_accuracy(eval_json: Path) -> dict[int | None, float]:
-    """k (None: dense) -> acc on the held-out demo questions, from `eval -o`'s JSON."""
+def held_out_results(eval_json: Path) -> dict[int | None, dict[str, Any]]:
+    """k (None: dense) -> lm-eval's results for the held-out demo task, from `eval -o`'s JSON."""
     from tabp_vllm.mask import load_mask
 
     out = {}
     for row in json.loads(eval_json.read_text())["results"]:
         k = None if row["mask"] is None else len(load_mask(row["mask"]).removed_layers)
-        out[k] = row["results"]["tabp_demo"]["acc,none"]
+        out[k] = row["results"]["tabp_demo"]
     return out
+
+
+def held_out_accuracy(eval_json: Path) -> dict[int | None, float]:
+    """k (None: dense) -> acc on the held-out demo questions."""
+    return {k: r["acc,none"] for k, r in held_out_results(eval_json).items()}
 
 
 def choose_k(accuracy: dict[int | None, float]) -> tuple[int, str]:
@@ -129,9 +135,7 @@ def summary(mask: Path, accuracy: dict[int | None, float], eval_json: Path, benc
 
     served = load_mask(mask)
     k, n_blocks = len(served.removed_layers), served.num_hidden_layers
-    row_eval = next(r for r in json.loads(eval_json.read_text())["results"]
-                    if r["mask"] is not None and len(load_mask(r["mask"]).removed_layers) == k)
-    task = row_eval["results"]["tabp_demo"]
+    task = held_out_results(eval_json)[k]
     n, stderr = task.get("sample_len"), task.get("acc_stderr,none")
     rows = json.loads(bench_json.read_text())["comparison"]["speedups"]
     row = next(r for r in rows if r["variant"] == VARIANTS[1])

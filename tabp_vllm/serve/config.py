@@ -62,7 +62,7 @@ class RequestPathOptions(Options):
     """The per-request path between HTTP and the engines (docs/serving.md, "Server overhead"):
     None = Ray Serve LLM's own default, named in the comment."""
 
-    ray_serve: Literal["throughput-optimized", "lean", "default"] = "throughput-optimized"  # RAY_SERVE_PROFILES
+    ray_serve: Literal[tuple(RAY_SERVE_PROFILES)] = "throughput-optimized"  # a RAY_SERVE_PROFILES key
     ingress_replicas: Optional[int] = Field(None, ge=1)  # None: Ray's default (autoscaled, from 1)
     ingress_max_ongoing_requests: Optional[int] = Field(None, ge=1)  # None: Ray's (1e9: no cap)
     stream_batching_interval_ms: Optional[float] = Field(None, ge=0)  # None: Ray's 50 ms
