@@ -557,7 +557,7 @@ def step_plot(run: Run) -> None:
     for i, n in enumerate(pruned):
         ach = [get[(n, b)]["speedup_output_tokens_per_s"] if (n, b) in get else 0 for b in batches]
         ideal = [get[(n, b)]["ideal_speedup"] if (n, b) in get else 0 for b in batches]
-        bars = ax2.bar(x + i * w2, ach, w2, label=f"{n} achieved")
+        ax2.bar(x + i * w2, ach, w2, label=f"{n} achieved")
         ax2.hlines(ideal, x + i * w2 - w2 / 2, x + i * w2 + w2 / 2, colors="black",
                    linestyles="--" if i % 2 else "-", zorder=3, label=f"{n} ideal (FLOPs model)")
     ax2.axhline(1.0, color="grey", lw=0.8)

@@ -173,7 +173,7 @@ def test_serve_bad_flag_names_the_command_line():
 def test_serve_dry_run_shows_the_merged_options(tmp_path, write_mask):
     from tabp_vllm.serve.commands import serve
 
-    mask = write_mask([26, 27, 28, 29], task="k4", name="k4.json")
+    write_mask([26, 27, 28, 29], task="k4", name="k4.json")
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(yaml.safe_dump({"port": 8050, "dense": False, "api_key": "from-file",
                                    "variants": [{"mask": "k4.json"}]}))

@@ -12,7 +12,6 @@ import torch
 from typer.testing import CliRunner
 
 from tabp_vllm.data import MCQAItem, TextItem
-from tabp_vllm.errors import TabpError
 from tabp_vllm.routing import hardconcrete as hc
 from tabp_vllm.routing.fit import Calibration, fit_router, kmeans
 from tabp_vllm.routing.options import RouteFitOptions

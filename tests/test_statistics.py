@@ -30,7 +30,7 @@ def test_divergences_hand_values():
     kl = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
     assert st.kl(q, ref=p).item() == pytest.approx(kl)
     assert st.ce(q, ref=p).item() == pytest.approx(math.log(2))
-    m = (0.7, 0.3)
+    # the mixture m = (0.7, 0.3)
     js = 0.5 * (0.5 * math.log(0.5 / 0.7) + 0.5 * math.log(0.5 / 0.3)) + \
         0.5 * (0.9 * math.log(0.9 / 0.7) + 0.1 * math.log(0.1 / 0.3))
     assert st.js(q, ref=p).item() == pytest.approx(js)

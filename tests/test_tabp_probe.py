@@ -6,7 +6,7 @@ import torch
 from tabp_vllm.data import Dataset, MCQAItem, mcqa_context
 from tabp_vllm.errors import TabpError
 from tabp_vllm.scoring import parse_range, run_scoring
-from tabp_vllm.scoring.probe import ScoreContext, lens_logits, option_token_ids
+from tabp_vllm.scoring.probe import ScoreContext, option_token_ids
 from tabp_vllm.scoring.tabp import (PAPER_PRESET, _continuation_loglik, cloze_token_ids, ddf,
                                     paper_prompt, per_sample_statistics, probe_text)
 from tests.tiny_llama import tiny_llama
