@@ -361,11 +361,11 @@ def write_markdown(doc: dict, path: Path) -> None:
 
 
 
-def table_cell(r: dict | None, with_sd: bool = True) -> str:
+def table_cell(r: dict | None) -> str:
     """A row's mean (± sd over seeds) and [its paired interval minus TaBP]; '-' for no row."""
     if r is None:
         return "-"
-    cell = f"{r['mean']:.3f}" + (f" ± {r['sd']:.3f}" if with_sd and r["sd"] is not None else "")
+    cell = f"{r['mean']:.3f}" + (f" ± {r['sd']:.3f}" if r["sd"] is not None else "")
     if "minus_tabp" in r:
         lo, hi = r["minus_tabp"]["interval"]
         cell += f" [{lo:+.3f}, {hi:+.3f}]"
@@ -374,7 +374,8 @@ def table_cell(r: dict | None, with_sd: bool = True) -> str:
 
 def summary_table(doc: dict, tasks: tuple[str, ...] = ("arc_easy", "piqa")) -> list[str]:
     """One table of the goal's cells (first protocol; ARC-Easy and PIQA at every k): per
-    configuration the mean accuracy, and in brackets its paired interval minus TaBP's."""
+    configuration the mean accuracy (± sd over seeds), and in brackets its paired interval minus
+    TaBP's."""
     a, rows = doc["args"], doc["rows"]
     protocol = a["protocols"][0]
     cols = [(t, k) for t in tasks for k in sorted(a["ks"])
@@ -383,15 +384,15 @@ def summary_table(doc: dict, tasks: tuple[str, ...] = ("arc_easy", "piqa")) -> l
         return []
     dense = {t: next((r["dense"] for r in rows if r["task"] == t and r["dense"] is not None), None)
              for t, _ in cols}
-    out = [f"Summary ({protocol} protocol; {METRIC[cols[0][0]]}; [95 % paired interval of the "
-           f"configuration minus `{doc['reference']}`]):", "",
+    out = [f"Summary ({protocol} protocol; {METRIC[cols[0][0]]}; mean over seeds ± sd; [95 % paired "
+           f"interval of the configuration minus `{doc['reference']}`]):", "",
            "| configuration | " + " | ".join(f"{t} k = {k}" for t, k in cols) + " |",
            "|---|" + "---|" * len(cols),
            "| dense | " + " | ".join(f"{dense[t]:.3f}" if dense[t] is not None else "-"
                                     for t, _ in cols) + " |"]
     for config in a["configs"]:
         cells = [table_cell(next((r for r in rows if (r["protocol"], r["task"], r["k"], r["config"])
-                                  == (protocol, t, k, config)), None), with_sd=False)
+                                  == (protocol, t, k, config)), None))
                  for t, k in cols]
         if any(c != "-" for c in cells):
             out.append(f"| {config} | " + " | ".join(cells) + " |")
@@ -453,7 +454,7 @@ def main() -> None:
            + [p for p in a.protocols if p not in ("paper", "per-task")])
     if bad:
         sys.exit(f"error: unknown task, configuration or protocol: {', '.join(bad)}")
-    if REFERENCE not in a.configs:
+    if REFERENCE not in a.configs and not a.score_only:  # scoring alone needs no reference
         a.configs.insert(0, REFERENCE)
     rep = Report(a.out, a)
     for seed in a.seeds:

@@ -87,3 +87,7 @@ def test_summary_over_seeds_and_the_goal(cv2, tmp_path, demo_model):
     assert verdict["tenth_of_sleb"] is True  # 256 <= 2944 / 10 ...
     assert verdict["within"] is False and goal["met"] is False  # ... but far less accurate
     assert {c["config"]: c["forward_passes"] for c in doc["cost"]} == {"tabp": 256, "sleb": 2944}
+    # the summary (the README's table) gives the spread over seeds where there are several
+    table = cv2.summary_table({"args": vars(args), "rows": doc["rows"], "reference": "tabp"})
+    assert "| tabp | 0.525 ± 0.035 |" in table
+    assert any(line.startswith("| last_k | 0.300 [") for line in table)  # one seed: no sd
