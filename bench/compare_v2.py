@@ -25,7 +25,9 @@ pair in OUT/eval_cache.json (one engine per distinct removed set, dense included
 interrupted run keeps what it finished and a rerun does only what is missing. Work is ordered so
 that the first results are the ones the goal needs: seed by seed, the paper protocol first.
 `--score-only` makes every mask first (one CPU-bound transformers process) and leaves the
-evaluations to a later run.
+evaluations to a later run. `--configs` names what a run scores and evaluates; the report always
+also shows the reference (`tabp`) with what earlier runs made of it, so two runs can split the
+configurations between them (each with its own `--out`, caches merged afterwards).
 
     python bench/compare_v2.py --tasks arc_easy,piqa --seeds 0 --out bench/results/compare_v2
     # quick smoke run:
@@ -454,7 +456,8 @@ def main() -> None:
            + [p for p in a.protocols if p not in ("paper", "per-task")])
     if bad:
         sys.exit(f"error: unknown task, configuration or protocol: {', '.join(bad)}")
-    if REFERENCE not in a.configs and not a.score_only:  # scoring alone needs no reference
+    asked = list(a.configs)  # what this run scores and evaluates; the report also shows the
+    if REFERENCE not in a.configs:  # reference, with whatever of it earlier runs made
         a.configs.insert(0, REFERENCE)
     rep = Report(a.out, a)
     for seed in a.seeds:
@@ -464,7 +467,7 @@ def main() -> None:
                 if protocol == "per-task" and calib_task == "arc_easy" and "paper" in a.protocols:
                     continue  # the same calibration as the paper protocol: already done
                 needed: dict[tuple[int, ...], tuple[set[str], Path | None]] = {(): (set(a.tasks), None)}
-                for config in a.configs:
+                for config in asked:
                     if config in SEEDLESS and seed != a.seeds[0]:
                         continue
                     for _k, (removed, path) in rep.masks(config, calib_task, seed).items():
