@@ -91,3 +91,17 @@ def test_summary_over_seeds_and_the_goal(cv2, tmp_path, demo_model):
     table = cv2.summary_table({"args": vars(args), "rows": doc["rows"], "reference": "tabp"})
     assert "| tabp | 0.525 ± 0.035 |" in table
     assert any(line.startswith("| last_k | 0.300 [") for line in table)  # one seed: no sd
+
+
+def test_readme_table_is_the_committed_report():
+    """The README's comparison table is report.md's summary, cell for cell (no stale numbers)."""
+    def table(text: str) -> list[str]:
+        lines = text.splitlines()
+        start = next(i for i, line in enumerate(lines)
+                     if line.startswith("| configuration | arc_easy k = 4"))
+        end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+        return lines[start:end]
+
+    root = SCRIPT.parents[1]
+    report = table((root / "bench" / "results" / "compare_v2" / "report.md").read_text())
+    assert len(report) > 3 and report == table((root / "README.md").read_text())
