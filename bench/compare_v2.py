@@ -27,7 +27,8 @@ that the first results are the ones the goal needs: seed by seed, the paper prot
 `--score-only` makes every mask first (one CPU-bound transformers process) and leaves the
 evaluations to a later run. `--configs` names what a run scores and evaluates; the report always
 also shows the reference (`tabp`) with what earlier runs made of it, so two runs can split the
-configurations between them (each with its own `--out`, caches merged afterwards).
+configurations between them (each with its own `--out`, caches merged afterwards);
+`--report-only` then rewrites the report from what OUT has, scoring and evaluating nothing.
 
     python bench/compare_v2.py --tasks arc_easy,piqa --seeds 0 --out bench/results/compare_v2
     # quick smoke run:
@@ -76,6 +77,12 @@ LM_TASK = {"arc_easy": "tabp_arc_easy_validation", "arc_challenge": "tabp_arc_ch
            "piqa": "tabp_piqa", "boolq": "tabp_boolq"}
 METRIC = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "boolq": "acc"}
 BOOTSTRAP = 2000
+
+
+def same_as_paper(protocol: str, task: str, protocols: list[str]) -> bool:
+    """The per-task protocol calibrates ARC-Easy on ARC-Easy train, as the paper protocol does:
+    the same masks and numbers, reported once."""
+    return protocol == "per-task" and task == "arc_easy" and "paper" in protocols
 
 
 def calibration_of(config: str, task: str) -> str:
@@ -226,6 +233,8 @@ class Report:
         for protocol in self.args.protocols:
             for task in ("arc_easy", "piqa"):
                 for k in (4, 8):
+                    if same_as_paper(protocol, task, self.args.protocols):
+                        continue
                     here = {r["config"]: r for r in rows
                             if (r["protocol"], r["task"], r["k"]) == (protocol, task, k)}
                     base = [here[c] for c in PUBLISHED if c in here]
@@ -326,6 +335,10 @@ def write_markdown(doc: dict, path: Path) -> None:
         for task in a["tasks"]:
             here = [r for r in rows if (r["protocol"], r["task"]) == (protocol, task)]
             if not here:
+                continue
+            if same_as_paper(protocol, task, a["protocols"]):
+                lines += [f"## {protocol} protocol: {task} is calibrated as in the paper protocol "
+                          "(its tables above)", ""]
                 continue
             ks = sorted({r["k"] for r in here})
             dense = next((r["dense"] for r in here if r["dense"] is not None), None)
@@ -451,6 +464,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "compare_v2")
     ap.add_argument("--score-only", action="store_true",
                     help="only score the masks (transformers, no engine); evaluate in a later run")
+    ap.add_argument("--report-only", action="store_true",
+                    help="score and evaluate nothing: rewrite the report from the masks and "
+                         "evaluations OUT already has (e.g. after merging side runs)")
     a = ap.parse_args()
     bad = ([t for t in a.tasks if t not in LM_TASK] + [c for c in a.configs if c not in CONFIGS]
            + [p for p in a.protocols if p not in ("paper", "per-task")])
@@ -460,12 +476,12 @@ def main() -> None:
     if REFERENCE not in a.configs:  # reference, with whatever of it earlier runs made
         a.configs.insert(0, REFERENCE)
     rep = Report(a.out, a)
-    for seed in a.seeds:
+    for seed in [] if a.report_only else a.seeds:
         for protocol in a.protocols:
             groups = [("arc_easy", a.tasks)] if protocol == "paper" else [(t, [t]) for t in a.tasks]
             for calib_task, eval_tasks in groups:
-                if protocol == "per-task" and calib_task == "arc_easy" and "paper" in a.protocols:
-                    continue  # the same calibration as the paper protocol: already done
+                if same_as_paper(protocol, calib_task, a.protocols):
+                    continue  # already done
                 needed: dict[tuple[int, ...], tuple[set[str], Path | None]] = {(): (set(a.tasks), None)}
                 for config in asked:
                     if config in SEEDLESS and seed != a.seeds[0]:
