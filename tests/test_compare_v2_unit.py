@@ -87,6 +87,13 @@ def test_summary_over_seeds_and_the_goal(cv2, tmp_path, demo_model):
     assert verdict["tenth_of_sleb"] is True  # 256 <= 2944 / 10 ...
     assert verdict["within"] is False and goal["met"] is False  # ... but far less accurate
     assert {c["config"]: c["forward_passes"] for c in doc["cost"]} == {"tabp": 256, "sleb": 2944}
+    # a run calibrated on other data (the per-task protocol) is costed apart, and the paper
+    # protocol's verdict keeps counting its own calibration's passes
+    rep.scoring["tabp|piqa|0|4"] = {**rep.scoring["tabp|arc_easy|0|4"], "calibration": "piqa",
+                                    "forward_passes": 900, "wall_s": 99.0}
+    assert {(c["config"], c["calibration"]): c["forward_passes"] for c in rep.cost()} == {
+        ("tabp", "arc_easy"): 256, ("tabp", "piqa"): 900, ("sleb", "wikitext2"): 2944}
+    assert rep.summarize()["goal"][0]["tabp"][0]["passes"] == 256
     # the summary (the README's table) gives the spread over seeds where there are several
     table = cv2.summary_table({"args": vars(args), "rows": doc["rows"], "reference": "tabp"})
     assert "| tabp | 0.525 ± 0.035 |" in table
