@@ -85,6 +85,11 @@ def same_as_paper(protocol: str, task: str, protocols: list[str]) -> bool:
     return protocol == "per-task" and task == "arc_easy" and "paper" in protocols
 
 
+def calibration_task(protocol: str, task: str) -> str:
+    """The task whose train split calibrates the masks evaluated on `task` under `protocol`."""
+    return "arc_easy" if protocol == "paper" else task
+
+
 def calibration_of(config: str, task: str) -> str:
     """The data a configuration's mask depends on under a protocol whose calibration task is
     `task`: that task, WikiText-2, or nothing."""
@@ -246,7 +251,7 @@ class Report:
                         x = self.seed_mean(protocol, task, k, c)
                         y = self.seed_mean(protocol, task, k, best["config"])
                         lo, hi = paired_bootstrap(y, x)["interval"]  # best baseline - this TaBP
-                        calib = calibration_of(c, "arc_easy" if protocol == "paper" else task)
+                        calib = calibration_of(c, calibration_task(protocol, task))
                         passes = cost.get((c, calib))
                         cheap = None if sleb is None or passes is None else passes <= sleb / 10
                         verdict.append({"config": c, "mean": here[c]["mean"],
@@ -264,7 +269,7 @@ class Report:
         and the removed blocks."""
         from tabp_vllm.mask import load_mask
 
-        calib = calibration_of(config, "arc_easy" if protocol == "paper" else task)
+        calib = calibration_of(config, calibration_task(protocol, task))
         got, rem = [], []
         for s in ([0] if config in SEEDLESS else self.args.seeds):
             path = self.mask_path(config, calib, s, k)
