@@ -90,6 +90,23 @@ def calibration_task(protocol: str, task: str) -> str:
     return "arc_easy" if protocol == "paper" else task
 
 
+def no_skill(golds: list[int], n_choices: list[int]) -> dict[str, float]:
+    """What an accuracy must beat to say anything: chance (a uniform guess among each document's
+    choices) and the majority answer (always the most frequent gold index: BoolQ's "yes")."""
+    return {"chance": float(np.mean(1.0 / np.asarray(n_choices, dtype=float))),
+            "majority": float(np.bincount(golds).max() / len(golds))}
+
+
+def task_no_skill(task: str, limit: int | None = None) -> dict[str, float]:
+    """`no_skill` of the documents lm-eval scores `task` on (its first `limit`, if given)."""
+    from tabp_vllm.lmeval_tasks import load_task_object
+
+    obj = load_task_object(LM_TASK[task])
+    docs = list(obj.eval_docs)[:limit]
+    return no_skill([int(obj.doc_to_target(d)) for d in docs],
+                    [len(obj.doc_to_choice(d)) for d in docs])
+
+
 def calibration_of(config: str, task: str) -> str:
     """The data a configuration's mask depends on under a protocol whose calibration task is
     `task`: that task, WikiText-2, or nothing."""
@@ -118,6 +135,7 @@ class Report:
                          f"resume with the same, or use another --out")
         self.scoring: dict[str, dict] = old.get("scoring", {})
         self.host = cpu_info()
+        self.no_skill: dict[str, dict[str, float]] = {}  # task -> chance / majority, when first saved
         self.mt = None  # the transformers model, loaded on the first scoring run
 
     # ---------------------------------------------------------------- masks
@@ -218,7 +236,9 @@ class Report:
                     for config, got in per_config.items():
                         accs = [float(x.mean()) for x in got]
                         row = {"protocol": protocol, "task": task, "metric": METRIC[task], "k": k,
-                               "config": config, "seeds": len(got), "acc_per_seed": accs,
+                               "config": config, "seeds": len(got),
+                               "seeds_asked": 1 if config in SEEDLESS else len(a.seeds),
+                               "acc_per_seed": accs,
                                "mean": float(np.mean(accs)),
                                "sd": float(np.std(accs, ddof=1)) if len(accs) > 1 else None,
                                "n": len(got[0]), "removed": removed_of[config],
@@ -303,7 +323,10 @@ class Report:
         return out
 
     def save(self) -> None:
-        doc = {"host": self.host, "command": sys.argv, "args": {
+        for task in self.args.tasks:
+            if task not in self.no_skill:
+                self.no_skill[task] = task_no_skill(task, self.args.limit)
+        doc = {"no_skill": self.no_skill, "host": self.host, "command": sys.argv, "args": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items()},
             "configs": {c: CONFIGS[c] for c in self.args.configs}, "reference": REFERENCE,
             "lm_tasks": {t: LM_TASK[t] for t in self.args.tasks}, "metric": METRIC,
@@ -349,8 +372,10 @@ def write_markdown(doc: dict, path: Path) -> None:
                 continue
             ks = sorted({r["k"] for r in here})
             dense = next((r["dense"] for r in here if r["dense"] is not None), None)
+            fl = doc["no_skill"][task]
             lines += [f"## {protocol} protocol ({title}): {task}, {METRIC[task]}"
-                      + (f", dense {dense:.3f}" if dense is not None else ""), "",
+                      + (f", dense {dense:.3f}" if dense is not None else "")
+                      + f" (chance {fl['chance']:.3f}, majority answer {fl['majority']:.3f})", "",
                       "| configuration | " + " | ".join(f"k = {k}" for k in ks) + " |",
                       "|---|" + "---|" * len(ks)]
             for config in a["configs"]:
@@ -388,6 +413,8 @@ def table_cell(r: dict | None) -> str:
     if r is None:
         return "-"
     cell = f"{r['mean']:.3f}" + (f" ± {r['sd']:.3f}" if r["sd"] is not None else "")
+    if r["seeds"] < r.get("seeds_asked", r["seeds"]):  # some seeds' masks not evaluated yet
+        cell += f" ({r['seeds']} of {r['seeds_asked']} seeds)"
     if "minus_tabp" in r:
         lo, hi = r["minus_tabp"]["interval"]
         cell += f" [{lo:+.3f}, {hi:+.3f}]"
@@ -447,6 +474,9 @@ def plot(doc: dict, path: Path) -> None:
         dense = next((r["dense"] for r in here if r["dense"] is not None), None)
         if dense is not None:
             ax.axhline(dense, color="k", ls="--", lw=1, label="dense")
+        fl = doc["no_skill"][task]  # below this line an accuracy says nothing about the task
+        ax.axhline(max(fl["chance"], fl["majority"]), color="grey", ls=":", lw=1,
+                   label="chance / majority answer")
         ax.set_title(f"{task} ({METRIC[task]}), {a['protocols'][0]} protocol", fontsize=9)
         ax.set_xlabel("blocks removed (k)")
     axes[0][0].set_ylabel("accuracy (mean over seeds ± sd)")

@@ -98,6 +98,21 @@ def test_summary_over_seeds_and_the_goal(cv2, tmp_path, demo_model):
     table = cv2.summary_table({"args": vars(args), "rows": doc["rows"], "reference": "tabp"})
     assert "| tabp | 0.525 ± 0.035 |" in table
     assert any(line.startswith("| last_k | 0.300 [") for line in table)  # one seed: no sd
+    # a cell missing some of its seeds says so (here seed 1's TaBP mask is not evaluated yet)
+    del rep.cache[rep.key("arc_easy", (20, 21, 22, 24))]
+    rows = {r["config"]: r for r in rep.summarize()["rows"]}
+    assert (rows["tabp"]["seeds"], rows["tabp"]["seeds_asked"]) == (1, 2)
+    assert cv2.table_cell(rows["tabp"]) == "0.500 (1 of 2 seeds)"
+    assert "seeds)" not in cv2.table_cell(rows["sleb"])
+
+
+def test_no_skill_floors(cv2):
+    # BoolQ-like: two choices, 7 of 10 golds "yes" -> chance 0.5, majority answer 0.7
+    assert cv2.no_skill([1] * 7 + [0] * 3, [2] * 10) == pytest.approx({"chance": 0.5, "majority": 0.7})
+    # ARC-like: mixed numbers of choices -> chance is the mean of 1 / choices
+    got = cv2.no_skill([0, 1, 2, 3], [4, 4, 3, 5])
+    assert got["chance"] == pytest.approx((0.25 + 0.25 + 1 / 3 + 0.2) / 4)
+    assert got["majority"] == pytest.approx(0.25)
 
 
 def test_readme_table_is_the_committed_report():
