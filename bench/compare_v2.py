@@ -76,6 +76,7 @@ WIKITEXT = {"sleb", "ppl"}  # calibrated on WikiText-2 whatever the task
 LM_TASK = {"arc_easy": "tabp_arc_easy_validation", "arc_challenge": "tabp_arc_challenge_validation",
            "piqa": "tabp_piqa", "boolq": "tabp_boolq"}
 METRIC = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "boolq": "acc"}
+YES_NO = {"boolq"}  # choices ["no", "yes"]: the report gives each mask's share of "yes"
 BOOTSTRAP = 2000
 
 
@@ -97,14 +98,19 @@ def no_skill(golds: list[int], n_choices: list[int]) -> dict[str, float]:
             "majority": float(np.bincount(golds).max() / len(golds))}
 
 
-def task_no_skill(task: str, limit: int | None = None) -> dict[str, float]:
-    """`no_skill` of the documents lm-eval scores `task` on (its first `limit`, if given)."""
+def task_answers(task: str, limit: int | None = None) -> tuple[list[int], list[int]]:
+    """Gold index and number of choices of each document lm-eval scores `task` on (its first
+    `limit`, if given)."""
     from tabp_vllm.lmeval_tasks import load_task_object
 
     obj = load_task_object(LM_TASK[task])
     docs = list(obj.eval_docs)[:limit]
-    return no_skill([int(obj.doc_to_target(d)) for d in docs],
-                    [len(obj.doc_to_choice(d)) for d in docs])
+    return [int(obj.doc_to_target(d)) for d in docs], [len(obj.doc_to_choice(d)) for d in docs]
+
+
+def yes_share(correct: np.ndarray, golds: np.ndarray) -> float:
+    """Share of "yes" answers (choice 1 of a yes/no task) given which documents were right."""
+    return float(np.mean(np.where(correct == 1, golds == 1, golds == 0)))
 
 
 def calibration_of(config: str, task: str) -> str:
@@ -135,7 +141,7 @@ class Report:
                          f"resume with the same, or use another --out")
         self.scoring: dict[str, dict] = old.get("scoring", {})
         self.host = cpu_info()
-        self.no_skill: dict[str, dict[str, float]] = {}  # task -> chance / majority, when first saved
+        self.answers: dict[str, tuple[list[int], list[int]]] = {}  # task -> task_answers, lazily
         self.mt = None  # the transformers model, loaded on the first scoring run
 
     # ---------------------------------------------------------------- masks
@@ -213,6 +219,11 @@ class Report:
             self.save()
 
     # ---------------------------------------------------------------- report
+    def answers_of(self, task: str) -> tuple[list[int], list[int]]:
+        if task not in self.answers:
+            self.answers[task] = task_answers(task, self.args.limit)
+        return self.answers[task]
+
     def per_doc(self, task: str, removed: tuple[int, ...]) -> np.ndarray | None:
         hit = self.cache.get(self.key(task, removed))
         return None if hit is None else np.asarray(hit["docs"][METRIC[task]], dtype=float)
@@ -243,6 +254,11 @@ class Report:
                                "sd": float(np.std(accs, ddof=1)) if len(accs) > 1 else None,
                                "n": len(got[0]), "removed": removed_of[config],
                                "dense": float(dense.mean()) if dense is not None else None}
+                        if task in YES_NO:  # accuracy there moves with the yes/no bias
+                            golds = np.asarray(self.answers_of(task)[0])
+                            row["yes_share"] = float(np.mean([yes_share(x, golds) for x in got]))
+                            if dense is not None:
+                                row["dense_yes_share"] = yes_share(dense, golds)
                         if ref is not None and config != REFERENCE:
                             row["minus_tabp"] = paired_bootstrap(np.mean(got, axis=0),
                                                                  np.mean(ref, axis=0))
@@ -323,10 +339,8 @@ class Report:
         return out
 
     def save(self) -> None:
-        for task in self.args.tasks:
-            if task not in self.no_skill:
-                self.no_skill[task] = task_no_skill(task, self.args.limit)
-        doc = {"no_skill": self.no_skill, "host": self.host, "command": sys.argv, "args": {
+        doc = {"no_skill": {t: no_skill(*self.answers_of(t)) for t in self.args.tasks},
+               "host": self.host, "command": sys.argv, "args": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items()},
             "configs": {c: CONFIGS[c] for c in self.args.configs}, "reference": REFERENCE,
             "lm_tasks": {t: LM_TASK[t] for t in self.args.tasks}, "metric": METRIC,
@@ -375,7 +389,9 @@ def write_markdown(doc: dict, path: Path) -> None:
             fl = doc["no_skill"][task]
             lines += [f"## {protocol} protocol ({title}): {task}, {METRIC[task]}"
                       + (f", dense {dense:.3f}" if dense is not None else "")
-                      + f" (chance {fl['chance']:.3f}, majority answer {fl['majority']:.3f})", "",
+                      + (f" (yes {100 * here[0]['dense_yes_share']:.0f} %)"
+                         if "dense_yes_share" in here[0] else "")
+                      + f"; chance {fl['chance']:.3f}, majority answer {fl['majority']:.3f}", "",
                       "| configuration | " + " | ".join(f"k = {k}" for k in ks) + " |",
                       "|---|" + "---|" * len(ks)]
             for config in a["configs"]:
@@ -415,6 +431,8 @@ def table_cell(r: dict | None) -> str:
     cell = f"{r['mean']:.3f}" + (f" ± {r['sd']:.3f}" if r["sd"] is not None else "")
     if r["seeds"] < r.get("seeds_asked", r["seeds"]):  # some seeds' masks not evaluated yet
         cell += f" ({r['seeds']} of {r['seeds_asked']} seeds)"
+    if "yes_share" in r:
+        cell += f" (yes {100 * r['yes_share']:.0f} %)"
     if "minus_tabp" in r:
         lo, hi = r["minus_tabp"]["interval"]
         cell += f" [{lo:+.3f}, {hi:+.3f}]"

@@ -115,6 +115,15 @@ def test_no_skill_floors(cv2):
     assert got["majority"] == pytest.approx(0.25)
 
 
+def test_yes_share_from_right_and_wrong(cv2):
+    golds = np.array([1, 1, 0, 0, 1])
+    # right on a "yes" and a "no" document, wrong on the rest: answered yes, yes, no, yes, no
+    correct = np.array([1, 1, 1, 0, 0])
+    assert cv2.yes_share(correct, golds) == pytest.approx(3 / 5)
+    assert cv2.yes_share(np.ones(5), golds) == pytest.approx(3 / 5)  # always right
+    assert cv2.yes_share(np.zeros(5), golds) == pytest.approx(2 / 5)  # always wrong
+
+
 def test_readme_table_is_the_committed_report():
     """The README's comparison table is report.md's summary, cell for cell (no stale numbers)."""
     def table(text: str) -> list[str]:
