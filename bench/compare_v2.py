@@ -17,7 +17,9 @@ What it runs, all through the product's own code (`score_with_options` = `tabp-v
   `--limit` unless given);
 - per (protocol, task, k, configuration): mean and standard deviation over seeds, and a paired
   bootstrap interval of its accuracy minus TaBP's (per document, each averaged over the seeds);
-  forward passes and wall time of every scoring run.
+  forward passes and wall time of every scoring run; per task its no-skill floor (chance, the
+  majority answer) and, on yes/no tasks (BoolQ), each mask's share of "yes" answers, since
+  accuracy there can move with that bias alone.
 
 Resumable: masks are kept under OUT/masks, per-document results of every (task, removed blocks)
 pair in OUT/eval_cache.json (one engine per distinct removed set, dense included), and the report
