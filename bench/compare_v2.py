@@ -41,6 +41,7 @@ configurations between them (each with its own `--out`, caches merged afterwards
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -100,6 +101,7 @@ def no_skill(golds: list[int], n_choices: list[int]) -> dict[str, float]:
             "majority": float(np.bincount(golds).max() / len(golds))}
 
 
+@functools.lru_cache(maxsize=None)  # read once per task and run: the report is rewritten often
 def task_answers(task: str, limit: int | None = None) -> tuple[list[int], list[int]]:
     """Gold index and number of choices of each document lm-eval scores `task` on (its first
     `limit`, if given)."""
@@ -143,7 +145,6 @@ class Report:
                          f"resume with the same, or use another --out")
         self.scoring: dict[str, dict] = old.get("scoring", {})
         self.host = cpu_info()
-        self.answers: dict[str, tuple[list[int], list[int]]] = {}  # task -> task_answers, lazily
         self.mt = None  # the transformers model, loaded on the first scoring run
 
     # ---------------------------------------------------------------- masks
@@ -221,11 +222,6 @@ class Report:
             self.save()
 
     # ---------------------------------------------------------------- report
-    def answers_of(self, task: str) -> tuple[list[int], list[int]]:
-        if task not in self.answers:
-            self.answers[task] = task_answers(task, self.args.limit)
-        return self.answers[task]
-
     def per_doc(self, task: str, removed: tuple[int, ...]) -> np.ndarray | None:
         hit = self.cache.get(self.key(task, removed))
         return None if hit is None else np.asarray(hit["docs"][METRIC[task]], dtype=float)
@@ -238,6 +234,9 @@ class Report:
         for protocol in a.protocols:
             for task in a.tasks:
                 dense = self.per_doc(task, ())
+                if task in YES_NO:  # accuracy there moves with the yes/no bias
+                    golds = np.asarray(task_answers(task, a.limit)[0])
+                    yes_dense = None if dense is None else yes_share(dense, golds)
                 for k in sorted(a.ks):
                     per_config: dict[str, list[np.ndarray]] = {}
                     removed_of: dict[str, list[list[int]]] = {}
@@ -256,11 +255,10 @@ class Report:
                                "sd": float(np.std(accs, ddof=1)) if len(accs) > 1 else None,
                                "n": len(got[0]), "removed": removed_of[config],
                                "dense": float(dense.mean()) if dense is not None else None}
-                        if task in YES_NO:  # accuracy there moves with the yes/no bias
-                            golds = np.asarray(self.answers_of(task)[0])
+                        if task in YES_NO:
                             row["yes_share"] = float(np.mean([yes_share(x, golds) for x in got]))
-                            if dense is not None:
-                                row["dense_yes_share"] = yes_share(dense, golds)
+                            if yes_dense is not None:
+                                row["dense_yes_share"] = yes_dense
                         if ref is not None and config != REFERENCE:
                             row["minus_tabp"] = paired_bootstrap(np.mean(got, axis=0),
                                                                  np.mean(ref, axis=0))
@@ -341,7 +339,7 @@ class Report:
         return out
 
     def save(self) -> None:
-        doc = {"no_skill": {t: no_skill(*self.answers_of(t)) for t in self.args.tasks},
+        doc = {"no_skill": {t: no_skill(*task_answers(t, self.args.limit)) for t in self.args.tasks},
                "host": self.host, "command": sys.argv, "args": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items()},
             "configs": {c: CONFIGS[c] for c in self.args.configs}, "reference": REFERENCE,
