@@ -7,7 +7,8 @@ tokens/s of the timed batch; the settings of the AVX2-only EPYC measurement in i
 emulated here: with the instruction set capped (`ONEDNN_MAX_CPU_ISA=AVX2`,
 `ATEN_CPU_CAPABILITY=avx2`) the bfloat16 engine's worker died on its first batch (vLLM's own CPU
 kernels keep their AVX-512 paths), so only real machines count.
-Writes bench/results/cpu_dtype.{json,md}, with the CPU model and flags.
+Writes bench/results/cpu_dtype.{json,md}: one record per CPU (model and flags), a run on another
+CPU kept beside this one's, and what `--dtype auto` picks on each.
 
     python bench/cpu_dtype.py [--batch 8] [--new-tokens 16]
 """
@@ -45,8 +46,16 @@ def one_case(dtype: str, batch: int, new_tokens: int) -> dict:
     return {"output_tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2)}
 
 
+def load_runs(path: Path) -> list[dict]:
+    """The runs recorded so far, one per CPU (a file of the older one-run layout is one run)."""
+    if not path.exists():
+        return []
+    doc = json.loads(path.read_text())
+    return doc["runs"] if "runs" in doc else [doc]
+
+
 def main() -> None:
-    from tabp_vllm.engine import cpu_info
+    from tabp_vllm.engine import choose_dtype, cpu_info
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
@@ -67,16 +76,25 @@ def main() -> None:
         print(row, flush=True)
         rows.append(row)
     host = cpu_info()
-    doc = {"host": host, "batch": a.batch, "new_tokens": a.new_tokens,
+    run = {"host": host, "batch": a.batch, "new_tokens": a.new_tokens,
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
-    (OUT / "cpu_dtype.json").write_text(json.dumps(doc, indent=2) + "\n")
-    lines = ["# Dense offline generation per engine dtype", "",
-             f"{doc['date']}, {host['model']} (flags: {', '.join(host['flags']) or 'none recorded'}); "
-             f"demo model, eager, batch {a.batch} x {a.new_tokens} new tokens, after a warm-up batch.",
-             "", "| dtype | output tokens/s | wall s |", "|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['dtype']} | {r.get('tokens_per_s', 'error')} | {r.get('wall_s', '')} |")
-    (OUT / "cpu_dtype.md").write_text("\n".join(lines) + "\n")
+    path = OUT / "cpu_dtype.json"
+    runs = [r for r in load_runs(path) if r["host"] != host] + [run]  # this CPU's latest run
+    path.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    lines = ["# Dense offline generation per engine dtype, per CPU", "",
+             "Demo model, eager, greedy, EOS ignored, after a warm-up batch; `auto` is what "
+             "`--dtype auto` picks on that CPU.", ""]
+    for r in runs:
+        host = r["host"]
+        auto = choose_dtype("auto", gpu=False, cpu_flags=host["flags"])[0]
+        lines += [f"## {host['model']} (flags: {', '.join(host['flags']) or 'none recorded'})", "",
+                  f"{r['date']}; batch {r['batch']} x {r['new_tokens']} new tokens; "
+                  f"auto picks **{auto}**.", "",
+                  "| dtype | output tokens/s | wall s |", "|---|---|---|"]
+        lines += [f"| {x['dtype']} | {x.get('tokens_per_s', 'error')} | {x.get('wall_s', '')} |"
+                  for x in r["rows"]]
+        lines.append("")
+    (OUT / "cpu_dtype.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
