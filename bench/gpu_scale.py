@@ -51,14 +51,14 @@ NOTE = ("transformers eager (sdpa, DynamicCache, no CUDA graphs) on synthetic ra
 class Run:
     """The run's state: options, deadline, the JSON document, the log."""
 
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
+    def __init__(self, args: argparse.Namespace, name: str = "gpu_scale", note: str = NOTE):
+        self.args, self.name = args, name
         self.out = Path(args.outdir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.out / "gpu_scale.log"
+        self.log_path = self.out / f"{name}.log"
         self.log_path.write_text("")
         self.doc: dict[str, Any] = {
-            "schema": "tabp-vllm/gpu-scale/1", "note": NOTE,
+            "schema": f"tabp-vllm/{name.replace('_', '-')}/1", "note": note,
             "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "options": {k: v for k, v in vars(args).items()},
             "steps": {}, "skipped": [], "errors": {},
@@ -82,9 +82,9 @@ class Run:
 
     def save(self) -> None:
         self.doc["elapsed_s"] = round(self.elapsed(), 2)
-        tmp = self.out / "gpu_scale.json.tmp"
+        tmp = self.out / f"{self.name}.json.tmp"
         tmp.write_text(json.dumps(self.doc, indent=2, default=str) + "\n")
-        tmp.replace(self.out / "gpu_scale.json")
+        tmp.replace(self.out / f"{self.name}.json")
 
     def step(self, name: str, fn, *a, need_s: float = 0.0, **kw):
         """Run one step: time it, record its result or its error, never raise."""
@@ -150,7 +150,7 @@ def step_env(run: Run) -> dict[str, Any]:
     run.doc["env"] = env
     run.log(f"device {env['device']} {env.get('gpu_name', env['cpu_model'])}; "
             f"torch {env['torch']}, transformers {env['transformers']}, vllm importable: "
-            f"{env['vllm_importable']} (not used: this run measures the transformers path)")
+            f"{env['vllm_importable']}")
     return env
 
 
@@ -300,12 +300,49 @@ def summarize(batch: int, prompt_len: int, new_tokens: int, r: dict[str, Any]) -
     }
 
 
-def step_speed(run: Run, model_dir: str) -> None:
+def speed_summary(runs: list[dict[str, Any]], variants: dict[str, list[int]], num_layers: int,
+                  shape, a: argparse.Namespace, tpot_key: str = "tpot_p50_ms",
+                  keys: tuple[str, ...] = ("prefill_ms", "tpot_p50_ms", "tpot_p99_ms",
+                                           "output_tokens_per_s", "decode_tokens_per_s"),
+                  ) -> list[dict[str, Any]]:
+    """Median over rounds per (variant, batch); speedup vs dense next to the FLOPs model's ideal."""
     import numpy as np
+
+    from tabp_vllm.flops import ideal_speedup
+
+    summary = []
+    for b in a.batches:
+        rows = {n: [r for r in runs if r["variant"] == n and r["batch"] == b] for n in variants}
+        if not rows.get("dense"):
+            continue
+        med = {n: {key: float(np.median([r[key] for r in rs])) for key in keys}
+               for n, rs in rows.items() if rs}
+        d = med["dense"]
+        for n, m in med.items():
+            kept = num_layers - len(variants[n])
+            ideal = ideal_speedup(shape, kept, a.prompt_len, a.new_tokens)
+            tok_s = [r["output_tokens_per_s"] for r in rows[n]]
+            summary.append({
+                "variant": n, "batch": b, "kept": kept, "rounds": len(rows[n]), **m,
+                "speedup_output_tokens_per_s": round(m["output_tokens_per_s"] /
+                                                     d["output_tokens_per_s"], 4),
+                f"speedup_{tpot_key[:-3]}": round(d[tpot_key] / m[tpot_key], 4),
+                "speedup_prefill": round(d["prefill_ms"] / m["prefill_ms"], 4),
+                "ideal_speedup": round(ideal["ideal_speedup"], 4),
+                "ideal_decode_speedup": round(ideal["ideal_decode_speedup"], 4),
+                "blocks_ratio": round(num_layers / kept, 4),
+                "round_spread_output_tokens_per_s": round(
+                    (max(tok_s) - min(tok_s)) / m["output_tokens_per_s"], 4)
+                if len(tok_s) > 1 else None,
+            })
+    return summary
+
+
+def step_speed(run: Run, model_dir: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tabp_vllm.flops import DecoderShape, ideal_speedup, shape_summary
+    from tabp_vllm.flops import DecoderShape, shape_summary
 
     a = run.args
     device = run.doc["env"]["device"]
@@ -388,34 +425,7 @@ def step_speed(run: Run, model_dir: str) -> None:
             run.save()
     vs.use([])
 
-    # Aggregate: median over rounds; speedup vs dense next to the FLOPs model's ideal.
-    summary = []
-    for b in a.batches:
-        rows = {n: [r for r in speed["runs"] if r["variant"] == n and r["batch"] == b]
-                for n in variants}
-        if not rows.get("dense"):
-            continue
-        med = {n: {key: float(np.median([r[key] for r in rs])) for key in
-                   ("prefill_ms", "tpot_p50_ms", "tpot_p99_ms", "output_tokens_per_s",
-                    "decode_tokens_per_s")} for n, rs in rows.items() if rs}
-        for n, m in med.items():
-            kept = B - len(variants[n])
-            ideal = ideal_speedup(shape, kept, a.prompt_len, a.new_tokens)
-            d = med["dense"]
-            summary.append({
-                "variant": n, "batch": b, "kept": kept, "rounds": len(rows[n]), **m,
-                "speedup_output_tokens_per_s": round(m["output_tokens_per_s"] /
-                                                     d["output_tokens_per_s"], 4),
-                "speedup_tpot_p50": round(d["tpot_p50_ms"] / m["tpot_p50_ms"], 4),
-                "speedup_prefill": round(d["prefill_ms"] / m["prefill_ms"], 4),
-                "ideal_speedup": round(ideal["ideal_speedup"], 4),
-                "ideal_decode_speedup": round(ideal["ideal_decode_speedup"], 4),
-                "blocks_ratio": round(B / kept, 4),
-                "round_spread_output_tokens_per_s": round(
-                    (max(r["output_tokens_per_s"] for r in rows[n]) -
-                     min(r["output_tokens_per_s"] for r in rows[n])) / m["output_tokens_per_s"],
-                    4) if len(rows[n]) > 1 else None,
-            })
+    summary = speed_summary(speed["runs"], variants, B, shape, a)
     speed["summary"] = summary
     for s in summary:
         if s["variant"] != "dense":
@@ -568,10 +578,10 @@ def step_plot(run: Run) -> None:
     ax2.legend(fontsize=8)
     env = run.doc["env"]
     fig.suptitle(f"{run.args.arch} (synthetic weights), {env.get('gpu_name', 'CPU')}, "
-                 f"transformers eager bf16, prompt {run.args.prompt_len}, "
-                 f"{run.args.new_tokens} new tokens", fontsize=10)
+                 f"{run.doc['speed'].get('engine', 'transformers eager bf16')}, prompt "
+                 f"{run.args.prompt_len}, {run.args.new_tokens} new tokens", fontsize=10)
     fig.tight_layout()
-    fig.savefig(run.out / "gpu_scale.png", dpi=110)
+    fig.savefig(run.out / f"{run.name}.png", dpi=110)
     plt.close(fig)
 
 

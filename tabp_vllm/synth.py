@@ -59,9 +59,10 @@ ARCHS: dict[str, dict[str, Any]] = {
     "mistral-7b": _decoder(
         "MistralForCausalLM", "mistral", 32, 4096, 14336, 32, 8, 32000, 32768, 10000.0, 1e-5,
         sliding_window=4096),
-    # for tests: 4 blocks, hidden 64; vocabulary = the SmolLM2 tokenizer's
+    # for tests: 4 blocks, hidden 128, head_dim 64 (vLLM's CPU attention refuses 16);
+    # vocabulary = the SmolLM2 tokenizer's
     "tiny-llama": _decoder(
-        "LlamaForCausalLM", "llama", 4, 64, 128, 4, 2, 49152, 2048, 10000.0, 1e-5),
+        "LlamaForCausalLM", "llama", 4, 128, 256, 2, 1, 49152, 2048, 10000.0, 1e-5),
 }
 
 # Parameter counts of the published models (embeddings and LM head included).
