@@ -575,7 +575,9 @@ def step_plot(run: Run) -> None:
     ax2.set_xlabel("batch size")
     ax2.set_ylabel("speedup vs dense (output tokens/s)")
     ax2.set_title("achieved (bars) vs ideal (lines) speedup")
-    ax2.legend(fontsize=8)
+    top = max([s["ideal_speedup"] for s in summary] + [s["speedup_output_tokens_per_s"] for s in summary])
+    ax2.set_ylim(0, top * 1.3)  # room above the bars for the legend
+    ax2.legend(fontsize=8, loc="upper left", ncol=2)
     env = run.doc["env"]
     fig.suptitle(f"{run.args.arch} (synthetic weights), {env.get('gpu_name', 'CPU')}, "
                  f"{run.doc['speed'].get('engine', 'transformers eager bf16')}, prompt "

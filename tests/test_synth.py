@@ -201,3 +201,31 @@ def test_block_deletion_other_families(arch):
         assert torch.equal(got["tokens"], ref[:, ids.shape[1]:]), removed
         if getattr(model.config, "layer_types", None) is not None:
             assert len(model.config.layer_types) == 4 - len(removed)
+
+
+def test_gpu_check_vllm_engines_on_cpu(tmp_path):
+    """ENGINE=vllm: the variants are real vLLM engines built by tabp_vllm.engine (the pruned loader),
+    all alive at once and measured interleaved; on the CPU engine here, tiny shape."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "ENGINE": "vllm", "ARCH": "tiny-llama",
+           "BATCHES": "1,2", "KS": "1", "PROMPT_LEN": "16", "NEW_TOKENS": "4", "ROUNDS": "2",
+           "DEADLINE_S": "540", "DEVICE": "cpu", "MODEL_DIR": str(tmp_path / "model")}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=660, start_new_session=True)
+    log = (out / "gpu_vllm.log").read_text() if (out / "gpu_vllm.log").exists() else ""
+    assert proc.returncode == 0, log[-4000:] + proc.stderr[-3000:]
+    doc = json.loads((out / "gpu_vllm.json").read_text())
+    assert doc["ok"] and not doc["errors"] and doc["env"]["device"] == "cpu"
+    engines = doc["speed"]["engines"]
+    # what each engine actually built: the loader dropped block 2 and its weights
+    assert engines["dense"]["model_stats"]["num_layers"] == 4
+    assert engines["k1"]["model_stats"]["num_layers"] == 3
+    assert engines["k1"]["removed_layers"] == [2]
+    assert 0 < engines["k1"]["model_stats"]["weight_bytes"] < engines["dense"]["model_stats"]["weight_bytes"]
+    runs = doc["speed"]["runs"]
+    assert [r["variant"] for r in runs[:2]] == ["dense", "k1"] and len(runs) == 2 * 2 * 2
+    assert all(r["output_tokens"] == r["batch"] * 4 for r in runs)  # EOS ignored, every token made
+    summ = {(s["variant"], s["batch"]): s for s in doc["speed"]["summary"]}
+    assert summ[("dense", 2)]["speedup_output_tokens_per_s"] == 1
+    assert summ[("k1", 2)]["ideal_speedup"] > 1 and summ[("k1", 2)]["tpot_mean_ms"] > 0
+    assert (out / "gpu_vllm.png").stat().st_size > 10_000
