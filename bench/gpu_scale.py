@@ -86,6 +86,16 @@ class Run:
         tmp.write_text(json.dumps(self.doc, indent=2, default=str) + "\n")
         tmp.replace(self.out / f"{self.name}.json")
 
+    def finish(self) -> int:
+        """Plot what was measured, write the final JSON; the exit code (0: no step failed)."""
+        if self.doc.get("speed", {}).get("summary"):
+            self.step("plot", step_plot)
+        self.doc["ok"] = not self.doc["errors"]
+        self.save()
+        self.log(f"done: {len(self.doc['errors'])} error(s), {len(self.doc['skipped'])} skipped; "
+                 f"{self.out / f'{self.name}.json'}")
+        return 0 if self.doc["ok"] else 1
+
     def step(self, name: str, fn, *a, need_s: float = 0.0, **kw):
         """Run one step: time it, record its result or its error, never raise."""
         if self.remaining() < need_s:
@@ -589,27 +599,33 @@ def step_plot(run: Run) -> None:
 
 # --------------------------------------------------------------------------------- main
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def common_args(description: str, rounds: int, deadline_s: float) -> argparse.ArgumentParser:
+    """The options every GPU-scale script shares: shape, variants, lengths, deadline, checkpoint."""
     ints = lambda s: [int(x) for x in str(s).split(",") if x.strip()]  # noqa: E731
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("outdir")
     p.add_argument("--arch", default="llama-3.1-8b")
     p.add_argument("--batches", type=ints, default=[1, 16, 64])
     p.add_argument("--ks", type=ints, default=[4, 8], help="Blocks removed per pruned variant.")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--deadline-s", type=float, default=deadline_s)
+    p.add_argument("--model-dir", default=None, help="Default /tmp/synth-ARCH.")
+    p.add_argument("--tokenizer", default=None, help="Tokenizer folder for synth-model.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16", help="Checkpoint dtype synth-model writes.")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = common_args(__doc__.splitlines()[0], rounds=2, deadline_s=480.0)
     p.add_argument("--score-samples", type=int, default=1024)
     p.add_argument("--score-k", type=int, default=8)
     p.add_argument("--sleb-samples", type=int, default=128)
     p.add_argument("--score-reserve-s", type=float, default=150.0,
                    help="Seconds the speed step leaves for the scorers.")
-    p.add_argument("--deadline-s", type=float, default=480.0)
-    p.add_argument("--model-dir", default=None, help="Default /tmp/synth-ARCH.")
-    p.add_argument("--tokenizer", default=None, help="Tokenizer folder for synth-model.")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--skip", type=lambda s: set(filter(None, s.split(","))), default=set(),
                    help="Steps to skip: speed,score,sleb.")
     return p.parse_args(argv)
@@ -653,13 +669,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{a.score_samples}: compare cost per sample pass, not wall time")
     else:
         run.skip("speed, score", "no checkpoint (synth failed)")
-    if run.doc.get("speed", {}).get("summary"):
-        run.step("plot", step_plot)
-    run.doc["ok"] = not run.doc["errors"]
-    run.save()
-    run.log(f"done: {len(run.doc['errors'])} error(s), {len(run.doc['skipped'])} skipped; "
-            f"{run.out / 'gpu_scale.json'}")
-    return 0 if run.doc["ok"] else 1
+    return run.finish()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ sys.path[:0] = [p for p in (str(REPO), str(REPO / "bench")) if p not in sys.path
 # The engines' model stats are read through `LLM.apply_model`, which pickles a function.
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
-from gpu_scale import Run, speed_summary, step_env, step_plot, step_synth, variant_masks  # noqa: E402
+from gpu_scale import (Run, common_args, speed_summary, step_env, step_synth,  # noqa: E402
+                       variant_masks)
 
 NOTE = ("vLLM offline engines built by tabp_vllm.engine (the tabp_pruned loader), one per "
         "variant, sharing one GPU; synthetic random weights of the published shape. Speed does "
@@ -199,22 +200,7 @@ def step_vllm_speed(run: Run, model_dir: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ints = lambda s: [int(x) for x in str(s).split(",") if x.strip()]  # noqa: E731
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("outdir")
-    p.add_argument("--arch", default="llama-3.1-8b")
-    p.add_argument("--batches", type=ints, default=[1, 16, 64])
-    p.add_argument("--ks", type=ints, default=[4, 8], help="Blocks removed per pruned variant.")
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--deadline-s", type=float, default=420.0)
-    p.add_argument("--model-dir", default=None, help="Default /tmp/synth-ARCH.")
-    p.add_argument("--tokenizer", default=None, help="Tokenizer folder for synth-model.")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bfloat16", help="Checkpoint dtype synth-model writes.")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    return p.parse_args(argv)
+    return common_args(__doc__.splitlines()[0], rounds=3, deadline_s=420.0).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,13 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = run.step("synth", step_synth) if env else None
     if model_dir:
         run.step("vllm_speed", step_vllm_speed, model_dir, need_s=60)
-    if run.doc.get("speed", {}).get("summary"):
-        run.step("plot", step_plot)
-    run.doc["ok"] = not run.doc["errors"]
-    run.save()
-    run.log(f"done: {len(run.doc['errors'])} error(s), {len(run.doc['skipped'])} skipped; "
-            f"{run.out / 'gpu_vllm.json'}")
-    return 0 if run.doc["ok"] else 1
+    return run.finish()
 
 
 if __name__ == "__main__":

@@ -144,9 +144,13 @@ def _f(x: Any, fmt: str = "{:.2f}", scale: float = 1.0) -> str:
 def markdown(result: dict[str, Any]) -> str:
     plan = result["plan"]
     unit = "concurrency" if plan["mode"] == "closed" else "offered req/s"
+    cpu = result["host"].get("cpu")
+    cpu_text = (f"{cpu['model']}, flags: {', '.join(cpu['flags']) or 'none recorded'}" if cpu
+                else "CPU model not recorded (a run from before the bench recorded it)")
     lines = [f"# Serving bench: {result['model']} ({plan['mode']} loop)", "",
              f"{result['started_at']} on {result['host']['node']} "
-             f"({result['host']['cpu_count']} CPUs); {plan['duration']:.0f} s measured per variant "
+             f"({result['host']['cpu_count']} CPUs: {cpu_text}); "
+             f"{plan['duration']:.0f} s measured per variant "
              f"per level in {plan['rounds']} interleaved rounds (each after a "
              f"{plan.get('ramp', 0):g} s unmeasured ramp); prompt {plan['input_len']} / output "
              f"{plan['output_len']} tokens (+-{plan['range_ratio'] * 100:.0f} %, EOS ignored); "
