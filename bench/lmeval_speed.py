@@ -7,7 +7,10 @@ documents of an offline task). Measured in one process, same engine, one after t
 - the same token sequences through the engine with `prompt_logprobs=1` (what lm-eval's vllm
   backend asks for) and with no prompt logprobs (plain prefill, `max_tokens=1`): the ratio of the
   two is what prompt logprobs cost; lm-eval's time over the first is its own overhead.
-Prompts/s counts one request per (document, choice). Writes bench/results/lmeval_speed.json.
+Prompts/s counts one request per (document, choice). Then lm-eval once more with
+`one_token_shortcut` off (every request through lm-eval's own path): on a task whose choices are
+one token each (BoolQ) that is what the shortcut saves. Writes bench/results/lmeval_speed.json
+(`--out` for another task).
 
 With `--server`, the same through `tabp-vllm serve` (started here, dense variant): lm-eval's
 `local-completions` (echo + logprobs on /v1/completions, `--batch-size` prompts a request,
@@ -62,6 +65,13 @@ def main() -> None:
         out = simple_evaluate(model=lm, tasks=[a.task], limit=a.limit, log_samples=True,
                               task_manager=tm)
         lmeval_s = time.perf_counter() - t0
+        # lm-eval's own path for every request (TabpVLLM reads shared one-token continuations
+        # off one pass over their context): same documents, same engine, after the first run
+        lm.one_token_shortcut = False
+        t0 = time.perf_counter()
+        out_plain = simple_evaluate(model=lm, tasks=[a.task], limit=a.limit, task_manager=tm)
+        plain_s = time.perf_counter() - t0
+        lm.one_token_shortcut = True
         pairs = [tuple(arg[:2]) for s in out["samples"][a.task] for arg in s["arguments"]]
         seqs = []
         for ctx, cont in pairs:
@@ -85,6 +95,8 @@ def main() -> None:
     res = {"model": a.model, "mask": a.mask, "task": a.task, "documents": a.limit, "requests": n,
            "tokens": tokens, "dtype": choose_dtype("auto"), "cpu": cpu_info(),
            "engine_start_s": round(start_s, 1), "lm_eval_simple_evaluate": rate(lmeval_s),
+           "lm_eval_without_one_token_shortcut": rate(plain_s),
+           "acc_without_one_token_shortcut": out_plain["results"][a.task].get("acc,none"),
            "engine_prompt_logprobs": rate(timings["prompt_logprobs"]),
            "engine_plain_prefill": rate(timings["prefill"]),
            "scoring_vs_prefill": round(timings["prefill"] / lmeval_s, 3),

@@ -4,7 +4,8 @@
 built from `engine_args_for(model, mask)`, so the variant lm-eval scores is the variant
 `tabp-vllm serve` serves (same loader, depth, dtype, KV cache). Model arguments:
 
-    pretrained=llama,task_mask=arc_easy.json[,kv_cache_gib=1,dtype=auto,max_model_len=2048]
+    pretrained=llama,task_mask=arc_easy.json[,kv_cache_gib=1,dtype=auto,max_model_len=2048,
+               one_token_shortcut=True]
 
 without `task_mask` it is the dense model; any other key goes to `vllm.LLM` as lm-eval's `vllm`
 model would pass it.
@@ -72,6 +73,8 @@ from tabp_vllm.mask import load_mask  # noqa: E402
 from tabp_vllm.models import resolve_model  # noqa: E402
 
 MODEL_NAME = "tabp-vllm"
+# Next-token log-probabilities read per shared context (vLLM's default max_logprobs).
+ONE_TOKEN_TOP_K = 20
 
 
 @register_model(MODEL_NAME)
@@ -81,7 +84,8 @@ class TabpVLLM(VLLM):
     def __init__(self, pretrained: str = "llama", task_mask: str | None = None, *,
                  kv_cache_gib: float | None = None, dtype: str = "auto",
                  max_model_len: int | None = 2048, enforce_eager: bool = True, seed: int = 0,
-                 **kwargs: Any):
+                 one_token_shortcut: bool = True, **kwargs: Any):
+        self.one_token_shortcut = one_token_shortcut  # False: lm-eval's own path for every request
         path = resolve_model(str(pretrained))
         self.task_mask = load_mask(task_mask, path) if task_mask else None
         args = engine_args_for(path, self.task_mask, dtype=dtype, max_model_len=max_model_len,
@@ -90,6 +94,47 @@ class TabpVLLM(VLLM):
         named = {k: args.pop(k) for k in ("dtype", "max_model_len", "seed") if k in args}
         args.pop("model")
         super().__init__(pretrained=path, **named, **args, **kwargs)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False):
+        """lm-eval's scoring, with one shortcut: requests that share a context and each continue it
+        by one token (BoolQ's " yes" / " no") are read off one pass over the context, the
+        next-token distribution's top `ONE_TOKEN_TOP_K`, instead of one prompt-logprob pass per
+        continuation (vLLM does not reuse cached prefixes for prompt logprobs, so each of those
+        recomputes the whole passage). A continuation outside the top K, and every other request,
+        goes through lm-eval's own path."""
+        from collections import defaultdict
+
+        from vllm import SamplingParams
+
+        if not self.one_token_shortcut:
+            return super()._loglikelihood_tokens(requests, disable_tqdm)
+        max_ctx = self.max_length - 2  # lm-eval keeps max_length - 1 tokens, continuation included
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        by_context: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, (_, context_enc, continuation_enc) in enumerate(requests):
+            if len(continuation_enc) == 1 and context_enc:
+                by_context[tuple(context_enc[-max_ctx:])].append(i)
+        shared = {ctx: idx for ctx, idx in by_context.items() if len(idx) > 1}
+        if shared:
+            params = SamplingParams(temperature=0, max_tokens=1, logprobs=ONE_TOKEN_TOP_K,
+                                    detokenize=False)
+            outputs = self._model_generate([list(c) for c in shared], generate=True,
+                                           sampling_params=params)
+            for idx, out in zip(shared.values(), outputs, strict=True):
+                top = {t: lp.logprob for t, lp in out.outputs[0].logprobs[0].items()}
+                best = max(top, key=top.__getitem__)
+                for i in idx:
+                    token = requests[i][2][0]
+                    if token in top:
+                        results[i] = (top[token], token == best)
+                        if requests[i][0] is not None:
+                            self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+        rest = [i for i, r in enumerate(results) if r is None]
+        if rest:
+            answers = super()._loglikelihood_tokens([requests[i] for i in rest], disable_tqdm)
+            for i, answer in zip(rest, answers, strict=True):
+                results[i] = answer
+        return results
 
     def shutdown(self) -> None:
         """Stop the engine core now, not in interpreter teardown (where it now and then aborts)."""

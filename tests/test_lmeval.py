@@ -151,3 +151,63 @@ def test_user_jsonl_becomes_a_task(tmp_path):
     bad.write_text('{"question": "q", "choices": ["a"], "gold": 0}\n')
     with pytest.raises(TabpError, match=r"bad.jsonl:1: 'choices' must be a list of at least 2"):
         jsonl_task_folder("bad", bad, tmp_path / "tasks2")
+
+
+LOGLIKELIHOOD_CHECK = '''
+import json, sys
+
+if __name__ == "__main__":
+    from tabp_vllm.lmeval import ONE_TOKEN_TOP_K, TabpVLLM, VLLM
+    from tabp_vllm.lmeval_tasks import load_task_object
+
+    lm = TabpVLLM(pretrained="llama", kv_cache_gib=0.5)
+    obj = load_task_object("tabp_boolq")
+    reqs = []
+    for d in list(obj.eval_docs)[:int(sys.argv[1])]:
+        ctx = obj.doc_to_text(d)
+        for c in obj.doc_to_choice(d):
+            reqs.append(((ctx, " " + c), *lm._encode_pair(ctx, " " + c)))
+    # a one-token continuation of the first context outside its top K: must fall through
+    top = lm.model.generate([{"prompt_token_ids": reqs[0][1]}], __import__("vllm").SamplingParams(
+        max_tokens=1, logprobs=ONE_TOKEN_TOP_K, temperature=0), use_tqdm=False)[0].outputs[0].logprobs[0]
+    rare = next(t for t in range(1000, 2000) if t not in top)
+    reqs.append((None, reqs[0][1], [rare]))
+    fell = []
+    theirs = VLLM._loglikelihood_tokens
+
+    def counting(self, rs, disable_tqdm=False):
+        fell.extend(r[2] for r in rs)
+        return theirs(self, rs, disable_tqdm)
+
+    VLLM._loglikelihood_tokens = counting
+    ours = lm._loglikelihood_tokens(reqs)
+    VLLM._loglikelihood_tokens = theirs
+    print("RESULT " + json.dumps({"ours": ours, "theirs": theirs(lm, reqs), "fell": fell,
+                                  "rare": rare, "one_token": all(len(r[2]) == 1 for r in reqs)}))
+    lm.shutdown()
+'''
+
+
+@pytest.mark.engine
+def test_one_token_shortcut_equals_lm_evals_loglikelihood(tmp_path):
+    """BoolQ's " yes" / " no" read off one pass over the passage give lm-eval's own numbers: the
+    same log-likelihoods and greedy flags per request, so the same accuracy; a continuation
+    outside the top K falls through to lm-eval's path."""
+    script = tmp_path / "check.py"
+    script.write_text(LOGLIKELIHOOD_CHECK)
+    p = subprocess.run([sys.executable, str(script), "6"], capture_output=True, text=True,
+                       timeout=900, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, p.stderr[-3000:]
+    doc = json.loads(line[len("RESULT "):])
+    assert doc["one_token"] and len(doc["ours"]) == len(doc["theirs"]) == 13
+    assert doc["fell"] == [[doc["rare"]]]  # only the rare continuation took lm-eval's path
+    for (ll, greedy), (ll_ref, greedy_ref) in zip(doc["ours"], doc["theirs"]):
+        assert ll == pytest.approx(ll_ref, abs=0.05) and ll < 0  # one forward pass apart
+        assert greedy == greedy_ref
+    # accuracy: per document ("no", "yes" pairs) the same answer wins, near-ties aside
+    ours, theirs = doc["ours"], doc["theirs"]
+    for i in range(0, 12, 2):
+        gap = theirs[i + 1][0] - theirs[i][0]
+        if abs(gap) > 0.1:
+            assert (ours[i + 1][0] > ours[i][0]) == (gap > 0), i
