@@ -157,6 +157,8 @@ LOGLIKELIHOOD_CHECK = '''
 import json, sys
 
 if __name__ == "__main__":
+    from vllm import SamplingParams
+
     from tabp_vllm.lmeval import ONE_TOKEN_TOP_K, TabpVLLM, VLLM
     from tabp_vllm.lmeval_tasks import load_task_object
 
@@ -168,8 +170,9 @@ if __name__ == "__main__":
         for c in obj.doc_to_choice(d):
             reqs.append(((ctx, " " + c), *lm._encode_pair(ctx, " " + c)))
     # a one-token continuation of the first context outside its top K: must fall through
-    top = lm.model.generate([{"prompt_token_ids": reqs[0][1]}], __import__("vllm").SamplingParams(
-        max_tokens=1, logprobs=ONE_TOKEN_TOP_K, temperature=0), use_tqdm=False)[0].outputs[0].logprobs[0]
+    params = SamplingParams(max_tokens=1, logprobs=ONE_TOKEN_TOP_K, temperature=0)
+    out = lm.model.generate([{"prompt_token_ids": reqs[0][1]}], params, use_tqdm=False)
+    top = out[0].outputs[0].logprobs[0]
     rare = next(t for t in range(1000, 2000) if t not in top)
     reqs.append((None, reqs[0][1], [rare]))
     fell = []
