@@ -40,6 +40,7 @@ NOTE = ("vLLM offline engines built by tabp_vllm.engine (the tabp_pruned loader)
 
 
 def engine_needs(model_dir: str, variants: dict[str, list[int]], num_layers: int) -> list[Any]:
+    """What each variant's engine holds, in the bf16 synth-model writes (vLLM's auto keeps it)."""
     from tabp_vllm.engine import EngineNeed, kv_bytes_per_token, weight_bytes
     from tabp_vllm.models import load_model_config
 
@@ -90,24 +91,22 @@ def start_engine(run: Run, model_dir: str, name: str, removed: list[int], fracti
     return None, info
 
 
-def timed_generate(llm, prompts: list[list[int]], max_tokens: int, gpu: bool) -> tuple[float, int]:
+def timed_generate(llm, prompts: list[list[int]], max_tokens: int) -> tuple[float, int]:
+    """Wall time of one offline `generate` (it returns when every output is done) and its tokens."""
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0,
                             ignore_eos=True)
-    if gpu:
-        import torch
-        torch.cuda.synchronize()
     t = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     wall = time.perf_counter() - t
     return wall, sum(len(o.outputs[0].token_ids) for o in outs)
 
 
-def measure(llm, prompts: list[list[int]], new_tokens: int, gpu: bool) -> dict[str, Any]:
+def measure(llm, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
     b, p = len(prompts), len(prompts[0])
-    prefill_s, _ = timed_generate(llm, prompts, 1, gpu)
-    full_s, tokens = timed_generate(llm, prompts, new_tokens, gpu)
+    prefill_s, _ = timed_generate(llm, prompts, 1)
+    full_s, tokens = timed_generate(llm, prompts, new_tokens)
     decode_s = max(full_s - prefill_s, 1e-9)
     return {
         "prefill_ms": round(prefill_s * 1e3, 3),
@@ -172,7 +171,7 @@ def step_vllm_speed(run: Run, model_dir: str) -> None:
             continue
         t = time.monotonic()
         for llm in engines.values():
-            measure(llm, prompts(b), a.new_tokens, gpu)
+            measure(llm, prompts(b), a.new_tokens)
         per_req[b] = (time.monotonic() - t) / len(engines)
     for rnd in range(1, a.rounds + 1):
         for b in a.batches:
@@ -182,7 +181,7 @@ def step_vllm_speed(run: Run, model_dir: str) -> None:
                 run.skip(f"round {rnd} batch {b}", f"deadline: {run.remaining():.0f} s left")
                 continue
             for name, llm in engines.items():
-                s = measure(llm, prompts(b), a.new_tokens, gpu)
+                s = measure(llm, prompts(b), a.new_tokens)
                 speed["runs"].append({"variant": name, "batch": b, "round": rnd,
                                       "kept": B - len(variants[name]), **s})
                 run.log(f"round {rnd} batch {b:3d} {name:6s}: prefill {s['prefill_ms']:9.1f} ms, "
