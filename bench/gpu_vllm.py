@@ -40,13 +40,15 @@ NOTE = ("vLLM offline engines built by tabp_vllm.engine (the tabp_pruned loader)
 
 
 def engine_needs(model_dir: str, variants: dict[str, list[int]], num_layers: int) -> list[Any]:
-    """What each variant's engine holds, in the bf16 synth-model writes (vLLM's auto keeps it)."""
-    from tabp_vllm.engine import EngineNeed, kv_bytes_per_token, weight_bytes
+    """What each variant's GPU engine holds, in the dtype it runs (as `serve` estimates it)."""
+    from tabp_vllm.engine import (EngineNeed, choose_dtype, dtype_bytes, kv_bytes_per_token,
+                                  weight_bytes)
     from tabp_vllm.models import load_model_config
 
     config = load_model_config(model_dir)
-    return [EngineNeed(n, weight_bytes(config, num_layers - len(r), 2),
-                       kv_bytes_per_token(config, num_layers - len(r), 2))
+    nbytes = dtype_bytes(choose_dtype("auto", gpu=True)[0], config, True)
+    return [EngineNeed(n, weight_bytes(config, num_layers - len(r), nbytes),
+                       kv_bytes_per_token(config, num_layers - len(r), nbytes))
             for n, r in variants.items()]
 
 
