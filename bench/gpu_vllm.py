@@ -57,7 +57,7 @@ def start_engine(run: Run, model_dir: str, name: str, removed: list[int], fracti
     """One engine as `serve` builds it; compiled first, eager if compiling fails (recorded)."""
     from vllm import LLM
 
-    from tabp_vllm.engine import engine_args_for, engine_model_stats
+    from tabp_vllm.engine import engine_args_for, engine_model_stats, offline_engine
     from tabp_vllm.mask import make_mask
 
     a = run.args
@@ -74,7 +74,8 @@ def start_engine(run: Run, model_dir: str, name: str, removed: list[int], fracti
                                extra=extra)
         t = time.monotonic()
         try:
-            llm = LLM(**args)
+            with offline_engine(args, gpu):  # in this process on a CPU, as every offline engine
+                llm = LLM(**args)
         except Exception as exc:  # noqa: BLE001 - recorded; eager is tried next on a GPU
             info.setdefault("failed_starts", []).append(
                 {"enforce_eager": args["enforce_eager"], "error": f"{type(exc).__name__}: {exc}"[:800]})

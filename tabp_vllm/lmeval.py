@@ -67,7 +67,7 @@ VLLM = _import_lm_eval_vllm_backend().VLLM
 
 from lm_eval.api.registry import register_model  # noqa: E402
 
-from tabp_vllm.engine import engine_args_for  # noqa: E402
+from tabp_vllm.engine import engine_args_for, offline_engine  # noqa: E402
 from tabp_vllm.lmeval_tasks import TASKS_DIR  # noqa: E402
 from tabp_vllm.mask import load_mask  # noqa: E402
 from tabp_vllm.models import resolve_model  # noqa: E402
@@ -93,7 +93,8 @@ class TabpVLLM(VLLM):
         # VLLM takes these as named arguments and passes the rest (**kwargs) on to vllm.LLM.
         named = {k: args.pop(k) for k in ("dtype", "max_model_len", "seed") if k in args}
         args.pop("model")
-        super().__init__(pretrained=path, **named, **args, **kwargs)
+        with offline_engine(args):
+            super().__init__(pretrained=path, **named, **args, **kwargs)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False):
         """lm-eval's scoring, with one shortcut: requests that share a context and each continue it

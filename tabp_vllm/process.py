@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -41,8 +42,9 @@ class ManagedProcess:
         with open(self.log_path, "w") as log:  # the child keeps its own copy of the descriptor
             # A new session makes the child a process-group leader: SIGINT to the group is what
             # Ctrl-C in a terminal does, and a terminal's Ctrl-C at *our* prompt does not reach it.
-            self.popen = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
-                                          env=self.env, cwd=self.cwd, start_new_session=True)
+            with _sigint_not_inherited_as_ignored():
+                self.popen = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
+                                              env=self.env, cwd=self.cwd, start_new_session=True)
         return self
 
     @property
@@ -183,6 +185,30 @@ def _unwind_on_sigterm() -> None:
     if (threading.current_thread() is threading.main_thread()
             and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
         signal.signal(signal.SIGTERM, _raise_exit)
+
+
+@contextmanager
+def _sigint_not_inherited_as_ignored():
+    """A command started in the background by a shell (`tabp-vllm serve ... &` in a script, nohup,
+    a CI job) ignores SIGINT, and an ignored signal stays ignored across exec: the child would
+    not see the SIGINT `stop` sends and would sit out the grace period until SIGKILL. While the
+    child is spawned, SIGINT gets a no-op handler here instead (a caught signal is reset to its
+    default in the child at exec; this process still ignores it). Only from the main thread."""
+    import threading
+
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):
+        yield
+        return
+    signal.signal(signal.SIGINT, _ignore)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _ignore(signum, _frame) -> None:
+    pass
 
 
 def _raise_exit(signum, _frame) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import os
+
 import pytest
 
 from tabp_vllm.engine import (
@@ -61,6 +63,28 @@ def test_eager_is_the_cpu_default_graphs_the_gpu_one(llama8b):
     assert engine_args_for(model, gpu=True, enforce_eager=True)["enforce_eager"] is True
     assert engine_args_for(model, gpu=True, tensor_parallel_size=2)["tensor_parallel_size"] == 2
     assert "tensor_parallel_size" not in gpu
+
+
+def test_offline_engine_in_process_on_cpu_only(llama8b, monkeypatch):
+    from tabp_vllm.engine import IN_PROCESS_ENV, offline_engine
+
+    model, _ = llama8b
+    monkeypatch.delenv(IN_PROCESS_ENV, raising=False)
+    cpu = engine_args_for(model, gpu=False, dtype="float32")
+    with offline_engine(cpu, gpu=False) as args:
+        assert args["distributed_executor_backend"] == "uni" and os.environ[IN_PROCESS_ENV] == "0"
+    assert IN_PROCESS_ENV not in os.environ  # only while the engine is built
+    # a GPU, tensor parallelism: vLLM's own processes
+    for args, gpu in ((engine_args_for(model, gpu=True), True),
+                      (engine_args_for(model, gpu=False, tensor_parallel_size=2), False)):
+        with offline_engine(args, gpu=gpu):
+            assert "distributed_executor_backend" not in args and IN_PROCESS_ENV not in os.environ
+    # the user's choice stands: an engine-core process, and their executor
+    monkeypatch.setenv(IN_PROCESS_ENV, "1")
+    cpu = engine_args_for(model, gpu=False, extra={"distributed_executor_backend": "mp"})
+    with offline_engine(cpu, gpu=False):
+        assert os.environ[IN_PROCESS_ENV] == "1" and cpu["distributed_executor_backend"] == "mp"
+    assert os.environ[IN_PROCESS_ENV] == "1"
 
 
 def test_three_variants_share_an_80_gib_card(llama8b):

@@ -80,6 +80,8 @@ def test_pruned_engine_matches_transformers(name, demo_model, hf_model, block_by
         outs = llm.generate(PROMPTS, params, use_tqdm=False)
         vllm_tokens = [list(o.outputs[0].token_ids) for o in outs]
         stats = engine_model_stats(llm)
+        # on a CPU the offline engine runs in this process (engine.offline_engine)
+        assert type(llm.llm_engine.engine_core).__name__ == "InprocClient"
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm

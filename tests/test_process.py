@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import sys
+import time
 
 import psutil
 import pytest
@@ -141,7 +143,6 @@ with ManagedProcess([sys.executable, "-c", "import time; time.sleep(600)"], "chi
 
 def test_sigterm_to_the_parent_stops_the_child_too(tmp_path):
     import subprocess
-    import time
 
     parent = subprocess.Popen([sys.executable, "-c", PARENT], cwd=tmp_path)
     pid_file = tmp_path / "child.pid"
@@ -153,3 +154,25 @@ def test_sigterm_to_the_parent_stops_the_child_too(tmp_path):
     parent.terminate()
     assert parent.wait(timeout=60) == 128 + 15  # SIGTERM unwound the stack: exit code 143
     assert gone(pid)  # the `with` block stopped the child on the way out
+
+
+def sigint_ignored(pid: int) -> bool:
+    mask = next(ln for ln in open(f"/proc/{pid}/status") if ln.startswith("SigIgn:"))
+    return bool(int(mask.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+
+
+def test_child_of_a_background_command_still_stops_on_sigint(tmp_path):
+    """Started from a shell in the background, this process ignores SIGINT; its child must not
+    inherit that, or `stop` would wait out the grace period and SIGKILL it."""
+    sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc = ManagedProcess(sleeper, tmp_path / "child.log").start()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # ours is as it was
+    finally:
+        signal.signal(signal.SIGINT, old)
+    time.sleep(0.5)
+    assert not sigint_ignored(proc.pid)
+    t0 = time.monotonic()
+    assert proc.stop(grace_s=30) == []  # exited on SIGINT: nothing left to kill
+    assert time.monotonic() - t0 < 10 and proc.returncode == -signal.SIGINT
