@@ -4,7 +4,6 @@ parallelism, computed for a fake 80 GiB card and the Llama-3.1-8B shape (config 
 from __future__ import annotations
 
 import json
-
 import os
 
 import pytest
