@@ -145,3 +145,19 @@ def test_stream_that_dies_ends_with_an_error_event(client):
     err = json.loads(events[-2])["error"]
     assert err["code"] == 503 and "temporarily unavailable" in err["message"]
     assert "rid-1" in err["message"] and "RayActorError" not in err["message"]
+
+
+def test_vllm_request_errors_are_the_clients_400():
+    """vLLM's own request errors (raised in the engine, not wrapped by Ray Serve LLM) are 400 with
+    vLLM's text and parameter; anything else is a 500 that hides its text."""
+    from vllm.exceptions import VLLMNotFoundError, VLLMValidationError
+
+    from tabp_vllm.serve.errors import describe_exception
+
+    bad = VLLMValidationError("max_tokens must be at least 1, got -1.", parameter="max_tokens",
+                              value=-1)
+    status, message, param = describe_exception(bad, "rid-2")
+    assert status == 400 and "max_tokens must be at least 1" in message and param == "max_tokens"
+    assert describe_exception(VLLMNotFoundError("no adapter x"), "rid-3")[0] == 400
+    status, message, _ = describe_exception(RuntimeError(SECRET), "rid-4")
+    assert status == 500 and SECRET not in message and "rid-4" in message

@@ -79,17 +79,27 @@ def client_message(message: str) -> tuple[str, Optional[str]]:
     return message or "Request failed", m.group(1) if m else None
 
 
+def vllm_client_errors() -> tuple[type[Exception], ...]:
+    """vLLM's exceptions for a bad request: `VLLMClientError` (vLLM 0.32, its base class of them
+    all), or the classes themselves where vLLM has no base class yet (0.26, the GPU image's)."""
+    import vllm.exceptions as vllm_exceptions
+
+    if hasattr(vllm_exceptions, "VLLMClientError"):
+        return (vllm_exceptions.VLLMClientError,)
+    names = ("VLLMValidationError", "VLLMNotFoundError", "VLLMUnprocessableEntityError")
+    return tuple(getattr(vllm_exceptions, n) for n in names if hasattr(vllm_exceptions, n))
+
+
 def describe_exception(exc: BaseException, request_id: str = "-") -> tuple[int, str, Optional[str]]:
     """(status, client-safe message, param) for an exception no handler knew; logs it in full.
     vLLM's request errors are the client's fault (400, their text); an unavailable replica is
     503; anything else is 500 with a fixed text."""
     from ray.exceptions import RayActorError, TaskCancelledError
-    from ray.llm._internal.common.errors import VLLM_CLIENT_ERRORS
     from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError,
                                       ReplicaUnavailableError)
 
     param = None
-    if isinstance(exc, VLLM_CLIENT_ERRORS):
+    if isinstance(exc, vllm_client_errors()):
         status = 400
         message, param = client_message(str(exc))
     elif isinstance(exc, (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError,
