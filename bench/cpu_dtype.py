@@ -28,14 +28,11 @@ OUT = REPO / "bench" / "results"
 DTYPES = ("bfloat16", "float32")
 
 
-def one_case(dtype: str, batch: int, new_tokens: int) -> dict:
-    """In the child: build the engine, warm up, time one batch."""
+def timed_batch(llm, batch: int, new_tokens: int) -> dict:
+    """One warm-up batch, then one timed batch of `batch` greedy prompts x `new_tokens` new
+    tokens (EOS ignored): output tokens, wall time, output tokens/s."""
     from vllm import SamplingParams
 
-    from tabp_vllm.engine import build_llm
-    from tabp_vllm.models import resolve_model
-
-    llm = build_llm(resolve_model("llama"), None, dtype=dtype, kv_cache_gib=0.25, max_model_len=256)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     prompts = [f"Question {i}: what is {i} plus {i + 1}? Answer:" for i in range(batch)]
     llm.generate(prompts, params, use_tqdm=False)  # warm-up
@@ -44,6 +41,15 @@ def one_case(dtype: str, batch: int, new_tokens: int) -> dict:
     wall = time.perf_counter() - t0
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     return {"output_tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2)}
+
+
+def one_case(dtype: str, batch: int, new_tokens: int) -> dict:
+    """In the child: build the engine, time a batch."""
+    from tabp_vllm.engine import build_llm
+    from tabp_vllm.models import resolve_model
+
+    llm = build_llm(resolve_model("llama"), None, dtype=dtype, kv_cache_gib=0.25, max_model_len=256)
+    return timed_batch(llm, batch, new_tokens)
 
 
 def load_runs(path: Path) -> list[dict]:

@@ -15,6 +15,7 @@ Writes bench/results/offline_engine.{json,md}, one record per CPU (model and fla
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -53,8 +54,11 @@ def tree_memory() -> dict[str, float]:
 
 def one_case(backend: str | None, batch: int, new_tokens: int) -> dict:
     """In the child: build the engine (timed), warm up, time one batch, read the memory."""
+    from cpu_dtype import timed_batch
+
     t0 = time.perf_counter()
-    from vllm import SamplingParams
+    vllm = importlib.import_module("vllm")
+    vllm.LLM, vllm.SamplingParams  # imported lazily by vLLM: the import, not the engine start
 
     from tabp_vllm.engine import build_llm
     from tabp_vllm.models import resolve_model
@@ -63,16 +67,10 @@ def one_case(backend: str | None, batch: int, new_tokens: int) -> dict:
     extra = {"distributed_executor_backend": backend} if backend else None
     llm = build_llm(resolve_model("llama"), None, kv_cache_gib=0.25, max_model_len=256, extra=extra)
     started = time.perf_counter()
-    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    prompts = [f"Question {i}: what is {i} plus {i + 1}? Answer:" for i in range(batch)]
-    llm.generate(prompts, params, use_tqdm=False)  # warm-up
-    t1 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    wall = time.perf_counter() - t1
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    timed = timed_batch(llm, batch, new_tokens)
     return {"import_s": round(imported - t0, 2), "start_s": round(started - imported, 2),
-            "tokens_per_s": round(tokens / wall, 2), "output_tokens": tokens,
-            "dtype": llm.llm_engine.model_config.dtype.__repr__().replace("torch.", ""),
+            "tokens_per_s": timed["tokens_per_s"], "output_tokens": timed["output_tokens"],
+            "dtype": str(llm.llm_engine.model_config.dtype).replace("torch.", ""),
             **tree_memory()}
 
 

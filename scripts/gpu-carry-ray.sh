@@ -33,36 +33,11 @@ DEPS=(aiohttp-cors==0.8.1 cffi==2.1.1 colorful==0.5.8 cryptography==50.0.2 distl
       grpcio-reflection==1.85.1 jmespath==1.1.0 model-hosting-container-standards==0.1.16
       jaraco.context==6.1.0 jaraco.functools==4.4.0 jaraco.text==4.0.0 more-itertools==10.8.0)
 DROP=(ray/jars ray/dashboard/client/build ray/rllib ray/tune ray/train)
-PART_SIZE=${PART_SIZE:-41M}  # + the repository (~12 MB) + a tokenizer stays under 64 MiB a call
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-platforms=()
-for p in manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_5_x86_64 manylinux1_x86_64 \
-         manylinux_2_24_x86_64 manylinux_2_27_x86_64 manylinux_2_28_x86_64 manylinux_2_31_x86_64 \
-         manylinux_2_34_x86_64 manylinux_2_35_x86_64; do
-  platforms+=(--platform "$p")
-done
+source "$(dirname "${BASH_SOURCE[0]}")/gpu-carry-lib.sh"
 echo "gpu-carry-ray: downloading ray==$RAY_VERSION and ${#DEPS[@]} dependencies (cp312, x86_64)"
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  "${platforms[@]}" -d "$work/whl" "ray==$RAY_VERSION" "${DEPS[@]}"
-# Unzipped keeping the executable bits (Ray's gcs_server and raylet, haproxy): `zipfile -e` drops them.
-python3 - "$work/site" "$work"/whl/*.whl <<'PY'
-import os, sys, zipfile
-for wheel in sys.argv[2:]:
-    with zipfile.ZipFile(wheel) as z:
-        for info in z.infolist():
-            path = z.extract(info, sys.argv[1])
-            mode = (info.external_attr >> 16) & 0o777
-            if mode & 0o111:
-                os.chmod(path, mode)
-PY
+carry_unpack "$work/site" "ray==$RAY_VERSION" "${DEPS[@]}"
 for d in "${DROP[@]}"; do rm -rf "${work:?}/site/$d"; done
-find "$work/site" \( -name '*.so' -o -name gcs_server -o -name raylet \) \
-  -exec strip --strip-unneeded {} + 2>/dev/null || true
-find "$work/site" -name __pycache__ -prune -exec rm -rf {} +
-mkdir -p "$OUT"
-rm -f "$OUT"/ray-site.tar.xz.part-*
-tar -cf - -C "$work/site" . | xz -T0 -8 | split -b "$PART_SIZE" -a 2 - "$OUT/ray-site.tar.xz.part-"
-echo "gpu-carry-ray: $(du -sh "$work/site" | cut -f1) unpacked, parts:"
-ls -la "$OUT"/ray-site.tar.xz.part-*
+carry_pack "$work/site" "$OUT" ray-site

@@ -25,32 +25,16 @@ DEPS=(annotated-types==0.8.0 apache-tvm-ffi==0.1.15.post2 blake3==1.0.11 cacheto
       starlette==1.10.0 typing-inspection==0.4.5 xgrammar==0.2.8)
 DROP=(vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so vllm/_moe_C_stable_libtorch.abi3.so
       vllm/third_party/fmha_sm100 vllm/third_party/deep_gemm vllm/vllm-rs)
-PART_SIZE=${PART_SIZE:-41M}  # + the repository (~12 MB) + a tokenizer stays under 64 MiB a call
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-platforms=()
-for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
-         manylinux2014_x86_64 manylinux_2_31_x86_64 manylinux_2_34_x86_64 manylinux_2_35_x86_64; do
-  platforms+=(--platform "$p")
-done
+source "$(dirname "${BASH_SOURCE[0]}")/gpu-carry-lib.sh"
 echo "gpu-carry-vllm: downloading vllm==$VLLM_VERSION and ${#DEPS[@]} dependencies (cp312, x86_64)"
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  "${platforms[@]}" -d "$work/whl" "vllm==$VLLM_VERSION" "${DEPS[@]}"
-mkdir -p "$work/site"
-for w in "$work"/whl/*.whl; do
-  python3 -m zipfile -e "$w" "$work/site"
-done
+carry_unpack "$work/site" "vllm==$VLLM_VERSION" "${DEPS[@]}"
 for d in "${DROP[@]}"; do rm -rf "${work:?}/site/$d"; done
 # The loader plugin's entry point, found on PYTHONPATH (the repository itself is not installed there).
 ep="$work/site/tabp_vllm_plugin-0.1.0.dist-info"
 mkdir -p "$ep"
 printf 'Metadata-Version: 2.1\nName: tabp-vllm-plugin\nVersion: 0.1.0\n' > "$ep/METADATA"
 printf '[vllm.general_plugins]\ntabp_vllm_loader = tabp_vllm.loader:register\n' > "$ep/entry_points.txt"
-find "$work/site" -name '*.so' -exec strip --strip-unneeded {} + 2>/dev/null || true
-find "$work/site" -name __pycache__ -prune -exec rm -rf {} +
-mkdir -p "$OUT"
-rm -f "$OUT"/vllm-site.tar.xz.part-*
-tar -cf - -C "$work/site" . | xz -T0 -8 | split -b "$PART_SIZE" -a 2 - "$OUT/vllm-site.tar.xz.part-"
-echo "gpu-carry-vllm: $(du -sh "$work/site" | cut -f1) unpacked, parts:"
-ls -la "$OUT"/vllm-site.tar.xz.part-*
+carry_pack "$work/site" "$OUT" vllm-site
