@@ -2,9 +2,13 @@
 # (CPython 3.12, x86_64 manylinux), unpack them into one site directory, pack it in parts that fit
 # one 64 MiB device transfer each.
 
-# carry_unpack SITE SPEC...: download SPEC... (no dependencies resolved: the callers list them)
-# and unzip every wheel into SITE, keeping executable bits (`zipfile -e` drops them; Ray's
-# gcs_server and raylet need theirs).
+# A scratch directory for the wheels and the site, removed when the calling script exits.
+CARRY_WORK=$(mktemp -d)
+trap 'rm -rf "$CARRY_WORK"' EXIT
+
+# carry_unpack SITE SPEC...: download SPEC... (no dependencies resolved: the callers list them),
+# unzip every wheel into SITE keeping executable bits (`zipfile -e` drops them; Ray's gcs_server
+# and raylet need theirs), then remove the caller's DROP paths (relative to SITE).
 carry_unpack() {
   local site=$1 whl
   shift
@@ -29,6 +33,7 @@ for wheel in sys.argv[2:]:
                 os.chmod(path, mode)
 PY
   rm -rf "$whl"
+  for d in "${DROP[@]}"; do rm -rf "${site:?}/$d"; done
 }
 
 # carry_pack SITE OUT NAME: strip shared objects and executables, drop bytecode caches, write

@@ -34,10 +34,8 @@ DEPS=(aiohttp-cors==0.8.1 cffi==2.1.1 colorful==0.5.8 cryptography==50.0.2 distl
       jaraco.context==6.1.0 jaraco.functools==4.4.0 jaraco.text==4.0.0 more-itertools==10.8.0)
 DROP=(ray/jars ray/dashboard/client/build ray/rllib ray/tune ray/train)
 
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
 source "$(dirname "${BASH_SOURCE[0]}")/gpu-carry-lib.sh"
+site="$CARRY_WORK/site"
 echo "gpu-carry-ray: downloading ray==$RAY_VERSION and ${#DEPS[@]} dependencies (cp312, x86_64)"
-carry_unpack "$work/site" "ray==$RAY_VERSION" "${DEPS[@]}"
-for d in "${DROP[@]}"; do rm -rf "${work:?}/site/$d"; done
-carry_pack "$work/site" "$OUT" ray-site
+carry_unpack "$site" "ray==$RAY_VERSION" "${DEPS[@]}"
+carry_pack "$site" "$OUT" ray-site

@@ -26,15 +26,13 @@ DEPS=(annotated-types==0.8.0 apache-tvm-ffi==0.1.15.post2 blake3==1.0.11 cacheto
 DROP=(vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so vllm/_moe_C_stable_libtorch.abi3.so
       vllm/third_party/fmha_sm100 vllm/third_party/deep_gemm vllm/vllm-rs)
 
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
 source "$(dirname "${BASH_SOURCE[0]}")/gpu-carry-lib.sh"
+site="$CARRY_WORK/site"
 echo "gpu-carry-vllm: downloading vllm==$VLLM_VERSION and ${#DEPS[@]} dependencies (cp312, x86_64)"
-carry_unpack "$work/site" "vllm==$VLLM_VERSION" "${DEPS[@]}"
-for d in "${DROP[@]}"; do rm -rf "${work:?}/site/$d"; done
+carry_unpack "$site" "vllm==$VLLM_VERSION" "${DEPS[@]}"
 # The loader plugin's entry point, found on PYTHONPATH (the repository itself is not installed there).
-ep="$work/site/tabp_vllm_plugin-0.1.0.dist-info"
+ep="$site/tabp_vllm_plugin-0.1.0.dist-info"
 mkdir -p "$ep"
 printf 'Metadata-Version: 2.1\nName: tabp-vllm-plugin\nVersion: 0.1.0\n' > "$ep/METADATA"
 printf '[vllm.general_plugins]\ntabp_vllm_loader = tabp_vllm.loader:register\n' > "$ep/entry_points.txt"
-carry_pack "$work/site" "$OUT" vllm-site
+carry_pack "$site" "$OUT" vllm-site
