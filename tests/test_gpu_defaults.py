@@ -152,3 +152,28 @@ def test_too_many_variants_for_the_card_is_one_line(llama8b, tmp_path):
         gpu_fractions(build_spec(model=model, task_mask=masks, replicas=2), 40 * GiB)
     msg = str(exc.value)
     assert "\n" not in msg and msg.startswith("6 engines need ") and "GPU offers 36.0 GiB" in msg
+
+
+def test_gpu_memory_share_leaves_the_rest_of_the_card_free(llama8b):
+    """`--gpu-memory-share 0.6`: the variants split 0.6 of the card (e.g. a bare vLLM server
+    beside them for a comparison), each still caching the same number of tokens; one engine
+    gets the share itself; a share outside (0, 1] is one error line."""
+    from tabp_vllm.serve.config import gpu_fractions, llm_configs
+
+    model, masks = llama8b
+    full = gpu_fractions(build_spec(model=model, task_mask=masks, max_model_len=MAX_LEN), CARD)
+    spec = build_spec(model=model, task_mask=masks, max_model_len=MAX_LEN, gpu_memory_share=0.6)
+    part = {c.model_id: c.engine_kwargs["gpu_memory_utilization"]
+            for c in llm_configs(spec, gpu=True, gpu_bytes=CARD)}
+    assert 0.599 < sum(part.values()) <= 0.6
+    assert all(part[name] < full[name] for name in full)
+    # same weights and overhead, less KV cache: the 0.3 x 80 GiB given up comes out of the KV
+    assert sum(full.values()) - sum(part.values()) == pytest.approx(0.3, abs=1e-3)
+    assert gpu_fractions(build_spec(model=model, gpu_memory_share=0.5), CARD) == {"llama-3.1-8b": 0.5}
+    with pytest.raises(TabpError) as exc:
+        gpu_fractions(build_spec(model=model, task_mask=masks, gpu_memory_share=0.3), CARD)
+    assert "(0.3 x 80.0)" in str(exc.value) and "\n" not in str(exc.value)
+    for bad in (0, 1.5):
+        with pytest.raises(TabpError) as exc:
+            build_spec(model=model, gpu_memory_share=bad)
+        assert "gpu_memory_share" in str(exc.value) and "\n" not in str(exc.value)

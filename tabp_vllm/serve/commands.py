@@ -30,7 +30,8 @@ def _parse_extra(items: list[str]) -> dict:
     return extra
 
 
-ENGINE_KEYS = ("max_model_len", "dtype", "kv_cache_gib", "enforce_eager", "tensor_parallel_size")
+ENGINE_KEYS = ("max_model_len", "dtype", "kv_cache_gib", "enforce_eager", "tensor_parallel_size",
+               "gpu_memory_share")
 REQUEST_PATH_KEYS = ("ray_serve", "ingress_replicas", "ingress_max_ongoing_requests", "stream_batching_interval_ms")
 
 
@@ -279,6 +280,9 @@ def serve(
                                          help="Eager mode (fast start) or torch.compile / graphs."),
     tensor_parallel_size: Optional[int] = _opt("tensor_parallel_size", "--tensor-parallel-size",
                                                "-tp", help="GPUs per engine (every variant)."),
+    gpu_memory_share: Optional[float] = _opt("gpu_memory_share", "--gpu-memory-share", help=(
+        "GPU: the share of the card all variants' engines split (the rest stays free for "
+        "other processes).")),
     engine_arg: Optional[List[str]] = typer.Option(None, "--engine-arg",
                                                    help="Any other vLLM engine arg, KEY=VALUE."),
     force: Optional[bool] = _opt("force", "--force", help=(
@@ -311,7 +315,7 @@ def serve(
                       memory_check=memory_check, max_model_len=max_model_len, dtype=dtype,
                       kv_cache_gib=kv_cache_gib,
                       enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
-                      engine_arg=engine_arg, force=force,
+                      gpu_memory_share=gpu_memory_share, engine_arg=engine_arg, force=force,
                       router=str(router) if router else None, routed_name=routed_name,
                       ray_serve=ray_serve, ingress_replicas=ingress_replicas,
                       ingress_max_ongoing_requests=ingress_max_ongoing_requests,

@@ -30,6 +30,7 @@ class EngineOptions(Options):
     enforce_eager: Optional[bool] = None               # None: engine.default_enforce_eager (CPU eager, GPU graphs)
     tensor_parallel_size: int = Field(1, ge=1)         # GPUs per engine (each variant's replica)
     cpu_uniproc: bool = True                           # CPU: the worker in the engine core process
+    gpu_memory_share: float = Field(0.9, gt=0, le=1)   # GPU: the card's share the variants split
     extra: dict[str, Any] = Field(default_factory=dict)  # any other vLLM engine argument
 
 
@@ -425,17 +426,21 @@ def cpu_memory_estimate(spec: ServeSpec) -> tuple[int, dict[str, int]]:
 
 
 def gpu_fractions(spec: ServeSpec, gpu_bytes: int | None = None) -> dict[str, float] | None:
-    """`gpu_memory_utilization` per variant when several engines share the GPU; None when vLLM's
-    own default is right (one engine) or the user sized memory (`gpu_memory_utilization` in
+    """`gpu_memory_utilization` per variant when several engines share the GPU, splitting
+    `engine.gpu_memory_share` of it (one engine: that share itself); None when vLLM's own default
+    is right (one engine, the default share) or the user sized memory (`gpu_memory_utilization` in
     `engine.extra`, or `kv_cache_gib`)."""
-    from tabp_vllm.engine import gpu_memory_fractions, gpu_total_bytes
+    from tabp_vllm.engine import GPU_USABLE_FRACTION, gpu_memory_fractions, gpu_total_bytes
 
     engines = sum(v.replicas for v in spec.variants)
-    if engines < 2 or "gpu_memory_utilization" in spec.engine.extra or spec.engine.kv_cache_gib:
+    share = spec.engine.gpu_memory_share
+    if "gpu_memory_utilization" in spec.engine.extra or spec.engine.kv_cache_gib:
         return None
+    if engines < 2:
+        return None if share == GPU_USABLE_FRACTION else {spec.variants[0].name: share}
     needs = engine_needs(spec, gpu=True)
     max_len = spec.engine.max_model_len or int(_max_positions(spec.model))
-    fractions = gpu_memory_fractions(needs, gpu_bytes or gpu_total_bytes(), max_len)
+    fractions = gpu_memory_fractions(needs, gpu_bytes or gpu_total_bytes(), max_len, usable=share)
     return {n.name: f for n, f in zip(needs, fractions)}
 
 
