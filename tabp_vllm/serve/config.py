@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field
 
+from tabp_vllm.engine import GPU_USABLE_FRACTION
 from tabp_vllm.errors import TabpError
 from tabp_vllm.options import Options, build_options, read_config_file
 
@@ -30,7 +31,7 @@ class EngineOptions(Options):
     enforce_eager: Optional[bool] = None               # None: engine.default_enforce_eager (CPU eager, GPU graphs)
     tensor_parallel_size: int = Field(1, ge=1)         # GPUs per engine (each variant's replica)
     cpu_uniproc: bool = True                           # CPU: the worker in the engine core process
-    gpu_memory_share: float = Field(0.9, gt=0, le=1)   # GPU: the card's share the variants split
+    gpu_memory_share: float = Field(GPU_USABLE_FRACTION, gt=0, le=1)  # GPU: card share they split
     extra: dict[str, Any] = Field(default_factory=dict)  # any other vLLM engine argument
 
 
@@ -430,7 +431,7 @@ def gpu_fractions(spec: ServeSpec, gpu_bytes: int | None = None) -> dict[str, fl
     `engine.gpu_memory_share` of it (one engine: that share itself); None when vLLM's own default
     is right (one engine, the default share) or the user sized memory (`gpu_memory_utilization` in
     `engine.extra`, or `kv_cache_gib`)."""
-    from tabp_vllm.engine import GPU_USABLE_FRACTION, gpu_memory_fractions, gpu_total_bytes
+    from tabp_vllm.engine import gpu_memory_fractions, gpu_total_bytes
 
     engines = sum(v.replicas for v in spec.variants)
     share = spec.engine.gpu_memory_share
