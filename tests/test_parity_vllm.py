@@ -17,7 +17,8 @@ PROMPTS = [
     "def fibonacci(n):\n    ",
 ]
 MAX_TOKENS = 12
-# One engine start per case (~40 s on 2 cores): the first, a middle and the last block share one.
+# One engine (and one transformers generation) per case: the first, a middle and the last block
+# share one.
 MASKS = {
     "dense": [],
     "first-middle-last": [0, 14, 29],
