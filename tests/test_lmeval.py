@@ -162,7 +162,9 @@ if __name__ == "__main__":
     from tabp_vllm.lmeval import ONE_TOKEN_TOP_K, TabpVLLM, VLLM
     from tabp_vllm.lmeval_tasks import load_task_object
 
-    lm = TabpVLLM(pretrained="llama", kv_cache_gib=0.5)
+    # float32: the shortcut and lm-eval's path batch differently, and bf16 logits then differ by
+    # up to ~0.1 nat between the two passes (seen on an AMX box), noise that hides the logic tested
+    lm = TabpVLLM(pretrained="llama", kv_cache_gib=0.5, dtype="float32")
     obj = load_task_object("tabp_boolq")
     reqs = []
     for d in list(obj.eval_docs)[:int(sys.argv[1])]:
@@ -206,7 +208,7 @@ def test_one_token_shortcut_equals_lm_evals_loglikelihood(tmp_path):
     assert doc["one_token"] and len(doc["ours"]) == len(doc["theirs"]) == 13
     assert doc["fell"] == [[doc["rare"]]]  # only the rare continuation took lm-eval's path
     for (ll, greedy), (ll_ref, greedy_ref) in zip(doc["ours"], doc["theirs"]):
-        assert ll == pytest.approx(ll_ref, abs=0.05) and ll < 0  # one forward pass apart
+        assert ll == pytest.approx(ll_ref, abs=0.01) and ll < 0  # one forward pass apart
         assert greedy == greedy_ref
     # accuracy: per document ("no", "yes" pairs) the same answer wins, near-ties aside
     ours, theirs = doc["ours"], doc["theirs"]
