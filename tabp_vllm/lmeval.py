@@ -73,8 +73,6 @@ from tabp_vllm.mask import load_mask  # noqa: E402
 from tabp_vllm.models import resolve_model  # noqa: E402
 
 MODEL_NAME = "tabp-vllm"
-# Next-token log-probabilities read per shared context (vLLM's default max_logprobs).
-ONE_TOKEN_TOP_K = 20
 
 
 @register_model(MODEL_NAME)
@@ -99,15 +97,16 @@ class TabpVLLM(VLLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False):
         """lm-eval's scoring, with one shortcut: requests that share a context and each continue it
         by one token (BoolQ's " yes" / " no") are read off one pass over the context, the
-        next-token distribution's top `ONE_TOKEN_TOP_K`, instead of one prompt-logprob pass per
-        continuation (vLLM does not reuse cached prefixes for prompt logprobs, so each of those
-        recomputes the whole passage). A continuation outside the top K, and every other request,
-        goes through lm-eval's own path."""
+        next-token log-probabilities of exactly those tokens (vLLM's `logprob_token_ids`) and the
+        greedy token, instead of one prompt-logprob pass per continuation (vLLM does not reuse
+        cached prefixes for prompt logprobs, so each of those recomputes the whole passage).
+        Every other request goes through lm-eval's own path, and so does everything under
+        lm-eval's data parallelism (its engines live in Ray workers, not in `self.model`)."""
         from collections import defaultdict
 
         from vllm import SamplingParams
 
-        if not self.one_token_shortcut:
+        if not self.one_token_shortcut or self.data_parallel_size > 1:
             return super()._loglikelihood_tokens(requests, disable_tqdm)
         max_ctx = self.max_length - 2  # lm-eval keeps max_length - 1 tokens, continuation included
         results: list[tuple[float, bool] | None] = [None] * len(requests)
@@ -116,18 +115,23 @@ class TabpVLLM(VLLM):
             if len(continuation_enc) == 1 and context_enc:
                 by_context[tuple(context_enc[-max_ctx:])].append(i)
         shared = {ctx: idx for ctx, idx in by_context.items() if len(idx) > 1}
-        if shared:
-            params = SamplingParams(temperature=0, max_tokens=1, logprobs=ONE_TOKEN_TOP_K,
-                                    detokenize=False)
-            outputs = self._model_generate([list(c) for c in shared], generate=True,
-                                           sampling_params=params)
+        prompts, params = [], []
+        for ctx, idx in shared.items():
+            tokens = sorted({requests[i][2][0] for i in idx})
+            prompts.append({"prompt_token_ids": list(ctx)})
+            # greedy: the sampled token at temperature 0 is the argmax of the whole vocabulary
+            params.append(SamplingParams(temperature=0, max_tokens=1, logprob_token_ids=tokens,
+                                         detokenize=False))
+        if prompts:
+            outputs = self.model.generate(prompts, params, use_tqdm=False)
             for idx, out in zip(shared.values(), outputs, strict=True):
-                top = {t: lp.logprob for t, lp in out.outputs[0].logprobs[0].items()}
-                best = max(top, key=top.__getitem__)
+                step = out.outputs[0]
+                greedy_token = step.token_ids[0]
+                logprobs = {t: lp.logprob for t, lp in step.logprobs[0].items()}
                 for i in idx:
                     token = requests[i][2][0]
-                    if token in top:
-                        results[i] = (top[token], token == best)
+                    if token in logprobs:  # always, unless vLLM changes what it returns
+                        results[i] = (logprobs[token], token == greedy_token)
                         if requests[i][0] is not None:
                             self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
         rest = [i for i, r in enumerate(results) if r is None]

@@ -159,7 +159,7 @@ import json, sys
 if __name__ == "__main__":
     from vllm import SamplingParams
 
-    from tabp_vllm.lmeval import ONE_TOKEN_TOP_K, TabpVLLM, VLLM
+    from tabp_vllm.lmeval import TabpVLLM, VLLM
     from tabp_vllm.lmeval_tasks import load_task_object
 
     # float32: the shortcut and lm-eval's path batch differently, and bf16 logits then differ by
@@ -171,12 +171,14 @@ if __name__ == "__main__":
         ctx = obj.doc_to_text(d)
         for c in obj.doc_to_choice(d):
             reqs.append(((ctx, " " + c), *lm._encode_pair(ctx, " " + c)))
-    # a one-token continuation of the first context outside its top K: must fall through
-    params = SamplingParams(max_tokens=1, logprobs=ONE_TOKEN_TOP_K, temperature=0)
+    # one more one-token continuation of the first context, far outside its top 20 (a top-K
+    # read would miss it), and a two-token one, which must take lm-eval's path
+    params = SamplingParams(max_tokens=1, logprobs=20, temperature=0)
     out = lm.model.generate([{"prompt_token_ids": reqs[0][1]}], params, use_tqdm=False)
     top = out[0].outputs[0].logprobs[0]
     rare = next(t for t in range(1000, 2000) if t not in top)
     reqs.append((None, reqs[0][1], [rare]))
+    reqs.append((None, reqs[0][1], [rare, rare]))
     fell = []
     theirs = VLLM._loglikelihood_tokens
 
@@ -188,7 +190,7 @@ if __name__ == "__main__":
     ours = lm._loglikelihood_tokens(reqs)
     VLLM._loglikelihood_tokens = theirs
     print("RESULT " + json.dumps({"ours": ours, "theirs": theirs(lm, reqs), "fell": fell,
-                                  "rare": rare, "one_token": all(len(r[2]) == 1 for r in reqs)}))
+                                  "rare": rare}))
     lm.shutdown()
 '''
 
@@ -196,8 +198,8 @@ if __name__ == "__main__":
 @pytest.mark.engine
 def test_one_token_shortcut_equals_lm_evals_loglikelihood(tmp_path):
     """BoolQ's " yes" / " no" read off one pass over the passage give lm-eval's own numbers: the
-    same log-likelihoods and greedy flags per request, so the same accuracy; a continuation
-    outside the top K falls through to lm-eval's path."""
+    same log-likelihoods and greedy flags per request, so the same accuracy, also for a token far
+    down the distribution; a continuation of two tokens goes through lm-eval's path."""
     script = tmp_path / "check.py"
     script.write_text(LOGLIKELIHOOD_CHECK)
     p = subprocess.run([sys.executable, str(script), "6"], capture_output=True, text=True,
@@ -205,11 +207,12 @@ def test_one_token_shortcut_equals_lm_evals_loglikelihood(tmp_path):
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line, p.stderr[-3000:]
     doc = json.loads(line[len("RESULT "):])
-    assert doc["one_token"] and len(doc["ours"]) == len(doc["theirs"]) == 13
-    assert doc["fell"] == [[doc["rare"]]]  # only the rare continuation took lm-eval's path
+    assert len(doc["ours"]) == len(doc["theirs"]) == 14
+    assert doc["fell"] == [[doc["rare"]] * 2]  # only the two-token continuation took lm-eval's path
     for (ll, greedy), (ll_ref, greedy_ref) in zip(doc["ours"], doc["theirs"]):
         assert ll == pytest.approx(ll_ref, abs=0.01) and ll < 0  # one forward pass apart
         assert greedy == greedy_ref
+    assert doc["ours"][12][0] < -5 and not doc["ours"][12][1]  # the rare token: unlikely, not greedy
     # accuracy: per document ("no", "yes" pairs) the same answer wins, near-ties aside
     ours, theirs = doc["ours"], doc["theirs"]
     for i in range(0, 12, 2):
