@@ -144,7 +144,10 @@ class Report:
                 sys.exit(f"error: {out} was made with --{name.replace('_', '-')} {was}; "
                          f"resume with the same, or use another --out")
         self.scoring: dict[str, dict] = old.get("scoring", {})
+        # every CPU that scored or evaluated part of this run (wall times depend on it); this
+        # host joins the list only when it does work, so a --report-only elsewhere changes nothing
         self.host = cpu_info()
+        self.hosts: list[dict] = old.get("hosts") or ([old["host"]] if "host" in old else [])
         self.mt = None  # the transformers model, loaded on the first scoring run
 
     # ---------------------------------------------------------------- masks
@@ -179,7 +182,8 @@ class Report:
                                  **spec)
                 print(f"scoring {config} on {calib} (seed {seed}) at k = {kk} ...", flush=True)
                 run = score_with_options(o, k=kk, model_and_tokenizer=self.mt)
-                self.scoring[f"{config}|{calib}|{seed}|{kk}"] = {
+                self.worked_here()
+                self.scoring[f"{config}|{calib}|{seed}|{kk}"] = {"host": self.host["model"],
                     "config": config, "calibration": calib, "seed": seed, "scored_at_k": kk,
                     "samples": run.calibration["samples"], "forward_passes": run.forward_passes,
                     "wall_s": round(run.wall_s, 2)}
@@ -209,6 +213,7 @@ class Report:
             t0 = time.perf_counter()
             res = evaluate_variant(resolve_model("llama"), [LM_TASK[t] for t in tasks],
                                    str(path) if path else None, limit=self.args.limit)
+            self.worked_here()
             for t in tasks:
                 docs = sorted(res["samples"][LM_TASK[t]], key=lambda d: d["doc_id"])
                 per_doc = {m: [d["metrics"][m] for d in docs] for m in ("acc", "acc_norm")
@@ -338,9 +343,13 @@ class Report:
                             "wall_s": round(float(np.mean([r["wall_s"] for r in top])), 1)})
         return out
 
+    def worked_here(self) -> None:
+        if self.host not in self.hosts:
+            self.hosts.append(self.host)
+
     def save(self) -> None:
         doc = {"no_skill": {t: no_skill(*task_answers(t, self.args.limit)) for t in self.args.tasks},
-               "host": self.host, "command": sys.argv, "args": {
+               "hosts": self.hosts, "command": sys.argv, "args": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items()},
             "configs": {c: CONFIGS[c] for c in self.args.configs}, "reference": REFERENCE,
             "lm_tasks": {t: LM_TASK[t] for t in self.args.tasks}, "metric": METRIC,
@@ -364,7 +373,8 @@ def paired_bootstrap(x: np.ndarray, y: np.ndarray, resamples: int = BOOTSTRAP,
 def write_markdown(doc: dict, path: Path) -> None:
     a = doc["args"]
     lines = ["# TaBP vs baselines on the demo model (report v2)", "",
-             f"Host: {doc['host'].get('model', '?')}. Evaluation: lm-eval on "
+             f"Host{'s' if len(doc['hosts']) > 1 else ''}: "
+             f"{'; '.join(h.get('model') or '?' for h in doc['hosts']) or '?'}. Evaluation: lm-eval on "
              f"{', '.join(f'{t} ({name})' for t, name in doc['lm_tasks'].items())}"
              f"{'' if a['limit'] is None else ', first %d documents' % a['limit']}; metric: "
              f"acc_norm (ARC, PIQA), acc (BoolQ). Calibration: {a['samples']} samples "

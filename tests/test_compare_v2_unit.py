@@ -136,3 +136,20 @@ def test_readme_table_is_the_committed_report():
     root = SCRIPT.parents[1]
     report = table((root / "bench" / "results" / "compare_v2" / "report.md").read_text())
     assert len(report) > 3 and report == table((root / "README.md").read_text())
+
+
+def test_hosts_are_those_that_did_work(cv2, tmp_path, monkeypatch):
+    """A resumed run keeps the CPU(s) of earlier work (an older report's single `host` too) and
+    adds its own only once it scores or evaluates: a --report-only elsewhere leaves it alone."""
+    import json
+
+    args = argparse.Namespace(tasks=["arc_easy"], configs=["tabp"], protocols=["paper"], ks=[4],
+                              seeds=[0], samples=256, sleb_samples=32, limit=None)
+    earlier = {"model": "Earlier CPU", "flags": ["avx2"]}
+    (tmp_path / "report.json").write_text(json.dumps({"host": earlier, "args": vars(args)}))
+    monkeypatch.setattr("tabp_vllm.engine.cpu_info", lambda: {"model": "This CPU", "flags": []})
+    rep = cv2.Report(tmp_path, args)
+    assert rep.hosts == [earlier]
+    rep.worked_here()
+    rep.worked_here()
+    assert [h["model"] for h in rep.hosts] == ["Earlier CPU", "This CPU"]
