@@ -340,7 +340,8 @@ class Report:
                 out.append({"config": config, "calibration": calib, "runs": len(top),
                             "samples": top[0]["samples"],
                             "forward_passes": round(float(np.mean([r["forward_passes"] for r in top]))),
-                            "wall_s": round(float(np.mean([r["wall_s"] for r in top])), 1)})
+                            "wall_s": round(float(np.mean([r["wall_s"] for r in top])), 1),
+                            "hosts": sorted({r.get("host") or "?" for r in top})})
         return out
 
     def worked_here(self) -> None:
@@ -411,11 +412,14 @@ def write_markdown(doc: dict, path: Path) -> None:
                     lines.append(f"| {config} | " + " | ".join(cells) + " |")
             lines.append("")
     if doc["cost"]:
+        # wall times depend on the CPU: name it per row once runs come from more than one
+        cpu = len({h for c in doc["cost"] for h in c.get("hosts", [])}) > 1
         lines += ["## Cost of one scoring run (at the largest k; mean over the runs on record)", "",
-                  "| configuration | calibration | samples | forward passes | wall s | runs |",
-                  "|---|---|---|---|---|---|"]
+                  "| configuration | calibration | samples | forward passes | wall s | runs |"
+                  + (" CPU |" if cpu else ""), "|---|---|---|---|---|---|" + ("---|" if cpu else "")]
         lines += [f"| {c['config']} | {c['calibration']} | {c['samples']} | {c['forward_passes']:,} "
-                  f"| {c['wall_s']:.1f} | {c['runs']} |" for c in doc["cost"]]
+                  f"| {c['wall_s']:.1f} | {c['runs']} |"
+                  + (f" {', '.join(c.get('hosts', []))} |" if cpu else "") for c in doc["cost"]]
         lines.append("")
     if doc["goal"]:
         lines += ["## Goal: a TaBP configuration at least as accurate as the best published-"

@@ -153,3 +153,9 @@ def test_hosts_are_those_that_did_work(cv2, tmp_path, monkeypatch):
     rep.worked_here()
     rep.worked_here()
     assert [h["model"] for h in rep.hosts] == ["Earlier CPU", "This CPU"]
+    # the cost table names the CPUs of the runs it averages (older records carry none: "?")
+    rec = {"config": "tabp", "calibration": "arc_easy", "scored_at_k": 4, "samples": 256,
+           "forward_passes": 900, "wall_s": 100.0}
+    rep.scoring = {"a": {**rec, "seed": 0, "host": "Earlier CPU"}, "b": {**rec, "seed": 1}}
+    (cost,) = rep.cost()
+    assert cost["hosts"] == ["?", "Earlier CPU"] and cost["runs"] == 2
