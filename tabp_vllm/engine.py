@@ -6,7 +6,10 @@ so a variant measured anywhere is the variant that is served.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +196,36 @@ def gpu_total_bytes() -> int:
     import torch
 
     return int(torch.cuda.get_device_properties(0).total_memory)
+
+
+# Engines that share one GPU must not start at the same time: vLLM sizes its KV cache from
+# whole-device free-memory deltas taken while it profiles, so whatever a neighbour loads meanwhile
+# is charged to it (its KV cache shrinks, or "No available memory for the cache blocks";
+# vllm-project/vllm#55827, open). Every engine start that shares a card takes this node-wide lock
+# (the served variants' replicas, and the bench's bare vLLM server beside them).
+ENGINE_START_LOCK_ENV = "TABP_VLLM_ENGINE_START_LOCK"
+DEFAULT_ENGINE_START_LOCK = Path(tempfile.gettempdir()) / "tabp-vllm-gpu-engine-start.lock"
+
+
+@contextmanager
+def engine_start_lock(path: str | os.PathLike | None = None, log=print):
+    """Hold the node's engine-start lock while the body starts an engine; yields the seconds spent
+    waiting for it. An `flock`: the kernel releases it when its holder exits, so a neighbour that
+    crashes while starting never blocks the next one. `path` None: $TABP_VLLM_ENGINE_START_LOCK,
+    else `DEFAULT_ENGINE_START_LOCK`."""
+    path = Path(path or os.environ.get(ENGINE_START_LOCK_ENV) or DEFAULT_ENGINE_START_LOCK)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    t = time.monotonic()
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another engine on this GPU to finish starting ({path})")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            log(f"engine start lock taken after {time.monotonic() - t:.1f} s")
+        yield time.monotonic() - t
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def per_layer_overrides(config: dict[str, Any], mask: TaskMask) -> dict[str, Any]:

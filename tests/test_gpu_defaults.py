@@ -19,10 +19,17 @@ from tabp_vllm.engine import (
 from tabp_vllm.errors import TabpError
 from tabp_vllm.mask import make_mask
 from tabp_vllm.serve.commands import build_spec
+from tabp_vllm.serve.config import SHARED_GPU_ENV, TABP_SERVER_CLS, UNIPROC_ENV
 from tabp_vllm.synth import ARCHS, PUBLISHED_PARAMS
 
 CARD = 80 * GiB
 MAX_LEN = 2048
+
+
+def server_cls(config):
+    """The dotted path of an LLMConfig's server class (it resolves the path it is given)."""
+    cls = config.server_cls
+    return None if cls is None else f"{cls.__module__}.{cls.__qualname__}"
 
 
 @pytest.fixture()
@@ -116,6 +123,31 @@ def test_three_variants_share_an_80_gib_card(llama8b):
         assert c.engine_kwargs["enforce_eager"] is False
         # Ray packs the three onto one GPU: each asks for its fraction of it
         assert c.placement_group_config == {"bundles": [{"GPU": f, "CPU": 1}]}
+        # ... and they start one at a time under the engine-start lock (serve/app.py)
+        assert server_cls(c) == TABP_SERVER_CLS
+        assert c.runtime_env["env_vars"][SHARED_GPU_ENV] == "1"
+        assert UNIPROC_ENV not in c.runtime_env["env_vars"]
+
+
+def test_only_engines_that_share_a_card_take_the_start_lock(llama8b, tmp_path):
+    """A single engine on its card, or engines on separate cards, start as Ray Serve LLM starts
+    them; CPU engines (KV cache sized by --kv-cache-gib, nothing profiled) only get the
+    uni-process executor."""
+    from tabp_vllm.serve.config import llm_configs
+
+    model, masks = llama8b
+    for spec in (build_spec(model=model), build_spec(model=model, task_mask=masks,
+                                                     engine_arg=["gpu_memory_utilization=0.3"])):
+        for c in llm_configs(spec, gpu=True, gpu_bytes=CARD):
+            assert server_cls(c) is None and SHARED_GPU_ENV not in c.runtime_env["env_vars"]
+    for c in llm_configs(build_spec(model=model, task_mask=masks, kv_cache_gib=0.25), gpu=False):
+        env = c.runtime_env["env_vars"]
+        assert server_cls(c) == TABP_SERVER_CLS and env[UNIPROC_ENV] == "1"
+        assert SHARED_GPU_ENV not in env
+    conf = tmp_path / "serve.yaml"
+    conf.write_text("engine:\n  cpu_uniproc: false\n")
+    for c in llm_configs(build_spec(model=model, config=conf, kv_cache_gib=0.25), gpu=False):
+        assert server_cls(c) is None and UNIPROC_ENV not in c.runtime_env["env_vars"]
 
 
 def test_tensor_parallel_passes_through_and_halves_each_rank(llama8b):

@@ -26,6 +26,7 @@ from ray.serve.llm.ingress import OpenAiIngress
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse, StreamingResponse
 
+from tabp_vllm.serve.config import SHARED_GPU_ENV, UNIPROC_ENV
 from tabp_vllm.serve.errors import error_body, guard_stream, install_openai_errors
 
 # Private Ray Serve LLM modules (patches/README.md says why no public hook serves).
@@ -64,30 +65,48 @@ class ApiKeyMiddleware:
         )(scope, receive, send)
 
 
-class UniprocLLMServer(LLMServer):
-    """Ray Serve LLM's `LLMServer` whose CPU engine runs its one worker inside the engine core
-    process (vLLM's uni-process executor, vLLM's own default for one worker) instead of a process
-    of its own: Ray Serve LLM forces the multiprocess executor on CPU, which costs every variant
-    one more Python + torch process (bench/serve_memory.py measures it)."""
+class TabpLLMServer(LLMServer):
+    """Ray Serve LLM's `LLMServer` with two changes to how its engine starts, each switched on by
+    the variant's environment (`serve.config.llm_configs` sets it):
+    - CPU (`TABP_VLLM_CPU_UNIPROC=1`): the one worker runs inside the engine core process (vLLM's
+      uni-process executor, vLLM's own default for one worker) instead of a process of its own:
+      Ray Serve LLM forces the multiprocess executor on CPU, which costs every variant one more
+      Python + torch process (bench/serve_memory.py measures it);
+    - GPU shared by several engines (`TABP_VLLM_SHARED_GPU=1`): the engine starts under the node's
+      engine-start lock (`engine.engine_start_lock`), so engines that Ray Serve starts together
+      profile their memory one at a time and each gets the KV cache its fraction of the card
+      allows."""
 
     async def __init__(self, llm_config, **kwargs):
-        await super().__init__(llm_config, engine_cls=_uniproc_engine_cls(), **kwargs)
+        await super().__init__(llm_config, engine_cls=_tabp_engine_cls(), **kwargs)
 
 
-def _uniproc_engine_cls():
+def _tabp_engine_cls():
     # Private: VLLMEngine and its `_start_async_llm_engine`, the one place that turns the vLLM
     # config into an engine in this replica's process (Ray Serve LLM's config step may run in
-    # another process, so the backend is set here, on the finished config).
+    # another process, so the backend is set here, on the finished config). It returns once the
+    # engine core is up: weights loaded, memory profiled, KV cache allocated, graphs captured.
+    import logging
+    import os
+
     from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 
-    class UniprocVLLMEngine(VLLMEngine):
+    from tabp_vllm.engine import engine_start_lock
+
+    logger = logging.getLogger("ray.serve")
+
+    class TabpVLLMEngine(VLLMEngine):
         def _start_async_llm_engine(self, engine_args, vllm_config, placement_group):
-            if vllm_config.parallel_config.world_size == 1:
+            start = super()._start_async_llm_engine
+            if os.environ.get(UNIPROC_ENV) == "1" and vllm_config.parallel_config.world_size == 1:
                 vllm_config.parallel_config.distributed_executor_backend = "uni"
                 engine_args.distributed_executor_backend = "uni"
-            return super()._start_async_llm_engine(engine_args, vllm_config, placement_group)
+            if os.environ.get(SHARED_GPU_ENV) != "1":
+                return start(engine_args, vllm_config, placement_group)
+            with engine_start_lock(log=logger.info):
+                return start(engine_args, vllm_config, placement_group)
 
-    return UniprocVLLMEngine
+    return TabpVLLMEngine
 
 
 class TabpIngress(OpenAiIngress):

@@ -20,6 +20,11 @@ from tabp_vllm.options import Options, build_options, read_config_file
 # Decode-step FLOPs ratio is quoted at this context length (prompt + generated so far).
 SPEEDUP_CONTEXT = 256
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+# The LLMServer of a variant whose engine start we change (serve/app.py), and the variables of
+# its runtime_env that say how.
+TABP_SERVER_CLS = "tabp_vllm.serve.app.TabpLLMServer"
+UNIPROC_ENV = "TABP_VLLM_CPU_UNIPROC"    # "1": the CPU worker inside the engine core process
+SHARED_GPU_ENV = "TABP_VLLM_SHARED_GPU"  # "1": the engine shares its GPU: start one at a time
 
 
 class EngineOptions(Options):
@@ -475,12 +480,13 @@ def llm_configs(spec: ServeSpec, *, gpu: bool | None = None,
         )
         kwargs.pop("model", None)  # model_source below
         kwargs.pop("served_model_name", None)  # Ray Serve names the engine after model_id
+        env = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
         cfg: dict[str, Any] = dict(
             model_loading_config={"model_id": v.name, "model_source": v.model},
             engine_kwargs=kwargs,
             deployment_config={"num_replicas": v.replicas},
             log_engine_metrics=True,
-            runtime_env={"env_vars": {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}},
+            runtime_env={"env_vars": env},
         )
         if spec.request_path.stream_batching_interval_ms is not None:
             # how long Ray Serve LLM gathers streamed tokens before sending them on as one chunk
@@ -490,9 +496,13 @@ def llm_configs(spec: ServeSpec, *, gpu: bool | None = None,
             cfg["accelerator_config"] = {"kind": "cpu"}
             cfg["placement_group_config"] = {"bundles": [{"CPU": 1}]}
             if spec.engine.cpu_uniproc:
-                cfg["server_cls"] = "tabp_vllm.serve.app.UniprocLLMServer"
+                cfg["server_cls"] = TABP_SERVER_CLS
+                env[UNIPROC_ENV] = "1"
         elif fractions:
             kwargs["gpu_memory_utilization"] = fractions[v.name]
             cfg["placement_group_config"] = {"bundles": [{"GPU": fractions[v.name], "CPU": 1}] * tp}
+            # engines on one card start one at a time (engine.engine_start_lock says why)
+            cfg["server_cls"] = TABP_SERVER_CLS
+            env[SHARED_GPU_ENV] = "1"
         configs.append(LLMConfig(**cfg))
     return configs
