@@ -2,23 +2,28 @@
 # Dense vs pruned at 7-8B scale on one GPU:
 #   bash bench/gpu_check.sh OUTDIR               transformers path + scoring cost (no vLLM needed)
 #   ENGINE=vllm bash bench/gpu_check.sh OUTDIR   vLLM engines built by tabp_vllm.engine (bench/gpu_vllm.py)
+#   ENGINE=serve bash bench/gpu_check.sh OUTDIR  `tabp-vllm serve` vs a bare vLLM server (bench/gpu_serve.py)
 # Env knobs (defaults in brackets): ARCH [llama-3.1-8b], BATCHES [1,16,64], KS [4,8],
 # SCORE_K [8], PROMPT_LEN [512], NEW_TOKENS [128], ROUNDS [2], SCORE_SAMPLES [1024], SLEB_SAMPLES [128],
 # SCORE_RESERVE_S [150], DEADLINE_S [480], DEVICE [auto], MODEL_DIR [/tmp/synth-ARCH],
-# SKIP [] (speed,score,sleb), PYTHON [python3], ENGINE [transformers] (or vllm: ROUNDS [3], no scoring).
-# Files the repository does not hold come from .gpu_carry/ at the repository root:
+# SKIP [] (speed,score,sleb), PYTHON [python3], ENGINE [transformers] (or vllm: ROUNDS [3], no scoring;
+# or serve: BATCHES are the concurrencies, DURATION [16] s per variant per level, RAMP [2]).
+# Files the repository does not hold come from $GPU_CARRY [.gpu_carry/ at the repository root]
+# (a folder outside the checkout, e.g. /tmp/gpu_carry, keeps parts carried by earlier calls):
 #   .gpu_carry/tokenizer/   tokenizer files (SmolLM2's)   -> synth-model --tokenizer
 #   .gpu_carry/data/        arc_easy/train.json            -> TABP_VLLM_DATA
 #   .gpu_carry/pydeps/      pydantic installed with --target  -> PYTHONPATH (the score CLI)
 #   .gpu_carry/whl/*.whl    or pydantic's wheels: installed offline into $TMPDIR/tabp-pydeps
 #   (either only when python cannot import pydantic itself)
-#   .gpu_carry/vllm-site.tar.xz.part-*  GPU vLLM packed by scripts/gpu-carry-vllm.sh (ENGINE=vllm,
-#                                       only when python cannot import vllm itself)
+#   .gpu_carry/vllm-site.tar.xz.part-*  GPU vLLM packed by scripts/gpu-carry-vllm.sh (ENGINE=vllm
+#                                       or serve, only when python cannot import vllm itself)
+#   .gpu_carry/ray-site.tar.xz.part-*   Ray Serve packed by scripts/gpu-carry-ray.sh (ENGINE=serve,
+#                                       only when python cannot import ray.serve.llm itself)
 # Each is used only when present; TABP_VLLM_DATA / TOKENIZER set by the caller win.
 set -uo pipefail
 OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-CARRY="$ROOT/.gpu_carry"
+CARRY=${GPU_CARRY:-$ROOT/.gpu_carry}
 PY=${PYTHON:-python3}
 
 export PYTHONUNBUFFERED=1
@@ -35,15 +40,20 @@ if ! "$PY" -c "import pydantic" 2>/dev/null; then
   fi
 fi
 ENGINE=${ENGINE:-transformers}
-if [[ "$ENGINE" == vllm ]] && ! "$PY" -c "import vllm" 2>/dev/null \
-    && compgen -G "$CARRY/vllm-site.tar.xz.part-*" >/dev/null; then
-  PYDEPS="${TMPDIR:-/tmp}/tabp-vllm-site"
-  echo "gpu_check: unpacking the carried vLLM into $PYDEPS"
-  mkdir -p "$PYDEPS"
-  cat "$CARRY"/vllm-site.tar.xz.part-* | xz -d | tar x -C "$PYDEPS" || echo "gpu_check: unpack failed"
-fi
+# Carried packages (vLLM; Ray Serve for ENGINE=serve) unpack into one folder on PYTHONPATH.
+unpack_carry() {  # NAME IMPORT: unpack $CARRY/NAME-site.tar.xz.part-* unless python imports IMPORT
+  if ! PYTHONPATH="${PYDEPS:-}" "$PY" -c "import $2" 2>/dev/null \
+      && compgen -G "$CARRY/$1-site.tar.xz.part-*" >/dev/null; then
+    PYDEPS="${TMPDIR:-/tmp}/tabp-vllm-site"
+    echo "gpu_check: unpacking the carried $1 into $PYDEPS"
+    mkdir -p "$PYDEPS"
+    cat "$CARRY/$1"-site.tar.xz.part-* | xz -d | tar x -C "$PYDEPS" || echo "gpu_check: unpack failed"
+  fi
+}
+if [[ "$ENGINE" == vllm || "$ENGINE" == serve ]]; then unpack_carry vllm vllm; fi
+if [[ "$ENGINE" == serve ]]; then unpack_carry ray ray.serve.llm; fi
 # vLLM 0.26's sampler imports flashinfer unless told not to use it; the carried vLLM has none.
-if [[ "$ENGINE" == vllm ]] && ! "$PY" -c "import flashinfer" 2>/dev/null; then
+if [[ "$ENGINE" == vllm || "$ENGINE" == serve ]] && ! "$PY" -c "import flashinfer" 2>/dev/null; then
   export VLLM_USE_FLASHINFER_SAMPLER=0
 fi
 export PYTHONPATH="$ROOT${PYDEPS:+:$PYDEPS}${PYTHONPATH:+:$PYTHONPATH}"
@@ -71,6 +81,13 @@ if [[ "$ENGINE" == vllm ]]; then
         --deadline-s "$DEADLINE_S" --device "${DEVICE:-auto}" --model-dir "${MODEL_DIR:-/tmp/synth-$ARCH}")
   [[ -n "${TOKENIZER:-}" ]] && args+=(--tokenizer "$TOKENIZER")
   script=bench/gpu_vllm.py
+elif [[ "$ENGINE" == serve ]]; then
+  args=("$OUT" --arch "$ARCH" --levels "${BATCHES:-1,16,64}" --ks "${KS:-4,8}"
+        --prompt-len "${PROMPT_LEN:-512}" --new-tokens "${NEW_TOKENS:-128}" --rounds "${ROUNDS:-2}"
+        --duration "${DURATION:-16}" --ramp "${RAMP:-2}"
+        --deadline-s "$DEADLINE_S" --device "${DEVICE:-auto}" --model-dir "${MODEL_DIR:-/tmp/synth-$ARCH}")
+  [[ -n "${TOKENIZER:-}" ]] && args+=(--tokenizer "$TOKENIZER")
+  script=bench/gpu_serve.py
 else
   script=bench/gpu_scale.py
 fi

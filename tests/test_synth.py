@@ -229,3 +229,46 @@ def test_gpu_check_vllm_engines_on_cpu(tmp_path):
     assert summ[("dense", 2)]["speedup_output_tokens_per_s"] == 1
     assert summ[("k1", 2)]["ideal_speedup"] > 1 and summ[("k1", 2)]["tpot_mean_ms"] > 0
     assert (out / "gpu_vllm.png").stat().st_size > 10_000
+
+
+def test_gpu_check_serve_against_bare_vllm_on_cpu(tmp_path):
+    """ENGINE=serve: `tabp-vllm serve` (Ray Serve, dense + one pruned variant through the loader)
+    and a bare vLLM api_server of the same checkpoint, loaded by `tabp-vllm bench` interleaved; on
+    the CPU engine here, tiny shape. What a GPU run of bench/gpu_check.sh returns, end to end."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "ENGINE": "serve", "ARCH": "tiny-llama",
+           "BATCHES": "1,2", "KS": "1", "PROMPT_LEN": "16", "NEW_TOKENS": "8", "ROUNDS": "2",
+           "DURATION": "4", "RAMP": "1", "DEADLINE_S": "600", "DEVICE": "cpu",
+           "MODEL_DIR": str(tmp_path / "model")}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=720, start_new_session=True)
+    log = (out / "gpu_serve.log").read_text() if (out / "gpu_serve.log").exists() else ""
+    assert proc.returncode == 0, log[-4000:] + proc.stderr[-3000:]
+    doc = json.loads((out / "gpu_serve.json").read_text())
+    assert doc["ok"] and not doc["errors"] and doc["env"]["device"] == "cpu"
+    serve = doc["serve"]
+    # what the server built and lists: the dense checkpoint and the variant without block 2
+    assert serve["served_names"] == {"dense": "model", "k1": "model-k1"}
+    assert serve["models"]["model"]["blocks_kept"] == 4
+    assert serve["models"]["model-k1"]["blocks_kept"] == 3
+    assert doc["variants"]["k1"]["removed_layers"] == [2]
+    assert len(serve["serve_ready_lines"]) == 2 and serve["serve_ready_s"] >= serve["bare_ready_s"] > 0
+    # each engine's KV cache as vLLM logged it: the same bytes each on CPU, so the same tokens for
+    # the two dense engines and a third more for the variant with 3 of 4 blocks
+    kv = serve["kv_cache_tokens"]
+    assert kv["serve"]["model"] == kv["bare"]["engine"] > 0
+    assert kv["serve"]["model-k1"] == pytest.approx(kv["serve"]["model"] * 4 / 3, rel=0.01)
+    bench = json.loads((out / "gpu_serve_bench.json").read_text())
+    assert bench["plan"]["levels"] == [1, 2] and bench["plan"]["input_len"] == 16
+    for m in bench["metrics"]:  # every target answered at every level, with every token
+        assert m["completed"] > 0 and m["errors"] == 0, m
+        assert m["mean_output_tokens"] == 8
+    assert {m["variant"] for m in bench["metrics"]} == {"model", "model-k1", "bare-vllm"}
+    overhead = {r["level"]: r for r in bench["comparison"]["server_overhead"]}
+    assert sorted(overhead) == [1, 2] and all(r["throughput_ratio"] > 0 for r in overhead.values())
+    speed = [r for r in bench["comparison"]["speedups"] if r["variant"] == "model-k1"]
+    assert len(speed) == 2 and all(r["ideal_speedup"] > 1 and r["achieved_speedup"] > 0 for r in speed)
+    assert "server / bare" in log
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8, files  # what one device call returns
+    assert {"gpu_serve.json", "gpu_serve_bench.md", "serve.log", "bare.log"} <= set(files)
