@@ -26,7 +26,6 @@ Falls back to vLLM's CPU engine where there is no CUDA (tests; tiny shapes).
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
