@@ -19,7 +19,8 @@ from tabp_vllm.engine import (
 from tabp_vllm.errors import TabpError
 from tabp_vllm.mask import make_mask
 from tabp_vllm.serve.commands import build_spec
-from tabp_vllm.serve.config import SHARED_GPU_ENV, TABP_SERVER_CLS, UNIPROC_ENV
+from tabp_vllm.serve.config import (SHARED_GPU_ENV, STREAM_BATCHING_ENV, TABP_SERVER_CLS,
+                                    UNIPROC_ENV)
 from tabp_vllm.synth import ARCHS, PUBLISHED_PARAMS
 
 CARD = 80 * GiB
@@ -132,22 +133,25 @@ def test_three_variants_share_an_80_gib_card(llama8b):
 def test_only_engines_that_share_a_card_take_the_start_lock(llama8b, tmp_path):
     """A single engine on its card, or engines on separate cards, start as Ray Serve LLM starts
     them; CPU engines (KV cache sized by --kv-cache-gib, nothing profiled) only get the
-    uni-process executor."""
+    uni-process executor. Every variant streams leading-edge unless told `ray`."""
     from tabp_vllm.serve.config import llm_configs
 
     model, masks = llama8b
     for spec in (build_spec(model=model), build_spec(model=model, task_mask=masks,
                                                      engine_arg=["gpu_memory_utilization=0.3"])):
         for c in llm_configs(spec, gpu=True, gpu_bytes=CARD):
-            assert server_cls(c) is None and SHARED_GPU_ENV not in c.runtime_env["env_vars"]
+            env = c.runtime_env["env_vars"]
+            assert server_cls(c) == TABP_SERVER_CLS and SHARED_GPU_ENV not in env
+            assert env[STREAM_BATCHING_ENV] == "leading-edge"
     for c in llm_configs(build_spec(model=model, task_mask=masks, kv_cache_gib=0.25), gpu=False):
         env = c.runtime_env["env_vars"]
         assert server_cls(c) == TABP_SERVER_CLS and env[UNIPROC_ENV] == "1"
         assert SHARED_GPU_ENV not in env
     conf = tmp_path / "serve.yaml"
-    conf.write_text("engine:\n  cpu_uniproc: false\n")
+    conf.write_text("engine:\n  cpu_uniproc: false\nrequest_path:\n  stream_batching: ray\n")
     for c in llm_configs(build_spec(model=model, config=conf, kv_cache_gib=0.25), gpu=False):
-        assert server_cls(c) is None and UNIPROC_ENV not in c.runtime_env["env_vars"]
+        env = c.runtime_env["env_vars"]
+        assert UNIPROC_ENV not in env and env[STREAM_BATCHING_ENV] == "ray"
 
 
 def test_tensor_parallel_passes_through_and_halves_each_rank(llama8b):

@@ -18,6 +18,7 @@ Routing, streaming, logprobs and the engines are Ray Serve LLM + vLLM, unchanged
 
 from __future__ import annotations
 
+import os
 import secrets
 from typing import Any, Dict, Optional
 
@@ -26,8 +27,9 @@ from ray.serve.llm.ingress import OpenAiIngress
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse, StreamingResponse
 
-from tabp_vllm.serve.config import SHARED_GPU_ENV, UNIPROC_ENV
+from tabp_vllm.serve.config import SHARED_GPU_ENV, STREAM_BATCHING_ENV, UNIPROC_ENV
 from tabp_vllm.serve.errors import error_body, guard_stream, install_openai_errors
+from tabp_vllm.serve.streaming import leading_edge_batches
 
 # Private Ray Serve LLM modules (patches/README.md says why no public hook serves).
 from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
@@ -66,8 +68,10 @@ class ApiKeyMiddleware:
 
 
 class TabpLLMServer(LLMServer):
-    """Ray Serve LLM's `LLMServer` with two changes to how its engine starts, each switched on by
-    the variant's environment (`serve.config.llm_configs` sets it):
+    """Ray Serve LLM's `LLMServer` with its streamed outputs gathered leading-edge first
+    (`serve/streaming.py`: the first output of a burst leaves at once, not after a whole batching
+    window; `TABP_VLLM_STREAM_BATCHING=ray` keeps Ray's windows), and two changes to how its
+    engine starts, each switched on by the variant's environment (`serve.config.llm_configs`):
     - CPU (`TABP_VLLM_CPU_UNIPROC=1`): the one worker runs inside the engine core process (vLLM's
       uni-process executor, vLLM's own default for one worker) instead of a process of its own:
       Ray Serve LLM forces the multiprocess executor on CPU, which costs every variant one more
@@ -80,6 +84,13 @@ class TabpLLMServer(LLMServer):
     async def __init__(self, llm_config, **kwargs):
         await super().__init__(llm_config, engine_cls=_tabp_engine_cls(), **kwargs)
 
+    def _batch_output_stream(self, generator):
+        # Private: LLMServer's one hook between the engine's stream and the replica's chunks.
+        interval_ms = self._get_batch_interval_ms()
+        if os.environ.get(STREAM_BATCHING_ENV) == "ray" or not interval_ms:
+            return super()._batch_output_stream(generator)
+        return leading_edge_batches(generator, interval_ms / 1000)
+
 
 def _tabp_engine_cls():
     # Private: VLLMEngine and its `_start_async_llm_engine`, the one place that turns the vLLM
@@ -87,7 +98,6 @@ def _tabp_engine_cls():
     # another process, so the backend is set here, on the finished config). It returns once the
     # engine core is up: weights loaded, memory profiled, KV cache allocated, graphs captured.
     import logging
-    import os
 
     from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 

@@ -32,7 +32,8 @@ def _parse_extra(items: list[str]) -> dict:
 
 ENGINE_KEYS = ("max_model_len", "dtype", "kv_cache_gib", "enforce_eager", "tensor_parallel_size",
                "gpu_memory_share")
-REQUEST_PATH_KEYS = ("ray_serve", "ingress_replicas", "ingress_max_ongoing_requests", "stream_batching_interval_ms")
+REQUEST_PATH_KEYS = ("ray_serve", "ingress_replicas", "ingress_max_ongoing_requests",
+                     "stream_batching_interval_ms", "stream_batching")
 
 
 def serve_options(config: Optional[Path] = None, task_mask: Optional[List[Path]] = None,
@@ -303,6 +304,10 @@ def serve(
     stream_batching_interval_ms: Optional[float] = _opt(
         "stream_batching_interval_ms", "--stream-batching-interval-ms",
         help="How long streamed tokens are gathered into one chunk (0: each token at once)."),
+    stream_batching: Optional[str] = _opt(
+        "stream_batching", "--stream-batching",
+        help="leading-edge (the first token of a burst leaves at once) or ray (Ray Serve LLM's "
+             "fixed windows: every token waits for its window's end)."),
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Validate and print the variants; start nothing."),
 ) -> None:
@@ -319,7 +324,8 @@ def serve(
                       router=str(router) if router else None, routed_name=routed_name,
                       ray_serve=ray_serve, ingress_replicas=ingress_replicas,
                       ingress_max_ongoing_requests=ingress_max_ongoing_requests,
-                      stream_batching_interval_ms=stream_batching_interval_ms)
+                      stream_batching_interval_ms=stream_batching_interval_ms,
+                      stream_batching=stream_batching)
     print("dtype: %s (%s)" % choose_dtype(spec.engine.dtype), flush=True)
     if spec.address:
         check_reachable(spec.address)

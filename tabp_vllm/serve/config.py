@@ -20,11 +20,12 @@ from tabp_vllm.options import Options, build_options, read_config_file
 # Decode-step FLOPs ratio is quoted at this context length (prompt + generated so far).
 SPEEDUP_CONTEXT = 256
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
-# The LLMServer of a variant whose engine start we change (serve/app.py), and the variables of
-# its runtime_env that say how.
+# Every variant's LLMServer (serve/app.py: how it streams and starts its engine), and the
+# variables of its runtime_env that say how.
 TABP_SERVER_CLS = "tabp_vllm.serve.app.TabpLLMServer"
 UNIPROC_ENV = "TABP_VLLM_CPU_UNIPROC"    # "1": the CPU worker inside the engine core process
 SHARED_GPU_ENV = "TABP_VLLM_SHARED_GPU"  # "1": the engine shares its GPU: start one at a time
+STREAM_BATCHING_ENV = "TABP_VLLM_STREAM_BATCHING"  # request_path.stream_batching
 
 
 class EngineOptions(Options):
@@ -73,6 +74,10 @@ class RequestPathOptions(Options):
     ingress_replicas: Optional[int] = Field(None, ge=1)  # None: Ray's default (autoscaled, from 1)
     ingress_max_ongoing_requests: Optional[int] = Field(None, ge=1)  # None: Ray's (1e9: no cap)
     stream_batching_interval_ms: Optional[float] = Field(None, ge=0)  # None: Ray's 50 ms
+    # how streamed outputs are gathered: "leading-edge" (serve/streaming.py: at most one chunk per
+    # interval, but the first output of a burst at once) or "ray" (Ray's fixed windows: every
+    # output, the first too, waits for its window's end)
+    stream_batching: Literal["leading-edge", "ray"] = "leading-edge"
 
 
 class ServeOptions(Options):
@@ -480,9 +485,11 @@ def llm_configs(spec: ServeSpec, *, gpu: bool | None = None,
         )
         kwargs.pop("model", None)  # model_source below
         kwargs.pop("served_model_name", None)  # Ray Serve names the engine after model_id
-        env = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+        env = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+               STREAM_BATCHING_ENV: spec.request_path.stream_batching}
         cfg: dict[str, Any] = dict(
             model_loading_config={"model_id": v.name, "model_source": v.model},
+            server_cls=TABP_SERVER_CLS,
             engine_kwargs=kwargs,
             deployment_config={"num_replicas": v.replicas},
             log_engine_metrics=True,
@@ -496,13 +503,11 @@ def llm_configs(spec: ServeSpec, *, gpu: bool | None = None,
             cfg["accelerator_config"] = {"kind": "cpu"}
             cfg["placement_group_config"] = {"bundles": [{"CPU": 1}]}
             if spec.engine.cpu_uniproc:
-                cfg["server_cls"] = TABP_SERVER_CLS
                 env[UNIPROC_ENV] = "1"
         elif fractions:
             kwargs["gpu_memory_utilization"] = fractions[v.name]
             cfg["placement_group_config"] = {"bundles": [{"GPU": fractions[v.name], "CPU": 1}] * tp}
             # engines on one card start one at a time (engine.engine_start_lock says why)
-            cfg["server_cls"] = TABP_SERVER_CLS
             env[SHARED_GPU_ENV] = "1"
         configs.append(LLMConfig(**cfg))
     return configs
