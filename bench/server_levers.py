@@ -25,7 +25,9 @@ The settings (Ray Serve 2.60 / Ray Serve LLM levers on the per-request path):
 - lean: throughput-optimized, the Serve controller's loop every 0.5 s instead of 0.1 s and the
   replicas' / routers' metrics exported every 1 s instead of 0.1 s;
 - lean-mp: lean with Ray Serve LLM's multiprocess vLLM executor (`engine.cpu_uniproc: false`), the
-  executor the bare vLLM server runs.
+  executor the bare vLLM server runs;
+- leading-edge / ray-windows: throughput-optimized with `--stream-batching leading-edge` (ours:
+  the first output of a burst leaves at once) / `ray` (Ray Serve LLM's fixed 50 ms windows).
 """
 
 from __future__ import annotations
@@ -65,6 +67,12 @@ SETTINGS: dict[str, dict] = {
     # the bare vLLM server) instead of our uni-process default: memory traded for overlap of the
     # engine core's scheduling with the forward pass
     "lean-mp": {"flags": ["--ray-serve", "lean"], "config": {"engine": {"cpu_uniproc": False}}},
+    # how streamed outputs are gathered (serve/streaming.py): our leading-edge batching (the
+    # default since 2026-12-05; every setting above ran before it, with Ray's windows) against
+    # Ray Serve LLM's fixed 50 ms windows, on the default profile
+    "leading-edge": {"flags": ["--ray-serve", "throughput-optimized",
+                               "--stream-batching", "leading-edge"]},
+    "ray-windows": {"flags": ["--ray-serve", "throughput-optimized", "--stream-batching", "ray"]},
 }
 TARGET = 0.95
 
@@ -185,15 +193,19 @@ def summarize(res: dict) -> list[dict]:
     """Per level: server / bare throughput (and its per-round range), the server's TTFT / ITL."""
     out = []
     ratios = {r["level"]: r for r in res["comparison"]["server_overhead"]}
+    bare = {m["level"]: m for m in res["metrics"] if m["variant"] == "bare-vllm"}
     for m in res["metrics"]:
         if m["variant"] != "llama":
             continue
-        r = ratios.get(m["level"], {})
+        r, b = ratios.get(m["level"], {}), bare.get(m["level"])
         out.append({"level": m["level"], "ratio": r.get("throughput_ratio"),
                     "ratio_rounds": r.get("throughput_ratio_rounds"),
                     "output_tokens_per_s": m["output_tokens_per_s"], "errors": m["errors"],
                     "ttft_p50_ms": ms(m["ttft_s"], "p50"), "ttft_p99_ms": ms(m["ttft_s"], "p99"),
-                    "itl_p50_ms": ms(m["itl_s"], "p50"), "itl_p99_ms": ms(m["itl_s"], "p99")})
+                    "itl_p50_ms": ms(m["itl_s"], "p50"), "itl_p99_ms": ms(m["itl_s"], "p99"),
+                    # the bare server's, measured in the same rounds: the floor for the above
+                    "bare_ttft_p50_ms": ms(b["ttft_s"], "p50") if b else None,
+                    "bare_itl_p50_ms": ms(b["itl_s"], "p50") if b else None})
     return out
 
 
@@ -216,12 +228,12 @@ def write_report(doc: dict, out: Path) -> None:
              f"Host: {doc['host'].get('model', '?')}; {doc['duration_s']:.0f} s per level per round, "
              f"{doc['rounds']} mirrored rounds; KV cache {doc['kv_cache_gib']} GiB per engine. "
              f"Target: ratio >= {doc['target']} at every level.", "",
-             "| setting | concurrency | server / bare (per round) | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors |",
-             "|---|---|---|---|---|---|"]
+             "| setting | concurrency | server / bare (per round) | TTFT p50 / p99 ms | ITL p50 / p99 ms | bare TTFT / ITL p50 ms | errors |",
+             "|---|---|---|---|---|---|---|"]
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (name, s) in enumerate(doc["settings"].items()):
         if "levels" not in s:
-            lines.append(f"| {name} | - | error: {s['error']} | | | |")
+            lines.append(f"| {name} | - | error: {s['error']} | | | | |")
             continue
         for lv in s["levels"]:
             rr = lv["ratio_rounds"] or {}
@@ -229,7 +241,8 @@ def write_report(doc: dict, out: Path) -> None:
                          f"({rr.get('min', float('nan')):.2f}-{rr.get('max', float('nan')):.2f}) | "
                          f"{fmt(lv['ttft_p50_ms'], '.0f')} / {fmt(lv['ttft_p99_ms'], '.0f')} | "
                          f"{fmt(lv['itl_p50_ms'], '.1f')} / {fmt(lv['itl_p99_ms'], '.1f')} | "
-                         f"{lv['errors']} |")
+                         f"{fmt(lv.get('bare_ttft_p50_ms'), '.0f')} / "
+                         f"{fmt(lv.get('bare_itl_p50_ms'), '.1f')} | {lv['errors']} |")
         # bars: the per-round range (this machine's noise), not a confidence interval
         xs = [lv["level"] * 1.04 ** i for lv in s["levels"]]  # nudged apart so the bars show
         ys = [lv["ratio"] for lv in s["levels"]]
