@@ -214,10 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = run.step("masks", step_masks, model_dir) if model_dir else None
     if plan:
         run.step("serve_vs_bare", step_servers_and_bench, model_dir, plan, need_s=90)
-    run.doc["ok"] = not run.doc["errors"]
-    run.save()
-    run.log(f"done: {len(run.doc['errors'])} error(s), {len(run.doc['skipped'])} skipped")
-    return 0 if run.doc["ok"] else 1
+    return run.finish()  # the bench drew its own plots
 
 
 if __name__ == "__main__":
