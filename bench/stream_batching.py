@@ -9,7 +9,7 @@ with leading-edge batching, `serve` with Ray's windows, and a bare vLLM api_serv
 One streamed completion at a time goes to each in turn (the order shuffled per round), so the
 three see the same machine state request by request; the per-request differences to the bare
 server that follows or precedes it cancel the drift that load from other jobs brings.
-Writes bench/results/stream_batching.{json,md}.
+Writes bench/results/NAME.{json,md} (`--name`, default stream_batching).
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--interval-ms", type=float, default=50.0, help="stream batching interval")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default="stream_batching", help="output file stem")
     a = ap.parse_args()
     model = resolve_model("llama")
     logs = RESULTS / "logs"
@@ -118,13 +119,14 @@ def main() -> None:
             "chunks_per_request": round(statistics.fmean(r["chunks"] for r in rows), 1),
             "tokens_per_request": round(statistics.fmean(r["tokens"] for r in rows), 1),
         }
-    doc = {"host": cpu_info(), "date": time.strftime("%Y-%m-%d"), "requests": a.requests,
+    doc = {"host": cpu_info(), "date": time.strftime("%Y-%m-%d"), "seed": a.seed, "requests": a.requests,
            "max_tokens": a.max_tokens, "prompt_tokens": 32, "interval_ms": a.interval_ms,
            "summary": summary, "runs": runs}
-    (RESULTS / "stream_batching.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (RESULTS / f"{a.name}.json").write_text(json.dumps(doc, indent=1) + "\n")
     lines = ["# Streamed TTFT: leading-edge vs Ray's windowed batching, through `tabp-vllm serve`", "",
              f"{doc['date']}, {doc['host'].get('model')}; dense demo model, one streamed completion "
-             f"at a time ({a.requests} per server, prompt 32 tokens, {a.max_tokens} new tokens), "
+             f"at a time ({a.requests} per server, prompt 32 tokens, {a.max_tokens} new tokens, "
+             f"seed {a.seed}), "
              f"servers in a shuffled order each round; stream batching interval {a.interval_ms:g} ms.",
              "", "| server | TTFT p50 / p90 ms | TTFT - bare's, same round: median / mean ms | "
              "E2E p50 s | chunks per request |", "|---|---|---|---|---|"]
@@ -132,7 +134,7 @@ def main() -> None:
         lines.append(f"| {label} | {s['ttft_p50_ms']:.0f} / {s['ttft_p90_ms']:.0f} | "
                      f"{s['ttft_minus_bare_p50_ms']:.1f} / {s['ttft_minus_bare_mean_ms']:.1f} | "
                      f"{s['e2e_p50_s']:.2f} | {s['chunks_per_request']:.1f} |")
-    (RESULTS / "stream_batching.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{a.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
