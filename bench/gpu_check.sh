@@ -50,11 +50,11 @@ unpack_carry() {  # NAME IMPORT: unpack $CARRY/NAME-site.tar.xz.part-* unless py
     cat "$CARRY/$1"-site.tar.xz.part-* | xz -d | tar x -C "$PYDEPS" || echo "gpu_check: unpack failed"
   fi
 }
-if [[ "$ENGINE" == vllm || "$ENGINE" == serve ]]; then unpack_carry vllm vllm; fi
-if [[ "$ENGINE" == serve ]]; then unpack_carry ray ray.serve.llm; fi
-# vLLM 0.26's sampler imports flashinfer unless told not to use it; the carried vLLM has none.
-if [[ "$ENGINE" == vllm || "$ENGINE" == serve ]] && ! "$PY" -c "import flashinfer" 2>/dev/null; then
-  export VLLM_USE_FLASHINFER_SAMPLER=0
+if [[ "$ENGINE" == vllm || "$ENGINE" == serve ]]; then
+  unpack_carry vllm vllm
+  [[ "$ENGINE" == serve ]] && unpack_carry ray ray.serve.llm
+  # vLLM 0.26's sampler imports flashinfer unless told not to use it; the carried vLLM has none.
+  if ! "$PY" -c "import flashinfer" 2>/dev/null; then export VLLM_USE_FLASHINFER_SAMPLER=0; fi
 fi
 export PYTHONPATH="$ROOT${PYDEPS:+:$PYDEPS}${PYTHONPATH:+:$PYTHONPATH}"
 if [[ -z "${TABP_VLLM_DATA:-}" && -d "$CARRY/data" ]]; then export TABP_VLLM_DATA="$CARRY/data"; fi
@@ -63,34 +63,29 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 ARCH=${ARCH:-llama-3.1-8b}
 DEADLINE_S=${DEADLINE_S:-480}
+# What every engine's script takes; each adds its own below.
 args=(
   "$OUT" --arch "$ARCH" --batches "${BATCHES:-1,16,64}" --ks "${KS:-4,8}"
-  --prompt-len "${PROMPT_LEN:-512}" --new-tokens "${NEW_TOKENS:-128}" --rounds "${ROUNDS:-2}"
-  --score-samples "${SCORE_SAMPLES:-1024}" --score-k "${SCORE_K:-8}" --sleb-samples "${SLEB_SAMPLES:-128}"
-  --score-reserve-s "${SCORE_RESERVE_S:-150}" --deadline-s "$DEADLINE_S"
+  --prompt-len "${PROMPT_LEN:-512}" --new-tokens "${NEW_TOKENS:-128}" --deadline-s "$DEADLINE_S"
   --device "${DEVICE:-auto}" --model-dir "${MODEL_DIR:-/tmp/synth-$ARCH}"
 )
 [[ -n "${TOKENIZER:-}" ]] && args+=(--tokenizer "$TOKENIZER")
-[[ -n "${SKIP:-}" ]] && args+=(--skip "$SKIP")
+case "$ENGINE" in
+  vllm)
+    args+=(--rounds "${ROUNDS:-3}")
+    script=bench/gpu_vllm.py ;;
+  serve)  # BATCHES are the bench's closed-loop concurrencies
+    args+=(--rounds "${ROUNDS:-2}" --duration "${DURATION:-16}" --ramp "${RAMP:-2}")
+    script=bench/gpu_serve.py ;;
+  *)
+    args+=(--rounds "${ROUNDS:-2}" --score-samples "${SCORE_SAMPLES:-1024}" --score-k "${SCORE_K:-8}"
+           --sleb-samples "${SLEB_SAMPLES:-128}" --score-reserve-s "${SCORE_RESERVE_S:-150}")
+    [[ -n "${SKIP:-}" ]] && args+=(--skip "$SKIP")
+    script=bench/gpu_scale.py ;;
+esac
 
 cd "$ROOT"
 # The script keeps its own deadline; the outer timeout only guards against a hang it cannot see.
-if [[ "$ENGINE" == vllm ]]; then
-  args=("$OUT" --arch "$ARCH" --batches "${BATCHES:-1,16,64}" --ks "${KS:-4,8}"
-        --prompt-len "${PROMPT_LEN:-512}" --new-tokens "${NEW_TOKENS:-128}" --rounds "${ROUNDS:-3}"
-        --deadline-s "$DEADLINE_S" --device "${DEVICE:-auto}" --model-dir "${MODEL_DIR:-/tmp/synth-$ARCH}")
-  [[ -n "${TOKENIZER:-}" ]] && args+=(--tokenizer "$TOKENIZER")
-  script=bench/gpu_vllm.py
-elif [[ "$ENGINE" == serve ]]; then
-  args=("$OUT" --arch "$ARCH" --levels "${BATCHES:-1,16,64}" --ks "${KS:-4,8}"
-        --prompt-len "${PROMPT_LEN:-512}" --new-tokens "${NEW_TOKENS:-128}" --rounds "${ROUNDS:-2}"
-        --duration "${DURATION:-16}" --ramp "${RAMP:-2}"
-        --deadline-s "$DEADLINE_S" --device "${DEVICE:-auto}" --model-dir "${MODEL_DIR:-/tmp/synth-$ARCH}")
-  [[ -n "${TOKENIZER:-}" ]] && args+=(--tokenizer "$TOKENIZER")
-  script=bench/gpu_serve.py
-else
-  script=bench/gpu_scale.py
-fi
 timeout -k 10 $(( ${DEADLINE_S%.*} + 60 )) "$PY" "$script" "${args[@]}"
 rc=$?
 echo "gpu_check: rc=$rc, results in $OUT"

@@ -1,13 +1,14 @@
 """`tabp-vllm serve` against a bare vLLM server on one GPU: the server's cost at the scale users run.
 
-    python3 bench/gpu_serve.py OUTDIR [--arch llama-3.1-8b] [--levels 1,16,64] [--ks 4,8] ...
+    python3 bench/gpu_serve.py OUTDIR [--arch llama-3.1-8b] [--batches 1,16,64] [--ks 4,8] ...
     (or `ENGINE=serve bash bench/gpu_check.sh OUTDIR`)
 
 The server counterpart of `gpu_vllm.py` (same synthetic checkpoint, same hand-made k = 4 / k = 8
 masks): one `tabp-vllm serve` (Ray Serve LLM, dense + the pruned variants, engines built by the
 `tabp_pruned` loader, compiled with CUDA graphs) and one plain vLLM OpenAI server of the dense
 model (vLLM's own loader, same engine arguments) share the GPU; `tabp-vllm bench` then loads every
-served variant and the bare server at each concurrency, interleaved in mirrored rounds, so that
+served variant and the bare server at each concurrency (`--batches`: the closed loop's requests
+in flight), interleaved in mirrored rounds, so that
 server / bare and pruned / dense are ratios measured under one noise.
 
 Memory: the card is split once for all four engines (`engine.gpu_memory_fractions`: weights +
@@ -103,15 +104,17 @@ def step_servers_and_bench(run: Run, model_dir: str, plan: dict[str, Any]) -> di
     from tabp_vllm.engine import engine_start_lock
     from tabp_vllm.loadtest.commands import run_bench
     from tabp_vllm.loadtest.servers import api_server_command
-    from tabp_vllm.models import alias_of
     from tabp_vllm.process import ManagedProcess, free_port, lists_models
+    from tabp_vllm.serve.commands import build_spec
 
     a = run.args
     gpu = run.doc["env"]["device"] == "cuda"
     max_model_len = a.prompt_len + a.new_tokens + 16
     mem = memory_plan(run, model_dir, plan, max_model_len)
-    alias = alias_of(model_dir)
-    names = {n: alias if not removed else f"{alias}-{n}" for n, removed in plan["variants"].items()}
+    # the names `serve` gives them (each mask's task is its variant's key here)
+    spec = build_spec(model=model_dir, task_mask=list(plan["masks"].values()))
+    names = {v.task or "dense": v.name for v in spec.variants}
+    alias = names["dense"]
     port, bare_port = free_port(8000, 8100), free_port(8101, 8200)
     metrics_port = free_port(8290, 8390)
     doc: dict[str, Any] = {"memory_plan": mem, "served_names": names, "max_model_len": max_model_len,
@@ -121,7 +124,7 @@ def step_servers_and_bench(run: Run, model_dir: str, plan: dict[str, Any]) -> di
     sizing = (["--gpu-memory-share", str(mem["serve_share"])] if gpu
               else ["--kv-cache-gib", str(mem["kv_cache_gib"])])
     # batches up to the top concurrency, on both sides (fewer CUDA graphs to capture at start)
-    seqs = max(a.levels)
+    seqs = max(a.batches)
     serve_cmd = [sys.executable, "-m", "tabp_vllm", "serve", "--model", model_dir,
                  "--port", str(port), "--metrics-port", str(metrics_port),
                  "--max-model-len", str(max_model_len), *sizing,
@@ -167,14 +170,14 @@ def step_servers_and_bench(run: Run, model_dir: str, plan: dict[str, Any]) -> di
         per_level = targets * (a.duration + a.ramp * a.rounds)
         duration = a.duration
         left = run.remaining() - 45 - targets * 10  # stop + warm-up
-        if per_level * len(a.levels) > left:  # shrink to the time left, never below 2 s a round
-            duration = max(2.0 * a.rounds, left / len(a.levels) / targets - a.ramp * a.rounds)
+        if per_level * len(a.batches) > left:  # shrink to the time left, never below 2 s a round
+            duration = max(2.0 * a.rounds, left / len(a.batches) / targets - a.ramp * a.rounds)
             run.log(f"deadline: bench duration {a.duration:g} -> {duration:.1f} s per variant per level")
         doc["bench_duration_s"] = duration
         result = run_bench(
             url=f"http://127.0.0.1:{port}", variants=list(names.values()), model=model_dir,
             masks=list(plan["masks"].values()), bare_vllm=f"{alias}@http://127.0.0.1:{bare_port}",
-            levels=",".join(str(x) for x in a.levels), duration=duration, rounds=a.rounds,
+            levels=",".join(str(x) for x in a.batches), duration=duration, rounds=a.rounds,
             ramp=a.ramp, warmup=2, input_len=a.prompt_len, output_len=a.new_tokens,
             range_ratio=0.0, out=str(run.out), stem=BENCH_STEM, progress=False,
             notes=NOTE + f" Engines: {run.doc['env'].get('gpu_name', 'CPU')}.")
@@ -195,9 +198,7 @@ def step_servers_and_bench(run: Run, model_dir: str, plan: dict[str, Any]) -> di
 
 
 def parse_args(argv: list[str] | None = None):
-    p = common_args(__doc__.splitlines()[0], rounds=2, deadline_s=480.0)
-    ints = lambda s: [int(x) for x in str(s).split(",") if x.strip()]  # noqa: E731
-    p.add_argument("--levels", type=ints, default=[1, 16, 64], help="Closed-loop concurrencies.")
+    p = common_args(__doc__.splitlines()[0], rounds=2, deadline_s=480.0)  # --batches: concurrencies
     p.add_argument("--duration", type=float, default=16.0,
                    help="Measured seconds per variant per level (split over the rounds).")
     p.add_argument("--ramp", type=float, default=2.0, help="Unmeasured load before each slice.")
@@ -207,7 +208,7 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> int:
     run = Run(parse_args(argv), name="gpu_serve", note=NOTE)
     a = run.args
-    run.log(f"gpu_serve: arch {a.arch}, levels {a.levels}, prompt {a.prompt_len}, "
+    run.log(f"gpu_serve: arch {a.arch}, concurrencies {a.batches}, prompt {a.prompt_len}, "
             f"{a.new_tokens} new tokens, deadline {a.deadline_s:.0f} s -> {run.out}")
     env = run.step("env", step_env)
     model_dir = run.step("synth", step_synth) if env else None
