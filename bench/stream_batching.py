@@ -29,11 +29,6 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results"
 
 
-def quantile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
 async def measure(targets, requests: int, max_tokens: int, seed: int):
     import httpx
 
@@ -73,7 +68,12 @@ def main() -> None:
     ap.add_argument("--interval-ms", type=float, default=50.0, help="stream batching interval")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="stream_batching", help="output file stem")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite NAME.md and the summary from NAME.json's per-request records")
     a = ap.parse_args()
+    if a.report_only:
+        write_report(json.loads((RESULTS / f"{a.name}.json").read_text()), a.name)
+        return
     model = resolve_model("llama")
     logs = RESULTS / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -106,35 +106,46 @@ def main() -> None:
             sys.exit(f"error: {exc}")
         runs = asyncio.run(measure(targets, a.requests, a.max_tokens, a.seed))
 
+    doc = {"host": cpu_info(), "date": time.strftime("%Y-%m-%d"), "seed": a.seed,
+           "requests": a.requests, "max_tokens": a.max_tokens, "prompt_tokens": 32,
+           "interval_ms": a.interval_ms, "runs": runs}
+    write_report(doc, a.name)
+
+
+def write_report(doc: dict, name: str) -> None:
+    """Summarise the per-request records (TTFT percentiles, differences to the bare server's
+    TTFT of the same round) into RESULTS/NAME.{json,md}."""
+    import numpy as np
+
+    runs = doc["runs"]
     bare_ttft = {r["round"]: r["ttft_s"] for r in runs["bare-vllm"]}
     summary = {}
     for label, rows in runs.items():
         ttft = [r["ttft_s"] * 1e3 for r in rows]
         diff = [(r["ttft_s"] - bare_ttft[r["round"]]) * 1e3 for r in rows]
         summary[label] = {
-            "ttft_p50_ms": round(quantile(ttft, 0.5), 1), "ttft_p90_ms": round(quantile(ttft, 0.9), 1),
+            "ttft_p50_ms": round(float(np.percentile(ttft, 50)), 1),
+            "ttft_p90_ms": round(float(np.percentile(ttft, 90)), 1),
             "ttft_minus_bare_p50_ms": round(statistics.median(diff), 1),
             "ttft_minus_bare_mean_ms": round(statistics.fmean(diff), 1),
-            "e2e_p50_s": round(quantile([r["e2e_s"] for r in rows], 0.5), 3),
+            "e2e_p50_s": round(statistics.median(r["e2e_s"] for r in rows), 3),
             "chunks_per_request": round(statistics.fmean(r["chunks"] for r in rows), 1),
             "tokens_per_request": round(statistics.fmean(r["tokens"] for r in rows), 1),
         }
-    doc = {"host": cpu_info(), "date": time.strftime("%Y-%m-%d"), "seed": a.seed, "requests": a.requests,
-           "max_tokens": a.max_tokens, "prompt_tokens": 32, "interval_ms": a.interval_ms,
-           "summary": summary, "runs": runs}
-    (RESULTS / f"{a.name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    doc["summary"] = summary
+    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
     lines = ["# Streamed TTFT: leading-edge vs Ray's windowed batching, through `tabp-vllm serve`", "",
              f"{doc['date']}, {doc['host'].get('model')}; dense demo model, one streamed completion "
-             f"at a time ({a.requests} per server, prompt 32 tokens, {a.max_tokens} new tokens, "
-             f"seed {a.seed}), "
-             f"servers in a shuffled order each round; stream batching interval {a.interval_ms:g} ms.",
+             f"at a time ({doc['requests']} per server, prompt {doc['prompt_tokens']} tokens, "
+             f"{doc['max_tokens']} new tokens, seed {doc['seed']}), servers in a shuffled order "
+             f"each round; stream batching interval {doc['interval_ms']:g} ms.",
              "", "| server | TTFT p50 / p90 ms | TTFT - bare's, same round: median / mean ms | "
              "E2E p50 s | chunks per request |", "|---|---|---|---|---|"]
     for label, s in summary.items():
         lines.append(f"| {label} | {s['ttft_p50_ms']:.0f} / {s['ttft_p90_ms']:.0f} | "
                      f"{s['ttft_minus_bare_p50_ms']:.1f} / {s['ttft_minus_bare_mean_ms']:.1f} | "
                      f"{s['e2e_p50_s']:.2f} | {s['chunks_per_request']:.1f} |")
-    (RESULTS / f"{a.name}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
