@@ -27,7 +27,9 @@ The settings (Ray Serve 2.60 / Ray Serve LLM levers on the per-request path):
 - lean-mp: lean with Ray Serve LLM's multiprocess vLLM executor (`engine.cpu_uniproc: false`), the
   executor the bare vLLM server runs;
 - leading-edge / ray-windows: throughput-optimized with `--stream-batching leading-edge` (ours:
-  the first output of a burst leaves at once) / `ray` (Ray Serve LLM's fixed 50 ms windows).
+  the first output of a burst leaves at once) / `ray` (Ray Serve LLM's fixed 50 ms windows);
+- engine-in-replica: leading-edge with `--engine-in-replica` (vLLM's engine core in a thread of
+  the replica, `serve/inproc_engine.py`: one process per variant instead of two).
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ SETTINGS: dict[str, dict] = {
     "leading-edge": {"flags": ["--ray-serve", "throughput-optimized",
                                "--stream-batching", "leading-edge"]},
     "ray-windows": {"flags": ["--ray-serve", "throughput-optimized", "--stream-batching", "ray"]},
+    # the engine core in the replica's process (memory: bench/serve_memory.py), on the defaults
+    "engine-in-replica": {"flags": ["--ray-serve", "throughput-optimized",
+                                    "--stream-batching", "leading-edge", "--engine-in-replica"]},
 }
 TARGET = 0.95
 

@@ -27,7 +27,8 @@ from ray.serve.llm.ingress import OpenAiIngress
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse, StreamingResponse
 
-from tabp_vllm.serve.config import SHARED_GPU_ENV, STREAM_BATCHING_ENV, UNIPROC_ENV
+from tabp_vllm.serve.config import (ENGINE_IN_REPLICA_ENV, SHARED_GPU_ENV, STREAM_BATCHING_ENV,
+                                    UNIPROC_ENV)
 from tabp_vllm.serve.errors import error_body, guard_stream, install_openai_errors
 from tabp_vllm.serve.streaming import leading_edge_batches
 
@@ -108,9 +109,17 @@ def _tabp_engine_cls():
     class TabpVLLMEngine(VLLMEngine):
         def _start_async_llm_engine(self, engine_args, vllm_config, placement_group):
             start = super()._start_async_llm_engine
-            if os.environ.get(UNIPROC_ENV) == "1" and vllm_config.parallel_config.world_size == 1:
+            one_worker = vllm_config.parallel_config.world_size == 1
+            in_replica = os.environ.get(ENGINE_IN_REPLICA_ENV) == "1" and one_worker
+            if (os.environ.get(UNIPROC_ENV) == "1" or in_replica) and one_worker:
                 vllm_config.parallel_config.distributed_executor_backend = "uni"
                 engine_args.distributed_executor_backend = "uni"
+            if in_replica:
+                from tabp_vllm.serve.inproc_engine import engine_core_in_this_process
+
+                logger.info("engine core in this replica's process (engine.cpu_engine_in_replica)")
+                with engine_core_in_this_process():
+                    return start(engine_args, vllm_config, placement_group)
             if os.environ.get(SHARED_GPU_ENV) != "1":
                 return start(engine_args, vllm_config, placement_group)
             with engine_start_lock(log=logger.info):

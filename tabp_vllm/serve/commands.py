@@ -31,7 +31,7 @@ def _parse_extra(items: list[str]) -> dict:
 
 
 ENGINE_KEYS = ("max_model_len", "dtype", "kv_cache_gib", "enforce_eager", "tensor_parallel_size",
-               "gpu_memory_share")
+               "gpu_memory_share", "cpu_engine_in_replica")
 REQUEST_PATH_KEYS = ("ray_serve", "ingress_replicas", "ingress_max_ongoing_requests",
                      "stream_batching_interval_ms", "stream_batching")
 
@@ -284,6 +284,10 @@ def serve(
     gpu_memory_share: Optional[float] = _opt("gpu_memory_share", "--gpu-memory-share", help=(
         "GPU: the share of the card all variants' engines split (the rest stays free for "
         "other processes).")),
+    cpu_engine_in_replica: Optional[bool] = _opt(
+        "cpu_engine_in_replica", "--engine-in-replica/--no-engine-in-replica", help=(
+            "CPU: each variant's vLLM engine core inside its Ray replica (one process per variant, "
+            "~0.5 GiB less each; slower at low concurrency) or in a process of its own.")),
     engine_arg: Optional[List[str]] = typer.Option(None, "--engine-arg",
                                                    help="Any other vLLM engine arg, KEY=VALUE."),
     force: Optional[bool] = _opt("force", "--force", help=(
@@ -320,7 +324,8 @@ def serve(
                       memory_check=memory_check, max_model_len=max_model_len, dtype=dtype,
                       kv_cache_gib=kv_cache_gib,
                       enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
-                      gpu_memory_share=gpu_memory_share, engine_arg=engine_arg, force=force,
+                      gpu_memory_share=gpu_memory_share,
+                      cpu_engine_in_replica=cpu_engine_in_replica, engine_arg=engine_arg, force=force,
                       router=str(router) if router else None, routed_name=routed_name,
                       ray_serve=ray_serve, ingress_replicas=ingress_replicas,
                       ingress_max_ongoing_requests=ingress_max_ongoing_requests,

@@ -24,6 +24,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 # variables of its runtime_env that say how.
 TABP_SERVER_CLS = "tabp_vllm.serve.app.TabpLLMServer"
 UNIPROC_ENV = "TABP_VLLM_CPU_UNIPROC"    # "1": the CPU worker inside the engine core process
+ENGINE_IN_REPLICA_ENV = "TABP_VLLM_CPU_ENGINE_IN_REPLICA"  # "1": the engine core in the replica
 SHARED_GPU_ENV = "TABP_VLLM_SHARED_GPU"  # "1": the engine shares its GPU: start one at a time
 STREAM_BATCHING_ENV = "TABP_VLLM_STREAM_BATCHING"  # request_path.stream_batching
 
@@ -37,6 +38,7 @@ class EngineOptions(Options):
     enforce_eager: Optional[bool] = None               # None: engine.default_enforce_eager (CPU eager, GPU graphs)
     tensor_parallel_size: int = Field(1, ge=1)         # GPUs per engine (each variant's replica)
     cpu_uniproc: bool = True                           # CPU: the worker in the engine core process
+    cpu_engine_in_replica: bool = False                # CPU: engine core (and worker) in the replica
     gpu_memory_share: float = Field(GPU_USABLE_FRACTION, gt=0, le=1)  # GPU: card share they split
     extra: dict[str, Any] = Field(default_factory=dict)  # any other vLLM engine argument
 
@@ -504,6 +506,8 @@ def llm_configs(spec: ServeSpec, *, gpu: bool | None = None,
             cfg["placement_group_config"] = {"bundles": [{"CPU": 1}]}
             if spec.engine.cpu_uniproc:
                 env[UNIPROC_ENV] = "1"
+            if spec.engine.cpu_engine_in_replica:
+                env[ENGINE_IN_REPLICA_ENV] = "1"
         elif fractions:
             kwargs["gpu_memory_utilization"] = fractions[v.name]
             cfg["placement_group_config"] = {"bundles": [{"GPU": fractions[v.name], "CPU": 1}] * tp}
