@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tabp_vllm.engine import ENGINE_START_LOCK_ENV, engine_start_lock
-from tabp_vllm.serve.config import SHARED_GPU_ENV, UNIPROC_ENV
+from tabp_vllm.serve.config import ENGINE_IN_REPLICA_ENV, SHARED_GPU_ENV, UNIPROC_ENV
 
 # A second process that starts "an engine" under the lock: prints when it has the lock.
 CHILD = """
@@ -74,16 +74,21 @@ def engine_cls(monkeypatch, tmp_path):
     """The served engine class with Ray Serve LLM's engine start replaced by a probe that records
     whether the lock was held (by this process) and which executor the config asked for."""
     from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+    from vllm.v1.engine.core_client import EngineCoreClient
 
     from tabp_vllm.serve.app import _tabp_engine_cls
 
     lock = tmp_path / "start.lock"
     monkeypatch.setenv(ENGINE_START_LOCK_ENV, str(lock))
+    monkeypatch.delenv(ENGINE_IN_REPLICA_ENV, raising=False)
     seen = []
+    vllms_client = EngineCoreClient.__dict__["make_async_mp_client"]
 
     def probe(self, engine_args, vllm_config, placement_group):
         seen.append({"locked": held_elsewhere(lock),
                      "backend": vllm_config.parallel_config.distributed_executor_backend})
+        if EngineCoreClient.__dict__["make_async_mp_client"] is not vllms_client:
+            seen[-1]["client"] = EngineCoreClient.make_async_mp_client.__qualname__
         return "engine"
 
     monkeypatch.setattr(VLLMEngine, "_start_async_llm_engine", probe)
@@ -121,3 +126,22 @@ def test_cpu_engine_runs_uniproc_without_the_lock(engine_cls, monkeypatch):
     monkeypatch.delenv(UNIPROC_ENV)
     _start(cls)
     assert seen[-1] == {"locked": False, "backend": "mp"}  # Ray Serve LLM's own choice stands
+
+
+def test_cpu_engine_in_replica_gets_the_in_process_client_while_it_starts(engine_cls, monkeypatch):
+    from vllm.v1.engine.core_client import EngineCoreClient
+
+    cls, seen, _ = engine_cls
+    before = EngineCoreClient.__dict__["make_async_mp_client"]
+    monkeypatch.delenv(SHARED_GPU_ENV, raising=False)
+    monkeypatch.delenv(UNIPROC_ENV, raising=False)
+    monkeypatch.setenv(ENGINE_IN_REPLICA_ENV, "1")
+    _, args = _start(cls)
+    # the worker in the engine core too (uni), and AsyncLLM's client factory swapped meanwhile
+    assert seen == [{"locked": False, "backend": "uni",
+                     "client": "engine_core_in_this_process.<locals>.make_client"}]
+    assert args.distributed_executor_backend == "uni"
+    assert EngineCoreClient.__dict__["make_async_mp_client"] is before  # restored after
+    monkeypatch.delenv(ENGINE_IN_REPLICA_ENV)
+    _start(cls)
+    assert "client" not in seen[-1]

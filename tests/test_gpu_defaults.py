@@ -19,8 +19,8 @@ from tabp_vllm.engine import (
 from tabp_vllm.errors import TabpError
 from tabp_vllm.mask import make_mask
 from tabp_vllm.serve.commands import build_spec
-from tabp_vllm.serve.config import (SHARED_GPU_ENV, STREAM_BATCHING_ENV, TABP_SERVER_CLS,
-                                    UNIPROC_ENV)
+from tabp_vllm.serve.config import (ENGINE_IN_REPLICA_ENV, SHARED_GPU_ENV, STREAM_BATCHING_ENV,
+                                    TABP_SERVER_CLS, UNIPROC_ENV)
 from tabp_vllm.synth import ARCHS, PUBLISHED_PARAMS
 
 CARD = 80 * GiB
@@ -146,7 +146,10 @@ def test_only_engines_that_share_a_card_take_the_start_lock(llama8b, tmp_path):
     for c in llm_configs(build_spec(model=model, task_mask=masks, kv_cache_gib=0.25), gpu=False):
         env = c.runtime_env["env_vars"]
         assert server_cls(c) == TABP_SERVER_CLS and env[UNIPROC_ENV] == "1"
-        assert SHARED_GPU_ENV not in env
+        assert SHARED_GPU_ENV not in env and ENGINE_IN_REPLICA_ENV not in env
+    for c in llm_configs(build_spec(model=model, kv_cache_gib=0.25, cpu_engine_in_replica=True),
+                         gpu=False):  # serve --engine-in-replica
+        assert c.runtime_env["env_vars"][ENGINE_IN_REPLICA_ENV] == "1"
     conf = tmp_path / "serve.yaml"
     conf.write_text("engine:\n  cpu_uniproc: false\nrequest_path:\n  stream_batching: ray\n")
     for c in llm_configs(build_spec(model=model, config=conf, kv_cache_gib=0.25), gpu=False):

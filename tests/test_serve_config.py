@@ -175,8 +175,8 @@ def test_memory_estimate_and_refusal_before_ray(two_masks, monkeypatch):
 
     from tabp_vllm.engine import GiB
     from tabp_vllm.serve.commands import check_memory, serve
-    from tabp_vllm.serve.config import (CPU_APP_OVERHEAD_GIB, CPU_ENGINE_OVERHEAD_GIB,
-                                        cpu_memory_estimate)
+    from tabp_vllm.serve.config import (CPU_APP_OVERHEAD_GIB, CPU_ENGINE_IN_REPLICA_OVERHEAD_GIB,
+                                        CPU_ENGINE_OVERHEAD_GIB, cpu_memory_estimate)
 
     spec = build_spec(task_mask=list(two_masks), kv_cache_gib=0.5, dtype="float32")
     need, per = cpu_memory_estimate(spec)
@@ -186,8 +186,18 @@ def test_memory_estimate_and_refusal_before_ray(two_masks, monkeypatch):
     assert per["llama"] > per["llama-gsm8k"] > per["llama-arc"]      # fewer blocks, fewer bytes
     assert need == int(CPU_APP_OVERHEAD_GIB * GiB) + sum(per.values())
     check_memory(spec, available_bytes=need + 1)
-    with pytest.raises(TabpError, match=r"^3 variants need ~\d+\.\d GiB .* 3\.0 GiB is available"):
+    with pytest.raises(TabpError, match=r"^3 variants need ~\d+\.\d GiB .* 3\.0 GiB is available: "
+                       r"serve fewer variants, add --engine-in-replica or lower --kv-cache-gib"):
         check_memory(spec, available_bytes=3 * GiB)
+    # one process per variant (the engine core in the replica): its own, smaller overhead
+    lean = build_spec(task_mask=list(two_masks), kv_cache_gib=0.5, dtype="float32",
+                      cpu_engine_in_replica=True)
+    lean_need, lean_per = cpu_memory_estimate(lean)
+    assert lean_per["llama"] == pytest.approx(
+        (0.501 + 0.5 + CPU_ENGINE_IN_REPLICA_OVERHEAD_GIB) * GiB, rel=1e-2)
+    assert lean_need < need
+    with pytest.raises(TabpError, match=r"serve fewer variants or lower --kv-cache-gib$"):
+        check_memory(lean, available_bytes=3 * GiB)
 
     Mem = namedtuple("Mem", "available")
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Mem(3 * GiB))

@@ -71,12 +71,15 @@ class ApiKeyMiddleware:
 class TabpLLMServer(LLMServer):
     """Ray Serve LLM's `LLMServer` with its streamed outputs gathered leading-edge first
     (`serve/streaming.py`: the first output of a burst leaves at once, not after a whole batching
-    window; `TABP_VLLM_STREAM_BATCHING=ray` keeps Ray's windows), and two changes to how its
+    window; `TABP_VLLM_STREAM_BATCHING=ray` keeps Ray's windows), and three changes to how its
     engine starts, each switched on by the variant's environment (`serve.config.llm_configs`):
     - CPU (`TABP_VLLM_CPU_UNIPROC=1`): the one worker runs inside the engine core process (vLLM's
       uni-process executor, vLLM's own default for one worker) instead of a process of its own:
       Ray Serve LLM forces the multiprocess executor on CPU, which costs every variant one more
       Python + torch process (bench/serve_memory.py measures it);
+    - CPU (`TABP_VLLM_CPU_ENGINE_IN_REPLICA=1`, `serve --engine-in-replica`): the engine core too
+      runs in this replica's process, in a thread (`serve/inproc_engine.py`): one process per
+      variant;
     - GPU shared by several engines (`TABP_VLLM_SHARED_GPU=1`): the engine starts under the node's
       engine-start lock (`engine.engine_start_lock`), so engines that Ray Serve starts together
       profile their memory one at a time and each gets the KV cache its fraction of the card

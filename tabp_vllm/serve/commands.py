@@ -170,10 +170,11 @@ def check_memory(spec, available_bytes: int | None = None) -> None:
     avail = psutil.virtual_memory().available if available_bytes is None else available_bytes
     if need > avail:
         worst = max(per_variant.values())
+        lean = "" if spec.engine.cpu_engine_in_replica else ", add --engine-in-replica"
         raise TabpError(
             f"{len(spec.variants)} variants need ~{need / GiB:.1f} GiB (up to {worst / GiB:.1f} GiB "
             f"each: weights + KV cache + engine and Ray processes), {avail / GiB:.1f} GiB is "
-            f"available: serve fewer variants or lower --kv-cache-gib")
+            f"available: serve fewer variants{lean} or lower --kv-cache-gib")
 
 
 def stop(joined: bool = False, serve_timeout_s: float = 90.0) -> None:

@@ -418,12 +418,14 @@ def engine_needs(spec: ServeSpec, gpu: bool) -> list[Any]:
 
 
 # Measured per CPU engine beyond its weights and KV cache, as PSS (what the machine spends; RSS
-# counts the shared torch/vLLM pages once per process): Ray replica actor + engine core (with the
-# worker in it, `cpu_uniproc`), bench/serve_memory.py -> bench/results/serve_memory.json ("uni":
-# 1.96 GiB PSS per variant with 0.25 GiB weights and 0.25 GiB KV cache; "mp" 2.49).
+# counts the shared torch/vLLM pages once per process), bench/serve_memory.py ->
+# bench/results/serve_memory.json, 0.25 GiB weights and 0.25 GiB KV cache each: Ray replica actor +
+# engine core process (with the worker in it, `cpu_uniproc`): 1.97 GiB PSS per variant ("uni";
+# "mp" 2.49); the engine core inside the replica (`cpu_engine_in_replica`): 1.42 ("in-replica").
 CPU_ENGINE_OVERHEAD_GIB = 1.5
+CPU_ENGINE_IN_REPLICA_OVERHEAD_GIB = 1.0
 # Once per app: driver, Ray's GCS, raylet, agents, the Serve controller, proxy and ingress
-# (2.01 GiB PSS measured).
+# (2.01-2.06 GiB PSS measured).
 CPU_APP_OVERHEAD_GIB = 2.0
 
 
@@ -433,7 +435,9 @@ def cpu_memory_estimate(spec: ServeSpec) -> tuple[int, dict[str, int]]:
     from tabp_vllm.engine import DEFAULT_CPU_KV_CACHE_GIB, GiB
 
     kv = (spec.engine.kv_cache_gib or DEFAULT_CPU_KV_CACHE_GIB) * GiB
-    per = {n.name: int(n.replicas * (n.weight_bytes + kv + CPU_ENGINE_OVERHEAD_GIB * GiB))
+    overhead = (CPU_ENGINE_IN_REPLICA_OVERHEAD_GIB if spec.engine.cpu_engine_in_replica
+                else CPU_ENGINE_OVERHEAD_GIB) * GiB
+    per = {n.name: int(n.replicas * (n.weight_bytes + kv + overhead))
            for n in engine_needs(spec, gpu=False)}
     return int(CPU_APP_OVERHEAD_GIB * GiB) + sum(per.values()), per
 
