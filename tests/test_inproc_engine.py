@@ -151,12 +151,12 @@ def test_an_engine_failure_ends_every_request_and_marks_the_engine_dead(demo_mod
         core.step_fn = broken_step
         assert not llm.errored
 
-        async def two_requests():
-            return await asyncio.gather(generate(llm, PROMPTS[1], 8, "a"),
-                                        generate(llm, PROMPTS[2], 8, "b"),
+        async def two_requests(engine):
+            return await asyncio.gather(generate(engine, PROMPTS[1], 8, "a"),
+                                        generate(engine, PROMPTS[2], 8, "b"),
                                         return_exceptions=True)
 
-        results = loop.run_until_complete(two_requests())
+        results = loop.run_until_complete(two_requests(llm))
         assert all(isinstance(r, EngineDeadError) for r in results), results
         assert llm.errored
         with pytest.raises(EngineDeadError):
