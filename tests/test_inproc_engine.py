@@ -48,6 +48,7 @@ def engine(demo_model, write_mask_module):
     llm = build_async_llm(demo_model, write_mask_module)
     yield llm, loop, children_before
     llm.shutdown()
+    loop.run_until_complete(asyncio.sleep(0.1))  # the output handler's cancellation runs
     loop.close()
     del llm  # collected now, not by AsyncLLM.__del__ at interpreter exit
     gc.collect()
@@ -167,6 +168,7 @@ def test_an_engine_failure_ends_every_request_and_marks_the_engine_dead(demo_mod
         assert time.monotonic() - t0 < 10
     finally:
         llm.shutdown()
+        loop.run_until_complete(asyncio.sleep(0.1))
         loop.close()
         del llm
         gc.collect()
