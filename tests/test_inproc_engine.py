@@ -123,6 +123,37 @@ def test_a_cancelled_request_is_aborted_in_the_engine(engine):
     assert len(loop.run_until_complete(generate(llm, PROMPTS[1], 5, "after-abort"))) == 5
 
 
+def test_pausing_aborts_running_requests_and_ends_their_streams(engine):
+    """`pause_generation()` (mode abort) ends in-flight requests with finish reason abort, as
+    vLLM's engine-core process does; a plain in-process EngineCore would leave them waiting."""
+    llm, loop, _ = engine
+
+    async def pause_while_one_runs():
+        from vllm import SamplingParams
+
+        outs = []
+
+        async def long_request():
+            async for out in llm.generate(PROMPTS[2], SamplingParams(max_tokens=400,
+                                                                     ignore_eos=True),
+                                          request_id="paused"):
+                outs.append(out)
+
+        task = asyncio.create_task(long_request())
+        while not outs:
+            await asyncio.sleep(0.01)
+        await llm.pause_generation(mode="abort")
+        await asyncio.wait_for(task, timeout=30)  # the stream ends, it does not hang
+        assert await llm.is_paused()
+        await llm.resume_generation()
+        return outs[-1]
+
+    last = loop.run_until_complete(pause_while_one_runs())
+    assert last.finished and last.outputs[0].finish_reason == "abort"
+    assert len(last.outputs[0].token_ids) < 400
+    assert len(loop.run_until_complete(generate(llm, PROMPTS[0], 4, "resumed"))) == 4
+
+
 def test_utility_calls_answer_on_the_callers_loop(engine):
     llm, loop, _ = engine
     assert "generate" in loop.run_until_complete(llm.get_supported_tasks())

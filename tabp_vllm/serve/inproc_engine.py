@@ -30,6 +30,7 @@ from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.engine.core import EngineCore
 from vllm.v1.engine.core_client import AsyncMPClient, EngineCoreClient
 from vllm.v1.engine.exceptions import EngineDeadError
+from vllm.v1.request import RequestStatus
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +169,8 @@ class AsyncInprocClient(AsyncMPClient):
         elif kind == _UTILITY:
             future, method, args = payload
             try:
+                if _pause_mode(method, args) == "abort":
+                    self._abort_all()
                 result = getattr(self.engine_core, method)(*args)
             except Exception as e:
                 logger.exception("Invocation of %s method failed", method)
@@ -177,6 +180,14 @@ class AsyncInprocClient(AsyncMPClient):
                 result.add_done_callback(lambda f: self._settle(future, result=f.result()))
             else:
                 self._settle(future, result=result)
+
+    def _abort_all(self) -> None:
+        """End every request as aborted and tell the client, as `EngineCoreProc.pause_scheduler`
+        does (the plain `EngineCore`'s pause drops them without a word: their streams would wait
+        forever)."""
+        aborted = self.engine_core.scheduler.finish_requests(None, RequestStatus.FINISHED_ABORTED)
+        if aborted:
+            self._deliver(_finished([r.request_id for r in aborted], FinishReason.ABORT))
 
     def _settle(self, future: asyncio.Future, result=None, error: BaseException | None = None):
         def settle():
@@ -195,6 +206,16 @@ def _get_nowait(q: queue.SimpleQueue):
         return q.get_nowait()
     except queue.Empty:
         return None
+
+
+def _pause_mode(method: str, args: tuple) -> str | None:
+    """The pause mode of a `pause_scheduler(mode, ...)` or `sleep(level, mode)` utility call
+    (AsyncMPClient passes them positionally; vLLM's default mode is "abort")."""
+    if method == "pause_scheduler":
+        return args[0] if args else "abort"
+    if method == "sleep":
+        return args[1] if len(args) > 1 else "abort"
+    return None
 
 
 def _finished(request_ids: list[str], reason: FinishReason) -> EngineCoreOutputs:
