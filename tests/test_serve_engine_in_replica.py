@@ -90,8 +90,13 @@ def test_one_process_per_variant_same_answers_aborts_and_clean_stop(tmp_path, de
             max_tokens=10, temperature=0, stream=True)
         assert "".join((c.choices[0].delta.content or "") for c in chunks if c.choices)
 
+        # vLLM's metrics reach Ray's export port from the in-replica engine too
+        deadline = time.time() + 60
+        while (before := generated_tokens(mport)) == 0 and time.time() < deadline:
+            time.sleep(2)
+        assert before >= 3 * 12, before
+
         # clients that hang up after the first event: the engine stops generating for them
-        before = generated_tokens(mport)
 
         async def hang_up(c, i):
             req = {"model": VARIANT, "prompt": f"Tell me a long story, number {i}:",
