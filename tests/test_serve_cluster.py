@@ -1,5 +1,11 @@
 """End-to-end: `tabp-vllm serve --address` joins a running Ray cluster (`ray start --head`) and
-deploys one pruned variant with two replicas; Ctrl-C removes our app and leaves the cluster up."""
+deploys one pruned variant with two replicas; Ctrl-C removes our app and leaves the cluster up.
+
+The variant runs with `--engine-in-replica` (vLLM's engine core in a thread of each Ray replica,
+`serve/inproc_engine.py`), covered here to share this server start: each replica is one process,
+answers as the offline engine does, streams, and stops generating for clients that hang up
+(vLLM's token counter on the cluster's metrics export port). Every other serve test runs the
+default (an engine-core process per replica)."""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -73,6 +80,7 @@ def stop_cluster(temp_dir: str, grace_s: float = 15.0) -> None:
 @pytest.fixture()
 def ray_cluster(tmp_path_factory):
     gcs = free_port(6390, 6420)
+    metrics_port = free_port(6420, 6450)
     address = f"127.0.0.1:{gcs}"
     temp_dir = f"/tmp/tabp-ray-{gcs}-{os.getpid()}"  # short: Ray's socket paths must fit 107 bytes
     # Ray 2.60 clusters use token auth (~/.ray/auth_token); a joining driver must be told so.
@@ -80,24 +88,71 @@ def ray_cluster(tmp_path_factory):
     try:
         subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--num-cpus=8",
                         "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+                        f"--metrics-export-port={metrics_port}",
                         "--disable-usage-stats", f"--temp-dir={temp_dir}"],
                        check=True, env=env, capture_output=True, timeout=180)
-        yield address, env
+        yield address, env, metrics_port
     finally:
         stop_cluster(temp_dir)
 
 
+def replica_processes(serve_pid: int) -> list:
+    """The variant's Ray replica actors: on a joined cluster they are the cluster's processes."""
+    import psutil
+
+    want = f"ray::ServeReplica:tabp:LLMServer:{VARIANT}"
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if " ".join(p.info["cmdline"] or []).startswith(want):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def generated_tokens(metrics_port: int) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).text
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == "ray_vllm_generation_tokens_total"
+               and s.labels.get("model_name") == VARIANT)
+
+
+def hang_up_streams(base: str, n: int) -> None:
+    """n streaming clients that hang up after the first event."""
+    import asyncio
+
+    async def one(c, i):
+        req = {"model": VARIANT, "prompt": f"Tell me a long story, number {i}:",
+               "max_tokens": 400, "ignore_eos": True, "stream": True}
+        async with c.stream("POST", f"{base}/v1/completions", json=req) as r:
+            assert r.status_code == 200
+            async for _ in r.aiter_lines():
+                return
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as c:
+            await asyncio.gather(*[one(c, i) for i in range(n)])
+
+    asyncio.run(run())
+
+
 def test_join_cluster_with_two_replicas(tmp_path, demo_model, ray_cluster):
     from openai import OpenAI
+    from vllm import SamplingParams
 
-    address, env = ray_cluster
-    from tabp_vllm.mask import make_mask
+    from tabp_vllm.engine import build_llm
+    from tabp_vllm.mask import load_mask, make_mask
 
+    address, env, metrics_port = ray_cluster
     mask = make_mask(demo_model, [20, 21, 22, 23], task="gsm8k", model_id="llama").save(tmp_path / "m.json")
     port = free_port(8100, 8140)
     cmd = [sys.executable, "-m", "tabp_vllm", "serve", "--model", "llama", "--address", address,
            "--no-dense", "--task-mask", str(mask), "--replicas", "2", "--port", str(port),
-           "--max-model-len", "512", "--kv-cache-gib", "0.25"]
+           "--max-model-len", "512", "--kv-cache-gib", "0.25", "--dtype", "float32",
+           "--engine-in-replica"]
     proc = ManagedProcess(cmd, tmp_path / "serve.log", env=env, cwd=REPO, name="tabp-vllm serve")
     proc.start()
     try:
@@ -106,12 +161,45 @@ def test_join_cluster_with_two_replicas(tmp_path, demo_model, ray_cluster):
                         log_line="READY", deadline_s=1200, interval_s=2)
         text = proc.log_text()
         assert "the Ray cluster's metrics export port(s)" in text  # no private metrics port
+        # each replica is one process: by default vLLM's engine core (VLLM::EngineCore) is a
+        # process below it
+        replicas = replica_processes(proc.pid)
+        assert len(replicas) == 2, replicas
+        for r in replicas:
+            below = [" ".join(c.cmdline()) for c in r.children(recursive=True)]
+            assert below == [], below
 
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=300, max_retries=0)
         assert [m.id for m in client.models.list().data] == [VARIANT]  # --no-dense
         outs = {client.completions.create(model=VARIANT, prompt="The capital of France is",
                                           max_tokens=8, temperature=0).choices[0].text for _ in range(6)}
-        assert len(outs) == 1 and outs.pop().strip()  # both replicas answer, greedily the same
+        assert len(outs) == 1  # both replicas answer, greedily the same ...
+        offline = build_llm(demo_model, load_mask(mask), kv_cache_gib=0.25, max_model_len=512,
+                            dtype="float32")
+        try:  # ... and as the offline engine of the variant does
+            want = offline.generate(["The capital of France is"],
+                                    SamplingParams(max_tokens=8, temperature=0),
+                                    use_tqdm=False)[0].outputs[0].text
+        finally:
+            offline.llm_engine.engine_core.shutdown()
+        assert outs.pop() == want and want.strip()
+        chunks = client.chat.completions.create(
+            model=VARIANT, messages=[{"role": "user", "content": "Name a color."}],
+            max_tokens=10, temperature=0, stream=True)
+        assert "".join((c.choices[0].delta.content or "") for c in chunks if c.choices)
+
+        # vLLM's metrics reach the cluster's export port from the in-replica engines, and
+        # clients that hang up stop the generation for them
+        deadline = time.time() + 60
+        while (before := generated_tokens(metrics_port)) < 6 * 8 and time.time() < deadline:
+            time.sleep(2)
+        assert before >= 6 * 8, before
+        hang_up_streams(f"http://127.0.0.1:{port}", 6)
+        time.sleep(4)  # > the abort + one 2 s metrics report interval
+        settled = generated_tokens(metrics_port)
+        time.sleep(8)
+        assert generated_tokens(metrics_port) == settled, "generation went on after clients left"
+        assert settled - before < 6 * 400 / 4
 
         apps = app_replicas(address, env)
         llm = {d: n for d, n in apps["tabp"].items() if "Ingress" not in d}
