@@ -120,6 +120,21 @@ def generated_tokens(metrics_port: int) -> float:
                and s.labels.get("model_name") == VARIANT)
 
 
+def settled_tokens(metrics_port: int, timeout_s: float = 180) -> float:
+    """The generated-token counter once it stays the same over 12 s: longer than one metrics
+    report interval of a cluster started by `ray start` (`metrics_report_interval_ms`, 10 s by
+    default), so a counter that still moves cannot look settled."""
+    deadline = time.time() + timeout_s
+    prev = generated_tokens(metrics_port)
+    while time.time() < deadline:
+        time.sleep(12)
+        cur = generated_tokens(metrics_port)
+        if cur == prev and cur > 0:
+            return cur
+        prev = cur
+    raise AssertionError(f"vLLM's generated-token counter never settled (last {prev})")
+
+
 def hang_up_streams(base: str, n: int) -> None:
     """n streaming clients that hang up after the first event."""
     import asyncio
@@ -190,16 +205,12 @@ def test_join_cluster_with_two_replicas(tmp_path, demo_model, ray_cluster):
 
         # vLLM's metrics reach the cluster's export port from the in-replica engines, and
         # clients that hang up stop the generation for them
-        deadline = time.time() + 60
-        while (before := generated_tokens(metrics_port)) < 6 * 8 and time.time() < deadline:
-            time.sleep(2)
-        assert before >= 6 * 8, before
+        before = settled_tokens(metrics_port)
+        assert before >= 6 * 8, before  # the completions above
         hang_up_streams(f"http://127.0.0.1:{port}", 6)
-        time.sleep(4)  # > the abort + one 2 s metrics report interval
-        settled = generated_tokens(metrics_port)
-        time.sleep(8)
-        assert generated_tokens(metrics_port) == settled, "generation went on after clients left"
-        assert settled - before < 6 * 400 / 4
+        # generating on would add up to 6 x 400 tokens (and keep the counter moving for longer
+        # than settled_tokens waits)
+        assert settled_tokens(metrics_port) - before < 6 * 400 / 4, "generation went on"
 
         apps = app_replicas(address, env)
         llm = {d: n for d, n in apps["tabp"].items() if "Ingress" not in d}
