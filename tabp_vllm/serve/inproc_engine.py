@@ -57,7 +57,6 @@ class AsyncInprocClient(AsyncMPClient):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outputs: asyncio.Queue | None = None
         self._inputs: queue.SimpleQueue = queue.SimpleQueue()
-        self._failure: BaseException | None = None
         # Built here, in the caller's thread, as InprocClient does: load, profile and KV cache
         # happen before AsyncLLM returns, and a failure raises to the caller.
         self.engine_core = EngineCore(vllm_config, executor_class, log_stats,
@@ -156,9 +155,8 @@ class AsyncInprocClient(AsyncMPClient):
         except BaseException as e:  # the engine is dead: fail every request and future
             logger.exception("EngineCore encountered a fatal error.")
             self.resources.engine_dead = True
-            self._failure = e
             self._deliver(e)
-            self._fail_pending_utilities(e)
+            self._fail_pending_utilities()
 
     def _handle(self, kind: int, payload) -> None:
         if kind == _ADD:
@@ -195,7 +193,7 @@ class AsyncInprocClient(AsyncMPClient):
                 future.set_exception(error) if error else future.set_result(result)
         future.get_loop().call_soon_threadsafe(settle)
 
-    def _fail_pending_utilities(self, error: BaseException) -> None:
+    def _fail_pending_utilities(self) -> None:
         while (item := _get_nowait(self._inputs)) is not None:
             if item[0] == _UTILITY:
                 self._settle(item[1][0], error=EngineDeadError())
