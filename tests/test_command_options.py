@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from tabp_vllm.errors import TabpError
 from tabp_vllm.loadtest.options import BenchOptions
-from tabp_vllm.serve.config import EngineOptions, ServeOptions
+from tabp_vllm.serve.options import EngineOptions, ServeOptions
 from tabp_vllm.serve.commands import serve_options
 
 

@@ -90,7 +90,8 @@ def test_request_path_options_reach_the_app(tmp_path, two_masks):
 
 
 def test_ray_serve_profile_sets_the_environment_a_user_did_not():
-    from tabp_vllm.serve.config import RAY_SERVE_PROFILES, apply_ray_serve_profile
+    from tabp_vllm.serve.config import apply_ray_serve_profile
+    from tabp_vllm.serve.options import RAY_SERVE_PROFILES
 
     assert build_spec().request_path.ray_serve == "throughput-optimized"  # measured best (docs/serving.md)
     env = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "2"}  # the user's own value wins
@@ -124,7 +125,7 @@ def test_yaml_config(tmp_path, two_masks):
 
 
 def test_example_yaml_parses():
-    from tabp_vllm.serve.config import load_yaml_spec
+    from tabp_vllm.serve.options import load_yaml_spec
 
     doc = load_yaml_spec(REPO / "examples" / "serve.yaml")
     assert doc["model"] == "llama" and len(doc["variants"]) == 2

@@ -46,7 +46,7 @@ def serve_options(config: Optional[Path] = None, task_mask: Optional[List[Path]]
     reported against the file or the command line it came from.
     """
     from tabp_vllm.options import build_options
-    from tabp_vllm.serve.config import ServeOptions, load_yaml_spec, merge_options
+    from tabp_vllm.serve.options import ServeOptions, load_yaml_spec, merge_options
 
     masks = [str(p) for p in task_mask or []]
     tasks = list(task or [])
@@ -242,7 +242,7 @@ def print_table(spec) -> None:
 def _opt(name: str, *flags: str, help: str = "", **kw):
     """A typer option for ServeOptions field `name` (or its engine's): None when not given, the
     model's default in the help text (the default itself lives only in the options model)."""
-    from tabp_vllm.serve.config import ServeOptions
+    from tabp_vllm.serve.options import ServeOptions
 
     shown = f"\\[default: {ServeOptions.shown(name)}]"  # "\\[": a literal "[" for rich
     return typer.Option(None, *flags, help=f"{help} {shown}" if help else shown,
