@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from prometheus_server import Prometheus, require_prometheus
 
 from tabp_vllm.process import ManagedProcess, free_port, lists_models
 
@@ -73,34 +74,6 @@ class Server:
         return self.proc.stop(grace_s=240)
 
 
-class Prometheus:
-    def __init__(self, tmp: Path, target: str):
-        self.port = free_port(9090, 9100)
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.dir = tmp / "prom"
-        self.dir.mkdir()
-        (self.dir / "prometheus.yml").write_text(
-            "global:\n  scrape_interval: 2s\n  evaluation_interval: 2s\n"
-            "scrape_configs:\n  - job_name: tabp\n    static_configs:\n"
-            f"      - targets: ['{target}']\n")
-        self.proc = ManagedProcess(
-            ["prometheus", f"--config.file={self.dir / 'prometheus.yml'}",
-             f"--storage.tsdb.path={self.dir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"], self.dir / "log").start()
-        self.proc.wait_ready(f"{self.base}/-/ready", deadline_s=60)
-
-    def query(self, expr: str) -> dict[str, float]:
-        r = httpx.get(f"{self.base}/api/v1/query", params={"query": expr}, timeout=10)
-        r.raise_for_status()
-        out = {}
-        for item in r.json()["data"]["result"]:
-            out[item["metric"].get("model_name", "")] = float(item["value"][1])
-        return out
-
-    def stop(self) -> None:
-        self.proc.stop(grace_s=30)
-
-
 @pytest.fixture(scope="module")
 def mask_files(tmp_path_factory, demo_model):
     from tabp_vllm.mask import make_mask
@@ -137,9 +110,8 @@ def server(tmp_path_factory, mask_files, router_file):
 
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory, server):
-    if not shutil.which("prometheus"):
-        pytest.fail("the 'prometheus' binary is missing: run scripts/system-deps.sh")
-    prom = Prometheus(tmp_path_factory.mktemp("prom"), f"127.0.0.1:{server.metrics_port}")
+    require_prometheus()
+    prom = Prometheus(tmp_path_factory.mktemp("prom"), [f"127.0.0.1:{server.metrics_port}"])
     yield prom
     prom.stop()
 
