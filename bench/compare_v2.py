@@ -157,7 +157,8 @@ class Report:
     def masks(self, config: str, task: str, seed: int) -> dict[int, tuple[tuple[int, ...], Path]]:
         """k -> (removed blocks, mask file) of `config` calibrated for `task` with `seed`; scored
         now if any k is missing (once at the largest k when the method ranks every k)."""
-        from tabp_vllm.commands_score import ScoreOptions, score_with_options
+        from tabp_vllm.scoring.commands import score_with_options
+        from tabp_vllm.scoring.options import ScoreOptions
         from tabp_vllm.mask import load_mask
         from tabp_vllm.models import resolve_model
         from tabp_vllm.scoring import get_method, result_for_k, score_to_mask
@@ -203,7 +204,7 @@ class Report:
 
     def evaluate(self, needed: dict[tuple[int, ...], tuple[set[str], Path | None]]) -> None:
         """One engine per removed set, on every task it still lacks; cached per document."""
-        from tabp_vllm.evaluate import evaluate_variant
+        from tabp_vllm.evaluation.evaluate import evaluate_variant
         from tabp_vllm.models import resolve_model
 
         todo = [(r, sorted(t for t in ts if self.key(t, r) not in self.cache), p)

@@ -1,199 +1,41 @@
-"""The `tabp-vllm` command line.
+"""The `tabp-vllm` command line: it only registers the commands, which live in their feature
+packages (each turns a `TabpError`, bad input, into one line on stderr and exit code 2).
 
-Every command turns a `TabpError` (bad input) into one line on stderr and exit code 2: users see
-what is wrong with their file or option, never a traceback.
+    setup-model, generate   models_commands.py       masks ...   masks_commands.py
+    score                   scoring/commands.py      eval        evaluation/commands.py
+    serve                   serve/commands.py        route ...   routing/commands.py
+    bench                   loadtest/commands.py     vllm-bench  loadtest/vllm_bench.py
+    synth-model             synth.py
 """
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
-from typing import Optional
-
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from tabp_vllm.errors import TabpError, user_errors  # noqa: F401 (re-exported)
-
-FORCE_HELP = "Accept a mask keeping under half the blocks (mask.MIN_KEPT_FRACTION); still warns."
+from tabp_vllm.evaluation.commands import eval as eval_command
+from tabp_vllm.loadtest.commands import bench
+from tabp_vllm.loadtest.vllm_bench import vllm_bench_command
+from tabp_vllm.masks_commands import masks_app
+from tabp_vllm.models_commands import generate, setup_model
+from tabp_vllm.routing.commands import route_app
+from tabp_vllm.scoring.commands import score
+from tabp_vllm.serve.commands import serve
+from tabp_vllm.synth import synth_model_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Task-aware block pruning for vLLM: score, serve, bench, eval.")
-masks_app = typer.Typer(no_args_is_help=True, help="Inspect and validate task mask files.")
+app.command("setup-model")(setup_model)
+app.command("generate")(generate)
 app.add_typer(masks_app, name="masks")
-console = Console()
-
-
-@app.command("setup-model")
-@user_errors
-def setup_model(model: str = typer.Argument("llama", help="Alias, HF id or path.")) -> None:
-    """Fetch and convert the demo model (idempotent); print the checkpoint path."""
-    from tabp_vllm.models import resolve_model
-
-    print(resolve_model(model))
-
-
-@masks_app.command("show")
-@user_errors
-def masks_show(
-    file: Path,
-    as_json: bool = typer.Option(False, "--json", help="Print the validated mask as JSON."),
-) -> None:
-    """Print a mask as a table: blocks, the removed ones marked, their scores."""
-    from tabp_vllm.mask import load_mask, public_name
-
-    from tabp_vllm.routing.router import is_router_file, show_router
-
-    if is_router_file(file):  # a router file: its clusters' masks
-        return show_router(file, as_json, console)
-    mask = load_mask(file)
-    if as_json:
-        print(json.dumps(mask.to_json(), indent=2))
-        return
-    removed = set(mask.removed_layers)
-    cal = mask.calibration
-    console.print(
-        f"[bold]{file}[/]  task=[cyan]{mask.task}[/]  model={public_name(mask.model_id)}  "
-        f"method={mask.method}  kept {mask.num_kept}/{mask.num_hidden_layers}  "
-        f"hash={mask.content_hash()}"
-    )
-    if cal:
-        console.print("calibration: " + ", ".join(f"{k}={v}" for k, v in cal.items()))
-    if mask.params:
-        console.print("params: " + ", ".join(f"{k}={v}" for k, v in mask.params.items()))
-    table = Table("block", "status", "score")
-    for i in range(mask.num_hidden_layers):
-        score = mask.scores[i] if mask.scores else None
-        table.add_row(
-            str(i),
-            "[red]removed[/]" if i in removed else "kept",
-            "-" if score is None else f"{score:.6g}",
-        )
-    console.print(table)
-
-
-@masks_app.command("validate")
-@user_errors
-def masks_validate(
-    files: list[Path],
-    model: Optional[str] = typer.Option(None, "--model", "-m",
-                                        help="Also check the masks fit this model."),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
-) -> None:
-    """Validate mask files (and that they fit --model); exit 2 on the first bad one."""
-    from tabp_vllm.mask import check_depth, load_mask
-    from tabp_vllm.models import resolve_model
-
-    resolved = resolve_model(model) if model else None
-    from tabp_vllm.routing.router import is_router_file, validate_router_file
-
-    for file in files:
-        if is_router_file(file):  # a router file: every check, its encoder loaded
-            print(validate_router_file(file, resolved))
-            continue
-        mask = load_mask(file, resolved, model_name=model)
-        _warn(check_depth(mask, str(file), force))
-        print(f"ok: {file} (task {mask.task}, removes {len(mask.removed_layers)} of "
-              f"{mask.num_hidden_layers} blocks: {mask.removed_layers})")
-
-
-@masks_app.command("make")
-@user_errors
-def masks_make(
-    output: Path,
-    remove: str = typer.Option(..., "--remove", help="Blocks to remove, e.g. '3,10-12,29'."),
-    task: str = typer.Option(..., "--task"),
-    model: str = typer.Option("llama", "--model", "-m"),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
-) -> None:
-    """Write a hand-made mask (for experiments and tests; `score` makes real ones)."""
-    from tabp_vllm.mask import check_depth, make_mask
-    from tabp_vllm.models import resolve_model
-
-    layers: list[int] = []
-    for part in filter(None, (p.strip() for p in remove.split(","))):
-        try:
-            lo, _, hi = part.partition("-")
-            layers.extend(range(int(lo), int(hi or lo) + 1))
-        except ValueError:
-            raise TabpError(f"--remove: {part!r} is not a block index or range") from None
-    mask = make_mask(resolve_model(model), layers, task=task, model_id=model)
-    _warn(check_depth(mask, str(output), force))
-    mask.save(output)
-    print(f"wrote {output}: removes {mask.removed_layers}")
-
-
-@masks_app.command("cut")
-@user_errors
-def masks_cut(
-    file: Path,
-    output: Path = typer.Option(..., "-o", "--output", help="The mask to write."),
-    k: int = typer.Option(..., "--k", help="Blocks to remove (at most the scored k)."),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
-) -> None:
-    """Write the mask a smaller k gives, from a scored mask's own scores (no new scoring run;
-    for the methods that rank every k: every one but angular, which compares blocks k apart)."""
-    from tabp_vllm.mask import check_depth, load_mask
-    from tabp_vllm.scoring import mask_at_k
-
-    mask = mask_at_k(load_mask(file), k, where=str(file))
-    _warn(check_depth(mask, str(output), force))
-    mask.save(output)
-    print(f"wrote {output}: removes {mask.removed_layers}")
-
-
-def _warn(text: Optional[str]) -> None:
-    if text:
-        print(f"warning: {text}", file=sys.stderr)
-
-
-@app.command("generate")
-@user_errors
-def generate(
-    prompt: str = typer.Argument("The three primary colors are"),
-    model: str = typer.Option("llama", "--model", "-m"),
-    task_mask: Optional[Path] = typer.Option(None, "--task-mask"),
-    max_tokens: int = typer.Option(32, "--max-tokens"),
-) -> None:
-    """Greedy completion from the (pruned) model through the vLLM engine the server uses."""
-    from tabp_vllm.engine import build_llm
-    from tabp_vllm.mask import load_mask
-    from tabp_vllm.models import resolve_model
-
-    resolved = resolve_model(model)
-    mask = load_mask(task_mask, resolved) if task_mask else None
-    from vllm import SamplingParams
-
-    llm = build_llm(resolved, mask)
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens))[0]
-    kept = f"{mask.num_kept}/{mask.num_hidden_layers}" if mask else "all"
-    console.print(f"[bold]blocks kept {kept}[/] :: {prompt}[green]{out.outputs[0].text}[/]")
-
-
-def _register_feature_commands() -> None:
-    # Imported here, after `user_errors` exists: these modules decorate their commands with it.
-    from tabp_vllm.loadtest.commands import bench
-    from tabp_vllm.loadtest.vllm_bench import vllm_bench_command
-    from tabp_vllm.commands_score import eval as eval_command
-    from tabp_vllm.commands_score import score
-    from tabp_vllm.serve.commands import serve
-    from tabp_vllm.synth import synth_model_command
-    from tabp_vllm.routing.commands import route_app
-
-    app.command("score")(score)
-    app.command("eval")(eval_command)
-    app.command("serve")(serve)
-    app.command("bench")(bench)
-    app.command("synth-model")(synth_model_command)
-    # Every argument, --help included, goes to vLLM's own parser.
-    app.command("vllm-bench", add_help_option=False, context_settings={
-        "allow_extra_args": True, "ignore_unknown_options": True})(vllm_bench_command)
-    app.add_typer(route_app, name="route")
-
-
-_register_feature_commands()
+app.command("score")(score)
+app.command("eval")(eval_command)
+app.command("serve")(serve)
+app.command("bench")(bench)
+app.command("synth-model")(synth_model_command)
+# Every argument, --help included, goes to vLLM's own parser.
+app.command("vllm-bench", add_help_option=False, context_settings={
+    "allow_extra_args": True, "ignore_unknown_options": True})(vllm_bench_command)
+app.add_typer(route_app, name="route")
 
 if __name__ == "__main__":
     app()

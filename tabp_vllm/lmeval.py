@@ -67,7 +67,7 @@ VLLM = _import_lm_eval_vllm_backend().VLLM
 
 from lm_eval.api.registry import register_model  # noqa: E402
 
-from tabp_vllm.engine import engine_args_for, offline_engine  # noqa: E402
+from tabp_vllm.engine import DEFAULT_MAX_MODEL_LEN, engine_args_for, offline_engine  # noqa: E402
 from tabp_vllm.lmeval_tasks import TASKS_DIR  # noqa: E402
 from tabp_vllm.mask import load_mask  # noqa: E402
 from tabp_vllm.models import resolve_model  # noqa: E402
@@ -81,7 +81,7 @@ class TabpVLLM(VLLM):
 
     def __init__(self, pretrained: str = "llama", task_mask: str | None = None, *,
                  kv_cache_gib: float | None = None, dtype: str = "auto",
-                 max_model_len: int | None = 2048, enforce_eager: bool = True, seed: int = 0,
+                 max_model_len: int | None = DEFAULT_MAX_MODEL_LEN, enforce_eager: bool = True, seed: int = 0,
                  one_token_shortcut: bool = True, **kwargs: Any):
         self.one_token_shortcut = one_token_shortcut  # False: lm-eval's own path for every request
         path = resolve_model(str(pretrained))

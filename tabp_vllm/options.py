@@ -12,10 +12,16 @@ a YAML file is reported like a typo on the command line.
 
 from __future__ import annotations
 
+import functools
+import inspect
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from types import UnionType
+from typing import Any, Callable, List, Literal, Mapping, Optional, TypeVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 
 from tabp_vllm.errors import TabpError, first_line
 
@@ -76,3 +82,177 @@ def build_options(cls: type[O], cli: Mapping[str, Any] | None = None,
         from_cli = bool(loc) and loc[0] in given
         source = "command line" if from_cli or not (file or file_doc) else str(file or "config")
         raise TabpError(_one_line(exc, source)) from None
+
+
+# ---- the command line, generated from the model --------------------------------------------------
+#
+# Each field of an options model is one CLI flag: `--field-name` (bools `--field-name/--no-...`),
+# its help the field's `description`, the default shown the field's own. `option(...)` is `Field`
+# with the CLI's extras (other flag names, a default text for None, an environment variable); a
+# field that has no flag (a list of mappings, a dict: config-file only) says so with `cli=False`.
+# A nested options model (serve's `engine`) is flattened: its fields are top-level flags.
+# `options_command` turns `fn(o, ...)` into the typer command whose flags are the model's fields,
+# and hands `fn` the validated options (CLI flag > --config file > default), as vLLM's
+# `EngineArgs.add_cli_args` derives every flag from its dataclass.
+
+REQUIRED = PydanticUndefined  # `option(REQUIRED, "help", ...)`: a field with no default
+
+CONFIG_HELP = ("YAML file of these options (keys as the option names with '_' for '-'); "
+               "flags given win.")
+
+
+def option(default: Any = REQUIRED, help: str = "", *flags: str, shown: str | None = None,
+           envvar: str | None = None, cli: bool = True, cli_type: Any = None, **field: Any) -> Any:
+    """A model field and its flag: `help` the help text, `flags` its names when not `--field-name`
+    (`"--eager/--no-eager"`, `"-o", "--output"`), `shown` the default as the help names it when the
+    value alone does not say it (None meaning "the engine's"), `cli_type` the flag's type when it
+    is not the field's (`levels` is "1,4,16" on the command line), `cli=False` no flag at all."""
+    extra = {"flags": list(flags), "shown": shown, "envvar": envvar, "cli": cli, "cli_type": cli_type}
+    return Field(default, description=help or None, json_schema_extra={"cli": extra}, **field)
+
+
+@dataclass(frozen=True)
+class CliFlag:
+    """One field of an options model as a typer option."""
+
+    path: tuple[str, ...]     # ("engine", "max_model_len"): where the value goes in the model
+    annotation: Any           # the typer parameter's type (Optional: None is "not given")
+    info: Any                 # the typer.Option
+
+    @property
+    def name(self) -> str:
+        return self.path[-1]
+
+
+def _strip_optional(tp: Any) -> Any:
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if get_origin(tp) in (Union, UnionType) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def _is_options_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, Options)
+
+
+def shown_default(field: FieldInfo) -> str:
+    """A field's default as the help shows it: the `shown` text, else the value itself."""
+    extra = _cli_extra(field)
+    if extra.get("shown"):
+        return extra["shown"]
+    if field.is_required():
+        return "required, here or in --config"
+    value = field.get_default(call_default_factory=True)
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) or "none"
+    return str(value)
+
+
+def _cli_extra(field: FieldInfo) -> dict[str, Any]:
+    extra = field.json_schema_extra
+    return dict(extra.get("cli", {})) if isinstance(extra, dict) else {}
+
+
+def cli_flags(cls: type[Options], path: tuple[str, ...] = ()) -> list[CliFlag]:
+    """Every flag of `cls`, nested options models flattened into top-level flags."""
+    import typer
+
+    flags: list[CliFlag] = []
+    for name, field in cls.model_fields.items():
+        extra = _cli_extra(field)
+        if not extra.get("cli", True):
+            continue
+        tp = _strip_optional(field.annotation)
+        if _is_options_model(tp):
+            flags += cli_flags(tp, path + (name,))
+            continue
+        tp = extra.get("cli_type") or tp
+        help_text = field.description or ""
+        if get_origin(tp) is Literal:  # choices: validated by the model (one error line)
+            help_text += f" One of: {', '.join(map(str, get_args(tp)))}."
+            tp = str
+        elif get_origin(tp) in (list, List):
+            (item,) = get_args(tp)
+            tp = List[_strip_optional(item)]
+        if tp not in (str, int, float, bool, Path) and get_origin(tp) not in (list, List):
+            raise TypeError(f"{cls.__name__}.{name}: no CLI flag for type {tp!r}; "
+                            f"give it cli_type=..., or cli=False (config file only)")
+        decls = extra.get("flags") or ["--" + name.replace("_", "-")
+                                       + (f"/--no-{name.replace('_', '-')}" if tp is bool else "")]
+        shown = f"\\[default: {shown_default(field)}]"  # "\\[": a literal "[" for rich
+        if field.is_required():
+            shown = f"\\[{shown_default(field)}]"
+        info = typer.Option(None, *decls, help=f"{help_text} {shown}".strip(), show_default=False,
+                            envvar=extra.get("envvar"))
+        flags.append(CliFlag(path + (name,), Optional[tp], info))
+    names = [f.name for f in flags]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise TypeError(f"{cls.__name__}: flattened flags named twice: {dup}")
+    return flags
+
+
+def cli_values(flags: list[CliFlag], values: Mapping[str, Any]) -> dict[str, Any]:
+    """The flags given (None and typer's [] for a repeated option not given are "not given"),
+    nested as the model nests them."""
+    out: dict[str, Any] = {}
+    for f in flags:
+        value = values.get(f.name)
+        if value is None or value == []:
+            continue
+        where = out
+        for key in f.path[:-1]:
+            where = where.setdefault(key, {})
+        where[f.name] = list(value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
+def options_command(cls: type[O], *, config_help: str | None = CONFIG_HELP,
+                    build: Callable[..., O] | None = None, build_args: tuple[str, ...] = ()):
+    """Decorate `fn(o: cls, **params)`: the typer command taking `fn`'s own parameters, `--config`
+    (unless `config_help` is None) and one flag per field of `cls`; `fn` receives the validated
+    options. `build(cli, config, **build_args)` replaces `build_options` where a command merges its
+    sources its own way (serve); the parameters named in `build_args` go to it, not to `fn`."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        own = list(inspect.signature(fn, eval_str=True).parameters.values())[1:]
+        flags = cli_flags(cls)
+        params = list(own)
+        if config_help is not None:
+            params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY,
+                                            default=_config_option(config_help),
+                                            annotation=Optional[Path]))
+        params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.info,
+                                     annotation=f.annotation) for f in flags]
+        names = [p.name for p in params]
+        clash = sorted({n for n in names if names.count(n) > 1})
+        if clash:
+            raise TypeError(f"{fn.__name__}: parameters named like an option of {cls.__name__}: {clash}")
+
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            config = kwargs.pop("config", None)
+            cli = cli_values(flags, {f.name: kwargs.pop(f.name, None) for f in flags})
+            if build is None:
+                o = build_options(cls, cli, config)
+            else:
+                o = build(cli, config, **{n: kwargs.pop(n) for n in build_args})
+            return fn(o, *args, **kwargs)
+
+        command.__signature__ = inspect.Signature(
+            [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params])
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        command.options_model = cls
+        return command
+
+    return decorate
+
+
+def _config_option(help: str) -> Any:
+    import typer
+
+    return typer.Option(None, "--config", "-c", help=help)

@@ -46,7 +46,7 @@ def test_empty_file(tmp_path):
 def test_cli_bad_data_exit_2(tmp_path):
     import typer
 
-    from tabp_vllm.commands_score import score
+    from tabp_vllm.scoring.commands import score
     app = typer.Typer()
     app.command()(score)
     app.command("other")(lambda: None)

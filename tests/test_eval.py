@@ -7,7 +7,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from tabp_vllm.commands_score import eval as eval_cmd
+from tabp_vllm.evaluation.commands import eval as eval_cmd
 
 
 def _app():
@@ -81,7 +81,7 @@ def test_eval_unknown_task_or_missing_data_exit_2(tmp_path, monkeypatch):
 
 def test_eval_child_error_is_one_line(tmp_path):
     from tabp_vllm.errors import TabpError
-    from tabp_vllm.evaluate import evaluate_variant
+    from tabp_vllm.evaluation.evaluate import evaluate_variant
 
     with pytest.raises(TabpError) as exc:
         evaluate_variant(str(tmp_path / "no-such-model"), ["tabp_demo"], None, limit=1)
@@ -95,7 +95,7 @@ def test_eval_survives_a_killed_child_and_a_teardown_crash(monkeypatch, capsys, 
     import os
     import subprocess
 
-    from tabp_vllm import evaluate
+    from tabp_vllm.evaluation import evaluate
 
     real = evaluate._run_once
     calls = []
@@ -137,7 +137,7 @@ def test_eval_router_routes_each_item_by_its_question(tmp_path, demo_model):
     assert r.exit_code == 0, r.output
     routed = json.loads(out.read_text())["routed"]
     # the routing: each document's question as lm-eval prompts it, no choice in it
-    from tabp_vllm.evaluate import jsonl_task_folder
+    from tabp_vllm.evaluation.evaluate import jsonl_task_folder
 
     task = load_task_object("mixed", [jsonl_task_folder("mixed", data, tmp_path / "tasks")])
     texts = [task.doc_to_text(d) for d in task.eval_docs]

@@ -47,7 +47,7 @@ def test_offline_tasks_mirror_lm_eval(ours, theirs):
 
 def test_offline_tasks_read_the_shared_data_with_the_project_split():
     from tabp_vllm.data import load_task
-    from tabp_vllm.evaluate import check_tasks
+    from tabp_vllm.evaluation.evaluate import check_tasks
 
     assert offline_tasks() == ["tabp_arc_challenge", "tabp_arc_challenge_validation",
                                "tabp_arc_easy", "tabp_arc_easy_validation", "tabp_boolq",
@@ -134,7 +134,7 @@ def test_lm_eval_runner_scores_a_pruned_variant(tmp_path, demo_model, write_mask
 
 
 def test_user_jsonl_becomes_a_task(tmp_path):
-    from tabp_vllm.evaluate import check_tasks, jsonl_task_folder
+    from tabp_vllm.evaluation.evaluate import check_tasks, jsonl_task_folder
     from tabp_vllm.lmeval_tasks import load_task_object
 
     f = tmp_path / "mine.jsonl"

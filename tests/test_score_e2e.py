@@ -3,7 +3,7 @@
 import typer
 from typer.testing import CliRunner
 
-from tabp_vllm.commands_score import score
+from tabp_vllm.scoring.commands import score
 from tabp_vllm.mask import load_mask
 
 
@@ -36,7 +36,7 @@ def test_score_writes_valid_mask_that_is_served(tmp_path, demo_model):
                                "--batch-size", "8", "-o", str(out2)])
     assert load_mask(out2).removed_layers == mask.removed_layers
     # the loader accepts it and the engine serves it
-    from tabp_vllm.evaluate import evaluate_variant
+    from tabp_vllm.evaluation.evaluate import evaluate_variant
     res = evaluate_variant(demo_model, ["tabp_demo"], str(out), limit=3)
     assert res["blocks_kept"] == 26 and res["n-samples"]["tabp_demo"]["effective"] == 3
 

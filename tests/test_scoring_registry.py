@@ -40,7 +40,8 @@ def test_cli_method_choices_are_the_registry(tmp_path):
     from pydantic import ValidationError
     from typer.testing import CliRunner
 
-    from tabp_vllm.commands_score import ScoreOptions, score
+    from tabp_vllm.scoring.commands import score
+    from tabp_vllm.scoring.options import ScoreOptions
     for name in METHOD_NAMES:
         assert ScoreOptions(task="t", output=tmp_path / "m.json", method=name).method == name
     with pytest.raises(ValidationError, match="unknown method"):

@@ -248,7 +248,7 @@ LMEVAL_LIMIT = 6
 def test_lm_eval_local_completions_agrees_with_offline(server, mask_files, demo_model, tmp_path):
     """lm-eval's `local-completions` (echo + logprobs on /v1/completions) scores a pruned variant
     through the server; its log-likelihoods equal the offline lm-eval path's (`tabp-vllm eval`)."""
-    from tabp_vllm.evaluate import evaluate_variant
+    from tabp_vllm.evaluation.evaluate import evaluate_variant
 
     arc_mask = next(m for m in mask_files if m.stem == "arc")
     out = tmp_path / "lmeval"

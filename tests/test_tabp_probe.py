@@ -137,7 +137,7 @@ def test_left_truncation_keeps_the_answer_tail(demo_model):
 
 
 def test_paper_preset_options_layer_under_given_flags():
-    from tabp_vllm.commands_score import ScoreOptions
+    from tabp_vllm.scoring.options import ScoreOptions
     from tabp_vllm.options import build_options
 
     o = build_options(ScoreOptions, {"preset": "paper", "output": "m.json"})

@@ -11,13 +11,12 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Optional
-
-import typer
+from typing import Any
 
 from tabp_vllm.errors import TabpError, user_errors
 from tabp_vllm.loadtest.options import BenchOptions
-from tabp_vllm.options import build_options
+from tabp_vllm.progress import timed_bar
+from tabp_vllm.options import build_options, options_command
 
 
 def _git_commit() -> str | None:
@@ -77,7 +76,6 @@ def run_bench(options: BenchOptions | None = None, /, *, progress: bool = True,
     or both (the fields override); whatever is not given takes the `BenchOptions` default.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from tabp_vllm import flops
     from tabp_vllm.engine import cpu_info
@@ -136,9 +134,7 @@ def run_bench(options: BenchOptions | None = None, /, *, progress: bool = True,
         started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         t_start = time.time()
         counts = {"ok": 0, "err": 0}
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                      TimeRemainingColumn(), console=console, disable=not progress,
-                      transient=False) as bar:
+        with timed_bar(console, disable=not progress) as bar:
             task = bar.add_task("warm-up", total=total_s, info="")
 
             def on_start(v: str, level: float, rnd: int) -> None:
@@ -197,74 +193,10 @@ def run_bench(options: BenchOptions | None = None, /, *, progress: bool = True,
     return result
 
 
-def _opt(name: str, *flags: str, help: str = "", **kw: Any) -> Any:
-    """A typer option for BenchOptions field `name`: None when not given, the model's default in
-    the help text (the default itself lives only in BenchOptions)."""
-    shown = f"\\[default: {BenchOptions.shown(name)}]"  # "\\[": a literal "[" for rich
-    return typer.Option(None, *flags, help=f"{help} {shown}" if help else shown,
-                        show_default=False, **kw)
-
-
 @user_errors
-def bench(
-    config: Optional[Path] = typer.Option(
-        None, "--config", "-c", help="YAML file of bench options (keys as the options below, "
-                                     "with '_' for '-'; --name is 'stem'); flags given win."),
-    url: Optional[str] = _opt("url", "--url", help="The OpenAI endpoint (tabp-vllm serve)."),
-    variant: Optional[list[str]] = typer.Option(
-        None, "--variant", "-v",
-        help="Variant to measure, as the request's `model` (repeatable): NAME, or NAME@URL for a "
-             "variant on another server. Default: every model the server lists."),
-    model: Optional[str] = _opt("model", "--model", "-m",
-                                help="Base model (alias/path): its config gives the FLOPs model."),
-    mask: Optional[list[str]] = typer.Option(
-        None, "--mask", help="[VARIANT=]mask.json (repeatable): the kept blocks of a variant, for "
-                             "the ideal speedup; default variant name <model>-<task>."),
-    dense: Optional[str] = typer.Option(None, "--dense", help="The dense variant (default: the "
-                                                              "one named like --model)."),
-    bare_vllm: Optional[str] = typer.Option(
-        None, "--bare-vllm", help="[NAME@]URL of a bare `vllm serve` of the dense model: measured "
-                                  "interleaved too, for the server-overhead ratio."),
-    mode: Optional[str] = _opt("mode", "--mode", help="closed (fixed concurrency) or open "
-                                                      "(Poisson request rate)."),
-    levels: Optional[str] = _opt(
-        "levels", "--levels", help="Concurrencies (closed) or request rates (open), comma-separated."),
-    duration: Optional[float] = _opt("duration", "--duration",
-                                     help="Measured seconds per variant per level (all rounds)."),
-    rounds: Optional[int] = _opt("rounds", "--rounds", help="Interleaved slices per variant per "
-                                                            "level (even: mirrored pairs cancel drift)."),
-    ramp: Optional[float] = _opt("ramp", "--ramp", help="Unmeasured seconds of load before each "
-                                                        "slice (closed loop: staggered start)."),
-    warmup: Optional[int] = _opt("warmup", "--warmup", help="Warm-up requests per variant."),
-    seed: Optional[int] = _opt("seed", "--seed"),
-    input_len: Optional[int] = _opt("input_len", "--input-len", help="Synthetic prompt tokens (mean)."),
-    output_len: Optional[int] = _opt("output_len", "--output-len",
-                                     help="Output tokens (mean; EOS ignored)."),
-    range_ratio: Optional[float] = _opt("range_ratio", "--range-ratio",
-                                        help="Lengths uniform in len*(1 +- ratio)."),
-    dataset: Optional[Path] = typer.Option(None, "--dataset",
-                                           help="JSONL {prompt, max_tokens?} instead of synthetic."),
-    max_concurrency: Optional[int] = typer.Option(None, "--max-concurrency",
-                                                  help="Open loop: cap on requests in flight."),
-    out: Optional[Path] = _opt("out", "--out", help="Output directory."),
-    stem: Optional[str] = _opt("stem", "--name", help="Output file stem."),
-    start: Optional[bool] = typer.Option(None, "--start", help="Start one api_server per variant "
-                                                               "(dense + each --mask) instead of using --url."),
-    start_bare: Optional[bool] = typer.Option(None, "--start-bare",
-                                              help="With --start: also a bare vLLM."),
-    port: Optional[int] = _opt("port", "--port", help="With --start: first port."),
-    kv_cache_gib: Optional[float] = _opt("kv_cache_gib", "--kv-cache-gib",
-                                         help="With --start (CPU): KV cache per engine, GiB."),
-    max_model_len: Optional[int] = _opt("max_model_len", "--max-model-len",
-                                        help="With --start: context length per engine."),
-    notes: Optional[str] = typer.Option(None, "--notes", help="Free text stored in the JSON."),
-) -> None:
+@options_command(BenchOptions, config_help=(
+    "YAML file of bench options (keys as the options below, with '_' for '-'; --name is 'stem'); "
+    "flags given win."))
+def bench(o: BenchOptions) -> None:
     """Load-test variants through the OpenAI API: throughput, TTFT, ITL, E2E; pruned vs dense."""
-    cli = dict(url=url, variants=variant, model=model, masks=mask, dense=dense,
-               bare_vllm=bare_vllm, mode=mode, levels=levels, duration=duration, rounds=rounds,
-               ramp=ramp, warmup=warmup, seed=seed, input_len=input_len, output_len=output_len,
-               range_ratio=range_ratio, dataset=str(dataset) if dataset else None,
-               max_concurrency=max_concurrency, out=out, stem=stem, start=start,
-               start_bare=start_bare, port=port, kv_cache_gib=kv_cache_gib,
-               max_model_len=max_model_len, notes=notes)
-    run_bench(build_options(BenchOptions, cli, file=config))
+    run_bench(o)

@@ -33,12 +33,13 @@ def engine_args_to_cli(args: dict[str, Any]) -> list[str]:
 
 
 def api_server_command(model: str, port: int, served_name: str, mask=None, bare: bool = False,
-                       kv_cache_gib: float | None = None, max_model_len: int = 1024,
+                       kv_cache_gib: float | None = None, max_model_len: int | None = None,
                        host: str = "127.0.0.1", extra: dict[str, Any] | None = None) -> list[str]:
     """The command line of one api_server for (model, mask); `bare` = plain vLLM, dense only."""
-    from tabp_vllm.engine import engine_args_for
+    from tabp_vllm.engine import DEFAULT_MAX_MODEL_LEN, engine_args_for
 
-    args = engine_args_for(model, mask, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len,
+    args = engine_args_for(model, mask, kv_cache_gib=kv_cache_gib,
+                           max_model_len=max_model_len or DEFAULT_MAX_MODEL_LEN,
                            served_model_name=served_name, extra=extra)
     if bare:
         if mask is not None:

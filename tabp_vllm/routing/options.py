@@ -11,37 +11,44 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
-from pydantic import Field, field_validator
+from pydantic import field_validator
 from pydantic_core import PydanticCustomError
 
-from tabp_vllm.options import Options
+from tabp_vllm.options import REQUIRED, Options, option
 
 L0 = "l0"  # --mask-method: the learned Hard-Concrete gates; any registered scorer otherwise
 
 
 class RouteFitOptions(Options):
-    model: str = "llama"
-    task: List[str] = Field(min_length=1)  # calibration tasks, mixed (known data sets)
-    split: str = "train"
-    samples: int = Field(64, gt=0)  # ours: inputs per task (seeded subset)
-    encoder: str = "minilm"  # DESIGN.md's: all-MiniLM-L6-v2; `self` = the model's own state
-    clusters: int = Field(4, gt=0)  # ours: N
-    kmeans_init: int = Field(10, gt=0)  # ours: k-means restarts (scikit-learn n_init)
-    k: int = Field(4, gt=0)  # blocks each cluster's mask removes
-    block_range: str = "whole"  # ours: gated blocks 1..B-2 (first and last kept, as ShortGPT finds)
-    mask_method: str = L0
-    max_variants: Optional[int] = Field(None, gt=0)  # None: as many as distinct masks
-    steps: int = Field(24, gt=0)  # ours: gate updates per cluster
-    batch_size: int = Field(8, gt=0)  # ours: inputs per gate update
-    max_length: int = Field(128, gt=1)  # ours: tokens per input (left-truncated: the tail stays)
-    kl_positions: int = Field(32, gt=0)  # ours: last positions per input the KL is taken over
-    lr: float = Field(0.1, gt=0)  # ours: Adam on log_alpha
-    lambda_lr: float = Field(0.05, gt=0)  # ours: Adam ascent on lambda1, lambda2
-    init_log_alpha: float = 3.0  # ours: gates start open (E[L0] = 0.99)
-    warmup: float = Field(0.5, ge=0, le=1)  # ours: share of the steps the target t rises over
-    seed: int = 0
-    device: str = "auto"
-    output: Path
+    model: str = option("llama", "Alias, HF id or path.")
+    # calibration tasks, mixed (known data sets)
+    task: List[str] = option(REQUIRED, "Calibration task (repeat to mix): arc_easy, piqa, boolq, "
+                             "gsm8k, ...", min_length=1)
+    split: str = option("train")
+    samples: int = option(64, "Inputs per task (seeded).", gt=0)  # ours
+    # DESIGN.md's: all-MiniLM-L6-v2; `self` = the model's own state
+    encoder: str = option("minilm", "minilm, self, or a sentence-transformers dir.")
+    clusters: int = option(4, "Input clusters N (k-means).", gt=0)  # ours
+    kmeans_init: int = option(10, "k-means restarts.", gt=0)  # ours (scikit-learn n_init)
+    k: int = option(4, "Blocks each cluster's mask removes.", gt=0)
+    # ours: gated blocks 1..B-2 (first and last kept, as ShortGPT finds)
+    block_range: str = option("whole", "Candidate blocks: whole, latter, 0.5:1.0 or 15:30.", "--range")
+    mask_method: str = option(L0, "l0 (Hard-Concrete gates) or a registered scorer (tabp, "
+                              "block_influence, ...).")
+    # None: as many as distinct masks
+    max_variants: Optional[int] = option(None, "Merge clusters onto at most M masks.", gt=0)
+    steps: int = option(24, "L0: gate updates per cluster.", gt=0)  # ours
+    batch_size: int = option(8, "Inputs per forward pass.", gt=0)  # ours: inputs per gate update
+    # ours: left-truncated, the tail stays
+    max_length: int = option(128, "Tokens per input (left-truncated).", gt=1)
+    kl_positions: int = option(32, "L0: last positions the KL covers.", gt=0)  # ours
+    lr: float = option(0.1, "L0: Adam learning rate of log_alpha.", gt=0)  # ours
+    lambda_lr: float = option(0.05, "L0: ascent rate of the lambdas.", gt=0)  # ours: on lambda1, 2
+    init_log_alpha: float = option(3.0, "L0: initial log_alpha (open).")  # ours: E[L0] = 0.99
+    warmup: float = option(0.5, "L0: share of steps the target rises over.", ge=0, le=1)  # ours
+    seed: int = option(0)
+    device: str = option("auto", "auto|cpu|cuda.")
+    output: Path = option(REQUIRED, "Router file to write.", "-o", "--output")
 
     @field_validator("mask_method")
     @classmethod

@@ -13,6 +13,8 @@ from typing import Any, List, Optional
 import typer
 
 from tabp_vllm.errors import TabpError, first_line, user_errors
+from tabp_vllm.options import options_command
+from tabp_vllm.serve.options import ServeOptions
 
 APP_NAME = "tabp"
 
@@ -30,21 +32,28 @@ def _parse_extra(items: list[str]) -> dict:
     return extra
 
 
-ENGINE_KEYS = ("max_model_len", "dtype", "kv_cache_gib", "enforce_eager", "tensor_parallel_size",
-               "gpu_memory_share", "cpu_engine_in_replica")
-REQUEST_PATH_KEYS = ("ray_serve", "ingress_replicas", "ingress_max_ongoing_requests",
-                     "stream_batching_interval_ms", "stream_batching")
-
-
 def serve_options(config: Optional[Path] = None, task_mask: Optional[List[Path]] = None,
                   task: Optional[List[str]] = None, engine_arg: Optional[List[str]] = None,
                   **given: Any):
-    """`ServeOptions` from the CLI's values (None: not given) and a YAML config file.
+    """`ServeOptions` from the CLI's values, by flag name (None: not given; `engine` and
+    `request_path` flags too, flattened as on the command line) and a YAML config file."""
+    from tabp_vllm.options import cli_flags, cli_values
+    from tabp_vllm.serve.options import ServeOptions
 
-    CLI flag > file > default, key by key (also inside `engine`); `--task-mask` variants are
+    flags = cli_flags(ServeOptions)
+    unknown = sorted(set(given) - {f.name for f in flags})
+    if unknown:
+        raise TypeError(f"serve_options: no serve option named {unknown}")
+    return _merged_options(cli_values(flags, given), config, task_mask=task_mask, task=task,
+                           engine_arg=engine_arg)
+
+
+def _merged_options(cli: dict[str, Any], config: Optional[Path], *,
+                    task_mask: Optional[List[Path]], task: Optional[List[str]],
+                    engine_arg: Optional[List[str]]):
+    """CLI flag > file > default, key by key (also inside `engine`); `--task-mask` variants are
     appended to the file's. Each source is validated on its own first, so a bad value is
-    reported against the file or the command line it came from.
-    """
+    reported against the file or the command line it came from."""
     from tabp_vllm.options import build_options
     from tabp_vllm.serve.options import ServeOptions, load_yaml_spec, merge_options
 
@@ -52,13 +61,11 @@ def serve_options(config: Optional[Path] = None, task_mask: Optional[List[Path]]
     tasks = list(task or [])
     if len(tasks) > len(masks):
         raise TabpError(f"{len(tasks)} --task given for {len(masks)} --task-mask")
-    engine = {k: given.pop(k) for k in ENGINE_KEYS if given.get(k) is not None}
     if engine_arg:
-        engine["extra"] = _parse_extra(engine_arg)
-    path = {k: given.pop(k) for k in REQUEST_PATH_KEYS if given.get(k) is not None}
-    cli = dict(given, engine=engine or None, request_path=path or None,
-               variants=[{"mask": m, "task": tasks[i] if i < len(tasks) else None}
-                         for i, m in enumerate(masks)] or None)
+        cli.setdefault("engine", {})["extra"] = _parse_extra(engine_arg)
+    if masks:
+        cli["variants"] = [{"mask": m, "task": tasks[i] if i < len(tasks) else None}
+                           for i, m in enumerate(masks)]
     from_cli = build_options(ServeOptions, cli)
     if config is None:
         return from_cli
@@ -239,99 +246,31 @@ def print_table(spec) -> None:
     sys.stdout.flush()
 
 
-def _opt(name: str, *flags: str, help: str = "", **kw):
-    """A typer option for ServeOptions field `name` (or its engine's): None when not given, the
-    model's default in the help text (the default itself lives only in the options model)."""
-    from tabp_vllm.serve.options import ServeOptions
-
-    shown = f"\\[default: {ServeOptions.shown(name)}]"  # "\\[": a literal "[" for rich
-    return typer.Option(None, *flags, help=f"{help} {shown}" if help else shown,
-                        show_default=False, **kw)
-
-
 @user_errors
+@options_command(ServeOptions, config_help=(
+    "YAML file with many variants (examples/serve.yaml); flags given win over its keys, "
+    "--task-mask variants are appended."),
+    build=_merged_options, build_args=("task_mask", "task", "engine_arg"))
 def serve(
-    model: Optional[str] = _opt("model", "--model", "-m", help="Alias, HF id or checkpoint path."),
+    o: ServeOptions,
     task_mask: Optional[List[Path]] = typer.Option(None, "--task-mask",
                                                    help="A mask file; one pruned variant each."),
     task: Optional[List[str]] = typer.Option(None, "--task", help=(
         "Override the task name (variant <alias>-<task>) of the --task-mask at the same position.")),
-    config: Optional[Path] = typer.Option(
-        None, "--config", "-c", help="YAML file with many variants (examples/serve.yaml); flags "
-                                     "given win over its keys, --task-mask variants are appended."),
-    dense: Optional[bool] = _opt("dense", "--dense/--no-dense", help="Also serve the dense model."),
-    replicas: Optional[int] = _opt("replicas", "--replicas", help="Replicas per variant."),
-    host: Optional[str] = _opt("host", "--host"),
-    port: Optional[int] = _opt("port", "--port"),
-    metrics_port: Optional[int] = _opt("metrics_port", "--metrics-port",
-                                       help="Ray's Prometheus export port (the one scrape target)."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TABP_VLLM_API_KEY",
-                                          help="Require 'Authorization: Bearer <key>'."),
-    address: Optional[str] = typer.Option(None, "--address",
-                                          help="Join an existing Ray cluster (e.g. 'auto')."),
-    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help=(
-        "Logical CPUs for a local Ray (default: 2 per CPU replica + 1 for the ingress).")),
-    memory_check: Optional[bool] = _opt("memory_check", "--memory-check/--no-memory-check", help=(
-        "Refuse variants whose estimated memory exceeds what is available (local CPU serve).")),
-    max_model_len: Optional[int] = _opt("max_model_len", "--max-model-len"),
-    dtype: Optional[str] = _opt("dtype", "--dtype", help=(
-        "auto: on a CPU bfloat16 only with native bf16 (avx512_bf16/amx_bf16), else float32.")),
-    kv_cache_gib: Optional[float] = _opt("kv_cache_gib", "--kv-cache-gib",
-                                         help="KV cache space per engine, GiB."),
-    enforce_eager: Optional[bool] = _opt("enforce_eager", "--eager/--no-eager",
-                                         help="Eager mode (fast start) or torch.compile / graphs."),
-    tensor_parallel_size: Optional[int] = _opt("tensor_parallel_size", "--tensor-parallel-size",
-                                               "-tp", help="GPUs per engine (every variant)."),
-    gpu_memory_share: Optional[float] = _opt("gpu_memory_share", "--gpu-memory-share", help=(
-        "GPU: the share of the card all variants' engines split (the rest stays free for "
-        "other processes).")),
-    cpu_engine_in_replica: Optional[bool] = _opt(
-        "cpu_engine_in_replica", "--engine-in-replica/--no-engine-in-replica", help=(
-            "CPU: each variant's vLLM engine core inside its Ray replica (one process per variant, "
-            "~0.5 GiB less each; slower at low concurrency) or in a process of its own.")),
     engine_arg: Optional[List[str]] = typer.Option(None, "--engine-arg",
                                                    help="Any other vLLM engine arg, KEY=VALUE."),
-    force: Optional[bool] = _opt("force", "--force", help=(
-        "Serve masks keeping under half the blocks (refused otherwise); still warns.")),
-    router: Optional[Path] = typer.Option(None, "--router", help=(
-        "A router file (`route fit`): serve one variant per distinct cluster mask and a routed "
-        "name whose requests each go to their input's cluster.")),
-    routed_name: Optional[str] = typer.Option(None, "--routed-name", show_default=False, help=(
-        "The routed model's name. \\[default: <alias>-auto]")),
-    ray_serve: Optional[str] = _opt("ray_serve", "--ray-serve", help=(
-        "Ray Serve's request-path settings for the local Ray: throughput-optimized (Ray's "
-        "bundle), lean (the bundle + a quieter controller) or default (Ray's own).")),
-    ingress_replicas: Optional[int] = _opt("ingress_replicas", "--ingress-replicas", help=(
-        "Replicas of the HTTP ingress (a fixed count instead of Ray's autoscaling).")),
-    ingress_max_ongoing_requests: Optional[int] = _opt(
-        "ingress_max_ongoing_requests", "--ingress-max-ongoing-requests",
-        help="Requests one ingress replica takes at a time."),
-    stream_batching_interval_ms: Optional[float] = _opt(
-        "stream_batching_interval_ms", "--stream-batching-interval-ms",
-        help="How long streamed tokens are gathered into one chunk (0: each token at once)."),
-    stream_batching: Optional[str] = _opt(
-        "stream_batching", "--stream-batching",
-        help="leading-edge (the first token of a burst leaves at once) or ray (Ray Serve LLM's "
-             "fixed windows: every token waits for its window's end)."),
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Validate and print the variants; start nothing."),
 ) -> None:
     """Serve the dense model and one pruned variant per mask behind one OpenAI endpoint."""
-    from tabp_vllm.engine import choose_dtype, on_gpu
+    run_serve(o, dry_run=dry_run)
 
-    spec = build_spec(model=model, task_mask=task_mask, task=task, config=config, dense=dense,
-                      replicas=replicas, host=host, port=port, metrics_port=metrics_port,
-                      api_key=api_key, address=address, num_cpus=num_cpus,
-                      memory_check=memory_check, max_model_len=max_model_len, dtype=dtype,
-                      kv_cache_gib=kv_cache_gib,
-                      enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
-                      gpu_memory_share=gpu_memory_share,
-                      cpu_engine_in_replica=cpu_engine_in_replica, engine_arg=engine_arg, force=force,
-                      router=str(router) if router else None, routed_name=routed_name,
-                      ray_serve=ray_serve, ingress_replicas=ingress_replicas,
-                      ingress_max_ongoing_requests=ingress_max_ongoing_requests,
-                      stream_batching_interval_ms=stream_batching_interval_ms,
-                      stream_batching=stream_batching)
+
+def run_serve(o: ServeOptions, dry_run: bool = False) -> None:
+    from tabp_vllm.engine import choose_dtype, on_gpu
+    from tabp_vllm.serve.config import ServeSpec
+
+    spec = ServeSpec.from_options(o)
     print("dtype: %s (%s)" % choose_dtype(spec.engine.dtype), flush=True)
     if spec.address:
         check_reachable(spec.address)

@@ -9,23 +9,36 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field
 
-from tabp_vllm.engine import GPU_USABLE_FRACTION
+from tabp_vllm.engine import DEFAULT_CPU_KV_CACHE_GIB, DEFAULT_MAX_MODEL_LEN, GPU_USABLE_FRACTION
 from tabp_vllm.errors import TabpError
-from tabp_vllm.options import Options, build_options, read_config_file
+from tabp_vllm.options import REQUIRED, Options, build_options, option, read_config_file
 
 
 class EngineOptions(Options):
     """Engine options every variant shares (passed through to `engine_args_for`)."""
 
-    max_model_len: Optional[int] = Field(2048, ge=1)   # None: the checkpoint's own
-    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "auto"  # auto: engine.choose_dtype
-    kv_cache_gib: Optional[float] = Field(None, gt=0)  # None: engine.DEFAULT_CPU_KV_CACHE_GIB on CPU
-    enforce_eager: Optional[bool] = None               # None: engine.default_enforce_eager (CPU eager, GPU graphs)
-    tensor_parallel_size: int = Field(1, ge=1)         # GPUs per engine (each variant's replica)
-    cpu_uniproc: bool = True                           # CPU: the worker in the engine core process
-    cpu_engine_in_replica: bool = False                # CPU: engine core (and worker) in the replica
-    gpu_memory_share: float = Field(GPU_USABLE_FRACTION, gt=0, le=1)  # GPU: card share they split
-    extra: dict[str, Any] = Field(default_factory=dict)  # any other vLLM engine argument
+    # None: the checkpoint's own
+    max_model_len: Optional[int] = option(DEFAULT_MAX_MODEL_LEN, "Context length per engine.", ge=1)
+    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = option(
+        "auto", "auto: on a CPU bfloat16 only with native bf16 (avx512_bf16/amx_bf16), else float32.")
+    kv_cache_gib: Optional[float] = option(None, "KV cache space per engine, GiB.", gt=0,
+                                           shown=f"engine default ({DEFAULT_CPU_KV_CACHE_GIB:g} GiB on CPU)")
+    # None: engine.default_enforce_eager
+    enforce_eager: Optional[bool] = option(None, "Eager mode (fast start) or torch.compile / graphs.",
+                                           "--eager/--no-eager",
+                                           shown="eager on CPU, compiled + CUDA graphs on GPU")
+    tensor_parallel_size: int = option(1, "GPUs per engine (every variant).",
+                                       "--tensor-parallel-size", "-tp", ge=1)
+    cpu_uniproc: bool = option(True, "CPU: the worker in the engine core process.")
+    cpu_engine_in_replica: bool = option(
+        False, "CPU: each variant's vLLM engine core inside its Ray replica (one process per variant, "
+        "~0.5 GiB less each; slower at low concurrency) or in a process of its own.",
+        "--engine-in-replica/--no-engine-in-replica")
+    gpu_memory_share: float = option(GPU_USABLE_FRACTION, "GPU: the share of the card all variants' "
+                                     "engines split (the rest stays free for other processes).",
+                                     gt=0, le=1)
+    # any other vLLM engine argument: `extra:` in the file, --engine-arg KEY=VALUE on the command line
+    extra: dict[str, Any] = option(REQUIRED, cli=False, default_factory=dict)
 
 
 class VariantOptions(Options):
@@ -57,51 +70,55 @@ class RequestPathOptions(Options):
     """The per-request path between HTTP and the engines (docs/serving.md, "Server overhead"):
     None = Ray Serve LLM's own default, named in the comment."""
 
-    ray_serve: Literal[tuple(RAY_SERVE_PROFILES)] = "throughput-optimized"  # a RAY_SERVE_PROFILES key
-    ingress_replicas: Optional[int] = Field(None, ge=1)  # None: Ray's default (autoscaled, from 1)
-    ingress_max_ongoing_requests: Optional[int] = Field(None, ge=1)  # None: Ray's (1e9: no cap)
-    stream_batching_interval_ms: Optional[float] = Field(None, ge=0)  # None: Ray's 50 ms
+    ray_serve: Literal[tuple(RAY_SERVE_PROFILES)] = option(
+        "throughput-optimized", "Ray Serve's request-path settings for the local Ray: "
+        "throughput-optimized (Ray's bundle), lean (the bundle + a quieter controller) or default "
+        "(Ray's own).")
+    # None: Ray's default (autoscaled, from 1)
+    ingress_replicas: Optional[int] = option(
+        None, "Replicas of the HTTP ingress (a fixed count instead of Ray's autoscaling).", ge=1,
+        shown="Ray Serve LLM's")
+    ingress_max_ongoing_requests: Optional[int] = option(  # None: Ray's (1e9: no cap)
+        None, "Requests one ingress replica takes at a time.", ge=1, shown="Ray Serve LLM's")
+    stream_batching_interval_ms: Optional[float] = option(  # None: Ray's 50 ms
+        None, "How long streamed tokens are gathered into one chunk (0: each token at once).", ge=0,
+        shown="Ray Serve LLM's")
     # how streamed outputs are gathered: "leading-edge" (serve/streaming.py: at most one chunk per
     # interval, but the first output of a burst at once) or "ray" (Ray's fixed windows: every
     # output, the first too, waits for its window's end)
-    stream_batching: Literal["leading-edge", "ray"] = "leading-edge"
+    stream_batching: Literal["leading-edge", "ray"] = option(
+        "leading-edge", "leading-edge (the first token of a burst leaves at once) or ray (Ray Serve "
+        "LLM's fixed windows: every token waits for its window's end).")
 
 
 class ServeOptions(Options):
     """Every option of `tabp-vllm serve`; the YAML config file has the same keys
     (examples/serve.yaml). Precedence: CLI flag > file > the defaults below."""
 
-    model: str = "llama"                    # alias, HF id or checkpoint path
-    dense: bool = True                      # also serve the dense model
-    dense_name: Optional[str] = None        # None: the alias
-    variants: list[VariantOptions] = Field(default_factory=list)
-    replicas: int = Field(1, ge=1)          # per variant
-    host: str = "127.0.0.1"
-    port: int = 8000
-    metrics_port: int = 8090                # Ray's Prometheus export port
-    api_key: Optional[str] = None           # require "Authorization: Bearer <key>"
-    address: Optional[str] = None           # join this Ray cluster instead of starting one
-    num_cpus: Optional[int] = Field(None, ge=1)  # None: ServeSpec.ray_cpus_needed()
-    memory_check: bool = True               # refuse a local CPU serve that cannot fit in memory
-    force: bool = False                     # serve masks keeping < mask.MIN_KEPT_FRACTION blocks
-    router: Optional[str] = None            # a router file (`route fit`): serve its routed name
-    routed_name: Optional[str] = None       # None: <alias>-auto
+    model: str = option("llama", "Alias, HF id or checkpoint path.", "--model", "-m")
+    dense: bool = option(True, "Also serve the dense model.")
+    dense_name: Optional[str] = option(None, "The dense variant's name.", shown="the alias")
+    # pruned variants: `variants:` in the file, --task-mask (and --task) on the command line
+    variants: list[VariantOptions] = option(REQUIRED, cli=False, default_factory=list)
+    replicas: int = option(1, "Replicas per variant.", ge=1)
+    host: str = option("127.0.0.1")
+    port: int = option(8000)
+    metrics_port: int = option(8090, "Ray's Prometheus export port (the one scrape target).")
+    api_key: Optional[str] = option(None, "Require 'Authorization: Bearer <key>'.",
+                                    envvar="TABP_VLLM_API_KEY")
+    address: Optional[str] = option(None, "Join an existing Ray cluster (e.g. 'auto').")
+    num_cpus: Optional[int] = option(None, "Logical CPUs for a local Ray.", ge=1,
+                                     shown="2 per CPU replica + 1 for the ingress")
+    memory_check: bool = option(True, "Refuse variants whose estimated memory exceeds what is "
+                                "available (local CPU serve).")
+    force: bool = option(False, "Serve masks keeping under half the blocks (refused otherwise); "
+                         "still warns.", "--force")
+    router: Optional[str] = option(None, "A router file (`route fit`): serve one variant per "
+                                   "distinct cluster mask and a routed name whose requests each go "
+                                   "to their input's cluster.")
+    routed_name: Optional[str] = option(None, "The routed model's name.", shown="<alias>-auto")
     engine: EngineOptions = Field(default_factory=EngineOptions)
     request_path: RequestPathOptions = Field(default_factory=RequestPathOptions)
-
-    @classmethod
-    def shown(cls, name: str) -> str:
-        """The default of a top-level, `engine` or `request_path` option as the CLI help shows it."""
-        owner = (cls if name in cls.model_fields else
-                 EngineOptions if name in EngineOptions.model_fields else RequestPathOptions)
-        value = owner.default(name)
-        if owner is RequestPathOptions and value is None:
-            return "Ray Serve LLM's"
-        if name == "kv_cache_gib":
-            return "engine default (1 GiB on CPU)"
-        if name == "enforce_eager":
-            return "eager on CPU, compiled + CUDA graphs on GPU"
-        return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def merge_options(file: ServeOptions, cli: ServeOptions) -> ServeOptions:

@@ -95,7 +95,7 @@ def _last_line(text: str) -> str:
 
 
 def _run_once(spec: str, out: str, err: str, log_path: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "tabp_vllm.evaluate", spec, out, err]
+    cmd = [sys.executable, "-m", "tabp_vllm.evaluation.evaluate", spec, out, err]
     # Leaving the block stops what is left of the child's family: its engine core, when the
     # child was killed; the child too, when we are interrupted (it has its own session).
     with ManagedProcess(cmd, log_path, name="evaluation process") as proc:

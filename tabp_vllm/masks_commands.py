@@ -1,0 +1,133 @@
+"""`tabp-vllm masks`: inspect, validate, hand-make and cut task mask files (and router files)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tabp_vllm.errors import TabpError, user_errors
+
+FORCE_HELP = "Accept a mask keeping under half the blocks (mask.MIN_KEPT_FRACTION); still warns."
+
+masks_app = typer.Typer(no_args_is_help=True, help="Inspect and validate task mask files.")
+console = Console()
+
+
+@masks_app.command("show")
+@user_errors
+def masks_show(
+    file: Path,
+    as_json: bool = typer.Option(False, "--json", help="Print the validated mask as JSON."),
+) -> None:
+    """Print a mask as a table: blocks, the removed ones marked, their scores."""
+    from tabp_vllm.mask import load_mask, public_name
+
+    from tabp_vllm.routing.router import is_router_file, show_router
+
+    if is_router_file(file):  # a router file: its clusters' masks
+        return show_router(file, as_json, console)
+    mask = load_mask(file)
+    if as_json:
+        print(json.dumps(mask.to_json(), indent=2))
+        return
+    removed = set(mask.removed_layers)
+    cal = mask.calibration
+    console.print(
+        f"[bold]{file}[/]  task=[cyan]{mask.task}[/]  model={public_name(mask.model_id)}  "
+        f"method={mask.method}  kept {mask.num_kept}/{mask.num_hidden_layers}  "
+        f"hash={mask.content_hash()}"
+    )
+    if cal:
+        console.print("calibration: " + ", ".join(f"{k}={v}" for k, v in cal.items()))
+    if mask.params:
+        console.print("params: " + ", ".join(f"{k}={v}" for k, v in mask.params.items()))
+    table = Table("block", "status", "score")
+    for i in range(mask.num_hidden_layers):
+        score = mask.scores[i] if mask.scores else None
+        table.add_row(
+            str(i),
+            "[red]removed[/]" if i in removed else "kept",
+            "-" if score is None else f"{score:.6g}",
+        )
+    console.print(table)
+
+
+@masks_app.command("validate")
+@user_errors
+def masks_validate(
+    files: list[Path],
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Also check the masks fit this model."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Validate mask files (and that they fit --model); exit 2 on the first bad one."""
+    from tabp_vllm.mask import check_depth, load_mask
+    from tabp_vllm.models import resolve_model
+
+    resolved = resolve_model(model) if model else None
+    from tabp_vllm.routing.router import is_router_file, validate_router_file
+
+    for file in files:
+        if is_router_file(file):  # a router file: every check, its encoder loaded
+            print(validate_router_file(file, resolved))
+            continue
+        mask = load_mask(file, resolved, model_name=model)
+        _warn(check_depth(mask, str(file), force))
+        print(f"ok: {file} (task {mask.task}, removes {len(mask.removed_layers)} of "
+              f"{mask.num_hidden_layers} blocks: {mask.removed_layers})")
+
+
+@masks_app.command("make")
+@user_errors
+def masks_make(
+    output: Path,
+    remove: str = typer.Option(..., "--remove", help="Blocks to remove, e.g. '3,10-12,29'."),
+    task: str = typer.Option(..., "--task"),
+    model: str = typer.Option("llama", "--model", "-m"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Write a hand-made mask (for experiments and tests; `score` makes real ones)."""
+    from tabp_vllm.mask import check_depth, make_mask
+    from tabp_vllm.models import resolve_model
+
+    layers: list[int] = []
+    for part in filter(None, (p.strip() for p in remove.split(","))):
+        try:
+            lo, _, hi = part.partition("-")
+            layers.extend(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise TabpError(f"--remove: {part!r} is not a block index or range") from None
+    mask = make_mask(resolve_model(model), layers, task=task, model_id=model)
+    _warn(check_depth(mask, str(output), force))
+    mask.save(output)
+    print(f"wrote {output}: removes {mask.removed_layers}")
+
+
+@masks_app.command("cut")
+@user_errors
+def masks_cut(
+    file: Path,
+    output: Path = typer.Option(..., "-o", "--output", help="The mask to write."),
+    k: int = typer.Option(..., "--k", help="Blocks to remove (at most the scored k)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Write the mask a smaller k gives, from a scored mask's own scores (no new scoring run;
+    for the methods that rank every k: every one but angular, which compares blocks k apart)."""
+    from tabp_vllm.mask import check_depth, load_mask
+    from tabp_vllm.scoring import mask_at_k
+
+    mask = mask_at_k(load_mask(file), k, where=str(file))
+    _warn(check_depth(mask, str(output), force))
+    mask.save(output)
+    print(f"wrote {output}: removes {mask.removed_layers}")
+
+
+def _warn(text: Optional[str]) -> None:
+    if text:
+        print(f"warning: {text}", file=sys.stderr)
