@@ -129,7 +129,7 @@ class Report:
     """The run's state: scoring records, per-document evaluation cache, and the report files."""
 
     def __init__(self, out: Path, args: argparse.Namespace):
-        from tabp_vllm.engine import cpu_info
+        from tabp_vllm.hardware import cpu_info
 
         self.out, self.args = out, args
         (out / "masks").mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,7 @@ def load_runs(path: Path) -> list[dict]:
 
 
 def main() -> None:
-    from tabp_vllm.engine import choose_dtype, cpu_info
+    from tabp_vllm.hardware import choose_dtype, cpu_info
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)

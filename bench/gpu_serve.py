@@ -75,7 +75,8 @@ def memory_plan(run: Run, model_dir: str, plan: dict[str, Any], max_model_len: i
     each); CPU: a fixed KV cache per engine."""
     if run.doc["env"]["device"] != "cuda":
         return {"kv_cache_gib": CPU_KV_CACHE_GIB}
-    from tabp_vllm.engine import gpu_memory_fractions, gpu_total_bytes
+    from tabp_vllm.hardware import gpu_total_bytes
+    from tabp_vllm.memory import gpu_memory_fractions
 
     engines = {**plan["variants"], "bare": []}
     needs = engine_needs(model_dir, engines, plan["blocks"])
@@ -101,7 +102,7 @@ def gpu_processes() -> str:
 
 
 def step_servers_and_bench(run: Run, model_dir: str, plan: dict[str, Any]) -> dict[str, Any]:
-    from tabp_vllm.engine import engine_start_lock
+    from tabp_vllm.hardware import engine_start_lock
     from tabp_vllm.loadtest.commands import run_bench
     from tabp_vllm.loadtest.servers import api_server_command
     from tabp_vllm.process import ManagedProcess, free_port, lists_models

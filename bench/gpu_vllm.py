@@ -7,7 +7,7 @@ The vLLM counterpart of `gpu_scale.py` (same synthetic checkpoint, same hand-mad
 JSON layout and plot), with the engines built as `tabp-vllm serve` builds them:
 `tabp_vllm.engine.engine_args_for` (the `tabp_pruned` loader reads the original checkpoint minus
 the removed blocks; on a GPU compiled mode with CUDA graphs), one engine per variant, all on the
-one GPU at once with `gpu_memory_utilization` from `tabp_vllm.engine.gpu_memory_fractions`.
+one GPU at once with `gpu_memory_utilization` from `tabp_vllm.memory.gpu_memory_fractions`.
 
 Per batch size B: every variant warms up once at full length (untimed), then rounds interleave
 the variants (dense, k4, k8, dense, ...). Each measurement is two offline `generate` calls on B
@@ -41,15 +41,9 @@ NOTE = ("vLLM offline engines built by tabp_vllm.engine (the tabp_pruned loader)
 
 def engine_needs(model_dir: str, variants: dict[str, list[int]], num_layers: int) -> list[Any]:
     """What each variant's GPU engine holds, in the dtype it runs (as `serve` estimates it)."""
-    from tabp_vllm.engine import (EngineNeed, choose_dtype, dtype_bytes, kv_bytes_per_token,
-                                  weight_bytes)
-    from tabp_vllm.models import load_model_config
+    from tabp_vllm.memory import engine_needs
 
-    config = load_model_config(model_dir)
-    nbytes = dtype_bytes(choose_dtype("auto", gpu=True)[0], config, True)
-    return [EngineNeed(n, weight_bytes(config, num_layers - len(r), nbytes),
-                       kv_bytes_per_token(config, num_layers - len(r), nbytes))
-            for n, r in variants.items()]
+    return engine_needs(model_dir, {n: num_layers - len(r) for n, r in variants.items()}, gpu=True)
 
 
 def start_engine(run: Run, model_dir: str, name: str, removed: list[int], fraction: float | None,
@@ -126,7 +120,8 @@ def step_vllm_speed(run: Run, model_dir: str) -> None:
     import numpy as np
 
     import vllm
-    from tabp_vllm.engine import gpu_memory_fractions, gpu_total_bytes
+    from tabp_vllm.hardware import gpu_total_bytes
+    from tabp_vllm.memory import gpu_memory_fractions
     from tabp_vllm.flops import DecoderShape, shape_summary
     from tabp_vllm.models import load_model_config
 

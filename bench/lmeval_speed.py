@@ -39,7 +39,7 @@ def main() -> None:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from tabp_vllm.engine import choose_dtype, cpu_info
+    from tabp_vllm.hardware import choose_dtype, cpu_info
     from tabp_vllm.lmeval import TabpVLLM
     from tabp_vllm.lmeval_tasks import task_manager
 
@@ -119,7 +119,7 @@ def measure_server(a: argparse.Namespace) -> None:
     from lm_eval import simple_evaluate
     from transformers import AutoTokenizer
 
-    from tabp_vllm.engine import choose_dtype, cpu_info
+    from tabp_vllm.hardware import choose_dtype, cpu_info
     from tabp_vllm.lmeval_tasks import task_manager
     from tabp_vllm.models import resolve_model
     from tabp_vllm.process import ManagedProcess, free_port, lists_models

@@ -89,7 +89,7 @@ def run_case(mode: str, a) -> dict:
 def main() -> None:
     from cpu_dtype import load_runs
 
-    from tabp_vllm.engine import cpu_info
+    from tabp_vllm.hardware import cpu_info
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)

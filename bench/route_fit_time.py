@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tabp_vllm.engine import cpu_info  # noqa: E402
+from tabp_vllm.hardware import cpu_info  # noqa: E402
 
 TARGET_S = 600.0
 TASKS = ("arc_easy", "piqa", "boolq", "gsm8k")

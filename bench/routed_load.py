@@ -26,7 +26,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tabp_vllm.engine import cpu_info  # noqa: E402
+from tabp_vllm.hardware import cpu_info  # noqa: E402
 from tabp_vllm.process import ManagedProcess, free_port, lists_models  # noqa: E402
 
 THROUGHPUT_TARGET, P50_TARGET_S = 0.95, 0.010

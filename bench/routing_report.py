@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tabp_vllm.engine import cpu_info  # noqa: E402
+from tabp_vllm.hardware import cpu_info  # noqa: E402
 
 CLI = [sys.executable, "-m", "tabp_vllm"]
 EVAL_OF = {"arc_easy": "tabp_arc_easy", "piqa": "tabp_piqa", "boolq": "tabp_boolq"}

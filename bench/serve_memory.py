@@ -32,7 +32,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tabp_vllm.engine import GiB, cpu_info  # noqa: E402
+from tabp_vllm.hardware import cpu_info  # noqa: E402
+from tabp_vllm.memory import GiB  # noqa: E402
 from tabp_vllm.process import ManagedProcess, free_port, lists_models  # noqa: E402
 
 TARGET_OVERHEAD_GIB = 0.6
@@ -135,7 +136,6 @@ def summarize(snap: dict, weights: dict[str, int], kv_bytes: int) -> dict:
 def run_setting(name: str, env: dict[str, str], masks: list[Path], kv_gib: float, out_dir: Path,
                 extra_args: list[str]) -> dict:
     from tabp_vllm.serve.commands import build_spec
-    from tabp_vllm.serve.config import engine_needs
 
     port, mport = free_port(8040, 8080), free_port(8080, 8100)
     cmd = [sys.executable, "-m", "tabp_vllm", "serve", "--model", "llama", "--port", str(port),
@@ -145,7 +145,7 @@ def run_setting(name: str, env: dict[str, str], masks: list[Path], kv_gib: float
         cmd += ["--task-mask", str(m)]
     spec = build_spec(model="llama", task_mask=masks, kv_cache_gib=kv_gib)
     names = [v.name for v in spec.variants]
-    weights = {n.name: n.weight_bytes for n in engine_needs(spec, gpu=False)}
+    weights = {n.name: n.weight_bytes for n in spec.engine_needs(gpu=False)}
     proc = ManagedProcess(cmd, out_dir / f"serve-{name}.log", env=env, cwd=REPO,
                           name=f"serve ({name})")
     t0 = time.monotonic()

@@ -44,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# Every setting names its `--ray-serve` profile (RAY_SERVE_PROFILES in tabp_vllm/serve/config.py):
+# Every setting names its `--ray-serve` profile (RAY_SERVE_PROFILES in tabp_vllm/serve/options.py):
 # the single levers are measured on Ray Serve's own defaults, as the baseline is.
 DEFAULT = ["--ray-serve", "default"]
 SETTINGS: dict[str, dict] = {
@@ -83,7 +83,7 @@ TARGET = 0.95
 
 
 def main() -> None:
-    from tabp_vllm.engine import cpu_info
+    from tabp_vllm.hardware import cpu_info
     from tabp_vllm.errors import TabpError
     from tabp_vllm.loadtest.commands import run_bench
     from tabp_vllm.loadtest.servers import api_server_command

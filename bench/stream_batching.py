@@ -55,7 +55,7 @@ async def measure(targets, requests: int, max_tokens: int, seed: int):
 
 
 def main() -> None:
-    from tabp_vllm.engine import cpu_info
+    from tabp_vllm.hardware import cpu_info
     from tabp_vllm.errors import TabpError
     from tabp_vllm.loadtest.loadgen import Target
     from tabp_vllm.loadtest.servers import api_server_command

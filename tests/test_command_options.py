@@ -199,7 +199,8 @@ def _one_error_line(res) -> str:
 
 def test_help_names_the_engine_defaults():
     """Defaults that mean "the engine's" are named from the engine's constants, not copied."""
-    from tabp_vllm.engine import DEFAULT_CPU_KV_CACHE_GIB, DEFAULT_MAX_MODEL_LEN
+    from tabp_vllm.engine import DEFAULT_MAX_MODEL_LEN
+    from tabp_vllm.memory import DEFAULT_CPU_KV_CACHE_GIB
 
     for cls in (EvalOptions, BenchOptions, EngineOptions):
         assert f"{DEFAULT_CPU_KV_CACHE_GIB:g}" in shown_default(cls.model_fields["kv_cache_gib"])

@@ -133,7 +133,7 @@ def test_hosts_are_those_that_did_work(cv2, tmp_path, monkeypatch):
                               seeds=[0], samples=256, sleb_samples=32, limit=None)
     earlier = {"model": "Earlier CPU", "flags": ["avx2"]}
     (tmp_path / "report.json").write_text(json.dumps({"host": earlier, "args": vars(args)}))
-    monkeypatch.setattr("tabp_vllm.engine.cpu_info", lambda: {"model": "This CPU", "flags": []})
+    monkeypatch.setattr("tabp_vllm.hardware.cpu_info", lambda: {"model": "This CPU", "flags": []})
     rep = cv2.Report(tmp_path, args)
     assert rep.hosts == [earlier]
     rep.worked_here()

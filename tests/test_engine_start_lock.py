@@ -1,4 +1,4 @@
-"""The engine-start lock that engines sharing one GPU start under (`engine.engine_start_lock`),
+"""The engine-start lock that engines sharing one GPU start under (`hardware.engine_start_lock`),
 and the served engine class that takes it (`serve.app.TabpLLMServer`), without a GPU: the lock is
 a file lock between processes, and the engine start it wraps is replaced by a probe."""
 
@@ -13,13 +13,13 @@ import time
 
 import pytest
 
-from tabp_vllm.engine import ENGINE_START_LOCK_ENV, engine_start_lock
-from tabp_vllm.serve.config import ENGINE_IN_REPLICA_ENV, SHARED_GPU_ENV, UNIPROC_ENV
+from tabp_vllm.hardware import ENGINE_START_LOCK_ENV, engine_start_lock
+from tabp_vllm.serve.deploy import ENGINE_IN_REPLICA_ENV, SHARED_GPU_ENV, UNIPROC_ENV
 
 # A second process that starts "an engine" under the lock: prints when it has the lock.
 CHILD = """
 import sys, time
-from tabp_vllm.engine import engine_start_lock
+from tabp_vllm.hardware import engine_start_lock
 with engine_start_lock(sys.argv[1], log=lambda m: print(m, flush=True)) as waited:
     print(f"started after {waited:.2f}", flush=True)
 """
@@ -57,7 +57,7 @@ def test_a_second_engine_waits_for_the_first(tmp_path):
 def test_a_holder_that_dies_releases_it(tmp_path):
     lock = tmp_path / "start.lock"
     holder = subprocess.Popen([sys.executable, "-c",
-                               "import sys, time\nfrom tabp_vllm.engine import engine_start_lock\n"
+                               "import sys, time\nfrom tabp_vllm.hardware import engine_start_lock\n"
                                "with engine_start_lock(sys.argv[1]):\n"
                                "    print('held', flush=True); time.sleep(600)", str(lock)],
                               stdout=subprocess.PIPE, text=True)

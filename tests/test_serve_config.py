@@ -12,6 +12,7 @@ import yaml
 
 from tabp_vllm.errors import TabpError
 from tabp_vllm.serve.commands import build_spec
+from tabp_vllm.serve.deploy import ingress_options, ray_cpus_needed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,7 @@ def test_names_blocks_and_speedup(two_masks):
     assert (dense.blocks_kept, g.blocks_kept, a.blocks_kept) == (30, 26, 25)
     assert dense.theoretical_speedup == 1.0 < g.theoretical_speedup < a.theoretical_speedup < 30 / 25
     assert g.metadata()["mask_hash"] == g.mask_hash and len(g.mask_hash) == 12
-    assert spec.ray_cpus_needed() == 7
+    assert ray_cpus_needed(spec) == 7
     assert spec.host == "127.0.0.1"
 
 
@@ -49,7 +50,7 @@ def test_duplicate_and_empty_are_errors(two_masks):
 
 
 def test_llm_configs_carry_engine_args(two_masks):
-    from tabp_vllm.serve.config import llm_configs
+    from tabp_vllm.serve.deploy import llm_configs
 
     spec = build_spec(task_mask=[two_masks[0]], max_model_len=512, kv_cache_gib=0.25,
                       replicas=2, engine_arg=["max_num_seqs=8"])
@@ -67,30 +68,30 @@ def test_llm_configs_carry_engine_args(two_masks):
 def test_request_path_options_reach_the_app(tmp_path, two_masks):
     """Defaults leave Ray Serve LLM's own settings; given ones land in the LLMConfigs and the
     ingress deployment's options, file < CLI."""
-    from tabp_vllm.serve.config import llm_configs
+    from tabp_vllm.serve.deploy import llm_configs
 
     ray_defaults = {"max_ongoing_requests": 10**9,
                     "autoscaling_config": {"target_ongoing_requests": 10**9}}
     plain = build_spec(task_mask=[two_masks[0]])
     assert all("stream_batching_interval_ms" not in c.experimental_configs for c in llm_configs(plain))
-    assert plain.ingress_options(ray_defaults) == ray_defaults
+    assert ingress_options(plain, ray_defaults) == ray_defaults
 
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(yaml.safe_dump({"request_path": {"stream_batching_interval_ms": 10,
                                                     "ingress_replicas": 3}}))
     spec = build_spec(config=cfg, stream_batching_interval_ms=0.0, ingress_max_ongoing_requests=64)
     assert {c.experimental_configs["stream_batching_interval_ms"] for c in llm_configs(spec)} == {0.0}
-    options = spec.ingress_options(ray_defaults)
+    options = ingress_options(spec, ray_defaults)
     assert options == {"max_ongoing_requests": 64, "num_replicas": 3}
     # the local Ray gets a logical CPU for every ingress replica (else the 2nd never schedules)
-    assert len(spec.variants) == 1 and spec.ray_cpus_needed() == 2 + 3
+    assert len(spec.variants) == 1 and ray_cpus_needed(spec) == 2 + 3
     assert ray_defaults["max_ongoing_requests"] == 10**9  # Ray's dict is not changed
     with pytest.raises(TabpError, match="request_path.ingress_replicas"):
         build_spec(ingress_replicas=0)
 
 
 def test_ray_serve_profile_sets_the_environment_a_user_did_not():
-    from tabp_vllm.serve.config import apply_ray_serve_profile
+    from tabp_vllm.serve.deploy import apply_ray_serve_profile
     from tabp_vllm.serve.options import RAY_SERVE_PROFILES
 
     assert build_spec().request_path.ray_serve == "throughput-optimized"  # measured best (docs/serving.md)
@@ -174,13 +175,14 @@ def test_memory_estimate_and_refusal_before_ray(two_masks, monkeypatch):
     import typer
     from typer.testing import CliRunner
 
-    from tabp_vllm.engine import GiB
-    from tabp_vllm.serve.commands import check_memory, serve
-    from tabp_vllm.serve.config import (CPU_APP_OVERHEAD_GIB, CPU_ENGINE_IN_REPLICA_OVERHEAD_GIB,
-                                        CPU_ENGINE_OVERHEAD_GIB, cpu_memory_estimate)
+    from tabp_vllm.memory import GiB
+    from tabp_vllm.memory import (CPU_APP_OVERHEAD_GIB, CPU_ENGINE_IN_REPLICA_OVERHEAD_GIB,
+                                  CPU_ENGINE_OVERHEAD_GIB)
+    from tabp_vllm.serve.commands import serve
+    from tabp_vllm.serve.spec import check_memory
 
     spec = build_spec(task_mask=list(two_masks), kv_cache_gib=0.5, dtype="float32")
-    need, per = cpu_memory_estimate(spec)
+    need, per = spec.cpu_memory_estimate()
     assert list(per) == ["llama", "llama-gsm8k", "llama-arc"]
     # the dense demo model in float32: 134.5M parameters (tied head) = 0.50 GiB
     assert per["llama"] == pytest.approx((0.501 + 0.5 + CPU_ENGINE_OVERHEAD_GIB) * GiB, rel=1e-2)
@@ -193,7 +195,7 @@ def test_memory_estimate_and_refusal_before_ray(two_masks, monkeypatch):
     # one process per variant (the engine core in the replica): its own, smaller overhead
     lean = build_spec(task_mask=list(two_masks), kv_cache_gib=0.5, dtype="float32",
                       cpu_engine_in_replica=True)
-    lean_need, lean_per = cpu_memory_estimate(lean)
+    lean_need, lean_per = lean.cpu_memory_estimate()
     assert lean_per["llama"] == pytest.approx(
         (0.501 + 0.5 + CPU_ENGINE_IN_REPLICA_OVERHEAD_GIB) * GiB, rel=1e-2)
     assert lean_need < need
@@ -218,7 +220,7 @@ def test_one_progress_line_per_variant_as_it_becomes_ready(two_masks, monkeypatc
 
     from ray import serve
 
-    from tabp_vllm.serve import commands
+    from tabp_vllm.serve import deploy
 
     spec = build_spec(task_mask=list(two_masks))
     steps = iter([{}, {"LLMServer:llama-arc": 1}, {"LLMServer:llama-arc": 1, "LLMServer:llama": 1},
@@ -230,20 +232,20 @@ def test_one_progress_line_per_variant_as_it_becomes_ready(two_masks, monkeypatc
         deps["TabpIngress"] = NS(replica_states={"RUNNING": 1})
         app = NS(status="RUNNING" if len(running) == 3 else "DEPLOYING", deployments=deps,
                  message="")
-        return NS(applications={commands.APP_NAME: app})
+        return NS(applications={deploy.APP_NAME: app})
 
     monkeypatch.setattr(serve, "status", status)
     lines: list[str] = []
-    commands.wait_running(spec, log=lines.append, poll_s=0)
+    deploy.wait_running(spec, log=lines.append, poll_s=0)
     assert [ln.split(" (")[0] for ln in lines] == [
         "ready: llama-arc", "ready: llama", "ready: llama-gsm8k"]
     assert lines[-1].startswith("ready: llama-gsm8k (3/3 variants, ")
 
-    failed = NS(applications={commands.APP_NAME: NS(status="DEPLOY_FAILED", deployments={},
+    failed = NS(applications={deploy.APP_NAME: NS(status="DEPLOY_FAILED", deployments={},
                                                     message="replica crashed")})
     monkeypatch.setattr(serve, "status", lambda: failed)
     with pytest.raises(RuntimeError, match="replica crashed"):
-        commands.wait_running(spec, log=lines.append, poll_s=0)
+        deploy.wait_running(spec, log=lines.append, poll_s=0)
 
 
 # ---- serve --router ---------------------------------------------------------------------------

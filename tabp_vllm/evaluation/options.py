@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
-from tabp_vllm.engine import DEFAULT_CPU_KV_CACHE_GIB
+from tabp_vllm.memory import DEFAULT_CPU_KV_CACHE_GIB
 from tabp_vllm.options import REQUIRED, Options, option
 
 TASK_HELP = ("lm-eval task names, comma-separated: the offline tabp_arc_easy, tabp_arc_challenge, "

@@ -78,7 +78,7 @@ def run_bench(options: BenchOptions | None = None, /, *, progress: bool = True,
     from rich.console import Console
 
     from tabp_vllm import flops
-    from tabp_vllm.engine import cpu_info
+    from tabp_vllm.hardware import cpu_info
     from tabp_vllm.loadtest import loadgen, report
     from tabp_vllm.models import load_model_config
     from tabp_vllm.models import alias_of, resolve_model

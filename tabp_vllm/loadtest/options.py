@@ -13,7 +13,8 @@ from typing import Literal, Optional
 from pydantic import ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from tabp_vllm.engine import DEFAULT_CPU_KV_CACHE_GIB, DEFAULT_MAX_MODEL_LEN
+from tabp_vllm.engine import DEFAULT_MAX_MODEL_LEN
+from tabp_vllm.memory import DEFAULT_CPU_KV_CACHE_GIB
 from tabp_vllm.options import REQUIRED, Options, option
 
 DEFAULT_URL = "http://127.0.0.1:8000"

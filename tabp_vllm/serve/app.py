@@ -27,7 +27,7 @@ from ray.serve.llm.ingress import OpenAiIngress
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse, StreamingResponse
 
-from tabp_vllm.serve.config import (ENGINE_IN_REPLICA_ENV, SHARED_GPU_ENV, STREAM_BATCHING_ENV,
+from tabp_vllm.serve.deploy import (ENGINE_IN_REPLICA_ENV, SHARED_GPU_ENV, STREAM_BATCHING_ENV,
                                     UNIPROC_ENV)
 from tabp_vllm.serve.errors import error_body, guard_stream, install_openai_errors
 from tabp_vllm.serve.streaming import leading_edge_batches
@@ -72,7 +72,7 @@ class TabpLLMServer(LLMServer):
     """Ray Serve LLM's `LLMServer` with its streamed outputs gathered leading-edge first
     (`serve/streaming.py`: the first output of a burst leaves at once, not after a whole batching
     window; `TABP_VLLM_STREAM_BATCHING=ray` keeps Ray's windows), and three changes to how its
-    engine starts, each switched on by the variant's environment (`serve.config.llm_configs`):
+    engine starts, each switched on by the variant's environment (`serve.deploy.llm_configs`):
     - CPU (`TABP_VLLM_CPU_UNIPROC=1`): the one worker runs inside the engine core process (vLLM's
       uni-process executor, vLLM's own default for one worker) instead of a process of its own:
       Ray Serve LLM forces the multiprocess executor on CPU, which costs every variant one more
@@ -81,7 +81,7 @@ class TabpLLMServer(LLMServer):
       runs in this replica's process, in a thread (`serve/inproc_engine.py`): one process per
       variant;
     - GPU shared by several engines (`TABP_VLLM_SHARED_GPU=1`): the engine starts under the node's
-      engine-start lock (`engine.engine_start_lock`), so engines that Ray Serve starts together
+      engine-start lock (`hardware.engine_start_lock`), so engines that Ray Serve starts together
       profile their memory one at a time and each gets the KV cache its fraction of the card
       allows."""
 
@@ -105,7 +105,7 @@ def _tabp_engine_cls():
 
     from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 
-    from tabp_vllm.engine import engine_start_lock
+    from tabp_vllm.hardware import engine_start_lock
 
     logger = logging.getLogger("ray.serve")
 
@@ -219,11 +219,11 @@ def build_app(spec) -> Any:
     # Private: the `/v1/models` card of an LLMConfig, exactly as build_openai_app makes it.
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
 
-    from tabp_vllm.serve.config import llm_configs
+    from tabp_vllm.serve.deploy import ingress_options, llm_configs
 
     configs = llm_configs(spec)
     ingress = make_fastapi_ingress(TabpIngress, app=ingress_app(spec.api_key))
-    options = spec.ingress_options(TabpIngress.get_deployment_options(configs))
+    options = ingress_options(spec, TabpIngress.get_deployment_options(configs))
     return serve.deployment(ingress, **options).bind(
         # one name whatever the server class: "LLMServer:<variant>"
         llm_deployments={c.model_id: build_llm_deployment(c, name_prefix="LLMServer:")

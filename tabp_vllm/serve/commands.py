@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -12,11 +11,9 @@ from typing import Any, List, Optional
 
 import typer
 
-from tabp_vllm.errors import TabpError, first_line, user_errors
+from tabp_vllm.errors import TabpError, user_errors
 from tabp_vllm.options import options_command
 from tabp_vllm.serve.options import ServeOptions
-
-APP_NAME = "tabp"
 
 
 def _parse_extra(items: list[str]) -> dict:
@@ -75,146 +72,22 @@ def _merged_options(cli: dict[str, Any], config: Optional[Path], *,
 
 def build_spec(**cli):
     """A validated `ServeSpec` from CLI options, a YAML config file, or both (`serve_options`)."""
-    from tabp_vllm.serve.config import ServeSpec
+    from tabp_vllm.serve.spec import ServeSpec
 
     return ServeSpec.from_options(serve_options(**cli))
-
-
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds on an address nobody listens on (ray.init would retry for minutes)."""
-    import socket
-
-    if address in ("auto", "local"):
-        return
-    hostport = address.split("://", 1)[-1]
-    host, sep, port = hostport.rpartition(":")
-    if not sep or not port.isdigit():
-        raise TabpError(f"--address {address}: expected auto, HOST:PORT or ray://HOST:PORT")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as exc:
-        raise TabpError(f"--address {address}: no Ray cluster answers there ({exc})") from None
-
-
-def start(spec, *, quiet: bool = False) -> None:
-    """Start (or join) Ray, deploy the app and wait until every variant is ready."""
-    import ray
-    from ray import serve
-
-    from tabp_vllm.serve.app import build_app
-
-    if spec.address:
-        if not quiet and spec.request_path.ray_serve != "default":
-            print(f"request path: ray_serve={spec.request_path.ray_serve} is not applied to a joined "
-                  f"cluster: its processes keep the RAY_SERVE_* environment of `ray start`", flush=True)
-        try:
-            ray.init(address=spec.address, log_to_driver=not quiet)
-        except ConnectionError as exc:
-            raise TabpError(f"--address {spec.address}: cannot join the Ray cluster ({exc})") from None
-    else:
-        from tabp_vllm.serve.config import apply_ray_serve_profile
-
-        applied = apply_ray_serve_profile(spec.request_path.ray_serve, os.environ)
-        if not quiet:
-            print(f"request path: ray_serve={spec.request_path.ray_serve}"
-                  + "".join(f" {k}={v}" for k, v in applied.items()), flush=True)
-        # "local": always a private Ray, even when a `ray start` cluster runs on this host (plain
-        # ray.init() would join that one, and fail on num_cpus).
-        try:
-            ray.init(address="local", num_cpus=spec.num_cpus or spec.ray_cpus_needed(),
-                     include_dashboard=False, _metrics_export_port=spec.metrics_port,
-                     log_to_driver=not quiet)
-        except (RuntimeError, ConnectionError) as exc:  # e.g. GCS/raylet start timed out on a busy host
-            raise TabpError(f"could not start a local Ray instance: {first_line(exc)} (is the machine "
-                            f"overloaded, or out of memory?)") from None
-    app = build_app(spec)
-    serve.start(http_options={"host": spec.host, "port": spec.port})
-    serve.run_many([serve.RunTarget(target=app, name=APP_NAME, route_prefix="/")],
-                   wait_for_applications_running=False)
-    wait_running(spec, log=None if quiet else print)
-
-
-def deployment_key(model_id: str) -> str:
-    # Ray Serve LLM names a variant's deployment "LLMServer:<model_id>", '/' and '.' replaced.
-    return model_id.replace("/", "--").replace(".", "_")
-
-
-def wait_running(spec, log=print, poll_s: float = 2.0) -> None:
-    """Wait until the app is RUNNING, printing one line per variant as its replicas come up
-    (`serve.run` would wait silently: ten CPU variants take minutes)."""
-    from ray import serve
-
-    t0 = time.monotonic()
-    pending = {deployment_key(v.name): v for v in spec.variants}
-    total = len(pending)
-    while True:
-        app = serve.status().applications.get(APP_NAME)
-        if app is not None:
-            for name, dep in app.deployments.items():
-                v = pending.get(name.split(":", 1)[-1])
-                if v is not None and dep.replica_states.get("RUNNING", 0) >= v.replicas:
-                    del pending[deployment_key(v.name)]
-                    if log:
-                        log(f"ready: {v.name} ({total - len(pending)}/{total} variants, "
-                            f"{time.monotonic() - t0:.0f} s)")
-                        sys.stdout.flush()
-            if app.status == "RUNNING" and not pending:
-                return
-            if app.status == "DEPLOY_FAILED":  # what serve.run raises
-                raise RuntimeError(f"Deploying application {APP_NAME} failed: {app.message}")
-        time.sleep(poll_s)
-
-
-def check_memory(spec, available_bytes: int | None = None) -> None:
-    """Refuse, in one line and before Ray starts, a local CPU serve whose variants cannot fit
-    the memory this machine has available (`config.cpu_memory_estimate`)."""
-    import psutil
-
-    from tabp_vllm.engine import GiB
-    from tabp_vllm.serve.config import cpu_memory_estimate
-
-    need, per_variant = cpu_memory_estimate(spec)
-    avail = psutil.virtual_memory().available if available_bytes is None else available_bytes
-    if need > avail:
-        worst = max(per_variant.values())
-        lean = "" if spec.engine.cpu_engine_in_replica else ", add --engine-in-replica"
-        raise TabpError(
-            f"{len(spec.variants)} variants need ~{need / GiB:.1f} GiB (up to {worst / GiB:.1f} GiB "
-            f"each: weights + KV cache + engine and Ray processes), {avail / GiB:.1f} GiB is "
-            f"available: serve fewer variants{lean} or lower --kv-cache-gib")
-
-
-def stop(joined: bool = False, serve_timeout_s: float = 90.0) -> None:
-    """Delete the app and Serve, then stop the local Ray (which kills every process it started).
-
-    On a joined cluster (`--address`) only our app is deleted; Serve and Ray keep running.
-    A terminal's Ctrl-C also reaches Ray's own processes (same process group), so Serve may be
-    unable to answer: its shutdown gets a time limit and Ray is stopped regardless.
-    """
-    import threading
-
-    import ray
-    from ray import serve
-
-    if ray.is_initialized():
-        target = (lambda: serve.delete(APP_NAME)) if joined else serve.shutdown
-        t = threading.Thread(target=target, name="serve-shutdown", daemon=True)
-        t.start()
-        t.join(serve_timeout_s)
-    ray.shutdown()
 
 
 def print_table(spec) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tabp_vllm.engine import GiB, on_gpu
-    from tabp_vllm.serve.config import cpu_memory_estimate, engine_needs
+    from tabp_vllm.hardware import on_gpu
+    from tabp_vllm.memory import GiB
 
     base = f"http://{spec.host}:{spec.port}"
     gpu = on_gpu()
-    memory = {} if gpu else cpu_memory_estimate(spec)[1]
-    weights = {n.name: n.weight_bytes * n.replicas for n in engine_needs(spec, gpu=gpu)}
+    memory = {} if gpu else spec.cpu_memory_estimate()[1]
+    weights = {n.name: n.weight_bytes * n.replicas for n in spec.engine_needs(gpu=gpu)}
     table = Table("variant", "task", "blocks kept", "speedup*", "mask hash", "replicas", "weights",
                   *(["memory**"] if memory else []),
                   title=f"tabp-vllm serve: {spec.model_alias} ({spec.model})")
@@ -223,7 +96,7 @@ def print_table(spec) -> None:
                       f"{v.theoretical_speedup:.3f}", v.mask_hash or "-", str(v.replicas),
                       f"{weights[v.name] / GiB:.2f} GiB",
                       *([f"{memory[v.name] / GiB:.2f} GiB"] if memory else []))
-    total = cpu_memory_estimate(spec)[0] if memory else None
+    total = spec.cpu_memory_estimate()[0] if memory else None
     table.add_section()
     table.add_row("total", "", "", "", "", str(sum(v.replicas for v in spec.variants)),
                   f"{sum(weights.values()) / GiB:.2f} GiB",
@@ -267,8 +140,9 @@ def serve(
 
 
 def run_serve(o: ServeOptions, dry_run: bool = False) -> None:
-    from tabp_vllm.engine import choose_dtype, on_gpu
-    from tabp_vllm.serve.config import ServeSpec
+    from tabp_vllm.hardware import choose_dtype, on_gpu
+    from tabp_vllm.serve.deploy import check_reachable, start, stop
+    from tabp_vllm.serve.spec import ServeSpec, check_memory
 
     spec = ServeSpec.from_options(o)
     print("dtype: %s (%s)" % choose_dtype(spec.engine.dtype), flush=True)

@@ -38,7 +38,7 @@ class ServeProcess:
     def __init__(self, options: ServeOptions, log_path: str | Path, *,
                  env: dict[str, str] | None = None, cwd: str | Path | None = None,
                  ready_timeout_s: float = 900.0, stop_grace_s: float = 120.0):
-        from tabp_vllm.serve.config import ServeSpec
+        from tabp_vllm.serve.spec import ServeSpec
 
         if not isinstance(options, ServeOptions):
             raise TypeError(f"ServeProcess needs ServeOptions, got {type(options).__name__}")

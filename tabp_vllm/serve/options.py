@@ -9,8 +9,9 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field
 
-from tabp_vllm.engine import DEFAULT_CPU_KV_CACHE_GIB, DEFAULT_MAX_MODEL_LEN, GPU_USABLE_FRACTION
+from tabp_vllm.engine import DEFAULT_MAX_MODEL_LEN
 from tabp_vllm.errors import TabpError
+from tabp_vllm.memory import DEFAULT_CPU_KV_CACHE_GIB, GPU_USABLE_FRACTION
 from tabp_vllm.options import REQUIRED, Options, build_options, option, read_config_file
 
 

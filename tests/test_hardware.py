@@ -1,9 +1,10 @@
-"""The engine dtype chosen from the CPU's flags, and the CPU summary benchmarks record (no engine)."""
+"""tabp_vllm/hardware.py: the engine dtype chosen from the CPU's flags, and the CPU summary
+benchmarks record (no engine)."""
 
 import pytest
 
-from tabp_vllm import engine
-from tabp_vllm.engine import choose_dtype, cpu_info
+from tabp_vllm import engine, hardware
+from tabp_vllm.hardware import choose_dtype, cpu_info
 
 EPYC_AVX2 = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -50,8 +51,8 @@ def test_cpu_info_reads_model_and_recorded_flags():
 
 def test_engine_args_resolve_auto_through_the_cpu(demo_model, monkeypatch):
     monkeypatch.setattr(engine, "on_gpu", lambda: False)
-    monkeypatch.setattr(engine, "cpu_info", lambda: {"model": "x", "flags": ["avx2"]})
+    monkeypatch.setattr(hardware, "cpu_info", lambda: {"model": "x", "flags": ["avx2"]})
     assert engine.engine_args_for(demo_model)["dtype"] == "float32"
     assert engine.engine_args_for(demo_model, dtype="bfloat16")["dtype"] == "bfloat16"
-    monkeypatch.setattr(engine, "cpu_info", lambda: {"model": "x", "flags": ["amx_bf16"]})
+    monkeypatch.setattr(hardware, "cpu_info", lambda: {"model": "x", "flags": ["amx_bf16"]})
     assert engine.engine_args_for(demo_model)["dtype"] == "bfloat16"

