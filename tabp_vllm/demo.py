@@ -31,11 +31,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 from rich.console import Console
 
+from tabp_vllm import prometheus as prom
 from tabp_vllm.errors import TabpError
-from tabp_vllm.process import ManagedProcess, lists_models
+from tabp_vllm.serve.launcher import ServeProcess
+from tabp_vllm.serve.options import ServeOptions, VariantOptions
 
 console = Console()
 OUT = Path(os.environ.get("TABP_VLLM_DEMO_OUT", "out/demo"))
@@ -48,27 +49,23 @@ CHAT_QUESTION = "What color is the sky on a clear day?"  # not in the bundled se
 CANDIDATE_KS = (2, 4, 6)  # blocks removed (the demo model has 30); scored once at the largest
 KEEP_ACCURACY = 0.9  # serve the largest k before the first under 90 % of dense's accuracy
 SUCCESS, BLOCKS_KEPT = "ray_vllm_request_success_total", "ray_tabp_variant_blocks_kept"
-ROUTED_COUNT = "ray_tabp_routed_requests_total"
-SHOWN = (SUCCESS, "ray_vllm_generation_tokens_total", BLOCKS_KEPT,
-         "ray_tabp_variant_theoretical_speedup", ROUTED_COUNT)
+SPEEDUP, ROUTED_COUNT = "ray_tabp_variant_theoretical_speedup", "ray_tabp_routed_requests_total"
+SHOWN = (SUCCESS, "ray_vllm_generation_tokens_total", BLOCKS_KEPT, SPEEDUP, ROUTED_COUNT)
+GAUGES = (BLOCKS_KEPT, SPEEDUP)  # every replica of a variant reports the same value
 
 
 def step(title: str) -> None:
     console.rule(f"[bold cyan]{title}")
 
 
-def variant_metrics(text: str) -> dict[tuple[str, str], float]:
+def variant_metrics(families) -> dict[tuple[str, str], float]:
     """{(metric, variant): value} for the SHOWN series over their other labels (Ray adds its
     own, and a counter is split by e.g. finished_reason): counters summed, gauges the largest."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     out: dict[tuple[str, str], float] = {}
-    for family in text_string_to_metric_families(text):
-        merge = (lambda a, b: a + b) if family.type == "counter" else max
-        for sample in family.samples:
-            if sample.name in SHOWN and "model_name" in sample.labels:
-                key = (sample.name, sample.labels["model_name"])
-                out[key] = merge(out[key], sample.value) if key in out else sample.value
+    for metric in SHOWN:
+        by = prom.max_by if metric in GAUGES else prom.sum_by
+        out.update(((metric, variant), value) for variant, value in by(families, metric).items()
+                   if variant)  # "": a series without a model_name
     return out
 
 
@@ -80,7 +77,7 @@ def wait_for_metrics(url: str, deadline_s: float = 120.0) -> dict[tuple[str, str
     """
     t_end = time.monotonic() + deadline_s
     while True:
-        got = variant_metrics(httpx.get(url, timeout=10).text)
+        got = variant_metrics(prom.scrape(url, timeout=10))
         missing = [v for v in VARIANTS
                    if got.get((SUCCESS, v), 0) < 1 or (BLOCKS_KEPT, v) not in got]
         if sum(x for (m, _), x in got.items() if m == ROUTED_COUNT) < len(ROUTED_QUESTIONS):
@@ -91,6 +88,14 @@ def wait_for_metrics(url: str, deadline_s: float = 120.0) -> dict[tuple[str, str
             raise TabpError(f"{url} did not show the requests of {', '.join(missing)} "
                             f"within {deadline_s:.0f} s")
         time.sleep(2)
+
+
+def show_console(log: str) -> None:
+    """What `serve` printed for a person, from its variant table to its READY line."""
+    lines = log.splitlines()
+    first = next((i for i, ln in enumerate(lines) if "tabp-vllm serve:" in ln), 0)
+    last = next((i for i, ln in enumerate(lines) if ln.startswith("READY")), len(lines) - 1)
+    print("\n".join(lines[first:last + 1]))
 
 
 def held_out_results(eval_json: Path) -> dict[int | None, dict[str, Any]]:
@@ -149,8 +154,6 @@ def summary(mask: Path, accuracy: dict[int | None, float], eval_json: Path, benc
 
 
 def main() -> int:
-    from openai import OpenAI
-
     OUT.mkdir(parents=True, exist_ok=True)
     mask = OUT / "demo.json"
 
@@ -184,25 +187,21 @@ def main() -> int:
                           "--router", str(router), "-o", str(OUT / "eval_routed.json")], check=True)
 
     step("4. serve: dense + pruned + routed, one OpenAI endpoint (Ray Serve + vLLM)")
-    server = ManagedProcess(
-        CLI + ["serve", "--model", "llama", "--task-mask", str(mask), "--router", str(router),
-               "--port", str(PORT),
-               "--metrics-port", str(METRICS_PORT), "--kv-cache-gib", "0.25",
-               "--max-model-len", "1024"],
-        OUT / "serve.log", name="tabp-vllm serve").start()
+    server = ServeProcess(
+        ServeOptions(model="llama", variants=[VariantOptions(mask=str(mask))], router=str(router),
+                     port=PORT, metrics_port=METRICS_PORT,
+                     engine={"kv_cache_gib": 0.25, "max_model_len": 1024}),
+        OUT / "serve.log", ready_timeout_s=600, stop_grace_s=120)
+    missing = [name for name in (*VARIANTS, ROUTED) if name not in server.model_names]
+    if missing:  # (the router's own variants come on top)
+        raise TabpError(f"the server would not serve {missing}: it names {server.model_names}")
+    server.start()
     try:
-        # /v1/models answers from the ingress as soon as it is up; the READY line follows once
-        # every variant's engine is up, right after the variant table we show here.
-        server.wait_ready(f"http://127.0.0.1:{PORT}/v1/models",
-                          ready=lists_models(VARIANTS + (ROUTED,)),
-                          log_line="\nREADY", deadline_s=600, interval_s=2)
-        lines = server.log_text().splitlines()
-        first = next(i for i, ln in enumerate(lines) if "tabp-vllm serve:" in ln)
-        last = next(i for i, ln in enumerate(lines) if ln.startswith("metrics:"))
-        print("\n".join(lines[first:last + 1]))
+        server.wait_ready()  # every variant's engine is up
+        show_console(server.log_text())
 
         step("5. the same question to every variant (openai client, greedy)")
-        client = OpenAI(base_url=f"http://127.0.0.1:{PORT}/v1", api_key="unused")
+        client = server.openai_client()
         question = [{"role": "user", "content": CHAT_QUESTION}]
         for m in client.models.list().data:
             if m.id == ROUTED:
@@ -228,13 +227,13 @@ def main() -> int:
                           "share a mask or split the questions otherwise")
 
         step("7. bench: dense vs pruned throughput, 4 concurrent clients, 2 x 15 s interleaved")
-        subprocess.run(CLI + ["bench", "--url", f"http://127.0.0.1:{PORT}", "--variant", VARIANTS[0],
+        subprocess.run(CLI + ["bench", "--url", server.base_url, "--variant", VARIANTS[0],
                               "--variant", VARIANTS[1], "--mask", f"{VARIANTS[1]}={mask}",
                               "--levels", "4", "--duration", "30", "--rounds", "2", "--ramp", "2",
                               "--output-len", "32", "--out", str(OUT), "--name", "bench"], check=True)
 
         step("8. Prometheus metrics, per variant")
-        got = wait_for_metrics(f"http://127.0.0.1:{METRICS_PORT}/metrics")
+        got = wait_for_metrics(server.metrics_url)
         for metric in SHOWN:
             for variant in VARIANTS:
                 if (metric, variant) in got and metric != ROUTED_COUNT:
@@ -246,7 +245,7 @@ def main() -> int:
         console.print(summary(mask, accuracy, OUT / "eval.json", OUT / "bench.json"))
     finally:
         step("9. stop (Ctrl-C)")
-        left = server.stop(grace_s=120)
+        left = server.stop()
         console.print(f"server exited with code {server.returncode}"
                       + (f"; killed {len(left)} process(es) still running after 120 s"
                          if left else ""))

@@ -37,3 +37,23 @@ def test_held_out_accuracy_and_summary_read_the_commands_outputs(tmp_path, write
     assert "0.688" in line and "0.750" in line
     assert "(92%; 32 questions; one standard error 0.083)" in line
     assert "1.041x" in line and "ideal 1.070x" in line
+
+
+def test_variant_metrics_sum_counters_and_take_the_largest_gauge():
+    from tabp_vllm.prometheus import parse
+
+    text = "\n".join([
+        "# TYPE ray_vllm_request_success_total counter",
+        'ray_vllm_request_success_total{model_name="llama",finished_reason="stop",WorkerId="1"} 2',
+        'ray_vllm_request_success_total{model_name="llama",finished_reason="length",WorkerId="1"} 3',
+        'ray_vllm_request_success_total{finished_reason="stop"} 9',
+        "# TYPE ray_tabp_variant_blocks_kept gauge",
+        'ray_tabp_variant_blocks_kept{model_name="llama-demo",WorkerId="1"} 26',
+        'ray_tabp_variant_blocks_kept{model_name="llama-demo",WorkerId="2"} 26',
+        "# TYPE ray_tabp_routed_requests_total counter",
+        'ray_tabp_routed_requests_total{routed_name="llama-auto",cluster="0",model_name="llama-demo"} 1',
+        'ray_tabp_routed_requests_total{routed_name="llama-auto",cluster="1",model_name="llama-demo"} 1',
+        "# TYPE ray_other gauge", 'ray_other{model_name="llama"} 1', ""])
+    assert demo.variant_metrics(parse(text)) == {
+        (demo.SUCCESS, "llama"): 5, (demo.BLOCKS_KEPT, "llama-demo"): 26,
+        (demo.ROUTED_COUNT, "llama-demo"): 2}

@@ -21,7 +21,10 @@ import pytest
 
 from prometheus_server import Prometheus, require_prometheus
 
-from tabp_vllm.process import ManagedProcess, free_port, lists_models
+from tabp_vllm import prometheus as prom
+from tabp_vllm.process import free_port
+from tabp_vllm.serve.launcher import ServeProcess
+from tabp_vllm.serve.options import ServeOptions, VariantOptions
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(3600)]
 
@@ -36,42 +39,9 @@ ROUTED, COMMONSENSE = "llama-auto", "llama-auto-0"
 VARIANTS = [DENSE, GSM8K, ARC, COMMONSENSE]
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 READY_TIMEOUT = float(os.environ.get("TABP_SERVE_READY_TIMEOUT", "1200"))
-
-
-class Server:
-    """`tabp-vllm serve` as a ManagedProcess; `proc.pid` is also its session id."""
-
-    def __init__(self, tmp: Path, masks: list[Path], router: Path):
-        self.port = free_port(8040, 8080)
-        self.metrics_port = free_port(8080, 8100)
-        self.base = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "tabp_vllm", "serve", "--model", "llama",
-               "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-               "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-gib", "0.25",
-               "--api-key", API_KEY]
-        for m in masks:
-            cmd += ["--task-mask", str(m)]
-        cmd += ["--router", str(router)]
-        env = {"RAY_metrics_report_interval_ms": "2000", "RAY_SERVE_HTTP_REQUEST_MAX_RETRIES": "0"}
-        self.proc = ManagedProcess(cmd, tmp / "serve.log", env=env, cwd=REPO, name="tabp-vllm serve")
-
-    def start(self) -> None:
-        self.proc.start()
-
-    def log_text(self) -> str:
-        return self.proc.log_text()
-
-    def wait_ready(self) -> None:
-        # /v1/models answers from the ingress as soon as it is up; the READY line (after the
-        # variant table test_startup_table reads) follows once every engine is up.
-        self.proc.wait_ready(f"{self.base}/v1/models", ready=lists_models(VARIANTS + [ROUTED]),
-                             headers={"Authorization": f"Bearer {API_KEY}"}, log_line="READY",
-                             deadline_s=READY_TIMEOUT, interval_s=2)
-
-    def stop(self) -> list[tuple[int, str]]:
-        """SIGINT (what Ctrl-C in a terminal sends to the whole group), wait for the server and
-        everything it started to exit; return the processes that had to be killed."""
-        return self.proc.stop(grace_s=240)
+# Ray reports metrics every 2 s (default 10 s: the Prometheus checks would wait longer); a failed
+# request is not retried by the proxy (the fault test counts failures)
+SERVE_ENV = {"RAY_metrics_report_interval_ms": "2000", "RAY_SERVE_HTTP_REQUEST_MAX_RETRIES": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -94,33 +64,40 @@ def router_file(tmp_path_factory, demo_model):
     return path
 
 
+def serve_options(mask_files, router_file) -> ServeOptions:
+    """The module's one server: dense, the two masks, the router (its commonsense variant)."""
+    return ServeOptions(
+        model="llama", variants=[VariantOptions(mask=str(m)) for m in mask_files],
+        router=str(router_file), port=free_port(8040, 8080), metrics_port=free_port(8080, 8100),
+        api_key=API_KEY, engine={"max_model_len": MAX_MODEL_LEN, "kv_cache_gib": 0.25})
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, mask_files, router_file):
-    srv = Server(tmp_path_factory.mktemp("serve"), mask_files, router_file)
-    srv.start()
-    try:
-        srv.wait_ready()
+    """`tabp-vllm serve` once for the module; leaving it sends Ctrl-C (SIGINT to the whole group)
+    and checks that the server and everything it started exited."""
+    srv = ServeProcess(serve_options(mask_files, router_file),
+                       tmp_path_factory.mktemp("serve") / "serve.log", env=SERVE_ENV, cwd=REPO,
+                       ready_timeout_s=READY_TIMEOUT, stop_grace_s=240)
+    with srv:  # returns once READY: every variant's engine is up, after the variant table
+        assert srv.model_names == VARIANTS + [ROUTED]
         yield srv
-    finally:
-        left = srv.stop()
-        print(srv.log_text()[-3000:])
-        assert not left, f"orphan processes after Ctrl-C: {left}"
-        assert "stopped" in srv.log_text()
+    print(srv.log_text()[-3000:])
+    assert not srv.left, f"orphan processes after Ctrl-C: {srv.left}"
+    assert "stopped" in srv.log_text()
 
 
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory, server):
     require_prometheus()
-    prom = Prometheus(tmp_path_factory.mktemp("prom"), [f"127.0.0.1:{server.metrics_port}"])
+    prom = Prometheus(tmp_path_factory.mktemp("prom"), [f"127.0.0.1:{server.options.metrics_port}"])
     yield prom
     prom.stop()
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{server.base}/v1", api_key=API_KEY, timeout=300, max_retries=0)
+    return server.openai_client(timeout=300, max_retries=0)
 
 
 def greedy(client, model, prompt, max_tokens=16, **kw):
@@ -136,8 +113,8 @@ def test_startup_table(server, prometheus):  # (Prometheus starts scraping from 
         assert name in text
     assert "26/30" in text and "25/30" in text and "30/30" in text
     assert f"routed:    {ROUTED} (2 clusters" in text and f"-> {COMMONSENSE}" in text
-    assert f"http://127.0.0.1:{server.metrics_port}/metrics" in text
-    assert f"{server.base}/v1/completions" in text
+    assert server.metrics_url in text
+    assert f"{server.base_url}/v1/completions" in text
     # the default request-path profile reached the local Ray (this whole module runs under it)
     assert "request path: ray_serve=throughput-optimized RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in text
 
@@ -163,12 +140,12 @@ def test_api_key_required(server, client):
     from openai import AuthenticationError, OpenAI
 
     for key in ("wrong", ""):
-        bad = OpenAI(base_url=f"{server.base}/v1", api_key=key or "x", max_retries=0)
+        bad = OpenAI(base_url=f"{server.base_url}/v1", api_key=key or "x", max_retries=0)
         with pytest.raises(AuthenticationError):
             bad.models.list()
         with pytest.raises(AuthenticationError):
             greedy(bad, DENSE, "Hi", max_tokens=2)
-    r = httpx.post(f"{server.base}/v1/completions", json={"model": DENSE, "prompt": "x"})
+    r = httpx.post(f"{server.base_url}/v1/completions", json={"model": DENSE, "prompt": "x"})
     assert r.status_code == 401
     assert greedy(client, DENSE, "Hi", max_tokens=2).choices[0].text is not None
 
@@ -252,7 +229,7 @@ def test_lm_eval_local_completions_agrees_with_offline(server, mask_files, demo_
 
     arc_mask = next(m for m in mask_files if m.stem == "arc")
     out = tmp_path / "lmeval"
-    args = (f"model={ARC},base_url={server.base}/v1/completions,tokenizer_backend=huggingface,"
+    args = (f"model={ARC},base_url={server.base_url}/v1/completions,tokenizer_backend=huggingface,"
             f"tokenizer={demo_model},max_length={MAX_MODEL_LEN},num_concurrent=2,max_retries=1")
     cmd = [sys.executable, "-m", "tabp_vllm.lmeval", "--model", "local-completions",
            "--model_args", args, "--tasks", "tabp_demo", "--limit", str(LMEVAL_LIMIT),
@@ -284,7 +261,7 @@ AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"
 
 def _post(server, body, path="/v1/completions", headers=AUTH):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(server.base + path, content=content, headers=headers, timeout=120)
+    return httpx.post(server.base_url + path, content=content, headers=headers, timeout=120)
 
 
 # (name, request, status, fragment of the message, param); the unit twin without Ray is
@@ -352,19 +329,16 @@ def test_every_error_is_openai_shaped(server, client):
 
 # ---- disconnects free the engine ------------------------------------------------------------------
 
-def _engine_metrics(server) -> dict[tuple[str, str], float]:
-    """vLLM's own series on Ray's metrics export port: (name, variant) -> value."""
-    from prometheus_client.parser import text_string_to_metric_families
+def _engine_metrics(server) -> dict[str, dict[str, float]]:
+    """vLLM's own series on Ray's metrics export port: {name: {variant: value}}."""
+    families = prom.scrape(server.metrics_url)
+    return {name: prom.sum_by(families, name) for name in (
+        "ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting",
+        "ray_vllm_generation_tokens_total")}
 
-    text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=30).text
-    out: dict[tuple[str, str], float] = {}
-    for fam in text_string_to_metric_families(text):
-        for smp in fam.samples:
-            if smp.name in ("ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting",
-                            "ray_vllm_generation_tokens_total"):
-                key = (smp.name, smp.labels.get("model_name", ""))
-                out[key] = out.get(key, 0.0) + smp.value
-    return out
+
+def _tokens(server) -> float:
+    return _engine_metrics(server)["ray_vllm_generation_tokens_total"].get(GSM8K, 0.0)
 
 
 def test_disconnects_abort_in_the_engine(server, client):
@@ -375,20 +349,19 @@ def test_disconnects_abort_in_the_engine(server, client):
     import asyncio
 
     n_stream, n_plain, max_tokens = 12, 4, 400
-    tokens = ("ray_vllm_generation_tokens_total", GSM8K)
-    before = _engine_metrics(server).get(tokens, 0.0)
+    before = _tokens(server)
     body = {"model": GSM8K, "max_tokens": max_tokens, "temperature": 0.8, "ignore_eos": True}
 
     async def hang_up(c, i, stream):
         req = dict(body, prompt=f"Tell me a long story, number {i}:", stream=stream)
         if stream:
-            async with c.stream("POST", server.base + "/v1/completions", json=req,
+            async with c.stream("POST", server.base_url + "/v1/completions", json=req,
                                 headers=AUTH) as r:
                 assert r.status_code == 200
                 async for _ in r.aiter_lines():
                     return  # first event seen: hang up
         with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(c.post(server.base + "/v1/completions", json=req,
+            await asyncio.wait_for(c.post(server.base_url + "/v1/completions", json=req,
                                           headers=AUTH), timeout=1.5)
 
     async def run():
@@ -397,9 +370,9 @@ def test_disconnects_abort_in_the_engine(server, client):
 
     asyncio.run(run())
     time.sleep(4)  # > 1 s abort + one 2 s metrics report interval
-    settled = _engine_metrics(server).get(tokens, 0.0)
+    settled = _tokens(server)
     time.sleep(8)
-    later = _engine_metrics(server).get(tokens, 0.0)
+    later = _tokens(server)
     assert later == settled, f"the engine kept generating after every client left: {settled} -> {later}"
     generated = later - before
     assert generated < (n_stream + n_plain) * max_tokens / 4, generated
@@ -408,12 +381,12 @@ def test_disconnects_abort_in_the_engine(server, client):
     deadline = time.time() + 30
     while True:
         m = _engine_metrics(server)
-        running = m.get(("ray_vllm_num_requests_running", GSM8K))
+        running = m["ray_vllm_num_requests_running"].get(GSM8K)
         if running == 0.0 or time.time() > deadline:
             break
         time.sleep(1)
     assert running == 0.0, m
-    assert m.get(("ray_vllm_num_requests_waiting", GSM8K)) == 0.0
+    assert m["ray_vllm_num_requests_waiting"].get(GSM8K) == 0.0
 
 
 # ---- Prometheus -----------------------------------------------------------------------------------
@@ -490,7 +463,7 @@ def test_prometheus_counts_requests_per_variant(server, client, prometheus):
         time.sleep(2)
     total = gauge("ray_tabp_variant_blocks_total")
     speed = gauge("ray_tabp_variant_theoretical_speedup")
-    raw = [l for l in httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=30).text
+    raw = [l for l in httpx.get(server.metrics_url, timeout=30).text
            .splitlines() if "tabp_" in l and not l.startswith("#")]
     assert kept == want_kept, raw
     assert total == {DENSE: 30, GSM8K: 30, ARC: 30, COMMONSENSE: 30}
@@ -621,9 +594,7 @@ def test_killed_replica_other_variant_unaffected_and_restarts(server, client):
     """Kill one variant's replica while its streams run and another variant serves traffic: the
     streams end with an OpenAI error event (not a hang, not a cut connection), the variant comes
     back, the other variant never fails."""
-    from openai import OpenAI
-
-    pids = _replica_pids(server.proc.pid, ARC)
+    pids = _replica_pids(server.pid, ARC)
     assert len(pids) == 1, pids
     results, errors = [], []
     stop = threading.Event()
@@ -638,7 +609,7 @@ def test_killed_replica_other_variant_unaffected_and_restarts(server, client):
     t = threading.Thread(target=traffic)
     t.start()
     try:
-        streamer = OpenAI(base_url=f"{server.base}/v1", api_key=API_KEY, timeout=120, max_retries=0)
+        streamer = server.openai_client(timeout=120, max_retries=0)
         streams = []
         for _ in range(3):
             started, outcome = threading.Event(), []
@@ -658,7 +629,7 @@ def test_killed_replica_other_variant_unaffected_and_restarts(server, client):
         t0 = time.time()
         back = False
         while time.time() - t0 < READY_TIMEOUT:
-            new = _replica_pids(server.proc.pid, ARC)
+            new = _replica_pids(server.pid, ARC)
             if new and new != pids:
                 try:
                     if greedy(client, ARC, "The sky is", max_tokens=2).usage.completion_tokens == 2:

@@ -19,8 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tabp_vllm.process import ManagedProcess, lists_models
+from tabp_vllm import prometheus as prom
 from tabp_vllm.process import free_port
+from tabp_vllm.serve.launcher import ServeProcess
+from tabp_vllm.serve.options import ServeOptions, VariantOptions
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(1800)]
 
@@ -96,7 +98,7 @@ def ray_cluster(tmp_path_factory):
         stop_cluster(temp_dir)
 
 
-def replica_processes(serve_pid: int) -> list:
+def replica_processes() -> list:
     """The variant's Ray replica actors: on a joined cluster they are the cluster's processes."""
     import psutil
 
@@ -112,12 +114,8 @@ def replica_processes(serve_pid: int) -> list:
 
 
 def generated_tokens(metrics_port: int) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).text
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-               if s.name == "ray_vllm_generation_tokens_total"
-               and s.labels.get("model_name") == VARIANT)
+    families = prom.scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+    return prom.sum_by(families, "ray_vllm_generation_tokens_total").get(VARIANT, 0.0)
 
 
 def settled_tokens(metrics_port: int, timeout_s: float = 180) -> float:
@@ -155,7 +153,6 @@ def hang_up_streams(base: str, n: int) -> None:
 
 
 def test_join_cluster_with_two_replicas(tmp_path, demo_model, ray_cluster):
-    from openai import OpenAI
     from vllm import SamplingParams
 
     from tabp_vllm.engine import build_llm
@@ -163,28 +160,26 @@ def test_join_cluster_with_two_replicas(tmp_path, demo_model, ray_cluster):
 
     address, env, metrics_port = ray_cluster
     mask = make_mask(demo_model, [20, 21, 22, 23], task="gsm8k", model_id="llama").save(tmp_path / "m.json")
-    port = free_port(8100, 8140)
-    cmd = [sys.executable, "-m", "tabp_vllm", "serve", "--model", "llama", "--address", address,
-           "--no-dense", "--task-mask", str(mask), "--replicas", "2", "--port", str(port),
-           "--max-model-len", "512", "--kv-cache-gib", "0.25", "--dtype", "float32",
-           "--engine-in-replica"]
-    proc = ManagedProcess(cmd, tmp_path / "serve.log", env=env, cwd=REPO, name="tabp-vllm serve")
-    proc.start()
-    try:
-        # /v1/models answers from the ingress early; READY follows once both replicas are up.
-        proc.wait_ready(f"http://127.0.0.1:{port}/v1/models", ready=lists_models([VARIANT]),
-                        log_line="READY", deadline_s=1200, interval_s=2)
-        text = proc.log_text()
+    options = ServeOptions(
+        model="llama", address=address, dense=False, variants=[VariantOptions(mask=str(mask))],
+        replicas=2, port=free_port(8100, 8140),
+        engine={"max_model_len": 512, "kv_cache_gib": 0.25, "dtype": "float32",
+                "cpu_engine_in_replica": True})
+    server = ServeProcess(options, tmp_path / "serve.log", env=env, cwd=REPO,
+                          ready_timeout_s=1200, stop_grace_s=180)
+    assert server.model_names == [VARIANT] and server.metrics_url is None  # the cluster's port
+    with server:  # returns once READY: both replicas are up
+        text = server.log_text()
         assert "the Ray cluster's metrics export port(s)" in text  # no private metrics port
         # each replica is one process: by default vLLM's engine core (VLLM::EngineCore) is a
         # process below it
-        replicas = replica_processes(proc.pid)
+        replicas = replica_processes()
         assert len(replicas) == 2, replicas
         for r in replicas:
             below = [" ".join(c.cmdline()) for c in r.children(recursive=True)]
             assert below == [], below
 
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=300, max_retries=0)
+        client = server.openai_client(timeout=300, max_retries=0)
         assert [m.id for m in client.models.list().data] == [VARIANT]  # --no-dense
         outs = {client.completions.create(model=VARIANT, prompt="The capital of France is",
                                           max_tokens=8, temperature=0).choices[0].text for _ in range(6)}
@@ -207,7 +202,7 @@ def test_join_cluster_with_two_replicas(tmp_path, demo_model, ray_cluster):
         # clients that hang up stop the generation for them
         before = settled_tokens(metrics_port)
         assert before >= 6 * 8, before  # the completions above
-        hang_up_streams(f"http://127.0.0.1:{port}", 6)
+        hang_up_streams(server.base_url, 6)
         # generating on would add up to 6 x 400 tokens (and keep the counter moving for longer
         # than settled_tokens waits)
         assert settled_tokens(metrics_port) - before < 6 * 400 / 4, "generation went on"
@@ -215,12 +210,10 @@ def test_join_cluster_with_two_replicas(tmp_path, demo_model, ray_cluster):
         apps = app_replicas(address, env)
         llm = {d: n for d, n in apps["tabp"].items() if "Ingress" not in d}
         assert list(llm.values()) == [2], apps
-    finally:
-        # Only what our process started is stopped: the cluster's own processes are not ours.
-        left = proc.stop(grace_s=180)
-    assert proc.returncode == 0, proc.log_tail(40)
-    assert not left, left
+    # Leaving the block stopped only what our process started: the cluster's processes are not ours.
+    assert server.returncode == 0, server.log_tail(40)
+    assert not server.left, server.left
     # Our app is gone; the cluster we joined still runs and answers.
     assert "tabp" not in app_replicas(address, env)
     with pytest.raises(httpx.HTTPError):
-        httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).raise_for_status()
+        httpx.get(f"{server.base_url}/v1/models", timeout=5).raise_for_status()
