@@ -94,6 +94,7 @@ def test_ready_then_a_clean_stop(tmp_path):
     with server:
         assert server.ready_line() == "READY http://127.0.0.1:8000"
         assert server.returncode is None
+        assert server.config_path.stat().st_mode & 0o777 == 0o600  # it may hold the API key
     assert server.left == [] and server.returncode == 0
     assert server.log_text().rstrip().endswith("stopped")
     assert server.stop() == []  # a second stop does nothing

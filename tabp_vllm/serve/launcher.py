@@ -15,6 +15,7 @@ examples/serve.yaml): no flag name is spelled out here, so a renamed flag cannot
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -92,8 +93,11 @@ class ServeProcess:
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> "ServeProcess":
         self.config_path.parent.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(config_yaml(self.options))
-        self.config_path.chmod(0o600)  # it may hold the API key
+        # 0600 from the start (a new file: an old one keeps its mode): it may hold the API key
+        self.config_path.unlink(missing_ok=True)
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(config_yaml(self.options))
         self.proc.start()
         return self
 
