@@ -270,7 +270,7 @@ ERROR_CASES = [
     ("unknown model", lambda s: _post(s, {"model": "llama-nope", "prompt": "x"}), 404,
      "'llama-nope' does not exist. Valid models: llama, llama-arc, llama-auto, llama-auto-0, "
      "llama-gsm8k", "model"),
-    ("unknown model card", lambda s: httpx.get(s.base + "/v1/models/llama-nope", headers=AUTH), 404,
+    ("unknown model card", lambda s: httpx.get(s.base_url + "/v1/models/llama-nope", headers=AUTH), 404,
      "'llama-nope' does not exist", "model"),
     ("missing model", lambda s: _post(s, {"prompt": "x"}), 400, "'model' field is required", "model"),
     ("malformed json", lambda s: _post(s, b"{not json"), 400, "not valid JSON", None),
@@ -288,7 +288,7 @@ ERROR_CASES = [
     ("missing api key", lambda s: _post(s, {"model": DENSE, "prompt": "x"}, headers={}), 401,
      "API key", None),
     ("unknown route", lambda s: _post(s, {"model": DENSE}, "/v1/nothing"), 404, "Not Found", None),
-    ("wrong method", lambda s: httpx.get(s.base + "/v1/completions", headers=AUTH), 405,
+    ("wrong method", lambda s: httpx.get(s.base_url + "/v1/completions", headers=AUTH), 405,
      "Method Not Allowed", None),
     # the routed name
     ("routed: token-id prompt", lambda s: _post(s, {"model": ROUTED, "prompt": [1, 2, 3], "max_tokens": 2}),
