@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Dense vs pruned at 7-8B scale on one GPU:
 #   bash bench/gpu_check.sh OUTDIR               transformers path + scoring cost (no vLLM needed)
-#   ENGINE=vllm bash bench/gpu_check.sh OUTDIR   vLLM engines built by tabp_vllm.engine (bench/gpu_vllm.py)
-#   ENGINE=serve bash bench/gpu_check.sh OUTDIR  `tabp-vllm serve` vs a bare vLLM server (bench/gpu_serve.py)
+#   ENGINE=vllm bash bench/gpu_check.sh OUTDIR   vLLM engines built by tabp_vllm.engine
+#   ENGINE=serve bash bench/gpu_check.sh OUTDIR  `tabp-vllm serve` vs a bare vLLM server
+# (all three: bench/gpu.py --engine ENGINE)
 # Env knobs (defaults in brackets): ARCH [llama-3.1-8b], BATCHES [1,16,64], KS [4,8],
 # SCORE_K [8], PROMPT_LEN [512], NEW_TOKENS [128], ROUNDS [2], SCORE_SAMPLES [1024], SLEB_SAMPLES [128],
 # SCORE_RESERVE_S [150], DEADLINE_S [480], DEVICE [auto], MODEL_DIR [/tmp/synth-ARCH],
@@ -40,6 +41,7 @@ if ! "$PY" -c "import pydantic" 2>/dev/null; then
   fi
 fi
 ENGINE=${ENGINE:-transformers}
+case "$ENGINE" in transformers|vllm|serve) ;; *) echo "error: ENGINE must be transformers, vllm or serve, not '$ENGINE'" >&2; exit 2 ;; esac
 # Carried packages (vLLM; Ray Serve for ENGINE=serve) unpack into one folder on PYTHONPATH.
 unpack_carry() {  # NAME IMPORT: unpack $CARRY/NAME-site.tar.xz.part-* unless python imports IMPORT
   if ! PYTHONPATH="${PYDEPS:-}" "$PY" -c "import $2" 2>/dev/null \
@@ -63,7 +65,7 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 ARCH=${ARCH:-llama-3.1-8b}
 DEADLINE_S=${DEADLINE_S:-480}
-# What every engine's script takes; each adds its own below.
+# What every engine takes; each adds its own below.
 args=(
   "$OUT" --arch "$ARCH" --batches "${BATCHES:-1,16,64}" --ks "${KS:-4,8}"
   --prompt-len "${PROMPT_LEN:-512}" --new-tokens "${NEW_TOKENS:-128}" --deadline-s "$DEADLINE_S"
@@ -72,21 +74,18 @@ args=(
 [[ -n "${TOKENIZER:-}" ]] && args+=(--tokenizer "$TOKENIZER")
 case "$ENGINE" in
   vllm)
-    args+=(--rounds "${ROUNDS:-3}")
-    script=bench/gpu_vllm.py ;;
+    args+=(--rounds "${ROUNDS:-3}") ;;
   serve)  # BATCHES are the bench's closed-loop concurrencies
-    args+=(--rounds "${ROUNDS:-2}" --duration "${DURATION:-16}" --ramp "${RAMP:-2}")
-    script=bench/gpu_serve.py ;;
+    args+=(--rounds "${ROUNDS:-2}" --duration "${DURATION:-16}" --ramp "${RAMP:-2}") ;;
   *)
     args+=(--rounds "${ROUNDS:-2}" --score-samples "${SCORE_SAMPLES:-1024}" --score-k "${SCORE_K:-8}"
            --sleb-samples "${SLEB_SAMPLES:-128}" --score-reserve-s "${SCORE_RESERVE_S:-150}")
-    [[ -n "${SKIP:-}" ]] && args+=(--skip "$SKIP")
-    script=bench/gpu_scale.py ;;
+    [[ -n "${SKIP:-}" ]] && args+=(--skip "$SKIP") ;;
 esac
 
 cd "$ROOT"
 # The script keeps its own deadline; the outer timeout only guards against a hang it cannot see.
-timeout -k 10 $(( ${DEADLINE_S%.*} + 60 )) "$PY" "$script" "${args[@]}"
+timeout -k 10 $(( ${DEADLINE_S%.*} + 60 )) "$PY" bench/gpu.py --engine "$ENGINE" "${args[@]}"
 rc=$?
 echo "gpu_check: rc=$rc, results in $OUT"
 ls -la "$OUT" 2>/dev/null

@@ -1,22 +1,18 @@
-"""bench/compare_v2.py: the paired bootstrap, and the summary it builds from per-document results
-(mean and sd over seeds, configuration minus TaBP, the goal's verdict)."""
+"""The method comparison (tabp_vllm.comparison, run by bench/compare.py): the paired bootstrap, and
+the summary it builds from per-document results (mean and sd over seeds, configuration minus TaBP,
+the goal's verdict)."""
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "bench" / "compare_v2.py"
-
 
 @pytest.fixture(scope="module")
 def cv2():
-    spec = importlib.util.spec_from_file_location("compare_v2", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from tabp_vllm import comparison
+
+    return comparison
 
 
 def test_paired_bootstrap_keeps_documents_paired(cv2):

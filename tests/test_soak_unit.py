@@ -1,27 +1,18 @@
-"""bench/soak.py's load and bookkeeping against a fake OpenAI app (no Ray, no engine; seconds)."""
+"""The soak's load and bookkeeping (tabp_vllm.loadtest.soak) against a fake OpenAI app (no Ray, no
+engine; seconds)."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-from pathlib import Path
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-REPO = Path(__file__).resolve().parents[1]
+from tabp_vllm.loadtest import soak
 
-
-def _soak():
-    spec = importlib.util.spec_from_file_location("soak", REPO / "bench" / "soak.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _fake_app(soak, broken_stream=False):
+def _fake_app(broken_stream=False):
     app = FastAPI()
 
     def err(status):
@@ -52,9 +43,8 @@ def _fake_app(soak, broken_stream=False):
 
 
 def test_load_counts_every_kind_of_request():
-    soak = _soak()
     load = soak.Load("http://fake", seed=1, disconnect_share=0.3, malformed_every=5,
-                     transport=httpx.ASGITransport(app=_fake_app(soak)))
+                     transport=httpx.ASGITransport(app=_fake_app()))
     asyncio.run(load.run(clients=3, seconds=1.5))
     c = load.counts
     assert c["errors"] == 0, load.errors
@@ -63,16 +53,14 @@ def test_load_counts_every_kind_of_request():
 
 
 def test_a_stream_without_done_is_an_error():
-    soak = _soak()
     load = soak.Load("http://fake", seed=2, disconnect_share=0.0, malformed_every=0,
-                     transport=httpx.ASGITransport(app=_fake_app(soak, broken_stream=True)))
+                     transport=httpx.ASGITransport(app=_fake_app(broken_stream=True)))
     asyncio.run(load.run(clients=1, seconds=0.5))
     assert load.counts["stream_ok"] == 0 and load.counts["errors"] > 0
     assert "without [DONE]" in load.errors[0]
 
 
 def test_rss_growth_after_warmup_only():
-    soak = _soak()
     grow = [(t, 1000.0 if t < 60 else 200.0 + t) for t in range(0, 300, 10)]
     flat = [(t, 500.0) for t in range(0, 300, 10)]
     tiny = [(t, 10.0 + t) for t in range(0, 300, 10)]

@@ -1,6 +1,6 @@
-"""Synthetic checkpoints (tabp_vllm.synth) and the GPU-scale bench script, on the CPU, fast."""
+"""Synthetic checkpoints (tabp_vllm.synth), the timed decode (tabp_vllm.timed_decode) and the GPU
+bench (bench/gpu_check.sh -> bench/gpu.py), on the CPU."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tabp_vllm import timed_decode
 from tabp_vllm.synth import ARCHS, PUBLISHED_PARAMS, arch_config, meta_model, synth_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,37 +102,28 @@ def test_unknown_arch_is_one_line_error():
         arch_config("gpt-5")
 
 
-def _gpu_scale():
-    spec = importlib.util.spec_from_file_location("gpu_scale", REPO / "bench" / "gpu_scale.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_removed_blocks_latter_half_final_kept():
-    gs = _gpu_scale()
     for k in (4, 8):
-        r = gs.removed_blocks(32, k)
+        r = timed_decode.removed_blocks(32, k)
         assert len(r) == k and min(r) >= 16 and max(r) <= 30
-    assert gs.removed_blocks(4, 1) == [2]
-    assert gs.removed_blocks(4, 2) == [1, 2]  # latter half too short: blocks 1..B-2
+    assert timed_decode.removed_blocks(4, 1) == [2]
+    assert timed_decode.removed_blocks(4, 2) == [1, 2]  # latter half too short: blocks 1..B-2
     with pytest.raises(ValueError):
-        gs.removed_blocks(4, 3)
+        timed_decode.removed_blocks(4, 3)
 
 
 def test_timed_decode_matches_generate_with_blocks_deleted(tiny):
     """The bench's manual decode loop is greedy decoding of the model with the blocks deleted."""
     from transformers import AutoModelForCausalLM
 
-    gs = _gpu_scale()
     root, _ = tiny
     model = AutoModelForCausalLM.from_pretrained(str(root / "s0"), dtype=torch.float32).eval()
-    vs = gs.Variants(model)
+    vs = timed_decode.Variants(model)
     ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
     outs = {}
     for removed in ([], [2], [1, 2], []):
         vs.use(removed)
-        got = gs.generate_timed(model, ids, 6, "cpu")
+        got = timed_decode.generate_timed(model, ids, 6, "cpu")
         assert len(got["steps_s"]) == 5
         with torch.no_grad():
             ref = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False,
@@ -184,17 +176,16 @@ def test_block_deletion_other_families(arch):
     the bench's variants decode like `generate` on the same model, and switch back cleanly."""
     from transformers import AutoModelForCausalLM
 
-    gs = _gpu_scale()
     cfg = arch_config(arch, num_hidden_layers=4, hidden_size=64, intermediate_size=128,
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
                       max_window_layers=4)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
-    vs = gs.Variants(model)
+    vs = timed_decode.Variants(model)
     ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(1))
     for removed in ([1, 2], []):
         vs.use(removed)
-        got = gs.generate_timed(model, ids, 5, "cpu")
+        got = timed_decode.generate_timed(model, ids, 5, "cpu")
         with torch.no_grad():
             ref = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False,
                                  attention_mask=torch.ones_like(ids))

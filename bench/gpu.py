@@ -1,25 +1,36 @@
-"""Dense vs pruned at 7-8B scale on one GPU, without vLLM: speed and scoring cost.
+"""Dense vs pruned at 7-8B scale on one GPU: three engines, one synthetic checkpoint.
 
-    python3 bench/gpu_scale.py OUTDIR [--arch llama-3.1-8b] [--batches 1,16,64] ...
-    (or `bash bench/gpu_check.sh OUTDIR`, which maps env knobs onto these options)
+    python3 bench/gpu.py OUTDIR --engine transformers|vllm|serve [--arch llama-3.1-8b] ...
+    (or `[ENGINE=vllm|serve] bash bench/gpu_check.sh OUTDIR`, which maps env knobs onto these
+    options and brings the packages a bare GPU machine lacks; docs/bench.md "At GPU scale")
 
-Steps, each in its own try/except (an error is recorded in the JSON and the run goes on), all
-under one global deadline (`--deadline-s`: steps that no longer fit are skipped and recorded):
+Every engine shares the steps env (versions, device) and synth (`tabp_vllm.synth` writes a
+random-weight checkpoint of the published shape, reused when it exists), the hand-made masks
+(`tabp_vllm.timed_decode.removed_blocks`: k blocks spread over the latter half, final block kept)
+and one runner (`Run`): each step in its own try/except (an error is recorded in the JSON and the
+run goes on), all under one deadline (`--deadline-s`: steps that no longer fit are skipped and
+recorded), OUTDIR/<engine's name>.json rewritten after every step.
 
-1. synth:  `tabp_vllm.synth` writes a random-weight checkpoint of the published shape (timed).
-2. speed:  transformers (bf16, sdpa, eager, no CUDA graphs) loads it once; variants dense, k=4,
-           k=8 are made by deleting blocks from `model.model.layers` (the semantics of the vLLM
-           parity check); per batch size: prefill time, then greedy decode with the KV cache,
-           every step timed with cuda.synchronize; variants interleaved over rounds so that drift
-           shows. Achieved speedup vs the FLOPs model's ideal (`tabp_vllm.flops`).
-3. score:  the project's `score` CLI (tabp, block_influence; sleb if time is left) on the
-           checkpoint, ARC-Easy train, timed: the cost of making a mask at this size.
-4. report: OUTDIR/gpu_scale.json (rewritten after every step, so a killed run still leaves one),
-           gpu_scale.png, gpu_scale.log, mask_<method>.json.
+- `--engine transformers` (gpu_scale.*; needs neither vLLM nor Ray): transformers (bf16, sdpa,
+  eager, no CUDA graphs) loads the checkpoint once; variants dense, k=4, k=8 by deleting blocks
+  (`tabp_vllm.timed_decode`); per batch size prefill time, then greedy decode with the KV cache,
+  every step timed; variants interleaved over rounds. Then the scoring cost: the `score` CLI (tabp,
+  block_influence; sleb if time is left) on ARC-Easy train. A lower bound on what serving gets.
+- `--engine vllm` (gpu_vllm.*): one vLLM engine per variant as `tabp-vllm serve` builds it
+  (`engine_args_for`, the `tabp_pruned` loader, compiled with CUDA graphs on a GPU), all on the
+  GPU at once with `gpu_memory_utilization` from `gpu_memory_fractions`; per batch size one
+  untimed warm-up, then interleaved rounds of offline `generate` of one token (prefill) and of
+  `--new-tokens` (EOS ignored); TPOT = (full - prefill) / (new_tokens - 1).
+- `--engine serve` (gpu_serve.*, the GPU setting of the serve-vs-bare study): one `tabp-vllm
+  serve` (dense + the pruned variants) and one bare vLLM api_server of the dense model share the
+  GPU (the card split once for all engines; they start one at a time under the node's
+  engine-start lock), then `tabp-vllm bench` loads every variant and the bare server at each
+  concurrency (`--batches`), interleaved in mirrored rounds. 8 files: gpu_serve.{json,log}, the
+  bench's gpu_serve_bench.{json,md} + two plots, serve.log, bare.log.
 
 Random weights time what real ones do (same shapes, same kernels); the masks and any generated
-text mean nothing. This is transformers eager, not vLLM: a lower bound on what serving gets.
-Falls back to the CPU (recorded as `cpu_fallback`) where there is no CUDA, for tests.
+text mean nothing. Falls back to the CPU (recorded as `cpu_fallback`) where there is no CUDA, for
+the tests (tests/test_synth.py, tiny shapes).
 """
 
 from __future__ import annotations
@@ -31,16 +42,25 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+# A bare GPU machine runs this with its own python3, the package not installed: import it from the
+# checkout (gpu_check.sh also puts it on PYTHONPATH).
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+# The vLLM engines' model stats are read through `LLM.apply_model`, which pickles a function.
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+
+from tabp_vllm.timed_decode import Variants, cuda_sync, generate_timed, removed_blocks  # noqa: E402
 
 T0 = time.monotonic()
 NOTE = ("transformers eager (sdpa, DynamicCache, no CUDA graphs) on synthetic random weights of "
@@ -201,19 +221,6 @@ def step_synth(run: Run) -> str:
 
 # -------------------------------------------------------------------------------- 2. speed
 
-def removed_blocks(num_layers: int, k: int) -> list[int]:
-    """k blocks evenly spread over the latter half, the final block kept (TaBP's candidate range
-    without the last block); over blocks 1..B-2 when the latter half is too short."""
-    import numpy as np
-
-    for lo in (num_layers // 2, 1):
-        cands = list(range(lo, num_layers - 1))
-        if k <= len(cands):
-            idx = np.linspace(0, len(cands) - 1, k).round().astype(int)
-            return sorted({cands[i] for i in idx})
-    raise ValueError(f"k={k} is too many blocks to remove from {num_layers}")
-
-
 def variant_masks(run: Run, model_dir: str, num_layers: int) -> dict[str, list[int]]:
     variants: dict[str, list[int]] = {"dense": []}
     for k in run.args.ks:
@@ -235,60 +242,6 @@ def variant_masks(run: Run, model_dir: str, num_layers: int) -> dict[str, list[i
         info[name] = entry
     run.doc["variants"] = info
     return variants
-
-
-class Variants:
-    """One loaded model; `use(removed)` deletes blocks the way the parity check does."""
-
-    def __init__(self, model):
-        self.model = model
-        self.full = list(model.model.layers)
-        self.layer_types = getattr(model.config, "layer_types", None)
-        self.idx = [layer.self_attn.layer_idx for layer in self.full]
-
-    def use(self, removed: list[int]) -> None:
-        import torch
-
-        gone = set(removed)
-        kept = [i for i in range(len(self.full)) if i not in gone]
-        self.model.model.layers = torch.nn.ModuleList([self.full[i] for i in kept])
-        self.model.config.num_hidden_layers = len(kept)
-        if self.layer_types is not None:
-            self.model.config.layer_types = [self.layer_types[i] for i in kept]
-        for new, i in enumerate(kept):  # the KV cache is indexed by position in the stack
-            self.full[i].self_attn.layer_idx = new
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def generate_timed(model, ids, new_tokens: int, device: str) -> dict[str, Any]:
-    """Prefill (its logits give output token 1), then new_tokens - 1 greedy decode steps."""
-    import torch
-
-    with torch.inference_mode():
-        _sync(device)
-        t = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        _sync(device)
-        prefill = time.perf_counter() - t
-        cache = out.past_key_values
-        steps, tokens = [], [nxt]
-        for _ in range(new_tokens - 1):
-            t = time.perf_counter()
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            _sync(device)
-            steps.append(time.perf_counter() - t)
-            tokens.append(nxt)
-        del cache, out
-    return {"prefill_s": prefill, "steps_s": steps, "tokens": torch.cat(tokens, dim=1)}
 
 
 def summarize(batch: int, prompt_len: int, new_tokens: int, r: dict[str, Any]) -> dict[str, Any]:
@@ -362,7 +315,7 @@ def step_speed(run: Run, model_dir: str) -> None:
         device_map=device if device == "cuda" else None).eval()
     if device != "cuda":
         model = model.to(device)
-    _sync(device)
+    cuda_sync(device)
     load_s = time.monotonic() - t
     B = model.config.num_hidden_layers
     shape = DecoderShape.from_config(model.config)
@@ -619,8 +572,341 @@ def common_args(description: str, rounds: int, deadline_s: float) -> argparse.Ar
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = common_args(__doc__.splitlines()[0], rounds=2, deadline_s=480.0)
+
+# ---------------------------------------------------------------- ENGINE=vllm: vLLM engines
+
+
+VLLM_NOTE = ("vLLM offline engines built by tabp_vllm.engine (the tabp_pruned loader), one per "
+        "variant, sharing one GPU; synthetic random weights of the published shape. Speed does "
+        "not depend on weight values; accuracy does.")
+
+
+
+def engine_needs(model_dir: str, variants: dict[str, list[int]], num_layers: int) -> list[Any]:
+    """What each variant's GPU engine holds, in the dtype it runs (as `serve` estimates it)."""
+    from tabp_vllm.memory import engine_needs
+
+    return engine_needs(model_dir, {n: num_layers - len(r) for n, r in variants.items()}, gpu=True)
+
+
+def start_engine(run: Run, model_dir: str, name: str, removed: list[int], fraction: float | None,
+                 max_model_len: int):
+    """One engine as `serve` builds it; compiled first, eager if compiling fails (recorded)."""
+    from vllm import LLM
+
+    from tabp_vllm.engine import engine_args_for, engine_model_stats, offline_engine
+    from tabp_vllm.mask import make_mask
+
+    a = run.args
+    mask = make_mask(model_dir, removed, task="gpu-vllm", model_id=a.arch,
+                     method="hand-made") if removed else None
+    extra: dict[str, Any] = {"enable_prefix_caching": False, "max_num_seqs": max(a.batches)}
+    if fraction is not None:
+        extra["gpu_memory_utilization"] = fraction
+    gpu = run.doc["env"]["device"] == "cuda"
+    info: dict[str, Any] = {"gpu_memory_utilization": fraction}
+    for eager in ([None, True] if gpu else [None]):
+        args = engine_args_for(model_dir, mask, max_model_len=max_model_len, gpu=gpu,
+                               enforce_eager=eager, kv_cache_gib=None if gpu else 0.25,
+                               extra=extra)
+        t = time.monotonic()
+        try:
+            with offline_engine(args, gpu):  # in this process on a CPU, as every offline engine
+                llm = LLM(**args)
+        except Exception as exc:  # noqa: BLE001 - recorded; eager is tried next on a GPU
+            info.setdefault("failed_starts", []).append(
+                {"enforce_eager": args["enforce_eager"], "error": f"{type(exc).__name__}: {exc}"[:800]})
+            run.log(f"engine {name} (enforce_eager={args['enforce_eager']}) failed: "
+                    f"{type(exc).__name__}: {str(exc)[:300]}")
+            continue
+        info.update(start_s=round(time.monotonic() - t, 2), enforce_eager=args["enforce_eager"],
+                    dtype=args["dtype"], removed_layers=removed)
+        try:
+            info["model_stats"] = engine_model_stats(llm)
+        except Exception as exc:  # noqa: BLE001
+            info["model_stats"] = f"unavailable: {type(exc).__name__}: {exc}"[:300]
+        run.log(f"engine {name}: started in {info['start_s']:.1f} s (enforce_eager="
+                f"{info['enforce_eager']}, gpu_memory_utilization={fraction}); {info['model_stats']}")
+        return llm, info
+    return None, info
+
+
+def timed_generate(llm, prompts: list[list[int]], max_tokens: int) -> tuple[float, int]:
+    """Wall time of one offline `generate` (it returns when every output is done) and its tokens."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0,
+                            ignore_eos=True)
+    t = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    wall = time.perf_counter() - t
+    return wall, sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def measure(llm, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
+    b, p = len(prompts), len(prompts[0])
+    prefill_s, _ = timed_generate(llm, prompts, 1)
+    full_s, tokens = timed_generate(llm, prompts, new_tokens)
+    decode_s = max(full_s - prefill_s, 1e-9)
+    return {
+        "prefill_ms": round(prefill_s * 1e3, 3),
+        "prefill_tokens_per_s": round(b * p / prefill_s, 1),
+        "tpot_mean_ms": round(decode_s / max(new_tokens - 1, 1) * 1e3, 3),
+        "decode_tokens_per_s": round(b * (new_tokens - 1) / decode_s, 1),
+        "output_tokens": tokens,
+        "output_tokens_per_s": round(tokens / full_s, 1),
+        "request_s": round(full_s, 4),
+    }
+
+
+def step_vllm_speed(run: Run, model_dir: str) -> None:
+    import numpy as np
+
+    import vllm
+    from tabp_vllm.hardware import gpu_total_bytes
+    from tabp_vllm.memory import gpu_memory_fractions
+    from tabp_vllm.flops import DecoderShape, shape_summary
+    from tabp_vllm.models import load_model_config
+
+    a = run.args
+    gpu = run.doc["env"]["device"] == "cuda"
+    config = load_model_config(model_dir)
+    B = int(config["num_hidden_layers"])
+    shape = DecoderShape.from_config(config)
+    variants = variant_masks(run, model_dir, B)
+    max_model_len = a.prompt_len + a.new_tokens + 16
+    fractions: dict[str, float | None] = {n: None for n in variants}
+    if gpu:
+        needs = engine_needs(model_dir, variants, B)
+        fractions = dict(zip(variants, gpu_memory_fractions(needs, gpu_total_bytes(), max_model_len)))
+    speed: dict[str, Any] = {
+        "engine": f"vLLM {vllm.__version__} ({'CUDA graphs unless recorded eager' if gpu else 'CPU'})",
+        "units": {"prefill_ms": "ms per batch (one output token)",
+                  "tpot_mean_ms": "ms per decode step (whole batch), (full - prefill) / (new - 1)",
+                  "*_tokens_per_s": "tokens/s summed over the batch",
+                  "output_tokens_per_s": "output tokens / wall of the full generate call"},
+        "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "batches": a.batches,
+        "rounds_planned": a.rounds, "max_model_len": max_model_len, "prefix_caching": False,
+        "shape": shape_summary(shape), "engines": {}, "runs": [],
+    }
+    run.doc["speed"] = speed
+    engines = {}
+    for name, removed in variants.items():
+        if run.remaining() < 60:
+            run.skip(f"engine {name}", f"deadline: {run.remaining():.0f} s left")
+            continue
+        llm, info = start_engine(run, model_dir, name, removed, fractions[name], max_model_len)
+        speed["engines"][name] = info
+        run.save()
+        if llm is not None:
+            engines[name] = llm
+    if "dense" not in engines:
+        raise RuntimeError("the dense engine did not start; nothing to compare")
+    rng = np.random.default_rng(a.seed)
+    vocab = min(int(config["vocab_size"]), 32000)
+    prompts = lambda b: rng.integers(0, vocab, (b, a.prompt_len)).tolist()  # noqa: E731
+    per_req: dict[int, float] = {}
+    for b in a.batches:  # warm-up per shape, every variant, full length, untimed
+        if run.remaining() < 30:
+            run.skip(f"warm-up batch {b}", f"deadline: {run.remaining():.0f} s left")
+            continue
+        t = time.monotonic()
+        for llm in engines.values():
+            measure(llm, prompts(b), a.new_tokens)
+        per_req[b] = (time.monotonic() - t) / len(engines)
+    for rnd in range(1, a.rounds + 1):
+        for b in a.batches:
+            if b not in per_req:
+                continue
+            if run.remaining() < per_req[b] * len(engines) + 10:
+                run.skip(f"round {rnd} batch {b}", f"deadline: {run.remaining():.0f} s left")
+                continue
+            for name, llm in engines.items():
+                s = measure(llm, prompts(b), a.new_tokens)
+                speed["runs"].append({"variant": name, "batch": b, "round": rnd,
+                                      "kept": B - len(variants[name]), **s})
+                run.log(f"round {rnd} batch {b:3d} {name:6s}: prefill {s['prefill_ms']:9.1f} ms, "
+                        f"TPOT {s['tpot_mean_ms']:7.2f} ms, {s['output_tokens_per_s']:9.1f} out tok/s")
+            run.save()
+    live = {n: r for n, r in variants.items() if n in engines}
+    speed["summary"] = speed_summary(
+        speed["runs"], live, B, shape, a, tpot_key="tpot_mean_ms",
+        keys=("prefill_ms", "tpot_mean_ms", "output_tokens_per_s", "decode_tokens_per_s"))
+    for s in speed["summary"]:
+        if s["variant"] != "dense":
+            run.log(f"batch {s['batch']:3d} {s['variant']:6s}: speedup "
+                    f"{s['speedup_output_tokens_per_s']:.3f} (TPOT {s['speedup_tpot_mean']:.3f}, "
+                    f"prefill {s['speedup_prefill']:.3f}) vs ideal {s['ideal_speedup']:.3f}")
+
+
+
+# ------------------------------------------------------- ENGINE=serve: serve against bare vLLM
+
+
+SERVE_NOTE = ("`tabp-vllm serve` (Ray Serve LLM, one engine per variant) against a bare vLLM OpenAI "
+        "server of the dense model on the same GPU, loaded by `tabp-vllm bench`; synthetic random "
+        "weights of the published shape. Speed does not depend on weight values; accuracy does.")
+BENCH_STEM = "gpu_serve_bench"
+CPU_KV_CACHE_GIB = 0.25  # per engine, CPU fallback only (a GPU sizes it from its fraction)
+# vLLM's line per engine (a served engine's carries its replica's prefix: LLMServer:<variant>)
+KV_LINE = re.compile(r"(?:LLMServer:(\S+) pid=.*)?KV cache size: ([\d,]+) tokens")
+
+
+
+def step_masks(run: Run, model_dir: str) -> dict[str, Any]:
+    """The pruned variants' mask files (hand-made, as gpu_vllm's engines use them)."""
+    from tabp_vllm.mask import make_mask
+    from tabp_vllm.models import load_model_config
+
+    blocks = int(load_model_config(model_dir)["num_hidden_layers"])
+    variants = variant_masks(run, model_dir, blocks)
+    masks = {}
+    # outside OUTDIR: a device run returns at most 8 files (the masks are in gpu_serve.json)
+    folder = Path(tempfile.mkdtemp(prefix="gpu-serve-masks-"))
+    for name, removed in variants.items():
+        if removed:
+            path = folder / f"{name}.json"
+            make_mask(model_dir, removed, task=name, model_id=run.args.arch,
+                      method="hand-made").save(path)
+            masks[name] = str(path)
+    return {"blocks": blocks, "variants": variants, "masks": masks}
+
+
+def memory_plan(run: Run, model_dir: str, plan: dict[str, Any], max_model_len: int) -> dict[str, Any]:
+    """GPU: one split of the card for the served engines and the bare one (same tokens cached
+    each); CPU: a fixed KV cache per engine."""
+    if run.doc["env"]["device"] != "cuda":
+        return {"kv_cache_gib": CPU_KV_CACHE_GIB}
+    from tabp_vllm.hardware import gpu_total_bytes
+    from tabp_vllm.memory import gpu_memory_fractions
+
+    engines = {**plan["variants"], "bare": []}
+    needs = engine_needs(model_dir, engines, plan["blocks"])
+    fractions = dict(zip(engines, gpu_memory_fractions(needs, gpu_total_bytes(), max_model_len)))
+    served = sum(f for n, f in fractions.items() if n != "bare")
+    return {"fractions": fractions, "serve_share": int(served * 1e4) / 1e4,
+            "bare_gpu_memory_utilization": fractions["bare"]}
+
+
+def kv_tokens(log_text: str) -> dict[str, int]:
+    """The KV cache size (tokens) vLLM logged for each engine in a log: by served variant, or
+    under "engine" for a bare server's one engine."""
+    return {name or "engine": int(n.replace(",", "")) for name, n in KV_LINE.findall(log_text)}
+
+
+def gpu_processes() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory",
+                               "--format=csv,noheader"], capture_output=True, text=True,
+                              timeout=20).stdout.strip()
+    except Exception as exc:  # noqa: BLE001
+        return f"unavailable: {exc}"
+
+
+def step_servers_and_bench(run: Run, model_dir: str, plan: dict[str, Any]) -> dict[str, Any]:
+    from tabp_vllm.hardware import engine_start_lock
+    from tabp_vllm.loadtest.commands import run_bench
+    from tabp_vllm.loadtest.servers import api_server_command
+    from tabp_vllm.process import ManagedProcess, free_port, lists_models
+    from tabp_vllm.serve.commands import build_spec
+
+    a = run.args
+    gpu = run.doc["env"]["device"] == "cuda"
+    max_model_len = a.prompt_len + a.new_tokens + 16
+    mem = memory_plan(run, model_dir, plan, max_model_len)
+    # the names `serve` gives them (each mask's task is its variant's key here)
+    spec = build_spec(model=model_dir, task_mask=list(plan["masks"].values()))
+    names = {v.task or "dense": v.name for v in spec.variants}
+    alias = names["dense"]
+    port, bare_port = free_port(8000, 8100), free_port(8101, 8200)
+    metrics_port = free_port(8290, 8390)
+    doc: dict[str, Any] = {"memory_plan": mem, "served_names": names, "max_model_len": max_model_len,
+                           "ports": {"serve": port, "bare": bare_port, "metrics": metrics_port}}
+    run.doc["serve"] = doc
+    run.log(f"memory plan: {mem}")
+    sizing = (["--gpu-memory-share", str(mem["serve_share"])] if gpu
+              else ["--kv-cache-gib", str(mem["kv_cache_gib"])])
+    # batches up to the top concurrency, on both sides (fewer CUDA graphs to capture at start)
+    seqs = max(a.batches)
+    serve_cmd = [sys.executable, "-m", "tabp_vllm", "serve", "--model", model_dir,
+                 "--port", str(port), "--metrics-port", str(metrics_port),
+                 "--max-model-len", str(max_model_len), *sizing,
+                 "--engine-arg", f"max_num_seqs={seqs}",
+                 *[x for m in plan["masks"].values() for x in ("--task-mask", m)]]
+    bare_extra = {"max_num_seqs": seqs}
+    if gpu:
+        bare_extra["gpu_memory_utilization"] = mem["bare_gpu_memory_utilization"]
+    bare_cmd = api_server_command(model_dir, bare_port, alias, bare=True,
+                                  max_model_len=max_model_len,
+                                  kv_cache_gib=None if gpu else mem["kv_cache_gib"], extra=bare_extra)
+    doc["commands"] = {"serve": serve_cmd, "bare": bare_cmd}
+    with ExitStack() as stack:
+        # every engine's log lines kept (Ray folds lines that differ only in numbers)
+        serve = ManagedProcess(serve_cmd, run.out / "serve.log", name="tabp-vllm serve",
+                               env={"RAY_DEDUP_LOGS": "0"})
+        bare = ManagedProcess(bare_cmd, run.out / "bare.log", name="bare vLLM api_server")
+        stack.callback(serve.stop, grace_s=60)
+        stack.callback(bare.stop, grace_s=30)
+        t0 = time.monotonic()
+        # The bare engine starts alone under the lock; the served engines queue behind it.
+        with engine_start_lock(log=run.log):
+            serve.start()
+            bare.start().wait_ready(f"http://127.0.0.1:{bare_port}/v1/models",
+                                    deadline_s=max(run.remaining() - 60, 30), interval_s=2)
+            doc["bare_ready_s"] = round(time.monotonic() - t0, 1)
+            run.log(f"bare vLLM ready after {doc['bare_ready_s']} s")
+        serve.wait_ready(f"http://127.0.0.1:{port}/v1/models", ready=lists_models(names.values()),
+                         log_line="\nREADY", deadline_s=max(run.remaining() - 30, 30), interval_s=2)
+        doc["serve_ready_s"] = round(time.monotonic() - t0, 1)
+        doc["serve_ready_lines"] = [ln.strip() for ln in serve.log_text().splitlines()
+                                    if ln.startswith("ready: ")]
+        run.log(f"tabp-vllm serve ready after {doc['serve_ready_s']} s: {doc['serve_ready_lines']}")
+        import httpx
+
+        cards = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"]
+        doc["models"] = {c["id"]: c.get("metadata", {}) for c in cards}
+        if gpu:
+            doc["gpu_processes"] = gpu_processes()
+        run.save()
+
+        targets = 1 + len(names)
+        per_level = targets * (a.duration + a.ramp * a.rounds)
+        duration = a.duration
+        left = run.remaining() - 45 - targets * 10  # stop + warm-up
+        if per_level * len(a.batches) > left:  # shrink to the time left, never below 2 s a round
+            duration = max(2.0 * a.rounds, left / len(a.batches) / targets - a.ramp * a.rounds)
+            run.log(f"deadline: bench duration {a.duration:g} -> {duration:.1f} s per variant per level")
+        doc["bench_duration_s"] = duration
+        result = run_bench(
+            url=f"http://127.0.0.1:{port}", variants=list(names.values()), model=model_dir,
+            masks=list(plan["masks"].values()), bare_vllm=f"{alias}@http://127.0.0.1:{bare_port}",
+            levels=",".join(str(x) for x in a.batches), duration=duration, rounds=a.rounds,
+            ramp=a.ramp, warmup=2, input_len=a.prompt_len, output_len=a.new_tokens,
+            range_ratio=0.0, out=str(run.out), stem=BENCH_STEM, progress=False,
+            notes=NOTE + f" Engines: {run.doc['env'].get('gpu_name', 'CPU')}.")
+        # read after the load: Ray forwards the replicas' lines to the driver's log with a delay
+        doc["kv_cache_tokens"] = {"serve": kv_tokens(serve.log_text()),
+                                  "bare": kv_tokens(bare.log_text())}
+        run.log(f"KV cache tokens per engine: {doc['kv_cache_tokens']}")
+        doc["comparison"] = result["comparison"]
+        doc["metrics"] = [{k: m[k] for k in ("variant", "level", "output_tokens_per_s",
+                                             "ttft_s", "itl_s", "completed", "errors") if k in m}
+                          for m in result["metrics"]]
+    for row in result["comparison"]["server_overhead"]:
+        run.log(f"concurrency {row['level']:g}: server / bare {row['throughput_ratio']:.3f}")
+    for row in result["comparison"]["speedups"]:
+        run.log(f"concurrency {row['level']:g} {row['variant']}: speedup "
+                f"{row['achieved_speedup']:.3f} vs ideal {row['ideal_speedup']:.3f}")
+    return doc
+
+
+
+# --------------------------------------------------------------------------------- main
+
+
+def transformers_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = common_args("gpu.py --engine transformers: speed in transformers, and the scoring cost",
+                    rounds=2, deadline_s=480.0)
     p.add_argument("--score-samples", type=int, default=1024)
     p.add_argument("--score-k", type=int, default=8)
     p.add_argument("--sleb-samples", type=int, default=128)
@@ -631,8 +917,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    run = Run(parse_args(argv))
+
+def vllm_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return common_args("gpu.py --engine vllm: speed of vLLM engines built by the loader",
+                       rounds=3, deadline_s=420.0).parse_args(argv)
+
+
+
+def serve_args(argv: list[str] | None = None):
+    p = common_args("gpu.py --engine serve: `tabp-vllm serve` against a bare vLLM server",
+                    rounds=2, deadline_s=480.0)  # --batches: concurrencies
+    p.add_argument("--duration", type=float, default=16.0,
+                   help="Measured seconds per variant per level (split over the rounds).")
+    p.add_argument("--ramp", type=float, default=2.0, help="Unmeasured load before each slice.")
+    return p.parse_args(argv)
+
+
+
+def main_transformers(argv: list[str] | None = None) -> int:
+    run = Run(transformers_args(argv))
     a = run.args
     run.log(f"gpu_scale: arch {a.arch}, batches {a.batches}, prompt {a.prompt_len}, "
             f"{a.new_tokens} new tokens, deadline {a.deadline_s:.0f} s -> {run.out}")
@@ -670,6 +973,48 @@ def main(argv: list[str] | None = None) -> int:
     else:
         run.skip("speed, score", "no checkpoint (synth failed)")
     return run.finish()
+
+
+
+def main_vllm(argv: list[str] | None = None) -> int:
+    run = Run(vllm_args(argv), name="gpu_vllm", note=VLLM_NOTE)
+    a = run.args
+    run.log(f"gpu_vllm: arch {a.arch}, batches {a.batches}, prompt {a.prompt_len}, "
+            f"{a.new_tokens} new tokens, deadline {a.deadline_s:.0f} s -> {run.out}")
+    env = run.step("env", step_env)
+    model_dir = run.step("synth", step_synth) if env else None
+    if model_dir:
+        run.step("vllm_speed", step_vllm_speed, model_dir, need_s=60)
+    return run.finish()
+
+
+
+def main_serve(argv: list[str] | None = None) -> int:
+    run = Run(serve_args(argv), name="gpu_serve", note=SERVE_NOTE)
+    a = run.args
+    run.log(f"gpu_serve: arch {a.arch}, concurrencies {a.batches}, prompt {a.prompt_len}, "
+            f"{a.new_tokens} new tokens, deadline {a.deadline_s:.0f} s -> {run.out}")
+    env = run.step("env", step_env)
+    model_dir = run.step("synth", step_synth) if env else None
+    plan = run.step("masks", step_masks, model_dir) if model_dir else None
+    if plan:
+        run.step("serve_vs_bare", step_servers_and_bench, model_dir, plan, need_s=90)
+    return run.finish()  # the bench drew its own plots
+
+
+
+ENGINES = {"transformers": main_transformers, "vllm": main_vllm, "serve": main_serve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pick = argparse.ArgumentParser(add_help=False)
+    pick.add_argument("--engine", choices=list(ENGINES), default="transformers")
+    known, rest = pick.parse_known_args(argv)
+    if not any(a.startswith("--engine") for a in argv) and {"-h", "--help"} & set(rest):
+        print(__doc__)  # the overview; `--engine E --help` shows one engine's options
+        return 0
+    return ENGINES[known.engine](rest)
 
 
 if __name__ == "__main__":

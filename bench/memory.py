@@ -1,26 +1,35 @@
-"""Memory of a served app, per process and per variant: `tabp-vllm serve` + psutil.
+"""Memory: of a served app per process and per variant (`serve`), and of the pruned engine's weights
+against dense (`weights`).
 
-Starts `tabp-vllm serve` (dense + the given number of pruned variants of the demo model), waits for
-READY, sends one request to each variant (the KV cache and the kernels get touched), then walks the
-server's process tree and attributes every process:
+    flock /tmp/tabp-heavy.lock python bench/memory.py serve --pruned 2 --kv-cache-gib 0.25 \
+        --setting uni --setting mp:engine.cpu_uniproc=false
+    python bench/memory.py weights [--model llama] [--dtype auto] [--remove 26-29 --remove 22-29]
 
+`serve` starts `tabp-vllm serve` (dense + `--pruned` pruned variants of the demo model) once per
+`--setting`, waits for READY, sends one request to each variant (the KV cache and the kernels get
+touched), then walks the server's process tree and attributes every process:
 - per variant: the Ray Serve replica actor (`ray::ServeReplica:tabp:LLMServer:<name>`) and every
   process below it (vLLM's engine core, the executor's worker where it is a process of its own);
 - per app: the driver (`tabp-vllm serve`), the ingress replica, the proxy, the Serve controller and
   Ray's own processes (GCS, raylet, agents).
-
 RSS counts pages shared between processes (the torch / vLLM libraries) once per process; PSS
-divides them among the sharers, so summed PSS is what the machine actually spends. Each setting
-(`--setting NAME:KEY=VAL,...`: environment variables of the serve process) runs in turn; results go
-to bench/results/serve_memory.json, with the target "per-variant RSS <= weights + KV + 0.6 GiB".
+divides them among the sharers, so summed PSS is what the machine actually spends. A setting is
+`NAME:KEY=VAL,...`: `engine.KEY` / `request_path.KEY` serve options, anything else an environment
+variable of the server. Results merge into OUT/serve_memory.json (one entry per setting name), with
+the target "per-variant RSS <= weights + KV + 0.6 GiB" and the table docs/serving.md shows.
 
-    flock /tmp/tabp-heavy.lock python bench/serve_memory.py --pruned 2 --kv-cache-gib 0.25
+`weights` builds the real vLLM engine for dense and each mask, one at a time, and records what
+the loader materialised (weight bytes, in the engine's dtype), the decoder depth the engine built,
+and the engine worker's resident memory: OUT/weight_memory.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -29,12 +38,14 @@ import httpx
 import psutil
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from tabp_vllm.hardware import cpu_info
+from tabp_vllm.memory import GiB
 
-from tabp_vllm.hardware import cpu_info  # noqa: E402
-from tabp_vllm.memory import GiB  # noqa: E402
-from tabp_vllm.process import ManagedProcess, free_port, lists_models  # noqa: E402
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # engine_model_stats pickles a function
+OUT = Path(__file__).resolve().parent / "results" / "memory"
+
+
+# ------------------------------------------------------------------------------------ serve
 
 TARGET_OVERHEAD_GIB = 0.6
 LLM_REPLICA = "ray::ServeReplica:tabp:LLMServer:"
@@ -133,37 +144,47 @@ def summarize(snap: dict, weights: dict[str, int], kv_bytes: int) -> dict:
                               + sum(r["pss"] for r in snap["app"])) / GiB}
 
 
-def run_setting(name: str, env: dict[str, str], masks: list[Path], kv_gib: float, out_dir: Path,
-                extra_args: list[str]) -> dict:
-    from tabp_vllm.serve.commands import build_spec
+def run_setting(name: str, env: dict[str, str], options: dict, masks: list[Path], kv_gib: float,
+                log_dir: Path) -> dict:
+    """One server with this setting: ready time, then every process' memory."""
+    from tabp_vllm.process import free_port
+    from tabp_vllm.serve.launcher import ServeProcess
+    from tabp_vllm.serve.options import ServeOptions
 
-    port, mport = free_port(8040, 8080), free_port(8080, 8100)
-    cmd = [sys.executable, "-m", "tabp_vllm", "serve", "--model", "llama", "--port", str(port),
-           "--metrics-port", str(mport), "--kv-cache-gib", str(kv_gib), "--max-model-len", "512",
-           "--no-memory-check", *extra_args]
-    for m in masks:
-        cmd += ["--task-mask", str(m)]
-    spec = build_spec(model="llama", task_mask=masks, kv_cache_gib=kv_gib)
-    names = [v.name for v in spec.variants]
-    weights = {n.name: n.weight_bytes for n in spec.engine_needs(gpu=False)}
-    proc = ManagedProcess(cmd, out_dir / f"serve-{name}.log", env=env, cwd=REPO,
-                          name=f"serve ({name})")
+    doc = {"model": "llama", "port": free_port(8040, 8080), "metrics_port": free_port(8080, 8100),
+           "memory_check": False, "variants": [{"mask": str(m)} for m in masks],
+           "engine": {"kv_cache_gib": kv_gib, "max_model_len": 512}}
+    for section, values in options.items():
+        doc[section] = {**doc.get(section, {}), **values}
+    server = ServeProcess(ServeOptions.model_validate(doc), log_dir / f"serve-{name}.log", env=env,
+                          ready_timeout_s=1500)
+    names = server.variant_names
+    weights = {n.name: n.weight_bytes for n in server.spec.engine_needs(gpu=False)}
     t0 = time.monotonic()
-    proc.start()
-    try:
-        proc.wait_ready(f"http://127.0.0.1:{port}/v1/models", ready=lists_models(names),
-                        log_line="READY", deadline_s=1500, interval_s=3)
+    with server:  # returns once READY; leaving it stops the server
         ready_s = time.monotonic() - t0
         for n in names:  # touch the KV cache and the decode path of every engine
-            httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=300,
+            httpx.post(f"{server.base_url}/v1/completions", timeout=300,
                        json={"model": n, "prompt": "The capital of France is", "max_tokens": 16})
         time.sleep(3)
-        snap = snapshot(proc.pid)
-        progress = [ln for ln in proc.log_text().splitlines() if ln.startswith("ready: ")]
-    finally:
-        proc.stop(grace_s=120)
+        snap = snapshot(server.pid)
+        progress = [ln for ln in server.log_text().splitlines() if ln.startswith("ready: ")]
     return {"setting": name, "env": env, "ready_s": round(ready_s, 1), "progress_lines": progress,
             **summarize(snap, weights, int(kv_gib * GiB)), "processes": snap}
+
+
+def parse_setting(spec: str) -> tuple[str, dict[str, str], dict[str, dict]]:
+    """NAME:KEY=VAL,... -> (name, environment, serve options by section)."""
+    name, _, kvs = spec.partition(":")
+    env, options = {}, {}
+    for kv in filter(None, kvs.split(",")):
+        key, _, value = kv.partition("=")
+        section, dot, field = key.partition(".")
+        if dot and section in ("engine", "request_path"):
+            options.setdefault(section, {})[field] = yaml.safe_load(value)
+        else:
+            env[key] = value
+    return name, env, options
 
 
 def markdown_table(doc: dict) -> str:
@@ -182,38 +203,30 @@ def markdown_table(doc: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def serve(argv: list[str]) -> None:
+    """Memory of `tabp-vllm serve` per process and per variant, one server per setting."""
+    ap = argparse.ArgumentParser(prog="memory.py serve", description=serve.__doc__)
     ap.add_argument("--pruned", type=int, default=2, help="pruned variants besides dense")
     ap.add_argument("--kv-cache-gib", type=float, default=0.25)
     ap.add_argument("--setting", action="append", default=[], help=(
-        "NAME or NAME:KEY=VAL,KEY=VAL: environment variables of serve, or engine.KEY=VAL engine "
-        "options (a YAML config); default: one setting, 'default'"))
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve_memory.json")
-    ap.add_argument("--serve-arg", action="append", default=[], help="extra `serve` argument")
-    args = ap.parse_args()
+        "NAME or NAME:KEY=VAL,KEY=VAL: engine.KEY / request_path.KEY serve options, other keys "
+        "environment variables of serve; default: one setting, 'default'"))
+    ap.add_argument("--out", type=Path, default=OUT / "serve_memory.json")
+    args = ap.parse_args(argv)
 
     from tabp_vllm.mask import make_mask
     from tabp_vllm.models import resolve_model
 
     model = resolve_model("llama")
-    work = args.out.parent / "serve_memory_work"
+    work = Path(__file__).resolve().parent / "results" / "logs" / "serve_memory"  # git-ignored
     work.mkdir(parents=True, exist_ok=True)
     masks = [make_mask(model, list(range(26 - 2 * i, 30 - 2 * i)), task=f"m{i}", model_id="llama")
              .save(work / f"m{i}.json") for i in range(args.pruned)]
     results = []
     for s in args.setting or ["default"]:
-        name, _, kvs = s.partition(":")
-        pairs = dict(kv.split("=", 1) for kv in kvs.split(",") if kv)
-        env = {k: v for k, v in pairs.items() if not k.startswith("engine.")}
-        engine = {k[len("engine."):]: yaml.safe_load(v) for k, v in pairs.items() if k.startswith("engine.")}
-        extra = list(args.serve_arg)
-        if engine:
-            cfg = work / f"{name}.yaml"
-            cfg.write_text(yaml.safe_dump({"engine": engine}))
-            extra += ["--config", str(cfg)]
-        res = run_setting(name, env, masks, args.kv_cache_gib, work, extra)
-        res["engine"] = engine
+        name, env, options = parse_setting(s)
+        res = run_setting(name, env, options, masks, args.kv_cache_gib, work)
+        res["engine"] = options.get("engine", {})
         results.append(res)
         for v, m in res["variants"].items():
             print(f"{name:>14} {v:>10}: RSS {m['rss_gib']:.2f} GiB (PSS {m['pss_gib']:.2f}) "
@@ -228,10 +241,74 @@ def main() -> None:
     done = {r["setting"]: r for r in prev.get("results", [])}
     done.update({r["setting"]: r for r in results})
     doc["results"] = list(done.values())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
     print(f"wrote {args.out}")
     print(markdown_table(doc))
 
 
+# ---------------------------------------------------------------------------------- weights
+
+def parse_ranges(spec: str) -> list[int]:
+    out: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def weights(argv: list[str]) -> None:
+    """Weight bytes, decoder depth and worker RSS of the offline engine, dense and per mask."""
+    from tabp_vllm.engine import build_llm, engine_model_stats
+    from tabp_vllm.mask import make_mask
+    from tabp_vllm.models import resolve_model
+
+    ap = argparse.ArgumentParser(prog="memory.py weights", description=weights.__doc__)
+    ap.add_argument("--model", default="llama")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--remove", action="append", default=None,
+                    help="blocks to remove, e.g. 26-29 (repeatable; default: k=4 and k=8)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    model = resolve_model(args.model)
+    variants = {"dense": []}
+    for spec in args.remove or ["26-29", "22-29"]:
+        blocks = parse_ranges(spec)
+        variants[f"k={len(blocks)} ({spec})"] = blocks
+
+    rows = []
+    for name, removed in variants.items():
+        mask = make_mask(model, removed, task=name) if removed else None
+        llm = build_llm(model, mask, dtype=args.dtype, kv_cache_gib=0.25, max_model_len=256)
+        stats = engine_model_stats(llm)
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        rows.append({"variant": name, "removed": removed, **stats})
+        print(name, stats, flush=True)
+
+    dense = rows[0]["weight_bytes"]
+    for row in rows:
+        row["weight_ratio"] = row["weight_bytes"] / dense
+        row["kept_ratio"] = row["num_layers"] / rows[0]["num_layers"]
+    result = {"model": args.model, "dtype": args.dtype, "host": platform.node(),
+              "cpu_count": os.cpu_count(), "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "weight_memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["| variant | blocks kept | weight bytes | vs dense | worker RSS (MiB) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['num_layers']} | {r['weight_bytes']:,} | "
+                     f"{r['weight_ratio']:.3f} | {r['worker_rss_bytes'] / 2**20:,.0f} |")
+    (args.out / "weight_memory.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+COMMANDS = {"serve": serve, "weights": weights}
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] in ([c] for c in COMMANDS):
+        COMMANDS[sys.argv[1]](sys.argv[2:])
+    else:
+        print(__doc__)
+        sys.exit(0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2)

@@ -1,0 +1,452 @@
+"""Input-guided routing on the demo model: accuracy against static masks, the routed name under
+load, and the time a fit takes. Every configuration is made and measured with the product's own
+commands (`route fit`, `score`, `eval`, `serve`, `bench`).
+
+    python bench/routing.py report [--clusters 1,2,4,8] [--ks 4,8] [--limit 100] [--report-only]
+    python bench/routing.py load --router R.json --static MASK.json [--levels 16] [--duration 120]
+    python bench/routing.py fit-time [--clusters 4] [--k 4]
+
+`report`: accuracy per task against the number of clusters N, for each k.
+- `route fit` on one mixed calibration set (train splits of the `--calib` tasks), for N in
+  `--clusters`, with `--mask-method l0` (IG-Pruning) and `--mask-method tabp` (per-cluster TaBP);
+- a *static* mask of each existing method = the same fit with N = 1 (one mask from the whole mixed
+  set), so static and routed masks see the same data;
+- the *oracle*: per task, a static TaBP mask scored on that task's own calibration data (it knows
+  the task of every request; `score --task T --method tabp`);
+- dense.
+Each is evaluated with `eval --router` (one lm-eval run per distinct mask on the documents routed
+to it; the oracle and dense with `eval --task-mask` / `eval`) on the first `--limit` documents
+of each `--eval` task's evaluation split as lm-eval picks it (ARC-Easy: test, as lm-eval's
+arc_easy; PIQA and BoolQ: the held-out half of dev, never used for calibration). Resumable (every
+fit and evaluation is kept in OUT). Results: OUT/routing.{json,md}, OUT/accuracy_vs_clusters.png.
+
+`load`: one `tabp-vllm serve --no-dense --router R --task-mask S` (S removes as many blocks as the
+router's k), then `tabp-vllm bench` sends the same mixed prompts (both kinds the router splits)
+to `llama-auto` and to the static variant, interleaved, at the given concurrencies. The routing
+latency comes from the server's own histogram (`ray_tabp_routing_latency_seconds`), read before
+and after the run, quantiles interpolated inside buckets as Prometheus' `histogram_quantile` does.
+Targets (recorded, not asserted): routed / static output throughput >= 0.95 at concurrency 16;
+routing p50 <= 10 ms. Results: OUT/routed_load.json, the bench's OUT/routed_vs_static.*.
+
+`fit-time`: runs `route fit` with its defaults, reads the wall time and the passes the router
+records, and writes them with the CPU and the load average before and after (a busy machine
+inflates the time: say so rather than hide it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tabp_vllm.hardware import cpu_info
+from tabp_vllm.process import ManagedProcess, free_port, lists_models
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ----------------------------------------------------------------------------------- report
+
+CLI = [sys.executable, "-m", "tabp_vllm"]
+EVAL_OF = {"arc_easy": "tabp_arc_easy", "piqa": "tabp_piqa", "boolq": "tabp_boolq"}
+
+
+def run(cmd: list[str], log: Path) -> float:
+    t0 = time.time()
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
+    return time.time() - t0
+
+
+def report(argv: list[str]) -> None:
+    """Accuracy per task against the number of clusters N (OUT/routing.{json,md,png})."""
+    ap = argparse.ArgumentParser(prog="routing.py report", description=report.__doc__)
+    ap.add_argument("--calib", default="arc_easy,piqa,boolq,gsm8k")
+    ap.add_argument("--eval", default="arc_easy,piqa,boolq")
+    ap.add_argument("--clusters", default="1,2,4,8")
+    ap.add_argument("--ks", default="4,8")
+    ap.add_argument("--static-methods", default="block_influence,angular,sleb,ppl,random")
+    ap.add_argument("--samples", type=int, default=32, help="calibration inputs per task")
+    ap.add_argument("--steps", type=int, default=24, help="L0 steps per cluster")
+    ap.add_argument("--limit", type=int, default=100, help="evaluation documents per task")
+    ap.add_argument("--out", type=Path, default=RESULTS / "routing")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite routing.md and the plot from OUT/routing.json, running nothing")
+    a = ap.parse_args(argv)
+    if a.report_only:
+        write_report(json.loads((a.out / "routing.json").read_text()), a.out)
+        return
+    out, log = a.out, a.out / "run.log"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "routers").mkdir(exist_ok=True)
+    calib = [t for t in a.calib.split(",") if t]
+    evals = [t for t in a.eval.split(",") if t]
+    lm_tasks = ",".join(EVAL_OF[t] for t in evals)
+    doc_path = out / "routing.json"
+    doc = json.loads(doc_path.read_text()) if doc_path.exists() else {"rows": []}
+    done = {(r["config"], r["k"], r["n"]) for r in doc["rows"]}
+    doc.update(calib=calib, eval=evals, samples=a.samples, steps=a.steps, limit=a.limit,
+               host=cpu_info(), command=sys.argv)
+
+    def save() -> None:
+        doc_path.write_text(json.dumps(doc, indent=2) + "\n")
+
+    def evaluate(config: str, k: int, n: int | None, args: list[str], fit_s: float | None,
+                 extra: dict | None = None) -> None:
+        res_path = out / f"eval-{config}-k{k}-n{n}.json"
+        wall = None  # an earlier run's result is kept (the run was interrupted after it)
+        if not res_path.exists():
+            wall = run(CLI + ["eval", "--task", lm_tasks, "--limit", str(a.limit), "-o", str(res_path)]
+                       + args, log)
+        res = json.loads(res_path.read_text())
+        acc = {}
+        if res.get("routed"):
+            for t in evals:
+                m = res["routed"]["results"][EVAL_OF[t]]
+                acc[t] = {"acc": m["acc"]["value"], "acc_norm": m.get("acc_norm", m["acc"])["value"],
+                          "n": m["acc"]["n"]}
+            mix = res["routed"]["cluster_mix"]
+        else:
+            r = res["results"][0]
+            for t in evals:
+                m = r["results"][EVAL_OF[t]]
+                acc[t] = {"acc": m["acc,none"], "acc_norm": m.get("acc_norm,none", m["acc,none"]),
+                          "n": r["n-samples"][EVAL_OF[t]]["effective"]}
+            mix = None
+        doc["rows"].append({"config": config, "k": k, "n": n, "accuracy": acc, "fit_s": fit_s,
+                            "eval_s": wall, "cluster_mix": mix, **(extra or {})})
+        save()
+
+    if ("dense", 0, None) not in done:
+        evaluate("dense", 0, None, [], None)
+    def config_of(method: str) -> str:
+        return method if method in ("l0", "tabp") else f"static-{method}"
+
+    def routed_or_static(method: str, k: int, n: int) -> None:
+        config = config_of(method)
+        router = out / "routers" / f"{method}-k{k}-n{n}.json"
+        if not router.exists():  # else an interrupted run's fit is kept
+            run(CLI + ["route", "fit", "--model", "llama", *sum((["--task", t] for t in calib), []),
+                       "--samples", str(a.samples), "--k", str(k), "--steps", str(a.steps),
+                       "--clusters", str(n), "--mask-method", method, "-o", str(router)], log)
+        r = json.loads(router.read_text())
+        fit_s = r["provenance"]["wall_s"]  # the fit as the router records it (model load excluded)
+        evaluate(config, k, n, ["--no-dense", "--router", str(router)], fit_s,
+                 {"distinct_masks": len({json.dumps(c["mask"]["removed_layers"]) for c in r["clusters"]}),
+                  "passes": {key: r["provenance"].get(key) for key in
+                             ("forward_passes", "backward_passes")}})
+
+    def oracle(t: str, k: int) -> None:
+        """Each task's own TaBP mask, evaluated on that task only."""
+        mask = out / "routers" / f"oracle-{t}-k{k}.json"
+        if not mask.exists():
+            run(CLI + ["score", "--model", "llama", "--task", t, "--method", "tabp",
+                       "--k", str(k), "--samples", str(a.samples * len(calib)),
+                       "-o", str(mask)], log)
+        fit_s = json.loads(mask.read_text())["calibration"]["wall_s"]
+        res_path = out / f"eval-oracle-{t}-k{k}.json"
+        wall = run(CLI + ["eval", "--task", EVAL_OF[t], "--limit", str(a.limit), "--no-dense",
+                          "--task-mask", str(mask), "-o", str(res_path)], log)
+        r = json.loads(res_path.read_text())["results"][0]
+        m = r["results"][EVAL_OF[t]]
+        doc["rows"].append({"config": f"oracle-{t}", "k": k, "n": None, "fit_s": fit_s, "eval_s": wall,
+                            "accuracy": {t: {"acc": m["acc,none"],
+                                             "acc_norm": m.get("acc_norm,none", m["acc,none"]),
+                                             "n": r["n-samples"][EVAL_OF[t]]["effective"]}}})
+        save()
+
+    # Breadth first: per k the cheap fits, the static masks and the oracle, then the learned
+    # gates; the largest N (most engines to evaluate) of every k last.
+    ks, ns = [int(x) for x in a.ks.split(",")], sorted(int(x) for x in a.clusters.split(","))
+    jobs = []
+    for k in ks:
+        jobs += [("tabp", k, n) for n in ns[:-1]]
+        jobs += [(m, k, 1) for m in a.static_methods.split(",") if m]
+        jobs += [("oracle", k, t) for t in evals]
+        jobs += [("l0", k, n) for n in ns[:-1]]
+    jobs += [(method, k, ns[-1]) for k in ks for method in ("tabp", "l0")]
+    for method, k, n in jobs:
+        if method == "oracle":
+            if (f"oracle-{n}", k, None) not in done:
+                oracle(n, k)
+        elif (config_of(method), k, n) not in done:
+            routed_or_static(method, k, n)
+    write_report(doc, out)
+
+
+def write_report(doc: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals, rows = doc["eval"], doc["rows"]
+    ks = sorted({r["k"] for r in rows if r["k"]})
+    dense = next(r for r in rows if r["config"] == "dense")
+    lines = ["# Input-guided routing vs static masks (demo model)", "",
+             f"Calibration: {', '.join(doc['calib'])} train splits, {doc['samples']} inputs each, "
+             f"mixed. Evaluation: first {doc['limit']} documents per task of lm-eval's evaluation split "
+             f"(ARC-Easy test; PIQA, BoolQ the held-out half of dev), zero-shot, "
+             f"lm-eval through `tabp-vllm eval` (routed: `eval --router`). L0: {doc['steps']} "
+             f"steps per cluster. Host: {doc['host'].get('model', '?')}.", "",
+             "Static masks are `route fit --clusters 1` with each method (one mask from the whole "
+             "mixed set); the oracle is each task's own TaBP mask (it knows every request's task). "
+             "lm-eval has no acc_norm for BoolQ: its acc_norm column is acc.", ""]
+    for metric in ("acc_norm", "acc"):
+        lines += [f"## {metric}", "",
+                  "| config | k | N | distinct masks | " + " | ".join(evals) + " | mean | fit s |",
+                  "|---|---|---|---|" + "---|" * (len(evals) + 2)]
+        d = [dense["accuracy"][t][metric] for t in evals]
+        lines.append("| dense | - | - | - | " + " | ".join(f"{x:.3f}" for x in d)
+                     + f" | {sum(d) / len(d):.3f} | - |")
+        for k in ks:
+            for r in rows:
+                if r["k"] != k or r["config"].startswith("oracle"):
+                    continue
+                v = [r["accuracy"][t][metric] for t in evals]
+                lines.append(f"| {r['config']} | {k} | {r['n']} | {r.get('distinct_masks', '-')} | "
+                             + " | ".join(f"{x:.3f}" for x in v)
+                             + f" | {sum(v) / len(v):.3f} | {r['fit_s']:.0f} |")
+            oracle = {t: next((r for r in rows if r["config"] == f"oracle-{t}" and r["k"] == k), None)
+                      for t in evals}
+            if all(oracle.values()):
+                v = [oracle[t]["accuracy"][t][metric] for t in evals]
+                lines.append(f"| oracle (per-task TaBP) | {k} | - | {len(evals)} | "
+                             + " | ".join(f"{x:.3f}" for x in v) + f" | {sum(v) / len(v):.3f} | "
+                             f"{sum(oracle[t]['fit_s'] for t in evals):.0f} |")
+        lines.append("")
+    lines += ["## Cluster mix (routed L0): documents per cluster", ""]
+    for r in rows:
+        if r["config"] == "l0" and r.get("cluster_mix"):
+            mix = "; ".join(f"{t}: {m}" for t, m in r["cluster_mix"].items())
+            lines.append(f"- k={r['k']}, N={r['n']}: {mix}")
+    (out / "routing.md").write_text("\n".join(lines) + "\n")
+
+    fig, axes = plt.subplots(len(ks), len(evals), figsize=(4 * len(evals), 3.2 * len(ks)),
+                             squeeze=False)
+    for i, k in enumerate(ks):
+        for j, t in enumerate(evals):
+            ax = axes[i][j]
+            for config, style in (("l0", "o-"), ("tabp", "s--")):
+                pts = sorted((r["n"], r["accuracy"][t]["acc_norm"]) for r in rows
+                             if r["config"] == config and r["k"] == k)
+                if pts:
+                    ax.plot(*zip(*pts), style, label=f"routed {config}")
+            ax.axhline(dense["accuracy"][t]["acc_norm"], color="k", lw=1, label="dense")
+            for r in rows:
+                if r["k"] == k and r["config"] == f"oracle-{t}":
+                    ax.axhline(r["accuracy"][t]["acc_norm"], color="g", ls=":", label="oracle TaBP")
+            best = max((r for r in rows if r["k"] == k and r["config"].startswith("static-")),
+                       key=lambda r: r["accuracy"][t]["acc_norm"], default=None)
+            if best:
+                ax.axhline(best["accuracy"][t]["acc_norm"], color="r", ls="-.",
+                           label=f"best static ({best['config'][7:]})")
+            ax.set_title(f"{t}, k={k}")
+            ax.set_xlabel("clusters N")
+            ax.set_ylabel("acc_norm")
+            ax.set_xscale("log", base=2)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_clusters.png", dpi=110)
+
+
+# ------------------------------------------------------------------------------------- load
+
+THROUGHPUT_TARGET, P50_TARGET_S = 0.95, 0.010
+HISTOGRAM = "ray_tabp_routing_latency_seconds"
+
+
+def routing_histogram(metrics_url: str) -> dict[float, float]:
+    """Cumulative bucket counts {le: count} of the routing latency, summed over series."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[float, float] = {}
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=30).text):
+        for s in family.samples:
+            if s.name == f"{HISTOGRAM}_bucket":
+                le = float(s.labels["le"])
+                out[le] = out.get(le, 0.0) + s.value
+    return out
+
+
+def quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """Prometheus' histogram_quantile on cumulative buckets (linear inside a bucket)."""
+    les = sorted(buckets)
+    if not les or buckets[les[-1]] <= 0:
+        return None
+    rank, prev_le, prev_count = q * buckets[les[-1]], 0.0, 0.0
+    for le in les:
+        count = buckets[le]
+        if count >= rank:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * (rank - prev_count) / max(count - prev_count, 1e-12)
+        prev_le, prev_count = le, count
+    return les[-2] if len(les) > 1 else None
+
+
+def mixed_prompts(path: Path, max_tokens: int) -> Path:
+    """The bundled demo questions (arithmetic and general), as a bench dataset."""
+    from tabp_vllm.data import load_task, mcqa_context
+
+    items = load_task("demo", "train").items + load_task("demo", "validation").items
+    path.write_text("".join(json.dumps({"prompt": mcqa_context(i), "max_tokens": max_tokens}) + "\n"
+                            for i in items))
+    return path
+
+
+def encoder_floor(router, dataset: Path, n: int = 40) -> dict:
+    """The encoder's own time per routed text on an idle machine (before the server starts): what
+    routing costs when it does not share the cores with the engines. One text at a time, as an
+    idle server embeds them, with the torch threads the ingress gets."""
+    import numpy as np
+    import torch
+
+    from tabp_vllm.serve.routed import _open_router_encoder
+
+    encoder = _open_router_encoder(router)
+    texts = [json.loads(line)["prompt"] for line in dataset.read_text().splitlines()][:n]
+    encoder.encode(texts[:1])  # warm-up
+    times = []
+    for text in texts:
+        t0 = time.perf_counter()
+        router.nearest(encoder.encode([text]))
+        times.append(time.perf_counter() - t0)
+    return {"texts": len(times), "torch_threads": torch.get_num_threads(),
+            "p50_s": float(np.percentile(times, 50)), "p99_s": float(np.percentile(times, 99))}
+
+
+def load(argv: list[str]) -> None:
+    """The routed name (`llama-auto`) against a static variant of the same depth, under load."""
+    ap = argparse.ArgumentParser(prog="routing.py load", description=load.__doc__)
+    ap.add_argument("--router", required=True, type=Path)
+    ap.add_argument("--static", required=True, type=Path, help="mask of the static variant")
+    ap.add_argument("--levels", default="16")
+    ap.add_argument("--duration", type=float, default=120.0)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=RESULTS / "routed")
+    a = ap.parse_args(argv)
+
+    from tabp_vllm.mask import load_mask
+    from tabp_vllm.models import resolve_model
+    from tabp_vllm.routing.router import load_router
+
+    model = resolve_model("llama")
+    router, static = load_router(a.router, model), load_mask(a.static, model)
+    if len(static.removed_layers) != router.k:
+        sys.exit(f"error: the static mask removes {len(static.removed_layers)} blocks, the "
+                 f"router's k is {router.k}: compare variants of the same depth")
+    a.out.mkdir(parents=True, exist_ok=True)
+    static_name = f"llama-{static.task}"
+    port, mport = free_port(8200, 8300), free_port(8300, 8400)
+    base, metrics_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{mport}/metrics"
+    dataset = mixed_prompts(a.out / "mixed_prompts.jsonl", a.output_len)
+    floor = encoder_floor(router, dataset)
+    server = ManagedProcess(
+        [sys.executable, "-m", "tabp_vllm", "serve", "--model", "llama", "--no-dense",
+         "--task-mask", str(a.static), "--router", str(a.router), "--port", str(port),
+         "--metrics-port", str(mport), "--kv-cache-gib", "0.25", "--max-model-len", "1024"],
+        a.out / "serve.log", name="tabp-vllm serve").start()
+    t0 = time.time()
+    try:
+        server.wait_ready(f"{base}/v1/models", ready=lists_models([static_name, "llama-auto"]),
+                          log_line="\nREADY", deadline_s=1200, interval_s=2)
+        before = routing_histogram(metrics_url)
+        cmd = [sys.executable, "-m", "tabp_vllm", "bench", "--url", base,
+               "--variant", static_name, "--variant", "llama-auto", "--dense", static_name,
+               "--mask", f"{static_name}={a.static}", "--levels", a.levels,
+               "--duration", str(a.duration), "--rounds", str(a.rounds), "--dataset", str(dataset),
+               "--out", str(a.out), "--name", "routed_vs_static"]
+        subprocess.run(cmd, check=True)
+        time.sleep(12)  # two of Ray's metric report intervals: the last routed requests counted
+        after = routing_histogram(metrics_url)
+    finally:
+        server.stop(grace_s=120)
+    delta = {le: after.get(le, 0) - before.get(le, 0) for le in after}
+    bench = json.loads((a.out / "routed_vs_static.json").read_text())
+    levels = []
+    for level in sorted({m["level"] for m in bench["metrics"]}):
+        by = {m["variant"]: m for m in bench["metrics"] if m["level"] == level}
+        ratio = by["llama-auto"]["output_tokens_per_s"] / by[static_name]["output_tokens_per_s"]
+        levels.append({"level": level, "routed_over_static_output_tokens_per_s": ratio,
+                       "routed": {k: by["llama-auto"][k] for k in ("output_tokens_per_s", "completed", "errors")},
+                       "static": {k: by[static_name][k] for k in ("output_tokens_per_s", "completed", "errors")},
+                       "target": THROUGHPUT_TARGET if level == 16 else None,
+                       "target_met": ratio >= THROUGHPUT_TARGET if level == 16 else None})
+    p50, p99 = quantile(0.5, delta), quantile(0.99, delta)
+    doc = {"router": str(a.router), "router_hash": router.content_hash(), "clusters": router.num_clusters,
+           "distinct_masks": len(router.variants()), "k": router.k, "static_variant": static_name,
+           "static_removed": static.removed_layers, "host": cpu_info(), "wall_s": time.time() - t0,
+           "bench_command": cmd, "levels": levels,
+           "routing_latency": {"requests": delta.get(float("inf"), 0), "p50_s": p50, "p99_s": p99,
+                               "buckets_le_s": sorted(k for k in delta if k != float("inf")),
+                               "p50_target_s": P50_TARGET_S,
+                               "p50_target_met": p50 is not None and p50 <= P50_TARGET_S,
+                               "encoder_alone": floor},
+           "note": ("Every distinct cluster mask is one more engine: the routed traffic is spread "
+                    "over the router's variants, the static traffic goes to one engine, on the "
+                    "same CPU cores. Quantiles interpolated inside the histogram's buckets.")}
+    (a.out / "routed_load.json").write_text(json.dumps(doc, indent=2) + "\n")
+    print(json.dumps({"levels": levels, "routing_latency": doc["routing_latency"]}, indent=2))
+
+
+# --------------------------------------------------------------------------------- fit-time
+
+TARGET_S = 600.0
+TASKS = ("arc_easy", "piqa", "boolq", "gsm8k")
+
+
+def fit_time(argv: list[str]) -> None:
+    """How long `route fit` takes with its defaults (target: N = 4, k = 4 within 10 minutes)."""
+    ap = argparse.ArgumentParser(prog="routing.py fit-time", description=fit_time.__doc__)
+    ap.add_argument("--clusters", type=int, default=4)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--out", type=Path, default=RESULTS / "routing" / "fit_time.json")
+    a = ap.parse_args(argv)
+    router = a.out.with_suffix(".router.json")
+    cmd = [sys.executable, "-m", "tabp_vllm", "route", "fit", "--model", "llama",
+           *sum((["--task", t] for t in TASKS), []), "--clusters", str(a.clusters),
+           "--k", str(a.k), "-o", str(router)]
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    command_s = time.perf_counter() - t0
+    r = json.loads(router.read_text())
+    p = r["provenance"]
+    res = {"command": " ".join(["tabp-vllm"] + cmd[3:]), "clusters": a.clusters, "k": a.k,
+           "inputs": p["samples"], "hyperparameters": r["method"]["params"],
+           "fit_wall_s": p["wall_s"], "command_wall_s": round(command_s, 1),
+           "forward_passes": p["forward_passes"], "backward_passes": p["backward_passes"],
+           "per_cluster": p["clusters"], "target_s": TARGET_S,
+           "target_met": command_s <= TARGET_S,
+           "loadavg_before": [round(x, 2) for x in load_before],
+           "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+           "cpu": cpu_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    a.out.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in res.items() if k not in ("per_cluster", "hyperparameters")},
+                     indent=2))
+
+
+COMMANDS = {"report": report, "load": load, "fit-time": fit_time}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__)
+        sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

