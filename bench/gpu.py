@@ -807,45 +807,43 @@ def step_servers_and_bench(run: Run, model_dir: str, plan: dict[str, Any]) -> di
     from tabp_vllm.hardware import engine_start_lock
     from tabp_vllm.loadtest.commands import run_bench
     from tabp_vllm.loadtest.servers import api_server_command
-    from tabp_vllm.process import ManagedProcess, free_port, lists_models
-    from tabp_vllm.serve.commands import build_spec
+    from tabp_vllm.process import ManagedProcess, free_port
+    from tabp_vllm.serve.launcher import ServeProcess
+    from tabp_vllm.serve.options import ServeOptions
 
     a = run.args
     gpu = run.doc["env"]["device"] == "cuda"
     max_model_len = a.prompt_len + a.new_tokens + 16
     mem = memory_plan(run, model_dir, plan, max_model_len)
-    # the names `serve` gives them (each mask's task is its variant's key here)
-    spec = build_spec(model=model_dir, task_mask=list(plan["masks"].values()))
-    names = {v.task or "dense": v.name for v in spec.variants}
-    alias = names["dense"]
     port, bare_port = free_port(8000, 8100), free_port(8101, 8200)
     metrics_port = free_port(8290, 8390)
+    # batches up to the top concurrency, on both sides (fewer CUDA graphs to capture at start)
+    seqs = max(a.batches)
+    engine = {"max_model_len": max_model_len, "extra": {"max_num_seqs": seqs},
+              **({"gpu_memory_share": mem["serve_share"]} if gpu
+                 else {"kv_cache_gib": mem["kv_cache_gib"]})}
+    options = ServeOptions.model_validate({
+        "model": model_dir, "port": port, "metrics_port": metrics_port, "engine": engine,
+        "variants": [{"mask": m} for m in plan["masks"].values()]})
+    # every engine's log lines kept (Ray folds lines that differ only in numbers)
+    serve = ServeProcess(options, run.out / "serve.log", env={"RAY_DEDUP_LOGS": "0"})
+    # the names `serve` gives them (each mask's task is its variant's key here)
+    names = {v.task or "dense": v.name for v in serve.spec.variants}
+    alias = names["dense"]
     doc: dict[str, Any] = {"memory_plan": mem, "served_names": names, "max_model_len": max_model_len,
                            "ports": {"serve": port, "bare": bare_port, "metrics": metrics_port}}
     run.doc["serve"] = doc
     run.log(f"memory plan: {mem}")
-    sizing = (["--gpu-memory-share", str(mem["serve_share"])] if gpu
-              else ["--kv-cache-gib", str(mem["kv_cache_gib"])])
-    # batches up to the top concurrency, on both sides (fewer CUDA graphs to capture at start)
-    seqs = max(a.batches)
-    serve_cmd = [sys.executable, "-m", "tabp_vllm", "serve", "--model", model_dir,
-                 "--port", str(port), "--metrics-port", str(metrics_port),
-                 "--max-model-len", str(max_model_len), *sizing,
-                 "--engine-arg", f"max_num_seqs={seqs}",
-                 *[x for m in plan["masks"].values() for x in ("--task-mask", m)]]
     bare_extra = {"max_num_seqs": seqs}
     if gpu:
         bare_extra["gpu_memory_utilization"] = mem["bare_gpu_memory_utilization"]
     bare_cmd = api_server_command(model_dir, bare_port, alias, bare=True,
                                   max_model_len=max_model_len,
                                   kv_cache_gib=None if gpu else mem["kv_cache_gib"], extra=bare_extra)
-    doc["commands"] = {"serve": serve_cmd, "bare": bare_cmd}
+    doc["commands"] = {"serve_options": options.model_dump(mode="json"), "bare": bare_cmd}
     with ExitStack() as stack:
-        # every engine's log lines kept (Ray folds lines that differ only in numbers)
-        serve = ManagedProcess(serve_cmd, run.out / "serve.log", name="tabp-vllm serve",
-                               env={"RAY_DEDUP_LOGS": "0"})
         bare = ManagedProcess(bare_cmd, run.out / "bare.log", name="bare vLLM api_server")
-        stack.callback(serve.stop, grace_s=60)
+        stack.callback(serve.stop)
         stack.callback(bare.stop, grace_s=30)
         t0 = time.monotonic()
         # The bare engine starts alone under the lock; the served engines queue behind it.
@@ -855,15 +853,18 @@ def step_servers_and_bench(run: Run, model_dir: str, plan: dict[str, Any]) -> di
                                     deadline_s=max(run.remaining() - 60, 30), interval_s=2)
             doc["bare_ready_s"] = round(time.monotonic() - t0, 1)
             run.log(f"bare vLLM ready after {doc['bare_ready_s']} s")
-        serve.wait_ready(f"http://127.0.0.1:{port}/v1/models", ready=lists_models(names.values()),
-                         log_line="\nREADY", deadline_s=max(run.remaining() - 30, 30), interval_s=2)
+        serve.ready_timeout_s = max(run.remaining() - 30, 30)
+        serve.wait_ready()
+        # read at start; its content is in the JSON (doc["commands"]), and one device call
+        # returns at most 8 files
+        serve.config_path.unlink(missing_ok=True)
         doc["serve_ready_s"] = round(time.monotonic() - t0, 1)
         doc["serve_ready_lines"] = [ln.strip() for ln in serve.log_text().splitlines()
                                     if ln.startswith("ready: ")]
         run.log(f"tabp-vllm serve ready after {doc['serve_ready_s']} s: {doc['serve_ready_lines']}")
         import httpx
 
-        cards = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"]
+        cards = httpx.get(f"{serve.base_url}/v1/models", timeout=10).json()["data"]
         doc["models"] = {c["id"]: c.get("metadata", {}) for c in cards}
         if gpu:
             doc["gpu_processes"] = gpu_processes()
@@ -878,12 +879,12 @@ def step_servers_and_bench(run: Run, model_dir: str, plan: dict[str, Any]) -> di
             run.log(f"deadline: bench duration {a.duration:g} -> {duration:.1f} s per variant per level")
         doc["bench_duration_s"] = duration
         result = run_bench(
-            url=f"http://127.0.0.1:{port}", variants=list(names.values()), model=model_dir,
+            url=serve.base_url, variants=list(names.values()), model=model_dir,
             masks=list(plan["masks"].values()), bare_vllm=f"{alias}@http://127.0.0.1:{bare_port}",
             levels=",".join(str(x) for x in a.batches), duration=duration, rounds=a.rounds,
             ramp=a.ramp, warmup=2, input_len=a.prompt_len, output_len=a.new_tokens,
             range_ratio=0.0, out=str(run.out), stem=BENCH_STEM, progress=False,
-            notes=NOTE + f" Engines: {run.doc['env'].get('gpu_name', 'CPU')}.")
+            notes=SERVE_NOTE + f" Engines: {run.doc['env'].get('gpu_name', 'CPU')}.")
         # read after the load: Ray forwards the replicas' lines to the driver's log with a delay
         doc["kv_cache_tokens"] = {"serve": kv_tokens(serve.log_text()),
                                   "bare": kv_tokens(bare.log_text())}
@@ -934,16 +935,20 @@ def serve_args(argv: list[str] | None = None):
 
 
 
-def main_transformers(argv: list[str] | None = None) -> int:
-    run = Run(transformers_args(argv))
+def start(args: argparse.Namespace, name: str, note: str, levels: str = "batches"):
+    """The run and its first two steps, the same for every engine: env, then the checkpoint
+    (None when either failed)."""
+    run = Run(args, name=name, note=note)
     a = run.args
-    run.log(f"gpu_scale: arch {a.arch}, batches {a.batches}, prompt {a.prompt_len}, "
+    run.log(f"{name}: arch {a.arch}, {levels} {a.batches}, prompt {a.prompt_len}, "
             f"{a.new_tokens} new tokens, deadline {a.deadline_s:.0f} s -> {run.out}")
     env = run.step("env", step_env)
-    if env is None:
-        run.save()
-        return 1
-    model_dir = run.step("synth", step_synth)
+    return run, run.step("synth", step_synth) if env else None
+
+
+def main_transformers(argv: list[str] | None = None) -> int:
+    run, model_dir = start(transformers_args(argv), "gpu_scale", NOTE)
+    a = run.args
     if model_dir:
         if "speed" in a.skip:
             run.skip("speed", "--skip")
@@ -971,31 +976,19 @@ def main_transformers(argv: list[str] | None = None) -> int:
                         f"SLEB on {plan['samples']} samples only (time budget), the others on "
                         f"{a.score_samples}: compare cost per sample pass, not wall time")
     else:
-        run.skip("speed, score", "no checkpoint (synth failed)")
+        run.skip("speed, score", "no checkpoint (env or synth failed)")
     return run.finish()
 
 
-
 def main_vllm(argv: list[str] | None = None) -> int:
-    run = Run(vllm_args(argv), name="gpu_vllm", note=VLLM_NOTE)
-    a = run.args
-    run.log(f"gpu_vllm: arch {a.arch}, batches {a.batches}, prompt {a.prompt_len}, "
-            f"{a.new_tokens} new tokens, deadline {a.deadline_s:.0f} s -> {run.out}")
-    env = run.step("env", step_env)
-    model_dir = run.step("synth", step_synth) if env else None
+    run, model_dir = start(vllm_args(argv), "gpu_vllm", VLLM_NOTE)
     if model_dir:
         run.step("vllm_speed", step_vllm_speed, model_dir, need_s=60)
     return run.finish()
 
 
-
 def main_serve(argv: list[str] | None = None) -> int:
-    run = Run(serve_args(argv), name="gpu_serve", note=SERVE_NOTE)
-    a = run.args
-    run.log(f"gpu_serve: arch {a.arch}, concurrencies {a.batches}, prompt {a.prompt_len}, "
-            f"{a.new_tokens} new tokens, deadline {a.deadline_s:.0f} s -> {run.out}")
-    env = run.step("env", step_env)
-    model_dir = run.step("synth", step_synth) if env else None
+    run, model_dir = start(serve_args(argv), "gpu_serve", SERVE_NOTE, levels="concurrencies")
     plan = run.step("masks", step_masks, model_dir) if model_dir else None
     if plan:
         run.step("serve_vs_bare", step_servers_and_bench, model_dir, plan, need_s=90)

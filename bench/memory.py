@@ -307,8 +307,6 @@ def weights(argv: list[str]) -> None:
 COMMANDS = {"serve": serve, "weights": weights}
 
 if __name__ == "__main__":
-    if sys.argv[1:2] in ([c] for c in COMMANDS):
-        COMMANDS[sys.argv[1]](sys.argv[2:])
-    else:
-        print(__doc__)
-        sys.exit(0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2)
+    if sys.argv[1:2] not in ([c] for c in COMMANDS):  # none or an unknown one: the overview
+        sys.exit(print(__doc__) or (0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2))
+    COMMANDS[sys.argv[1]](sys.argv[2:])

@@ -328,22 +328,20 @@ def measure_server(a: argparse.Namespace) -> None:
 
     from tabp_vllm.hardware import choose_dtype, cpu_info
     from tabp_vllm.lmeval_tasks import task_manager
-    from tabp_vllm.models import resolve_model
-    from tabp_vllm.process import ManagedProcess, free_port, lists_models
+    from tabp_vllm.models import cache_dir, resolve_model
+    from tabp_vllm.process import free_port
+    from tabp_vllm.serve.launcher import ServeProcess
+    from tabp_vllm.serve.options import ServeOptions, VariantOptions
 
-    path, port = resolve_model(a.model), free_port(8000, 8100)
-    cmd = [sys.executable, "-m", "tabp_vllm", "serve", "--model", a.model, "--port", str(port)]
-    cmd += ["--task-mask", a.mask] if a.mask else []
-    name = f"{a.model}-{Path(a.mask).stem}" if a.mask else a.model
-    from tabp_vllm.models import cache_dir
-
-    server = ManagedProcess(cmd, cache_dir() / "logs" / "lmeval_speed.serve.log",
-                            name="tabp-vllm serve")
-    base = f"http://127.0.0.1:{port}"
+    path = resolve_model(a.model)
+    server = ServeProcess(ServeOptions(model=a.model, port=free_port(8000, 8100),
+                                       variants=[VariantOptions(mask=a.mask)] if a.mask else []),
+                          cache_dir() / "logs" / "lmeval_speed.serve.log")
+    name = server.variant_names[-1]  # the mask's variant, else the dense model
+    base = server.base_url
     try:
         t0 = time.perf_counter()
-        server.start().wait_ready(f"{base}/v1/models", ready=lists_models([name]),
-                                  log_line="\nREADY", deadline_s=900, interval_s=2)
+        server.start().wait_ready()
         start_s = time.perf_counter() - t0
         asyncio.run(send(base, name, ["Question: warm-up\nAnswer:"] * 8, a, echo=True))
         model_args = {"model": name, "base_url": f"{base}/v1/completions",
@@ -358,7 +356,7 @@ def measure_server(a: argparse.Namespace) -> None:
         echo_s = asyncio.run(send(base, name, texts, a, echo=True))
         prefill_s = asyncio.run(send(base, name, texts, a, echo=False))
     finally:
-        server.stop(grace_s=120)
+        server.stop()
     tok = AutoTokenizer.from_pretrained(path)
     n, tokens = len(texts), sum(len(tok(t).input_ids) for t in texts)
     res = json.loads(a.out.read_text()) if a.out.exists() else {}
@@ -403,8 +401,6 @@ async def send(base: str, model: str, texts: list[str], a: argparse.Namespace, *
 COMMANDS = {"engine": engine, "dtype": dtype, "lmeval": lmeval}
 
 if __name__ == "__main__":
-    if sys.argv[1:2] in ([c] for c in COMMANDS):
-        COMMANDS[sys.argv[1]](sys.argv[2:])
-    else:
-        print(__doc__)
-        sys.exit(0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2)
+    if sys.argv[1:2] not in ([c] for c in COMMANDS):  # none or an unknown one: the overview
+        sys.exit(print(__doc__) or (0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2))
+    COMMANDS[sys.argv[1]](sys.argv[2:])

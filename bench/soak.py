@@ -32,21 +32,9 @@ import httpx
 
 from tabp_vllm.loadtest.soak import (API_KEY, RSS_FLOOR_MIB, RSS_GROWTH_LIMIT, VARIANTS, Load,
                                      RssSampler, rss_report)
+from tabp_vllm.prometheus import scrape, sum_by
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def engine_gauges(metrics_port: int) -> dict[str, dict[str, float]]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).text
-    out: dict[str, dict[str, float]] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name in ("ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting"):
-                d = out.setdefault(s.name, {})
-                d[s.labels.get("model_name", "")] = d.get(s.labels.get("model_name", ""), 0) + s.value
-    return out
 
 
 def plot(samples, warmup_s: float, summary: dict, path: Path) -> None:
@@ -74,7 +62,8 @@ def plot(samples, warmup_s: float, summary: dict, path: Path) -> None:
 
 def main() -> int:
     from tabp_vllm.errors import TabpError
-    from tabp_vllm.process import ManagedProcess, lists_models
+    from tabp_vllm.serve.launcher import ServeProcess
+    from tabp_vllm.serve.options import EngineOptions, ServeOptions, VariantOptions
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=15.0)
@@ -94,21 +83,16 @@ def main() -> int:
                      else min(3.0, args.minutes / 5))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = f"http://127.0.0.1:{args.port}"
-    masks = [str(RESULTS / "masks" / "k4.json"), str(RESULTS / "masks" / "k8.json")]
-    serve = ManagedProcess(
-        [sys.executable, "-m", "tabp_vllm", "serve", "--model", "llama", "--host", "127.0.0.1",
-         "--port", str(args.port), "--metrics-port", str(args.metrics_port), "--api-key", API_KEY,
-         "--kv-cache-gib", str(args.kv_cache_gib), "--max-model-len", "512",
-         *[a for m in masks for a in ("--task-mask", m)]],
-        out / "serve.log", env={"RAY_metrics_report_interval_ms": "2000"}, name="tabp-vllm serve")
-    serve.start()
+    serve = ServeProcess(ServeOptions(
+        model="llama", host="127.0.0.1", port=args.port, metrics_port=args.metrics_port,
+        api_key=API_KEY, engine=EngineOptions(kv_cache_gib=args.kv_cache_gib, max_model_len=512),
+        variants=[VariantOptions(mask=str(RESULTS / "masks" / f"{k}.json")) for k in ("k4", "k8")]),
+        out / "serve.log", env={"RAY_metrics_report_interval_ms": "2000"}, stop_grace_s=180)
+    base = serve.base_url
     summary: dict = {}
     try:
         try:
-            serve.wait_ready(f"{base}/v1/models", ready=lists_models(VARIANTS),
-                             headers={"Authorization": f"Bearer {API_KEY}"}, log_line="\nREADY",
-                             deadline_s=900, interval_s=2)
+            serve.start().wait_ready()
         except TabpError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -127,8 +111,7 @@ def main() -> int:
         running: dict = {}
         for _ in range(20):
             time.sleep(1.5)
-            g = engine_gauges(args.metrics_port)
-            running = g.get("ray_vllm_num_requests_running", {})
+            running = sum_by(scrape(serve.metrics_url), "ray_vllm_num_requests_running")
             if set(VARIANTS) <= set(running) and not any(running.values()):
                 break
         sampler.stop_event.set()
@@ -156,7 +139,7 @@ def main() -> int:
         summary["checks"] = checks
         summary["passed"] = all(checks.values())
     finally:
-        left = serve.stop(grace_s=180)
+        left = serve.stop()
         if summary:
             summary["orphans_after_stop"] = [list(p) for p in left]
     (out / "soak.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -115,7 +115,7 @@ def offline_engine(args: dict[str, Any], gpu: bool | None = None):
 
     By default vLLM spawns an engine-core process and a worker process, each re-importing torch
     and vLLM, and on 2 cores they compete with this process for the CPU: the engine started in
-    31 s against 6 s and generated 140 against 240 tokens/s (bench/offline_engine.py, demo
+    31 s against 6 s and generated 140 against 240 tokens/s (bench/offline.py engine, demo
     model, 2-core EPYC). GPU and tensor-parallel engines keep vLLM's defaults.
     The variable is set only while the engine is built (the engine core caches vLLM's
     environment then), so processes started later do not inherit it.

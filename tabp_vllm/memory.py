@@ -121,10 +121,11 @@ def engine_needs(model: str, kept: Mapping[str, int], *, gpu: bool, dtype: str =
 
 
 # Measured per CPU engine beyond its weights and KV cache, as PSS (what the machine spends; RSS
-# counts the shared torch/vLLM pages once per process), bench/serve_memory.py ->
-# bench/results/serve_memory.json, 0.25 GiB weights and 0.25 GiB KV cache each: Ray replica actor +
-# engine core process (with the worker in it, `cpu_uniproc`): 1.97 GiB PSS per variant ("uni";
-# "mp" 2.49); the engine core inside the replica (`cpu_engine_in_replica`): 1.42 ("in-replica").
+# counts the shared torch/vLLM pages once per process), bench/memory.py serve ->
+# bench/results/memory/serve_memory.json, 0.25 GiB weights and 0.25 GiB KV cache each: Ray replica
+# actor + engine core process (with the worker in it, `cpu_uniproc`): 1.97 GiB PSS per variant
+# ("uni"; "mp" 2.49); the engine core inside the replica (`cpu_engine_in_replica`): 1.42
+# ("in-replica").
 CPU_ENGINE_OVERHEAD_GIB = 1.5
 CPU_ENGINE_IN_REPLICA_OVERHEAD_GIB = 1.0
 # Once per app: driver, Ray's GCS, raylet, agents, the Serve controller, proxy and ingress

@@ -121,18 +121,3 @@ def test_still_loading_encoder_times_out_as_503(demo_model):
         asyncio.run(routed.route(SimpleNamespace(prompt="hi")))
     release.set()
     assert asyncio.run(routed.route(SimpleNamespace(prompt="1 + 1"))).variant == "llama-math"
-
-
-def test_routing_latency_quantiles_like_prometheus():
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "bench" / "routed_load.py"
-    spec = importlib.util.spec_from_file_location("routed_load", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    # 10 observations: 4 <= 1 ms, 4 in (1, 2] ms, 2 in (5, 10] ms
-    buckets = {0.001: 4, 0.002: 8, 0.005: 8, 0.01: 10, float("inf"): 10}
-    assert mod.quantile(0.5, buckets) == pytest.approx(0.00125)  # rank 5: 1/4 into (1, 2]
-    assert mod.quantile(0.99, buckets) == pytest.approx(0.005 + 0.005 * 1.9 / 2)
-    assert mod.quantile(0.5, {0.001: 0, float("inf"): 0}) is None

@@ -76,7 +76,7 @@ class TabpLLMServer(LLMServer):
     - CPU (`TABP_VLLM_CPU_UNIPROC=1`): the one worker runs inside the engine core process (vLLM's
       uni-process executor, vLLM's own default for one worker) instead of a process of its own:
       Ray Serve LLM forces the multiprocess executor on CPU, which costs every variant one more
-      Python + torch process (bench/serve_memory.py measures it);
+      Python + torch process (bench/memory.py serve measures it);
     - CPU (`TABP_VLLM_CPU_ENGINE_IN_REPLICA=1`, `serve --engine-in-replica`): the engine core too
       runs in this replica's process, in a thread (`serve/inproc_engine.py`): one process per
       variant;

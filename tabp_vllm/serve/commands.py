@@ -115,7 +115,7 @@ def print_table(spec) -> None:
     console.print("* ideal speedup: dense / variant FLOPs per decode step. Ctrl-C to stop.")
     if memory:
         console.print("** host memory per variant: weights + KV cache + the measured engine and "
-                      "Ray overhead (bench/serve_memory.py); the total adds Ray's own processes")
+                      "Ray overhead (bench/memory.py serve); the total adds Ray's own processes")
     sys.stdout.flush()
 
 

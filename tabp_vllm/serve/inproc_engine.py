@@ -3,7 +3,7 @@
 vLLM's `AsyncLLM` (what Ray Serve LLM's replicas run) always starts its `EngineCore` in a process
 of its own and talks to it over ZMQ (`AsyncMPClient`); `VLLM_ENABLE_V1_MULTIPROCESSING=0` applies
 only to the offline `LLM` (`InprocClient`). On a CPU replica that second process costs every
-variant another Python + torch + vLLM import, ~0.75 GiB (bench/serve_memory.py).
+variant another Python + torch + vLLM import, ~0.75 GiB (bench/memory.py serve).
 `AsyncInprocClient` is the asynchronous counterpart of vLLM's `InprocClient`: the same
 `EngineCore` built in this process, stepped by one thread, with requests and outputs passed
 through queues instead of sockets. `AsyncLLM` gets it through `engine_core_in_this_process()`.
@@ -11,7 +11,7 @@ through queues instead of sockets. `AsyncLLM` gets it through `engine_core_in_th
 The thread runs the loop of vLLM's `EngineCoreProc.run_busy_loop`: wait while idle, take in new
 requests, aborts and utility calls between steps, step, hand the outputs to the event loop.
 The model's forward pass releases the GIL (torch ops); the scheduler's Python code and the
-replica's share it, where two processes would run them side by side (bench/serve_memory.py
+replica's share it, where two processes would run them side by side (bench/memory.py serve
 measures throughput as well as memory for that reason).
 """
 

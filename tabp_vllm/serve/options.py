@@ -51,9 +51,9 @@ class VariantOptions(Options):
 
 
 # Ray Serve's environment settings for the per-request path, by profile (`request_path.ray_serve`;
-# measured in bench/results/server_levers/, docs/serving.md "Server overhead"). They are read by
-# the Ray processes at start, so they apply to the local Ray that `serve` starts; a cluster joined
-# with --address keeps the environment it was started with.
+# measured in bench/results/serve_vs_bare/levers/, docs/serving.md "Server overhead"). They are
+# read by the Ray processes at start, so they apply to the local Ray that `serve` starts; a
+# cluster joined with --address keeps the environment it was started with.
 RAY_SERVE_PROFILES: dict[str, dict[str, str]] = {
     "default": {},  # Ray Serve's own
     # Ray Serve's bundle (serve/_private/constants.py): user code and the router on each replica's
