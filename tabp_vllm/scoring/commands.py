@@ -26,7 +26,7 @@ def score_with_options(o: ScoreOptions, *, k: int | None = None, model_and_token
                        progress: Any = None) -> Any:
     """The scoring run `o` describes (its data, its sample, its scorer settings) as a
     `ScoringResult`; `k` overrides the options' k (the comparison report scores each method once at
-    its largest k). The CLI and bench/compare_v2.py both come through here."""
+    its largest k). The CLI and bench/compare.py both come through here."""
     from tabp_vllm.data import load_task
     from tabp_vllm.models import resolve_model
 
