@@ -20,7 +20,8 @@ COMPARE_V2 = REPO / "bench" / "results" / "compare_v2" / "report.md"
 
 # A decimal number as prose and tables write it ("0.411", "2,438.8", "-0.147"), not a version
 # ("0.32.0") or a piece of a path or name ("v1.5", "report.v2").
-NUMBER = re.compile(r"(?<![\w.])\d{1,3}(?:,\d{3})*\.\d+(?![\w]|\.\d)|(?<![\w.,])\d+\.\d+(?![\w]|\.\d)")
+NUMBER = re.compile(r"(?<![\w.])\d{1,3}(?:,\d{3})*\.\d+(?![\w]|\.\d)"  # 2,438.8
+                    r"|(?<![\w.,])\d+\.\d+(?![\w]|\.\d)")
 SOURCES = re.compile(r"^Sources?: (.+)$", re.M)
 
 
@@ -160,6 +161,42 @@ def test_readme_headline_table_is_the_committed_results():
     assert checked >= 4
 
 
+def summary_table(text: str) -> list[str]:
+    """The comparison's summary table (configuration x task and k) as report.md writes it."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines)
+                 if line.startswith("| configuration | arc_easy k = 4"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
+def cells(row: str) -> list[str]:
+    return [c.strip() for c in row.strip().strip("|").split("|")]
+
+
+def test_readme_best_mask_is_the_best_of_the_comparison():
+    """The headline's "best mask" cells name the configuration with the highest mean accuracy in
+    that task and k column of the committed comparison, with its value."""
+    report = summary_table(COMPARE_V2.read_text())
+    header, rows = cells(report[0]), [cells(r) for r in report[2:]]
+    body = next(b for h, b in sections(README.read_text()) if "Results" in h)
+    table = tables(body)[0]
+    readme_header = cells(table[0])
+    checked = 0
+    for row in map(cells, table[2:]):
+        task = {"ARC-Easy": "arc_easy", "PIQA": "piqa"}.get(row[0].split()[0])
+        for col, cell in enumerate(row):
+            m = re.fullmatch(r"(\d\.\d+) \(\d+ %\) (\S+)", cell)
+            if not (task and m and "best" in readme_header[col]):
+                continue
+            k = re.search(r"k = \d+", readme_header[col]).group()
+            column = header.index(f"{task} {k}")
+            value = {r[0]: float(r[column].split()[0]) for r in rows if r[0] != "dense"}
+            assert value[m.group(2)] == float(m.group(1)) == max(value.values()), (row[0], k)
+            checked += 1
+    assert checked == 4
+
+
 # --- docs/results.md -------------------------------------------------------------------------
 
 
@@ -193,15 +230,8 @@ def test_results_page_tables_are_verbatim():
 
 def test_results_page_comparison_is_the_committed_summary():
     """The comparison's summary table is report.md's, cell for cell and whole (no row left out)."""
-    def table(text: str) -> list[str]:
-        lines = text.splitlines()
-        start = next(i for i, line in enumerate(lines)
-                     if line.startswith("| configuration | arc_easy k = 4"))
-        end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
-        return lines[start:end]
-
-    report = table(COMPARE_V2.read_text())
-    assert len(report) > 3 and report == table(RESULTS.read_text())
+    report = summary_table(COMPARE_V2.read_text())
+    assert len(report) > 3 and report == summary_table(RESULTS.read_text())
 
 
 @pytest.mark.parametrize("doc", ["x 0.411 y", "x 1.227x y"])
