@@ -46,7 +46,6 @@ def test_offline_tasks_mirror_lm_eval(ours, theirs):
 
 
 def test_offline_tasks_read_the_shared_data_with_the_project_split():
-    from tabp_vllm.data import load_task
     from tabp_vllm.evaluation.evaluate import check_tasks
 
     assert offline_tasks() == ["tabp_arc_challenge", "tabp_arc_challenge_validation",
@@ -61,13 +60,35 @@ def test_offline_tasks_read_the_shared_data_with_the_project_split():
                      "tabp_arc_challenge_validation": 299}
     assert _ours("tabp_arc_easy_validation") == {**_ours("tabp_arc_easy"), "test_split": None,
                                                  "task": "tabp_arc_easy_validation"}
-    # BoolQ / PIQA: the project's seeded halves of dev, so calibration (train) never meets eval
-    for task in ("piqa", "boolq"):
-        for split in ("train", "validation"):
-            ours = load_task(task, split).items
-            lm = load_task(f"lmeval:tabp_{task}", split).items
-            assert [i.choices for i in ours] == [i.choices for i in lm]
-            assert [i.gold for i in ours] == [i.gold for i in lm]
+
+
+TASK_SPLITS = [("arc_easy", "train"), ("arc_easy", "validation"), ("arc_easy", "test"),
+               ("arc_challenge", "train"), ("arc_challenge", "validation"),
+               ("arc_challenge", "test"), ("piqa", "train"), ("piqa", "validation"),
+               ("boolq", "train"), ("boolq", "validation"), ("demo", "train"),
+               ("demo", "validation")]
+
+
+@pytest.mark.parametrize("task,split", TASK_SPLITS)
+def test_calibration_items_are_the_lm_eval_tasks_documents(task, split):
+    """`--task piqa` calibrates on the documents lm-eval's tabp_piqa evaluates (one reader,
+    datasets_local): the same records in the same order, the same choices and gold answers, and
+    for the cloze probe the task's own prompt (BoolQ and PIQA: the seeded halves of dev, so
+    calibration on train never meets evaluation on validation)."""
+    from tabp_vllm.data import load_task, mcqa_context
+    from tabp_vllm.lmeval_tasks import task_docs
+
+    items = load_task(task, split).items
+    obj, docs = task_docs(f"tabp_{task}", split)
+    assert len(items) == len(docs) > 0
+    assert [i.choices for i in items] == [obj.doc_to_choice(d) for d in docs]
+    assert [i.gold for i in items] == [obj.doc_to_target(d) for d in docs]
+    if task == "boolq":  # the calibration question is capitalised (as masks have recorded it)
+        assert [i.context for i in items] == [d["passage"] for d in docs]
+        assert [i.question.lower() for i in items] == [d["question"].strip().lower() + "?"
+                                                       for d in docs]
+    else:
+        assert [mcqa_context(i) for i in items] == [obj.doc_to_text(d) for d in docs]
 
 
 def test_lmeval_task_as_calibration_data():
@@ -89,6 +110,7 @@ def test_lmeval_task_unavailable_is_one_line(tmp_path, monkeypatch):
 
     from tabp_vllm.cli import app
     from tabp_vllm.data import load_task
+    from tabp_vllm.lmeval_tasks import load_task_object
 
     with pytest.raises(TabpError, match="unknown lm-eval task 'nope'"):
         load_task("lmeval:nope", "train")
@@ -101,6 +123,14 @@ def test_lmeval_task_unavailable_is_one_line(tmp_path, monkeypatch):
     err = [ln for ln in r.output.splitlines() if ln.startswith("error")]
     assert len(err) == 1 and "tabp_arc_easy" in err[0] and "TABP_VLLM_DATA" in err[0]
     assert not (tmp_path / "m.json").exists()
+    # a faulty record: lm-eval's task names it by file and line, as calibration does
+    (tmp_path / "boolq").mkdir()
+    (tmp_path / "boolq" / "dev.jsonl").write_text('{"question": "q", "passage": "p", "answer": "True"}\n'
+                                                  '{"question": "q", "passage": "p", "answer": "?"}\n')
+    with pytest.raises(TabpError) as e:
+        load_task_object("tabp_boolq")
+    assert str(e.value) == (f"task 'tabp_boolq': {tmp_path}/boolq/dev.jsonl:2: gold answer '?' "
+                            f"is not among the choices")
 
 
 def test_model_registered():

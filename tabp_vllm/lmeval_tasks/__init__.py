@@ -2,8 +2,10 @@
 
 The folder holds YAML tasks that mirror lm-eval 0.4.13's arc_easy, arc_challenge, piqa and boolq
 (same doc_to_text, doc_to_choice, doc_to_target and metrics) on the local data sets
-(`datasets_local.py`), named `tabp_<task>` so that lm-eval's own tasks keep their names and,
-with the hub reachable, work unchanged. Imports lm_eval, never vLLM.
+(`datasets_local.py`, the one reader of the local files, which `tabp_vllm.data` converts into
+calibration items too), named `tabp_<task>` so that lm-eval's own tasks keep their names and,
+with the hub reachable, work unchanged. Imports lm_eval (when a task is loaded), never vLLM, nor
+the rest of tabp_vllm but its errors.
 """
 
 from __future__ import annotations
@@ -54,8 +56,8 @@ def load_task_object(task: str, include: list[str] | None = None):
                         f"{', '.join(offline_tasks(tm))}; see `lm-eval ls tasks` for the rest")
     try:
         obj = get_task_dict([task], tm)[task]
-    except TabpError:
-        raise
+    except TabpError as exc:  # datasets_local: a file missing or faulty, named with its line
+        raise TabpError(f"task {task!r}: {exc}") from None
     except Exception as exc:  # the hub out of reach, a data set missing, ...
         raise _unavailable(task, exc) from None
     if isinstance(obj, dict):
