@@ -249,17 +249,24 @@ def _readme(arch: str, meta: dict[str, Any], config, n_params: int) -> str:
     )
 
 
+def _default(name: str) -> Any:
+    """`synth_model`'s own default (its one home; the command shows and passes it on)."""
+    import inspect
+
+    return inspect.signature(synth_model).parameters[name].default
+
+
 @user_errors
 def synth_model_command(
     arch: str = typer.Option(..., "--arch", help=f"One of: {', '.join(ARCHS)}."),
     output: Path = typer.Option(..., "-o", "--output", help="Checkpoint folder to write."),
-    seed: int = typer.Option(0, "--seed"),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16|float16|float32"),
-    device: str = typer.Option("auto", "--device",
+    seed: int = typer.Option(_default("seed"), "--seed"),
+    dtype: str = typer.Option(_default("dtype"), "--dtype", help="bfloat16|float16|float32"),
+    device: str = typer.Option(_default("device"), "--device",
                                help="Where to generate the weights: auto|cpu|cuda."),
     tokenizer: Optional[Path] = typer.Option(
         None, "--tokenizer", help="Folder with tokenizer files (default: the demo model's)."),
-    shard_gib: float = typer.Option(2.0, "--shard-gib", help="Shard size in GiB."),
+    shard_gib: float = typer.Option(_default("shard_gib"), "--shard-gib", help="Shard size in GiB."),
 ) -> None:
     """Write a random-weight checkpoint of a published shape (speed measurements only)."""
     res = synth_model(arch, output, seed=seed, dtype=dtype, device=device, tokenizer=tokenizer,

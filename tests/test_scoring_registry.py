@@ -61,7 +61,7 @@ def test_every_method_records_its_params_and_costs_what_it_reports(tiny, name):
                       probe="letters")  # auto may add a pass (tests/test_tabp_probe.py)
     method = get_method(name)
     ctx = ScoreContext(model=tiny[0], tokenizer=tiny[1], dataset=ds, k=2, candidates=list(range(1, 6)),
-                       mode="mcqa", batch_size=2)
+                       mode="mcqa", batch_size=2, probe="letters")
     assert res.method == name
     assert res.params["k"] == 2 and res.params["candidate_range"] == [1, 6] and res.params["seed"] == 0
     assert method.params(ctx).items() <= res.params.items()

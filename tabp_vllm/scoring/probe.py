@@ -49,6 +49,9 @@ class ScoreContext:
     dataset: Dataset
     k: int
     candidates: list[int]
+    # The user-facing defaults live in `run_scoring`'s signature (ScoreOptions takes them from
+    # there); those below are the same values, except where the context holds what run_scoring
+    # resolved: `mode` (its "auto" becomes the data's kind) and `device` ("auto" -> cpu or cuda).
     mode: str = "mcqa"  # mcqa | text
     statistic: str = "entropy"
     aggregate: str = "ssn"
@@ -57,7 +60,7 @@ class ScoreContext:
     batch_size: int = 16
     max_length: int = 256
     text_positions: int = 32  # text mode: early-exit read-outs per sample (full vocab is costly)
-    probe: str = "letters"  # MCQA mode: letters | cloze | auto (TaBP resolves auto when it scores)
+    probe: str = "auto"  # MCQA mode: letters | cloze | auto (TaBP resolves auto when it scores)
     preset: str | None = None  # "paper": the official TaBP prompt, bare-letter keys, neutral ties
     probe_measurement: dict[str, Any] | None = None  # what `auto` measured to choose the probe
     seed: int = 0
