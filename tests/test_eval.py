@@ -27,11 +27,39 @@ def transformers_loglik(model: str, pairs: list[tuple[str, str]]) -> list[float]
     return [ll for ll, _ in hf.loglikelihood(reqs)]
 
 
+QUIZ = [  # a user's own data, in a schema of its own
+    {"q": "2 + 2 =", "options": ["3", "4", "5"], "answer": 1},
+    {"q": "The sky is", "options": ["blue", "green", "loud"], "answer": 0},
+    {"q": "Ice is", "options": ["hot", "cold", "fast"], "answer": 1},
+    {"q": "A cat says", "options": ["moo", "woof", "meow"], "answer": 2},
+    {"q": "Fire is", "options": ["hot", "cold", "wet"], "answer": 0},
+]
+
+
+def user_task_folder(folder) -> str:
+    """A user's lm-eval task folder: one YAML task (lm-eval's own format) over a local JSONL file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "quiz.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in QUIZ))
+    # lm-eval reads data_files from the working directory: an absolute path, as a user would give
+    (folder / "my_quiz.yaml").write_text(
+        "task: my_quiz\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "Q: {{q}}\\nA:"\ndoc_to_choice: "{{options}}"\ndoc_to_target: answer\n'
+        "metric_list:\n  - metric: acc\n    higher_is_better: true\nmetadata:\n  version: 1.0\n")
+    return str(folder)
+
+
 def test_eval_cli_matches_transformers(tmp_path, demo_model, write_mask):
+    """Our offline task and a user's own task folder (--include-path), dense and one mask, in one
+    lm-eval run per variant."""
     mask = write_mask([26, 27, 28, 29], task="demo", name="k4.json")
     out = tmp_path / "res.json"
-    r = CliRunner().invoke(_app(), ["eval", "--task", "tabp_demo", "--limit", "4",
-                                    "--task-mask", str(mask), "-o", str(out)])
+    tasks = user_task_folder(tmp_path / "my-tasks")
+    r = CliRunner().invoke(_app(), ["eval", "--task", "tabp_demo,my_quiz", "--limit", "4",
+                                    "--include-path", tasks, "--task-mask", str(mask),
+                                    "-o", str(out)])
     assert r.exit_code == 0, r.output
     doc = json.loads(out.read_text())
     dense, pruned = doc["results"]
@@ -57,6 +85,17 @@ def test_eval_cli_matches_transformers(tmp_path, demo_model, write_mask):
         # up to 0.25 nats on 4.2 against transformers fp32
         assert g == pytest.approx(e, rel=0.1, abs=0.15)
     assert [s["loglik"] for s in pruned["samples"]["tabp_demo"]] != [s["loglik"] for s in samples]
+    # the user's task: its prompts and choices as its YAML makes them, lm-eval's acc, both variants
+    assert "my_quiz" in r.output and doc["include_path"] == tasks
+    for variant in (dense, pruned):
+        quiz = variant["samples"]["my_quiz"]
+        assert variant["n-samples"]["my_quiz"]["effective"] == 4
+        assert [s["target"] for s in quiz] == [d["answer"] for d in QUIZ[:4]]
+        assert quiz[0]["arguments"] == [["Q: 2 + 2 =\nA:", " 3"], ["Q: 2 + 2 =\nA:", " 4"],
+                                        ["Q: 2 + 2 =\nA:", " 5"]]
+        acc = sum(max(range(3), key=lambda j: s["loglik"][j]) == s["target"] for s in quiz) / 4
+        assert variant["results"]["my_quiz"]["acc,none"] == pytest.approx(acc)
+    assert pruned["samples"]["my_quiz"][0]["loglik"] != dense["samples"]["my_quiz"][0]["loglik"]
 
 
 def test_eval_bad_mask_exit_2(tmp_path):
@@ -64,6 +103,20 @@ def test_eval_bad_mask_exit_2(tmp_path):
     bad.write_text("{}")
     r = CliRunner().invoke(_app(), ["eval", "--task", "tabp_demo", "--task-mask", str(bad)])
     assert r.exit_code == 2 and "not a mask file" in r.output
+
+
+def test_eval_include_path_errors_are_one_line(tmp_path):
+    """A folder that is not there, or a task the folder does not have: one line, exit 2, before
+    any engine starts."""
+    for argv, says in [
+        (["--include-path", str(tmp_path / "nowhere"), "--task", "my_quiz"], "not a folder"),
+        (["--include-path", user_task_folder(tmp_path / "t"), "--task", "my_quizz"],
+         "unknown lm-eval task 'my_quizz'"),
+    ]:
+        r = CliRunner().invoke(_app(), ["eval", *argv])
+        assert r.exit_code == 2, r.output
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], r.output
 
 
 def test_eval_unknown_task_or_missing_data_exit_2(tmp_path, monkeypatch):
