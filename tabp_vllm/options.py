@@ -183,9 +183,9 @@ def cli_flags(cls: type[Options], path: tuple[str, ...] = ()) -> list[CliFlag]:
                             f"give it cli_type=..., or cli=False (config file only)")
         decls = extra.get("flags") or ["--" + name.replace("_", "-")
                                        + (f"/--no-{name.replace('_', '-')}" if tp is bool else "")]
-        shown = f"\\[default: {shown_default(field)}]"  # "\\[": a literal "[" for rich
-        if field.is_required():
-            shown = f"\\[{shown_default(field)}]"
+        # "\\[": a literal "[" for rich
+        shown = (f"\\[{shown_default(field)}]" if field.is_required()
+                 else f"\\[default: {shown_default(field)}]")
         info = typer.Option(None, *decls, help=f"{help_text} {shown}".strip(), show_default=False,
                             envvar=extra.get("envvar"))
         flags.append(CliFlag(path + (name,), Optional[tp], info))
@@ -211,22 +211,22 @@ def cli_values(flags: list[CliFlag], values: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
-def options_command(cls: type[O], *, config_help: str | None = CONFIG_HELP,
+def options_command(cls: type[O], *, config_help: str = CONFIG_HELP,
                     build: Callable[..., O] | None = None, build_args: tuple[str, ...] = ()):
     """Decorate `fn(o: cls, **params)`: the typer command taking `fn`'s own parameters, `--config`
-    (unless `config_help` is None) and one flag per field of `cls`; `fn` receives the validated
+    and one flag per field of `cls`; `fn` receives the validated
     options. `build(cli, config, **build_args)` replaces `build_options` where a command merges its
     sources its own way (serve); the parameters named in `build_args` go to it, not to `fn`."""
+
+    import typer
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         own = list(inspect.signature(fn, eval_str=True).parameters.values())[1:]
         flags = cli_flags(cls)
-        params = list(own)
-        if config_help is not None:
-            params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY,
-                                            default=_config_option(config_help),
-                                            annotation=Optional[Path]))
-        params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.info,
+        config = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY,
+                                   default=typer.Option(None, "--config", "-c", help=config_help),
+                                   annotation=Optional[Path])
+        params = own + [config] + [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.info,
                                      annotation=f.annotation) for f in flags]
         names = [p.name for p in params]
         clash = sorted({n for n in names if names.count(n) > 1})
@@ -245,14 +245,8 @@ def options_command(cls: type[O], *, config_help: str | None = CONFIG_HELP,
 
         command.__signature__ = inspect.Signature(
             [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params])
-        command.__annotations__ = {p.name: p.annotation for p in params}
-        command.options_model = cls
+        command.__annotations__ = {p.name: p.annotation for p in params}  # typer reads both
         return command
 
     return decorate
 
-
-def _config_option(help: str) -> Any:
-    import typer
-
-    return typer.Option(None, "--config", "-c", help=help)
