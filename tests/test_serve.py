@@ -44,6 +44,41 @@ READY_TIMEOUT = float(os.environ.get("TABP_SERVE_READY_TIMEOUT", "1200"))
 SERVE_ENV = {"RAY_metrics_report_interval_ms": "2000", "RAY_SERVE_HTTP_REQUEST_MAX_RETRIES": "0"}
 
 
+class StartupProbe(threading.Thread):
+    """While the server starts: `GET /health` every second and, while it names a variant still
+    starting, one completion to that variant (timed); what came back is kept for the tests."""
+
+    def __init__(self, base: str):
+        super().__init__(name="startup-probe", daemon=True)
+        self.base, self.done = base, threading.Event()
+        self.health: list[tuple[int, str]] = []      # (HTTP status, body's status)
+        self.refused: list[tuple[str, int, float, dict]] = []  # (variant, status, seconds, body)
+
+    def run(self) -> None:
+        with httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as c:
+            while not self.done.is_set():
+                try:
+                    r = c.get(f"{self.base}/health")
+                    body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+                    if "variants" in body:  # our ingress answered (not Ray's proxy before it)
+                        self.health.append((r.status_code, body["status"]))
+                        starting = [n for n, st in body["variants"].items() if st["state"] == "starting"]
+                        if starting and len(self.refused) < 3:
+                            t = time.monotonic()
+                            resp = c.post(f"{self.base}/v1/completions", json={
+                                "model": starting[0], "prompt": "Hi", "max_tokens": 1})
+                            self.refused.append((starting[0], resp.status_code,
+                                                 time.monotonic() - t, resp.json()))
+                except (httpx.HTTPError, ValueError):
+                    pass  # not listening yet
+                self.done.wait(1)
+
+    def stop(self) -> "StartupProbe":
+        self.done.set()
+        self.join(90)
+        return self
+
+
 @pytest.fixture(scope="module")
 def mask_files(tmp_path_factory, demo_model):
     from tabp_vllm.mask import make_mask
@@ -79,9 +114,15 @@ def server(tmp_path_factory, mask_files, router_file):
     srv = ServeProcess(serve_options(mask_files, router_file),
                        tmp_path_factory.mktemp("serve") / "serve.log", env=SERVE_ENV, cwd=REPO,
                        ready_timeout_s=READY_TIMEOUT, stop_grace_s=240)
-    with srv:  # returns once READY: every variant's engine is up, after the variant table
-        assert srv.model_names == VARIANTS + [ROUTED]
-        yield srv
+    probe = StartupProbe(srv.base_url)  # test_health_answers_503_while_starting_then_200
+    probe.start()
+    try:
+        with srv:  # returns once READY: every variant's engine is up, after the variant table
+            srv.startup_probe = probe.stop()
+            assert srv.model_names == VARIANTS + [ROUTED]
+            yield srv
+    finally:
+        probe.stop()
     print(srv.log_text()[-3000:])
     assert not srv.left, f"orphan processes after Ctrl-C: {srv.left}"
     assert "stopped" in srv.log_text()
@@ -148,6 +189,57 @@ def test_api_key_required(server, client):
     r = httpx.post(f"{server.base_url}/v1/completions", json={"model": DENSE, "prompt": "x"})
     assert r.status_code == 401
     assert greedy(client, DENSE, "Hi", max_tokens=2).choices[0].text is not None
+
+
+# ---- readiness and the console ------------------------------------------------------------------
+
+def test_health_answers_503_while_starting_then_200(server):
+    """While the engines start, `/health` answers 503 and a request to a variant still starting
+    gets an OpenAI-shaped 503 at once (not minutes of silence); once READY, 200 for every variant."""
+    probe = server.startup_probe
+    codes = [code for code, _ in probe.health]
+    assert 503 in codes, probe.health                     # the ingress was up before the engines
+    ready_at = codes.index(200) if 200 in codes else len(codes)
+    assert set(codes[:ready_at]) == {503} and set(codes[ready_at:]) <= {200}, probe.health
+    refused = [(name, s, body) for name, code, s, body in probe.refused if code == 503]
+    print("requests to a starting variant:", [(n, c, round(s, 2)) for n, c, s, _ in probe.refused])
+    assert refused, probe.refused
+    for name, seconds, body in refused:
+        assert seconds < 2.0, probe.refused              # 2 cores busy starting engines
+        err = body["error"]
+        assert err["code"] == 503 and err["type"] == "server_error" and err["param"] == "model"
+        assert err["message"].startswith(f"The model '{name}' is still starting (0/1 replicas")
+
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    r = httpx.get(f"{server.base_url}/health", headers=auth, timeout=30)
+    assert r.status_code == 200 and r.json()["status"] == "ready"
+    assert r.json()["variants"] == {n: {"state": "ready", "replicas_running": 1, "replicas": 1}
+                                    for n in VARIANTS}
+    for name in (GSM8K, ROUTED):
+        one = httpx.get(f"{server.base_url}/health/{name}", headers=auth, timeout=30)
+        assert one.status_code == 200 and one.json()["status"] == "ready"
+    assert set(httpx.get(f"{server.base_url}/health/{ROUTED}", headers=auth, timeout=30)
+               .json()["variants"]) == {GSM8K, COMMONSENSE}
+    missing = httpx.get(f"{server.base_url}/health/nope", headers=auth, timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == 404
+    assert httpx.get(f"{server.base_url}/health", timeout=30).status_code == 401  # the key, as everywhere
+
+
+def test_console_shows_our_lines_and_logs_go_to_the_file(server):
+    """Without --verbose the console has the dtype, the progress, the table and READY with the
+    URL, and none of Ray's or vLLM's records: those are in the log file the console names."""
+    text = server.log_text()
+    lines = text.splitlines()
+    assert lines[0].startswith("dtype: ")
+    assert f"READY {server.base_url}" in lines
+    assert sum(ln.startswith("ready: ") for ln in lines) == len(VARIANTS)
+    for noise in ('"asctime"', "(ServeReplica", "(ServeController", "(ProxyActor", "Triton",
+                  "INFO 20", "WARNING"):
+        assert noise not in text, (noise, [ln for ln in lines if noise in ln][:3])
+    m = re.search(r"^logs: +Ray's and vLLM's records go to (\S+) \(--verbose: here\)$", text, re.M)
+    assert m, lines[:5]
+    records = Path(m.group(1)).read_text()
+    assert "(ServeReplica:tabp:LLMServer" in records  # a replica's vLLM lines, streamed by Ray
 
 
 # ---- generation: parity, streaming, logprobs ----------------------------------------------------

@@ -7,7 +7,9 @@ ingress routing by `model`), with two additions that function cannot take:
   the key is the middleware's configuration, set here in the driver and shipped with the app;
 - `TabpIngress` (an `OpenAiIngress`) adds an OpenAI-style 404 for an unknown `model` that names the
   valid ones, per-variant metadata (task, blocks kept/total, mask hash, speedup) in `/v1/models`,
-  and the tabp gauges (blocks kept/total, theoretical speedup) through Ray's metrics export.
+  the tabp gauges (blocks kept/total, theoretical speedup) through Ray's metrics export, and
+  readiness (`serve/readiness.py`): `GET /health` and `GET /health/<model>` (503 until every
+  variant, or that one, can answer), and an immediate 503 for a request to a variant still starting.
 With `serve --router`, the ingress also lists a routed name (`<alias>-auto`) whose requests each
 go to the variant of their input's cluster (`serve/routed.py`), with `x-tabp-variant` /
 `x-tabp-cluster` response headers and the routing metrics (`serve/metrics.py`).
@@ -34,9 +36,15 @@ from tabp_vllm.serve.streaming import leading_edge_batches
 
 # Private Ray Serve LLM modules (patches/README.md says why no public hook serves).
 from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
+from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
 from ray.llm._internal.serve.utils.lora_serve_utils import get_base_model_id
 
 
+# Ray Serve LLM's routes (private: `make_fastapi_ingress` takes a map but none is public) and
+# the readiness routes (serve/readiness.py).
+ENDPOINTS = {**DEFAULT_ENDPOINTS,
+             "health": lambda app: app.get("/health"),
+             "variant_health": lambda app: app.get("/health/{model:path}")}
 # Response headers of a routed request: the variant that served it and the input's cluster.
 VARIANT_HEADER = "x-tabp-variant"
 CLUSTER_HEADER = "x-tabp-cluster"
@@ -144,6 +152,10 @@ class TabpIngress(OpenAiIngress):
         from tabp_vllm.serve.metrics import RoutingMetrics, publish_variant_gauges
 
         self._gauges = publish_variant_gauges(variant_metadata)
+        from tabp_vllm.serve.readiness import Readiness
+
+        self._readiness = Readiness({name: int(meta.get("replicas", 1))
+                                     for name, meta in variant_metadata.items()})
         # The routed name (`serve --router`): listed like a model, answered by the variant of each
         # request's cluster (serve/routed.py); it has no deployment of its own.
         if routed:
@@ -170,6 +182,8 @@ class TabpIngress(OpenAiIngress):
             route = await self._routed.route(body)  # 400 / 503 through serve/errors.py
             self._routing_metrics.record(self._routed.name, route)
             body.model = route.variant
+        if body.model is not None:  # a variant still starting: 503 now, not a silent wait
+            await self._readiness.check(get_base_model_id(body.model))
         response = await super()._process_llm_request(body, call_method, raw_request)
         if isinstance(response, StreamingResponse):
             rid = getattr(getattr(raw_request, "state", None), "request_id", None) or "-"
@@ -189,6 +203,28 @@ class TabpIngress(OpenAiIngress):
         if model is not None and get_base_model_id(model) not in self._model_cards:
             raise self._not_found(model)
         return await super()._get_model_id(model)
+
+    async def health(self):
+        """`GET /health`: 200 once every variant has a running replica, else 503; the body
+        names each variant's state."""
+        from tabp_vllm.serve.readiness import health
+
+        code, body = health(await self._readiness.states())
+        return JSONResponse(status_code=code, content=body)
+
+    async def variant_health(self, model: str):
+        """`GET /health/<model>`: the same for one variant (a routed name: all its variants)."""
+        from tabp_vllm.serve.readiness import health
+
+        states = await self._readiness.states()
+        if self._routed is not None and model == self._routed.name:
+            names = set(self._routed.cluster_variants)
+        elif model in states:
+            names = {model}
+        else:
+            raise self._not_found(model)
+        code, body = health({n: states[n] for n in sorted(names)})
+        return JSONResponse(status_code=code, content=body)
 
     async def model_data(self, model: str):
         card = await self.model(model)
@@ -222,7 +258,8 @@ def build_app(spec) -> Any:
     from tabp_vllm.serve.deploy import ingress_options, llm_configs
 
     configs = llm_configs(spec)
-    ingress = make_fastapi_ingress(TabpIngress, app=ingress_app(spec.api_key))
+    ingress = make_fastapi_ingress(TabpIngress, app=ingress_app(spec.api_key),
+                                   endpoint_map=ENDPOINTS)
     options = ingress_options(spec, TabpIngress.get_deployment_options(configs))
     return serve.deployment(ingress, **options).bind(
         # one name whatever the server class: "LLMServer:<variant>"

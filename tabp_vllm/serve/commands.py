@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, List, Optional
@@ -77,48 +76,6 @@ def build_spec(**cli):
     return ServeSpec.from_options(serve_options(**cli))
 
 
-def print_table(spec) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from tabp_vllm.hardware import on_gpu
-    from tabp_vllm.memory import GiB
-
-    base = f"http://{spec.host}:{spec.port}"
-    gpu = on_gpu()
-    memory = {} if gpu else spec.cpu_memory_estimate()[1]
-    weights = {n.name: n.weight_bytes * n.replicas for n in spec.engine_needs(gpu=gpu)}
-    table = Table("variant", "task", "blocks kept", "speedup*", "mask hash", "replicas", "weights",
-                  *(["memory**"] if memory else []),
-                  title=f"tabp-vllm serve: {spec.model_alias} ({spec.model})")
-    for v in spec.variants:
-        table.add_row(v.name, v.task or "(dense)", f"{v.blocks_kept}/{v.blocks_total}",
-                      f"{v.theoretical_speedup:.3f}", v.mask_hash or "-", str(v.replicas),
-                      f"{weights[v.name] / GiB:.2f} GiB",
-                      *([f"{memory[v.name] / GiB:.2f} GiB"] if memory else []))
-    total = spec.cpu_memory_estimate()[0] if memory else None
-    table.add_section()
-    table.add_row("total", "", "", "", "", str(sum(v.replicas for v in spec.variants)),
-                  f"{sum(weights.values()) / GiB:.2f} GiB",
-                  *([f"{total / GiB:.2f} GiB"] if memory else []))
-    console = Console(width=None if sys.stdout.isatty() else 150)  # a log file: no wrapped cells
-    console.print(table)
-    if spec.routed:
-        r = spec.routed
-        routes = ", ".join(f"cluster {c} -> {name}" for c, name in enumerate(r.cluster_variants))
-        print(f"routed:    {r.name} ({len(r.cluster_variants)} clusters, encoder {r.encoder}): {routes}")
-    print(f"endpoints: {base}/v1/models  {base}/v1/completions  {base}/v1/chat/completions"
-                  + ("  (Bearer API key required)" if spec.api_key else ""))
-    metrics = (f"http://127.0.0.1:{spec.metrics_port}/metrics" if not spec.address
-               else "the Ray cluster's metrics export port(s)")
-    print(f"metrics:   {metrics}")
-    console.print("* ideal speedup: dense / variant FLOPs per decode step. Ctrl-C to stop.")
-    if memory:
-        console.print("** host memory per variant: weights + KV cache + the measured engine and "
-                      "Ray overhead (bench/memory.py serve); the total adds Ray's own processes")
-    sys.stdout.flush()
-
-
 @user_errors
 @options_command(ServeOptions, config_help=(
     "YAML file with many variants (examples/serve.yaml); flags given win over its keys, "
@@ -141,6 +98,7 @@ def serve(
 
 def run_serve(o: ServeOptions, dry_run: bool = False) -> None:
     from tabp_vllm.hardware import choose_dtype, on_gpu
+    from tabp_vllm.serve.console import ServeConsole, default_log_file, print_table
     from tabp_vllm.serve.deploy import check_reachable, start, stop
     from tabp_vllm.serve.spec import ServeSpec, check_memory
 
@@ -153,6 +111,9 @@ def run_serve(o: ServeOptions, dry_run: bool = False) -> None:
     if dry_run:
         print_table(spec)
         return
+    log_file = Path(o.log_file) if o.log_file else default_log_file(spec.port)
+    if not o.verbose:
+        print(f"logs:      Ray's and vLLM's records go to {log_file} (--verbose: here)", flush=True)
     # Ctrl-C and SIGTERM (docker stop, CI) take the same clean path. Ray's driver installs its own
     # SIGTERM handler in ray.init, so ours are (re)installed after start(); SIGINT is set first
     # because a shell's background job starts with it ignored.
@@ -162,19 +123,21 @@ def run_serve(o: ServeOptions, dry_run: bool = False) -> None:
         stopping.append(signum)
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        start(spec)
-        signal.signal(signal.SIGINT, _request_stop)
-        signal.signal(signal.SIGTERM, _request_stop)
-        print_table(spec)
-        print("READY", flush=True)
-        while not stopping:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print("shutting down ...", file=sys.stderr, flush=True)
-        stop(joined=bool(spec.address))
-        print("stopped", file=sys.stderr, flush=True)
+    with ServeConsole(log_file, verbose=o.verbose) as console:
+        try:
+            start(spec, log=console.say)
+            signal.signal(signal.SIGINT, _request_stop)
+            signal.signal(signal.SIGTERM, _request_stop)
+            print_table(spec, console.out)
+            # the waiters (serve/launcher.py, the demo, the tests) match the line's start
+            console.say(f"READY http://{spec.host}:{spec.port}")
+            while not stopping:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            console.warn("shutting down ...")
+            stop(joined=bool(spec.address))
+            console.warn("stopped")

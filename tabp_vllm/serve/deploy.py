@@ -8,7 +8,6 @@ Ray is imported only inside the functions: the replicas import the variable name
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -156,32 +155,33 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise TabpError(f"--address {address}: no Ray cluster answers there ({exc})") from None
 
 
-def start(spec, *, quiet: bool = False) -> None:
-    """Start (or join) Ray, deploy the app and wait until every variant is ready."""
+def start(spec, *, log=print) -> None:
+    """Start (or join) Ray, deploy the app and wait until every variant is ready; `log` takes
+    our own progress lines (None: silent, and the Ray processes' output not streamed here)."""
     import ray
     from ray import serve
 
     from tabp_vllm.serve.app import build_app
 
     if spec.address:
-        if not quiet and spec.request_path.ray_serve != "default":
-            print(f"request path: ray_serve={spec.request_path.ray_serve} is not applied to a joined "
-                  f"cluster: its processes keep the RAY_SERVE_* environment of `ray start`", flush=True)
+        if log and spec.request_path.ray_serve != "default":
+            log(f"request path: ray_serve={spec.request_path.ray_serve} is not applied to a joined "
+                f"cluster: its processes keep the RAY_SERVE_* environment of `ray start`")
         try:
-            ray.init(address=spec.address, log_to_driver=not quiet)
+            ray.init(address=spec.address, log_to_driver=log is not None)
         except ConnectionError as exc:
             raise TabpError(f"--address {spec.address}: cannot join the Ray cluster ({exc})") from None
     else:
         applied = apply_ray_serve_profile(spec.request_path.ray_serve, os.environ)
-        if not quiet:
-            print(f"request path: ray_serve={spec.request_path.ray_serve}"
-                  + "".join(f" {k}={v}" for k, v in applied.items()), flush=True)
+        if log:
+            log(f"request path: ray_serve={spec.request_path.ray_serve}"
+                + "".join(f" {k}={v}" for k, v in applied.items()))
         # "local": always a private Ray, even when a `ray start` cluster runs on this host (plain
         # ray.init() would join that one, and fail on num_cpus).
         try:
             ray.init(address="local", num_cpus=spec.num_cpus or ray_cpus_needed(spec),
                      include_dashboard=False, _metrics_export_port=spec.metrics_port,
-                     log_to_driver=not quiet)
+                     log_to_driver=log is not None)
         except (RuntimeError, ConnectionError) as exc:  # e.g. GCS/raylet start timed out on a busy host
             raise TabpError(f"could not start a local Ray instance: {first_line(exc)} (is the machine "
                             f"overloaded, or out of memory?)") from None
@@ -189,33 +189,28 @@ def start(spec, *, quiet: bool = False) -> None:
     serve.start(http_options={"host": spec.host, "port": spec.port})
     serve.run_many([serve.RunTarget(target=app, name=APP_NAME, route_prefix="/")],
                    wait_for_applications_running=False)
-    wait_running(spec, log=None if quiet else print)
-
-
-def deployment_key(model_id: str) -> str:
-    # Ray Serve LLM names a variant's deployment "LLMServer:<model_id>", '/' and '.' replaced.
-    return model_id.replace("/", "--").replace(".", "_")
+    wait_running(spec, log=log)
 
 
 def wait_running(spec, log=print, poll_s: float = 2.0) -> None:
-    """Wait until the app is RUNNING, printing one line per variant as its replicas come up
+    """Wait until the app is RUNNING, printing one line per variant once all its replicas run
     (`serve.run` would wait silently: ten CPU variants take minutes)."""
     from ray import serve
 
+    from tabp_vllm.serve.readiness import variant_states
+
     t0 = time.monotonic()
-    pending = {deployment_key(v.name): v for v in spec.variants}
-    total = len(pending)
+    wanted = {v.name: v.replicas for v in spec.variants}
+    pending = dict(wanted)
     while True:
         app = serve.status().applications.get(APP_NAME)
         if app is not None:
-            for name, dep in app.deployments.items():
-                v = pending.get(name.split(":", 1)[-1])
-                if v is not None and dep.replica_states.get("RUNNING", 0) >= v.replicas:
-                    del pending[deployment_key(v.name)]
+            for name, state in variant_states(app, wanted).items():
+                if name in pending and state["replicas_running"] >= pending[name]:
+                    del pending[name]
                     if log:
-                        log(f"ready: {v.name} ({total - len(pending)}/{total} variants, "
+                        log(f"ready: {name} ({len(wanted) - len(pending)}/{len(wanted)} variants, "
                             f"{time.monotonic() - t0:.0f} s)")
-                        sys.stdout.flush()
             if app.status == "RUNNING" and not pending:
                 return
             if app.status == "DEPLOY_FAILED":  # what serve.run raises

@@ -17,6 +17,8 @@ Layers and where each is caught, innermost first:
   Ray Serve back-pressure, a bug): `OpenAIErrorMiddleware`, innermost middleware, so Ray's own
   exception middleware (which pastes `str(exc)` into the message) never sees it;
 - a routed-model request that cannot be routed (`serve/routed.py`): 400 / 503 with our message;
+- a request for a variant that is still starting (`serve/readiness.py`): 503 with our message and
+  a Retry-After header;
 - after a stream started, headers are gone: `guard_stream` ends the stream with one SSE error event
   and `[DONE]`, which the OpenAI clients raise as `APIError`.
 """
@@ -158,6 +160,16 @@ async def _on_openai(request, exc) -> JSONResponse:
     return error_response(status, message, getattr(exc, "param", None) or param)
 
 
+async def _on_not_ready(request, exc) -> JSONResponse:
+    """A request for a variant with no running replica yet (`serve/readiness.py`): 503 at once,
+    our own text naming the variant and its state."""
+    from tabp_vllm.serve.readiness import RETRY_AFTER_S
+
+    resp = error_response(503, str(exc), "model")
+    resp.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return resp
+
+
 class OpenAIErrorMiddleware:
     """Innermost middleware: an exception escaping a route before its response started becomes
     a clean OpenAI error (503 for an unavailable replica, else 500), never its text."""
@@ -197,6 +209,9 @@ def install_openai_errors(app) -> None:
 
     app.add_exception_handler(RoutingUnavailable, _on_routing)
     app.add_exception_handler(NotRoutable, _on_routing)
+    from tabp_vllm.serve.readiness import VariantNotReady
+
+    app.add_exception_handler(VariantNotReady, _on_not_ready)
     # add_middleware() puts a middleware outermost; this one must sit inside Ray's exception
     # middleware, right around the routes.
     app.user_middleware.append(Middleware(OpenAIErrorMiddleware))

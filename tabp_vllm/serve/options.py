@@ -118,6 +118,11 @@ class ServeOptions(Options):
                                    "distinct cluster mask and a routed name whose requests each go "
                                    "to their input's cluster.")
     routed_name: Optional[str] = option(None, "The routed model's name.", shown="<alias>-auto")
+    # the console (serve/console.py): our own lines here, Ray's and vLLM's records in a file
+    verbose: bool = option(False, "Also show Ray's and vLLM's log records here (else they go to "
+                           "the log file only).", "--verbose")
+    log_file: Optional[str] = option(None, "Where Ray's and vLLM's log records go.",
+                                     shown="<temp dir>/tabp-vllm/serve-<port>.log")
     engine: EngineOptions = Field(default_factory=EngineOptions)
     request_path: RequestPathOptions = Field(default_factory=RequestPathOptions)
 
