@@ -824,7 +824,8 @@ def step_servers_and_bench(run: Run, model_dir: str, plan: dict[str, Any]) -> di
                  else {"kv_cache_gib": mem["kv_cache_gib"]})}
     options = ServeOptions.model_validate({
         "model": model_dir, "port": port, "metrics_port": metrics_port, "engine": engine,
-        "variants": [{"mask": m} for m in plan["masks"].values()]})
+        "variants": [{"mask": m} for m in plan["masks"].values()],
+        "verbose": True})  # vLLM's records (the KV cache sizes read below) in serve.log too
     # every engine's log lines kept (Ray folds lines that differ only in numbers)
     serve = ServeProcess(options, run.out / "serve.log", env={"RAY_DEDUP_LOGS": "0"})
     # the names `serve` gives them (each mask's task is its variant's key here)
