@@ -54,15 +54,19 @@ def test_config_file_round_trips_and_names(tmp_path, write_mask, monkeypatch):
     assert server.base_url == "http://127.0.0.1:8123"
     assert server.metrics_url == "http://127.0.0.1:8124/metrics"
     assert server.headers == {"Authorization": "Bearer k"}
+    assert server.records_path == tmp_path / "logs" / "serve.ray.log"  # beside the console's log
+    assert options.log_file is None  # the caller's options are not changed
     path = tmp_path / "other" / "serve.yaml"  # read from elsewhere: the mask paths are absolute
     path.parent.mkdir()
-    path.write_text(config_yaml(options))
+    path.write_text(config_yaml(server.options))
     again = ServeOptions.model_validate(load_yaml_spec(path))
     assert again.variants[0].mask == str(mask)
-    assert again.model_dump(exclude={"variants"}) == options.model_dump(exclude={"variants"})
+    assert again.model_dump(exclude={"variants"}) == server.options.model_dump(exclude={"variants"})
+    assert again.log_file == str(server.records_path)
     assert [(v.task, v.name) for v in again.variants] == [(None, None), ("math", "small")]
     joined = ServeProcess(ServeOptions(address="127.0.0.1:6379", host="0.0.0.0"), tmp_path / "j.log")
     assert joined.metrics_url is None and joined.base_url == "http://127.0.0.1:8000"
+    assert ServeProcess(ServeOptions(verbose=True), tmp_path / "v.log").records_path is None
 
 
 def test_a_child_that_exits_before_ready_raises_with_its_log(tmp_path):

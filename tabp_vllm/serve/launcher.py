@@ -32,9 +32,11 @@ LOG_TAIL_LINES = 30
 class ServeProcess:
     """One `tabp-vllm serve` child: `start`, `wait_ready`, `stop` (or a `with` block for all three).
 
-    `env` adds to this process' environment; `cwd` is the child's working directory (relative mask
-    and router paths in `options` are taken from this process' working directory, as the CLI
-    would take them from the shell's)."""
+    `env` adds to this process' environment; `cwd` is the child's working directory (relative mask,
+    router and log paths in `options` are taken from this process' working directory, as the CLI
+    would take them from the shell's). The child's console goes to `log_path`; Ray's and vLLM's
+    records, unless `options` says otherwise, beside it (`records_path`: serve.log -> serve.ray.log)
+    rather than in a file shared by every server on that port."""
 
     def __init__(self, options: ServeOptions, log_path: str | Path, *,
                  env: dict[str, str] | None = None, cwd: str | Path | None = None,
@@ -43,9 +45,11 @@ class ServeProcess:
 
         if not isinstance(options, ServeOptions):
             raise TypeError(f"ServeProcess needs ServeOptions, got {type(options).__name__}")
-        self.options = options
         self.spec = ServeSpec.from_options(options)  # every mask and the router checked here
         self.log_path = Path(log_path)
+        if options.log_file is None and not options.verbose:
+            options = options.model_copy(update={"log_file": str(self.log_path.with_suffix(".ray.log"))})
+        self.options = options
         self.config_path = self.log_path.with_suffix(".config.yaml")
         self.ready_timeout_s, self.stop_grace_s = ready_timeout_s, stop_grace_s
         cmd = [sys.executable, "-m", "tabp_vllm", "serve", "--config", str(self.config_path)]
@@ -108,8 +112,10 @@ class ServeProcess:
             # "\n": READY at the start of a line (never the first: the dtype line comes before)
             self.proc.wait_ready(log_line="\n" + READY, deadline_s=self.ready_timeout_s, interval_s=1)
         except TabpError as exc:
+            records = self.records_path
+            where = f"; Ray's and vLLM's records: {records}" if records and records.exists() else ""
             tail = textwrap.indent(self.proc.log_tail(LOG_TAIL_LINES), "  | ")
-            raise TabpError(f"{exc}; its log ends:\n{tail}") from None
+            raise TabpError(f"{exc}{where}; its log ends:\n{tail}") from None
         return self
 
     def ready_line(self) -> str | None:
@@ -123,6 +129,11 @@ class ServeProcess:
         if self.left is None:
             self.left = self.proc.stop(grace_s=self.stop_grace_s)
         return self.left
+
+    @property
+    def records_path(self) -> Path | None:
+        """Where the child writes Ray's and vLLM's log records (None: `verbose`, in its log)."""
+        return None if self.options.verbose else Path(self.options.log_file)
 
     @property
     def pid(self) -> int:
@@ -152,14 +163,15 @@ class ServeProcess:
 
 
 def config_yaml(options: ServeOptions) -> str:
-    """`options` as a `serve --config` file: every key, mask and router paths made absolute
-    (the file's own directory is what `serve` would take them relative to)."""
+    """`options` as a `serve --config` file: every key; mask, router and log file paths made
+    absolute (`serve` would take the first two relative to the file, the last to its cwd)."""
     import yaml
 
     doc = options.model_dump(mode="json")
     for v in doc["variants"]:
         v["mask"] = str(Path(v["mask"]).expanduser().resolve())
-    if doc.get("router"):
-        doc["router"] = str(Path(doc["router"]).expanduser().resolve())
+    for key in ("router", "log_file"):
+        if doc.get(key):
+            doc[key] = str(Path(doc[key]).expanduser().resolve())
     return "# written by tabp_vllm.serve.launcher; the keys of examples/serve.yaml\n" + yaml.safe_dump(
         doc, sort_keys=False)
