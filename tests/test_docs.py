@@ -267,3 +267,47 @@ def test_relative_links_resolve(doc):
         if not path.exists():
             broken.append(target)
     assert not broken, broken
+
+
+# --- names of code ---------------------------------------------------------------------------
+
+PATH_IN_CODE = re.compile(r"`((?:tabp_vllm|bench|tests|scripts|examples|patches)/[^`\s:]*)")
+DOTTED = re.compile(r"`(tabp_vllm(?:\.\w+)+)")
+
+
+def names_in(module: Path, name: str) -> bool:
+    """`name` is defined in, or imported into, the module's source."""
+    src = module.read_text()
+    defined = rf"^\s*(?:async\s+)?(?:def|class)\s+{name}\b|^{name}\s*[:=]"
+    return re.search(rf"{defined}|import .*\b{name}\b", src, re.M) is not None
+
+
+def resolves(dotted: str) -> bool:
+    """`tabp_vllm.engine.engine_args_for`: the longest module prefix exists and defines the next
+    name (a package's __init__ counts)."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        base = REPO.joinpath(*parts[:i])
+        candidates = (base.with_suffix(".py"), base / "__init__.py")
+        module = next((p for p in candidates if p.is_file()), None)
+        if module:
+            return i == len(parts) or names_in(module, parts[i])
+    return False
+
+
+@pytest.mark.parametrize("doc", [README, *sorted((REPO / "docs").glob("*.md"))],
+                         ids=lambda p: p.name)
+def test_code_the_docs_name_exists(doc):
+    """Every file path (`tabp_vllm/serve/routed.py`, `bench/results/...`) and module name
+    (`tabp_vllm.engine.engine_args_for`) a page gives exists: moved code shows up here."""
+    text = doc.read_text()
+    stale = [p for p in set(PATH_IN_CODE.findall(text))
+             if not re.search(r"[<{*]", p) and not (REPO / p.rstrip("/")).exists()]
+    stale += [d for d in set(DOTTED.findall(text)) if not resolves(d)]
+    assert not stale, sorted(stale)
+
+
+def test_stale_code_names_are_caught():
+    assert resolves("tabp_vllm.engine.engine_args_for") and resolves("tabp_vllm.serve")
+    assert not resolves("tabp_vllm.engine.no_such_function")
+    assert not resolves("tabp_vllm.no_such_module")
