@@ -57,3 +57,13 @@ def test_variant_metrics_sum_counters_and_take_the_largest_gauge():
     assert demo.variant_metrics(parse(text)) == {
         (demo.SUCCESS, "llama"): 5, (demo.BLOCKS_KEPT, "llama-demo"): 26,
         (demo.ROUTED_COUNT, "llama-demo"): 2}
+
+
+def test_show_console_prints_the_table_through_ready(capsys):
+    demo.show_console("dtype: float32\nlogs:      Ray's and vLLM's records go to x.log\n"
+                      "ready: llama (1/2 variants, 40 s)\n"
+                      "             tabp-vllm serve: llama (/models/llama)\n"
+                      "┃ variant ┃\nmetrics:   http://127.0.0.1:8090/metrics\n"
+                      "READY http://127.0.0.1:8000\nshutting down ...\n")
+    out = capsys.readouterr().out.splitlines()
+    assert "tabp-vllm serve: llama" in out[0] and out[-1] == "READY http://127.0.0.1:8000"
