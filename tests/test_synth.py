@@ -134,23 +134,31 @@ def test_timed_decode_matches_generate_with_blocks_deleted(tiny):
     assert model.config.num_hidden_layers == 4 and len(model.model.layers) == 4
 
 
-def test_gpu_check_end_to_end_on_cpu(tmp_path):
+def _gpu_check(tmp_path, script: str, timeout: int, **settings: str) -> dict:
+    """Run bench/gpu_check.sh on the CPU with these environment settings (tiny shape) and return
+    the JSON document of `script` (gpu_scale / gpu_vllm / gpu_serve), its log tail on failure."""
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "ARCH": "tiny-llama", "BATCHES": "1,2",
-           "KS": "1,2", "PROMPT_LEN": "16", "NEW_TOKENS": "4", "ROUNDS": "2",
-           "SCORE_SAMPLES": "8", "SCORE_K": "1", "SLEB_SAMPLES": "4", "SCORE_RESERVE_S": "0",
-           # a cap, not the expected time (34 s on an idle 2-core box): under load from other jobs
-           # a tight deadline made the script skip its scoring steps
-           "DEADLINE_S": "540", "DEVICE": "cpu", "MODEL_DIR": str(tmp_path / "model"),
-           "TABP_VLLM_DATA": str(SHARED_DATA)}
+           "PROMPT_LEN": "16", "ROUNDS": "2", "DEVICE": "cpu", "MODEL_DIR": str(tmp_path / "model"),
+           **settings}
     # its own session: the script's `timeout` and the scorers it starts never signal pytest's group
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=660, start_new_session=True)
-    log = (out / "gpu_scale.log").read_text() if (out / "gpu_scale.log").exists() else ""
-    assert proc.returncode == 0, log[-4000:] + proc.stderr[-2000:]
-    doc = json.loads((out / "gpu_scale.json").read_text())
-    assert doc["ok"] and not doc["errors"]
-    assert doc["env"]["cpu_fallback"] is True and doc["env"]["device"] == "cpu"
+                          capture_output=True, text=True, timeout=timeout, start_new_session=True)
+    log = (out / f"{script}.log").read_text() if (out / f"{script}.log").exists() else ""
+    assert proc.returncode == 0, log[-4000:] + proc.stderr[-3000:]
+    doc = json.loads((out / f"{script}.json").read_text())
+    assert doc["ok"] and not doc["errors"] and doc["env"]["device"] == "cpu"
+    return doc
+
+
+def test_gpu_check_end_to_end_on_cpu(tmp_path):
+    out = tmp_path / "out"
+    doc = _gpu_check(tmp_path, "gpu_scale", 660, KS="1,2", NEW_TOKENS="4", SCORE_SAMPLES="8",
+                     SCORE_K="1", SLEB_SAMPLES="4", SCORE_RESERVE_S="0",
+                     # a cap, not the expected time (34 s on an idle 2-core box): under load from
+                     # other jobs a tight deadline made the script skip its scoring steps
+                     DEADLINE_S="540", TABP_VLLM_DATA=str(SHARED_DATA))
+    assert doc["env"]["cpu_fallback"] is True
     assert {"env", "synth", "speed", "variants", "scoring", "steps", "skipped", "note"} <= set(doc)
     assert doc["variants"]["k1"]["removed_layers"] == [2]
     runs = doc["speed"]["runs"]
@@ -198,15 +206,8 @@ def test_gpu_check_vllm_engines_on_cpu(tmp_path):
     """ENGINE=vllm: the variants are real vLLM engines built by tabp_vllm.engine (the pruned loader),
     all alive at once and measured interleaved; on the CPU engine here, tiny shape."""
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": sys.executable, "ENGINE": "vllm", "ARCH": "tiny-llama",
-           "BATCHES": "1,2", "KS": "1", "PROMPT_LEN": "16", "NEW_TOKENS": "4", "ROUNDS": "2",
-           "DEADLINE_S": "540", "DEVICE": "cpu", "MODEL_DIR": str(tmp_path / "model")}
-    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=660, start_new_session=True)
-    log = (out / "gpu_vllm.log").read_text() if (out / "gpu_vllm.log").exists() else ""
-    assert proc.returncode == 0, log[-4000:] + proc.stderr[-3000:]
-    doc = json.loads((out / "gpu_vllm.json").read_text())
-    assert doc["ok"] and not doc["errors"] and doc["env"]["device"] == "cpu"
+    doc = _gpu_check(tmp_path, "gpu_vllm", 660, ENGINE="vllm", KS="1", NEW_TOKENS="4",
+                     DEADLINE_S="540")
     engines = doc["speed"]["engines"]
     # what each engine actually built: the loader dropped block 2 and its weights
     assert engines["dense"]["model_stats"]["num_layers"] == 4
@@ -227,16 +228,8 @@ def test_gpu_check_serve_against_bare_vllm_on_cpu(tmp_path):
     and a bare vLLM api_server of the same checkpoint, loaded by `tabp-vllm bench` interleaved; on
     the CPU engine here, tiny shape. What a GPU run of bench/gpu_check.sh returns, end to end."""
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": sys.executable, "ENGINE": "serve", "ARCH": "tiny-llama",
-           "BATCHES": "1,2", "KS": "1", "PROMPT_LEN": "16", "NEW_TOKENS": "8", "ROUNDS": "2",
-           "DURATION": "4", "RAMP": "1", "DEADLINE_S": "600", "DEVICE": "cpu",
-           "MODEL_DIR": str(tmp_path / "model")}
-    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=720, start_new_session=True)
-    log = (out / "gpu_serve.log").read_text() if (out / "gpu_serve.log").exists() else ""
-    assert proc.returncode == 0, log[-4000:] + proc.stderr[-3000:]
-    doc = json.loads((out / "gpu_serve.json").read_text())
-    assert doc["ok"] and not doc["errors"] and doc["env"]["device"] == "cpu"
+    doc = _gpu_check(tmp_path, "gpu_serve", 720, ENGINE="serve", KS="1", NEW_TOKENS="8",
+                     DURATION="4", RAMP="1", DEADLINE_S="600")
     serve = doc["serve"]
     # what the server built and lists: the dense checkpoint and the variant without block 2
     assert serve["served_names"] == {"dense": "model", "k1": "model-k1"}
@@ -259,7 +252,7 @@ def test_gpu_check_serve_against_bare_vllm_on_cpu(tmp_path):
     assert sorted(overhead) == [1, 2] and all(r["throughput_ratio"] > 0 for r in overhead.values())
     speed = [r for r in bench["comparison"]["speedups"] if r["variant"] == "model-k1"]
     assert len(speed) == 2 and all(r["ideal_speedup"] > 1 and r["achieved_speedup"] > 0 for r in speed)
-    assert "server / bare" in log
+    assert "server / bare" in (out / "gpu_serve.log").read_text()
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8, files  # what one device call returns
     assert {"gpu_serve.json", "gpu_serve_bench.md", "serve.log", "bare.log"} <= set(files)
