@@ -39,16 +39,19 @@ class Options(BaseModel):
         return cls.model_fields[name].get_default(call_default_factory=True)
 
 
-def _one_line(exc: ValidationError, source: str) -> str:
+def _one_line(exc: ValidationError, source: str, cls: type[BaseModel] | None = None) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
+    # from the command line: also name the flag the user typed, beside the config-file key
+    flag = flag_of(cls, err.get("loc", ())) if cls is not None else None
+    typed = f" (flag {flag})" if flag else ""
     if err.get("type") == "extra_forbidden":
         return f"{source}: unknown option {where!r}"
     if err.get("type") == "missing":
         return f"{source}: missing option {where!r}"
     got = err.get("input")
     shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
-    return f"{source}: option {where!r}: {err.get('msg', 'invalid')}{shown}"
+    return f"{source}: option {where!r}: {err.get('msg', 'invalid')}{shown}{typed}"
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -81,7 +84,7 @@ def build_options(cls: type[O], cli: Mapping[str, Any] | None = None,
         loc = exc.errors()[0].get("loc", ())
         from_cli = bool(loc) and loc[0] in given
         source = "command line" if from_cli or not (file or file_doc) else str(file or "config")
-        raise TabpError(_one_line(exc, source)) from None
+        raise TabpError(_one_line(exc, source, cls if from_cli else None)) from None
 
 
 # ---- the command line, generated from the model --------------------------------------------------
@@ -155,6 +158,22 @@ def shown_default(field: FieldInfo) -> str:
 def _cli_extra(field: FieldInfo) -> dict[str, Any]:
     extra = field.json_schema_extra
     return dict(extra.get("cli", {})) if isinstance(extra, dict) else {}
+
+
+def flag_of(cls: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
+    """The command-line flag of the field at `loc` (nested options models are flattened, as
+    `cli_flags` does), or None where no flag sets it (a list entry, a config-file-only field)."""
+    field = None
+    for key in loc:
+        if not (isinstance(key, str) and isinstance(cls, type) and key in getattr(cls, "model_fields", {})):
+            return None
+        field = cls.model_fields[key]
+        cls = _strip_optional(field.annotation)
+    if field is None or _is_options_model(cls) or not _cli_extra(field).get("cli", True):
+        return None
+    decls = _cli_extra(field).get("flags") or ["--" + str(loc[-1]).replace("_", "-")]
+    long = [d.split("/")[0] for d in decls if d.startswith("--")]
+    return long[0] if long else decls[0]
 
 
 def cli_flags(cls: type[Options], path: tuple[str, ...] = ()) -> list[CliFlag]:

@@ -17,7 +17,7 @@ from tabp_vllm.cli import app
 from tabp_vllm.errors import TabpError
 from tabp_vllm.evaluation.options import EvalOptions
 from tabp_vllm.loadtest.options import BenchOptions
-from tabp_vllm.options import cli_flags, shown_default
+from tabp_vllm.options import cli_flags, flag_of, shown_default
 from tabp_vllm.routing.options import RouteFitOptions
 from tabp_vllm.scoring.options import ScoreOptions
 from tabp_vllm.serve.options import EngineOptions, ServeOptions
@@ -136,6 +136,10 @@ def test_every_field_is_a_flag_with_the_models_default(name):
         assert p.default is None, dotted                         # None: "not given"
         assert f"[default: {shown_default(f)}]" in p.help or (
             f.is_required() and "[required, here or in --config]" in p.help), (dotted, p.help)
+        # a bad value from the command line is reported under the flag the user typed
+        assert flag_of(case.cls, tuple(dotted.split("."))) in p.opts, (dotted, p.opts)
+    for dotted in case.file_only:
+        assert flag_of(case.cls, tuple(dotted.split("."))) is None, dotted
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -178,13 +182,15 @@ def test_bad_config_is_one_line_exit_2(name, doc, named, tmp_path, captured):
 
 @pytest.mark.parametrize("argv, starts", [
     (["score", "--task", "demo", "--samples", "-3", "-o", "m.json"],
-     "error: command line: option 'samples': must be positive (got -3)"),
+     "error: command line: option 'samples': must be positive (got -3) (flag --samples)"),
     (["bench", "--levels", "0,4"], "error: command line: option 'levels'"),
     (["serve", "--dtype", "float8"], "error: command line: option 'engine.dtype'"),
     (["serve", "--ray-serve", "fast"], "error: command line: option 'request_path.ray_serve'"),
 ])
 def test_bad_flag_names_the_command_line(argv, starts, captured):
-    assert _one_error_line(CliRunner().invoke(app, argv)).startswith(starts)
+    line = _one_error_line(CliRunner().invoke(app, argv))
+    bad = next(a for a in argv if a.startswith("--") and a[2:] not in ("task", "output"))
+    assert line.startswith(starts) and line.endswith(f"(flag {bad})"), line
     assert not captured
 
 
