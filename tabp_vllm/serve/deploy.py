@@ -195,15 +195,13 @@ def start(spec, *, log=print) -> None:
 def wait_running(spec, log=print, poll_s: float = 2.0) -> None:
     """Wait until the app is RUNNING, printing one line per variant once all its replicas run
     (`serve.run` would wait silently: ten CPU variants take minutes)."""
-    from ray import serve
-
-    from tabp_vllm.serve.readiness import variant_states
+    from tabp_vllm.serve.readiness import app_status, variant_states
 
     t0 = time.monotonic()
     wanted = {v.name: v.replicas for v in spec.variants}
     pending = dict(wanted)
     while True:
-        app = serve.status().applications.get(APP_NAME)
+        app = app_status()
         if app is not None:
             for name, state in variant_states(app, wanted).items():
                 if name in pending and state["replicas_running"] >= pending[name]:
