@@ -66,3 +66,63 @@ def test_plain_mlp_and_untied_text_config():
     assert s.block_linear_flops() == 4 * 2 * 8 * 8 + 2 * 2 * 8 * 32
     wrapped = DecoderShape.from_config({"text_config": DEMO})
     assert wrapped.block_linear_flops() == BLOCK
+
+
+# ---- per unit (attention / MLP sublayers) --------------------------------------------------
+
+# Qwen2.5-1.5B's shape: hidden 1536, 12 heads / 2 KV heads of 128, intermediate 8960, vocab
+# 151936, untied head, q/k/v biases (Qwen2 configs carry no `attention_bias` key).
+QWEN = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "num_hidden_layers": 28,
+        "hidden_size": 1536, "num_attention_heads": 12, "num_key_value_heads": 2,
+        "intermediate_size": 8960, "vocab_size": 151936, "hidden_act": "silu",
+        "tie_word_embeddings": False}
+
+
+def test_unit_flops_by_hand_demo_and_qwen2():
+    from tabp_vllm.flops import Kept
+
+    s = DecoderShape.from_config(DEMO)
+    assert not s.qkv_bias
+    assert s.attention_projection_flops() == 663_552 + 2 * 221_184 + 663_552 == 1_769_472
+    assert s.mlp_flops() == 5_308_416
+    assert s.attention_flops(100) == 1_769_472 + 2304 * 100
+    # a whole block is one attention + one MLP: today's numbers, exactly
+    assert flops_per_token(s, Kept(30, 30), 100) == flops_per_token(s, 30, 100)
+    assert request_flops(s, Kept(26, 26), 128, 64) == request_flops(s, 26, 128, 64)
+    # 8 attention sublayers out: 8 x (projections + attention over 100 keys) fewer
+    assert flops_per_token(s, Kept(22, 30), 100)["total"] == 275_871_744 - 8 * (1_769_472 + 230_400)
+
+    q = DecoderShape.from_config(QWEN)
+    assert (q.head_dim, q.num_key_value_heads, q.qkv_bias) == (128, 2, True)
+    # q, o: 2*1536*1536 = 4,718,592 each; k, v: 2*1536*256 = 786,432 each; biases 1536 + 2*256
+    assert q.attention_projection_flops() == 2 * 4_718_592 + 2 * 786_432 + 2048 == 11_012_096
+    assert q.mlp_flops() == 3 * 2 * 1536 * 8960 == 82_575_360
+    assert q.block_attention_flops(1) == 4 * 12 * 128
+    assert q.lm_head_flops() == 2 * 1536 * 151936  # untied: same matmul as a tied head
+    assert DecoderShape.from_config({**DEMO, "attention_bias": True}).attention_projection_flops() \
+        == 1_769_472 + 576 + 2 * 192
+
+
+def test_sublayer_ideal_speedup_and_removed_fraction():
+    from tabp_vllm.flops import DECODE_CONTEXT, Kept, decode_speedup, removed_flops_fraction
+
+    s = DecoderShape.from_config(DEMO)
+    ctx = DECODE_CONTEXT
+    dense = 30 * (BLOCK + 2304 * ctx) + HEAD
+    attn = 1_769_472 + 2304 * ctx
+    # 8 attention sublayers cost less than 8 blocks, more than nothing
+    only_attention = decode_speedup(s, Kept(22, 30))
+    assert only_attention == pytest.approx(dense / (dense - 8 * attn), rel=1e-12)
+    assert 1.0 < only_attention < decode_speedup(s, 22)
+    assert decode_speedup(s, 30) == 1.0
+    ideal = ideal_speedup(s, Kept(22, 30), 128, 64)
+    assert ideal["kept_blocks"] is None and (ideal["kept_attention"], ideal["kept_mlp"]) == (22, 30)
+    assert ideal_speedup(s, 26, 128, 64)["kept_blocks"] == 26
+    # flat units: 2*i attention of block i, 2*i+1 its MLP
+    frac = removed_flops_fraction(s, [0, 2, 5])
+    assert frac == pytest.approx((2 * attn + 5_308_416) / dense, rel=1e-12)
+    whole = removed_flops_fraction(s, [2 * i + j for i in range(22, 30) for j in (0, 1)])
+    assert 1 / (1 - whole) == pytest.approx(decode_speedup(s, 22), rel=1e-12)
+    assert removed_flops_fraction(s, []) == 0.0
+    with pytest.raises(ValueError):
+        removed_flops_fraction(s, [60])

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from tabp_vllm.errors import TabpError
+from tabp_vllm.flops import Kept
 from tabp_vllm.memory import GiB, EngineNeed, cpu_memory_estimate, engine_needs
 from tabp_vllm.serve.options import EngineOptions, RequestPathOptions, ServeOptions
 
-# Decode-step FLOPs ratio is quoted at this context length (prompt + generated so far).
-SPEEDUP_CONTEXT = 256
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 
 
@@ -134,15 +133,12 @@ class ServeSpec:
                                    self.engine.cpu_engine_in_replica)
 
 
-def theoretical_speedup(model: str, kept: int, context: int = SPEEDUP_CONTEXT) -> float:
-    """Dense / pruned FLOPs of one decode step at `context` keys (LM head included)."""
-    from tabp_vllm.flops import DecoderShape, flops_per_token
+def theoretical_speedup(model: str, kept: int | Kept) -> float:
+    """Dense / variant FLOPs of one decode step (`flops.decode_speedup`, LM head included)."""
+    from tabp_vllm.flops import DecoderShape, decode_speedup
     from tabp_vllm.models import load_model_config
 
-    shape = DecoderShape.from_config(load_model_config(model))
-    dense = flops_per_token(shape, shape.num_hidden_layers, context)["total"]
-    pruned = flops_per_token(shape, kept, context)["total"]
-    return float(dense / pruned)
+    return decode_speedup(DecoderShape.from_config(load_model_config(model)), kept)
 
 
 def _check_name(name: str, where: str) -> str:
