@@ -60,6 +60,24 @@ def hf_greedy_with_blocks_deleted(tok, model, removed):
             layer.self_attn.layer_idx = idx
 
 
+def engine_greedy(model_path, mask, **engine_kw):
+    """Greedy tokens for PROMPTS and the engine's model stats, from one float32 engine."""
+    from vllm import SamplingParams
+
+    llm = build_llm(model_path, mask, dtype="float32", **engine_kw)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS)
+        outs = llm.generate(PROMPTS, params, use_tqdm=False)
+        stats = engine_model_stats(llm)
+        # on a CPU the offline engine runs in this process (engine.offline_engine)
+        assert type(llm.llm_engine.engine_core).__name__ == "InprocClient"
+        return [list(o.outputs[0].token_ids) for o in outs], stats
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
 @pytest.fixture(scope="module")
 def block_bytes_fp32(hf_model):
     _, model = hf_model
@@ -71,22 +89,9 @@ _dense_bytes = {}
 
 @pytest.mark.parametrize("name", list(MASKS))
 def test_pruned_engine_matches_transformers(name, demo_model, hf_model, block_bytes_fp32):
-    from vllm import SamplingParams
-
     removed = MASKS[name]
     mask = make_mask(demo_model, removed, task=name) if removed else None
-    llm = build_llm(demo_model, mask, dtype="float32", kv_cache_gib=0.25, max_model_len=256)
-    try:
-        params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS)
-        outs = llm.generate(PROMPTS, params, use_tqdm=False)
-        vllm_tokens = [list(o.outputs[0].token_ids) for o in outs]
-        stats = engine_model_stats(llm)
-        # on a CPU the offline engine runs in this process (engine.offline_engine)
-        assert type(llm.llm_engine.engine_core).__name__ == "InprocClient"
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
+    vllm_tokens, stats = engine_greedy(demo_model, mask, kv_cache_gib=0.25, max_model_len=256)
 
     tok, model = hf_model
     assert vllm_tokens == hf_greedy_with_blocks_deleted(tok, model, removed)
@@ -125,22 +130,11 @@ def tiny_qwen2_dir(tmp_path_factory, demo_model):
 
 def test_pruned_qwen2_engine_matches_transformers(tiny_qwen2_dir):
     """One engine start: q/k/v biases, GQA and the untied head survive the renumbering loader."""
-    from vllm import SamplingParams
-
     path, model, tok = tiny_qwen2_dir
     assert not model.config.tie_word_embeddings
     assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
     mask = make_mask(path, QWEN2_REMOVED, task="qwen2")
-    llm = build_llm(path, mask, dtype="float32", kv_cache_gib=0.05, max_model_len=128)
-    try:
-        params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS)
-        outs = llm.generate(PROMPTS, params, use_tqdm=False)
-        vllm_tokens = [list(o.outputs[0].token_ids) for o in outs]
-        stats = engine_model_stats(llm)
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
+    vllm_tokens, stats = engine_greedy(path, mask, kv_cache_gib=0.05, max_model_len=128)
 
     pruned = hf_greedy_with_blocks_deleted(tok, model, QWEN2_REMOVED)
     assert vllm_tokens == pruned
