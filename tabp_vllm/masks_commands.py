@@ -43,18 +43,22 @@ def masks_show(
         f"method={mask.method}  kept {mask.num_kept}/{mask.num_hidden_layers}  "
         f"hash={mask.content_hash()}"
     )
+    if mask.is_sublayer:
+        console.print(_sublayer_text(mask))
     if cal:
         console.print("calibration: " + ", ".join(f"{k}={v}" for k, v in cal.items()))
     if mask.params:
         console.print("params: " + ", ".join(f"{k}={v}" for k, v in mask.params.items()))
-    table = Table("block", "status", "score")
-    for i in range(mask.num_hidden_layers):
-        score = mask.scores[i] if mask.scores else None
-        table.add_row(
-            str(i),
-            "[red]removed[/]" if i in removed else "kept",
-            "-" if score is None else f"{score:.6g}",
-        )
+    n = mask.num_hidden_layers
+    per_unit = bool(mask.scores) and len(mask.scores) == 2 * n  # unit 2*i attention, 2*i+1 MLP
+    table = Table("block", "status", *(("attention score", "MLP score") if per_unit else ("score",)))
+    attention, mlp = set(mask.removed_attention), set(mask.removed_mlp)
+    for i in range(n):
+        status = ("[red]removed[/]" if i in removed else "[red]attention removed[/]"
+                  if i in attention else "[red]MLP removed[/]" if i in mlp else "kept")
+        scores = (mask.scores[2 * i:2 * i + 2] if per_unit
+                  else [mask.scores[i] if mask.scores else None])
+        table.add_row(str(i), status, *("-" if s is None else f"{s:.6g}" for s in scores))
     console.print(table)
 
 
@@ -80,14 +84,20 @@ def masks_validate(
         mask = load_mask(file, resolved, model_name=model)
         _warn(check_depth(mask, str(file), force))
         print(f"ok: {file} (task {mask.task}, removes {len(mask.removed_layers)} of "
-              f"{mask.num_hidden_layers} blocks: {mask.removed_layers})")
+              f"{mask.num_hidden_layers} blocks: {mask.removed_layers}"
+              + (f"; {_sublayer_text(mask)}" if mask.is_sublayer else "") + ")")
 
 
 @masks_app.command("make")
 @user_errors
 def masks_make(
     output: Path,
-    remove: str = typer.Option(..., "--remove", help="Blocks to remove, e.g. '3,10-12,29'."),
+    remove: str = typer.Option("", "--remove", help="Blocks to remove, e.g. '3,10-12,29'."),
+    remove_attention: str = typer.Option(
+        "", "--remove-attention", help="Blocks whose attention sublayer alone is removed, e.g. "
+                                       "'15-22'."),
+    remove_mlp: str = typer.Option(
+        "", "--remove-mlp", help="Blocks whose MLP sublayer alone is removed, e.g. '20,24'."),
     task: str = typer.Option(..., "--task"),
     model: str = typer.Option("llama", "--model", "-m"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
@@ -96,17 +106,32 @@ def masks_make(
     from tabp_vllm.mask import check_depth, make_mask
     from tabp_vllm.models import resolve_model
 
+    mask = make_mask(resolve_model(model), _block_ranges(remove, "--remove"), task=task,
+                     model_id=model, removed_attention=_block_ranges(remove_attention,
+                                                                     "--remove-attention"),
+                     removed_mlp=_block_ranges(remove_mlp, "--remove-mlp"))
+    _warn(check_depth(mask, str(output), force))
+    mask.save(output)
+    print(f"wrote {output}: removes {mask.removed_layers}"
+          + (f"; {_sublayer_text(mask)}" if mask.is_sublayer else ""))
+
+
+def _block_ranges(text: str, flag: str) -> list[int]:
+    """'3,10-12,29' -> [3, 10, 11, 12, 29]."""
     layers: list[int] = []
-    for part in filter(None, (p.strip() for p in remove.split(","))):
+    for part in filter(None, (p.strip() for p in text.split(","))):
         try:
             lo, _, hi = part.partition("-")
             layers.extend(range(int(lo), int(hi or lo) + 1))
         except ValueError:
-            raise TabpError(f"--remove: {part!r} is not a block index or range") from None
-    mask = make_mask(resolve_model(model), layers, task=task, model_id=model)
-    _warn(check_depth(mask, str(output), force))
-    mask.save(output)
-    print(f"wrote {output}: removes {mask.removed_layers}")
+            raise TabpError(f"{flag}: {part!r} is not a block index or range") from None
+    return layers
+
+
+def _sublayer_text(mask) -> str:
+    return (f"attention removed in blocks {mask.removed_attention}, MLP removed in blocks "
+            f"{mask.removed_mlp} (attention kept {mask.num_attention_kept}/"
+            f"{mask.num_hidden_layers}, MLP kept {mask.num_mlp_kept}/{mask.num_hidden_layers})")
 
 
 @masks_app.command("cut")

@@ -286,3 +286,110 @@ def test_cut_refuses_what_it_cannot_cut(demo_model, tmp_path, case, fragment):
                                  "-o", str(out)])
     assert_one_line_error(result.exit_code, result.output.strip(), str(src), fragment)
     assert not out.exists()
+
+
+# ---- mask format v2: sublayers (issue 33) -------------------------------------------------------
+
+def test_v2_written_and_v1_files_load_as_whole_block_masks(write_mask, demo_model):
+    import hashlib
+
+    path = write_mask([3, 7])
+    doc = json.loads(path.read_text())
+    assert doc["version"] == 2 and doc["removed_attention"] == [] and doc["removed_mlp"] == []
+    v1 = dict(doc, version=1)
+    del v1["removed_attention"], v1["removed_mlp"]
+    path.write_text(json.dumps(v1))
+    code, out = validate(path)
+    assert code == 0, out
+    mask = load_mask(path, demo_model)
+    assert mask.removed_layers == [3, 7] and not mask.is_sublayer
+    assert mask.attention_kept == mask.mlp_kept == mask.kept_layers
+    # the hash of a whole-block mask is the version 1 one (committed hashes hold)
+    key = json.dumps([mask.fingerprint, [3, 7]], sort_keys=True)
+    assert mask.content_hash() == hashlib.sha256(key.encode()).hexdigest()[:12]
+    path.write_text(json.dumps(dict(v1, removed_attention=[4])))
+    assert_one_line_error(*validate(path), "need mask version 2")
+
+
+def test_sublayer_mask_roundtrips(demo_model, tmp_path):
+    mask = make_mask(demo_model, [2], task="t", removed_attention=[20, 15], removed_mlp=[7])
+    assert mask.is_sublayer
+    assert mask.removed_attention == [15, 20] and mask.removed_mlp == [7]
+    assert mask.attention_kept == [i for i in range(30) if i not in (2, 15, 20)]
+    assert mask.mlp_kept == [i for i in range(30) if i not in (2, 7)]
+    assert (mask.num_attention_kept, mask.num_mlp_kept, mask.num_kept) == (27, 28, 29)
+    again = load_mask(mask.save(tmp_path / "m.json"), demo_model)
+    assert again == mask
+    whole = make_mask(demo_model, [2], task="t")
+    other = make_mask(demo_model, [2], task="t", removed_attention=[15, 20], removed_mlp=[6])
+    assert len({mask.content_hash(), whole.content_hash(), other.content_hash()}) == 3
+    # attention-only, nothing removed whole
+    assert make_mask(demo_model, [], task="t", removed_attention=[29]).removed_layers == []
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (dict(removed_attention=[30]), "removed attention of block 30 is out of range"),
+    (dict(removed_mlp=[-1]), "removed MLP of block -1 is out of range"),
+    (dict(removed_mlp=[4, 4]), "removed MLP of block 4 is listed more than once"),
+    (dict(removed_attention=[1.0]), "is not an integer"),
+    (dict(removed_attention="3"), "'removed_attention' must be a list"),
+    (dict(removed_attention=[5, 9], removed_mlp=[9]),
+     "block 9 has both its attention and its MLP removed: that is a removed block: list it in "
+     "removed_layers"),
+    (dict(removed_attention=[1]), "block 1 is in removed_layers and also has a sublayer listed"),
+    (dict(removed_layers=[], removed_attention=list(range(30))),
+     "removes every attention sublayer (30 of 30"),
+    (dict(removed_layers=list(range(15)), removed_attention=list(range(15, 30))),
+     "removes every attention sublayer"),
+])
+def test_bad_sublayer_lists_refused(write_mask, edit, fragment):
+    path = write_mask([1], edit=lambda d: d.update(edit))
+    assert_one_line_error(*validate(path), fragment)
+
+
+def test_sublayer_depth_counts_units(write_mask):
+    # 10 blocks whole + 11 attentions = 31 of 60 units gone: under half kept
+    path = write_mask([1], edit=lambda d: d.update(removed_layers=list(range(10)),
+                                                   removed_attention=list(range(10, 21))))
+    assert_one_line_error(*validate(path), "keeps 29 of 60 sublayers", "attention 9/30",
+                          "MLP 20/30", "--force")
+    # every attention sublayer but one: 31 of 60 kept, allowed (attention is the mild unit)
+    path = write_mask([1], edit=lambda d: d.update(removed_layers=[],
+                                                   removed_attention=list(range(1, 30))))
+    code, out = validate(path)
+    assert code == 0 and "warning" not in out, out
+    assert "attention removed in blocks [1, 2," in out and "attention kept 1/30" in out
+
+
+def test_make_and_show_sublayer_mask(tmp_path):
+    out = tmp_path / "m.json"
+    result = runner.invoke(app, ["masks", "make", str(out), "--remove-attention", "15-17",
+                                 "--remove-mlp", "20", "--task", "t"])
+    assert result.exit_code == 0, result.output
+    mask = load_mask(out)
+    assert (mask.removed_layers, mask.removed_attention, mask.removed_mlp) == ([], [15, 16, 17],
+                                                                              [20])
+    result = runner.invoke(app, ["masks", "show", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines()
+            if line.count("│") >= 3 and line.split("│")[1].strip().isdigit()}
+    assert "attention removed" in rows["16"] and "MLP removed" in rows["20"]
+    assert "removed" not in rows["14"]
+    flat = " ".join(result.output.split())  # rich wraps long lines
+    assert "attention kept 27/30" in flat and "MLP kept 29/30" in flat
+    result = runner.invoke(app, ["masks", "make", str(out), "--remove-mlp", "x", "--task", "t"])
+    assert_one_line_error(result.exit_code, result.output.strip(), "--remove-mlp: 'x'")
+    result = runner.invoke(app, ["masks", "make", str(out), "--remove", "3", "--remove-mlp", "3",
+                                 "--task", "t"])
+    assert_one_line_error(result.exit_code, result.output.strip(), "block 3 is in removed_layers")
+
+
+def test_per_unit_scores_accepted_and_shown(write_mask):
+    scores = [float(u) for u in range(60)]
+    path = write_mask([1], edit=lambda d: d.update(removed_layers=[], removed_attention=[4],
+                                                   scores=scores))
+    result = runner.invoke(app, ["masks", "show", str(path)])
+    assert result.exit_code == 0, result.output
+    row4 = next(line for line in result.output.splitlines()
+                if line.count("│") >= 3 and line.split("│")[1].strip() == "4")
+    assert "8" in row4.split("│")[3] and "9" in row4.split("│")[4]
