@@ -58,6 +58,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=256, help="calibration samples (one-pass methods)")
     ap.add_argument("--sleb-samples", type=int, default=32,
                     help="calibration samples of the methods that pass them once per candidate (SLEB, PPL)")
+    ap.add_argument("--model", default="llama", help="alias (llama, qwen1.5b, ...) or path")
+    ap.add_argument("--arc-easy-split", choices=["validation", "test"], default="validation",
+                    help="ARC-Easy's evaluation split (test: 2,376 documents that chose nothing)")
     ap.add_argument("--limit", type=int, default=None, help="first N documents per task (default: all)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "compare_v2")
     ap.add_argument("--score-only", action="store_true",

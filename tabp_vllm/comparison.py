@@ -49,6 +49,15 @@ WIKITEXT = {"sleb", "ppl"}  # calibrated on WikiText-2 whatever the task
 # our task -> the lm-eval task it is scored with (whole held-out split)
 LM_TASK = {"arc_easy": "tabp_arc_easy_validation", "arc_challenge": "tabp_arc_challenge_validation",
            "piqa": "tabp_piqa", "boolq": "tabp_boolq"}
+# ARC-Easy's test split (2,376), which chose none of our defaults (they were picked on validation)
+ARC_EASY_SPLITS = {"validation": "tabp_arc_easy_validation", "test": "tabp_arc_easy"}
+
+
+def lm_tasks(arc_easy_split: str = "validation") -> dict[str, str]:
+    """Our task -> the lm-eval task scoring it, with ARC-Easy on the split asked for."""
+    return {**LM_TASK, "arc_easy": ARC_EASY_SPLITS[arc_easy_split]}
+
+
 METRIC = {"arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm", "boolq": "acc"}
 YES_NO = {"boolq"}  # choices ["no", "yes"]: the report gives each mask's share of "yes"
 BOOTSTRAP = 2000
@@ -73,12 +82,12 @@ def no_skill(golds: list[int], n_choices: list[int]) -> dict[str, float]:
 
 
 @functools.lru_cache(maxsize=None)  # read once per task and run: the report is rewritten often
-def task_answers(task: str, limit: int | None = None) -> tuple[list[int], list[int]]:
-    """Gold index and number of choices of each document lm-eval scores `task` on (its first
-    `limit`, if given)."""
+def task_answers(lm_task: str, limit: int | None = None) -> tuple[list[int], list[int]]:
+    """Gold index and number of choices of each document of the lm-eval task `lm_task` (its
+    first `limit`, if given)."""
     from tabp_vllm.lmeval_tasks import load_task_object
 
-    obj = load_task_object(LM_TASK[task])
+    obj = load_task_object(lm_task)
     docs = list(obj.eval_docs)[:limit]
     return [int(obj.doc_to_target(d)) for d in docs], [len(obj.doc_to_choice(d)) for d in docs]
 
@@ -103,13 +112,18 @@ class Report:
         from tabp_vllm.hardware import cpu_info
 
         self.out, self.args = out, args
+        # the model scored and evaluated (an alias such as llama or qwen1.5b, or a path) and
+        # ARC-Easy's split; recorded with the other arguments (runs before them had neither)
+        args.model = self.model = getattr(args, "model", "llama")
+        args.arc_easy_split = getattr(args, "arc_easy_split", "validation")
+        self.lm_task = lm_tasks(args.arc_easy_split)
         (out / "masks").mkdir(parents=True, exist_ok=True)
         self.cache_path, self.doc_path = out / "eval_cache.json", out / "report.json"
         self.cache = json.loads(self.cache_path.read_text()) if self.cache_path.exists() else {}
         old = json.loads(self.doc_path.read_text()) if self.doc_path.exists() else {}
         # masks are named by configuration, calibration, seed and k: a resumed run must draw
         # its calibration sets as the run that made them did
-        for name in ("samples", "sleb_samples", "limit"):
+        for name in ("samples", "sleb_samples", "limit", "model", "arc_easy_split"):
             was = old.get("args", {}).get(name, getattr(args, name))
             if was != getattr(args, name):
                 raise TabpError(f"{out} was made with --{name.replace('_', '-')} {was}; "
@@ -131,7 +145,7 @@ class Report:
         from tabp_vllm.scoring.commands import score_with_options
         from tabp_vllm.scoring.options import ScoreOptions
         from tabp_vllm.mask import load_mask
-        from tabp_vllm.models import resolve_model
+        from tabp_vllm.models import alias_of, resolve_model
         from tabp_vllm.scoring import get_method, result_for_k, score_to_mask
         from tabp_vllm.scoring.probe import load_model, pick_device
 
@@ -144,12 +158,12 @@ class Report:
             if "preset" not in spec and "samples" not in spec:  # the preset: its first 1,024
                 multi = method.forward_passes(1, max(ks) + 1, max(ks)) > 1  # SLEB, PPL
                 spec["samples"] = self.args.sleb_samples if multi else self.args.samples
-            model = resolve_model("llama")
+            model = resolve_model(self.model)
             if self.mt is None:
                 self.mt = load_model(model, pick_device("cpu"))
             runs_at = [max(todo)] if method.ranks_all_k else todo
             for kk in runs_at:
-                o = ScoreOptions(model="llama", task=calib if calib not in ("none", "wikitext2")
+                o = ScoreOptions(model=self.model, task=calib if calib not in ("none", "wikitext2")
                                  else "arc_easy", seed=seed, output=self.mask_path(config, calib, seed, kk),
                                  **spec)
                 print(f"scoring {config} on {calib} (seed {seed}) at k = {kk} ...", flush=True)
@@ -161,7 +175,7 @@ class Report:
                     "wall_s": round(run.wall_s, 2)}
                 for k in (todo if method.ranks_all_k else [kk]):
                     res = run if k == kk else result_for_k(run, k)
-                    score_to_mask(model, res, task=calib, model_id="llama").save(
+                    score_to_mask(model, res, task=calib, model_id=alias_of(self.model)).save(
                         self.mask_path(config, calib, seed, k))
                 print(f"  {run.forward_passes} forward passes, {run.wall_s:.1f} s", flush=True)
                 self.save()
@@ -169,9 +183,8 @@ class Report:
                     self.mask_path(config, calib, seed, k)) for k in ks}
 
     # ---------------------------------------------------------------- evaluation
-    @staticmethod
-    def key(task: str, removed: tuple[int, ...]) -> str:
-        return f"{LM_TASK[task]}|{','.join(map(str, removed))}"
+    def key(self, task: str, removed: tuple[int, ...]) -> str:
+        return f"{self.lm_task[task]}|{','.join(map(str, removed))}"
 
     def evaluate(self, needed: dict[tuple[int, ...], tuple[set[str], Path | None]]) -> None:
         """One engine per removed set, on every task it still lacks; cached per document."""
@@ -183,11 +196,11 @@ class Report:
         todo = [x for x in todo if x[1]]
         for i, (removed, tasks, path) in enumerate(todo, 1):
             t0 = time.perf_counter()
-            res = evaluate_variant(resolve_model("llama"), [LM_TASK[t] for t in tasks],
+            res = evaluate_variant(resolve_model(self.model), [self.lm_task[t] for t in tasks],
                                    str(path) if path else None, limit=self.args.limit)
             self.worked_here()
             for t in tasks:
-                docs = sorted(res["samples"][LM_TASK[t]], key=lambda d: d["doc_id"])
+                docs = sorted(res["samples"][self.lm_task[t]], key=lambda d: d["doc_id"])
                 per_doc = {m: [d["metrics"][m] for d in docs] for m in ("acc", "acc_norm")
                            if m in docs[0]["metrics"]}
                 self.cache[self.key(t, removed)] = {
@@ -212,7 +225,7 @@ class Report:
             for task in a.tasks:
                 dense = self.per_doc(task, ())
                 if task in YES_NO:  # accuracy there moves with the yes/no bias
-                    golds = np.asarray(task_answers(task, a.limit)[0])
+                    golds = np.asarray(task_answers(self.lm_task[task], a.limit)[0])
                     yes_dense = None if dense is None else yes_share(dense, golds)
                 for k in sorted(a.ks):
                     per_config: dict[str, list[np.ndarray]] = {}
@@ -321,11 +334,12 @@ class Report:
             self.hosts.append(self.host)
 
     def save(self) -> None:
-        doc = {"no_skill": {t: no_skill(*task_answers(t, self.args.limit)) for t in self.args.tasks},
+        doc = {"no_skill": {t: no_skill(*task_answers(self.lm_task[t], self.args.limit))
+                            for t in self.args.tasks}, "model": self.model,
                "hosts": self.hosts, "command": sys.argv, "args": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items()},
             "configs": {c: CONFIGS[c] for c in self.args.configs}, "reference": REFERENCE,
-            "lm_tasks": {t: LM_TASK[t] for t in self.args.tasks}, "metric": METRIC,
+            "lm_tasks": {t: self.lm_task[t] for t in self.args.tasks}, "metric": METRIC,
             "bootstrap_resamples": BOOTSTRAP, "scoring": self.scoring, **self.summarize()}
         self.doc_path.write_text(json.dumps(doc, indent=1) + "\n")
         write_markdown(doc, self.out / "report.md")
@@ -345,7 +359,9 @@ def paired_bootstrap(x: np.ndarray, y: np.ndarray, resamples: int = BOOTSTRAP,
 
 def write_markdown(doc: dict, path: Path) -> None:
     a = doc["args"]
-    lines = ["# TaBP vs baselines on the demo model (report v2)", "",
+    model = doc.get("model", "llama")
+    lines = [f"# TaBP vs baselines on {'the demo model' if model == 'llama' else model} "
+             "(report v2)", "",
              f"Host{'s' if len(doc['hosts']) > 1 else ''}: "
              f"{'; '.join(h.get('model') or '?' for h in doc['hosts']) or '?'}. Evaluation: lm-eval on "
              f"{', '.join(f'{t} ({name})' for t, name in doc['lm_tasks'].items())}"

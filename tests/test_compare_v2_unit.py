@@ -141,3 +141,20 @@ def test_hosts_are_those_that_did_work(cv2, tmp_path, monkeypatch):
     rep.scoring = {"a": {**rec, "seed": 0, "host": "Earlier CPU"}, "b": {**rec, "seed": 1}}
     (cost,) = rep.cost()
     assert cost["hosts"] == ["?", "Earlier CPU"] and cost["runs"] == 2
+
+
+def test_model_and_arc_easy_split_are_recorded_and_a_resume_must_match(cv2, tmp_path):
+    from tabp_vllm.errors import TabpError
+
+    assert cv2.lm_tasks()["arc_easy"] == "tabp_arc_easy_validation"
+    assert cv2.lm_tasks("test")["arc_easy"] == "tabp_arc_easy"  # the split that chose nothing
+    base = dict(tasks=["piqa"], configs=["tabp"], protocols=["paper"], ks=[4], seeds=[0],
+                samples=256, sleb_samples=32, limit=5)
+    rep = cv2.Report(tmp_path, argparse.Namespace(**base, model="qwen1.5b", arc_easy_split="test"))
+    assert rep.key("arc_easy", (3, 4)) == "tabp_arc_easy|3,4" and rep.model == "qwen1.5b"
+    rep.save()
+    doc = (tmp_path / "report.json").read_text()
+    assert '"model": "qwen1.5b"' in doc and '"arc_easy_split": "test"' in doc
+    assert (tmp_path / "report.md").read_text().startswith("# TaBP vs baselines on qwen1.5b")
+    with pytest.raises(TabpError, match="--model qwen1.5b"):
+        cv2.Report(tmp_path, argparse.Namespace(**base))  # the default model, llama
