@@ -5,6 +5,7 @@ commands (`route fit`, `score`, `eval`, `serve`, `bench`).
     python bench/routing.py report [--clusters 1,2,4,8] [--ks 4,8] [--limit 100] [--report-only]
     python bench/routing.py load --router R.json --static MASK.json [--levels 16] [--duration 120]
     python bench/routing.py fit-time [--clusters 4] [--k 4]
+    python bench/routing.py l0-study [--only SETTING] [--summary-only]
 
 `report`: accuracy per task against the number of clusters N, for each k.
 - `route fit` on one mixed calibration set (train splits of the `--calib` tasks), for N in
@@ -413,7 +414,97 @@ def fit_time(argv: list[str]) -> None:
                      indent=2))
 
 
-COMMANDS = {"report": report, "load": load, "fit-time": fit_time}
+# The L0 convergence study: one cluster (ARC-Easy train, 32 inputs, k = 4 of the 28 candidate
+# blocks) fitted with each setting until converged or the step cap; chunks of one setting each
+# (resumable: a setting whose router exists is read, not refitted).
+STUDY = RESULTS / "routing" / "l0_study"
+STUDY_SETTINGS = {
+    "old-24steps": ["--steps", "24", "--lr", "0.1", "--lambda-lr", "0.05", "--warmup", "0.5"],
+    "lr0.2-lam0.2": ["--steps", "300", "--lr", "0.2", "--lambda-lr", "0.2", "--warmup", "0.1"],
+    "lr0.1-lam0.5": ["--steps", "300", "--lr", "0.1", "--lambda-lr", "0.5", "--warmup", "0.1"],
+    "lm-lr0.2-lam0.2": ["--steps", "300", "--lr", "0.2", "--lambda-lr", "0.2", "--warmup", "0.1",
+                        "--loss", "lm"],
+}
+
+
+def l0_study(argv: list[str]) -> None:
+    """Fit one cluster with each L0 setting (`--only NAME` for one chunk) and summarise: steps and
+    wall time to convergence, final sparsity vs target, lambdas, loss; plot the curves."""
+    ap = argparse.ArgumentParser(prog="routing.py l0-study", description=l0_study.__doc__)
+    ap.add_argument("--only", action="append", choices=list(STUDY_SETTINGS))
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--summary-only", action="store_true")
+    a = ap.parse_args(argv)
+    STUDY.mkdir(parents=True, exist_ok=True)
+    for name in ([] if a.summary_only else (a.only or list(STUDY_SETTINGS))):
+        router = STUDY / f"{name}.json"
+        if router.exists():
+            continue
+        cmd = CLI + ["route", "fit", "--model", "llama", "--task", "arc_easy", "--samples",
+                     str(a.samples), "--clusters", "1", "--k", "4", "--fallback", "none",
+                     "--batch-size", str(a.batch_size), *STUDY_SETTINGS[name], "-o", str(router)]
+        load_before = os.getloadavg()
+        wall = run(cmd, STUDY / f"{name}.log")
+        meta = {"command": " ".join(["tabp-vllm"] + cmd[3:]), "command_wall_s": round(wall, 1),
+                "loadavg_before": [round(x, 2) for x in load_before],
+                "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+        (STUDY / f"{name}.meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    rows = []
+    for name in STUDY_SETTINGS:
+        router = STUDY / f"{name}.json"
+        if not router.exists():
+            continue
+        r = json.loads(router.read_text())
+        rec = r["provenance"]["clusters"][0]
+        meta = json.loads((STUDY / f"{name}.meta.json").read_text())
+        rows.append({"setting": name, "args": STUDY_SETTINGS[name], **meta,
+                     "removed": r["clusters"][0]["mask"]["removed_layers"],
+                     **{k: rec.get(k) for k in ("steps", "converged", "unmet", "expected_sparsity",
+                                                "target", "lambda1", "lambda2", "loss", "loss_kind",
+                                                "margin", "kl", "wall_s", "forward_passes",
+                                                "backward_passes")}})
+    doc = {"what": "one cluster: ARC-Easy train, seeded subset, k = 4 of the demo model's 28 "
+                   "candidate blocks (1..28), batch of --batch-size, route fit's other defaults",
+           "samples": a.samples, "batch_size": a.batch_size, "rows": rows, "cpu": cpu_info(),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (STUDY / "study.json").write_text(json.dumps(doc, indent=2) + "\n")
+    plot_study(rows)
+    for row in rows:
+        print(f"{row['setting']:18s} steps {row['steps']:4d} converged {row['converged']!s:5s} "
+              f"s {row['expected_sparsity']:.3f}/{row['target']:.3f} lambda1 {row['lambda1']:8.3f} "
+              f"loss {row['loss']:.4f} KL {row['kl']:.4f} removed {row['removed']} "
+              f"{row['wall_s']:.0f} s (load {row['loadavg_before'][0]})")
+
+
+def plot_study(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tabp_vllm.routing.curves import load_curves
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for row in rows:
+        c = load_curves(STUDY / f"{row['setting']}.json")["curves"][0]
+        steps = range(1, len(c["loss"]) + 1)
+        label = f"{row['setting']} ({'converged' if row['converged'] else 'not converged'})"
+        axes[0].plot(steps, c["loss"], lw=0.7, label=label)
+        axes[1].plot(steps, c["expected_sparsity"], label=label)
+        axes[2].plot(steps, c["lambda1"], label=label)
+    axes[1].axhline(rows[0]["target"] if rows else 0, color="k", ls="--", lw=0.8)
+    for ax, title in zip(axes, ("task loss (KL or LM)", "expected sparsity (target dashed)",
+                                "lambda1")):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(STUDY / "l0_study.png", dpi=90)
+    plt.close(fig)
+
+
+COMMANDS = {"report": report, "load": load, "fit-time": fit_time, "l0-study": l0_study}
 
 if __name__ == "__main__":
     if sys.argv[1:2] not in ([c] for c in COMMANDS):  # none or an unknown one: the overview

@@ -40,7 +40,10 @@ def test_sample_hand_values_and_clamp():
     assert z.tolist() == pytest.approx([0.5, 1.0, 0.0, s06 * 1.2 - 0.1, 1.0], abs=1e-6)
     t = torch.tensor([10.0, -10.0, 1.0])
     hc.clamp_(t)
-    assert t.tolist() == [4.6, -4.6, 1.0] or t.tolist() == pytest.approx([4.6, -4.6, 1.0])
+    lim = hc.LOG_ALPHA_LIMIT
+    assert t.tolist() == pytest.approx([lim, -lim, 1.0])
+    # the limit lets k closed gates meet a budget of k units (P(z != 0) at -limit is ~0.01)
+    assert hc.expected_l0(torch.tensor(-lim)).item() < 0.015
 
 
 def test_sampling_range_and_rate():
@@ -114,6 +117,68 @@ def test_kmeans_and_routing_deterministic_for_a_seed():
     r = _router(c1, FP)
     assert (r.nearest(x) == l1).all()  # routing = the k-means assignment of the inputs
     assert r.nearest(np.eye(8)[1][None]).tolist() == [l1[20]]
+
+
+def test_small_clusters_merge_into_the_nearest_and_the_fallback_radius():
+    from tabp_vllm.routing.fit import fallback_radius, merge_small_clusters
+
+    x = np.array([[0.0, 0], [0, 1], [1, 0], [10, 0], [10, 1], [11, 0], [12, 0], [3, 0]])
+    labels = np.array([0, 0, 0, 1, 1, 1, 1, 2])
+    cents = np.array([x[:3].mean(0), x[3:7].mean(0), x[7]])
+    # cluster 2 (one input at (3, 0)) is nearest to cluster 0: it joins it, the centroid moves
+    lab, cen, merges = merge_small_clusters(x, labels, cents, 2)
+    assert lab.tolist() == [0, 0, 0, 1, 1, 1, 1, 0] and merges == [{"cluster": 2, "inputs": 1, "into": 0}]
+    assert np.allclose(cen[0], x[[0, 1, 2, 7]].mean(0)) and np.allclose(cen[1], cents[1])
+    # no minimum: nothing changes; a minimum above every cluster: one cluster remains
+    assert merge_small_clusters(x, labels, cents, 0)[0].tolist() == labels.tolist()
+    lab, cen, merges = merge_small_clusters(x, labels, cents, 100)
+    assert set(lab.tolist()) == {0} and len(cen) == 1 and len(merges) == 2
+    # radius: the quantile of the nearest-centroid distances; past it, the fallback
+    d = np.array([min(np.linalg.norm(v - c) for c in cents) for v in x])
+    assert fallback_radius(x, cents, 0.95) == pytest.approx(np.quantile(d, 0.95))
+    assert fallback_radius(x, cents, 1.0) == pytest.approx(d.max())
+
+
+def test_router_fallback_assign_and_old_files(tmp_path):
+    from tabp_vllm.mask import TaskMask
+    from tabp_vllm.routing.router import FALLBACK, Fallback
+
+    fp = dict(FP)
+    masks = [TaskMask("t", "m", fp, r) for r in ([1], [2])]
+    r = _router([[0.0, 0.0], [10.0, 0.0]], fp, masks=masks)
+    r.fallback = Fallback(radius=2.0, quantile=0.95, source="test", mask=TaskMask("t", "m", fp, [3]))
+    pts = np.array([[0.5, 0], [9, 1], [5, 0], [0, 2.5]])
+    assert r.nearest(pts).tolist() == [0, 1, 0, 0]
+    assert r.assign(pts).tolist() == [0, 1, FALLBACK, FALLBACK]
+    assert r.mask_of(FALLBACK).removed_layers == [3]
+    assert [(m.removed_layers, cs) for m, cs in r.variants()] == [([1], [0]), ([2], [1]), ([3], [FALLBACK])]
+    back = parse_router(json.loads(json.dumps(r.to_json())))
+    assert back.fallback == r.fallback and back.content_hash() == r.content_hash()
+    r.fallback.mask = masks[0]  # the fallback may share a cluster's variant
+    assert [cs for _, cs in r.variants()] == [[0, FALLBACK], [1]]
+    doc = r.to_json()
+    doc["fallback"]["radius"] = -1
+    with pytest.raises(RouterError, match="fallback radius"):
+        parse_router(doc)
+    doc["fallback"].update(radius=1.0, mask=TaskMask("t", "m", fp, [1, 2]).to_json())
+    with pytest.raises(RouterError, match="fallback: mask removes 2 blocks"):
+        parse_router(doc)
+    # without a fallback (every router written before it): always the nearest centroid
+    r.fallback = None
+    assert "fallback" not in r.to_json() and r.assign(pts).tolist() == [0, 1, 0, 0]
+
+
+def test_committed_routers_still_load():
+    from pathlib import Path
+
+    from tabp_vllm.routing.router import is_router_file
+
+    routers = [p for p in sorted((Path(__file__).resolve().parents[1] /
+                                  "bench/results/routing/routers").glob("*.json")) if is_router_file(p)]
+    assert len(routers) >= 8
+    for path in routers:
+        r = load_router(path)
+        assert r.fallback is None and len(r.masks) == r.num_clusters
 
 
 def test_merge_variants_least_cost():
@@ -330,13 +395,40 @@ def test_fit_l0_tiny_llama_routes_each_kind_to_its_cluster(tmp_path, tiny_model_
     # new prompts of each kind land on their cluster
     assert route_input(back, "Question: What is 40 + 2?\nAnswer:", enc) == by_task["arith"][0]
     assert route_input(back, ["Question: What do you sit on?\nAnswer:"], enc) == by_task["common"]
-    # provenance: passes, wall time, hyperparameters, per-cluster KL
+    # provenance: passes, wall time, hyperparameters, per-cluster KL, fit and its cost
     p = back.provenance
-    assert p["backward_passes"] == 2 * 6 * 4 and p["forward_passes"] >= 16 + 48
+    fits = p["clusters"] + [p["fallback"]]
+    assert [f["cluster"] for f in fits] == [0, 1, "fallback"]
+    # 6 steps cannot pass the flatness check (2 x 10 steps): every fit says it did not converge
+    assert all(f["steps"] == 6 and not f["converged"] and "flat" in f["unmet"] for f in fits)
+    assert p["converged"] is False and p["not_converged"] == [0, 1, "fallback"]
+    assert [f["backward_passes"] for f in fits] == [6 * 4, 6 * 4, 6 * 4]
+    assert p["backward_passes"] == 3 * 6 * 4 and p["forward_passes"] == sum(f["forward_passes"] for f in fits)
+    for f in fits:
+        assert f["forward_passes"] >= f["inputs"] + f["backward_passes"] and f["wall_s"] > 0
+        assert f["loss_kind"] == "kl" and f["target"] == 0.5 and 0 <= f["expected_sparsity"] <= 1
+        assert {"lambda1", "lambda2", "loss", "margin", "kl"} <= set(f)
     assert p["wall_s"] > 0 and len(p["data_sha256"]) == 16 and p["seed"] == 0
-    assert back.params["steps"] == 6 and back.params["lr"] == 0.5
+    assert back.params["steps"] == 6 and back.params["lr"] == 0.5 and back.params["loss"] == "kl"
     assert all(c["kl"] >= 0 for c in p["clusters"])
+    # the fallback: fitted on all 16 inputs, radius = the 95th percentile distance
+    assert back.fallback.source.startswith("fit") and len(back.fallback.mask.removed_layers) == 2
+    assert back.fallback.mask.calibration["samples"] == 16 and back.fallback.radius > 0
+    far = route_input(back, ["Question: What is 40 + 2?\nAnswer:"], enc)
+    assert far == by_task["arith"]  # inside the radius: its cluster, not the fallback
+    # curves beside the router: JSON and PNG, one per fit
+    from tabp_vllm.routing.curves import load_curves, save_curves
+
+    json_path, png_path = save_curves(router.curves, path, fits)
+    doc = load_curves(path)
+    assert png_path.stat().st_size > 0 and [c["cluster"] for c in doc["curves"]] == [0, 1, "fallback"]
+    assert all(len(c["loss"]) == 6 for c in doc["curves"])
     assert back.encoder["id"] == "fake"
+    # the LM loss: recorded as such, a finite cross-entropy; no fallback asked for, none made
+    lm = fit_router(_options(tmp_path, loss="lm", steps=2, fallback="none"), encoder=enc,
+                    model_path=str(tiny_model_dir), calibration=_calibration())
+    assert lm.fallback is None and lm.params["loss"] == "lm"
+    assert all(c["loss_kind"] == "lm" and 0 < c["loss"] < 20 for c in lm.provenance["clusters"])
     # deterministic for a seed
     again = fit_router(o, encoder=enc, model_path=str(tiny_model_dir), calibration=_calibration())
     assert again.centroids == router.centroids
@@ -351,7 +443,7 @@ def test_fit_with_scorer_and_merged_variants(tmp_path, tiny_model_dir):
     assert [m.removed_layers for m in router.masks] == [[3], [3]]
     assert len(router.variants()) == 1 and router.method == "block_influence"
     # forcing a merge of different masks records the cost and which mask each cluster uses
-    o2 = _options(tmp_path, steps=2, max_variants=1, k=1, block_range="1:3")
+    o2 = _options(tmp_path, steps=2, max_variants=1, k=1, block_range="1:3", fallback="none")
     r2 = fit_router(o2, encoder=FakeEncoder(), model_path=str(tiny_model_dir),
                     calibration=_calibration())
     assert len(r2.variants()) == 1

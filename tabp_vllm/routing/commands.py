@@ -26,19 +26,34 @@ def fit(o: RouteFitOptions) -> None:
 
 
 def run_fit(o: RouteFitOptions) -> None:
+    from tabp_vllm.routing.curves import save_curves
     from tabp_vllm.routing.fit import fit_router
+    from tabp_vllm.routing.router import fit_summary
 
     with progress_bars(console) as progress:
         router = fit_router(o, progress=progress)
     router.save(o.output)
-    table = Table("cluster", "inputs per task", "removed blocks", "KL to dense", "variant")
-    for c, (m, sizes) in enumerate(zip(router.masks, router.sizes)):
-        kl = router.provenance["clusters"][c].get("kl")
-        table.add_row(str(c), ", ".join(f"{t} {v}" for t, v in sizes.items() if v),
-                      str(m.removed_layers), "-" if kl is None else f"{kl:.4f}", m.content_hash())
-    console.print(table)
     p = router.provenance
+    written = save_curves(router.curves, o.output, p["clusters"] + [p.get("fallback")])
+    table = Table("cluster", "inputs per task", "removed blocks", "KL to dense", "fit", "variant")
+    rows = [(str(c), ", ".join(f"{t} {v}" for t, v in sizes.items() if v), m, p["clusters"][c])
+            for c, (m, sizes) in enumerate(zip(router.masks, router.sizes))]
+    if router.fallback is not None:
+        fb = router.fallback
+        rows.append((f"fallback (> {fb.radius:.3f})", fb.source, fb.mask, p.get("fallback") or {}))
+    for name, sizes, m, rec in rows:
+        kl = rec.get("kl")
+        table.add_row(name, sizes, str(m.removed_layers), "-" if kl is None else f"{kl:.4f}",
+                      fit_summary(rec), m.content_hash())
+    console.print(table)
     console.print(f"wrote {o.output}: {router.num_clusters} clusters, {len(router.variants())} "
                   f"distinct masks, k = {router.k}, method {router.method}, {p['samples']} inputs, "
                   f"{p['forward_passes']} forward + {p['backward_passes']} backward passes, "
-                  f"{p['wall_s']:.1f} s")
+                  f"{p['wall_s']:.1f} s" + (f"; curves {written[0]}, {written[1]}" if written else ""))
+    for merge in p.get("small_cluster_merges") or []:
+        console.print(f"k-means cluster {merge['cluster']} ({merge['inputs']} inputs, fewer than "
+                      f"--min-cluster-size {o.min_cluster_size}) merged into cluster {merge['into']}")
+    if p.get("not_converged"):
+        console.print(f"[yellow]warning: the L0 fit did not converge within --steps {o.steps} for "
+                      f"cluster(s) {', '.join(map(str, p['not_converged']))} (flagged in the router "
+                      f"file; see the curves)")

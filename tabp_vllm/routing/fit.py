@@ -6,8 +6,14 @@ Per cluster the mask is learned with one Hard-Concrete gate per candidate block 
 model (transformers): a gate scales its block's residual contribution, h + z * (f(h) - h), through
 a forward hook on the decoder layer; the loss is KL(dense || gated) over the next-token
 distributions of the cluster's inputs (their last `kl_positions` tokens; the dense ones computed
-once and cached) plus the Lagrangian sparsity term, and the mask removes the k gates of lowest
-log_alpha. `--mask-method NAME` instead scores the cluster's inputs with a registered scorer.
+once and cached), or with `--loss lm` the next-token cross-entropy of the gated model on the same
+tokens, plus the Lagrangian sparsity term; training runs until converged (`routing/l0.py`) and the
+mask removes the k gates of lowest log_alpha. `--mask-method NAME` instead scores the cluster's
+inputs with a registered scorer.
+
+Clusters smaller than `--min-cluster-size` join the cluster of the nearest centroid; inputs
+farther from every centroid than the `--fallback-quantile` of the calibration inputs' distances
+take the fallback mask (the N = 1 mask fitted on all inputs, or a given mask file).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import hashlib
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -24,6 +31,8 @@ import numpy as np
 from tabp_vllm.data import Dataset, MCQAItem, load_task
 from tabp_vllm.errors import TabpError
 from tabp_vllm.routing import hardconcrete as hc
+from tabp_vllm.routing.l0 import (DECIDED_MARGIN, FLAT_TOL, MIN_WINDOW, SPARSITY_TOL, GateSettings,
+                                  train_gates)
 from tabp_vllm.routing.options import L0, RouteFitOptions
 from tabp_vllm.routing.router import Router, merge_variants, route_text
 
@@ -74,6 +83,42 @@ def kmeans(vectors: np.ndarray, n: int, seed: int, n_init: int = 10) -> tuple[np
     return km.labels_.astype(int), km.cluster_centers_
 
 
+def merge_small_clusters(vectors: np.ndarray, labels: np.ndarray, centroids: np.ndarray,
+                         min_size: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Clusters with fewer than `min_size` inputs join the cluster of the nearest centroid (the
+    smallest first; ties: the lower index), whose centroid becomes its new members' mean; the
+    survivors are renumbered in order. Returns (labels, centroids, the merges made)."""
+    v = np.asarray(vectors, np.float64)
+    labels = np.asarray(labels).copy()
+    cents = {c: np.asarray(centroids[c], np.float64) for c in range(len(centroids))}
+    merges = []
+    while len(cents) > 1:
+        sizes = {c: int((labels == c).sum()) for c in cents}
+        small = [c for c in cents if sizes[c] < min_size]
+        if not small:
+            break
+        c = min(small, key=lambda x: (sizes[x], x))
+        d = min((x for x in cents if x != c),
+                key=lambda x: (float(np.linalg.norm(cents[x] - cents[c])), x))
+        labels[labels == c] = d
+        cents[d] = v[labels == d].mean(0)
+        del cents[c]
+        merges.append({"cluster": c, "inputs": sizes[c], "into": d})
+    keep = sorted(cents)
+    renumber = {c: i for i, c in enumerate(keep)}
+    return (np.array([renumber[int(x)] for x in labels], dtype=int),
+            np.array([cents[c] for c in keep]), merges)
+
+
+def fallback_radius(vectors: np.ndarray, centroids: np.ndarray, quantile: float) -> float:
+    """The `quantile` of the calibration inputs' distances to their nearest centroid: inputs
+    farther than it from every centroid take the fallback mask."""
+    v = np.asarray(vectors, np.float64)
+    c = np.asarray(centroids, np.float64)
+    d = np.sqrt(np.maximum(((v[:, None, :] - c[None, :, :]) ** 2).sum(-1), 0)).min(1)
+    return float(np.quantile(d, quantile))
+
+
 # --------------------------------------------------------------------------- gated model
 
 @contextlib.contextmanager
@@ -109,15 +154,16 @@ class Batch:
     teacher: Any = None  # (b, P, V) float16 dense log-probabilities, cached
 
 
-class KLObjective:
+class Objective:
     """The cluster's inputs in fixed, length-sorted batches with the dense model's next-token
-    log-probabilities at their last P positions cached; `kl(batch)` of the model as it runs now."""
+    log-probabilities at their last P positions cached; `kl(batch)` of the model as it runs now,
+    `lm(batch)` its next-token cross-entropy on the same tokens, `loss(batch)` the chosen one."""
 
     def __init__(self, model, tokenizer, texts: list[str], batch_size: int, max_length: int,
-                 positions: int, tick: Callable[[int], None] | None = None):
+                 positions: int, tick: Callable[[int], None] | None = None, kind: str = "kl"):
         import torch
 
-        self.model, self.P = model, positions
+        self.model, self.P, self.kind = model, positions, kind
         self.forward_passes = 0
         device = next(model.parameters()).device
         lengths = [len(tokenizer(t, truncation=True, max_length=max_length)["input_ids"])
@@ -145,15 +191,35 @@ class KLObjective:
         P = self.P
         return t[:, -P:] if t.shape[1] >= P else F.pad(t, (P - t.shape[1], 0))
 
-    def log_probs(self, b: Batch):
+    def log_probs(self, b: Batch, tail: int | None = None):
+        """Next-token log-probabilities at the last `tail` (default P) positions, left-padded."""
         import torch
 
+        n = tail or self.P
         h = self.model.model(**b.inputs, use_cache=False).last_hidden_state
         self.forward_passes += h.shape[0]
-        h = h[:, -self.P:]
-        if h.shape[1] < self.P:
-            h = torch.nn.functional.pad(h, (0, 0, self.P - h.shape[1], 0))
+        h = h[:, -n:]
+        if h.shape[1] < n:
+            h = torch.nn.functional.pad(h, (0, 0, n - h.shape[1], 0))
         return torch.log_softmax(self.model.lm_head(h).float(), -1)
+
+    def loss(self, b: Batch):
+        return self.lm(b) if self.kind == "lm" else self.kl(b)
+
+    def lm(self, b: Batch):
+        """Mean next-token cross-entropy of the model as it runs now on the batch's own last P
+        tokens (the paper's LM loss): positions -P-1..-2 predict tokens -P..-1, where both are real."""
+        import torch.nn.functional as F
+
+        P = self.P
+        lp = self.log_probs(b, P + 1)[:, :-1]
+        ids, att = b.inputs["input_ids"], b.inputs["attention_mask"]
+        if ids.shape[1] < P + 1:
+            ids, att = F.pad(ids, (P + 1 - ids.shape[1], 0)), F.pad(att, (P + 1 - att.shape[1], 0))
+        target, att = ids[:, -P:], att[:, -P - 1:]
+        valid = (att[:, :-1] * att[:, 1:]).bool()
+        nll = -lp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        return (nll * valid).sum() / valid.sum().clamp_min(1)
 
     def kl(self, b: Batch):
         """Mean KL(dense || now) over the batch's valid positions (a differentiable tensor)."""
@@ -177,50 +243,38 @@ class KLObjective:
         return total
 
 
-def fit_l0(objective: KLObjective, blocks: list[int], k: int, o: RouteFitOptions, seed: int,
-           tick: Callable[[int], None] | None = None) -> tuple[list[int], list[float], dict]:
-    """Hard-Concrete gates on `blocks`, trained for `o.steps` steps on the objective; returns the
-    removed blocks (the k lowest log_alpha), the final log_alpha per gated block and the run's
-    statistics."""
+def fit_l0(objective: Objective, blocks: list[int], k: int, o: RouteFitOptions, seed: int,
+           tick: Callable[[int], None] | None = None) -> tuple[list[int], list[float], dict, dict]:
+    """Hard-Concrete gates on `blocks` trained on the objective until converged (at most `o.steps`
+    steps, `routing/l0.py`); returns the removed blocks (the k lowest log_alpha), the final
+    log_alpha per gated block, the run's record (steps, convergence, final sparsity, lambdas,
+    loss, passes) and its curves."""
     import torch
 
-    log_alpha = torch.full((len(blocks),), float(o.init_log_alpha), requires_grad=True)
-    lambdas = torch.zeros(2, requires_grad=True)
-    opt = torch.optim.Adam([log_alpha], lr=o.lr)
-    ascent = torch.optim.Adam([lambdas], lr=o.lambda_lr, maximize=True)
-    gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    target = k / len(blocks)
-    warmup_steps = round(o.warmup * o.steps)
-    z = {"now": torch.ones(len(blocks))}
     order: list[int] = []
-    backward = 0
-    last: dict[str, float] = {}
+    z = {"now": torch.ones(len(blocks))}
+    backward = [0]
+
+    def loss_of(_step: int, gates):
+        if not order:
+            order.extend(range(len(objective.batches)))
+            rng.shuffle(order)
+        b = objective.batches[order.pop()]
+        z["now"] = gates
+        backward[0] += b.inputs["input_ids"].shape[0]
+        return objective.loss(b)
+
+    settings = GateSettings(max_steps=o.steps, lr=o.lr, lambda_lr=o.lambda_lr,
+                            init_log_alpha=o.init_log_alpha, warmup_steps=round(o.warmup * o.steps),
+                            window=max(MIN_WINDOW, len(objective.batches)))
+    forward0 = objective.forward_passes
     with gated(objective.model, blocks, lambda: z["now"]):
-        for step in range(o.steps):
-            if not order:
-                order = list(range(len(objective.batches)))
-                rng.shuffle(order)
-            b = objective.batches[order.pop()]
-            z["now"] = hc.sample(log_alpha, gen)
-            kl = objective.kl(b)
-            t = hc.target_at(step, target, warmup_steps)
-            s_hat = hc.expected_sparsity(log_alpha)
-            loss = kl + hc.lagrangian(s_hat, t, lambdas[0], lambdas[1])
-            opt.zero_grad()
-            ascent.zero_grad()
-            loss.backward()
-            opt.step()
-            ascent.step()
-            hc.clamp_(log_alpha)
-            backward += b.inputs["input_ids"].shape[0]
-            last = {"kl": kl.item(), "expected_sparsity": s_hat.item(), "target": t,
-                    "lambda1": lambdas[0].item(), "lambda2": lambdas[1].item()}
-            if tick:
-                tick(1)
-    removed = hc.deterministic_removed(log_alpha.detach(), blocks, k)
-    return removed, [float(v) for v in log_alpha.detach()], {"backward_passes": backward,
-                                                             "last_step": last}
+        g = train_gates(loss_of, len(blocks), k, settings, seed, tick)
+    record = {"loss_kind": objective.kind, "steps": g.steps, "converged": g.converged,
+              "unmet": g.failed, **g.final, "backward_passes": backward[0],
+              "step_forward_passes": objective.forward_passes - forward0}
+    return [blocks[j] for j in g.removed], g.log_alpha, record, g.curves
 
 
 def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple | None = None,
@@ -229,9 +283,10 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
     """The whole fit; `encoder`, the loaded model and the calibration can be handed in (tests)."""
     import torch
 
-    from tabp_vllm.mask import make_mask
+    from tabp_vllm.mask import load_mask, make_mask
     from tabp_vllm.models import alias_of, load_model_config, model_fingerprint, resolve_model
     from tabp_vllm.routing.encoder import load_encoder
+    from tabp_vllm.routing.router import Fallback
     from tabp_vllm.scoring import parse_range, resolve_k, run_scoring
     from tabp_vllm.scoring.probe import load_model, pick_device
 
@@ -243,6 +298,12 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
     B = model_fingerprint(load_model_config(path))["num_hidden_layers"]
     blocks = parse_range(o.block_range, B)
     k = resolve_k(o.k, None, B, blocks)
+    given_fallback = None
+    if o.fallback not in ("fit", "none"):  # checked before any work: a wrong mask fails fast
+        given_fallback = load_mask(o.fallback, path, o.model)
+        if len(given_fallback.removed_layers) != k:
+            raise TabpError(f"--fallback {o.fallback}: the mask removes "
+                            f"{len(given_fallback.removed_layers)} blocks, the router's k is {k}")
     cal = calibration or load_calibration(o.task, o.split, o.samples, o.seed)
     if o.clusters > len(cal.items):
         raise TabpError(f"--clusters {o.clusters}: more clusters than the {len(cal.items)} "
@@ -261,45 +322,59 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
     vectors = encoder.encode([route_text(i) for i in cal.items])
     tick(1)
     labels, centroids = kmeans(vectors, o.clusters, o.seed, o.kmeans_init)
-    members = [[i for i in range(len(cal.items)) if labels[i] == c] for c in range(o.clusters)]
+    labels, centroids, small_merges = merge_small_clusters(vectors, labels, centroids,
+                                                           o.min_cluster_size)
+    n_clusters = len(centroids)
+    members = [[i for i in range(len(cal.items)) if labels[i] == c] for c in range(n_clusters)]
 
     forward = backward = 0
     removed_of: list[list[int]] = []
     scores_of: list[list[float | None]] = []
     params_of: list[dict[str, Any]] = []
-    objectives: list[KLObjective | None] = []
+    objectives: list[Objective | None] = []
     per_cluster: list[dict[str, Any]] = []
-    for c, idx in enumerate(members):
+    curves: list[dict[str, Any]] = []
+
+    def fit_one(c: int | str, idx: list[int], seed: int):
+        """One mask on the inputs `idx`: (removed, scores, params, record, objective)."""
         tc = time.perf_counter()
-        texts = [_kl_text(cal.items[i]) for i in idx]
-        stats: dict[str, Any] = {}
+        record: dict[str, Any] = {"cluster": c, "inputs": len(idx)}
         if o.mask_method == L0:
             nb = -(-len(idx) // o.batch_size)
             tick = task(f"cluster {c} ({len(idx)} inputs): L0 gates", nb + o.steps)
-            obj = KLObjective(model, tok, texts, o.batch_size, o.max_length, o.kl_positions, tick)
-            removed, log_alpha, stats = fit_l0(obj, blocks, k, o, o.seed + c, tick)
+            obj = Objective(model, tok, [_kl_text(cal.items[i]) for i in idx], o.batch_size,
+                            o.max_length, o.kl_positions, tick, kind=o.loss)
+            removed, log_alpha, stats, curve = fit_l0(obj, blocks, k, o, seed, tick)
             scores: list[float | None] = [None] * B
             for b, a in zip(blocks, log_alpha):
                 scores[b] = a
-            params = {"k": k, "candidate_range": [blocks[0], blocks[-1] + 1], "seed": o.seed + c,
-                      "score": "final log_alpha of the block's Hard-Concrete gate"}
-            backward += stats.pop("backward_passes")
+            params = {"k": k, "candidate_range": [blocks[0], blocks[-1] + 1], "seed": seed,
+                      "loss": o.loss, "score": "final log_alpha of the block's Hard-Concrete gate"}
+            record.update(stats, forward_passes=obj.forward_passes)
+            curves.append({"cluster": c, **curve})
         else:
             res = run_scoring(path, cal.dataset(idx, f"cluster{c}"), o.mask_method, k=k,
                               block_range=o.block_range, batch_size=o.batch_size,
                               max_length=o.max_length, seed=o.seed, device=device,
                               progress=progress, model_and_tokenizer=(model, tok))
             removed, scores, params = res.removed, res.scores, res.params
-            forward += res.forward_passes
+            record.update(forward_passes=res.forward_passes, backward_passes=0)
             obj = None
+        record["wall_s"] = round(time.perf_counter() - tc, 3)
+        return removed, scores, params, record, obj
+
+    for c, idx in enumerate(members):
+        removed, scores, params, record, obj = fit_one(c, idx, o.seed + c)
         objectives.append(obj)
         removed_of.append(removed)
         scores_of.append(scores)
         params_of.append(params)
-        per_cluster.append({"cluster": c, "inputs": len(idx), "wall_s": 0.0, **stats})
-        per_cluster[-1]["wall_s"] = round(time.perf_counter() - tc, 3)
+        per_cluster.append(record)
+        backward += record["backward_passes"]
+        if obj is None:
+            forward += record["forward_passes"]
 
-    uses = list(range(o.clusters))
+    uses = list(range(n_clusters))
     cost: list[list[float]] | None = None
     distinct = len({tuple(r) for r in removed_of})
     need_merge = o.max_variants is not None and distinct > o.max_variants
@@ -309,41 +384,78 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
         for c, idx in enumerate(members):
             if objectives[c] is None:
                 tick = task(f"cluster {c}: dense reference", -(-len(idx) // o.batch_size))
-                objectives[c] = KLObjective(model, tok, [_kl_text(cal.items[i]) for i in idx],
-                                            o.batch_size, o.max_length, o.kl_positions, tick)
-        cost = [[0.0] * o.clusters for _ in range(o.clusters)]
-        for c in range(o.clusters):
-            for d in (range(o.clusters) if need_merge else [c]):
+                objectives[c] = Objective(model, tok, [_kl_text(cal.items[i]) for i in idx],
+                                          o.batch_size, o.max_length, o.kl_positions, tick)
+        cost = [[0.0] * n_clusters for _ in range(n_clusters)]
+        for c in range(n_clusters):
+            before = objectives[c].forward_passes
+            for d in (range(n_clusters) if need_merge else [c]):
                 cost[c][d] = objectives[c].total_kl(removed_of[d])
             per_cluster[c]["kl"] = round(cost[c][c] / max(len(members[c]), 1), 6)
+            per_cluster[c]["forward_passes"] += objectives[c].forward_passes - before
         if need_merge:
             uses = merge_variants(cost, removed_of, o.max_variants)
     forward += sum(ob.forward_passes for ob in objectives if ob is not None)
 
     fingerprint = model_fingerprint(load_model_config(path))
-    masks = []
-    for c, idx in enumerate(members):
-        d = uses[c]
+    everyone = list(range(len(cal.items)))
+
+    def mask_for(c, idx, removed, params, scores):
         cal_c = {"data": "+".join(o.task), "split": o.split, "samples": len(idx),
                  "seed": o.seed, "sha256": cal.dataset(idx, "").content_hash(),
                  "sizes": cal.sizes(idx), "cluster": c}
+        return make_mask(path, removed, task=f"cluster{c}", model_id=alias_of(o.model),
+                         method=o.mask_method, params=params, scores=scores, calibration=cal_c)
+
+    masks = []
+    for c, idx in enumerate(members):
+        d = uses[c]
         params = dict(params_of[d])
         if d != c:
             params["merged_into_mask_of_cluster"] = d
-        masks.append(make_mask(path, removed_of[d], task=f"cluster{c}", model_id=alias_of(o.model),
-                               method=o.mask_method, params=params, scores=scores_of[d],
-                               calibration=cal_c))
+        masks.append(mask_for(c, idx, removed_of[d], params, scores_of[d]))
+
+    # The fallback: the static N = 1 mask (fitted on every input; with one cluster, its mask) or
+    # the given one, for inputs farther from every centroid than most calibration inputs are.
+    fallback, fallback_record = None, None
+    if o.fallback != "none":
+        radius = fallback_radius(vectors, centroids, o.fallback_quantile)
+        if given_fallback is not None:
+            fb_mask, source = given_fallback, f"file:{Path(o.fallback).name}"
+        elif n_clusters == 1:
+            fb_mask, source = masks[0], "fit: the single cluster's mask"
+        else:
+            removed, scores, params, fallback_record, obj = fit_one("fallback", everyone,
+                                                                    o.seed + n_clusters)
+            if obj is not None:
+                fallback_record["kl"] = round(obj.total_kl(removed) / len(everyone), 6)
+                fallback_record["forward_passes"] = obj.forward_passes
+            forward += fallback_record["forward_passes"]
+            backward += fallback_record["backward_passes"]
+            fb_mask = mask_for("fallback", everyone, removed, params, scores)
+            source = "fit: N = 1 on every calibration input"
+        fallback = Fallback(radius=radius, quantile=o.fallback_quantile, source=source, mask=fb_mask)
+
+    l0_records = [r for r in per_cluster + [fallback_record] if r and "converged" in r]
     wall = time.perf_counter() - t0
     provenance = {"data": cal.sources, "data_sha256": cal.data_hash(), "seed": o.seed,
                   "samples": len(cal.items), "wall_s": round(wall, 3), "forward_passes": forward,
                   "backward_passes": backward, "device": device, "clusters": per_cluster,
+                  "fallback": fallback_record,
+                  "converged": all(r["converged"] for r in l0_records) if l0_records else None,
+                  "not_converged": [r["cluster"] for r in l0_records if not r["converged"]],
+                  "kmeans_clusters": o.clusters, "small_cluster_merges": small_merges,
+                  "convergence": {"sparsity_tol": SPARSITY_TOL, "decided_margin": DECIDED_MARGIN,
+                                  "flat_tol": FLAT_TOL, "min_window": MIN_WINDOW},
                   "hard_concrete": {"beta": hc.BETA, "l": hc.LIMIT_L, "r": hc.LIMIT_R,
                                     "log_alpha_limit": hc.LOG_ALPHA_LIMIT},
                   "merge": {"uses_mask_of": uses, "cost_kl": cost} if need_merge else None}
-    return Router(model_id=alias_of(o.model), fingerprint=fingerprint, k=k,
-                  encoder=encoder.record(), centroids=[[float(x) for x in c] for c in centroids],
-                  masks=masks, sizes=[cal.sizes(idx) for idx in members], method=o.mask_method,
-                  params=o.hyperparameters(), provenance=provenance)
+    router = Router(model_id=alias_of(o.model), fingerprint=fingerprint, k=k,
+                    encoder=encoder.record(), centroids=[[float(x) for x in c] for c in centroids],
+                    masks=masks, sizes=[cal.sizes(idx) for idx in members], method=o.mask_method,
+                    params=o.hyperparameters(), provenance=provenance, fallback=fallback)
+    router.curves = curves
+    return router
 
 
 def _kl_text(item) -> str:

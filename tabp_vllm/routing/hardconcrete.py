@@ -1,11 +1,12 @@
-"""Hard-Concrete gates (Louizos et al. 2018) as CoFi / Sheared-LLaMA use them, one gate per block.
+"""Hard-Concrete gates (Louizos et al. 2018) as CoFi / Sheared-LLaMA use them, one gate per unit.
 
     u ~ U(0, 1)
     s = sigmoid((log u - log(1 - u) + log_alpha) / beta)
     z = clamp(s * (r - l) + l, 0, 1)                  beta = 2/3, l = -0.1, r = 1.1
     E[L0] = P(z != 0) = sigmoid(log_alpha - beta * log(-l / r))
 
-log_alpha is clamped to +-LOG_ALPHA_LIMIT after every step; gates start open. Sparsity enters as a
+log_alpha is clamped to +-LOG_ALPHA_LIMIT (6; CoFi's 4.6 cannot reach the budget, see below) after
+every step; gates start open. Sparsity enters as a
 Lagrangian lambda1 (s_hat - t) + lambda2 (s_hat - t)^2 (lambdas by gradient ascent, the target t
 warmed up linearly); the final, deterministic mask removes the k blocks of lowest log_alpha.
 Pure torch: no model in here.
@@ -20,7 +21,11 @@ import torch
 BETA = 2.0 / 3.0
 LIMIT_L = -0.1
 LIMIT_R = 1.1
-LOG_ALPHA_LIMIT = 4.6  # sigmoid(4.6) ~ 0.99: beyond it the gate no longer moves
+# CoFi / Sheared-LLaMA clamp at +-4.6; at -4.6 a gate still has P(z != 0) = 0.047, so k closed
+# gates give only 0.953 k of expected sparsity and the budget s_hat = k / n cannot be met without
+# pulling the kept gates down against the loss (our fits stalled 0.016 short of the target on a
+# toy stack). At -6, P(z != 0) = 0.012: the budget is reachable with the kept gates open.
+LOG_ALPHA_LIMIT = 6.0
 EPS = 1e-6  # keeps log u and log(1 - u) finite
 
 

@@ -1,15 +1,16 @@
 """`RouteFitOptions`: everything `tabp-vllm route fit` takes, each default defined once here.
 
 The IG-Pruning paper's hyperparameters are not known (DESIGN.md, "Input-guided selection"): every
-value below marked "ours" was chosen here, for a 135M model fitted on two CPU cores in about ten
-minutes (N = 4, k = 4, 4 x 64 inputs). The Hard-Concrete constants (beta, l, r, the log_alpha
-limit) are CoFi / Sheared-LLaMA's and live in `hardconcrete.py`.
+value below marked "ours" was chosen here; the L0 ones (learning rates, warm-up, step cap, batch)
+by the convergence study in bench/results/routing/l0_study/ (docs/routing.md). A fit trains until
+it has converged (`routing/l0.py`), `--steps` only caps it. The Hard-Concrete constants (beta, l,
+r) are CoFi / Sheared-LLaMA's and live in `hardconcrete.py` with the log_alpha limit.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 from pydantic import field_validator
 from pydantic_core import PydanticCustomError
@@ -17,6 +18,8 @@ from pydantic_core import PydanticCustomError
 from tabp_vllm.options import REQUIRED, Options, option
 
 L0 = "l0"  # --mask-method: the learned Hard-Concrete gates; any registered scorer otherwise
+# L0 defaults from the convergence study (docs/routing.md, bench/results/routing/l0_study/)
+STEPS, LR, LAMBDA_LR, WARMUP = 400, 0.2, 0.2, 0.1
 
 
 class RouteFitOptions(Options):
@@ -35,17 +38,28 @@ class RouteFitOptions(Options):
     block_range: str = option("whole", "Candidate blocks: whole, latter, 0.5:1.0 or 15:30.", "--range")
     mask_method: str = option(L0, "l0 (Hard-Concrete gates) or a registered scorer (tabp, "
                               "block_influence, ...).")
+    # ours: 0 = no minimum; smaller clusters join the cluster of the nearest centroid
+    min_cluster_size: int = option(0, "Clusters with fewer inputs merge into the nearest.", ge=0)
+    # ours: the static N = 1 mask fitted on all inputs; a mask file; or none (always route)
+    fallback: str = option("fit", "Mask for inputs far from every centroid: fit (the N = 1 L0 "
+                           "mask on all inputs), a mask file, or none.")
+    fallback_quantile: float = option(0.95, "Farther than this quantile of the calibration "
+                                      "inputs' centroid distances: fallback.", gt=0, le=1)
     # None: as many as distinct masks
     max_variants: Optional[int] = option(None, "Merge clusters onto at most M masks.", gt=0)
-    steps: int = option(24, "L0: gate updates per cluster.", gt=0)  # ours
+    # the paper's LM loss (next-token cross-entropy on the cluster's own text) or ours (KL to dense)
+    loss: Literal["kl", "lm"] = option("kl", "L0: kl (to the dense model) or lm (next-token "
+                                       "cross-entropy).")
+    steps: int = option(STEPS, "L0: most gate updates per cluster (stops once converged).", gt=0)
     batch_size: int = option(8, "Inputs per forward pass.", gt=0)  # ours: inputs per gate update
     # ours: left-truncated, the tail stays
     max_length: int = option(128, "Tokens per input (left-truncated).", gt=1)
     kl_positions: int = option(32, "L0: last positions the KL covers.", gt=0)  # ours
-    lr: float = option(0.1, "L0: Adam learning rate of log_alpha.", gt=0)  # ours
-    lambda_lr: float = option(0.05, "L0: ascent rate of the lambdas.", gt=0)  # ours: on lambda1, 2
+    lr: float = option(LR, "L0: Adam learning rate of log_alpha.", gt=0)  # ours (study)
+    lambda_lr: float = option(LAMBDA_LR, "L0: ascent rate of the lambdas.", gt=0)  # ours (study)
     init_log_alpha: float = option(3.0, "L0: initial log_alpha (open).")  # ours: E[L0] = 0.99
-    warmup: float = option(0.5, "L0: share of steps the target rises over.", ge=0, le=1)  # ours
+    # ours (study): the target reaches k / n after this share of the step cap
+    warmup: float = option(WARMUP, "L0: share of --steps the target rises over.", ge=0, le=1)
     seed: int = option(0)
     device: str = option("auto", "auto|cpu|cuda.")
     output: Path = option(REQUIRED, "Router file to write.", "-o", "--output")
@@ -58,6 +72,13 @@ class RouteFitOptions(Options):
         if value != L0 and value not in METHOD_NAMES:
             raise PydanticCustomError("method", "unknown mask method; choose from {names}",
                                       {"names": ", ".join((L0,) + METHOD_NAMES)})
+        return value
+
+    @field_validator("fallback")
+    @classmethod
+    def _fallback(cls, value: str) -> str:
+        if value not in ("fit", "none") and not Path(value).expanduser().is_file():
+            raise PydanticCustomError("fallback", "fit, none, or an existing mask file")
         return value
 
     def hyperparameters(self) -> dict:

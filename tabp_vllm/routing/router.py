@@ -6,12 +6,15 @@ A router is JSON, versioned and self-describing like the mask file (`mask.py`), 
      "model": {"id", "fingerprint"}, "num_hidden_layers", "k",
      "encoder": {"name", "id", "source", "dimension", "pooling", "normalize", "max_length"},
      "clusters": [{"centroid": [...], "sizes": {task: n}, "mask": <TaskMask.to_json()>}, ...],
+     "fallback": {"radius", "quantile", "source", "mask"},   # optional (older files: none)
      "method": {"name", "params"},       # l0 or a registered scorer; every hyperparameter
      "provenance": {...},                # data (per task and one hash), seed, wall time, passes
      "created_at"}
 
 An input goes to the cluster of the nearest centroid (Euclidean, as k-means assigned the
-calibration inputs); clusters whose masks are equal share one served variant. Every check happens
+calibration inputs), unless it is farther than the fallback radius from every centroid: then it
+takes the fallback mask (cluster index FALLBACK). Clusters whose masks are equal share one served
+variant. Every check happens
 when the file is read, before anything starts, and fails with one `RouterError` line.
 """
 
@@ -36,6 +39,21 @@ from tabp_vllm.models import (FINGERPRINT_KEYS, fingerprint_diffs, load_model_co
 ROUTER_FORMAT = "tabp-vllm-router"
 ROUTER_VERSION = 1
 ENCODER_KEYS = ("name", "id", "dimension", "pooling", "normalize")
+FALLBACK = -1  # the "cluster" of an input far from every centroid: it takes the fallback mask
+
+
+@dataclass
+class Fallback:
+    """Inputs farther than `radius` from every centroid take `mask` (the static mask)."""
+
+    radius: float  # the `quantile` of the calibration inputs' nearest-centroid distances
+    quantile: float
+    source: str  # how the mask was made: fitted on every input (N = 1), or a given file
+    mask: TaskMask
+
+    def to_json(self) -> dict[str, Any]:
+        return {"radius": self.radius, "quantile": self.quantile, "source": self.source,
+                "mask": self.mask.to_json()}
 
 
 class RouterError(TabpError):
@@ -67,6 +85,9 @@ class Router:
     created_at: str = field(
         default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     )
+    fallback: Fallback | None = None
+    # the fit's per-step curves (`route fit` writes them beside the router; not in the file)
+    curves: list[dict[str, Any]] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def num_clusters(self) -> int:
@@ -82,18 +103,34 @@ class Router:
 
     def variants(self) -> list[tuple[TaskMask, list[int]]]:
         """The distinct masks (one served variant each) and the clusters that use each, in order
-        of first use."""
+        of first use; the fallback mask's "cluster" is FALLBACK (last)."""
         seen: dict[str, tuple[TaskMask, list[int]]] = {}
         for c, m in enumerate(self.masks):
             seen.setdefault(m.content_hash(), (m, []))[1].append(c)
+        if self.fallback is not None:
+            seen.setdefault(self.fallback.mask.content_hash(), (self.fallback.mask, []))[1].append(FALLBACK)
         return list(seen.values())
+
+    def mask_of(self, cluster: int) -> TaskMask:
+        return self.fallback.mask if cluster == FALLBACK and self.fallback else self.masks[cluster]
+
+    def _distances2(self, vectors: np.ndarray) -> np.ndarray:
+        v = np.asarray(vectors, dtype=np.float64).reshape(-1, self.dimension)
+        c = np.asarray(self.centroids, dtype=np.float64)
+        return np.maximum((v * v).sum(1)[:, None] - 2.0 * v @ c.T + (c * c).sum(1)[None, :], 0.0)
 
     def nearest(self, vectors: np.ndarray) -> np.ndarray:
         """The cluster of each row of `vectors` (n, dimension): its nearest centroid."""
-        v = np.asarray(vectors, dtype=np.float64).reshape(-1, self.dimension)
-        c = np.asarray(self.centroids, dtype=np.float64)
-        d2 = (v * v).sum(1)[:, None] - 2.0 * v @ c.T + (c * c).sum(1)[None, :]
-        return d2.argmin(1)
+        return self._distances2(vectors).argmin(1)
+
+    def assign(self, vectors: np.ndarray) -> np.ndarray:
+        """What serves each row of `vectors`: its nearest centroid's cluster, or FALLBACK when it
+        is farther than the fallback radius from every centroid (no fallback: always nearest)."""
+        d2 = self._distances2(vectors)
+        out = d2.argmin(1)
+        if self.fallback is not None:
+            out = np.where(np.sqrt(d2.min(1)) > self.fallback.radius, FALLBACK, out)
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -105,6 +142,7 @@ class Router:
             "encoder": self.encoder,
             "clusters": [{"centroid": [float(x) for x in cen], "sizes": sizes, "mask": m.to_json()}
                          for cen, sizes, m in zip(self.centroids, self.sizes, self.masks)],
+            **({"fallback": self.fallback.to_json()} if self.fallback else {}),
             "method": {"name": self.method, "params": self.params},
             "provenance": self.provenance,
             "created_at": self.created_at,
@@ -112,8 +150,11 @@ class Router:
 
     def content_hash(self) -> str:
         """Short hash of what decides routing and serving: model, encoder, centroids, masks."""
-        key = json.dumps([self.fingerprint, [self.encoder.get(k) for k in ENCODER_KEYS],
-                          self.centroids, [m.removed_layers for m in self.masks]], sort_keys=True)
+        parts = [self.fingerprint, [self.encoder.get(k) for k in ENCODER_KEYS], self.centroids,
+                 [m.removed_layers for m in self.masks]]
+        if self.fallback is not None:  # (routers without one keep their hash)
+            parts.append([self.fallback.radius, self.fallback.mask.removed_layers])
+        key = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:12]
 
     def save(self, path: str | Path) -> Path:
@@ -175,22 +216,46 @@ def parse_router(data: Any, where: str = "<router>") -> Router:
             mask = parse_mask(cl.get("mask"), f"{where}: cluster {c} mask")
         except MaskError as exc:
             raise RouterError(str(exc)) from None
-        if mask.fingerprint != {key: fp[key] for key in FINGERPRINT_KEYS}:
-            raise _fail(where, f"cluster {c}: mask was made for another model than the router "
-                               f"({mask.fingerprint} != {fp})")
-        if len(mask.removed_layers) != k:
-            raise _fail(where, f"cluster {c}: mask removes {len(mask.removed_layers)} blocks, "
-                               f"the router's k is {k}")
+        _check_cluster_mask(mask, where, f"cluster {c}", fp, k)
         centroids.append([float(x) for x in cen])
         masks.append(mask)
         sizes.append({str(t): int(v) for t, v in size.items()})
+    fallback = _parse_fallback(data.get("fallback"), where, fp, k)
     method = data.get("method") or {}
     return Router(model_id=str(data["model"].get("id", "")),
                   fingerprint={key: fp[key] for key in FINGERPRINT_KEYS}, k=k, encoder=dict(enc),
                   centroids=centroids, masks=masks, sizes=sizes,
                   method=str(method.get("name", "")), params=dict(method.get("params") or {}),
                   provenance=dict(data.get("provenance") or {}),
-                  created_at=str(data.get("created_at", "")))
+                  created_at=str(data.get("created_at", "")), fallback=fallback)
+
+
+def _check_cluster_mask(mask: TaskMask, where: str, name: str, fp: dict, k: int) -> None:
+    if mask.fingerprint != {key: fp[key] for key in FINGERPRINT_KEYS}:
+        raise _fail(where, f"{name}: mask was made for another model than the router "
+                           f"({mask.fingerprint} != {fp})")
+    if len(mask.removed_layers) != k:
+        raise _fail(where, f"{name}: mask removes {len(mask.removed_layers)} blocks, "
+                           f"the router's k is {k}")
+
+
+def _parse_fallback(doc: Any, where: str, fp: dict, k: int) -> Fallback | None:
+    """The optional fallback record (routers written before it have none)."""
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        raise _fail(where, "'fallback' must be an object")
+    radius, quantile = doc.get("radius"), doc.get("quantile")
+    if not isinstance(radius, (int, float)) or isinstance(radius, bool) or not math.isfinite(radius) \
+            or radius < 0:
+        raise _fail(where, f"fallback radius must be a finite number >= 0 (got {radius!r})")
+    try:
+        mask = parse_mask(doc.get("mask"), f"{where}: fallback mask")
+    except MaskError as exc:
+        raise RouterError(str(exc)) from None
+    _check_cluster_mask(mask, where, "fallback", fp, k)
+    return Fallback(radius=float(radius), quantile=float(quantile or 0.0),
+                    source=str(doc.get("source", "")), mask=mask)
 
 
 def _read_json(path: Path) -> Any:
@@ -336,11 +401,30 @@ def show_router(path: Path, as_json: bool, console) -> None:
         console.print("provenance: " + ", ".join(f"{k}={prov[k]}" for k in keys if k in prov))
     if router.params:
         console.print("params: " + ", ".join(f"{k}={v}" for k, v in router.params.items()))
-    table = Table("cluster", "inputs per task", "removed blocks", "variant (mask hash)")
+    table = Table("cluster", "inputs per task", "removed blocks", "variant (mask hash)", "fit")
+    fits = prov.get("clusters") or []
     for c, (m, sizes) in enumerate(zip(router.masks, router.sizes)):
         table.add_row(str(c), ", ".join(f"{t} {v}" for t, v in sizes.items() if v),
-                      str(m.removed_layers), m.content_hash())
+                      str(m.removed_layers), m.content_hash(), fit_summary(fits[c] if c < len(fits) else {}))
+    if router.fallback is not None:
+        fb = router.fallback
+        table.add_row(f"fallback (> {fb.radius:.3f})", fb.source, str(fb.mask.removed_layers),
+                      fb.mask.content_hash(), fit_summary(prov.get("fallback") or {}))
     console.print(table)
+    if prov.get("not_converged"):
+        console.print(f"[yellow]warning: the L0 fit did not converge for cluster(s) "
+                      f"{', '.join(map(str, prov['not_converged']))}")
+
+
+def fit_summary(record: dict[str, Any]) -> str:
+    """One cell of a cluster's L0 fit record: steps, convergence, sparsity vs target, cost."""
+    if "converged" not in record:
+        return "-"
+    state = "converged" if record["converged"] else f"NOT converged ({', '.join(record.get('unmet', []))})"
+    return (f"{state}, {record['steps']} steps, s {record['expected_sparsity']:.3f}/"
+            f"{record['target']:.3f}, {record.get('loss_kind', 'kl')} {record['loss']:.3f}, "
+            f"{record.get('wall_s', 0):.0f} s, {record.get('forward_passes', 0)} fwd + "
+            f"{record.get('backward_passes', 0)} bwd")
 
 
 def validate_router_file(path: Path, model: str | None) -> str:
