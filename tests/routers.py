@@ -23,8 +23,10 @@ COMMONSENSE = [
 
 
 def build_two_kind_router(model_path: str, masks: dict[str, list[int]], out: Path,
-                          encoder: str = "minilm", seed: int = 0):
-    """`masks`: removed blocks for "arithmetic" and "commonsense". Returns the saved Router."""
+                          encoder: str = "minilm", seed: int = 0,
+                          fallback: tuple[list[int], float] | None = None):
+    """`masks`: removed blocks for "arithmetic" and "commonsense"; `fallback`: (removed blocks,
+    radius) of the mask for inputs far from both centroids. Returns the saved Router."""
     import numpy as np
 
     from tabp_vllm.mask import make_mask
@@ -49,6 +51,11 @@ def build_two_kind_router(model_path: str, masks: dict[str, list[int]], out: Pat
                     k=ks.pop() if len(ks) == 1 else 0, encoder=enc.record(),
                     centroids=[list(map(float, c)) for c in centroids], masks=cluster_masks,
                     sizes=sizes, method="test", provenance={"seed": seed})
+    if fallback is not None:
+        from tabp_vllm.routing.router import Fallback
+
+        router.fallback = Fallback(radius=fallback[1], quantile=1.0, source="test",
+                                   mask=make_mask(model_path, fallback[0], task="static", model_id="llama"))
     router.save(out)
     return router
 

@@ -67,3 +67,16 @@ def test_show_console_prints_the_table_through_ready(capsys):
                       "READY http://127.0.0.1:8000\nshutting down ...\n")
     out = capsys.readouterr().out.splitlines()
     assert "tabp-vllm serve: llama" in out[0] and out[-1] == "READY http://127.0.0.1:8000"
+
+
+def test_the_demo_says_its_router_fit_is_short(tmp_path):
+    import json
+
+    router = tmp_path / "router.json"
+    prov = {"wall_s": 41.2, "forward_passes": 300, "backward_passes": 192, "not_converged": [0, 1]}
+    router.write_text(json.dumps({"provenance": prov}))
+    note = demo.short_fit_note(router)
+    assert f"short fit ({demo.DEMO_FIT_STEPS} steps" in note and "NOT converged (clusters 0, 1)" in note
+    assert "41 s, 300 forward + 192 backward" in note
+    router.write_text(json.dumps({"provenance": {**prov, "not_converged": []}}))
+    assert "short fit" in demo.short_fit_note(router) and "NOT" not in demo.short_fit_note(router)

@@ -121,3 +121,35 @@ def test_still_loading_encoder_times_out_as_503(demo_model):
         asyncio.run(routed.route(SimpleNamespace(prompt="hi")))
     release.set()
     assert asyncio.run(routed.route(SimpleNamespace(prompt="1 + 1"))).variant == "llama-math"
+
+
+def test_far_inputs_take_the_fallback_variant(demo_model):
+    """A router with a fallback: a text past its radius from both centroids goes to the fallback
+    (static) mask's variant; the route still names the nearest cluster and says it fell back."""
+    from tabp_vllm.mask import make_mask
+    from tabp_vllm.routing.router import Fallback, parse_router
+
+    class ThreeWay(DigitEncoder):  # digits: [1, 0]; "?": [0, 1]; anything else: far from both
+        def encode(self, texts):
+            return np.array([[1.0, 0.0] if any(c.isdigit() for c in t) else
+                             [0.0, 1.0] if "?" in t else [-1.0, -0.2] for t in texts])
+
+    doc = _router_doc(demo_model)
+    router = parse_router(doc)
+    router.fallback = Fallback(radius=0.5, quantile=0.95, source="test",
+                               mask=make_mask(demo_model, [5, 6], task="static", model_id="llama"))
+    with pytest.raises(ValueError, match="fallback variant"):
+        RoutedModel("llama-auto", router.to_json(), ["llama-math", "llama-words"])
+    routed = RoutedModel("llama-auto", router.to_json(), ["llama-math", "llama-words"],
+                         encoder_factory=lambda r: ThreeWay(), fallback_variant="llama-static")
+
+    async def three():
+        return await asyncio.gather(*(routed.route(SimpleNamespace(prompt=p))
+                                      for p in ("what is 2 + 2", "why is grass green?", "lorem ipsum")))
+
+    math, words, far = asyncio.run(three())
+    assert (math.variant, math.fallback, words.variant, words.fallback) == \
+        ("llama-math", False, "llama-words", False)
+    assert far.variant == "llama-static" and far.fallback and far.cluster == 1
+    meta = routed.card_metadata()
+    assert meta["fallback_variant"] == "llama-static" and meta["fallback_radius"] == 0.5

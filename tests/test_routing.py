@@ -163,6 +163,13 @@ def test_router_fallback_assign_and_old_files(tmp_path):
     doc["fallback"].update(radius=1.0, mask=TaskMask("t", "m", fp, [1, 2]).to_json())
     with pytest.raises(RouterError, match="fallback: mask removes 2 blocks"):
         parse_router(doc)
+    # eval --router: the fallback documents are evaluated under the fallback mask, with a cluster's
+    # documents when they share it
+    from tabp_vllm.routing.evaluate import documents_per_mask
+
+    groups = documents_per_mask(r, {"t": [0, FALLBACK, 1, FALLBACK]})
+    assert [(g["mask"].removed_layers, g["clusters"], g["docs"]) for g in groups] == [
+        ([1], [0, FALLBACK], {"t": [0, 1, 3]}), ([2], [1], {"t": [2]})]
     # without a fallback (every router written before it): always the nearest centroid
     r.fallback = None
     assert "fallback" not in r.to_json() and r.assign(pts).tolist() == [0, 1, 0, 0]

@@ -36,6 +36,11 @@ DENSE, GSM8K, ARC = "llama", "llama-gsm8k", "llama-arc"
 # `--router`: arithmetic inputs share the gsm8k variant, commonsense ones get a variant of their own
 ROUTER_MASKS = {"arithmetic": MASKS["gsm8k"], "commonsense": [10, 11, 12, 13]}
 ROUTED, COMMONSENSE = "llama-auto", "llama-auto-0"
+# Inputs farther than 1.0 from both centroids (all-MiniLM-L6-v2: the calibration prompts sit
+# within 0.96, the asked ones within 0.98) take the gsm8k mask, an already served variant. A French
+# sentence is 1.09-1.15 from both; without the fallback it would go to the commonsense cluster.
+ROUTER_FALLBACK = (MASKS["gsm8k"], 1.0)
+FAR_ASKED = "Bonjour, je m'appelle Marie."
 VARIANTS = [DENSE, GSM8K, ARC, COMMONSENSE]
 PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 READY_TIMEOUT = float(os.environ.get("TABP_SERVE_READY_TIMEOUT", "1200"))
@@ -95,7 +100,7 @@ def router_file(tmp_path_factory, demo_model):
     from routers import build_two_kind_router
 
     path = tmp_path_factory.mktemp("router") / "mix.json"
-    build_two_kind_router(demo_model, ROUTER_MASKS, path)
+    build_two_kind_router(demo_model, ROUTER_MASKS, path, fallback=ROUTER_FALLBACK)
     return path
 
 
@@ -175,6 +180,7 @@ def test_models_lists_variants_with_metadata(client):
     assert routed["routed"] is True and routed["clusters"] == 2
     assert sorted(routed["cluster_variants"]) == sorted([GSM8K, COMMONSENSE])
     assert routed["encoder"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert routed["fallback_variant"] == GSM8K and routed["fallback_radius"] == ROUTER_FALLBACK[1]
 
 
 def test_api_key_required(server, client):
@@ -568,8 +574,8 @@ ARITHMETIC_ASKED = ["What is 48 + 17?", "Compute 6 * 13.", "What is 250 minus 75
 COMMONSENSE_ASKED = ["Why do people wear sunglasses?", "Where do penguins live?"]
 
 
-def _routed_counts(prom) -> dict[str, float]:
-    return prom.query(f'sum by (model_name) (ray_tabp_routed_requests_total{{routed_name="{ROUTED}"}})')
+def _routed_counts(prom, by: str = "model_name") -> dict[str, float]:
+    return prom.query(f'sum by ({by}) (ray_tabp_routed_requests_total{{routed_name="{ROUTED}"}})')
 
 
 def test_routed_requests_land_on_their_variant(server, client, prometheus):
@@ -577,15 +583,19 @@ def test_routed_requests_land_on_their_variant(server, client, prometheus):
     response says so (header and `model`), and Prometheus counts it there and nowhere else."""
     before = _settled(prometheus)
     routed_before = _routed_counts(prometheus)
+    fallback_before = _routed_counts(prometheus, "fallback")
     latency_before = prometheus.query("sum(ray_tabp_routing_latency_seconds_count)").get("", 0)
-    # each prompt routed once and asked directly once; 2 more commonsense ones (chat, stream)
-    want = {GSM8K: 2 * len(ARITHMETIC_ASKED), COMMONSENSE: 2 * len(COMMONSENSE_ASKED) + 2}
-    for prompts, variant in ((ARITHMETIC_ASKED, GSM8K), (COMMONSENSE_ASKED, COMMONSENSE)):
+    # each prompt routed once and asked directly once; 2 more commonsense ones (chat, stream);
+    # the far one falls back to the gsm8k variant
+    want = {GSM8K: 2 * len(ARITHMETIC_ASKED) + 2, COMMONSENSE: 2 * len(COMMONSENSE_ASKED) + 2}
+    for prompts, variant in ((ARITHMETIC_ASKED, GSM8K), (COMMONSENSE_ASKED, COMMONSENSE),
+                             ([FAR_ASKED], GSM8K)):
         for prompt in prompts:
             raw = client.completions.with_raw_response.create(model=ROUTED, prompt=prompt,
                                                               max_tokens=4, temperature=0)
             assert raw.headers["x-tabp-variant"] == variant, prompt
             assert raw.headers["x-tabp-cluster"] in ("0", "1")
+            assert raw.headers["x-tabp-fallback"] == ("1" if prompt == FAR_ASKED else "0"), prompt
             r = raw.parse()
             assert r.model == variant and r.usage.completion_tokens == 4
             # the same answer as asking that variant directly (greedy)
@@ -599,20 +609,25 @@ def test_routed_requests_land_on_their_variant(server, client, prometheus):
     chunks = list(client.completions.create(model=ROUTED, prompt="Why does bread go stale?",
                                             max_tokens=4, temperature=0, stream=True))
     assert {c.model for c in chunks} == {COMMONSENSE}
+    n_routed = len(ARITHMETIC_ASKED) + len(COMMONSENSE_ASKED) + 3
+    want_routed = {GSM8K: len(ARITHMETIC_ASKED) + 1, COMMONSENSE: len(COMMONSENSE_ASKED) + 2}
+    want_fallback = {"0": n_routed - 1, "1": 1}
     deadline = time.time() + 120
     while True:
         after = _snapshot(prometheus)["requests"]
         delta = {m: after.get(m, 0) - before["requests"].get(m, 0) for m in VARIANTS}
         routed = {m: v - routed_before.get(m, 0) for m, v in _routed_counts(prometheus).items()}
-        if (delta == {DENSE: 0, ARC: 0, **want}
-                and routed == {GSM8K: len(ARITHMETIC_ASKED), COMMONSENSE: len(COMMONSENSE_ASKED) + 2}) \
-                or time.time() > deadline:
+        fell = {f: v - fallback_before.get(f, 0)
+                for f, v in _routed_counts(prometheus, "fallback").items()}
+        if (delta == {DENSE: 0, ARC: 0, **want} and routed == want_routed
+                and fell == want_fallback) or time.time() > deadline:
             break
         time.sleep(3)
     assert delta == {DENSE: 0, ARC: 0, **want}
-    assert routed == {GSM8K: len(ARITHMETIC_ASKED), COMMONSENSE: len(COMMONSENSE_ASKED) + 2}
+    assert routed == want_routed
+    assert fell == want_fallback  # the counter's fallback label: one request fell back
     latency = prometheus.query("sum(ray_tabp_routing_latency_seconds_count)").get("", 0)
-    assert latency - latency_before == len(ARITHMETIC_ASKED) + len(COMMONSENSE_ASKED) + 2
+    assert latency - latency_before == n_routed
 
 
 DASHBOARD = REPO / "examples" / "grafana" / "tabp-vllm-dashboard.json"

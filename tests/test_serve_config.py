@@ -279,7 +279,26 @@ def test_router_variants_share_equal_masks(two_masks, two_kind_router):
     # without the --task-mask both clusters get new variants; a name of one's own
     spec = build_spec(router=str(two_kind_router), dense=False, routed_name="mix")
     assert sorted(v.name for v in spec.variants) == ["mix-0", "mix-1"]
-    assert spec.routed.name == "mix"
+    assert spec.routed.name == "mix" and spec.routed.fallback_variant is None
+
+
+def test_router_fallback_variant(tmp_path, two_masks, demo_model):
+    """The fallback mask gets a variant like a cluster's: the --task-mask's when equal, else one
+    of its own; the ingress config names it."""
+    from routers import build_two_kind_router
+
+    masks = {"arithmetic": [20, 21, 22, 23], "commonsense": [10, 11, 12, 13]}
+    path = tmp_path / "fb.json"
+    build_two_kind_router(demo_model, masks, path, fallback=([20, 21, 22, 23], 0.9))
+    spec = build_spec(task_mask=[two_masks[0]], router=str(path))
+    assert [v.name for v in spec.variants] == ["llama", "llama-gsm8k", "llama-auto-0"]
+    assert spec.routed.fallback_variant == "llama-gsm8k"
+    assert spec.routed_app_config()["fallback_variant"] == "llama-gsm8k"
+    build_two_kind_router(demo_model, masks, path, fallback=([1, 2, 3, 4], 0.9))
+    spec = build_spec(router=str(path), dense=False)
+    assert [v.name for v in spec.variants] == ["llama-auto-0", "llama-auto-1", "llama-auto-2"]
+    assert spec.routed.fallback_variant == "llama-auto-2"
+    assert spec.variants[2].task == "clusters fallback" and spec.variants[2].clusters == []
 
 
 def test_router_errors_are_one_line_before_ray(tmp_path, two_kind_router, demo_model):

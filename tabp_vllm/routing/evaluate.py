@@ -15,12 +15,17 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-from tabp_vllm.routing.router import Router
+from tabp_vllm.routing.router import FALLBACK, Router
+
+
+def cluster_name(c: int) -> str:
+    return "fallback" if c == FALLBACK else str(c)
 
 
 def route_documents(router: Router, encoder, tasks: list[str], include: list[str] | None,
                     limit: int | None) -> dict[str, list[int]]:
-    """Per task, the cluster of each evaluation document (the first `limit` when given)."""
+    """Per task, the cluster of each evaluation document (the first `limit` when given): its
+    nearest centroid's, or FALLBACK past the router's fallback radius (as the server routes)."""
     from tabp_vllm.lmeval_tasks import load_task_object
 
     clusters = {}
@@ -28,7 +33,7 @@ def route_documents(router: Router, encoder, tasks: list[str], include: list[str
         task = load_task_object(t, include)
         docs = list(task.eval_docs)[:limit] if limit else list(task.eval_docs)
         texts = [str(task.doc_to_text(d)) for d in docs]
-        clusters[t] = [int(c) for c in router.nearest(encoder.encode(texts))] if texts else []
+        clusters[t] = [int(c) for c in router.assign(encoder.encode(texts))] if texts else []
     return clusters
 
 
@@ -70,7 +75,7 @@ def evaluate_routed(model_path: str, router: Router, encoder, tasks: list[str], 
         mask = group["mask"]
         path = mask.save(workdir / f"router-mask-{j}.json")
         mix = ", ".join(f"{t} {len(ids)}" for t, ids in group["docs"].items())
-        say(f"evaluating the mask of cluster(s) {','.join(map(str, group['clusters']))} "
+        say(f"evaluating the mask of cluster(s) {','.join(map(cluster_name, group['clusters']))} "
             f"(removes {mask.removed_layers}) on its documents: {mix} ...")
         r = run_variant(model_path, list(group["docs"]), str(path), samples=group["docs"])
         for t, rows in r["samples"].items():
@@ -86,8 +91,9 @@ def evaluate_routed(model_path: str, router: Router, encoder, tasks: list[str], 
         if len(got) != want:
             raise RuntimeError(f"{t}: {len(got)} of {want} routed documents came back scored")
         results[t] = pooled_metrics([got[i] for i in sorted(got)])
-    mix = {t: {str(c): n for c, n in sorted(Counter(cs).items())} for t, cs in clusters.items()}
+    mix = {t: {cluster_name(c): n for c, n in sorted(Counter(cs).items())} for t, cs in clusters.items()}
     return {"results": results, "cluster_mix": mix, "runs": runs,
             "router": {"hash": router.content_hash(), "clusters": router.num_clusters,
                        "k": router.k, "method": router.method,
-                       "encoder": router.encoder.get("id")}}
+                       "encoder": router.encoder.get("id"),
+                       "fallback_radius": router.fallback.radius if router.fallback else None}}

@@ -48,6 +48,9 @@ ENDPOINTS = {**DEFAULT_ENDPOINTS,
 # Response headers of a routed request: the variant that served it and the input's cluster.
 VARIANT_HEADER = "x-tabp-variant"
 CLUSTER_HEADER = "x-tabp-cluster"
+# "1" when the input was farther than the router's fallback radius from every centroid and the
+# fallback (static) mask's variant served it; the cluster header still names the nearest one.
+FALLBACK_HEADER = "x-tabp-fallback"
 
 
 class ApiKeyMiddleware:
@@ -161,7 +164,8 @@ class TabpIngress(OpenAiIngress):
         if routed:
             from tabp_vllm.serve.routed import RoutedModel
 
-            self._routed = RoutedModel(routed["name"], routed["router"], routed["cluster_variants"])
+            self._routed = RoutedModel(routed["name"], routed["router"], routed["cluster_variants"],
+                                       fallback_variant=routed.get("fallback_variant"))
             first = cards[routed["cluster_variants"][0]]
             self._model_cards[self._routed.name] = first.model_copy(
                 update={"id": self._routed.name, "metadata": self._routed.card_metadata()})
@@ -191,6 +195,7 @@ class TabpIngress(OpenAiIngress):
         if route is not None:  # the body's `model` already names the variant (vLLM's own)
             response.headers[VARIANT_HEADER] = route.variant
             response.headers[CLUSTER_HEADER] = str(route.cluster)
+            response.headers[FALLBACK_HEADER] = "1" if route.fallback else "0"
         return response
 
     async def _get_model_id(self, model: Optional[str]) -> str:

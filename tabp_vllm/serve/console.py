@@ -105,6 +105,8 @@ def print_table(spec, out: IO[str] | None = None) -> None:
     if spec.routed:
         r = spec.routed
         routes = ", ".join(f"cluster {c} -> {name}" for c, name in enumerate(r.cluster_variants))
+        if r.fallback_variant:
+            routes += f", far from every centroid (fallback) -> {r.fallback_variant}"
         print(f"routed:    {r.name} ({len(r.cluster_variants)} clusters, encoder {r.encoder}): "
               f"{routes}", file=out)
     print(f"endpoints: {base}/v1/models  {base}/v1/completions  {base}/v1/chat/completions  "

@@ -65,20 +65,22 @@ ROUTING_BUCKETS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.
 
 
 class RoutingMetrics:
-    """`tabp_routed_requests` (counter per routed name, cluster and serving variant) and
-    `tabp_routing_latency_seconds` (histogram per routed name), exported as `ray_tabp_*`."""
+    """`tabp_routed_requests` (counter per routed name, nearest cluster, serving variant and
+    `fallback`: "1" when the input was past the router's fallback radius and the fallback mask's
+    variant served it, else "0") and `tabp_routing_latency_seconds` (histogram per routed name),
+    exported as `ray_tabp_*`."""
 
     def __init__(self):
         from ray.util.metrics import Counter, Histogram
 
         self.requests = Counter("tabp_routed_requests",
                                 description="Requests to a routed model, by cluster and the variant that served them",
-                                tag_keys=("routed_name", "cluster", "model_name"))
+                                tag_keys=("routed_name", "cluster", "model_name", "fallback"))
         self.latency = Histogram("tabp_routing_latency_seconds",
                                  description="Time to choose a routed request's variant",
                                  boundaries=ROUTING_BUCKETS, tag_keys=("routed_name",))
 
     def record(self, routed_name: str, route) -> None:
         self.requests.inc(1, tags={"routed_name": routed_name, "cluster": str(route.cluster),
-                                   "model_name": route.variant})
+                                   "model_name": route.variant, "fallback": "1" if route.fallback else "0"})
         self.latency.observe(route.seconds, tags={"routed_name": routed_name})

@@ -2,7 +2,8 @@
 
 Lives in the ingress replica. A request to the routed name is reduced to the text it is routed by
 (completions: the prompt; chat: the last user message), embedded with the router's encoder, and
-sent to the variant serving its nearest centroid's mask. Embedding runs in a worker thread, so the
+sent to the variant serving its nearest centroid's mask, or, when the router has a fallback and
+the text is farther than its radius from every centroid, to the fallback (static) mask's variant. Embedding runs in a worker thread, so the
 ingress event loop keeps serving; under load the texts that queued while the encoder was busy are
 embedded together in one batch (`MicroBatcher`; an idle encoder takes a lone text at once, no
 batching delay). Ray Serve's `serve.batch` does the same but only inside a replica.
@@ -23,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from tabp_vllm.errors import first_line
-from tabp_vllm.routing.router import Router, parse_router
+from tabp_vllm.routing.router import FALLBACK, Router, parse_router
 
 # At most this many queued texts are embedded in one encoder call.
 MAX_BATCH = 32
@@ -40,8 +41,9 @@ class NotRoutable(Exception):
 @dataclass(frozen=True)
 class Route:
     variant: str
-    cluster: int
+    cluster: int  # the nearest centroid's
     seconds: float  # embedding + nearest centroid, queueing included
+    fallback: bool = False  # farther than the fallback radius from every centroid
 
 
 def text_to_route(body: Any) -> str:
@@ -76,12 +78,16 @@ class RoutedModel:
 
     def __init__(self, name: str, router_doc: dict, cluster_variants: list[str],
                  encoder_factory: Callable[[Router], Any] | None = None,
-                 load_timeout_s: float = 300.0, encode_timeout_s: float = 60.0):
+                 load_timeout_s: float = 300.0, encode_timeout_s: float = 60.0,
+                 fallback_variant: str | None = None):
         self.name = name
         self.router = parse_router(router_doc, f"router of {name}")
         if len(cluster_variants) != self.router.num_clusters:
             raise ValueError(f"{len(cluster_variants)} variants for {self.router.num_clusters} clusters")
+        if (self.router.fallback is None) != (fallback_variant is None):
+            raise ValueError("a fallback variant is needed exactly when the router has a fallback")
         self.cluster_variants = list(cluster_variants)
+        self.fallback_variant = fallback_variant
         self.load_timeout_s, self.encode_timeout_s = load_timeout_s, encode_timeout_s
         self._factory = encoder_factory or _open_router_encoder
         self._encoder = None
@@ -103,7 +109,9 @@ class RoutedModel:
         return {"variant": self.name, "routed": True, "clusters": self.router.num_clusters,
                 "cluster_variants": self.cluster_variants, "variants": sorted(set(self.cluster_variants)),
                 "encoder": self.router.encoder.get("id"), "router_hash": self.router.content_hash(),
-                "k": self.router.k, "method": self.router.method}
+                "k": self.router.k, "method": self.router.method,
+                **({"fallback_variant": self.fallback_variant,
+                    "fallback_radius": self.router.fallback.radius} if self.fallback_variant else {})}
 
     async def _encoder_ready(self):
         if not self._loaded.is_set():
@@ -130,6 +138,8 @@ class RoutedModel:
             raise RoutingUnavailable(f"routing for '{self.name}' is unavailable: the encoder "
                                      f"failed ({type(exc).__name__}: {exc})") from None
         cluster = int(self.router.nearest(vector[None, :])[0])
+        if int(self.router.assign(vector[None, :])[0]) == FALLBACK:
+            return Route(self.fallback_variant, cluster, time.perf_counter() - t0, fallback=True)
         return Route(self.cluster_variants[cluster], cluster, time.perf_counter() - t0)
 
     async def _embed(self, text: str) -> np.ndarray:

@@ -60,6 +60,7 @@ class RoutedSpec:
     router_doc: dict[str, Any] = field(repr=False)
     cluster_variants: list[str]
     encoder: str
+    fallback_variant: str | None = None  # serves inputs far from every centroid (router's fallback)
 
 
 @dataclass
@@ -106,7 +107,8 @@ class ServeSpec:
         if self.routed is None:
             return None
         return {"name": self.routed.name, "router": self.routed.router_doc,
-                "cluster_variants": self.routed.cluster_variants}
+                "cluster_variants": self.routed.cluster_variants,
+                "fallback_variant": self.routed.fallback_variant}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -222,22 +224,25 @@ def add_router_variants(router_path: str, model: str, resolved: str, variants: l
     import sys
 
     from tabp_vllm.mask import check_depth
-    from tabp_vllm.routing.router import load_router
+    from tabp_vllm.routing.router import FALLBACK, load_router
 
     path = Path(router_path)
     router = load_router(path, resolved, check_encoder=True)
     _check_name(routed_name, "--routed-name")
     by_hash = {v.mask_hash: v for v in variants if v.mask_hash}
     cluster_variants: list[str] = [""] * router.num_clusters
+    fallback_variant = None
     new = 0
-    for mask, clusters in router.variants():
+    for mask, members in router.variants():
+        clusters = [c for c in members if c != FALLBACK]
+        names = [str(c) for c in clusters] + (["fallback"] if FALLBACK in members else [])
         v = by_hash.get(mask.content_hash())
         if v is None:
-            warning = check_depth(mask, f"{path}: cluster {clusters[0]}", force)
+            warning = check_depth(mask, f"{path}: cluster {names[0]}", force)
             if warning:
                 print(f"warning: {warning}", file=sys.stderr)
             v = Variant(name=f"{routed_name}-{new}", model=resolved, mask_path=str(path.resolve()),
-                        task=f"clusters {','.join(map(str, clusters))}",
+                        task=f"clusters {','.join(names)}",
                         blocks_kept=mask.num_kept, blocks_total=mask.num_hidden_layers,
                         mask_hash=mask.content_hash(),
                         theoretical_speedup=theoretical_speedup(resolved, mask.num_kept),
@@ -248,11 +253,14 @@ def add_router_variants(router_path: str, model: str, resolved: str, variants: l
         v.clusters = sorted(set(v.clusters) | set(clusters))
         for c in clusters:
             cluster_variants[c] = v.name
+        if FALLBACK in members:
+            fallback_variant = v.name
     if routed_name in {v.name for v in variants}:
         raise TabpError(f"--routed-name {routed_name!r} is also a variant's name")
     _check_unique_names(variants)
     return RoutedSpec(name=routed_name, router_path=str(path.resolve()), router_doc=router.to_json(),
-                      cluster_variants=cluster_variants, encoder=str(router.encoder.get("id")))
+                      cluster_variants=cluster_variants, encoder=str(router.encoder.get("id")),
+                      fallback_variant=fallback_variant)
 
 
 def check_memory(spec: ServeSpec, available_bytes: int | None = None) -> None:
