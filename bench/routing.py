@@ -4,6 +4,7 @@ commands (`route fit`, `score`, `eval`, `serve`, `bench`).
 
     python bench/routing.py report [--clusters 1,2,4,8] [--ks 4,8] [--limit 100] [--report-only]
     python bench/routing.py load --router R.json --static MASK.json [--levels 16] [--duration 120]
+    python bench/routing.py load-share [--out DIR]   # the routing share of an existing load run
     python bench/routing.py fit-time [--clusters 4] [--k 4]
     python bench/routing.py l0-study [--only SETTING] [--summary-only]
 
@@ -373,8 +374,36 @@ def load(argv: list[str]) -> None:
            "note": ("Every distinct cluster mask is one more engine: the routed traffic is spread "
                     "over the router's variants, the static traffic goes to one engine, on the "
                     "same CPU cores. Quantiles interpolated inside the histogram's buckets.")}
+    doc["routing_share"] = routing_share(doc, bench)
     (a.out / "routed_load.json").write_text(json.dumps(doc, indent=2) + "\n")
-    print(json.dumps({"levels": levels, "routing_latency": doc["routing_latency"]}, indent=2))
+    print(json.dumps({"levels": levels, "routing_latency": doc["routing_latency"],
+                      "routing_share": doc["routing_share"]}, indent=2))
+
+
+SHARE_TARGET = 0.05  # routing p50 at most 5 % of the routed request's end-to-end p50
+
+
+def routing_share(doc: dict, bench: dict) -> dict:
+    """Routing p50 (the server's histogram) against the routed request's end-to-end p50 (the
+    client's, from the same bench run) at the highest level: what routing adds to a request."""
+    level = max(m["level"] for m in bench["metrics"])
+    routed = next(m for m in bench["metrics"] if m["level"] == level and m["variant"] == "llama-auto")
+    e2e, p50 = routed["e2e_s"]["p50"], doc["routing_latency"]["p50_s"]
+    share = p50 / e2e if p50 is not None and e2e else None
+    return {"level": level, "routing_p50_s": p50, "routed_e2e_p50_s": e2e, "share": share,
+            "target": SHARE_TARGET, "target_met": share is not None and share <= SHARE_TARGET}
+
+
+def load_share(argv: list[str]) -> None:
+    """Add the routing share to an existing `load` run's routed_load.json, from that run's own
+    bench file (the same run: both figures measured together)."""
+    ap = argparse.ArgumentParser(prog="routing.py load-share", description=load_share.__doc__)
+    ap.add_argument("--out", type=Path, default=RESULTS / "routed")
+    a = ap.parse_args(argv)
+    doc = json.loads((a.out / "routed_load.json").read_text())
+    doc["routing_share"] = routing_share(doc, json.loads((a.out / "routed_vs_static.json").read_text()))
+    (a.out / "routed_load.json").write_text(json.dumps(doc, indent=2) + "\n")
+    print(json.dumps(doc["routing_share"], indent=2))
 
 
 # --------------------------------------------------------------------------------- fit-time
@@ -504,7 +533,8 @@ def plot_study(rows: list[dict]) -> None:
     plt.close(fig)
 
 
-COMMANDS = {"report": report, "load": load, "fit-time": fit_time, "l0-study": l0_study}
+COMMANDS = {"report": report, "load": load, "load-share": load_share, "fit-time": fit_time,
+            "l0-study": l0_study}
 
 if __name__ == "__main__":
     if sys.argv[1:2] not in ([c] for c in COMMANDS):  # none or an unknown one: the overview
