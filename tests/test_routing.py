@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from tabp_vllm.data import MCQAItem, TextItem
+from tabp_vllm.errors import TabpError
 from tabp_vllm.routing import hardconcrete as hc
 from tabp_vllm.routing.fit import Calibration, fit_router, kmeans
 from tabp_vllm.routing.options import RouteFitOptions
@@ -490,3 +491,28 @@ def test_minilm_loads_from_cache_384d_normalised():
     rec = enc.record()
     assert rec["id"] == "sentence-transformers/all-MiniLM-L6-v2" and rec["dimension"] == 384
     assert rec["pooling"] == "mean" and rec["normalize"] == "l2"
+
+
+def test_fit_sublayer_units_tiny_llama(tmp_path, tiny_model_dir):
+    """`--units sublayers`: one gate per attention and per MLP of the candidate blocks (unit 2i /
+    2i+1), k counts sublayers; the masks are sublayer masks (v2) the router checks as such."""
+    from tabp_vllm.sublayers import mask_units
+
+    o = _options(tmp_path, units="sublayers", k=3, steps=3, fallback="none")
+    router = fit_router(o, encoder=FakeEncoder(), model_path=str(tiny_model_dir),
+                        calibration=_calibration())
+    back = load_router(router.save(o.output), str(tiny_model_dir))
+    assert back.units == "sublayers" and back.k == 3 and back.to_json()["units"] == "sublayers"
+    for m in back.masks:
+        units = mask_units(m.removed_layers, m.removed_attention, m.removed_mlp)
+        assert len(units) == 3 and all(2 <= u <= 9 for u in units)  # blocks 1..4's sublayers
+        assert len(m.params["unit_scores"]) == 8 and m.params["units"] == "sublayers"
+    assert all(c["kl"] >= 0 for c in back.provenance["clusters"])
+    # a block router refuses a sublayer mask, a sublayer router counts units
+    doc = back.to_json()
+    doc.pop("units")
+    with pytest.raises(RouterError, match="the router's k is 3 blocks"):
+        parse_router(doc)
+    with pytest.raises(TabpError, match="candidate sublayers"):
+        fit_router(_options(tmp_path, units="sublayers", k=8, steps=1), encoder=FakeEncoder(),
+                   model_path=str(tiny_model_dir), calibration=_calibration())

@@ -28,14 +28,14 @@ def fit(o: RouteFitOptions) -> None:
 def run_fit(o: RouteFitOptions) -> None:
     from tabp_vllm.routing.curves import save_curves
     from tabp_vllm.routing.fit import fit_router
-    from tabp_vllm.routing.router import fit_summary
+    from tabp_vllm.routing.router import fit_summary, removed_text
 
     with progress_bars(console) as progress:
         router = fit_router(o, progress=progress)
     router.save(o.output)
     p = router.provenance
     written = save_curves(router.curves, o.output, p["clusters"] + [p.get("fallback")])
-    table = Table("cluster", "inputs per task", "removed blocks", "KL to dense", "fit", "variant")
+    table = Table("cluster", "inputs per task", "removed", "KL to dense", "fit", "variant")
     rows = [(str(c), ", ".join(f"{t} {v}" for t, v in sizes.items() if v), m, p["clusters"][c])
             for c, (m, sizes) in enumerate(zip(router.masks, router.sizes))]
     if router.fallback is not None:
@@ -43,11 +43,11 @@ def run_fit(o: RouteFitOptions) -> None:
         rows.append((f"fallback (> {fb.radius:.3f})", fb.source, fb.mask, p.get("fallback") or {}))
     for name, sizes, m, rec in rows:
         kl = rec.get("kl")
-        table.add_row(name, sizes, str(m.removed_layers), "-" if kl is None else f"{kl:.4f}",
+        table.add_row(name, sizes, removed_text(m), "-" if kl is None else f"{kl:.4f}",
                       fit_summary(rec), m.content_hash())
     console.print(table)
     console.print(f"wrote {o.output}: {router.num_clusters} clusters, {len(router.variants())} "
-                  f"distinct masks, k = {router.k}, method {router.method}, {p['samples']} inputs, "
+                  f"distinct masks, k = {router.k} {router.units}, method {router.method}, {p['samples']} inputs, "
                   f"{p['forward_passes']} forward + {p['backward_passes']} backward passes, "
                   f"{p['wall_s']:.1f} s" + (f"; curves {written[0]}, {written[1]}" if written else ""))
     for merge in p.get("small_cluster_merges") or []:

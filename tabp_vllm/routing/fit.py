@@ -34,7 +34,7 @@ from tabp_vllm.routing import hardconcrete as hc
 from tabp_vllm.routing.l0 import (DECIDED_MARGIN, FLAT_TOL, MIN_WINDOW, SPARSITY_TOL, GateSettings,
                                   train_gates)
 from tabp_vllm.routing.options import L0, RouteFitOptions
-from tabp_vllm.routing.router import Router, merge_variants, route_text
+from tabp_vllm.routing.router import Router, merge_variants, removed_units, route_text
 
 Progress = Callable[[str, int], Callable[[int], None]]
 
@@ -146,6 +146,76 @@ def gated(model, blocks: list[int], z):
             h.remove()
 
 
+@contextlib.contextmanager
+def gated_sublayers(model, units: list[int], z):
+    """Units `units[j]` (2i: block i's attention, 2i+1: its MLP) add z[j] times their output to
+    the residual stream while inside: a forward hook on the block's self_attn / mlp scales what
+    the decoder layer then adds (h + z * attn(norm(h)), h' + z * mlp(norm(h')))."""
+    from tabp_vllm.scoring.probe import decoder_layers
+    from tabp_vllm.sublayers import ATTENTION, block_kind
+
+    def hook_for(j: int):
+        def hook(_module, _args, out):
+            gate = (z() if callable(z) else z)[j]
+            if isinstance(out, tuple):
+                return (gate * out[0],) + tuple(out[1:])
+            return gate * out
+        return hook
+
+    layers = decoder_layers(model)
+    handles = []
+    for j, u in enumerate(units):
+        block, kind = block_kind(u)
+        module = layers[block].self_attn if kind == ATTENTION else layers[block].mlp
+        handles.append(module.register_forward_hook(hook_for(j)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass(frozen=True)
+class Units:
+    """What the gates and `--k` count: whole blocks (`candidates` are block indices) or
+    sublayers (`candidates` are unit indices, 2i attention / 2i+1 MLP of each candidate block)."""
+
+    kind: str  # "blocks" | "sublayers"
+    candidates: list[int]
+
+    @classmethod
+    def of(cls, kind: str, blocks: list[int]) -> "Units":
+        from tabp_vllm.sublayers import KINDS, unit_of
+
+        if kind == "sublayers":
+            return cls(kind, [unit_of(b, k) for b in blocks for k in KINDS])
+        return cls(kind, list(blocks))
+
+    def gated(self, model, z):
+        if self.kind == "sublayers":
+            return gated_sublayers(model, self.candidates, z)
+        return gated(model, self.candidates, z)
+
+    def without(self, model, removed: list[int]):
+        """The model with the `removed` units left out (no gradient needed)."""
+        from tabp_vllm.scoring.probe import without_blocks
+        from tabp_vllm.sublayers import without_sublayers
+
+        if self.kind == "sublayers":
+            whole, attention, mlp = self.mask_lists(removed)
+            return without_sublayers(model, attention=set(attention) | set(whole),
+                                     mlp=set(mlp) | set(whole))
+        return without_blocks(model, set(removed))
+
+    def mask_lists(self, removed: list[int]) -> tuple[list[int], list[int], list[int]]:
+        """(removed_layers, removed_attention, removed_mlp) of a mask removing `removed`."""
+        from tabp_vllm.sublayers import units_to_mask_lists
+
+        if self.kind == "sublayers":
+            return units_to_mask_lists(removed)
+        return sorted(removed), [], []
+
+
 @dataclass
 class Batch:
     members: list[int]  # indices into the cluster's inputs
@@ -227,15 +297,14 @@ class Objective:
         per_pos = (t.exp() * (t - self.log_probs(b))).sum(-1)
         return (per_pos * b.valid).sum() / b.valid.sum().clamp_min(1)
 
-    def total_kl(self, removed: list[int] | set[int]) -> float:
-        """Summed per-input mean KL with the `removed` blocks left out (no gradient): the cost of
-        a mask on these inputs, size-weighted."""
+    def total_kl(self, removed: list[int], units: "Units | None" = None) -> float:
+        """Summed per-input mean KL with the `removed` units (default: blocks) left out (no
+        gradient): the cost of a mask on these inputs, size-weighted."""
         import torch
 
-        from tabp_vllm.scoring.probe import without_blocks
-
+        units = units or Units("blocks", [])
         total = 0.0
-        with torch.no_grad(), without_blocks(self.model, set(removed)):
+        with torch.no_grad(), units.without(self.model, list(removed)):
             for b in self.batches:
                 t = b.teacher.float()
                 per_pos = (t.exp() * (t - self.log_probs(b))).sum(-1) * b.valid
@@ -243,17 +312,17 @@ class Objective:
         return total
 
 
-def fit_l0(objective: Objective, blocks: list[int], k: int, o: RouteFitOptions, seed: int,
+def fit_l0(objective: Objective, units: Units, k: int, o: RouteFitOptions, seed: int,
            tick: Callable[[int], None] | None = None) -> tuple[list[int], list[float], dict, dict]:
-    """Hard-Concrete gates on `blocks` trained on the objective until converged (at most `o.steps`
-    steps, `routing/l0.py`); returns the removed blocks (the k lowest log_alpha), the final
-    log_alpha per gated block, the run's record (steps, convergence, final sparsity, lambdas,
+    """Hard-Concrete gates on the candidate `units` trained on the objective until converged (at most `o.steps`
+    steps, `routing/l0.py`); returns the removed units (the k lowest log_alpha), the final
+    log_alpha per gated unit, the run's record (steps, convergence, final sparsity, lambdas,
     loss, passes) and its curves."""
     import torch
 
     rng = random.Random(seed)
     order: list[int] = []
-    z = {"now": torch.ones(len(blocks))}
+    z = {"now": torch.ones(len(units.candidates))}
     backward = [0]
 
     def loss_of(_step: int, gates):
@@ -269,12 +338,12 @@ def fit_l0(objective: Objective, blocks: list[int], k: int, o: RouteFitOptions, 
                             init_log_alpha=o.init_log_alpha, warmup_steps=round(o.warmup * o.steps),
                             window=max(MIN_WINDOW, len(objective.batches)))
     forward0 = objective.forward_passes
-    with gated(objective.model, blocks, lambda: z["now"]):
-        g = train_gates(loss_of, len(blocks), k, settings, seed, tick)
+    with units.gated(objective.model, lambda: z["now"]):
+        g = train_gates(loss_of, len(units.candidates), k, settings, seed, tick)
     record = {"loss_kind": objective.kind, "steps": g.steps, "converged": g.converged,
               "unmet": g.failed, **g.final, "backward_passes": backward[0],
               "step_forward_passes": objective.forward_passes - forward0}
-    return [blocks[j] for j in g.removed], g.log_alpha, record, g.curves
+    return [units.candidates[j] for j in g.removed], g.log_alpha, record, g.curves
 
 
 def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple | None = None,
@@ -297,13 +366,22 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
     path = model_path or resolve_model(o.model)
     B = model_fingerprint(load_model_config(path))["num_hidden_layers"]
     blocks = parse_range(o.block_range, B)
-    k = resolve_k(o.k, None, B, blocks)
+    units = Units.of(o.units, blocks)
+    if o.units == "sublayers":
+        if o.mask_method != L0:
+            raise TabpError(f"--units sublayers: only --mask-method {L0} gates sublayers")
+        k = o.k
+        if not 0 < k < len(units.candidates):
+            raise TabpError(f"k = {k}: must be between 1 and the {len(units.candidates)} "
+                            f"candidate sublayers")
+    else:
+        k = resolve_k(o.k, None, B, blocks)
     given_fallback = None
     if o.fallback not in ("fit", "none"):  # checked before any work: a wrong mask fails fast
         given_fallback = load_mask(o.fallback, path, o.model)
-        if len(given_fallback.removed_layers) != k:
-            raise TabpError(f"--fallback {o.fallback}: the mask removes "
-                            f"{len(given_fallback.removed_layers)} blocks, the router's k is {k}")
+        if removed_units(given_fallback, o.units) != k:
+            raise TabpError(f"--fallback {o.fallback}: the mask does not remove exactly the "
+                            f"router's k = {k} {o.units}")
     cal = calibration or load_calibration(o.task, o.split, o.samples, o.seed)
     if o.clusters > len(cal.items):
         raise TabpError(f"--clusters {o.clusters}: more clusters than the {len(cal.items)} "
@@ -344,12 +422,18 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
             tick = task(f"cluster {c} ({len(idx)} inputs): L0 gates", nb + o.steps)
             obj = Objective(model, tok, [_kl_text(cal.items[i]) for i in idx], o.batch_size,
                             o.max_length, o.kl_positions, tick, kind=o.loss)
-            removed, log_alpha, stats, curve = fit_l0(obj, blocks, k, o, seed, tick)
-            scores: list[float | None] = [None] * B
-            for b, a in zip(blocks, log_alpha):
-                scores[b] = a
-            params = {"k": k, "candidate_range": [blocks[0], blocks[-1] + 1], "seed": seed,
-                      "loss": o.loss, "score": "final log_alpha of the block's Hard-Concrete gate"}
+            removed, log_alpha, stats, curve = fit_l0(obj, units, k, o, seed, tick)
+            params = {"k": k, "units": o.units, "candidate_range": [blocks[0], blocks[-1] + 1],
+                      "seed": seed, "loss": o.loss}
+            scores: list[float | None] | None = None
+            if o.units == "sublayers":  # a mask's scores are per block: the gates go in params
+                params["unit_scores"] = {str(u): a for u, a in zip(units.candidates, log_alpha)}
+                params["score"] = "final log_alpha of each unit's Hard-Concrete gate (2i attention, 2i+1 MLP)"
+            else:
+                scores = [None] * B
+                for b, a in zip(blocks, log_alpha):
+                    scores[b] = a
+                params["score"] = "final log_alpha of the block's Hard-Concrete gate"
             record.update(stats, forward_passes=obj.forward_passes)
             curves.append({"cluster": c, **curve})
         else:
@@ -390,7 +474,7 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
         for c in range(n_clusters):
             before = objectives[c].forward_passes
             for d in (range(n_clusters) if need_merge else [c]):
-                cost[c][d] = objectives[c].total_kl(removed_of[d])
+                cost[c][d] = objectives[c].total_kl(removed_of[d], units)
             per_cluster[c]["kl"] = round(cost[c][c] / max(len(members[c]), 1), 6)
             per_cluster[c]["forward_passes"] += objectives[c].forward_passes - before
         if need_merge:
@@ -404,8 +488,10 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
         cal_c = {"data": "+".join(o.task), "split": o.split, "samples": len(idx),
                  "seed": o.seed, "sha256": cal.dataset(idx, "").content_hash(),
                  "sizes": cal.sizes(idx), "cluster": c}
-        return make_mask(path, removed, task=f"cluster{c}", model_id=alias_of(o.model),
-                         method=o.mask_method, params=params, scores=scores, calibration=cal_c)
+        layers, attention, mlp = units.mask_lists(removed)
+        return make_mask(path, layers, task=f"cluster{c}", model_id=alias_of(o.model),
+                         method=o.mask_method, params=params, scores=scores, calibration=cal_c,
+                         removed_attention=attention, removed_mlp=mlp)
 
     masks = []
     for c, idx in enumerate(members):
@@ -428,7 +514,7 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
             removed, scores, params, fallback_record, obj = fit_one("fallback", everyone,
                                                                     o.seed + n_clusters)
             if obj is not None:
-                fallback_record["kl"] = round(obj.total_kl(removed) / len(everyone), 6)
+                fallback_record["kl"] = round(obj.total_kl(removed, units) / len(everyone), 6)
                 fallback_record["forward_passes"] = obj.forward_passes
             forward += fallback_record["forward_passes"]
             backward += fallback_record["backward_passes"]
@@ -453,7 +539,8 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
     router = Router(model_id=alias_of(o.model), fingerprint=fingerprint, k=k,
                     encoder=encoder.record(), centroids=[[float(x) for x in c] for c in centroids],
                     masks=masks, sizes=[cal.sizes(idx) for idx in members], method=o.mask_method,
-                    params=o.hyperparameters(), provenance=provenance, fallback=fallback)
+                    params=o.hyperparameters(), provenance=provenance, fallback=fallback,
+                    units=o.units)
     router.curves = curves
     return router
 

@@ -33,7 +33,10 @@ class RouteFitOptions(Options):
     encoder: str = option("minilm", "minilm, self, or a sentence-transformers dir.")
     clusters: int = option(4, "Input clusters N (k-means).", gt=0)  # ours
     kmeans_init: int = option(10, "k-means restarts.", gt=0)  # ours (scikit-learn n_init)
-    k: int = option(4, "Blocks each cluster's mask removes.", gt=0)
+    k: int = option(4, "Units (blocks, or sublayers with --units sublayers) each mask removes.", gt=0)
+    # the paper gates attention and FFN separately (B = 2L); ours by default: whole blocks
+    units: Literal["blocks", "sublayers"] = option("blocks", "L0 gates (and --k) over whole "
+                                                   "blocks or attention/MLP sublayers.")
     # ours: gated blocks 1..B-2 (first and last kept, as ShortGPT finds)
     block_range: str = option("whole", "Candidate blocks: whole, latter, 0.5:1.0 or 15:30.", "--range")
     mask_method: str = option(L0, "l0 (Hard-Concrete gates) or a registered scorer (tabp, "

@@ -39,6 +39,7 @@ from tabp_vllm.models import (FINGERPRINT_KEYS, fingerprint_diffs, load_model_co
 ROUTER_FORMAT = "tabp-vllm-router"
 ROUTER_VERSION = 1
 ENCODER_KEYS = ("name", "id", "dimension", "pooling", "normalize")
+UNITS = ("blocks", "sublayers")
 FALLBACK = -1  # the "cluster" of an input far from every centroid: it takes the fallback mask
 
 
@@ -86,6 +87,7 @@ class Router:
         default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     )
     fallback: Fallback | None = None
+    units: str = "blocks"  # what k counts: whole blocks, or sublayers (2i attention, 2i+1 MLP)
     # the fit's per-step curves (`route fit` writes them beside the router; not in the file)
     curves: list[dict[str, Any]] = field(default_factory=list, repr=False, compare=False)
 
@@ -139,6 +141,7 @@ class Router:
             "model": {"id": self.model_id, "fingerprint": self.fingerprint},
             "num_hidden_layers": self.num_hidden_layers,
             "k": self.k,
+            **({"units": self.units} if self.units != "blocks" else {}),
             "encoder": self.encoder,
             "clusters": [{"centroid": [float(x) for x in cen], "sizes": sizes, "mask": m.to_json()}
                          for cen, sizes, m in zip(self.centroids, self.sizes, self.masks)],
@@ -152,6 +155,8 @@ class Router:
         """Short hash of what decides routing and serving: model, encoder, centroids, masks."""
         parts = [self.fingerprint, [self.encoder.get(k) for k in ENCODER_KEYS], self.centroids,
                  [m.removed_layers for m in self.masks]]
+        if self.units != "blocks":  # (block routers keep their hash)
+            parts.append([[m.removed_attention, m.removed_mlp] for m in self.masks])
         if self.fallback is not None:  # (routers without one keep their hash)
             parts.append([self.fallback.radius, self.fallback.mask.removed_layers])
         key = json.dumps(parts, sort_keys=True)
@@ -183,8 +188,12 @@ def parse_router(data: Any, where: str = "<router>") -> Router:
     """Validate a decoded router document and build a Router; raise RouterError on any fault."""
     fp, n = check_envelope(data, where, ROUTER_FORMAT, ROUTER_VERSION, "router", _fail)
     k = data.get("k")
-    if not _is_int(k) or not 0 < k < n:
-        raise _fail(where, f"'k' must be a block count between 1 and {n - 1} (got {k!r})")
+    units = data.get("units", "blocks")  # routers before sublayer units: blocks
+    if units not in UNITS:
+        raise _fail(where, f"'units' must be one of {', '.join(UNITS)} (got {units!r})")
+    most = n if units == "blocks" else 2 * n
+    if not _is_int(k) or not 0 < k < most:
+        raise _fail(where, f"'k' must be a {units[:-1]} count between 1 and {most - 1} (got {k!r})")
     enc = data.get("encoder")
     if not isinstance(enc, dict):
         raise _fail(where, "missing 'encoder'")
@@ -216,30 +225,42 @@ def parse_router(data: Any, where: str = "<router>") -> Router:
             mask = parse_mask(cl.get("mask"), f"{where}: cluster {c} mask")
         except MaskError as exc:
             raise RouterError(str(exc)) from None
-        _check_cluster_mask(mask, where, f"cluster {c}", fp, k)
+        _check_cluster_mask(mask, where, f"cluster {c}", fp, k, units)
         centroids.append([float(x) for x in cen])
         masks.append(mask)
         sizes.append({str(t): int(v) for t, v in size.items()})
-    fallback = _parse_fallback(data.get("fallback"), where, fp, k)
+    fallback = _parse_fallback(data.get("fallback"), where, fp, k, units)
     method = data.get("method") or {}
     return Router(model_id=str(data["model"].get("id", "")),
                   fingerprint={key: fp[key] for key in FINGERPRINT_KEYS}, k=k, encoder=dict(enc),
                   centroids=centroids, masks=masks, sizes=sizes,
                   method=str(method.get("name", "")), params=dict(method.get("params") or {}),
                   provenance=dict(data.get("provenance") or {}),
-                  created_at=str(data.get("created_at", "")), fallback=fallback)
+                  created_at=str(data.get("created_at", "")), fallback=fallback, units=units)
 
 
-def _check_cluster_mask(mask: TaskMask, where: str, name: str, fp: dict, k: int) -> None:
+def removed_units(mask: TaskMask, units: str) -> int:
+    """How many units `mask` removes, counted as a router of `units` counts them (a sublayer mask
+    in a block router: -1, never equal to k)."""
+    from tabp_vllm.sublayers import mask_units
+
+    if units == "sublayers":
+        return len(mask_units(mask.removed_layers, mask.removed_attention, mask.removed_mlp))
+    return -1 if mask.is_sublayer else len(mask.removed_layers)
+
+
+def _check_cluster_mask(mask: TaskMask, where: str, name: str, fp: dict, k: int,
+                        units: str = "blocks") -> None:
     if mask.fingerprint != {key: fp[key] for key in FINGERPRINT_KEYS}:
         raise _fail(where, f"{name}: mask was made for another model than the router "
                            f"({mask.fingerprint} != {fp})")
-    if len(mask.removed_layers) != k:
-        raise _fail(where, f"{name}: mask removes {len(mask.removed_layers)} blocks, "
-                           f"the router's k is {k}")
+    got = removed_units(mask, units)
+    if got != k:
+        what = "removes sublayers" if got < 0 else f"removes {got} {units}"
+        raise _fail(where, f"{name}: mask {what}, the router's k is {k} {units}")
 
 
-def _parse_fallback(doc: Any, where: str, fp: dict, k: int) -> Fallback | None:
+def _parse_fallback(doc: Any, where: str, fp: dict, k: int, units: str) -> Fallback | None:
     """The optional fallback record (routers written before it have none)."""
     if doc is None:
         return None
@@ -253,7 +274,7 @@ def _parse_fallback(doc: Any, where: str, fp: dict, k: int) -> Fallback | None:
         mask = parse_mask(doc.get("mask"), f"{where}: fallback mask")
     except MaskError as exc:
         raise RouterError(str(exc)) from None
-    _check_cluster_mask(mask, where, "fallback", fp, k)
+    _check_cluster_mask(mask, where, "fallback", fp, k, units)
     return Fallback(radius=float(radius), quantile=float(quantile or 0.0),
                     source=str(doc.get("source", "")), mask=mask)
 
@@ -392,7 +413,7 @@ def show_router(path: Path, as_json: bool, console) -> None:
     prov = router.provenance
     console.print(
         f"[bold]{path}[/]  router  model={router.model_id}  method={router.method}  "
-        f"k={router.k}  {router.num_clusters} clusters  {len(router.variants())} variants  "
+        f"k={router.k} {router.units}  {router.num_clusters} clusters  {len(router.variants())} variants  "
         f"hash={router.content_hash()}")
     console.print(f"encoder: {enc['id']} ({enc['dimension']}-d, pooling {enc['pooling']}, "
                   f"normalize {enc['normalize']})")
@@ -401,19 +422,27 @@ def show_router(path: Path, as_json: bool, console) -> None:
         console.print("provenance: " + ", ".join(f"{k}={prov[k]}" for k in keys if k in prov))
     if router.params:
         console.print("params: " + ", ".join(f"{k}={v}" for k, v in router.params.items()))
-    table = Table("cluster", "inputs per task", "removed blocks", "variant (mask hash)", "fit")
+    table = Table("cluster", "inputs per task", "removed", "variant (mask hash)", "fit")
     fits = prov.get("clusters") or []
     for c, (m, sizes) in enumerate(zip(router.masks, router.sizes)):
         table.add_row(str(c), ", ".join(f"{t} {v}" for t, v in sizes.items() if v),
-                      str(m.removed_layers), m.content_hash(), fit_summary(fits[c] if c < len(fits) else {}))
+                      removed_text(m), m.content_hash(), fit_summary(fits[c] if c < len(fits) else {}))
     if router.fallback is not None:
         fb = router.fallback
-        table.add_row(f"fallback (> {fb.radius:.3f})", fb.source, str(fb.mask.removed_layers),
+        table.add_row(f"fallback (> {fb.radius:.3f})", fb.source, removed_text(fb.mask),
                       fb.mask.content_hash(), fit_summary(prov.get("fallback") or {}))
     console.print(table)
     if prov.get("not_converged"):
         console.print(f"[yellow]warning: the L0 fit did not converge for cluster(s) "
                       f"{', '.join(map(str, prov['not_converged']))}")
+
+
+def removed_text(mask: TaskMask) -> str:
+    """A mask's removed blocks, and its removed sublayers when it has any."""
+    text = str(mask.removed_layers)
+    if mask.is_sublayer:
+        text += f" attention {mask.removed_attention} mlp {mask.removed_mlp}"
+    return text
 
 
 def fit_summary(record: dict[str, Any]) -> str:
@@ -430,6 +459,7 @@ def fit_summary(record: dict[str, Any]) -> str:
 def validate_router_file(path: Path, model: str | None) -> str:
     """`tabp-vllm masks validate` of a router file: every check, the encoder loaded; the ok line."""
     router = load_router(path, model, check_encoder=True)
+    units = "blocks" if router.units == "blocks" else f"sublayers (of {2 * router.num_hidden_layers})"
     return (f"ok: {path} (router: {router.num_clusters} clusters, {len(router.variants())} "
-            f"distinct masks of k = {router.k} of {router.num_hidden_layers} blocks, encoder "
+            f"distinct masks of k = {router.k} {units} of {router.num_hidden_layers} blocks, encoder "
             f"{router.encoder['id']} {router.dimension}-d)")
