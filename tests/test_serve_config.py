@@ -339,3 +339,35 @@ def test_dry_run_table_shows_weights_total_and_routes(two_kind_router):
     assert "GiB" in r.stdout
     routes = next(l for l in r.stdout.splitlines() if l.startswith("routed:"))
     assert "llama-auto (2 clusters" in routes and "cluster 0 -> llama-auto-" in routes
+
+
+def test_sublayer_variant_kv_cache_table_and_memory(tmp_path, demo_model):
+    """An attention-only mask: its sublayer counts, KV bytes per token and KV cache tokens in the
+    metadata `/v1/models` and the gauges show, in the startup table, and in the memory estimate."""
+    import io
+
+    from tabp_vllm.mask import make_mask
+    from tabp_vllm.serve.console import print_table
+
+    path = tmp_path / "attn.json"
+    make_mask(demo_model, [], removed_attention=list(range(15, 23)), task="attn",
+              model_id="llama").save(path)
+    spec = build_spec(task_mask=[str(path)], kv_cache_gib=0.25, dtype="float32")
+    dense, attn = spec.variants
+    assert (attn.blocks_kept, attn.attention_kept, attn.mlp_kept) == (30, 22, 30)
+    assert 1.0 < attn.theoretical_speedup < 30 / 22
+    meta = spec.variant_metadata(gpu=False)
+    # float32 demo: 1,536 bytes a token per attention kept; 0.25 GiB in 128-token blocks
+    assert meta["llama"]["kv_bytes_per_token"] == 46_080 and meta["llama"]["kv_cache_tokens"] == 5_760
+    assert meta["llama-attn"]["kv_bytes_per_token"] == 33_792
+    assert meta["llama-attn"]["kv_cache_tokens"] == 7_936
+    assert (meta["llama-attn"]["attention_kept"], meta["llama-attn"]["mlp_kept"]) == (22, 30)
+    assert spec.kv_cache(gpu=True)["llama"]["kv_cache_tokens"] == 5_824  # 16-token GPU blocks
+    # weights shrink by the 8 attention sublayers only
+    needs = {n.name: n for n in spec.engine_needs(gpu=False)}
+    attn_bytes = (576 * 576 * 2 + 576 * 192 * 2 + 576) * 4
+    assert needs["llama"].weight_bytes - needs["llama-attn"].weight_bytes == 8 * attn_bytes
+    out = io.StringIO()
+    print_table(spec, out)
+    row = next(line for line in out.getvalue().splitlines() if "llama-attn" in line)
+    assert "22/30" in row and "33,792" in row and "7,936" in row

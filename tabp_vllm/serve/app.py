@@ -6,8 +6,9 @@ ingress routing by `model`), with two additions that function cannot take:
   ids) gets one middleware, `ApiKeyMiddleware`: the Bearer API key on every route (401 otherwise);
   the key is the middleware's configuration, set here in the driver and shipped with the app;
 - `TabpIngress` (an `OpenAiIngress`) adds an OpenAI-style 404 for an unknown `model` that names the
-  valid ones, per-variant metadata (task, blocks kept/total, mask hash, speedup) in `/v1/models`,
-  the tabp gauges (blocks kept/total, theoretical speedup) through Ray's metrics export, and
+  valid ones, per-variant metadata (task, blocks kept/total, attention / MLP sublayers kept, KV
+  bytes per token and KV cache tokens, mask hash, speedup) in `/v1/models`,
+  the tabp gauges (the same numbers) through Ray's metrics export, and
   readiness (`serve/readiness.py`): `GET /health` and `GET /health/<model>` (503 until every
   variant, or that one, can answer), and an immediate 503 for a request to a variant still starting.
 With `serve --router`, the ingress also lists a routed name (`<alias>-auto`) whose requests each
@@ -271,6 +272,6 @@ def build_app(spec) -> Any:
         llm_deployments={c.model_id: build_llm_deployment(c, name_prefix="LLMServer:")
                          for c in configs},
         model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in configs},
-        variant_metadata={v.name: v.metadata() for v in spec.variants},
+        variant_metadata=spec.variant_metadata(),
         routed=spec.routed_app_config(),
     )

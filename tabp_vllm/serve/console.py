@@ -87,18 +87,23 @@ def print_table(spec, out: IO[str] | None = None) -> None:
     gpu = on_gpu()
     memory = {} if gpu else spec.cpu_memory_estimate()[1]
     weights = {n.name: n.weight_bytes * n.replicas for n in spec.engine_needs(gpu=gpu)}
-    table = Table("variant", "task", "blocks kept", "speedup*", "mask hash", "replicas", "weights",
+    kv = spec.kv_cache(gpu)
+    table = Table("variant", "task", "blocks kept", "attn/mlp", "speedup*", "mask hash",
+                  "replicas", "weights", "KV B/token", "KV tokens***",
                   *(["memory**"] if memory else []),
                   title=f"tabp-vllm serve: {spec.model_alias} ({spec.model})")
     for v in spec.variants:
+        tokens = kv[v.name]["kv_cache_tokens"]
         table.add_row(v.name, v.task or "(dense)", f"{v.blocks_kept}/{v.blocks_total}",
+                      f"{v.attention_kept}/{v.mlp_kept}",
                       f"{v.theoretical_speedup:.3f}", v.mask_hash or "-", str(v.replicas),
-                      f"{weights[v.name] / GiB:.2f} GiB",
+                      f"{weights[v.name] / GiB:.2f} GiB", f"{kv[v.name]['kv_bytes_per_token']:,}",
+                      f"{tokens:,}" if tokens is not None else "(engine's)",
                       *([f"{memory[v.name] / GiB:.2f} GiB"] if memory else []))
     total = spec.cpu_memory_estimate()[0] if memory else None
     table.add_section()
-    table.add_row("total", "", "", "", "", str(sum(v.replicas for v in spec.variants)),
-                  f"{sum(weights.values()) / GiB:.2f} GiB",
+    table.add_row("total", "", "", "", "", "", str(sum(v.replicas for v in spec.variants)),
+                  f"{sum(weights.values()) / GiB:.2f} GiB", "", "",
                   *([f"{total / GiB:.2f} GiB"] if memory else []))
     console = Console(file=out, width=None if out.isatty() else 150)  # a file: no wrapped cells
     console.print(table)
@@ -118,4 +123,7 @@ def print_table(spec, out: IO[str] | None = None) -> None:
     if memory:
         console.print("** host memory per variant: weights + KV cache + the measured engine and "
                       "Ray overhead (bench/memory.py serve); the total adds Ray's own processes")
+    console.print("*** tokens one engine's KV cache holds: its size / KV bytes per token (attention "
+                  "sublayers kept), in whole vLLM blocks; the engine's own count is in its log "
+                  "(\"KV cache size\")")
     out.flush()

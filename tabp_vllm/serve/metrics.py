@@ -10,10 +10,19 @@ from __future__ import annotations
 
 from typing import Any
 
+# gauge name -> (the variant metadata key it shows, its description)
 GAUGES = {
-    "tabp_variant_blocks_kept": "Decoder blocks the variant keeps",
-    "tabp_variant_blocks_total": "Decoder blocks of the dense checkpoint",
-    "tabp_variant_theoretical_speedup": "Dense / variant FLOPs per decode step (ideal speedup)",
+    "tabp_variant_blocks_kept": ("blocks_kept", "Decoder blocks the variant keeps"),
+    "tabp_variant_blocks_total": ("blocks_total", "Decoder blocks of the dense checkpoint"),
+    "tabp_variant_theoretical_speedup": ("theoretical_speedup",
+                                         "Dense / variant FLOPs per decode step (ideal speedup)"),
+    "tabp_variant_attention_kept": ("attention_kept", "Attention sublayers the variant serves"),
+    "tabp_variant_mlp_kept": ("mlp_kept", "MLP sublayers the variant serves"),
+    "tabp_variant_kv_bytes_per_token": ("kv_bytes_per_token",
+                                        "KV cache bytes a token takes (K and V of the attention kept)"),
+    "tabp_variant_kv_cache_tokens": ("kv_cache_tokens",
+                                     "Tokens the variant's KV cache holds (estimate: cache bytes / "
+                                     "KV bytes per token, whole blocks)"),
 }
 INFO = "tabp_variant_info"
 TAGS = ("model_name",)
@@ -34,16 +43,16 @@ def publish_variant_gauges(variant_metadata: dict[str, dict[str, Any]],
 
     from ray.util.metrics import Gauge
 
-    gauges = {name: Gauge(name, description=desc, tag_keys=TAGS) for name, desc in GAUGES.items()}
+    gauges = {name: Gauge(name, description=desc, tag_keys=TAGS)
+              for name, (_, desc) in GAUGES.items()}
     info = Gauge(INFO, description="1 per variant; labels carry task and mask hash",
                  tag_keys=("model_name", "task", "mask_hash"))
 
     def set_all() -> None:
         for name, meta in variant_metadata.items():
-            tags = {"model_name": name}
-            gauges["tabp_variant_blocks_kept"].set(meta["blocks_kept"], tags=tags)
-            gauges["tabp_variant_blocks_total"].set(meta["blocks_total"], tags=tags)
-            gauges["tabp_variant_theoretical_speedup"].set(meta["theoretical_speedup"], tags=tags)
+            for gauge, (key, _) in GAUGES.items():
+                if meta.get(key) is not None:  # no KV cache size: a GPU engine sizes its own
+                    gauges[gauge].set(meta[key], tags={"model_name": name})
             info.set(1, tags={"model_name": name, "task": meta.get("task") or "dense",
                               "mask_hash": meta.get("mask_hash") or "dense"})
 

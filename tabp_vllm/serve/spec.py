@@ -14,7 +14,8 @@ from typing import Any
 
 from tabp_vllm.errors import TabpError
 from tabp_vllm.flops import Kept
-from tabp_vllm.memory import GiB, EngineNeed, cpu_memory_estimate, engine_needs
+from tabp_vllm.memory import (CPU_KV_BLOCK_SIZE, DEFAULT_CPU_KV_CACHE_GIB, GPU_KV_BLOCK_SIZE, GiB,
+                              EngineNeed, cpu_memory_estimate, engine_needs, kv_cache_tokens)
 from tabp_vllm.serve.options import EngineOptions, RequestPathOptions, ServeOptions
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
@@ -35,15 +36,31 @@ class Variant:
     replicas: int = 1
     mask: Any = field(default=None, repr=False)  # the validated TaskMask (None: dense)
     clusters: list[int] = field(default_factory=list)  # router clusters it serves
+    # sublayers served (of blocks_total each); None: those of the blocks kept
+    attention_kept: int | None = None
+    mlp_kept: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.attention_kept is None:
+            self.attention_kept = self.blocks_kept
+        if self.mlp_kept is None:
+            self.mlp_kept = self.blocks_kept
+
+    @property
+    def kept(self) -> Kept:
+        return Kept(self.attention_kept, self.mlp_kept)
 
     def metadata(self) -> dict[str, Any]:
-        """What `/v1/models` shows for this variant (under `metadata`)."""
+        """What `/v1/models` shows for this variant (under `metadata`), beside the KV cache
+        numbers `ServeSpec.variant_metadata` adds."""
         return {
             "variant": self.name,
             "dense": self.mask_path is None,
             "task": self.task,
             "blocks_kept": self.blocks_kept,
             "blocks_total": self.blocks_total,
+            "attention_kept": self.attention_kept,
+            "mlp_kept": self.mlp_kept,
             "mask_hash": self.mask_hash,
             "theoretical_speedup": round(self.theoretical_speedup, 4),
             "replicas": self.replicas,
@@ -122,11 +139,33 @@ class ServeSpec:
         return d
 
     def engine_needs(self, gpu: bool) -> list[EngineNeed]:
-        """What each variant's engine holds (`memory.engine_needs`), in the dtype it will run."""
-        return engine_needs(self.model, {v.name: v.blocks_kept for v in self.variants}, gpu=gpu,
+        """What each variant's engine holds (`memory.engine_needs`: the weights of the sublayers it
+        serves, the KV bytes a token takes in its attention sublayers), in the dtype it will run."""
+        return engine_needs(self.model, {v.name: v.kept for v in self.variants}, gpu=gpu,
                             dtype=self.engine.dtype,
                             tensor_parallel_size=self.engine.tensor_parallel_size,
                             replicas={v.name: v.replicas for v in self.variants})
+
+    def kv_cache(self, gpu: bool) -> dict[str, dict[str, int | None]]:
+        """Per variant: KV bytes per token and the tokens its KV cache holds (`kv_cache_tokens`:
+        the cache size / KV bytes per token, in whole vLLM blocks). An estimate from the config,
+        known before any engine starts; the engine's own number is vLLM's cache_config_info
+        (num_gpu_blocks x block_size), in its log and on the metrics scrape. None on a GPU
+        without --kv-cache-gib: there the engine sizes its cache from what the card has left."""
+        cache = self.engine.kv_cache_gib or (None if gpu else DEFAULT_CPU_KV_CACHE_GIB)
+        block = GPU_KV_BLOCK_SIZE if gpu else CPU_KV_BLOCK_SIZE
+        return {n.name: {"kv_bytes_per_token": n.kv_bytes_per_token,
+                         "kv_cache_tokens": kv_cache_tokens(cache * GiB, n.kv_bytes_per_token, block)
+                         if cache else None}
+                for n in self.engine_needs(gpu=gpu)}
+
+    def variant_metadata(self, gpu: bool | None = None) -> dict[str, dict[str, Any]]:
+        """What `/v1/models` and the tabp gauges show per variant: `Variant.metadata` and its KV
+        cache (`kv_cache`). `gpu` None: whether this process sees a GPU."""
+        from tabp_vllm.hardware import on_gpu
+
+        kv = self.kv_cache(on_gpu() if gpu is None else gpu)
+        return {v.name: {**v.metadata(), **kv[v.name]} for v in self.variants}
 
     def cpu_memory_estimate(self) -> tuple[int, dict[str, int]]:
         """Host memory a local CPU serve needs (`memory.cpu_memory_estimate`): (total bytes,
@@ -141,6 +180,14 @@ def theoretical_speedup(model: str, kept: int | Kept) -> float:
     from tabp_vllm.models import load_model_config
 
     return decode_speedup(DecoderShape.from_config(load_model_config(model)), kept)
+
+
+def _of_mask(model: str, mask: Any) -> dict[str, Any]:
+    """A masked variant's fields that its mask decides: what it keeps and its ideal speedup."""
+    kept = Kept.of_mask(mask)
+    return {"blocks_kept": mask.num_kept, "blocks_total": mask.num_hidden_layers,
+            "attention_kept": kept.attention, "mlp_kept": kept.mlp, "mask": mask,
+            "mask_hash": mask.content_hash(), "theoretical_speedup": theoretical_speedup(model, kept)}
 
 
 def _check_name(name: str, where: str) -> str:
@@ -198,10 +245,7 @@ def build_variants(
         name = (names[i] if i < len(names) else None) or f"{alias}-{task}"
         variants.append(Variant(
             name=_check_name(name, str(path)), model=resolved, mask_path=str(Path(path).resolve()),
-            task=task, blocks_kept=mask.num_kept, blocks_total=mask.num_hidden_layers,
-            mask_hash=mask.content_hash(),
-            theoretical_speedup=theoretical_speedup(resolved, mask.num_kept), replicas=replicas,
-            mask=mask))
+            task=task, replicas=replicas, **_of_mask(resolved, mask)))
     _check_unique_names(variants)
     return alias, resolved, variants
 
@@ -242,11 +286,8 @@ def add_router_variants(router_path: str, model: str, resolved: str, variants: l
             if warning:
                 print(f"warning: {warning}", file=sys.stderr)
             v = Variant(name=f"{routed_name}-{new}", model=resolved, mask_path=str(path.resolve()),
-                        task=f"clusters {','.join(names)}",
-                        blocks_kept=mask.num_kept, blocks_total=mask.num_hidden_layers,
-                        mask_hash=mask.content_hash(),
-                        theoretical_speedup=theoretical_speedup(resolved, mask.num_kept),
-                        replicas=replicas, mask=mask)
+                        task=f"clusters {','.join(names)}", replicas=replicas,
+                        **_of_mask(resolved, mask))
             variants.append(v)
             by_hash[v.mask_hash] = v
             new += 1
