@@ -76,8 +76,14 @@ def report(argv: list[str]) -> None:
     ap.add_argument("--ks", default="4,8")
     ap.add_argument("--static-methods", default="block_influence,angular,sleb,ppl,random")
     ap.add_argument("--samples", type=int, default=32, help="calibration inputs per task")
-    ap.add_argument("--steps", type=int, default=24, help="L0 steps per cluster")
-    ap.add_argument("--limit", type=int, default=100, help="evaluation documents per task")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="L0 step cap per cluster (default: route fit's; the committed report: 24)")
+    ap.add_argument("--losses", default="kl", help="L0 losses to fit: kl, lm or kl,lm")
+    ap.add_argument("--units", default="blocks", help="L0 units: blocks, sublayers or both "
+                    "(sublayers: --k counts sublayers, 2 per block at the same k of blocks)")
+    ap.add_argument("--seeds", default="0", help="fit seeds (route fit --seed), e.g. 0,1,2")
+    ap.add_argument("--limit", type=int, default=100,
+                    help="evaluation documents per task (0: the whole evaluation split)")
     ap.add_argument("--out", type=Path, default=RESULTS / "routing")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite routing.md and the plot from OUT/routing.json, running nothing")
@@ -91,6 +97,7 @@ def report(argv: list[str]) -> None:
     calib = [t for t in a.calib.split(",") if t]
     evals = [t for t in a.eval.split(",") if t]
     lm_tasks = ",".join(EVAL_OF[t] for t in evals)
+    limit_args = ["--limit", str(a.limit)] if a.limit else []  # 0: whole splits
     doc_path = out / "routing.json"
     doc = json.loads(doc_path.read_text()) if doc_path.exists() else {"rows": []}
     done = {(r["config"], r["k"], r["n"]) for r in doc["rows"]}
@@ -105,7 +112,7 @@ def report(argv: list[str]) -> None:
         res_path = out / f"eval-{config}-k{k}-n{n}.json"
         wall = None  # an earlier run's result is kept (the run was interrupted after it)
         if not res_path.exists():
-            wall = run(CLI + ["eval", "--task", lm_tasks, "--limit", str(a.limit), "-o", str(res_path)]
+            wall = run(CLI + ["eval", "--task", lm_tasks, *limit_args, "-o", str(res_path)]
                        + args, log)
         res = json.loads(res_path.read_text())
         acc = {}
@@ -128,16 +135,25 @@ def report(argv: list[str]) -> None:
 
     if ("dense", 0, None) not in done:
         evaluate("dense", 0, None, [], None)
-    def config_of(method: str) -> str:
-        return method if method in ("l0", "tabp") else f"static-{method}"
+    def config_of(method: str, loss: str = "kl", units: str = "blocks", seed: int = 0) -> str:
+        """The row's name: the committed report's for the defaults, suffixed otherwise."""
+        if method not in ("l0", "tabp"):
+            return f"static-{method}"
+        return (method + ("-lm" if loss == "lm" else "") + ("-sub" if units == "sublayers" else "")
+                + (f"-s{seed}" if seed else ""))
 
-    def routed_or_static(method: str, k: int, n: int) -> None:
-        config = config_of(method)
-        router = out / "routers" / f"{method}-k{k}-n{n}.json"
+    def routed_or_static(method: str, k: int, n: int, loss: str = "kl", units: str = "blocks",
+                         seed: int = 0) -> None:
+        config = config_of(method, loss, units, seed)
+        router = out / "routers" / f"{config.removeprefix('static-')}-k{k}-n{n}.json"
         if not router.exists():  # else an interrupted run's fit is kept
+            extra = (["--loss", loss, "--units", units, "--seed", str(seed)] if method == "l0"
+                     else ["--seed", str(seed)])
             run(CLI + ["route", "fit", "--model", "llama", *sum((["--task", t] for t in calib), []),
-                       "--samples", str(a.samples), "--k", str(k), "--steps", str(a.steps),
-                       "--clusters", str(n), "--mask-method", method, "-o", str(router)], log)
+                       "--samples", str(a.samples),
+                       "--k", str(2 * k if units == "sublayers" else k),
+                       *(["--steps", str(a.steps)] if a.steps else []),
+                       "--clusters", str(n), "--mask-method", method, *extra, "-o", str(router)], log)
         r = json.loads(router.read_text())
         fit_s = r["provenance"]["wall_s"]  # the fit as the router records it (model load excluded)
         evaluate(config, k, n, ["--no-dense", "--router", str(router)], fit_s,
@@ -154,7 +170,7 @@ def report(argv: list[str]) -> None:
                        "-o", str(mask)], log)
         fit_s = json.loads(mask.read_text())["calibration"]["wall_s"]
         res_path = out / f"eval-oracle-{t}-k{k}.json"
-        wall = run(CLI + ["eval", "--task", EVAL_OF[t], "--limit", str(a.limit), "--no-dense",
+        wall = run(CLI + ["eval", "--task", EVAL_OF[t], *limit_args, "--no-dense",
                           "--task-mask", str(mask), "-o", str(res_path)], log)
         r = json.loads(res_path.read_text())["results"][0]
         m = r["results"][EVAL_OF[t]]
@@ -174,12 +190,17 @@ def report(argv: list[str]) -> None:
         jobs += [("oracle", k, t) for t in evals]
         jobs += [("l0", k, n) for n in ns[:-1]]
     jobs += [(method, k, ns[-1]) for k in ks for method in ("tabp", "l0")]
+    variants = [(loss, units, int(seed)) for seed in a.seeds.split(",")
+                for loss in a.losses.split(",") for units in a.units.split(",")]
     for method, k, n in jobs:
         if method == "oracle":
             if (f"oracle-{n}", k, None) not in done:
                 oracle(n, k)
-        elif (config_of(method), k, n) not in done:
-            routed_or_static(method, k, n)
+            continue
+        for loss, units, seed in (variants if method == "l0" else
+                                  [("kl", "blocks", int(s)) for s in a.seeds.split(",")]):
+            if (config_of(method, loss, units, seed), k, n) not in done:
+                routed_or_static(method, k, n, loss, units, seed)
     write_report(doc, out)
 
 

@@ -357,6 +357,29 @@ def paired_bootstrap(x: np.ndarray, y: np.ndarray, resamples: int = BOOTSTRAP,
     return {"mean": float(d.mean()), "interval": [float(lo), float(hi)]}
 
 
+def hierarchical_bootstrap(x: np.ndarray, y: np.ndarray, resamples: int = BOOTSTRAP,
+                           seed: int = 0) -> dict[str, Any]:
+    """Mean of x - y and its 95 % interval when both vary with a fit seed: `x` (seeds_x, docs) and
+    `y` (seeds_y, docs), one row per fit seed over the same documents (a static mask: one row).
+    Each resample draws documents with replacement (the same documents for both: the pairing)
+    and, independently for x and y, seeds with replacement, so the interval carries the seed
+    variance that a documents-only bootstrap leaves out."""
+    x, y = np.atleast_2d(np.asarray(x, dtype=float)), np.atleast_2d(np.asarray(y, dtype=float))
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"{x.shape[1]} documents against {y.shape[1]}")
+    rng = np.random.default_rng(seed)
+    n = x.shape[1]
+    means = np.empty(resamples)
+    for r in range(resamples):
+        docs = rng.integers(0, n, size=n)
+        sx = rng.integers(0, x.shape[0], size=x.shape[0])
+        sy = rng.integers(0, y.shape[0], size=y.shape[0])
+        means[r] = x[np.ix_(sx, docs)].mean() - y[np.ix_(sy, docs)].mean()
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(x.mean() - y.mean()), "interval": [float(lo), float(hi)],
+            "seeds": [int(x.shape[0]), int(y.shape[0])], "documents": int(n)}
+
+
 def write_markdown(doc: dict, path: Path) -> None:
     a = doc["args"]
     model = doc.get("model", "llama")

@@ -158,3 +158,26 @@ def test_model_and_arc_easy_split_are_recorded_and_a_resume_must_match(cv2, tmp_
     assert (tmp_path / "report.md").read_text().startswith("# TaBP vs baselines on qwen1.5b")
     with pytest.raises(TabpError, match="--model qwen1.5b"):
         cv2.Report(tmp_path, argparse.Namespace(**base))  # the default model, llama
+
+
+def test_hierarchical_bootstrap_carries_seed_variance():
+    from tabp_vllm.comparison import hierarchical_bootstrap, paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    docs = 400
+    static = (rng.random(docs) < 0.5).astype(float)
+    # three fit seeds whose accuracy differs by +-0.05 around the static mask's
+    seeds = np.stack([(rng.random(docs) < p).astype(float) for p in (0.45, 0.5, 0.55)])
+    h = hierarchical_bootstrap(seeds, static, resamples=400)
+    assert h["seeds"] == [3, 1] and h["documents"] == docs
+    assert h["mean"] == pytest.approx(seeds.mean() - static.mean())
+    lo, hi = h["interval"]
+    assert lo < h["mean"] < hi
+    # one seed's documents-only interval is narrower than the one that resamples seeds too
+    one = paired_bootstrap(seeds[0], static, resamples=400)
+    assert hi - lo > one["interval"][1] - one["interval"][0]
+    # a single row each is the paired document bootstrap
+    same = hierarchical_bootstrap(seeds[:1], static, resamples=400)
+    assert same["interval"] == pytest.approx(one["interval"], abs=0.02)
+    with pytest.raises(ValueError, match="documents"):
+        hierarchical_bootstrap(seeds, static[:10])

@@ -92,7 +92,11 @@ def evaluate_routed(model_path: str, router: Router, encoder, tasks: list[str], 
             raise RuntimeError(f"{t}: {len(got)} of {want} routed documents came back scored")
         results[t] = pooled_metrics([got[i] for i in sorted(got)])
     mix = {t: {cluster_name(c): n for c, n in sorted(Counter(cs).items())} for t, cs in clusters.items()}
-    return {"results": results, "cluster_mix": mix, "runs": runs,
+    # per document (lm-eval's doc id): its cluster and metric values, for paired and
+    # hierarchical bootstraps over documents and fit seeds (comparison.hierarchical_bootstrap)
+    per_document = {t: [{"doc_id": i, "cluster": cluster_name(clusters[t][i]), **per_task_docs[t][i]}
+                        for i in sorted(per_task_docs[t])] for t in tasks}
+    return {"results": results, "cluster_mix": mix, "runs": runs, "per_document": per_document,
             "router": {"hash": router.content_hash(), "clusters": router.num_clusters,
                        "k": router.k, "method": router.method,
                        "encoder": router.encoder.get("id"),
