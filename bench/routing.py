@@ -470,10 +470,13 @@ def fit_time(argv: list[str]) -> None:
 STUDY = RESULTS / "routing" / "l0_study"
 STUDY_SETTINGS = {
     "old-24steps": ["--steps", "24", "--lr", "0.1", "--lambda-lr", "0.05", "--warmup", "0.5"],
+    # lambdas by Adam (the first choice; the code now ascends by plain gradient, see l0.py):
+    # kept as run, its router and curves in the folder
     "lr0.2-lam0.2": ["--steps", "300", "--lr", "0.2", "--lambda-lr", "0.2", "--warmup", "0.1"],
-    "lr0.1-lam0.5": ["--steps", "300", "--lr", "0.1", "--lambda-lr", "0.5", "--warmup", "0.1"],
-    "lm-lr0.2-lam0.2": ["--steps", "300", "--lr", "0.2", "--lambda-lr", "0.2", "--warmup", "0.1",
-                        "--loss", "lm"],
+    # the defaults: lambdas by gradient ascent at 5
+    "sgd-lam5": ["--steps", "300", "--lr", "0.2", "--lambda-lr", "5", "--warmup", "0.1"],
+    "lm-sgd-lam5": ["--steps", "300", "--lr", "0.2", "--lambda-lr", "5", "--warmup", "0.1",
+                    "--loss", "lm"],
 }
 
 

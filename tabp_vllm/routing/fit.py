@@ -32,7 +32,7 @@ from tabp_vllm.data import Dataset, MCQAItem, load_task
 from tabp_vllm.errors import TabpError
 from tabp_vllm.routing import hardconcrete as hc
 from tabp_vllm.routing.l0 import (DECIDED_MARGIN, FLAT_TOL, MIN_WINDOW, SPARSITY_TOL, GateSettings,
-                                  train_gates)
+                                  train_gates, window_for)
 from tabp_vllm.routing.options import L0, RouteFitOptions
 from tabp_vllm.routing.router import Router, merge_variants, removed_units, route_text
 
@@ -336,7 +336,7 @@ def fit_l0(objective: Objective, units: Units, k: int, o: RouteFitOptions, seed:
 
     settings = GateSettings(max_steps=o.steps, lr=o.lr, lambda_lr=o.lambda_lr,
                             init_log_alpha=o.init_log_alpha, warmup_steps=round(o.warmup * o.steps),
-                            window=max(MIN_WINDOW, len(objective.batches)))
+                            window=window_for(len(objective.batches)))
     forward0 = objective.forward_passes
     with units.gated(objective.model, lambda: z["now"]):
         g = train_gates(loss_of, len(units.candidates), k, settings, seed, tick)
