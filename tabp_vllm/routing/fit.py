@@ -532,7 +532,8 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
                   "not_converged": [r["cluster"] for r in l0_records if not r["converged"]],
                   "kmeans_clusters": o.clusters, "small_cluster_merges": small_merges,
                   "convergence": {"sparsity_tol": SPARSITY_TOL, "decided_margin": DECIDED_MARGIN,
-                                  "flat_tol": FLAT_TOL, "min_window": MIN_WINDOW},
+                                  "flat_tol": FLAT_TOL, "min_window": MIN_WINDOW,
+                                  "multipliers": "plain gradient ascent"},
                   "hard_concrete": {"beta": hc.BETA, "l": hc.LIMIT_L, "r": hc.LIMIT_R,
                                     "log_alpha_limit": hc.LOG_ALPHA_LIMIT},
                   "merge": {"uses_mask_of": uses, "cost_kl": cost} if need_merge else None}
