@@ -516,3 +516,49 @@ def test_fit_sublayer_units_tiny_llama(tmp_path, tiny_model_dir):
     with pytest.raises(TabpError, match="candidate sublayers"):
         fit_router(_options(tmp_path, units="sublayers", k=8, steps=1), encoder=FakeEncoder(),
                    model_path=str(tiny_model_dir), calibration=_calibration())
+
+
+def test_eval_router_fallback_documents_and_per_document(tmp_path, demo_model):
+    """evaluate_routed with a fake lm-eval run: documents past the radius are evaluated under the
+    fallback mask (their own group), and every document's cluster and metrics are written."""
+    from routers import MIXED_MCQA
+
+    from tabp_vllm.evaluation.evaluate import jsonl_task_folder
+    from tabp_vllm.mask import make_mask
+    from tabp_vllm.models import load_model_config, model_fingerprint
+    from tabp_vllm.routing.evaluate import evaluate_routed
+    from tabp_vllm.routing.router import Fallback, Router
+
+    class ByKind:  # arithmetic questions at [1, 0], "freezer"-like ones at [0, 1], others far
+        def encode(self, texts):
+            return np.array([[1.0, 0.0] if any(ch.isdigit() for ch in t) else
+                             [0.0, 1.0] if "keep" in t else [-3.0, -3.0] for t in texts])
+
+    masks = [make_mask(demo_model, r, task=t, model_id="llama")
+             for r, t in (([20, 21], "a"), ([10, 11], "c"))]
+    router = Router(model_id="llama", fingerprint=model_fingerprint(load_model_config(demo_model)),
+                    k=2, encoder={"name": "fake", "id": "fake", "dimension": 2, "pooling": "-",
+                                  "normalize": "l2"},
+                    centroids=[[1.0, 0.0], [0.0, 1.0]], masks=masks, sizes=[{"a": 1}, {"c": 1}],
+                    fallback=Fallback(radius=1.0, quantile=0.95, source="test",
+                                      mask=make_mask(demo_model, [5, 6], task="s", model_id="llama")))
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(item) + "\n" for item in MIXED_MCQA))
+    include = [jsonl_task_folder("mixed", data, tmp_path / "tasks")]
+    calls = []
+
+    def run_variant(model, tasks, mask_path, samples):
+        removed = json.loads(open(mask_path).read())["removed_layers"]
+        calls.append((removed, samples["mixed"]))
+        rows = [{"doc_id": i, "metrics": {"acc": float(removed == [20, 21])}} for i in samples["mixed"]]
+        return {"samples": {"mixed": rows}, "results": {}}
+
+    res = evaluate_routed(demo_model, router, ByKind(), ["mixed"], include=include, limit=None,
+                          workdir=tmp_path, run_variant=run_variant, say=lambda _: None)
+    clusters = [d["cluster"] for d in res["per_document"]["mixed"]]
+    assert len(clusters) == len(MIXED_MCQA) and "fallback" in clusters
+    assert res["cluster_mix"]["mixed"].get("fallback") == clusters.count("fallback")
+    assert sorted(r for r, _ in calls) == [[5, 6], [10, 11], [20, 21]]
+    fb_docs = next(ids for r, ids in calls if r == [5, 6])
+    assert fb_docs == [d["doc_id"] for d in res["per_document"]["mixed"] if d["cluster"] == "fallback"]
+    assert res["router"]["fallback_radius"] == 1.0
