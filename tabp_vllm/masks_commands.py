@@ -139,18 +139,25 @@ def _sublayer_text(mask) -> str:
 def masks_cut(
     file: Path,
     output: Path = typer.Option(..., "-o", "--output", help="The mask to write."),
-    k: int = typer.Option(..., "--k", help="Blocks to remove (at most the scored k)."),
+    k: Optional[int] = typer.Option(None, "--k", help="Blocks (sublayer units) to remove (at "
+                                                      "most the scored k)."),
+    flops_ratio: Optional[float] = typer.Option(
+        None, "--flops-ratio", help="Instead of --k: the lowest-scored units until their share of "
+                                    "the ideal FLOPs reaches this (at most the scored budget)."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
-    """Write the mask a smaller k gives, from a scored mask's own scores (no new scoring run;
-    for the methods that rank every k: every one but angular, which compares blocks k apart)."""
+    """Write the mask a smaller budget gives, from a scored mask's own scores (no new scoring
+    run; for the methods that rank every k: every one but block-granularity angular, which
+    compares blocks k apart). Sublayer masks cut the same way, over their 2L unit scores."""
     from tabp_vllm.mask import check_depth, load_mask
-    from tabp_vllm.scoring import mask_at_k
+    from tabp_vllm.scoring import mask_cut
 
-    mask = mask_at_k(load_mask(file), k, where=str(file))
+    mask = mask_cut(load_mask(file), k, flops_ratio, where=str(file))
     _warn(check_depth(mask, str(output), force))
     mask.save(output)
-    print(f"wrote {output}: removes {mask.removed_layers}")
+    print(f"wrote {output}: removes {mask.removed_layers}"
+          + (f", attention of {mask.removed_attention}, MLP of {mask.removed_mlp}"
+             if mask.removed_attention or mask.removed_mlp else ""))
 
 
 def _warn(text: Optional[str]) -> None:

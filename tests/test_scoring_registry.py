@@ -26,6 +26,7 @@ def test_registry_names_are_the_methods_names():
         assert isinstance(m, ScoringMethod) and m.name == name and m.summary
         assert get_method(name) is m  # one instance per method
     assert {n for n, m in methods.items() if not m.ranks_all_k} == {"angular"}
+    assert {n for n, m in methods.items() if m.sublayer_only} == {"what_matters"}
 
 
 def test_unknown_method_is_one_line():
@@ -54,23 +55,34 @@ def test_cli_method_choices_are_the_registry(tmp_path):
     assert ", ".join(METHOD_NAMES) in help_text
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
-def test_every_method_records_its_params_and_costs_what_it_reports(tiny, name):
+@pytest.mark.parametrize("name,granularity", [(n, g) for g in ("block", "sublayer") for n in METHOD_NAMES
+                                              if g == "sublayer" or not get_method(n).sublayer_only])
+def test_every_method_records_its_params_and_costs_what_it_reports(tiny, name, granularity):
     ds = mcqa(5)
     res = run_scoring("unused", ds, name, k=2, block_range="1:6", batch_size=2, model_and_tokenizer=tiny,
-                      probe="letters")  # auto may add a pass (tests/test_tabp_probe.py)
+                      probe="letters", granularity=granularity)  # auto may add a pass (tests/test_tabp_probe.py)
     method = get_method(name)
-    ctx = ScoreContext(model=tiny[0], tokenizer=tiny[1], dataset=ds, k=2, candidates=list(range(1, 6)),
-                       mode="mcqa", batch_size=2, probe="letters")
+    per_block = 2 if granularity == "sublayer" else 1  # sublayers: units 2i (attention), 2i+1 (MLP)
+    candidates = list(range(per_block, 6 * per_block))  # those of blocks 1..5
+    ctx = ScoreContext(model=tiny[0], tokenizer=tiny[1], dataset=ds, k=2, candidates=candidates,
+                       mode="mcqa", batch_size=2, probe="letters", granularity=granularity)
     assert res.method == name
     assert res.params["k"] == 2 and res.params["candidate_range"] == [1, 6] and res.params["seed"] == 0
     assert method.params(ctx).items() <= res.params.items()
-    assert res.forward_passes == res.calibration["forward_passes"] == method.forward_passes(5, 5, 2)
-    assert len(res.scores) == 6 and res.scores[0] is None and len(res.removed) == 2
-    assert all(res.scores[i] is not None for i in res.removed)
+    assert res.forward_passes == res.calibration["forward_passes"] == method.forward_passes(5, len(candidates), 2)
+    assert len(res.scores) == 6 * per_block and len(res.removed) == 2
+    scored = [u for u, s in enumerate(res.scores) if s is not None]
+    assert set(res.removed) <= set(scored) <= set(candidates)  # angular's blocks: the starts of runs
+    if granularity == "sublayer":
+        assert scored == candidates
+        assert res.params["granularity"] == "sublayer" and res.params["units"] == "both"
+        assert len(res.params["unit_flops"]) == 12
+    else:  # whole-block runs record what they always did
+        assert not {"granularity", "units", "unit_flops", "flops_ratio"} & set(res.params)
 
 
-@pytest.mark.parametrize("name", [n for n in METHOD_NAMES if get_method(n).ranks_all_k])
+@pytest.mark.parametrize("name", [n for n in METHOD_NAMES if get_method(n).ranks_all_k
+                                  and not get_method(n).sublayer_only])
 def test_ranks_all_k_means_one_run_serves_smaller_k(tiny, name):
     big = run_scoring("unused", mcqa(), name, k=3, block_range="0:6", model_and_tokenizer=tiny)
     for k in (1, 2):

@@ -1,6 +1,8 @@
 """Block scoring: TaBP and the baselines behind one interface, and the mask they produce.
 
     result = run_scoring(model_path, dataset, method="tabp", k=4)
+    result = run_scoring(model_path, dataset, granularity="sublayer", units="attention",
+                         flops_ratio=0.125)  # attention sublayers, until 12.5 % of the FLOPs
     mask = score_to_mask(model_path, result, task="arc_easy", model_id="llama")
 
 The methods are classes around `base.ScoringMethod`, one family per file (tabp, similarity,
@@ -19,6 +21,9 @@ from tabp_vllm.errors import TabpError
 from tabp_vllm.mask import TaskMask, make_mask, now_iso
 from tabp_vllm.scoring.base import MethodResult, ScoringMethod
 from tabp_vllm.scoring.registry import METHOD_NAMES, all_methods, get_method
+from tabp_vllm.scoring.units import (GRANULARITIES, UNIT_KINDS, UNIT_NUMBERING, Budget,
+                                     candidate_units, resolve_budget, to_mask_lists,
+                                     unit_flops_shares)
 
 DEFAULT_RANGE = (0.5, 1.0)  # blocks B/2 .. B-1: the latter half (the paper's "latter" starts one later)
 NAMED_RANGES = {
@@ -64,15 +69,10 @@ def parse_range(spec: str | None, num_blocks: int) -> list[int]:
 
 
 def resolve_k(k: int | None, ratio: float | None, num_blocks: int, candidates: list[int]) -> int:
+    """Blocks to remove from --k or --ratio (one error line when neither, both or out of range)."""
     if (k is None) == (ratio is None):
         raise TabpError("give exactly one of --k and --ratio")
-    if ratio is not None:
-        if not 0 < ratio < 1:
-            raise TabpError(f"--ratio {ratio}: must be between 0 and 1")
-        k = max(1, round(ratio * num_blocks))
-    if k < 1 or k > len(candidates) or k >= num_blocks:
-        raise TabpError(f"k = {k}: must be between 1 and the {len(candidates)} candidate blocks")
-    return k
+    return resolve_budget(k, ratio, None, num_blocks, candidates, []).k
 
 
 def run_scoring(
@@ -82,6 +82,9 @@ def run_scoring(
     *,
     k: int | None = None,
     ratio: float | None = None,
+    flops_ratio: float | None = None,
+    granularity: str = "block",
+    units: str | None = None,
     block_range: str | None = None,
     mode: str = "auto",
     statistic: str = "entropy",
@@ -104,6 +107,7 @@ def run_scoring(
     from tabp_vllm.scoring.statistics import STATISTICS
 
     scorer = get_method(method)
+    check_granularity(scorer, granularity, units)
     if statistic not in STATISTICS:
         raise TabpError(f"unknown statistic {statistic!r}: choose from {', '.join(STATISTICS)}")
     if aggregate not in ("ssn", "ddf"):
@@ -128,20 +132,35 @@ def run_scoring(
     dev = pick_device(device)
     model, tok = model_and_tokenizer or load_model(model_path, dev)
     B = model.config.num_hidden_layers
-    candidates = parse_range(block_range, B)
-    kk = resolve_k(k, ratio, B, candidates)
-    ctx = ScoreContext(model=model, tokenizer=tok, dataset=dataset, k=kk, candidates=candidates,
-                       mode=mode, statistic=statistic, aggregate=aggregate, p=p, norm=norm,
-                       batch_size=batch_size, max_length=max_length,
-                       text_positions=text_positions, probe=probe, preset=preset, seed=seed,
-                       device=dev, progress=progress)
+    blocks = parse_range(block_range, B)
+    candidates = candidate_units(blocks, granularity, units)
+    shares = unit_flops_shares(model.config, granularity)
+    budget = resolve_budget(k, ratio, flops_ratio, len(shares), candidates, shares,
+                            "blocks" if granularity == "block" else "units")
+    if granularity == "block" and budget.k is None:
+        # every block costs the same: a FLOPs share is a number of blocks, which every block
+        # method (angular's run of k included) takes
+        budget = replace(budget, k=len(budget.take(candidates)))
+    ctx = ScoreContext(model=model, tokenizer=tok, dataset=dataset, k=budget.k,
+                       candidates=candidates, mode=mode, statistic=statistic,
+                       aggregate=aggregate, p=p, norm=norm, batch_size=batch_size,
+                       max_length=max_length, text_positions=text_positions, probe=probe,
+                       preset=preset, seed=seed, device=dev, progress=progress,
+                       granularity=granularity, budget=budget)
     t0 = time.perf_counter()
     res: MethodResult = scorer.score(ctx)
     wall = time.perf_counter() - t0
-    params: dict[str, Any] = {"k": kk, "candidate_range": [candidates[0], candidates[-1] + 1],
-                              "seed": seed}
+    params: dict[str, Any] = {"k": len(res.removed),
+                              "candidate_range": [blocks[0], blocks[-1] + 1], "seed": seed}
+    if granularity == "sublayer":
+        params.update(granularity=granularity, units=units or "both",
+                      unit_numbering=UNIT_NUMBERING)
     if ratio is not None:
         params["ratio"] = ratio
+    params.update(budget.record(res.removed))
+    if flops_ratio is not None or granularity == "sublayer":
+        # each unit's FLOPs share, so `masks cut --flops-ratio` needs no model
+        params["unit_flops"] = [round(x, 8) for x in shares]
     params.update(scorer.params(ctx))
     params.update(res.params)
     calibration = dataset.provenance(seed)
@@ -150,43 +169,80 @@ def run_scoring(
                          ctx.forward_passes)
 
 
-def result_for_k(result: ScoringResult, k: int) -> ScoringResult:
-    """The result a run of the same method at a smaller `k` would give, from one at a larger k
-    (methods whose scoring ranks the blocks for every k; see `ScoringMethod.ranks_all_k`)."""
-    if k > result.params["k"]:
-        raise TabpError(f"k = {k} is larger than the scored k = {result.params['k']}")
+def check_granularity(scorer: ScoringMethod, granularity: str, units: str | None) -> None:
+    """One error line for a granularity / units / method combination that does not go."""
+    if granularity not in GRANULARITIES:
+        raise TabpError(f"unknown granularity {granularity!r}: {' or '.join(GRANULARITIES)}")
+    if units is not None and units not in UNIT_KINDS:
+        raise TabpError(f"unknown units {units!r}: choose from {', '.join(UNIT_KINDS)}")
+    if units is not None and granularity != "sublayer":
+        raise TabpError(f"--units {units} needs --granularity sublayer (blocks have no kinds)")
+    if scorer.sublayer_only and granularity != "sublayer":
+        raise TabpError(f"{scorer.name} scores sublayers: add --granularity sublayer")
+
+
+def result_at(result: ScoringResult, k: int | None = None,
+              flops_ratio: float | None = None) -> ScoringResult:
+    """The result a run of the same method at a smaller budget (`k` units or a `flops_ratio`)
+    would give, from one at a larger budget (methods whose scoring ranks the units for every
+    budget; see `ScoringMethod.ranks`): the shortest prefix of its ranking that meets it."""
+    params = result.params
     scorer = get_method(result.method)
-    if not scorer.ranks_all_k:
-        raise TabpError(f"{result.method}: the mask for k = {k} needs its own scoring run")
-    removed, params = scorer.at_smaller_k(result.scores, result.params, k)
-    return replace(result, removed=removed, params=params)
+    asked = f"k = {k}" if k is not None else f"--flops-ratio {flops_ratio}"
+    if (k is None) == (flops_ratio is None):
+        raise TabpError("give exactly one of --k and --flops-ratio")
+    if k is not None and k < 1:
+        raise TabpError(f"--k must be at least 1, not {k}")
+    if k is not None and k > params["k"]:
+        raise TabpError(f"k = {k} is larger than the scored k = {params['k']}")
+    if flops_ratio is not None:
+        if not 0 < flops_ratio < 1:
+            raise TabpError(f"--flops-ratio {flops_ratio}: must be between 0 and 1")
+        if "unit_flops" not in params:
+            raise TabpError("--flops-ratio: this mask records no FLOPs per unit (score it with "
+                            "--flops-ratio or --granularity sublayer, or cut it with --k)")
+    if not scorer.ranks(params):
+        raise TabpError(f"{result.method}: the mask for {asked} needs its own scoring run")
+    budget = Budget(k=k, flops_ratio=flops_ratio, shares=tuple(params.get("unit_flops") or ()))
+    removed, new_params = scorer.at_budget(result.scores, params, budget)
+    if not budget.met(removed) or len(removed) > params["k"]:
+        raise TabpError(f"{asked} is larger than the scored budget (k = {params['k']}"
+                        + (f", FLOPs {params['removed_flops_fraction']}"
+                           if "removed_flops_fraction" in params else "") + ")")
+    return replace(result, removed=removed, params=new_params)
 
 
-def mask_at_k(mask: TaskMask, k: int, where: str = "<mask>") -> TaskMask:
-    """The mask a scoring run at a smaller `k` would have written, cut from a scored mask's own
-    scores (`masks cut`): one scoring run, then any smaller k."""
+def result_for_k(result: ScoringResult, k: int) -> ScoringResult:
+    """`result_at` a smaller `k` (the comparison report cuts its k's this way)."""
+    return result_at(result, k=k)
+
+
+def mask_cut(mask: TaskMask, k: int | None = None, flops_ratio: float | None = None,
+             where: str = "<mask>") -> TaskMask:
+    """The mask a scoring run at a smaller budget would have written, cut from a scored mask's
+    own scores (`masks cut`): one scoring run, then any smaller k or FLOPs share."""
     if not mask.scores or "k" not in mask.params:
         raise TabpError(f"{where}: method {mask.method!r} recorded no per-block scores to cut "
                         f"(only masks written by `score` can be cut)")
-    if k < 1:
-        raise TabpError(f"--k must be at least 1, not {k}")
-    result = ScoringResult(method=mask.method, removed=mask.removed_layers, scores=mask.scores,
-                           params=mask.params, calibration=mask.calibration, wall_s=0.0,
-                           forward_passes=0)
+    granularity = mask.params.get("granularity", "block")
+    result = ScoringResult(method=mask.method, removed=[], scores=mask.scores, params=mask.params,
+                           calibration=mask.calibration, wall_s=0.0, forward_passes=0)
     try:
-        cut = result_for_k(result, k)
+        cut = result_at(result, k, flops_ratio)
     except TabpError as exc:
         raise TabpError(f"{where}: {exc}") from None
-    return replace(mask, removed_layers=sorted(cut.removed), params=cut.params,
+    return replace(mask, **to_mask_lists(cut.removed, granularity), params=cut.params,
                    created_at=now_iso())
 
 
 def score_to_mask(model_path: str, result: ScoringResult, task: str,
                   model_id: str | None = None) -> TaskMask:
-    return make_mask(model_path, result.removed, task=task, model_id=model_id,
-                     method=result.method, params=result.params, scores=result.scores,
-                     calibration=result.calibration)
+    lists = to_mask_lists(result.removed, result.params.get("granularity", "block"))
+    return make_mask(model_path, task=task, model_id=model_id, method=result.method,
+                     params=result.params, scores=result.scores, calibration=result.calibration,
+                     **lists)
 
 
 __all__ = ["METHOD_NAMES", "ScoringMethod", "ScoringResult", "all_methods", "get_method",
-           "mask_at_k", "parse_range", "resolve_k", "result_for_k", "run_scoring", "score_to_mask"]
+           "mask_cut", "parse_range", "resolve_k", "result_at", "result_for_k",
+           "run_scoring", "score_to_mask"]

@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from tabp_vllm.scoring.probe import ScoreContext
+    from tabp_vllm.scoring.units import Budget
 
 
 @dataclass
 class MethodResult:
-    """`scores[i]` is block i's importance (higher = keep), None outside the candidate range (or not
-    scored); `removed` are the k blocks the method takes out; `params` are values the run itself
+    """`scores[u]` is unit u's importance (higher = keep; a unit is a block, or a sublayer at
+    sublayer granularity: units.py), None outside the candidates (or not scored); `removed` are
+    the units the method takes out (its budget: `ScoreContext.budget`); `params` are values the run itself
     produced that the mask records (e.g. SLEB's removal order)."""
 
     scores: list[float | None]
@@ -28,10 +30,14 @@ class MethodResult:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+def ranked(scores: list[float | None], candidates: list[int]) -> list[int]:
+    """The candidates, lowest score (the first to remove) first; ties: the lower index first."""
+    return sorted(candidates, key=lambda i: (scores[i], i))
+
+
 def lowest(scores: list[float | None], candidates: list[int], k: int) -> list[int]:
     """The k candidates with the lowest scores (ties: the lower index), sorted."""
-    ranked = sorted(candidates, key=lambda i: (scores[i], i))
-    return sorted(ranked[:k])
+    return sorted(ranked(scores, candidates)[:k])
 
 
 class ScoringMethod:
@@ -40,8 +46,10 @@ class ScoringMethod:
     name: ClassVar[str]
     summary: ClassVar[str]
     # True: the scores rank the blocks, so one run at the largest k gives the mask of every
-    # smaller k (`at_smaller_k`). False: the blocks removed depend on k (rerun per k).
+    # smaller k (`at_budget`). False: the blocks removed depend on k (rerun per k).
     ranks_all_k: ClassVar[bool] = True
+    # True: the method scores sublayers only (needs --granularity sublayer).
+    sublayer_only: ClassVar[bool] = False
 
     def forward_passes(self, samples: int, candidates: int, k: int) -> int:
         """Sample-forward passes one run costs (one sample through the model once)."""
@@ -54,12 +62,26 @@ class ScoringMethod:
     def score(self, ctx: ScoreContext) -> MethodResult:
         raise NotImplementedError
 
-    def at_smaller_k(self, scores: list[float | None], params: dict[str, Any],
-                     k: int) -> tuple[list[int], dict[str, Any]]:
-        """(removed blocks, recorded params) of a run at `k`, from a run at a larger k that gave
-        `scores` and `params` (only when `ranks_all_k`): the k lowest-scoring candidates."""
-        lo, hi = params["candidate_range"]
-        return lowest(scores, list(range(lo, hi)), k), {**params, "k": k}
+    def ranks(self, params: dict[str, Any]) -> bool:
+        """Whether a run with these recorded `params` ranks its units for every budget (a smaller
+        budget is a prefix of its ranking)."""
+        return self.ranks_all_k
+
+    def ranking(self, scores: list[float | None], params: dict[str, Any]) -> list[int]:
+        """The recorded run's removal order (only when `ranks`): its candidate units, lowest
+        score first."""
+        from tabp_vllm.scoring.units import recorded_candidates
+
+        return ranked(scores, recorded_candidates(params))
+
+    def at_budget(self, scores: list[float | None], params: dict[str, Any],
+                  budget: Budget) -> tuple[list[int], dict[str, Any]]:
+        """(removed units, recorded params) of a run at a smaller `budget`, from a run that gave
+        `scores` and `params` (only when `ranks`): the shortest prefix of its ranking that meets
+        the budget."""
+        removed = budget.take(self.ranking(scores, params))
+        kept = {k: v for k, v in params.items() if k not in ("flops_ratio", "removed_flops_fraction")}
+        return sorted(removed), {**kept, "k": len(removed), **budget.record(removed)}
 
     def __repr__(self) -> str:
         return f"<scoring method {self.name}>"

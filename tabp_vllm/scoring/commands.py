@@ -34,7 +34,8 @@ def score_with_options(o: ScoreOptions, *, k: int | None = None, model_and_token
     ds = data.first(o.samples) if o.first_samples else data.subset(o.samples, o.seed)
     kk, ratio = (k, None) if k is not None else o.blocks()
     return run_scoring(resolve_model(o.model), ds, o.method, k=kk, ratio=ratio,
-                       block_range=o.block_range, mode=o.mode, statistic=o.statistic,
+                       flops_ratio=None if k is not None else o.flops_ratio,
+                       granularity=o.granularity, units=o.units, block_range=o.block_range, mode=o.mode, statistic=o.statistic,
                        aggregate=o.aggregate, p=o.p, norm=o.norm, batch_size=o.batch_size,
                        max_length=o.max_length, text_positions=o.text_positions, probe=o.probe,
                        preset=o.preset, seed=o.seed, device=o.device,
@@ -53,7 +54,12 @@ def run_score(o: ScoreOptions) -> None:
     task = o.task.removeprefix(LMEVAL_PREFIX)
     mask = score_to_mask(resolve_model(o.model), res, task=task, model_id=alias_of(o.model))
     mask.save(o.output)
-    console.print(f"wrote {o.output}: method={res.method} removed {res.removed} "
-                  f"({mask.num_kept}/{mask.num_hidden_layers} kept), "
+    removed = (f"removed {res.removed}" if not mask.is_sublayer else
+               f"removed units {res.removed} (blocks {mask.removed_layers}, attention of "
+               f"{mask.removed_attention}, MLP of {mask.removed_mlp})")
+    flops = res.params.get("removed_flops_fraction")
+    console.print(f"wrote {o.output}: method={res.method} {removed} "
+                  f"({mask.num_kept}/{mask.num_hidden_layers} blocks kept"
+                  f"{'' if flops is None else f', {flops:.1%} of the FLOPs removed'}), "
                   f"{res.calibration['samples']} samples, "
                   f"{res.forward_passes} forward passes, {res.wall_s:.1f} s")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from tabp_vllm.scoring.base import MethodResult, ScoringMethod, lowest
+from tabp_vllm.scoring.base import MethodResult, ScoringMethod
 
 
 class _Floor(ScoringMethod):
@@ -17,10 +17,10 @@ class _Floor(ScoringMethod):
         raise NotImplementedError
 
     def score(self, ctx) -> MethodResult:
-        scores: list[float | None] = [None] * ctx.num_blocks
-        for i, value in zip(ctx.candidates, self.candidate_scores(ctx)):
-            scores[i] = value
-        return MethodResult(scores, lowest(scores, ctx.candidates, ctx.k))
+        scores: list[float | None] = [None] * ctx.num_units
+        for u, value in zip(ctx.candidates, self.candidate_scores(ctx)):
+            scores[u] = value
+        return MethodResult(scores, ctx.remove_lowest(scores))
 
 
 class RandomBlocks(_Floor):
@@ -34,11 +34,14 @@ class RandomBlocks(_Floor):
 
 class LastK(_Floor):
     """The last k candidates before the final block, which Gromov et al.'s heuristic keeps (it
-    maps the residual stream to the head's input); the final block goes last of all."""
+    maps the residual stream to the head's input); the final block goes last of all. At sublayer
+    granularity the same order over units (the later unit first, the final block's units last)."""
 
     name = "last_k"
     summary = "floor: the last k candidate blocks, the final block kept"
 
     def candidate_scores(self, ctx) -> list[float]:
-        final = ctx.num_blocks - 1
-        return [float(ctx.num_blocks if i == final else final - i) for i in ctx.candidates]
+        per_block = ctx.num_units // ctx.num_blocks
+        final_block, last = ctx.num_blocks - 1, ctx.num_units - 1
+        return [float(ctx.num_units if u // per_block == final_block else last - u)
+                for u in ctx.candidates]

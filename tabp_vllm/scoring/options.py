@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -41,8 +41,19 @@ class ScoreOptions(Options):
     statistic: str = option(_scoring_default("statistic"), "entropy|top1|gold|gap|kl|js|ce.")
     aggregate: str = option(_scoring_default("aggregate"), "ssn|ddf.")
     p: float = option(_scoring_default("p"), "SSN norm order.")
-    k: Optional[int] = option(None, "Blocks to remove.", shown=f"{DEFAULT_K} unless --ratio")
-    ratio: Optional[float] = option(None, "Share of blocks to remove (instead of --k).")
+    k: Optional[int] = option(None, "Blocks (sublayer units) to remove.",
+                              shown=f"{DEFAULT_K} unless --ratio or --flops-ratio")
+    ratio: Optional[float] = option(None, "Share of blocks (of the 2L units) to remove (instead "
+                                    "of --k).")
+    flops_ratio: Optional[float] = option(
+        None, "Share of the dense model's ideal FLOPs to remove (instead of --k): the lowest-scored "
+        "units go until their FLOPs reach it (the last one may overshoot).", "--flops-ratio")
+    granularity: Literal["block", "sublayer"] = option(
+        _scoring_default("granularity"), "What a unit is: whole blocks, or each block's attention "
+        "and MLP sublayers (2L units).")
+    units: Optional[Literal["attention", "mlp", "both"]] = option(
+        _scoring_default("units"), "With --granularity sublayer: the candidate sublayers.",
+        shown="both")
     block_range: Optional[str] = option(
         _scoring_default("block_range"), "Candidate blocks: latter (B/2+1..B-1, the paper's), whole "
         "(1..B-2), fractions 0.5:1.0 or indices 15:30.", "--range",
@@ -105,7 +116,7 @@ class ScoreOptions(Options):
         return value
 
     def blocks(self) -> tuple[Optional[int], Optional[float]]:
-        """(k, ratio) for `run_scoring`: DEFAULT_K when neither is given."""
-        if self.k is None and self.ratio is None:
+        """(k, ratio) for `run_scoring`: DEFAULT_K when no budget is given."""
+        if self.k is None and self.ratio is None and self.flops_ratio is None:
             return self.DEFAULT_K, None
         return self.k, self.ratio

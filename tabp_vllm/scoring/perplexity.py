@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from tabp_vllm.scoring.base import MethodResult, ScoringMethod, lowest
+from tabp_vllm.scoring.base import MethodResult, ScoringMethod
 from tabp_vllm.scoring.probe import ScoreContext, forward_batches, lm_text
 
 
 @torch.no_grad()
 def calibration_nll(ctx: ScoreContext, removed: set[int], tick=None) -> float:
-    """Mean next-token NLL over the calibration texts with `removed` blocks left out (log PPL)."""
+    """Mean next-token NLL over the calibration texts with `removed` units (blocks, or sublayers
+    at sublayer granularity) left out (log PPL)."""
     total, count = 0.0, 0
     for b in forward_batches(ctx, lm_text, skip=removed, tick=tick):
         logits = ctx.model.lm_head(b.output).float()
@@ -37,6 +38,19 @@ def calibration_nll(ctx: ScoreContext, removed: set[int], tick=None) -> float:
 WIKITEXT_SPLIT = "test"  # the one split of WikiText-2 in ../shared/data
 
 
+def on_wikitext(ctx: ScoreContext, score: Callable[[ScoreContext], MethodResult]) -> MethodResult:
+    """`score` run on generic text, as the published baselines calibrate: as many WikiText-2
+    paragraphs as the task gave samples, seeded (the same cost either way); its passes count in
+    `ctx`."""
+    from tabp_vllm.data import load_task
+
+    text = load_task("wikitext2", WIKITEXT_SPLIT).subset(len(ctx.dataset), ctx.seed)
+    sub = replace(ctx, dataset=text, mode="text", forward_passes=0)
+    result = score(sub)
+    ctx.forward_passes += sub.forward_passes
+    return result
+
+
 class _PerplexityMethod(ScoringMethod):
     """Where the calibration text comes from: WikiText-2 (as published) or the task's own data."""
 
@@ -50,44 +64,44 @@ class _PerplexityMethod(ScoringMethod):
     def score(self, ctx: ScoreContext) -> MethodResult:
         if self.calibration_text == "task":
             return self.score_on(ctx)
-        from tabp_vllm.data import load_task
-
-        # As many generic paragraphs as the task gave samples, seeded: the same cost either way.
-        text = load_task("wikitext2", WIKITEXT_SPLIT).subset(len(ctx.dataset), ctx.seed)
-        sub = replace(ctx, dataset=text, mode="text", forward_passes=0)
-        result = self.score_on(sub)
-        ctx.forward_passes += sub.forward_passes
-        return result
+        return on_wikitext(ctx, self.score_on)
 
     def score_on(self, ctx: ScoreContext) -> MethodResult:
         raise NotImplementedError
 
 
 class SLEB(_PerplexityMethod):
-    """k rounds; each removes the block whose removal gives the lowest calibration PPL. Score of a
-    block = the log-PPL measured when it was chosen / last evaluated (lower = remove)."""
+    """k rounds (or until a FLOPs budget is met); each removes the unit (block or sublayer) whose
+    removal gives the lowest calibration PPL. Score of a unit = the log-PPL measured when it was
+    chosen / last evaluated (lower = remove)."""
 
     name = "sleb"
     summary = "SLEB: k greedy rounds, each removing the block that least raises WikiText-2 perplexity"
     # Its ranking is the greedy removal order, not the scores: the first k rounds of a run at a
-    # larger k are exactly the run at k (`at_smaller_k`).
+    # larger k are exactly the run at k (`at_budget`).
     ranks_all_k = True
 
     def forward_passes(self, samples: int, candidates: int, k: int) -> int:
         return sum(candidates - r for r in range(k)) * samples
 
-    def at_smaller_k(self, scores, params, k):
-        order = params["removal_order"][:k]
-        return sorted(order), {**params, "k": k, "removal_order": order}
+    def ranking(self, scores, params):
+        return list(params["removal_order"])
+
+    def at_budget(self, scores, params, budget):
+        removed, recorded = super().at_budget(scores, params, budget)
+        return removed, {**recorded, "removal_order": params["removal_order"][:len(removed)]}
 
     def score_on(self, ctx: ScoreContext) -> MethodResult:
         removed: set[int] = set()
-        scores: list[float | None] = [None] * ctx.num_blocks
+        scores: list[float | None] = [None] * ctx.num_units
         remaining = list(ctx.candidates)
-        total = sum(len(remaining) - r for r in range(ctx.k)) * ctx.num_batches()
+        budget = ctx.the_budget()
+        # a FLOPs budget: the rounds are not known ahead; the bar counts up to every candidate
+        rounds = ctx.k if ctx.k is not None else len(remaining)
+        total = sum(len(remaining) - r for r in range(rounds)) * ctx.num_batches()
         tick = ctx.task("SLEB", total)
         order = []
-        for _ in range(ctx.k):
+        while remaining and not budget.met(removed):
             best, best_nll = None, math.inf
             for b in remaining:
                 nll = calibration_nll(ctx, removed | {b}, tick)
@@ -110,11 +124,11 @@ class PPLSensitivity(_PerplexityMethod):
         return candidates * samples
 
     def score_on(self, ctx: ScoreContext) -> MethodResult:
-        scores: list[float | None] = [None] * ctx.num_blocks
+        scores: list[float | None] = [None] * ctx.num_units
         tick = ctx.task("PPL sensitivity", len(ctx.candidates) * ctx.num_batches())
-        for b in ctx.candidates:
-            scores[b] = calibration_nll(ctx, {b}, tick)
-        return MethodResult(scores, lowest(scores, ctx.candidates, ctx.k))
+        for u in ctx.candidates:
+            scores[u] = calibration_nll(ctx, {u}, tick)
+        return MethodResult(scores, ctx.remove_lowest(scores))
 
 
 class SLEBTask(SLEB):

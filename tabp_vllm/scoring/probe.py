@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
 from tabp_vllm.data import LETTERS, Dataset, TextItem, mcqa_context
 from tabp_vllm.errors import TabpError
+from tabp_vllm.scoring.base import ranked
+
+if TYPE_CHECKING:
+    from tabp_vllm.scoring.units import Budget
 
 
 def pick_device(device: str = "auto") -> str:
@@ -47,8 +51,8 @@ class ScoreContext:
     model: Any
     tokenizer: Any
     dataset: Dataset
-    k: int
-    candidates: list[int]
+    k: int | None  # units to remove; None when `budget` is a FLOPs share
+    candidates: list[int]  # candidate units: blocks, or sublayer units (units.py) by granularity
     # The user-facing defaults live in `run_scoring`'s signature (ScoreOptions takes them from
     # there); those below are the same values, except where the context holds what run_scoring
     # resolved: `mode` (its "auto" becomes the data's kind) and `device` ("auto" -> cpu or cuda).
@@ -67,10 +71,26 @@ class ScoreContext:
     device: str = "cpu"
     progress: Callable[[str, int], Callable[[int], None]] | None = None
     forward_passes: int = 0  # sample-forward passes (one sample through the model once)
+    granularity: str = "block"  # block | sublayer: what a unit is (units.py)
+    budget: Budget | None = None  # how much goes; None: the k lowest
 
     @property
     def num_blocks(self) -> int:
         return len(decoder_layers(self.model))
+
+    @property
+    def num_units(self) -> int:
+        """Blocks, or 2 units a block (attention, MLP) at sublayer granularity."""
+        return self.num_blocks * (2 if self.granularity == "sublayer" else 1)
+
+    def the_budget(self) -> Budget:
+        from tabp_vllm.scoring.units import Budget
+
+        return self.budget or Budget(k=self.k)
+
+    def remove_lowest(self, scores: list[float | None]) -> list[int]:
+        """The candidates the budget removes, lowest score first (ties: the lower index), sorted."""
+        return sorted(self.the_budget().take(ranked(scores, self.candidates)))
 
     def task(self, desc: str, total: int) -> Callable[[int], None]:
         if self.progress is None:
@@ -116,7 +136,10 @@ class ForwardBatch:
     items: list
     inputs: dict[str, torch.Tensor]  # input_ids, attention_mask, position_ids; left padded
     output: torch.Tensor  # the last hidden state after the final norm: what the LM head reads
-    hidden: list[torch.Tensor]  # hidden=True: h_0 (embeddings) .. h_B (before the final norm)
+    # hidden=True: h_0 (embeddings) .. h_B (before the final norm); at sublayer granularity also
+    # the residual stream between each block's attention and MLP: h_0, a_0, h_1, a_1, .., h_B
+    # (2B + 1 states, state u + 1 is the one after unit u)
+    hidden: list[torch.Tensor]
 
 
 @torch.no_grad()
@@ -124,9 +147,11 @@ def forward_batches(ctx: ScoreContext, text: Callable[[Any], str], *, hidden: bo
                     skip: set[int] = frozenset(),
                     tick: Callable[[int], None] | None = None) -> Iterator[ForwardBatch]:
     """The calibration set through the model, `ctx.batch_size` samples at a time, each sample
-    written by `text(item)`, with the `skip` blocks left out. Counts `ctx.forward_passes` and ticks
-    `tick` once per batch, after the caller has used it. Every scorer's forward pass is this one."""
+    written by `text(item)`, with the `skip` units (blocks, or sublayer units at sublayer
+    granularity) left out. Counts `ctx.forward_passes` and ticks `tick` once per batch, after the
+    caller has used it. Every scorer's forward pass is this one."""
     model = ctx.model
+    sublayer = ctx.granularity == "sublayer"
     items = ctx.dataset.items
     for s in range(0, len(items), ctx.batch_size):
         chunk = items[s:s + ctx.batch_size]
@@ -136,13 +161,19 @@ def forward_batches(ctx: ScoreContext, text: Callable[[Any], str], *, hidden: bo
         def grab(_m, _i, o):
             states.append(o[0] if isinstance(o, tuple) else o)
 
+        def grab_input(_m, args):
+            states.append(args[0])
+
         hooks = []
-        if hidden:
-            hooks.append(model.model.embed_tokens.register_forward_hook(grab))
-            hooks += [l.register_forward_hook(grab) for i, l in enumerate(decoder_layers(model))
-                      if i not in skip]
         try:
-            with without_blocks(model, skip):
+            with skipping(ctx, skip):
+                if hidden:  # on the blocks that run (those left out are gone from the list)
+                    hooks.append(model.model.embed_tokens.register_forward_hook(grab))
+                    for layer in decoder_layers(model):
+                        if sublayer:  # the stream after the attention is the MLP norm's input
+                            hooks.append(layer.post_attention_layernorm
+                                         .register_forward_pre_hook(grab_input))
+                        hooks.append(layer.register_forward_hook(grab))
                 out = model.model(**inputs, use_cache=False).last_hidden_state
         finally:
             for h in hooks:
@@ -151,6 +182,17 @@ def forward_batches(ctx: ScoreContext, text: Callable[[Any], str], *, hidden: bo
         yield ForwardBatch(chunk, inputs, out, states)
         if tick:
             tick(1)
+
+
+def skipping(ctx: ScoreContext, units: set[int]):
+    """The model with `units` left out: whole blocks, or sublayers at sublayer granularity."""
+    if ctx.granularity != "sublayer":
+        return without_blocks(ctx.model, units)
+    from tabp_vllm.sublayers import block_kind, without_sublayers
+
+    kinds = [block_kind(u) for u in units]
+    return without_sublayers(ctx.model, attention={i for i, kind in kinds if kind == "attention"},
+                             mlp={i for i, kind in kinds if kind == "mlp"})
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ _CLASSES: dict[str, tuple[str, str]] = {
     "tabp": ("tabp", "TaBP"),
     "block_influence": ("similarity", "BlockInfluence"),
     "angular": ("similarity", "Angular"),
+    "what_matters": ("similarity", "WhatMatters"),
     "sleb": ("perplexity", "SLEB"),
     "ppl": ("perplexity", "PPLSensitivity"),
     "sleb-task": ("perplexity", "SLEBTask"),

@@ -1,5 +1,9 @@
 """TaBP: per-sample statistics of the early-exit distribution after every block, their shifts
-across each block, and the DDF / SSN aggregation of those shifts into one score per block."""
+across each block, and the DDF / SSN aggregation of those shifts into one score per block.
+
+At sublayer granularity the early exit is read after every attention and after every MLP (2B + 1
+states, probe.ForwardBatch.hidden): 2B shifts, one per sublayer unit, the same statistics and
+aggregates."""
 
 from __future__ import annotations
 
@@ -10,13 +14,14 @@ import torch
 from tabp_vllm.data import LETTERS, MCQAItem, TextItem, mcqa_context, mcqa_lettered_prompt
 from tabp_vllm.errors import TabpError
 from tabp_vllm.scoring import statistics as st
-from tabp_vllm.scoring.base import MethodResult, ScoringMethod, lowest
+from tabp_vllm.scoring.base import MethodResult, ScoringMethod
 from tabp_vllm.scoring.probe import (ScoreContext, forward_batches, lens_logits, lm_text,
                                      option_token_ids)
 
 
 def shifts(stats: torch.Tensor) -> torch.Tensor:
-    """stats (N, B+1): s_0 (embeddings) .. s_B; returns d (N, B) with d_i = s_{i+1} - s_i."""
+    """stats (N, B+1): s_0 (embeddings) .. s_B; returns d (N, B) with d_i = s_{i+1} - s_i (the
+    shift across unit i, a block or a sublayer)."""
     return stats[:, 1:] - stats[:, :-1]
 
 
@@ -104,7 +109,8 @@ def _text_positions(length: int, wanted: int, device) -> torch.Tensor:
 
 @torch.no_grad()
 def per_sample_statistics(ctx: ScoreContext, answers: list[bool] | None = None) -> torch.Tensor:
-    """s_i(n) for i = 0..B (h_0 = embeddings): a (N, B+1) tensor. One forward pass per sample.
+    """s_i(n) for i = 0..B (h_0 = embeddings): a (N, B+1) tensor (N, 2B+1 at sublayer
+    granularity). One forward pass per sample.
 
     With `answers` (a list, letters probe), appends per sample whether the model's own output
     picks the gold letter: what `auto` needs to judge the lettered format, from the same pass."""
@@ -241,7 +247,7 @@ class TaBP(ScoringMethod):
             stats = per_sample_statistics(ctx)
         d = shifts(stats)
         agg = aggregate(d, ctx.aggregate, st.ALPHA[ctx.statistic], ctx.p, self.ties(ctx))
-        scores: list[float | None] = [None] * ctx.num_blocks
-        for i in ctx.candidates:
-            scores[i] = float(agg[i])
-        return MethodResult(scores, lowest(scores, ctx.candidates, ctx.k))
+        scores: list[float | None] = [None] * ctx.num_units
+        for u in ctx.candidates:
+            scores[u] = float(agg[u])
+        return MethodResult(scores, ctx.remove_lowest(scores))
