@@ -59,13 +59,15 @@ def test_cli_method_choices_are_the_registry(tmp_path):
                                               if g == "sublayer" or not get_method(n).sublayer_only])
 def test_every_method_records_its_params_and_costs_what_it_reports(tiny, name, granularity):
     ds = mcqa(5)
+    # max_length 32: WikiText paragraphs (sleb, ppl, what_matters) cut short, as the cost is in passes
     res = run_scoring("unused", ds, name, k=2, block_range="1:6", batch_size=2, model_and_tokenizer=tiny,
-                      probe="letters", granularity=granularity)  # auto may add a pass (tests/test_tabp_probe.py)
+                      probe="letters", granularity=granularity,  # auto may add a pass (tests/test_tabp_probe.py)
+                      max_length=32)
     method = get_method(name)
     per_block = 2 if granularity == "sublayer" else 1  # sublayers: units 2i (attention), 2i+1 (MLP)
     candidates = list(range(per_block, 6 * per_block))  # those of blocks 1..5
     ctx = ScoreContext(model=tiny[0], tokenizer=tiny[1], dataset=ds, k=2, candidates=candidates,
-                       mode="mcqa", batch_size=2, probe="letters", granularity=granularity)
+                       mode="mcqa", batch_size=2, probe="letters", granularity=granularity, max_length=32)
     assert res.method == name
     assert res.params["k"] == 2 and res.params["candidate_range"] == [1, 6] and res.params["seed"] == 0
     assert method.params(ctx).items() <= res.params.items()

@@ -13,6 +13,27 @@ from tabp_vllm.scoring.floors import LastK
 from tabp_vllm.scoring.probe import ScoreContext, forward_batches, lm_text
 
 
+@torch.no_grad()
+def per_unit_mean(ctx: ScoreContext, desc: str, measure) -> list[float]:
+    """For each unit u (block or sublayer), the mean over the calibration text of `measure(h_u,
+    h_u+1, batch) -> (sum, count)`, a comparison of the unit's input and output residual stream."""
+    sums = torch.zeros(ctx.num_units, dtype=torch.float64)
+    count = 0
+    tick = ctx.task(desc, ctx.num_batches())
+    for b in forward_batches(ctx, lm_text, hidden=True, tick=tick):
+        for u in range(ctx.num_units):
+            total, n = measure(b.hidden[u], b.hidden[u + 1], b)
+            sums[u] += total
+        count += n
+    return (sums / max(count, 1)).tolist()
+
+
+def lowest_units(ctx: ScoreContext, values: list[float]) -> MethodResult:
+    """The candidates' values as scores; the budget removes the lowest."""
+    scores = [values[u] if u in ctx.candidates else None for u in range(ctx.num_units)]
+    return MethodResult(scores, ctx.remove_lowest(scores))
+
+
 class BlockInfluence(ScoringMethod):
     """ShortGPT: BI_i = 1 - mean over tokens of cos(h_i, h_{i+1}); remove the lowest. At sublayer
     granularity the same of each attention and MLP sublayer: its input vs its output residual
@@ -24,22 +45,13 @@ class BlockInfluence(ScoringMethod):
     def params(self, ctx: ScoreContext) -> dict[str, Any]:
         return {"mode": "text", "max_length": ctx.max_length}
 
-    @torch.no_grad()
     def score(self, ctx: ScoreContext) -> MethodResult:
-        U = ctx.num_units
-        sums = torch.zeros(U, dtype=torch.float64)
-        count = 0
-        tick = ctx.task("block influence", ctx.num_batches())
-        for b in forward_batches(ctx, lm_text, hidden=True, tick=tick):
-            hs = b.hidden
-            valid = b.inputs["attention_mask"].bool()
-            for u in range(U):
-                cos = torch.nn.functional.cosine_similarity(hs[u].float(), hs[u + 1].float(), dim=-1)
-                sums[u] += float((1 - cos)[valid].double().sum())
-            count += int(valid.sum())
-        bi = (sums / max(count, 1)).tolist()
-        scores = [bi[u] if u in ctx.candidates else None for u in range(U)]
-        return MethodResult(scores, ctx.remove_lowest(scores))
+        def one_minus_cos(h_in, h_out, batch):
+            valid = batch.inputs["attention_mask"].bool()
+            cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
+            return float((1 - cos)[valid].double().sum()), int(valid.sum())
+
+        return lowest_units(ctx, per_unit_mean(ctx, "block influence", one_minus_cos))
 
 
 class WhatMatters(BlockInfluence):
@@ -110,16 +122,9 @@ class Angular(ScoringMethod):
         return MethodResult(scores, list(range(best, best + n)))
 
     def score_units(self, ctx: ScoreContext) -> MethodResult:
-        U = ctx.num_units
-        sums = torch.zeros(U, dtype=torch.float64)
-        N = 0
-        tick = ctx.task("angular distance", ctx.num_batches())
-        for b in forward_batches(ctx, lm_text, hidden=True, tick=tick):
-            hs = b.hidden
-            for u in range(U):
-                cos = torch.nn.functional.cosine_similarity(hs[u][:, -1].float(),
-                                                            hs[u + 1][:, -1].float(), dim=-1)
-                sums[u] += float((torch.arccos(cos.clamp(-1, 1)) / math.pi).double().sum())
-            N += b.inputs["input_ids"].shape[0]
-        scores = [float(sums[u] / max(N, 1)) if u in ctx.candidates else None for u in range(U)]
-        return MethodResult(scores, ctx.remove_lowest(scores))
+        def angle_at_last_token(h_in, h_out, batch):
+            cos = torch.nn.functional.cosine_similarity(h_in[:, -1].float(), h_out[:, -1].float(),
+                                                        dim=-1)
+            return float((torch.arccos(cos.clamp(-1, 1)) / math.pi).double().sum()), len(cos)
+
+        return lowest_units(ctx, per_unit_mean(ctx, "angular distance", angle_at_last_token))
