@@ -59,7 +59,7 @@ def run_score(o: ScoreOptions) -> None:
                f"{mask.removed_attention}, MLP of {mask.removed_mlp})")
     flops = res.params.get("removed_flops_fraction")
     console.print(f"wrote {o.output}: method={res.method} {removed} "
-                  f"({mask.num_kept}/{mask.num_hidden_layers} blocks kept"
+                  f"({mask.num_kept}/{mask.num_hidden_layers} kept"
                   f"{'' if flops is None else f', {flops:.1%} of the FLOPs removed'}), "
                   f"{res.calibration['samples']} samples, "
                   f"{res.forward_passes} forward passes, {res.wall_s:.1f} s")
