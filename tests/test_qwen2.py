@@ -14,7 +14,7 @@ from tabp_vllm.data import Dataset, MCQAItem, TextItem
 from tabp_vllm.errors import TabpError
 from tabp_vllm.mask import load_mask, make_mask
 from tabp_vllm.models import load_model_config
-from tabp_vllm.scoring import METHOD_NAMES, run_scoring
+from tabp_vllm.scoring import METHOD_NAMES, get_method, run_scoring
 from tabp_vllm.scoring.probe import ScoreContext, lens_logits
 from tiny_llama import tiny_qwen2
 
@@ -50,16 +50,20 @@ def test_probe_reads_the_final_norm_and_the_untied_head(tiny):
     assert not torch.allclose(lens, tied, atol=1e-2)
 
 
-# sleb and ppl are sleb-task and ppl-task on WikiText-2 (the same code, 40 s more here)
-@pytest.mark.parametrize("name", [n for n in METHOD_NAMES if n not in ("sleb", "ppl")])
-def test_every_method_scores_qwen2(tiny, name):
+@pytest.mark.parametrize("name,granularity", [(n, g) for g in ("block", "sublayer") for n in METHOD_NAMES
+                                              if g == "sublayer" or not get_method(n).sublayer_only])
+def test_every_method_scores_qwen2(tiny, name, granularity):
     model, tok, _ = tiny
     data = Dataset("m", "train", "mcqa", [MCQAItem(f"Is {i} > 1?", ["no", "yes"], int(i > 1))
                                           for i in range(4)])
+    # max_length 32: WikiText paragraphs (sleb, ppl, what_matters) cut short
     res = run_scoring("unused", data, name, k=2, block_range="1:6", batch_size=2,
-                      model_and_tokenizer=(model, tok))
-    assert len(res.removed) == 2 and all(1 <= b < 6 for b in res.removed)
-    if name == "block_influence":  # block 3 writes nothing: its influence is zero, it goes first
+                      model_and_tokenizer=(model, tok), probe="letters", granularity=granularity,
+                      max_length=32)
+    per_block = 2 if granularity == "sublayer" else 1  # units 2i (attention), 2i+1 (MLP)
+    assert len(res.removed) == 2 and all(per_block <= u < 6 * per_block for u in res.removed)
+    if name == "block_influence" and granularity == "block":
+        # block 3 writes nothing: its influence is zero, it goes first
         assert 3 in res.removed and res.scores[3] == pytest.approx(0.0, abs=1e-6)
 
 
