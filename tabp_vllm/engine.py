@@ -8,6 +8,7 @@ the CPU's flags, GPU or not) is `hardware.py`; what an engine needs in memory is
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 from typing import Any
@@ -17,7 +18,10 @@ from tabp_vllm.loader import (
     EXTRA_MASK_HASH,
     EXTRA_NUM_LAYERS,
     EXTRA_REMOVED,
+    EXTRA_REMOVED_ATTENTION,
+    EXTRA_REMOVED_MLP,
     LOAD_FORMAT,
+    SUBLAYER_ARCHITECTURE,
 )
 from tabp_vllm.mask import TaskMask
 from tabp_vllm.memory import DEFAULT_CPU_KV_CACHE_GIB, GiB
@@ -47,6 +51,60 @@ def per_layer_overrides(config: dict[str, Any], mask: TaskMask) -> dict[str, Any
         if key != "architectures" and isinstance(value, list) and len(value) == n:
             overrides[key] = [value[i] for i in kept]
     return overrides
+
+
+class AttrDict(dict):
+    """A dict read by attribute too: vLLM's DeciLM reads `block_config.attention.no_op` (a plain
+    dict fails), while a dict stays JSON-serialisable wherever vLLM writes the config out.
+    Missing keys raise AttributeError, so `hasattr` answers as DeciLM expects."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def sublayer_block_configs(config: dict[str, Any], removed_layers: list[int],
+                           removed_attention: list[int], removed_mlp: list[int]) -> list[AttrDict]:
+    """DeciLM's per-block configs for a sublayer mask: every block at the checkpoint's own shape
+    (n_heads_in_group from the GQA ratio, intermediate_size given directly: DeciLM's `ffn_mult`
+    rounds to a multiple of 256, which misses many real widths), the removed sublayers no_op and a
+    block removed whole no_op twice (its slot stays: no renumbering on this path)."""
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads")
+    group = heads // (kv_heads or heads)
+    blocks = []
+    for i in range(config["num_hidden_layers"]):
+        gone = i in removed_layers
+        blocks.append(AttrDict(
+            attention=AttrDict(no_op=gone or i in removed_attention, n_heads_in_group=group),
+            ffn=AttrDict(no_op=gone or i in removed_mlp,
+                         intermediate_size=config["intermediate_size"])))
+    return blocks
+
+
+def apply_sublayer_overrides(hf_config, removed_layers: list[int], removed_attention: list[int],
+                             removed_mlp: list[int]):
+    """vLLM's `hf_overrides` for a sublayer mask (under functools.partial: picklable, so it
+    reaches vLLM's worker processes and Ray Serve replicas): the model becomes the
+    heterogeneous-layer DeciLM (`tabp_vllm.sublayer_model`) with these blocks' sublayers no_op.
+    Qwen2's q/k/v biases: DeciLM gives q/k/v a bias when `qkv_bias` is set, and o_proj one only
+    with `attention_bias`, which is Qwen2's layout (no o_proj bias)."""
+    config = hf_config.to_dict()
+    if "num_attention_heads" not in config:  # vLLM first probes the model_type on a bare config
+        return hf_config
+    hf_config.block_configs = sublayer_block_configs(
+        config, removed_layers, removed_attention, removed_mlp)
+    hf_config.architectures = [SUBLAYER_ARCHITECTURE]
+    if hf_config.model_type == "qwen2":
+        hf_config.qkv_bias, hf_config.attention_bias = True, False
+    return hf_config
+
+
+def sublayer_overrides(mask: TaskMask) -> functools.partial:
+    return functools.partial(apply_sublayer_overrides, removed_layers=list(mask.removed_layers),
+                             removed_attention=list(mask.removed_attention),
+                             removed_mlp=list(mask.removed_mlp))
 
 
 def engine_args_for(
@@ -96,13 +154,20 @@ def engine_args_for(
     else:
         mask.check_model(config, model, where=f"mask for task {mask.task!r}")
         removed, num_layers, mask_hash = mask.removed_layers, mask.num_hidden_layers, mask.content_hash()
-        args["hf_overrides"] = per_layer_overrides(config, mask)
+        # whole blocks: the engine is built at the pruned depth and the loader renumbers; a
+        # sublayer mask: the heterogeneous-layer model at the full depth, nothing renumbered
+        args["hf_overrides"] = (sublayer_overrides(mask) if mask.is_sublayer
+                                else per_layer_overrides(config, mask))
     args["load_format"] = LOAD_FORMAT
     args["model_loader_extra_config"] = {
         EXTRA_REMOVED: list(removed),
         EXTRA_NUM_LAYERS: num_layers,
         EXTRA_MASK_HASH: mask_hash,
     }
+    if mask is not None and mask.is_sublayer:
+        args["model_loader_extra_config"].update({
+            EXTRA_REMOVED_ATTENTION: list(mask.removed_attention),
+            EXTRA_REMOVED_MLP: list(mask.removed_mlp)})
     args.update(extra or {})
     return args
 

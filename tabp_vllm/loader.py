@@ -6,6 +6,11 @@ process, engine workers included, knows the `tabp_pruned` load format without a 
 The engine is told the reduced depth by `hf_overrides` (see `tabp_vllm.engine`), so it allocates
 only the kept blocks and their KV cache. This loader then streams the *original* checkpoint, drops
 the removed blocks' tensors and renumbers the kept ones onto the slots 0..kept-1.
+
+A sublayer mask (removed attention / MLP sublayers) is served by the heterogeneous-layer model
+(`tabp_vllm.sublayer_model`) at the original depth: nothing is renumbered, and the loader drops the
+tensors of each removed sublayer with its RMSNorm (attention: self_attn.* and input_layernorm;
+MLP: mlp.* and post_attention_layernorm), and every tensor of a block removed whole.
 """
 
 from __future__ import annotations
@@ -19,10 +24,17 @@ LOAD_FORMAT = "tabp_pruned"
 EXTRA_REMOVED = "tabp_removed_layers"
 EXTRA_NUM_LAYERS = "tabp_num_hidden_layers"
 EXTRA_MASK_HASH = "tabp_mask_hash"
-OUR_KEYS = (EXTRA_REMOVED, EXTRA_NUM_LAYERS, EXTRA_MASK_HASH)
+EXTRA_REMOVED_ATTENTION = "tabp_removed_attention"  # sublayer masks only
+EXTRA_REMOVED_MLP = "tabp_removed_mlp"
+OUR_KEYS = (EXTRA_REMOVED, EXTRA_NUM_LAYERS, EXTRA_MASK_HASH, EXTRA_REMOVED_ATTENTION,
+            EXTRA_REMOVED_MLP)
+# The tensors of a block's sublayers (after "model.layers.<i>"), each with the RMSNorm in front of it.
+SUBLAYER_PREFIXES = {"attention": (".self_attn.", ".input_layernorm."),
+                     "mlp": (".mlp.", ".post_attention_layernorm.")}
 
 # The decoder stack of HF causal LMs: "model.layers.<i>." (Llama, Mistral, Qwen, Gemma, ...).
 # Anchored at a dot or the start so that e.g. a vision tower's "encoder.layers.<i>" is not hit.
+SUBLAYER_ARCHITECTURE = "TabpSublayerForCausalLM"  # tabp_vllm.sublayer_model (imports vLLM)
 _LAYER_RE = re.compile(r"^((?:[\w.]*\.)?model\.layers\.|layers\.)(\d+)(\..*)$")
 
 
@@ -48,6 +60,24 @@ def prune_weights(
         yield f"{match.group(1)}{new_idx}{match.group(3)}", tensor
 
 
+def prune_sublayer_weights(
+    weights: Iterable[tuple[str, "object"]], removed_layers: Iterable[int],
+    removed_attention: Iterable[int], removed_mlp: Iterable[int],
+) -> Generator[tuple[str, "object"], None, None]:
+    """Drop the tensors of removed blocks and removed sublayers, renumbering nothing (the
+    heterogeneous-layer model keeps every block's slot); other tensors pass through."""
+    whole, attention, mlp = set(removed_layers), set(removed_attention), set(removed_mlp)
+    for name, tensor in weights:
+        match = _LAYER_RE.match(name)
+        if match is not None:
+            idx, rest = int(match.group(2)), match.group(3)
+            if (idx in whole
+                    or (idx in attention and rest.startswith(SUBLAYER_PREFIXES["attention"]))
+                    or (idx in mlp and rest.startswith(SUBLAYER_PREFIXES["mlp"]))):
+                continue  # a removed unit: never materialised
+        yield name, tensor
+
+
 def _make_loader_class():
     # Imported lazily: registering the plugin must stay cheap in processes that never load a model.
     import torch
@@ -65,6 +95,8 @@ def _make_loader_class():
                     "tabp_vllm.engine.engine_args_for()"
                 )
             self.removed_layers = sorted(int(i) for i in extra[EXTRA_REMOVED])
+            self.removed_attention = sorted(int(i) for i in extra.get(EXTRA_REMOVED_ATTENTION) or [])
+            self.removed_mlp = sorted(int(i) for i in extra.get(EXTRA_REMOVED_MLP) or [])
             self.original_num_layers = int(extra[EXTRA_NUM_LAYERS])
             self.mask_hash = extra.get(EXTRA_MASK_HASH)
             base_extra = {k: v for k, v in extra.items() if k not in OUR_KEYS}
@@ -79,9 +111,13 @@ def _make_loader_class():
             # Count what the engine materialises (in its dtype), so memory claims can be checked.
             itemsize = torch.empty((), dtype=model_config.dtype).element_size()
             loaded = 0
-            for name, tensor in prune_weights(
-                super().get_all_weights(model_config, model), self.renumber
-            ):
+            weights = super().get_all_weights(model_config, model)
+            if self.removed_attention or self.removed_mlp:
+                weights = prune_sublayer_weights(weights, self.removed_layers,
+                                                 self.removed_attention, self.removed_mlp)
+            else:
+                weights = prune_weights(weights, self.renumber)
+            for name, tensor in weights:
                 loaded += tensor.numel() * itemsize
                 yield name, tensor
             model.tabp_weight_bytes = loaded
@@ -92,8 +128,13 @@ def _make_loader_class():
 
 
 def register() -> None:
-    """vLLM general plugin entry point: make the `tabp_pruned` load format known."""
+    """vLLM general plugin entry point: make the `tabp_pruned` load format and the sublayer
+    model (`tabp_vllm.sublayer_model`, registered by name: imported only when built) known."""
+    from vllm import ModelRegistry
     from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER, register_model_loader
 
     if LOAD_FORMAT not in _LOAD_FORMAT_TO_MODEL_LOADER:  # plugins may load more than once
         register_model_loader(LOAD_FORMAT)(_make_loader_class())
+    if SUBLAYER_ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(SUBLAYER_ARCHITECTURE,
+                                     f"tabp_vllm.sublayer_model:{SUBLAYER_ARCHITECTURE}")

@@ -5,10 +5,12 @@ Qwen2's form: q/k/v biases, GQA, an untied LM head)."""
 import torch
 
 
-def tiny_llama(demo_model: str):
+def tiny_llama(demo_model: str, hidden_size: int = 32):
+    """`hidden_size=128` for a vLLM engine (head_dim 32: vLLM's CPU attention refuses 8)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return _tiny(demo_model, LlamaConfig, LlamaForCausalLM, hidden_size=32, tie_word_embeddings=True)
+    return _tiny(demo_model, LlamaConfig, LlamaForCausalLM, hidden_size=hidden_size,
+                 tie_word_embeddings=True)
 
 
 def tiny_qwen2(demo_model: str):

@@ -41,6 +41,9 @@ def api_server_command(model: str, port: int, served_name: str, mask=None, bare:
     args = engine_args_for(model, mask, kv_cache_gib=kv_cache_gib,
                            max_model_len=max_model_len or DEFAULT_MAX_MODEL_LEN,
                            served_model_name=served_name, extra=extra)
+    if callable(args.get("hf_overrides")):  # a sublayer mask's (tabp_vllm.engine)
+        raise TabpError("a sublayer mask cannot go on an api_server command line (its hf_overrides "
+                        "is a Python callable); serve it with `tabp-vllm serve` or an offline engine")
     if bare:
         if mask is not None:
             raise TabpError("a bare vLLM server serves the dense model only")
