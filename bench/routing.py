@@ -470,13 +470,14 @@ def fit_time(argv: list[str]) -> None:
 STUDY = RESULTS / "routing" / "l0_study"
 STUDY_SETTINGS = {
     "old-24steps": ["--steps", "24", "--lr", "0.1", "--lambda-lr", "0.05", "--warmup", "0.5"],
-    # lambdas by Adam (the first choice; the code now ascends by plain gradient, see l0.py):
-    # kept as run, its router and curves in the folder
+    # warm-up 0.1: the target reaches k/n after 30 steps; lambdas by Adam (rows as run)
     "lr0.2-lam0.2": ["--steps", "300", "--lr", "0.2", "--lambda-lr", "0.2", "--warmup", "0.1"],
-    # the defaults: lambdas by gradient ascent at 5
+    # lambdas by plain gradient ascent at 5 (the code of that run: provenance.convergence says so)
     "sgd-lam5": ["--steps", "300", "--lr", "0.2", "--lambda-lr", "5", "--warmup", "0.1"],
-    "lm-sgd-lam5": ["--steps", "300", "--lr", "0.2", "--lambda-lr", "5", "--warmup", "0.1",
-                    "--loss", "lm"],
+    # the defaults: lambdas by Adam, the target rising over half the steps
+    "adam-warm0.5": ["--steps", "300", "--lr", "0.2", "--lambda-lr", "0.2", "--warmup", "0.5"],
+    "lm-adam-warm0.5": ["--steps", "300", "--lr", "0.2", "--lambda-lr", "0.2", "--warmup", "0.5",
+                        "--loss", "lm"],
 }
 
 

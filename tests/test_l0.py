@@ -36,7 +36,7 @@ def toy_loss(n=8, useless=USELESS, d=16, seed=0):
     return loss_of
 
 
-SETTINGS = GateSettings(max_steps=400, lr=0.2, lambda_lr=5.0, init_log_alpha=3.0, warmup_steps=40)
+SETTINGS = GateSettings(max_steps=400, lr=0.2, lambda_lr=0.2, init_log_alpha=3.0, warmup_steps=40)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

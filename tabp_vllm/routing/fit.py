@@ -533,7 +533,7 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
                   "kmeans_clusters": o.clusters, "small_cluster_merges": small_merges,
                   "convergence": {"sparsity_tol": SPARSITY_TOL, "decided_margin": DECIDED_MARGIN,
                                   "flat_tol": FLAT_TOL, "min_window": MIN_WINDOW,
-                                  "multipliers": "plain gradient ascent"},
+                                  "multipliers": "Adam ascent"},
                   "hard_concrete": {"beta": hc.BETA, "l": hc.LIMIT_L, "r": hc.LIMIT_R,
                                     "log_alpha_limit": hc.LOG_ALPHA_LIMIT},
                   "merge": {"uses_mask_of": uses, "cost_kl": cost} if need_merge else None}

@@ -7,7 +7,7 @@ model with gate values `z` (one per unit) on the step's batch; the routing fit (
 the KL or LM loss of the gated LLM, the unit tests a toy stack whose useless units are known.
 
 The loss per step is task loss + lambda1 (s_hat - t) + lambda2 (s_hat - t)^2 (`hardconcrete.py`):
-log_alpha by Adam (descent), the lambdas by plain gradient ascent (`ascent_optimizer`), the target t rising
+log_alpha by Adam (descent), the lambdas by Adam ascent (`ascent_optimizer`), the target t rising
 linearly to k / n over the warm-up. After the warm-up, training stops at the first step where the
 fit is **converged**, all three of:
 
@@ -38,12 +38,12 @@ MIN_WINDOW = 10
 
 
 def ascent_optimizer(lambdas: torch.Tensor, lr: float) -> torch.optim.Optimizer:
-    """Plain gradient ascent on the multipliers: each step moves lambda by lr x (s_hat - t) (and
-    lr x (s_hat - t)^2), so it slows as the sparsity nears its target. Adam (our first choice)
-    moves lambda by ~lr per step whatever the gap, with momentum: on the demo model it carried
-    lambda1 far past the point of balance and the expected sparsity swung from 0.05 to 0.25 and
-    back around a 0.14 target (bench/results/routing/l0_study/, setting lr0.2-lam0.2)."""
-    return torch.optim.SGD([lambdas], lr=lr, maximize=True)
+    """Adam ascent on the multipliers (lambda moves about lr per step). Plain gradient ascent
+    (lambda moves lr x gap) was tried on the demo model at lr 5 and did worse: lambda1 wound up
+    to -25 while the gates lagged, the expected sparsity swung to 0.39 and then every gate
+    stuck open at the clamp (bench/results/routing/l0_study/, setting sgd-lam5). What tames the
+    wind-up is a slow target: the warm-up (a share of --steps) lets the gates track it."""
+    return torch.optim.Adam([lambdas], lr=lr, maximize=True)
 
 
 def window_for(batches: int) -> int:

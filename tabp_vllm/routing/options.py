@@ -19,7 +19,7 @@ from tabp_vllm.options import REQUIRED, Options, option
 
 L0 = "l0"  # --mask-method: the learned Hard-Concrete gates; any registered scorer otherwise
 # L0 defaults from the convergence study (docs/routing.md, bench/results/routing/l0_study/)
-STEPS, LR, LAMBDA_LR, WARMUP = 400, 0.2, 5.0, 0.1
+STEPS, LR, LAMBDA_LR, WARMUP = 300, 0.2, 0.2, 0.5
 
 
 class RouteFitOptions(Options):
@@ -59,8 +59,7 @@ class RouteFitOptions(Options):
     max_length: int = option(128, "Tokens per input (left-truncated).", gt=1)
     kl_positions: int = option(32, "L0: last positions the KL covers.", gt=0)  # ours
     lr: float = option(LR, "L0: Adam learning rate of log_alpha.", gt=0)  # ours (study)
-    # ours (study): plain gradient ascent, lambda moves lr x (s_hat - t) per step
-    lambda_lr: float = option(LAMBDA_LR, "L0: gradient-ascent rate of the lambdas.", gt=0)
+    lambda_lr: float = option(LAMBDA_LR, "L0: Adam ascent rate of the lambdas.", gt=0)  # ours (study)
     init_log_alpha: float = option(3.0, "L0: initial log_alpha (open).")  # ours: E[L0] = 0.99
     # ours (study): the target reaches k / n after this share of the step cap
     warmup: float = option(WARMUP, "L0: share of --steps the target rises over.", ge=0, le=1)
