@@ -3,6 +3,7 @@
     python bench/serve_vs_bare.py --setting baseline [--setting lean ...] [--variants all]
         [--levels 4,16,64] [--duration 30] [--rounds 2] [--kv-cache-gib 0.5] [--name STEM]
     python bench/serve_vs_bare.py --list        # the settings and what each changes
+    python bench/serve_vs_bare.py --capacity [--attention-blocks 15-22] [--rounds 2]
 
 One bare vLLM api_server (vLLM's default loader, no plugin) stays up for the whole run. For each
 `--setting`, `tabp-vllm serve` is started with it (`--variants dense`: the dense variant only, the
@@ -30,6 +31,11 @@ Settings (SETTINGS below; `--list`):
 leading-edge and ray-windows) and the bare server stay up side by side and one streamed
 completion at a time goes to each in turn (order shuffled per round), so the per-request
 difference to the bare server's TTFT cancels the machine's drift; OUT/STEM.{json,md}.
+
+`--capacity` measures served capacity where the KV cache binds: one `tabp-vllm serve` with dense,
+an attention-only variant and the whole-block variant of equal ideal FLOPs, bursts of long
+prompts, the maximum concurrent sequences read from the metrics port; OUT/capacity.{json,md,png}
+(docs/bench.md "Served capacity").
 
 Every command that made a committed result: bench/results/README.md.
 """
@@ -124,16 +130,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="what the server serves: dense only, or dense + k4 + k8")
     ap.add_argument("--no-bare", action="store_true", help="only the server's variants")
     ap.add_argument("--mode", choices=["closed", "open"], default="closed")
-    ap.add_argument("--levels", default="4,16,64",
-                    help="concurrencies (closed) or requests/s (open)")
+    ap.add_argument("--levels", default=None,
+                    help="concurrencies (closed) or requests/s (open); --capacity: the burst size "
+                         "(default 4,16,64; --capacity 64)")
     ap.add_argument("--duration", type=float, default=30.0,
                     help="measured seconds per variant per level")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=None, help="(default 2)")
     ap.add_argument("--ramp", type=float, default=5.0)
-    ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--kv-cache-gib", type=float, default=0.5, help="per engine")
-    ap.add_argument("--max-model-len", type=int, default=1024)
+    # defaults per mode: THROUGHPUT_DEFAULTS / CAPACITY_DEFAULTS
+    ap.add_argument("--input-len", type=int, default=None, help="(default 128; --capacity 1024)")
+    ap.add_argument("--output-len", type=int, default=None, help="(default 64)")
+    ap.add_argument("--kv-cache-gib", type=float, default=None,
+                    help="per engine (default 0.5; --capacity 0.25)")
+    ap.add_argument("--max-model-len", type=int, default=None, help="(default 1024; --capacity 1536)")
+    ap.add_argument("--capacity", action="store_true",
+                    help="served capacity where the KV cache binds: dense, attention-only and the "
+                         "whole-block variant of equal ideal FLOPs, bursts of long prompts")
+    ap.add_argument("--attention-blocks", default="15-22",
+                    help="--capacity: blocks whose attention sublayer the attention-only variant drops")
     ap.add_argument("--ttft", action="store_true",
                     help="one streamed request at a time to each server: time to first token")
     ap.add_argument("--requests", type=int, default=40, help="--ttft: per server")
@@ -141,13 +155,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--interval-ms", type=float, default=50.0,
                     help="--ttft: the servers' stream batching interval")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=RESULTS / "serve_vs_bare")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="(default bench/results/serve_vs_bare; --capacity bench/results/capacity)")
     ap.add_argument("--name", default=None, help="output file stem (default: the setting, or "
                     "serve_vs_bare for several)")
     ap.add_argument("--notes", default=None)
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite OUT/NAME.md (and the plot) from OUT/NAME.json, measuring nothing")
     a = ap.parse_args(argv)
+    a.out = a.out or RESULTS / ("capacity" if a.capacity else "serve_vs_bare")
+    for key, value in (CAPACITY_DEFAULTS if a.capacity else THROUGHPUT_DEFAULTS).items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    from tabp_vllm.masks_commands import _block_ranges
+
+    a.attention_blocks = _block_ranges(a.attention_blocks, "--attention-blocks")
     a.setting = [s for arg in a.setting for s in arg.split(",") if s]
     if a.list:
         return a
@@ -160,7 +182,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--setting gpu runs on its own (bench/gpu_check.sh)")
     if a.ttft and any(SETTINGS[s].get("separate") or SETTINGS[s].get("gpu") for s in a.setting):
         ap.error("--ttft compares tabp-vllm serve settings (not separate, not gpu)")
-    a.name = a.name or (a.setting[0] if len(a.setting) == 1 else "serve_vs_bare")
+    a.name = a.name or ("capacity" if a.capacity else a.setting[0] if len(a.setting) == 1
+                        else "serve_vs_bare")
     return a
 
 
@@ -172,14 +195,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.report_only:
         doc = json.loads((a.out / f"{a.name}.json").read_text())
-        (write_ttft_report if "runs" in doc else write_levers_report)(doc, a.out, a.name)
+        report = (write_capacity_report if "bursts" in doc else
+                  write_ttft_report if "runs" in doc else write_levers_report)
+        report(doc, a.out, a.name)
         return 0
     if a.setting == ["gpu"]:  # the device run has its own entry point (carried packages, deadline)
         env = {**os.environ, "ENGINE": "serve"}
         return subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(a.out)],
                               env=env).returncode
     a.out.mkdir(parents=True, exist_ok=True)
-    return ttft(a) if a.ttft else throughput(a)
+    return capacity(a) if a.capacity else ttft(a) if a.ttft else throughput(a)
 
 
 # ------------------------------------------------------------------------------ the servers
@@ -505,6 +530,228 @@ def write_ttft_report(doc: dict, out: Path, name: str) -> None:
                      f"{s['e2e_p50_s']:.2f} | {s['chunks_per_request']:.1f} |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------ --capacity
+
+# Served capacity where the KV cache binds (issue 33): dense, an attention-only variant and the
+# whole-block variant of the same ideal FLOPs, one `tabp-vllm serve` with the three side by side.
+# The attention sublayers dropped by default are those of blocks 15-22 (8 of 30, 27 %): the
+# middle-late run DESIGN.md's DeciLM check used, in the latter half where TaBP and the "What
+# Matters" paper both find the removable units; no scorer is run for them.
+CAPACITY_ATTENTION = list(range(15, 23))
+CAPACITY_DEFAULTS = {"input_len": 1024, "output_len": 64, "kv_cache_gib": 0.25,
+                     "max_model_len": 1536, "levels": "64", "rounds": 2}
+THROUGHPUT_DEFAULTS = {"input_len": 128, "output_len": 64, "kv_cache_gib": 0.5,
+                       "max_model_len": 1024, "levels": "4,16,64", "rounds": 2}
+POLL_S = 0.5  # how often the running-requests gauge is read during a burst
+
+
+def capacity_masks(a: argparse.Namespace, out: Path) -> dict[str, Path]:
+    """The attention-only mask and the whole-block mask of the nearest ideal speedup at the run's
+    lengths (`flops.ideal_speedup`, amortized: prefill + decode per output token), the last k
+    blocks removed as in bench/results/masks (only the count matters for capacity)."""
+    from tabp_vllm.flops import DecoderShape, Kept, ideal_speedup
+    from tabp_vllm.mask import make_mask
+    from tabp_vllm.models import load_model_config, resolve_model
+
+    model = resolve_model("llama")
+    shape = DecoderShape.from_config(load_model_config(model))
+    n = shape.num_hidden_layers
+    attn = sorted(a.attention_blocks)
+    target = ideal_speedup(shape, Kept(n - len(attn), n), a.input_len, a.output_len)["ideal_speedup"]
+    k = min(range(1, n // 2), key=lambda k: abs(
+        ideal_speedup(shape, n - k, a.input_len, a.output_len)["ideal_speedup"] - target))
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    paths = {f"attn{len(attn)}": out / "masks" / f"attn{len(attn)}.json", f"k{k}": out / "masks" / f"k{k}.json"}
+    make_mask(model, [], removed_attention=attn, task=f"attn{len(attn)}", model_id="llama",
+              method="manual").save(paths[f"attn{len(attn)}"])
+    make_mask(model, list(range(n - k, n)), task=f"k{k}", model_id="llama",
+              method="manual").save(paths[f"k{k}"])
+    return paths
+
+
+def engine_kv_tokens(records: str) -> dict[str, int]:
+    """The engines' own KV cache size per variant, from vLLM's "KV cache size: N tokens" lines
+    (the serve runs with RAY_DEDUP_LOGS=0, so every replica's line is there)."""
+    import re
+
+    return {m[0]: int(m[1].replace(",", "")) for m in
+            re.findall(r"LLMServer:(\S+?) pid=\d+\).*?KV cache size: ([\d,]+) tokens", records)}
+
+
+async def burst(url: str, metrics_url: str, variant: str, specs: list) -> dict:
+    """All `specs` at once to `variant` (streamed), the running / waiting requests and KV cache
+    usage gauges read every POLL_S meanwhile; per-request TTFT, tokens, times."""
+    import httpx
+
+    from tabp_vllm import prometheus as prom
+    from tabp_vllm.loadtest.loadgen import Target, send_request
+
+    target = Target(variant, url)
+    samples: list[dict] = []
+    done = asyncio.Event()
+
+    async def poll(client: httpx.AsyncClient) -> None:
+        t0 = time.perf_counter()
+        while not done.is_set():
+            try:
+                fam = prom.parse((await client.get(metrics_url, timeout=10)).text)
+                row = {"t": round(time.perf_counter() - t0, 2)}
+                for key, name in (("running", "ray_vllm_num_requests_running"),
+                                  ("waiting", "ray_vllm_num_requests_waiting"),
+                                  ("kv_usage", "ray_vllm_kv_cache_usage_perc")):
+                    row[key] = prom.max_by(fam, name).get(variant)
+                samples.append(row)
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(POLL_S)
+
+    limits = httpx.Limits(max_connections=len(specs) + 8, max_keepalive_connections=len(specs) + 8)
+    async with httpx.AsyncClient(limits=limits) as client:
+        poller = asyncio.create_task(poll(client))
+        results = await asyncio.gather(*(send_request(client, target, s, timeout=1800) for s in specs))
+        done.set()
+        await poller
+    bad = [r.error for r in results if not r.ok]
+    if bad:
+        raise RuntimeError(f"{variant}: {len(bad)} requests failed, e.g. {bad[0]}")
+    start, end = min(r.start for r in results), max(r.end for r in results)
+    tokens = sum(r.output_tokens for r in results)
+    running = [s["running"] for s in samples if s["running"] is not None]
+    return {"requests": len(results), "output_tokens": tokens, "wall_s": round(end - start, 2),
+            "output_tokens_per_s": round(tokens / (end - start), 1),
+            "max_running": max(running) if running else None,
+            "ttft_s": [round(r.ttft, 3) for r in results], "e2e_s": [round(r.e2e, 3) for r in results],
+            "samples": samples}
+
+
+def capacity(a: argparse.Namespace) -> int:
+    """Start one `tabp-vllm serve` (dense, attention-only, whole-block), then per round one burst
+    of LEVEL long prompts to each variant in turn (mirrored order); OUT/NAME.{json,md,png}."""
+    from tabp_vllm.errors import TabpError
+    from tabp_vllm.hardware import cpu_info
+    from tabp_vllm.loadtest.loadgen import RequestSpec, synthetic_requests
+    from tabp_vllm.models import load_model_config
+    from tabp_vllm.process import free_port
+    from tabp_vllm.serve.launcher import ServeProcess
+    from tabp_vllm.serve.options import ServeOptions
+
+    level = int(a.levels.split(",")[0])
+    masks = capacity_masks(a, a.out)
+    doc_path = a.out / f"{a.name}.json"
+    doc = json.loads(doc_path.read_text()) if doc_path.exists() else {"bursts": []}
+    doc.update(host=cpu_info(), concurrency=level, input_len=a.input_len, output_len=a.output_len,
+               kv_cache_gib=a.kv_cache_gib, max_model_len=a.max_model_len,
+               attention_blocks_removed=sorted(a.attention_blocks))
+    options = ServeOptions.model_validate({
+        "model": "llama", "port": free_port(8000, 8100), "metrics_port": free_port(8290, 8390),
+        "variants": [{"mask": str(p), "name": f"llama-{n}"} for n, p in masks.items()],
+        "engine": {"kv_cache_gib": a.kv_cache_gib, "max_model_len": a.max_model_len}})
+    env = {"RAY_metrics_report_interval_ms": "1000", "RAY_DEDUP_LOGS": "0"}
+    log_dir = RESULTS / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with ServeProcess(options, log_dir / "capacity.serve.log", env=env) as server:
+        import httpx
+
+        meta = {m["id"]: m["metadata"] for m in
+                httpx.get(f"{server.base_url}/v1/models", timeout=30).json()["data"]}
+        names = server.variant_names
+        doc["variants"] = {n: {k: meta[n].get(k) for k in (
+            "blocks_kept", "attention_kept", "mlp_kept", "theoretical_speedup",
+            "kv_bytes_per_token", "kv_cache_tokens")} for n in names}
+        for n, tokens in engine_kv_tokens(server.records_path.read_text()).items():
+            if n in doc["variants"]:
+                doc["variants"][n]["engine_kv_cache_tokens"] = tokens
+        for n in names:  # warm-up, not recorded
+            asyncio.run(burst(server.base_url, server.metrics_url, n, [RequestSpec([1000] * 16, 4)]))
+        first = 1 + max((b["round"] for b in doc["bursts"]), default=-1)
+        for rnd in range(first, first + a.rounds):
+            specs = synthetic_requests(level, a.seed + rnd, a.input_len, a.output_len, 0.0,
+                                       int(load_model_config(server.spec.model)["vocab_size"]))
+            for n in names if rnd % 2 == 0 else names[::-1]:
+                try:
+                    res = asyncio.run(burst(server.base_url, server.metrics_url, n, specs))
+                except (RuntimeError, TabpError) as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                    return 1
+                doc["bursts"].append({"round": rnd, "variant": n, **res})
+                print(f"round {rnd} {n}: max running {res['max_running']}, "
+                      f"{res['output_tokens_per_s']} tok/s, wall {res['wall_s']} s", flush=True)
+                doc_path.write_text(json.dumps(doc, indent=1) + "\n")
+    write_capacity_report(doc, a.out, a.name)
+    return 0
+
+
+def write_capacity_report(doc: dict, out: Path, name: str) -> None:
+    """Per variant over its bursts: max concurrent sequences, output tokens/s, TTFT, each as a
+    ratio to dense; OUT/NAME.{json,md,png}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(doc["variants"])
+    dense = names[0]
+    fit = doc["input_len"] + doc["output_len"]
+    summary = {}
+    for n in names:
+        rows = [b for b in doc["bursts"] if b["variant"] == n]
+        if not rows:
+            continue
+        ttft = [t for b in rows for t in b["ttft_s"]]
+        v = doc["variants"][n]
+        tokens = v.get("engine_kv_cache_tokens") or v["kv_cache_tokens"]
+        summary[n] = {
+            "bursts": len(rows),
+            "max_running": max(b["max_running"] or 0 for b in rows),
+            "max_running_per_burst": [b["max_running"] for b in rows],
+            "kv_cache_tokens": tokens,
+            "sequences_that_fit": round(tokens / fit, 2),
+            "output_tokens_per_s": round(statistics.median(b["output_tokens_per_s"] for b in rows), 1),
+            "ttft_p50_s": round(float(np.percentile(ttft, 50)), 2),
+            "ttft_p90_s": round(float(np.percentile(ttft, 90)), 2),
+        }
+    d = summary.get(dense)
+    for n, s in summary.items():
+        if d:
+            s["max_running_vs_dense"] = round(s["max_running"] / d["max_running"], 3)
+            s["output_tokens_per_s_vs_dense"] = round(s["output_tokens_per_s"] / d["output_tokens_per_s"], 3)
+            s["ttft_p50_vs_dense"] = round(s["ttft_p50_s"] / d["ttft_p50_s"], 3)
+            s["kv_cache_tokens_vs_dense"] = round(s["kv_cache_tokens"] / d["kv_cache_tokens"], 3)
+    doc["summary"] = summary
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    lines = [f"# Served capacity where the KV cache binds ({doc['host'].get('model')})", "",
+             f"`tabp-vllm serve`, demo model, {doc['kv_cache_gib']:g} GiB KV cache per engine; bursts "
+             f"of {doc['concurrency']} streamed requests at once, {doc['input_len']}-token prompts, "
+             f"{doc['output_len']} new tokens; attention removed in blocks "
+             f"{doc['attention_blocks_removed']}.", "",
+             "| variant | attn/mlp kept | ideal speedup (decode) | KV tokens (engine) | max running seqs "
+             "(x dense) | output tok/s (x dense) | TTFT p50 / p90 s |", "|---|---|---|---|---|---|---|"]
+    for n, s in summary.items():
+        v = doc["variants"][n]
+        lines.append(f"| {n} | {v['attention_kept']}/{v['mlp_kept']} | {v['theoretical_speedup']:.3f} | "
+                     f"{s['kv_cache_tokens']:,} | {s['max_running']:g} ({s.get('max_running_vs_dense', 1):.2f}) | "
+                     f"{s['output_tokens_per_s']:.1f} ({s.get('output_tokens_per_s_vs_dense', 1):.2f}) | "
+                     f"{s['ttft_p50_s']:.1f} / {s['ttft_p90_s']:.1f} |")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    x = list(summary)
+    panels = (("max_running", "max concurrent sequences"), ("output_tokens_per_s", "output tokens/s"),
+              ("ttft_p50_s", "TTFT p50 (s)"))
+    for ax, (key, title) in zip(axes, panels):
+        ax.bar(x, [summary[n][key] for n in x], color=["#888", "#2a7", "#37c"][:len(x)])
+        ax.set_title(title)
+        ax.tick_params(axis="x", labelrotation=15)
+    axes[0].plot(x, [summary[n]["sequences_that_fit"] for n in x], "k_", markersize=30,
+                 label="KV tokens / (prompt + output)")
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"{doc['concurrency']} requests of {doc['input_len']} tokens, "
+                 f"{doc['kv_cache_gib']:g} GiB KV cache each")
+    fig.tight_layout()
+    fig.savefig(out / f"{name}.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -250,3 +250,45 @@ def test_open_loop_speedup_is_time_per_token(fake_url, tmp_path, write_mask):
         m["llama"]["tpot_s"]["p50"] / m["llama-k4"]["tpot_s"]["p50"])
     assert len(row["achieved_speedup_rounds"]["per_round"]) == 2
     assert "median time per output token" in (tmp_path / "open.md").read_text()
+
+
+def test_capacity_masks_and_report(tmp_path, demo_model):
+    """bench/serve_vs_bare.py --capacity: the whole-block variant of the nearest ideal speedup, the
+    engines' logged KV sizes per variant, and the report's ratios to dense."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from tabp_vllm.mask import load_mask
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "serve_vs_bare.py"
+    spec = importlib.util.spec_from_file_location("serve_vs_bare", path)
+    svb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(svb)
+    a = svb.parse_args(["--capacity", "--out", str(tmp_path)])
+    assert (a.input_len, a.kv_cache_gib, a.levels, a.attention_blocks) == (1024, 0.25, "64",
+                                                                           list(range(15, 23)))
+    masks = svb.capacity_masks(a, tmp_path)
+    # 8 attention sublayers at 1,024 + 64 tokens: ideal 1.106, nearest whole-block k = 3 (1.109)
+    assert list(masks) == ["attn8", "k3"]
+    assert load_mask(masks["attn8"]).num_attention_kept == 22
+    assert load_mask(masks["k3"]).removed_layers == [27, 28, 29]
+    log = ("(ServeReplica:tabp:LLMServer:llama-attn8 pid=7) (EngineCore pid=9) INFO 12-06 "
+           "[kv_cache_utils.py:2327] CPU KV cache size: 15,872 tokens, Maximum concurrency ...\n"
+           "(ServeReplica:tabp:LLMServer:llama pid=8) (MainProcess pid=8) INFO CPU KV cache size: "
+           "11,648 tokens, Maximum ...")
+    assert svb.engine_kv_tokens(log) == {"llama-attn8": 15_872, "llama": 11_648}
+    v = {"attention_kept": 30, "mlp_kept": 30, "theoretical_speedup": 1.0, "kv_cache_tokens": 11_648}
+    doc = {"host": {"model": "cpu"}, "concurrency": 64, "input_len": 1024, "output_len": 64,
+           "kv_cache_gib": 0.25, "attention_blocks_removed": list(range(15, 23)),
+           "variants": {"llama": v, "llama-attn8": {**v, "attention_kept": 22,
+                                                    "engine_kv_cache_tokens": 15_872}},
+           "bursts": [{"round": r, "variant": n, "max_running": m, "output_tokens_per_s": t,
+                       "ttft_s": [1.0, 2.0]}
+                      for r in (0, 1) for n, m, t in (("llama", 11, 100.0), ("llama-attn8", 14 + r, 120.0))]}
+    svb.write_capacity_report(doc, tmp_path, "cap")
+    s = json.loads((tmp_path / "cap.json").read_text())["summary"]
+    assert s["llama-attn8"]["max_running"] == 15 and s["llama-attn8"]["max_running_vs_dense"] == 1.364
+    assert s["llama-attn8"]["kv_cache_tokens"] == 15_872  # the engine's own, where it logged one
+    assert s["llama-attn8"]["output_tokens_per_s_vs_dense"] == 1.2
+    assert (tmp_path / "cap.png").stat().st_size > 0 and "| llama-attn8 | 22/30 |" in (tmp_path / "cap.md").read_text()
