@@ -32,6 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 API_KEY = "tabp-test-key"
 MAX_MODEL_LEN = 512
 MASKS = {"gsm8k": [20, 21, 22, 23], "arc": [10, 11, 12, 13, 25]}
+# the arc variant also drops attention sublayers (mask v2): it is served through the
+# heterogeneous-layer model, whose hf_overrides callable must survive Ray's trip to the replica
+SUBLAYERS = {"arc": {"removed_attention": [15, 16, 17, 18]}}
 DENSE, GSM8K, ARC = "llama", "llama-gsm8k", "llama-arc"
 # `--router`: arithmetic inputs share the gsm8k variant, commonsense ones get a variant of their own
 ROUTER_MASKS = {"arithmetic": MASKS["gsm8k"], "commonsense": [10, 11, 12, 13]}
@@ -91,7 +94,8 @@ def mask_files(tmp_path_factory, demo_model):
     d = tmp_path_factory.mktemp("masks")
     paths = []
     for task, removed in MASKS.items():
-        paths.append(make_mask(demo_model, removed, task=task, model_id="llama").save(d / f"{task}.json"))
+        paths.append(make_mask(demo_model, removed, task=task, model_id="llama",
+                               **SUBLAYERS.get(task, {})).save(d / f"{task}.json"))
     return paths
 
 
