@@ -579,7 +579,8 @@ COMMONSENSE_ASKED = ["Why do people wear sunglasses?", "Where do penguins live?"
 
 
 def _routed_counts(prom, by: str = "model_name") -> dict[str, float]:
-    return prom.query(f'sum by ({by}) (ray_tabp_routed_requests_total{{routed_name="{ROUTED}"}})')
+    return prom.query(f'sum by ({by}) (ray_tabp_routed_requests_total{{routed_name="{ROUTED}"}})',
+                      by=by)
 
 
 def test_routed_requests_land_on_their_variant(server, client, prometheus):
