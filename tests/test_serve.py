@@ -180,6 +180,15 @@ def test_models_lists_variants_with_metadata(client):
     assert len(meta[ARC]["mask_hash"]) == 12 and meta[ARC]["mask_hash"] != meta[GSM8K]["mask_hash"]
     assert meta[ARC]["theoretical_speedup"] > meta[GSM8K]["theoretical_speedup"] > 1.0
     assert meta[COMMONSENSE]["blocks_kept"] == 26 and len(meta[COMMONSENSE]["router_clusters"]) == 1
+    # whole-block masks: one attention and one MLP per block kept; the KV cache per token scales
+    # with the attention kept, so the same 0.25 GiB holds more tokens
+    for name in VARIANTS:
+        assert meta[name]["attention_kept"] == meta[name]["mlp_kept"] == meta[name]["blocks_kept"]
+    per_block = meta[DENSE]["kv_bytes_per_token"] / 30
+    assert per_block in (2 * 3 * 64 * 2, 2 * 3 * 64 * 4)  # K and V, 3 KV heads x 64, bf16 / fp32
+    assert meta[ARC]["kv_bytes_per_token"] == 25 * per_block
+    assert meta[DENSE]["kv_cache_tokens"] < meta[GSM8K]["kv_cache_tokens"] < meta[ARC]["kv_cache_tokens"]
+    assert meta[DENSE]["kv_cache_tokens"] == int(0.25 * 2**30 // (128 * 30 * per_block)) * 128
     routed = meta[ROUTED]
     assert routed["routed"] is True and routed["clusters"] == 2
     assert sorted(routed["cluster_variants"]) == sorted([GSM8K, COMMONSENSE])
@@ -570,6 +579,18 @@ def test_prometheus_counts_requests_per_variant(server, client, prometheus):
     assert kept == want_kept, raw
     assert total == {DENSE: 30, GSM8K: 30, ARC: 30, COMMONSENSE: 30}
     assert speed[DENSE] == 1.0 and speed[ARC] > speed[GSM8K] > 1.0
+    # the sublayer and KV cache gauges show what /v1/models says
+    meta = {m.id: m.model_extra["metadata"] for m in client.models.list().data}
+    for name, key in (("ray_tabp_variant_attention_kept", "attention_kept"),
+                      ("ray_tabp_variant_mlp_kept", "mlp_kept"),
+                      ("ray_tabp_variant_kv_bytes_per_token", "kv_bytes_per_token"),
+                      ("ray_tabp_variant_kv_cache_tokens", "kv_cache_tokens")):
+        assert gauge(name) == {v: meta[v][key] for v in VARIANTS}, (name, raw)
+    # the estimate is the engines' own count: every "KV cache size" vLLM logged is one of them
+    # (Ray folds repeated lines, so not every engine's line need be there)
+    logged = {int(n.replace(",", "")) for n in
+              re.findall(r"KV cache size: ([\d,]+) tokens", server.records_path.read_text())}
+    assert logged and logged <= {meta[v]["kv_cache_tokens"] for v in VARIANTS}, logged
 
 
 # ---- the routed name (serve --router) ----------------------------------------------------------
