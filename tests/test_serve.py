@@ -196,6 +196,29 @@ def test_models_lists_variants_with_metadata(client):
     assert routed["fallback_variant"] == GSM8K and routed["fallback_radius"] == ROUTER_FALLBACK[1]
 
 
+def test_sublayer_and_kv_cache_gauges(server, client, prometheus):
+    """The ray_tabp_variant_* gauges of attention / MLP kept, KV bytes per token and KV cache
+    tokens show what /v1/models says, and the KV cache estimate is the engines' own count."""
+    meta = {m.id: m.model_extra["metadata"] for m in client.models.list().data}
+    want = {name: {v: meta[v][key] for v in VARIANTS} for name, key in (
+        ("ray_tabp_variant_attention_kept", "attention_kept"), ("ray_tabp_variant_mlp_kept", "mlp_kept"),
+        ("ray_tabp_variant_kv_bytes_per_token", "kv_bytes_per_token"),
+        ("ray_tabp_variant_kv_cache_tokens", "kv_cache_tokens"))}
+    deadline = time.time() + 90  # Prometheus scrapes from test_startup_table on
+    while True:
+        got = {name: prometheus.query(f"max by (model_name) (last_over_time({name}[10m]))")
+               for name in want}
+        if got == want or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert got == want
+    # every "KV cache size" vLLM logged is one of the estimates (Ray folds repeated lines, so
+    # not every engine's line need be there)
+    logged = {int(n.replace(",", "")) for n in
+              re.findall(r"KV cache size: ([\d,]+) tokens", server.records_path.read_text())}
+    assert logged and logged <= set(want["ray_tabp_variant_kv_cache_tokens"].values()), logged
+
+
 def test_api_key_required(server, client):
     from openai import AuthenticationError, OpenAI
 
@@ -579,18 +602,6 @@ def test_prometheus_counts_requests_per_variant(server, client, prometheus):
     assert kept == want_kept, raw
     assert total == {DENSE: 30, GSM8K: 30, ARC: 30, COMMONSENSE: 30}
     assert speed[DENSE] == 1.0 and speed[ARC] > speed[GSM8K] > 1.0
-    # the sublayer and KV cache gauges show what /v1/models says
-    meta = {m.id: m.model_extra["metadata"] for m in client.models.list().data}
-    for name, key in (("ray_tabp_variant_attention_kept", "attention_kept"),
-                      ("ray_tabp_variant_mlp_kept", "mlp_kept"),
-                      ("ray_tabp_variant_kv_bytes_per_token", "kv_bytes_per_token"),
-                      ("ray_tabp_variant_kv_cache_tokens", "kv_cache_tokens")):
-        assert gauge(name) == {v: meta[v][key] for v in VARIANTS}, (name, raw)
-    # the estimate is the engines' own count: every "KV cache size" vLLM logged is one of them
-    # (Ray folds repeated lines, so not every engine's line need be there)
-    logged = {int(n.replace(",", "")) for n in
-              re.findall(r"KV cache size: ([\d,]+) tokens", server.records_path.read_text())}
-    assert logged and logged <= {meta[v]["kv_cache_tokens"] for v in VARIANTS}, logged
 
 
 # ---- the routed name (serve --router) ----------------------------------------------------------
