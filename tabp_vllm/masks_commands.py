@@ -48,7 +48,7 @@ def masks_show(
     if cal:
         console.print("calibration: " + ", ".join(f"{k}={v}" for k, v in cal.items()))
     if mask.params:
-        console.print("params: " + ", ".join(f"{k}={v}" for k, v in mask.params.items()))
+        console.print("params: " + ", ".join(f"{k}={_param_text(v)}" for k, v in mask.params.items()))
     n = mask.num_hidden_layers
     per_unit = bool(mask.scores) and len(mask.scores) == 2 * n  # unit 2*i attention, 2*i+1 MLP
     table = Table("block", "status", *(("attention score", "MLP score") if per_unit else ("score",)))
@@ -60,6 +60,14 @@ def masks_show(
                   else [mask.scores[i] if mask.scores else None])
         table.add_row(str(i), status, *("-" if s is None else f"{s:.6g}" for s in scores))
     console.print(table)
+
+
+def _param_text(value) -> str:
+    # Per-unit lists (a sublayer mask's 2L unit FLOPs shares) would bury the other params: their
+    # length here, the values in `--json`.
+    if isinstance(value, list) and len(value) > 8:
+        return f"[{len(value)} values, see --json]"
+    return str(value)
 
 
 @masks_app.command("validate")
