@@ -1,6 +1,6 @@
 """Summarise /tmp/subacc/eval.json into bench/results/sublayer_accuracy/summary.json (per-document
 acc_norm kept, paired bootstrap against the whole-block TaBP k = 4 mask and against dense)."""
-import json, platform, subprocess, sys
+import json, subprocess, sys
 import numpy as np
 from tabp_vllm.comparison import paired_bootstrap
 
