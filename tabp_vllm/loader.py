@@ -32,9 +32,10 @@ OUR_KEYS = (EXTRA_REMOVED, EXTRA_NUM_LAYERS, EXTRA_MASK_HASH, EXTRA_REMOVED_ATTE
 SUBLAYER_PREFIXES = {"attention": (".self_attn.", ".input_layernorm."),
                      "mlp": (".mlp.", ".post_attention_layernorm.")}
 
+SUBLAYER_ARCHITECTURE = "TabpSublayerForCausalLM"  # tabp_vllm.sublayer_model (imports vLLM)
+
 # The decoder stack of HF causal LMs: "model.layers.<i>." (Llama, Mistral, Qwen, Gemma, ...).
 # Anchored at a dot or the start so that e.g. a vision tower's "encoder.layers.<i>" is not hit.
-SUBLAYER_ARCHITECTURE = "TabpSublayerForCausalLM"  # tabp_vllm.sublayer_model (imports vLLM)
 _LAYER_RE = re.compile(r"^((?:[\w.]*\.)?model\.layers\.|layers\.)(\d+)(\..*)$")
 
 

@@ -119,3 +119,11 @@ def without_sublayers(model, attention: Iterable[int] = (), mlp: Iterable[int] =
     finally:
         for layer, name, module in reversed(saved):
             setattr(layer, name, module)
+
+
+def without_units(model, units: Iterable[int]):
+    """`without_sublayers` for a set of flat unit indices (2i: block i's attention, 2i+1: its
+    MLP; both units of a block: the block deleted)."""
+    kinds = [block_kind(u) for u in units]
+    return without_sublayers(model, attention={i for i, kind in kinds if kind == ATTENTION},
+                             mlp={i for i, kind in kinds if kind == MLP})

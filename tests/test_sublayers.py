@@ -9,7 +9,7 @@ import torch
 from tabp_vllm.errors import TabpError
 from tabp_vllm.scoring.probe import without_blocks
 from tabp_vllm.sublayers import (block_kind, mask_units, unit_of, units_to_mask_lists,
-                                 without_sublayers)
+                                 without_sublayers, without_units)
 
 
 def tiny(arch: str):
@@ -47,6 +47,18 @@ def test_unit_numbering():
     assert units_to_mask_lists([4, 5, 0, 9, 7]) == ([2], [0], [3, 4])
     assert mask_units([2], [0], [3, 4]) == [0, 4, 5, 7, 9]
     assert units_to_mask_lists(mask_units([1, 3], [0], [2])) == ([1, 3], [0], [2])
+
+
+def test_without_units_is_without_sublayers_of_the_units_blocks():
+    """Flat units (what scoring and the L0 fit remove) skip the same sublayers as the lists:
+    units 4, 5 (block 2 whole), 0 (block 0's attention) and 7 (block 3's MLP)."""
+    model = tiny("llama")
+    with without_units(model, {4, 5, 0, 7}):
+        by_units = logits(model)
+    with without_sublayers(model, attention={0, 2}, mlp={2, 3}):
+        by_lists = logits(model)
+    assert torch.equal(by_units, by_lists)
+    assert not torch.allclose(by_units, logits(model), atol=1e-3)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

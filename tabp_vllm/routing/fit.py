@@ -199,12 +199,10 @@ class Units:
     def without(self, model, removed: list[int]):
         """The model with the `removed` units left out (no gradient needed)."""
         from tabp_vllm.scoring.probe import without_blocks
-        from tabp_vllm.sublayers import without_sublayers
+        from tabp_vllm.sublayers import without_units
 
         if self.kind == "sublayers":
-            whole, attention, mlp = self.mask_lists(removed)
-            return without_sublayers(model, attention=set(attention) | set(whole),
-                                     mlp=set(mlp) | set(whole))
+            return without_units(model, removed)
         return without_blocks(model, set(removed))
 
     def mask_lists(self, removed: list[int]) -> tuple[list[int], list[int], list[int]]:

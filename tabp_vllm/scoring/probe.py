@@ -188,11 +188,9 @@ def skipping(ctx: ScoreContext, units: set[int]):
     """The model with `units` left out: whole blocks, or sublayers at sublayer granularity."""
     if ctx.granularity != "sublayer":
         return without_blocks(ctx.model, units)
-    from tabp_vllm.sublayers import block_kind, without_sublayers
+    from tabp_vllm.sublayers import without_units
 
-    kinds = [block_kind(u) for u in units]
-    return without_sublayers(ctx.model, attention={i for i, kind in kinds if kind == "attention"},
-                             mlp={i for i, kind in kinds if kind == "mlp"})
+    return without_units(ctx.model, units)
 
 
 @contextlib.contextmanager
