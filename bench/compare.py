@@ -44,14 +44,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from tabp_vllm.comparison import CONFIGS, LM_TASK, REFERENCE, SEEDLESS, Report, same_as_paper
+from tabp_vllm.comparison import CONFIGS, LM_TASK, REFERENCE, SEEDLESS, SUBLAYER, Report, same_as_paper
 from tabp_vllm.errors import TabpError
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     csv = lambda t: lambda s: [t(x) for x in s.split(",") if x]  # noqa: E731
     ap.add_argument("--tasks", type=csv(str), default=["arc_easy", "piqa", "arc_challenge", "boolq"])
-    ap.add_argument("--configs", type=csv(str), default=list(CONFIGS))
+    ap.add_argument("--configs", type=csv(str), default=[c for c in CONFIGS if c not in SUBLAYER],
+                    help="configurations (default: every whole-block one); sublayer ones (-sub-) "
+                         "make a sublayer report against --blocks-from")
     ap.add_argument("--protocols", type=csv(str), default=["paper", "per-task"])
     ap.add_argument("--ks", type=csv(int), default=[4, 8])
     ap.add_argument("--seeds", type=csv(int), default=[0, 1, 2])
@@ -63,6 +65,9 @@ def main() -> None:
                     help="ARC-Easy's evaluation split (test: 2,376 documents that chose nothing)")
     ap.add_argument("--limit", type=int, default=None, help="first N documents per task (default: all)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "compare_v2")
+    ap.add_argument("--blocks-from", type=Path, default=Path(__file__).resolve().parent / "results" / "compare_v2",
+                    help="with sublayer configurations: the report whose whole-block masks and "
+                         "per-document results they are compared with (read, never re-evaluated)")
     ap.add_argument("--score-only", action="store_true",
                     help="only score the masks (transformers, no engine); evaluate in a later run")
     ap.add_argument("--report-only", action="store_true",
@@ -76,6 +81,8 @@ def main() -> None:
     asked = list(a.configs)  # what this run scores and evaluates; the report also shows the
     if REFERENCE not in a.configs:  # reference, with whatever of it earlier runs made
         a.configs.insert(0, REFERENCE)
+    if any(c in SUBLAYER for c in a.configs):  # measured against every whole-block configuration
+        a.configs = [c for c in CONFIGS if c not in SUBLAYER] + [c for c in a.configs if c in SUBLAYER]
     try:
         rep = Report(a.out, a)
     except TabpError as exc:

@@ -40,12 +40,38 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "ppl-task": {"method": "ppl-task"},
     "random": {"method": "random"},
     "last_k": {"method": "last_k"},
+    # sublayer masks (issue 33): attention and/or MLP units; at "k" their budget is the FLOPs
+    # share of k whole blocks (`k_flops_ratio`), so they compete at the same ideal speedup. The
+    # cloze probe is what `auto` chose on every ARC-Easy calibration set of compare_v2 (seeds 0-2,
+    # recorded in its masks); naming it skips auto's lettered pass (256 forward passes).
+    "tabp-sub-both": {"method": "tabp", "probe": "cloze", "granularity": "sublayer",
+                      "units": "both", "block_range": "15:30"},
+    "tabp-sub-attention": {"method": "tabp", "probe": "cloze", "granularity": "sublayer",
+                           "units": "attention", "block_range": "1:30"},
+    "block_influence-sub-both": {"method": "block_influence", "granularity": "sublayer",
+                                 "units": "both", "block_range": "15:30"},
+    "block_influence-sub-attention": {"method": "block_influence", "granularity": "sublayer",
+                                      "units": "attention", "block_range": "1:30"},
+    "what_matters-sub-both": {"method": "what_matters", "granularity": "sublayer",
+                              "units": "both", "block_range": "15:30"},
+    "what_matters-sub-attention": {"method": "what_matters", "granularity": "sublayer",
+                                   "units": "attention", "block_range": "1:30"},
+    "sleb-task-sub-both": {"method": "sleb-task", "granularity": "sublayer", "units": "both",
+                           "block_range": "15:30"},
+    "sleb-task-sub-attention": {"method": "sleb-task", "granularity": "sublayer",
+                                "units": "attention", "block_range": "1:30"},
 }
 REFERENCE = "tabp"
+SUBLAYER = {c for c, spec in CONFIGS.items() if spec.get("granularity") == "sublayer"}
+# methods whose score of a unit does not depend on which units are candidates (TaBP's per-unit
+# aggregate of the early-exit shift; the similarity of a unit's input and output): one scoring run
+# of every unit gives the masks of every candidate set, cut from its scores. SLEB's rounds do
+# depend on the candidates: it is scored per configuration.
+UNIT_LOCAL = {"tabp", "block_influence", "what_matters"}
 PUBLISHED = ["sleb", "ppl", "block_influence", "angular"]  # the goal's "published-setting" baselines
 SEEDLESS = {"tabp-paper", "last_k"}  # calibration does not depend on the seed
 NO_DATA = {"random", "last_k"}  # no calibration data: one mask for every task
-WIKITEXT = {"sleb", "ppl"}  # calibrated on WikiText-2 whatever the task
+WIKITEXT = {"sleb", "ppl", "what_matters-sub-both", "what_matters-sub-attention"}  # WikiText-2
 # our task -> the lm-eval task it is scored with (whole held-out split)
 LM_TASK = {"arc_easy": "tabp_arc_easy_validation", "arc_challenge": "tabp_arc_challenge_validation",
            "piqa": "tabp_piqa", "boolq": "tabp_boolq"}
@@ -97,6 +123,54 @@ def yes_share(correct: np.ndarray, golds: np.ndarray) -> float:
     return float(np.mean(np.where(correct == 1, golds == 1, golds == 0)))
 
 
+def is_sublayer_run(args: argparse.Namespace) -> bool:
+    """A report of sublayer configurations: its reference is the best whole-block configuration."""
+    return any(c in SUBLAYER for c in args.configs)
+
+
+def k_flops_ratio(config: Any, k: int) -> float:
+    """The FLOPs budget of a sublayer configuration at "k": the share of a dense decode step's
+    ideal FLOPs that k whole blocks hold (every block costs the same), so both run at the same
+    ideal speedup 1 / (1 - ratio)."""
+    from tabp_vllm.flops import DecoderShape, removed_flops_fraction
+
+    shape = DecoderShape.from_config(config)
+    return removed_flops_fraction(shape, range(2 * k))
+
+
+def wide_name(config: str) -> str:
+    """The scoring run of every unit that a unit-local sublayer configuration is cut from."""
+    return f"{CONFIGS[config]['method']}-sub-all"
+
+
+def restrict(result: Any, units: str, block_range: str, num_blocks: int) -> Any:
+    """A run over every unit, seen as a run over the candidates of `units` in `block_range` (only
+    for UNIT_LOCAL methods, whose per-unit scores do not depend on the candidates): the other
+    units' scores dropped, the candidates recorded, and every candidate ranked (k = all of them),
+    so `result_at` cuts any budget from it."""
+    from dataclasses import replace
+
+    from tabp_vllm.scoring import parse_range
+    from tabp_vllm.scoring.units import candidate_units
+
+    blocks = parse_range(block_range, num_blocks)
+    cand = candidate_units(blocks, "sublayer", units)
+    scores = [s if u in cand else None for u, s in enumerate(result.scores)]
+    params = {key: v for key, v in result.params.items()
+              if key not in ("flops_ratio", "removed_flops_fraction")}
+    params.update(candidate_range=[blocks[0], blocks[-1] + 1], units=units, k=len(cand),
+                  cut_from="a scoring run of every unit (the scores do not depend on the candidates)")
+    return replace(result, removed=sorted(cand), scores=scores, params=params)
+
+
+def variant_of(mask: Any) -> tuple:
+    """What an evaluation depends on: the removed blocks (a whole-block mask, as compare_v2 keyed
+    them), or (blocks, attention, MLP) of a sublayer mask."""
+    if not mask.is_sublayer:
+        return tuple(mask.removed_layers)
+    return (tuple(mask.removed_layers), tuple(mask.removed_attention), tuple(mask.removed_mlp))
+
+
 def calibration_of(config: str, task: str) -> str:
     """The data a configuration's mask depends on under a protocol whose calibration task is
     `task`: that task, WikiText-2, or nothing."""
@@ -134,10 +208,19 @@ class Report:
         self.host = cpu_info()
         self.hosts: list[dict] = old.get("hosts") or ([old["host"]] if "host" in old else [])
         self.mt = None  # the transformers model, loaded on the first scoring run
+        # a sublayer report reads the whole-block masks and their per-document results from the
+        # report that made them (compare_v2), never evaluating them again
+        self.sublayer = is_sublayer_run(args)
+        blocks_from = getattr(args, "blocks_from", None)
+        self.blocks_from = Path(blocks_from) if blocks_from and self.sublayer else None
+        self.block_cache: dict = {}
+        if self.blocks_from is not None:
+            self.block_cache = json.loads((self.blocks_from / "eval_cache.json").read_text())
 
     # ---------------------------------------------------------------- masks
     def mask_path(self, config: str, calib: str, seed: int, k: int) -> Path:
-        return self.out / "masks" / f"{config}-{calib}-s{seed}-k{k}.json"
+        home = self.out if self.blocks_from is None or config in SUBLAYER else self.blocks_from
+        return home / "masks" / f"{config}-{calib}-s{seed}-k{k}.json"
 
     def masks(self, config: str, task: str, seed: int) -> dict[int, tuple[tuple[int, ...], Path]]:
         """k -> (removed blocks, mask file) of `config` calibrated for `task` with `seed`; scored
@@ -152,7 +235,9 @@ class Report:
         calib, seed = calibration_of(config, task), 0 if config in SEEDLESS else seed
         ks = sorted(self.args.ks)
         todo = [k for k in ks if not self.mask_path(config, calib, seed, k).exists()]
-        if todo:
+        if todo and config in SUBLAYER:
+            self.sublayer_masks(config, calib, seed, todo)
+        elif todo:
             spec = dict(CONFIGS[config])
             method = get_method(spec["method"])
             if "preset" not in spec and "samples" not in spec:  # the preset: its first 1,024
@@ -179,11 +264,90 @@ class Report:
                         self.mask_path(config, calib, seed, k))
                 print(f"  {run.forward_passes} forward passes, {run.wall_s:.1f} s", flush=True)
                 self.save()
-        return {k: (tuple(load_mask(self.mask_path(config, calib, seed, k)).removed_layers),
+        return {k: (variant_of(load_mask(self.mask_path(config, calib, seed, k))),
                     self.mask_path(config, calib, seed, k)) for k in ks}
 
+    def wide_path(self, config: str, calib: str, seed: int) -> Path:
+        return self.out / "masks" / f"{wide_name(config)}-{calib}-s{seed}.json"
+
+    def sublayer_masks(self, config: str, calib: str, seed: int, todo: list[int]) -> None:
+        """The masks of sublayer `config` at the FLOPs of k whole blocks, for every k in `todo`:
+        cut from the run of every unit of its method (scored once per calibration and seed, shared
+        by its configurations) when its scores are unit-local, else from one run of its own at the
+        largest budget (the smaller ones are prefixes of its ranking)."""
+        from transformers import AutoConfig
+
+        from tabp_vllm.mask import load_mask
+        from tabp_vllm.models import alias_of, resolve_model
+        from tabp_vllm.scoring import ScoringResult, result_at, score_to_mask
+
+        spec = dict(CONFIGS[config])
+        model = resolve_model(self.model)
+        cfg = AutoConfig.from_pretrained(model)
+        B = cfg.num_hidden_layers
+        if spec["method"] in UNIT_LOCAL:
+            wide = self.wide_path(config, calib, seed)
+            if not wide.exists():
+                # k = 1: every unit is scored whatever k is, and the mask written stays valid
+                # (a k removing all but one unit would remove every attention)
+                self.score_run(wide_name(config), calib, seed, wide, k=1,
+                               **{**spec, "units": "both", "block_range": f"0:{B}"})
+            m = load_mask(wide)
+            self.scoring.setdefault(f"{wide_name(config)}|{calib}|{seed}|all", {
+                "host": self.host["model"], "config": wide_name(config), "calibration": calib,
+                "seed": seed, "scored_at_k": "all", "samples": m.calibration["samples"],
+                "forward_passes": m.calibration["forward_passes"], "wall_s": m.calibration["wall_s"]})
+            run = restrict(ScoringResult(m.method, [], m.scores, m.params, m.calibration, 0.0,
+                                         m.calibration["forward_passes"]),
+                           spec["units"], spec["block_range"], B)
+        else:
+            run = self.score_run(config, calib, seed, self.mask_path(config, calib, seed, max(todo)),
+                                 flops_ratio=k_flops_ratio(cfg, max(todo)), **spec)
+        for k in todo:
+            cut = result_at(run, flops_ratio=k_flops_ratio(cfg, k))
+            score_to_mask(model, cut, task=calib, model_id=alias_of(self.model)).save(
+                self.mask_path(config, calib, seed, k))
+        self.save()
+
+    def score_run(self, name: str, calib: str, seed: int, path: Path, k: int | None = None,
+                  **spec: Any) -> Any:
+        """One scoring run of `spec` (the options of `score`) on this report's calibration,
+        written to `path` and recorded with its cost under `name`."""
+        from tabp_vllm.models import alias_of, resolve_model
+        from tabp_vllm.scoring import get_method, score_to_mask
+        from tabp_vllm.scoring.commands import score_with_options
+        from tabp_vllm.scoring.options import ScoreOptions
+        from tabp_vllm.scoring.probe import load_model, pick_device
+
+        if "samples" not in spec:
+            multi = get_method(spec["method"]).forward_passes(1, 9, 8) > 1  # SLEB, PPL
+            spec["samples"] = self.args.sleb_samples if multi else self.args.samples
+        model = resolve_model(self.model)
+        if self.mt is None:
+            self.mt = load_model(model, pick_device("cpu"))
+        o = ScoreOptions(model=self.model, task=calib if calib not in ("none", "wikitext2")
+                         else "arc_easy", seed=seed, output=path, **spec)
+        print(f"scoring {name} on {calib} (seed {seed}) ...", flush=True)
+        run = score_with_options(o, k=k, model_and_tokenizer=self.mt)
+        self.worked_here()
+        self.scoring[f"{name}|{calib}|{seed}|{k if k is not None else 'max'}"] = {
+            "host": self.host["model"], "config": name, "calibration": calib, "seed": seed,
+            "scored_at_k": "all" if k is not None else max(self.args.ks),
+            "samples": run.calibration["samples"], "forward_passes": run.forward_passes,
+            "wall_s": round(run.wall_s, 2)}
+        score_to_mask(model, run, task=calib, model_id=alias_of(self.model)).save(path)
+        print(f"  {run.forward_passes} forward passes, {run.wall_s:.1f} s", flush=True)
+        self.save()
+        return run
+
     # ---------------------------------------------------------------- evaluation
-    def key(self, task: str, removed: tuple[int, ...]) -> str:
+    def key(self, task: str, removed: tuple) -> str:
+        """The cache key of a variant (`variant_of`) on a task: "lm-eval task|removed blocks" for
+        whole blocks (compare_v2's keys), then "|attention ...|mlp ..." for sublayer masks."""
+        if removed and isinstance(removed[0], tuple):
+            blocks, attention, mlp = removed
+            return (f"{self.lm_task[task]}|{','.join(map(str, blocks))}"
+                    f"|attention {','.join(map(str, attention))}|mlp {','.join(map(str, mlp))}")
         return f"{self.lm_task[task]}|{','.join(map(str, removed))}"
 
     def evaluate(self, needed: dict[tuple[int, ...], tuple[set[str], Path | None]]) -> None:
@@ -191,7 +355,7 @@ class Report:
         from tabp_vllm.evaluation.evaluate import evaluate_variant
         from tabp_vllm.models import resolve_model
 
-        todo = [(r, sorted(t for t in ts if self.key(t, r) not in self.cache), p)
+        todo = [(r, sorted(t for t in ts if self.cached(t, r) is None), p)
                 for r, (ts, p) in needed.items()]
         todo = [x for x in todo if x[1]]
         for i, (removed, tasks, path) in enumerate(todo, 1):
@@ -207,13 +371,17 @@ class Report:
                     "n": len(docs), **{m: float(np.mean(v)) for m, v in per_doc.items()},
                     "docs": per_doc}
             self.cache_path.write_text(json.dumps(self.cache) + "\n")
-            print(f"[{i}/{len(todo)}] removed {list(removed) or 'none'} on {', '.join(tasks)}: "
+            print(f"[{i}/{len(todo)}] removed {removed or 'none'} on {', '.join(tasks)}: "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
             self.save()
 
     # ---------------------------------------------------------------- report
-    def per_doc(self, task: str, removed: tuple[int, ...]) -> np.ndarray | None:
-        hit = self.cache.get(self.key(task, removed))
+    def cached(self, task: str, removed: tuple) -> dict | None:
+        key = self.key(task, removed)
+        return self.cache.get(key) or self.block_cache.get(key)
+
+    def per_doc(self, task: str, removed: tuple) -> np.ndarray | None:
+        hit = self.cached(task, removed)
         return None if hit is None else np.asarray(hit["docs"][METRIC[task]], dtype=float)
 
     def summarize(self) -> dict[str, Any]:
@@ -234,7 +402,8 @@ class Report:
                         got, rem = self.per_seed(protocol, task, k, config)
                         if got:
                             per_config[config], removed_of[config] = got, rem
-                    ref = per_config.get(REFERENCE)
+                    ref_name = self.reference_of(per_config)
+                    ref = per_config.get(ref_name)
                     for config, got in per_config.items():
                         accs = [float(x.mean()) for x in got]
                         row = {"protocol": protocol, "task": task, "metric": METRIC[task], "k": k,
@@ -249,11 +418,51 @@ class Report:
                             row["yes_share"] = float(np.mean([yes_share(x, golds) for x in got]))
                             if yes_dense is not None:
                                 row["dense_yes_share"] = yes_dense
-                        if ref is not None and config != REFERENCE:
-                            row["minus_tabp"] = paired_bootstrap(np.mean(got, axis=0),
-                                                                 np.mean(ref, axis=0))
+                        if ref is not None and config != ref_name:
+                            diff = paired_bootstrap(np.mean(got, axis=0), np.mean(ref, axis=0))
+                            if self.sublayer:
+                                row.update(minus_best_block=diff, best_block=ref_name)
+                            else:
+                                row["minus_tabp"] = diff
                         rows.append(row)
+        if self.sublayer:
+            return {"rows": rows, "goal": [], "sublayer_goal": self.sublayer_goal(rows),
+                    "cost": self.cost()}
         return {"rows": rows, "goal": self.goal(rows), "cost": self.cost()}
+
+    def reference_of(self, per_config: dict[str, list[np.ndarray]]) -> str | None:
+        """The configuration the others are measured against: TaBP; in a sublayer report the
+        whole-block configuration of the highest mean accuracy over its seeds (among those with
+        every seed evaluated) at this task and k."""
+        if not self.sublayer:
+            return REFERENCE
+        whole = {c: float(np.mean([x.mean() for x in got])) for c, got in per_config.items()
+                 if c not in SUBLAYER
+                 and len(got) == (1 if c in SEEDLESS else len(self.args.seeds))}
+        return max(whole, key=whole.get) if whole else None
+
+    def sublayer_goal(self, rows: list[dict]) -> list[dict]:
+        """Per (protocol, task, k): does a sublayer configuration keep at least the best
+        whole-block configuration's accuracy, the interval of (it - best) excluding a loss?"""
+        out = []
+        for protocol in self.args.protocols:
+            for task in self.args.tasks:
+                for k in sorted(self.args.ks):
+                    here = [r for r in rows if (r["protocol"], r["task"], r["k"]) == (protocol, task, k)]
+                    subs = [r for r in here if r["config"] in SUBLAYER and "minus_best_block" in r]
+                    if not subs:
+                        continue
+                    best = subs[0]["best_block"]
+                    best_mean = next(r["mean"] for r in here if r["config"] == best)
+                    verdict = [{"config": r["config"], "mean": r["mean"], "seeds": r["seeds"],
+                                "seeds_asked": r["seeds_asked"],
+                                "minus_best_block": r["minus_best_block"],
+                                "met": r["minus_best_block"]["interval"][0] >= 0
+                                and r["seeds"] == r["seeds_asked"]} for r in subs]
+                    out.append({"protocol": protocol, "task": task, "k": k, "best_block": best,
+                                "best_block_mean": best_mean, "sublayer": verdict,
+                                "met": any(v["met"] for v in verdict)})
+        return out
 
     def goal(self, rows: list[dict]) -> list[dict]:
         """Per (protocol, task, k) of the goal: does a TaBP configuration reach the best
@@ -300,11 +509,12 @@ class Report:
         for s in ([0] if config in SEEDLESS else self.args.seeds):
             path = self.mask_path(config, calib, s, k)
             if path.exists():
-                removed = tuple(load_mask(path).removed_layers)
+                removed = variant_of(load_mask(path))
                 x = self.per_doc(task, removed)
                 if x is not None:
                     got.append(x)
-                    rem.append(list(removed))
+                    rem.append([list(r) for r in removed] if removed and
+                               isinstance(removed[0], tuple) else list(removed))
         return got, rem
 
     def seed_mean(self, protocol: str, task: str, k: int, config: str) -> np.ndarray:
@@ -316,7 +526,9 @@ class Report:
         every k). Apart per calibration: PIQA's texts are longer than ARC-Easy's."""
         kmax = max(self.args.ks)
         out = []
-        for config in self.args.configs:
+        # a sublayer report's shared runs of every unit are costed under their own names
+        wide = sorted({r["config"] for r in self.scoring.values() if r["config"].endswith("-sub-all")})
+        for config in [*self.args.configs, *wide]:
             for calib in sorted({r["calibration"] for r in self.scoring.values()
                                  if r["config"] == config}):
                 runs = [r for r in self.scoring.values()
@@ -329,6 +541,15 @@ class Report:
                             "hosts": sorted({r.get("host") or "?" for r in top})})
         return out
 
+    def k_flops_ratios(self) -> dict[str, float]:
+        """k -> the FLOPs share of k whole blocks (the sublayer configurations' budget)."""
+        from transformers import AutoConfig
+
+        from tabp_vllm.models import resolve_model
+
+        cfg = AutoConfig.from_pretrained(resolve_model(self.model))
+        return {str(k): k_flops_ratio(cfg, k) for k in sorted(self.args.ks)}
+
     def worked_here(self) -> None:
         if self.host not in self.hosts:
             self.hosts.append(self.host)
@@ -338,7 +559,10 @@ class Report:
                             for t in self.args.tasks}, "model": self.model,
                "hosts": self.hosts, "command": sys.argv, "args": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items()},
-            "configs": {c: CONFIGS[c] for c in self.args.configs}, "reference": REFERENCE,
+            "configs": {c: CONFIGS[c] for c in self.args.configs},
+            "reference": ("the best whole-block configuration (highest mean over seeds) of "
+                          f"{self.blocks_from.name} per task and k" if self.sublayer else REFERENCE),
+            **({"k_flops_ratio": self.k_flops_ratios()} if self.sublayer else {}),
             "lm_tasks": {t: self.lm_task[t] for t in self.args.tasks}, "metric": METRIC,
             "bootstrap_resamples": BOOTSTRAP, "scoring": self.scoring, **self.summarize()}
         self.doc_path.write_text(json.dumps(doc, indent=1) + "\n")
@@ -383,8 +607,10 @@ def hierarchical_bootstrap(x: np.ndarray, y: np.ndarray, resamples: int = BOOTST
 def write_markdown(doc: dict, path: Path) -> None:
     a = doc["args"]
     model = doc.get("model", "llama")
-    lines = [f"# TaBP vs baselines on {'the demo model' if model == 'llama' else model} "
-             "(report v2)", "",
+    sub = "k_flops_ratio" in doc  # a sublayer report
+    title = "Sublayer masks against the best whole-block mask" if sub else "TaBP vs baselines"
+    lines = [f"# {title} on {'the demo model' if model == 'llama' else model} "
+             + ("(issue 33)" if sub else "(report v2)"), "",
              f"Host{'s' if len(doc['hosts']) > 1 else ''}: "
              f"{'; '.join(h.get('model') or '?' for h in doc['hosts']) or '?'}. Evaluation: lm-eval on "
              f"{', '.join(f'{t} ({name})' for t, name in doc['lm_tasks'].items())}"
@@ -393,6 +619,13 @@ def write_markdown(doc: dict, path: Path) -> None:
              f"({a['sleb_samples']} for SLEB / PPL; the paper preset its 1,024), seeds "
              f"{a['seeds']}. Cells: mean over seeds (± sd), then [95 % paired bootstrap interval "
              f"of the configuration minus `{doc['reference']}`].", ""]
+    if sub:
+        lines += ["Sublayer configurations (`-sub-`) remove attention and/or MLP units, lowest "
+                  "score first, until their ideal FLOPs reach those of k whole blocks: "
+                  + ", ".join(f"k = {k}: {r:.4f} (ideal x{1 / (1 - r):.3f})"
+                              for k, r in doc["k_flops_ratio"].items())
+                  + ". Whole-block rows are the masks and per-document results of "
+                  f"`{a['blocks_from']}`, read, not evaluated again.", ""]
     rows = doc["rows"]
     lines += summary_table(doc) + [""]
     for protocol in a["protocols"]:
@@ -445,6 +678,23 @@ def write_markdown(doc: dict, path: Path) -> None:
                                      f"{v['baseline_minus_tabp'][1]:+.3f}], {v['passes']} passes"
                                      for v in g["tabp"]) + ")")
         lines.append("")
+    if doc.get("sublayer_goal"):
+        lines += ["## Goal: a sublayer mask at least as accurate as the best whole-block mask at "
+                  "the same ideal FLOPs, the interval of (sublayer - best whole-block) excluding a "
+                  "loss (lower bound >= 0)", ""]
+        for g in doc["sublayer_goal"]:
+            ok = [v["config"] for v in g["sublayer"] if v["met"]]
+            lines.append(f"- {g['protocol']}, {g['task']}, k = {g['k']} (FLOPs "
+                         f"{doc['k_flops_ratio'][str(g['k'])]:.4f}): best whole-block "
+                         f"{g['best_block']} {g['best_block_mean']:.3f}; "
+                         + ("met by " + ", ".join(ok) if ok else "not met") + " ("
+                         + "; ".join(f"{v['config']} {v['mean']:.3f}"
+                                     + (f" ({v['seeds']} of {v['seeds_asked']} seeds)"
+                                        if v["seeds"] < v["seeds_asked"] else "")
+                                     + f", minus best [{v['minus_best_block']['interval'][0]:+.3f}, "
+                                     f"{v['minus_best_block']['interval'][1]:+.3f}]"
+                                     for v in g["sublayer"]) + ")")
+        lines.append("")
     path.write_text("\n".join(lines))
 
 
@@ -458,9 +708,12 @@ def table_cell(r: dict | None) -> str:
         cell += f" ({r['seeds']} of {r['seeds_asked']} seeds)"
     if "yes_share" in r:
         cell += f" (yes {100 * r['yes_share']:.0f} %)"
-    if "minus_tabp" in r:
-        lo, hi = r["minus_tabp"]["interval"]
+    diff = r.get("minus_tabp") or r.get("minus_best_block")
+    if diff:
+        lo, hi = diff["interval"]
         cell += f" [{lo:+.3f}, {hi:+.3f}]"
+    if r.get("best_block"):  # a sublayer report's reference: the best whole-block configuration
+        cell += f" (vs {r['best_block']})"
     return cell
 
 
@@ -499,6 +752,9 @@ def plot(doc: dict, path: Path) -> None:
 
     a = doc["args"]
     rows = [r for r in doc["rows"] if r["protocol"] == a["protocols"][0]]
+    if "k_flops_ratio" in doc:  # a sublayer report: its configurations and the best whole-block ones
+        best = {r["best_block"] for r in rows if r.get("best_block")}
+        rows = [r for r in rows if r["config"] in SUBLAYER or r["config"] in best]
     tasks = [t for t in a["tasks"] if any(r["task"] == t for r in rows)]
     if not tasks:
         return
@@ -521,7 +777,8 @@ def plot(doc: dict, path: Path) -> None:
         ax.axhline(max(fl["chance"], fl["majority"]), color="grey", ls=":", lw=1,
                    label="chance / majority answer")
         ax.set_title(f"{task} ({METRIC[task]}), {a['protocols'][0]} protocol", fontsize=9)
-        ax.set_xlabel("blocks removed (k)")
+        ax.set_xlabel("blocks removed (k)" if "k_flops_ratio" not in doc else
+                      "k: k blocks, or sublayers of the same FLOPs (-sub-)")
     axes[0][0].set_ylabel("accuracy (mean over seeds ± sd)")
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()

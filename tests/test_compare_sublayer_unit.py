@@ -1,0 +1,108 @@
+"""Sublayer configurations of the comparison report (issue 33): their FLOPs budget per k, masks cut
+from one scoring run of every unit (exact for unit-local scores), the evaluation cache's keys, and
+the reference (the best whole-block configuration) with the goal's verdict."""
+
+import argparse
+import json
+
+import pytest
+
+from tabp_vllm import comparison as cmp
+from tabp_vllm.data import Dataset, MCQAItem
+from tabp_vllm.flops import DecoderShape, removed_flops_fraction
+from tabp_vllm.mask import make_mask
+from tabp_vllm.scoring import result_at, run_scoring
+from tiny_llama import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny(demo_model):
+    return tiny_llama(demo_model)
+
+
+def mcqa(n=4):
+    return Dataset("m", "train", "mcqa", [MCQAItem(f"Is {i} > 1?", ["no", "yes"], int(i > 1)) for i in range(n)])
+
+
+def test_budget_of_k_is_the_flops_of_k_whole_blocks(demo_model):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(demo_model)
+    assert cmp.k_flops_ratio(cfg, 4) == pytest.approx(0.107, abs=1e-4)  # the first check: 0.1069
+    assert cmp.k_flops_ratio(cfg, 8) == pytest.approx(2 * cmp.k_flops_ratio(cfg, 4), abs=2e-6)
+    shape = DecoderShape.from_config(cfg)
+    assert cmp.k_flops_ratio(cfg, 2) == pytest.approx(removed_flops_fraction(shape, {30, 31, 50, 51}))
+
+
+@pytest.mark.parametrize("method,units,block_range", [
+    ("tabp", "both", "2:6"), ("tabp", "attention", "1:6"), ("block_influence", "mlp", "0:4")])
+def test_masks_cut_from_the_run_of_every_unit_equal_their_own_runs(tiny, method, units, block_range):
+    # unit-local scores: one run over all 12 units gives each candidate set's mask exactly
+    # k = 1 as the report scores it (its mask must validate): every unit is scored whatever k is
+    wide = run_scoring("unused", mcqa(), method, k=1, granularity="sublayer", block_range="0:6",
+                       model_and_tokenizer=tiny, probe="letters")
+    assert all(s is not None for s in wide.scores)
+    shape = DecoderShape.from_config(tiny[0].config)
+    cand = [u for u, s in enumerate(cmp.restrict(wide, units, block_range, 6).scores) if s is not None]
+    for part in (0.3, 0.7):  # of what the candidates hold
+        ratio = part * removed_flops_fraction(shape, cand)
+        own = run_scoring("unused", mcqa(), method, flops_ratio=ratio, granularity="sublayer",
+                          units=units, block_range=block_range, model_and_tokenizer=tiny, probe="letters")
+        cut = result_at(cmp.restrict(wide, units, block_range, 6), flops_ratio=ratio)
+        assert cut.removed == own.removed
+        assert cut.params["candidate_range"] == own.params["candidate_range"]
+        assert cut.params["removed_flops_fraction"] == pytest.approx(own.params["removed_flops_fraction"])
+        assert [s is None for s in cut.scores] == [s is None for s in own.scores]
+
+
+def test_cache_keys_of_whole_blocks_are_compare_v2s_and_sublayers_differ(tmp_path, demo_model):
+    args = argparse.Namespace(tasks=["arc_easy"], configs=["tabp"], protocols=["paper"], ks=[4],
+                              seeds=[0], samples=256, sleb_samples=32, limit=None)
+    rep = cmp.Report(tmp_path, args)
+    whole = make_mask(demo_model, [15, 16], task="arc_easy", model_id="llama")
+    assert rep.key("arc_easy", cmp.variant_of(whole)) == "tabp_arc_easy_validation|15,16"
+    assert rep.key("arc_easy", ()) == "tabp_arc_easy_validation|"
+    sub = make_mask(demo_model, [15, 16], task="arc_easy", model_id="llama", removed_attention=[20])
+    only_attention = make_mask(demo_model, [], task="arc_easy", model_id="llama", removed_attention=[20])
+    keys = {rep.key("arc_easy", cmp.variant_of(m)) for m in (whole, sub, only_attention)}
+    assert len(keys) == 3 and "tabp_arc_easy_validation|15,16|attention 20|mlp " in keys
+
+
+def test_reference_is_the_best_whole_block_configuration(tmp_path, demo_model):
+    blocks = tmp_path / "v2"
+    args = argparse.Namespace(tasks=["arc_easy"], configs=["tabp", "sleb-task", "tabp-sub-both"],
+                              protocols=["paper"], ks=[4], seeds=[0, 1], samples=256,
+                              sleb_samples=32, limit=None, blocks_from=str(blocks))
+    (blocks / "masks").mkdir(parents=True)
+    n, cache = 200, {}
+    right = {(10, 11, 12, 13): 100, (10, 11, 12, 14): 110, (20, 21, 22, 23): 120,
+             (20, 21, 22, 24): 124, (): 150}
+    for r, got in right.items():
+        docs = [1.0] * got + [0.0] * (n - got)
+        cache[f"tabp_arc_easy_validation|{','.join(map(str, r))}"] = {"n": n, "docs": {"acc_norm": docs}}
+    (blocks / "eval_cache.json").write_text(json.dumps(cache))
+    rep = cmp.Report(tmp_path / "sub", args)
+    for (config, seed), r in {("tabp", 0): [10, 11, 12, 13], ("tabp", 1): [10, 11, 12, 14],
+                              ("sleb-task", 0): [20, 21, 22, 23], ("sleb-task", 1): [20, 21, 22, 24]}.items():
+        make_mask(demo_model, r, task="arc_easy", model_id="llama").save(rep.mask_path(config, "arc_easy", seed, 4))
+        assert rep.mask_path(config, "arc_easy", seed, 4).parent == blocks / "masks"  # read there
+    # the sublayer masks: seed 0 evaluated (128 right, +4 over sleb-task seed 1's documents), seed 1 not yet
+    for seed, att in ((0, [20]), (1, [21])):
+        m = make_mask(demo_model, [], task="arc_easy", model_id="llama", removed_attention=att)
+        m.save(rep.mask_path("tabp-sub-both", "arc_easy", seed, 4))
+        assert rep.mask_path("tabp-sub-both", "arc_easy", seed, 4).parent == tmp_path / "sub" / "masks"
+    docs = [1.0] * 128 + [0.0] * (n - 128)
+    rep.cache[rep.key("arc_easy", ((), (20,), ()))] = {"n": n, "docs": {"acc_norm": docs}}
+    doc = rep.summarize()
+    rows = {r["config"]: r for r in doc["rows"]}
+    assert rows["tabp"]["best_block"] == "sleb-task" and "minus_best_block" not in rows["sleb-task"]
+    assert rows["tabp-sub-both"]["minus_best_block"]["mean"] == pytest.approx(0.64 - 0.61)
+    assert rows["tabp"]["dense"] == pytest.approx(0.75)
+    (goal,) = doc["sublayer_goal"]
+    assert goal["best_block"] == "sleb-task" and goal["best_block_mean"] == pytest.approx(0.61)
+    (v,) = goal["sublayer"]
+    assert v["minus_best_block"]["interval"][0] > 0 and (v["seeds"], v["seeds_asked"]) == (1, 2)
+    assert v["met"] is False  # a seed missing is no verdict yet
+    assert "(1 of 2 seeds)" in cmp.table_cell(rows["tabp-sub-both"])
+    assert doc["goal"] == []
+    assert rep.reference_of({}) is None  # nothing whole-block evaluated yet
