@@ -469,15 +469,20 @@ def fit_time(argv: list[str]) -> None:
 # (resumable: a setting whose router exists is read, not refitted).
 STUDY = RESULTS / "routing" / "l0_study"
 STUDY_SETTINGS = {
-    "old-24steps": ["--steps", "24", "--lr", "0.1", "--lambda-lr", "0.05", "--warmup", "0.5"],
+    "old-24steps": ["--steps", "24", "--lr", "0.1", "--multiplier", "adam", "--lambda-lr", "0.05",
+                    "--warmup", "0.5"],
     # warm-up 0.1: the target reaches k/n after 30 steps; lambdas by Adam (rows as run)
-    "lr0.2-lam0.2": ["--steps", "300", "--lr", "0.2", "--lambda-lr", "0.2", "--warmup", "0.1"],
+    "lr0.2-lam0.2": ["--steps", "300", "--lr", "0.2", "--multiplier", "adam", "--lambda-lr", "0.2",
+                     "--warmup", "0.1"],
     # lambdas by plain gradient ascent at 5 (the code of that run: provenance.convergence says so)
     "sgd-lam5": ["--steps", "300", "--lr", "0.2", "--lambda-lr", "5", "--warmup", "0.1"],
-    # the defaults: lambdas by Adam, the target rising over half the steps
-    "adam-warm0.5": ["--steps", "300", "--lr", "0.2", "--lambda-lr", "0.2", "--warmup", "0.5"],
-    "lm-adam-warm0.5": ["--steps", "300", "--lr", "0.2", "--lambda-lr", "0.2", "--warmup", "0.5",
-                        "--loss", "lm"],
+    # the old defaults: lambdas by Adam, the target rising over half the steps
+    "adam-warm0.5": ["--steps", "300", "--lr", "0.2", "--multiplier", "adam", "--lambda-lr", "0.2",
+                     "--warmup", "0.5"],
+    # the new defaults: lambda1 by a PI controller whose integral restarts when the gap changes sign
+    "pi": ["--steps", "300"],
+    "pi-k8": ["--steps", "300", "--k", "8"],
+    "pi-lm": ["--steps", "300", "--loss", "lm"],
 }
 
 
@@ -496,8 +501,10 @@ def l0_study(argv: list[str]) -> None:
         if router.exists():
             continue
         cmd = CLI + ["route", "fit", "--model", "llama", "--task", "arc_easy", "--samples",
-                     str(a.samples), "--clusters", "1", "--k", "4", "--fallback", "none",
+                     str(a.samples), "--clusters", "1", "--fallback", "none",
                      "--batch-size", str(a.batch_size), *STUDY_SETTINGS[name], "-o", str(router)]
+        if "--k" not in STUDY_SETTINGS[name]:
+            cmd[-2:-2] = ["--k", "4"]
         load_before = os.getloadavg()
         wall = run(cmd, STUDY / f"{name}.log")
         meta = {"command": " ".join(["tabp-vllm"] + cmd[3:]), "command_wall_s": round(wall, 1),

@@ -1,6 +1,8 @@
 """The L0 gate trainer (`routing/l0.py`) on a toy gated stack whose optimal gates are known: some
 units contribute exactly nothing, so the fit must close exactly those, meet the sparsity target
-and say it converged; a fit stopped too early must say it did not. Pure torch, no LLM."""
+and say it converged; a fit stopped too early must say it did not. On a toy shaped like the demo
+model's fit (28 units, all of some use, k = 4) the old multiplier update (Adam ascent) winds up
+and never settles where the PI update (the default) converges. Pure torch, no LLM."""
 
 from __future__ import annotations
 
@@ -8,17 +10,20 @@ import pytest
 import torch
 
 from tabp_vllm.routing import hardconcrete as hc
-from tabp_vllm.routing.l0 import (DECIDED_MARGIN, SPARSITY_TOL, GateSettings, flat, margin,
-                                  train_gates)
+from tabp_vllm.routing.l0 import (DECIDED_MARGIN, SPARSITY_TOL, GateSettings, PIAscent, flat,
+                                  margin, train_gates)
+from tabp_vllm.routing.options import LAMBDA_LR, LAMBDA_P, LR, MULTIPLIER, WARMUP
 
 USELESS = (1, 4, 6)
 
 
-def toy_loss(n=8, useless=USELESS, d=16, seed=0):
-    """A residual stack h + z_j tanh(h W_j); units in `useless` have W_j = 0. Loss: the squared
-    error to the ungated stack's output on a fixed batch cycle."""
+def toy_loss(n=8, useless=USELESS, d=16, seed=0, weights=None):
+    """A residual stack h + z_j tanh(h W_j); units in `useless` have W_j = 0 (or unit j's W_j is
+    scaled by `weights[j]`). Loss: the squared error to the ungated stack's output on a fixed
+    batch cycle."""
     g = torch.Generator().manual_seed(seed)
-    W = [torch.randn(d, d, generator=g) / d ** 0.5 * (0.0 if j in useless else 1.0) for j in range(n)]
+    scale = weights or [0.0 if j in useless else 1.0 for j in range(n)]
+    W = [torch.randn(d, d, generator=g) / d ** 0.5 * scale[j] for j in range(n)]
     X = torch.randn(256, d, generator=g)
 
     def run(x, z):
@@ -36,7 +41,9 @@ def toy_loss(n=8, useless=USELESS, d=16, seed=0):
     return loss_of
 
 
-SETTINGS = GateSettings(max_steps=400, lr=0.2, lambda_lr=0.2, init_log_alpha=3.0, warmup_steps=40)
+# route fit's defaults (options.py), with a shorter warm-up: the toy's useless units are obvious
+SETTINGS = GateSettings(max_steps=400, lr=LR, lambda_lr=LAMBDA_LR[MULTIPLIER], init_log_alpha=3.0,
+                        warmup_steps=40, multiplier=MULTIPLIER, lambda_p=LAMBDA_P)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -57,7 +64,8 @@ def test_fit_recovers_the_useless_units_and_meets_the_target(seed):
 
 
 def test_a_fit_stopped_early_says_it_did_not_converge():
-    short = GateSettings(max_steps=24, lr=0.1, lambda_lr=0.05, init_log_alpha=3.0, warmup_steps=12)
+    short = GateSettings(max_steps=24, lr=0.1, lambda_lr=0.05, init_log_alpha=3.0, warmup_steps=12,
+                         multiplier="adam")
     fit = train_gates(toy_loss(), 8, 3, short, 0)
     assert not fit.converged and fit.steps == 24
     assert "on budget" in fit.failed  # 24 steps at the old rates never reach the target
@@ -71,3 +79,50 @@ def test_criteria_pieces():
     # flat: the last window's mean within 5 % of the one before, and enough steps seen
     assert flat([1.0] * 20, 10) and not flat([1.0] * 19, 10)
     assert not flat([2.0] * 10 + [1.0] * 10, 10) and flat([1.0] * 10 + [1.04] * 10, 10)
+
+
+def graded_loss(seed):
+    """28 units of graded use (W_j scaled 0.05 .. 1, shuffled), as the demo model's 28 candidate
+    blocks are: closing k = 4 of them costs loss, so the multiplier must hold the budget."""
+    g = torch.Generator().manual_seed(100 + seed)
+    weights = torch.linspace(0.05, 1.0, 28)[torch.randperm(28, generator=g)].tolist()
+    return toy_loss(n=28, seed=seed, weights=weights)
+
+
+def demo_shaped(multiplier: str) -> GateSettings:
+    # route fit's defaults: cap 300, the target rising over half of it
+    return GateSettings(max_steps=300, lr=LR, lambda_lr=LAMBDA_LR[multiplier], init_log_alpha=3.0,
+                        warmup_steps=round(WARMUP * 300), multiplier=multiplier, lambda_p=LAMBDA_P)
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_adam_multiplier_winds_up_where_pi_settles(seed):
+    target = 4 / 28
+    old = train_gates(graded_loss(seed), 28, 4, demo_shaped("adam"), seed)
+    warm = demo_shaped("adam").warmup_steps
+    # wind-up: lambda1 integrates while the gates lag (to below -30), then closes gates past the
+    # budget (more than a whole extra unit, 1/28 = 0.036); it never settles within the cap
+    assert not old.converged and old.steps == 300 and "on budget" in old.failed
+    assert max(old.curves["expected_sparsity"][warm:]) > target + 0.03
+    assert min(old.curves["lambda1"]) < -30
+
+    new = train_gates(graded_loss(seed), 28, 4, demo_shaped("pi"), seed)
+    assert new.converged and new.failed == [] and warm <= new.steps < 300
+    assert abs(new.final["expected_sparsity"] - target) <= SPARSITY_TOL
+    assert new.final["margin"] >= DECIDED_MARGIN
+    assert new.final["lambda2"] == 0.0  # the PI update has no quadratic multiplier
+
+
+def test_pi_integral_restarts_when_the_gap_changes_sign():
+    lambdas = torch.zeros(2)
+    pi = PIAscent(lambdas, ki=10.0, kp=100.0)
+    for _ in range(5):  # sparsity short of the target: the integral winds (lambda1 < 0 pushes it up)
+        pi.step(0.10, 0.15)
+    assert lambdas[0].item() == pytest.approx(5 * 10 * -0.05 + 100 * -0.05)
+    pi.step(0.16, 0.15)  # past the target: the wound-up integral is dropped, not unwound step by step
+    assert lambdas[0].item() == pytest.approx(10 * 0.01 + 100 * 0.01)
+    assert lambdas[1].item() == 0.0
+    held = PIAscent(torch.zeros(2), ki=10.0, kp=0.0, reset=False)
+    for gap in (-0.05, -0.05, 0.01):
+        held.step(0.15 + gap, 0.15)
+    assert held.lambdas[0].item() == pytest.approx(10 * (-0.05 - 0.05 + 0.01))

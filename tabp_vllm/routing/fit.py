@@ -332,8 +332,9 @@ def fit_l0(objective: Objective, units: Units, k: int, o: RouteFitOptions, seed:
         backward[0] += b.inputs["input_ids"].shape[0]
         return objective.loss(b)
 
-    settings = GateSettings(max_steps=o.steps, lr=o.lr, lambda_lr=o.lambda_lr,
+    settings = GateSettings(max_steps=o.steps, lr=o.lr, lambda_lr=o.multiplier_lr,
                             init_log_alpha=o.init_log_alpha, warmup_steps=round(o.warmup * o.steps),
+                            multiplier=o.multiplier, lambda_p=o.lambda_p,
                             window=window_for(len(objective.batches)))
     forward0 = objective.forward_passes
     with units.gated(objective.model, lambda: z["now"]):

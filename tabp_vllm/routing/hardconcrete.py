@@ -58,11 +58,12 @@ def lagrangian(s_hat: torch.Tensor, target: float, lambda1: torch.Tensor,
     return lambda1 * gap + lambda2 * gap * gap
 
 
-def target_at(step: int, final: float, warmup_steps: int) -> float:
-    """The sparsity target t at `step` (0-based): linear from 0 to `final` over `warmup_steps`."""
+def target_at(step: int, final: float, warmup_steps: int, start: float = 0.0) -> float:
+    """The sparsity target t at `step` (0-based): linear from `start` to `final` over
+    `warmup_steps`."""
     if warmup_steps <= 0:
         return final
-    return final * min(1.0, (step + 1) / warmup_steps)
+    return start + (final - start) * min(1.0, (step + 1) / warmup_steps)
 
 
 @torch.no_grad()

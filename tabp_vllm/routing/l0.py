@@ -7,9 +7,11 @@ model with gate values `z` (one per unit) on the step's batch; the routing fit (
 the KL or LM loss of the gated LLM, the unit tests a toy stack whose useless units are known.
 
 The loss per step is task loss + lambda1 (s_hat - t) + lambda2 (s_hat - t)^2 (`hardconcrete.py`):
-log_alpha by Adam (descent), the lambdas by Adam ascent (`ascent_optimizer`), the target t rising
-linearly to k / n over the warm-up. After the warm-up, training stops at the first step where the
-fit is **converged**, all three of:
+log_alpha by Adam (descent); lambda1 by a PI controller on the gap s_hat - t whose integral
+restarts when the gap changes sign (`PIAscent`, the default; lambda2 stays 0), or, the old way,
+both lambdas by Adam ascent (`AdamAscent`, which winds up); the target t rising linearly from the
+initial gates' expected sparsity to k / n over the warm-up. After the warm-up, training stops at
+the first step where the fit is **converged**, all three of:
 
 - *on budget*: |s_hat - k/n| <= SPARSITY_TOL (the expected share of units removed is the target);
 - *decided*: the deterministic mask (the k lowest log_alpha) removes the units the gates say:
@@ -37,13 +39,70 @@ FLAT_TOL = 0.1
 MIN_WINDOW = 10
 
 
-def ascent_optimizer(lambdas: torch.Tensor, lr: float) -> torch.optim.Optimizer:
-    """Adam ascent on the multipliers (lambda moves about lr per step). Plain gradient ascent
-    (lambda moves lr x gap) was tried on the demo model at lr 5 and did worse: lambda1 wound up
-    to -25 while the gates lagged, the expected sparsity swung to 0.39 and then every gate
-    stuck open at the clamp (bench/results/routing/l0_study/, setting sgd-lam5). What tames the
-    wind-up is a slow target: the warm-up (a share of --steps) lets the gates track it."""
-    return torch.optim.Adam([lambdas], lr=lr, maximize=True)
+class AdamAscent:
+    """The old multiplier update: Adam ascent on lambda1 and lambda2 (each moves about lr per
+    step whatever the gap's size). It winds up: while the gates lag behind the target the gap
+    keeps its sign, lambda1 grows by lr every step, and once the gates catch up it takes as many
+    steps to unwind, closing gates past the budget meanwhile (the demo model's fits oscillated
+    this way and none converged: bench/results/routing/l0_study/). Kept to reproduce that."""
+
+    def __init__(self, lambdas: torch.Tensor, lr: float):
+        self.lambdas = lambdas
+        self.opt = torch.optim.Adam([lambdas], lr=lr, maximize=True)
+
+    def penalty(self, s_hat: torch.Tensor, target: float) -> torch.Tensor:
+        return hc.lagrangian(s_hat, target, self.lambdas[0], self.lambdas[1])
+
+    def step(self, s_hat: float, target: float) -> None:
+        self.opt.step()
+        self.opt.zero_grad()
+
+
+class PIAscent:
+    """Lagrange multiplier as a PI controller on the gap g = s_hat - t (nuPI with nu = 0,
+    Sohrabi et al., ICML 2024, "On PI controllers for updating Lagrange multipliers in
+    constrained optimization"), with the integral restarted when the gap changes sign:
+
+        I <- 0 if I * g < 0;   I <- I + ki * g;   lambda1 = I + kp * g
+
+    The integral (plain gradient ascent, ki = --lambda-lr) pulls the gates to the budget against
+    the task loss; the proportional term (kp = --lambda-p) answers at once when the gap shrinks.
+    The restart is the anti-windup: the gates move by Adam, about lr per step whatever the force,
+    so once a wound-up integral has pulled them to the target it would keep closing gates for as
+    many steps as it took to wind up (the demo model's fits did: bench/results/routing/l0_study/);
+    dropped at the crossing, the push ends there. Holding the budget then takes little force:
+    Hard-Concrete gates at the log_alpha clamp get almost no gradient from the task loss (z is
+    clamped at 0 or 1), so a closed gate stays closed. (For inequality constraints, Cooper's
+    "dual restarts" reset a multiplier to 0 once its constraint holds; this is the two-sided form.)
+    A P term on the multiplier is the augmented Lagrangian's quadratic penalty in another form, so
+    CoFi's lambda2 (s_hat - t)^2, ascended without bound, is left out here (lambda2 stays 0)."""
+
+    def __init__(self, lambdas: torch.Tensor, ki: float, kp: float, reset: bool = True):
+        self.lambdas, self.ki, self.kp, self.reset = lambdas, ki, kp, reset
+        self.integral = 0.0
+
+    def penalty(self, s_hat: torch.Tensor, target: float) -> torch.Tensor:
+        return hc.lagrangian(s_hat, target, self.lambdas[0].detach(), self.lambdas[1].detach())
+
+    @torch.no_grad()
+    def step(self, s_hat: float, target: float) -> None:
+        gap = s_hat - target
+        if self.reset and self.integral * gap < 0:
+            self.integral = 0.0
+        self.integral += self.ki * gap
+        self.lambdas[0] = self.integral + self.kp * gap
+
+
+MULTIPLIERS = ("pi", "adam")
+
+
+def multiplier_update(kind: str, lambdas: torch.Tensor, lambda_lr: float, lambda_p: float,
+                      reset: bool = True):
+    if kind == "pi":
+        return PIAscent(lambdas, lambda_lr, lambda_p, reset)
+    if kind == "adam":
+        return AdamAscent(lambdas, lambda_lr)
+    raise ValueError(f"multiplier update {kind!r}: one of {', '.join(MULTIPLIERS)}")
 
 
 def window_for(batches: int) -> int:
@@ -56,9 +115,12 @@ def window_for(batches: int) -> int:
 class GateSettings:
     max_steps: int
     lr: float  # Adam, log_alpha
-    lambda_lr: float  # Adam ascent, lambda1 and lambda2
+    lambda_lr: float  # pi: integral gain ki; adam: Adam's lr on lambda1 and lambda2
     init_log_alpha: float
     warmup_steps: int  # the target reaches k / n at this step
+    multiplier: str = "pi"  # the multipliers' update: "pi" (PIAscent) or "adam" (AdamAscent)
+    lambda_p: float = 0.0  # pi: proportional gain kp
+    reset: bool = True  # pi: the integral restarts at 0 when the gap changes sign
     window: int = MIN_WINDOW  # steps per mean in the flatness check
 
 
@@ -109,9 +171,14 @@ def train_gates(loss_of: Callable[[int, torch.Tensor], torch.Tensor], n_units: i
     log_alpha = torch.full((n_units,), float(s.init_log_alpha), requires_grad=True)
     lambdas = torch.zeros(2, requires_grad=True)
     opt = torch.optim.Adam([log_alpha], lr=s.lr)
-    ascent = ascent_optimizer(lambdas, s.lambda_lr)
+    ascent = multiplier_update(s.multiplier, lambdas, s.lambda_lr, s.lambda_p, s.reset)
     gen = torch.Generator().manual_seed(seed)
     target = k / n_units
+    # the target rises from where the gates start (0.01 at log_alpha 3), not from 0: below it,
+    # the multiplier's first steps push every gate open, into the clamp's dead zone (at +6 a
+    # gate's E[L0] hardly moves, so a marginal gate needs a large lambda1 to leave it, and then
+    # several leave at once: on a toy stack PI fits stalled there, 24/24 converge from here)
+    start = min(float(hc.expected_sparsity(log_alpha.detach())), target)
     curves: dict[str, list[float]] = {key: [] for key in
                                       ("loss", "expected_sparsity", "target", "lambda1", "lambda2", "margin")}
     failed = ["on budget", "decided", "flat"]
@@ -119,14 +186,13 @@ def train_gates(loss_of: Callable[[int, torch.Tensor], torch.Tensor], n_units: i
     while step < s.max_steps:
         z = hc.sample(log_alpha, gen)
         task = loss_of(step, z)
-        t = hc.target_at(step, target, s.warmup_steps)
+        t = hc.target_at(step, target, s.warmup_steps, start)
         s_hat = hc.expected_sparsity(log_alpha)
-        loss = task + hc.lagrangian(s_hat, t, lambdas[0], lambdas[1])
+        loss = task + ascent.penalty(s_hat, t)
         opt.zero_grad()
-        ascent.zero_grad()
         loss.backward()
         opt.step()
-        ascent.step()
+        ascent.step(float(s_hat.detach()), t)
         hc.clamp_(log_alpha)
         step += 1
         with torch.no_grad():

@@ -19,7 +19,10 @@ from tabp_vllm.options import REQUIRED, Options, option
 
 L0 = "l0"  # --mask-method: the learned Hard-Concrete gates; any registered scorer otherwise
 # L0 defaults from the convergence study (docs/routing.md, bench/results/routing/l0_study/)
-STEPS, LR, LAMBDA_LR, WARMUP = 300, 0.2, 0.2, 0.5
+STEPS, LR, WARMUP = 300, 0.2, 0.5
+# the multipliers' update (routing/l0.py): "pi" (the default) or "adam" (the old one, which wound
+# up: kept to reproduce the study); --lambda-lr's default depends on it
+MULTIPLIER, LAMBDA_LR, LAMBDA_P = "pi", {"pi": 20.0, "adam": 0.2}, 50.0
 
 
 class RouteFitOptions(Options):
@@ -59,7 +62,14 @@ class RouteFitOptions(Options):
     max_length: int = option(128, "Tokens per input (left-truncated).", gt=1)
     kl_positions: int = option(32, "L0: last positions the KL covers.", gt=0)  # ours
     lr: float = option(LR, "L0: Adam learning rate of log_alpha.", gt=0)  # ours (study)
-    lambda_lr: float = option(LAMBDA_LR, "L0: Adam ascent rate of the lambdas.", gt=0)  # ours (study)
+    # ours (study): a PI controller on the multiplier with its integral reset when the gap
+    # changes sign (routing/l0.py: PIAscent); adam is the old update, kept for the study
+    multiplier: Literal["pi", "adam"] = option(MULTIPLIER, "L0: multiplier update: pi (PI "
+                                               "controller, reset on sign change) or adam.")
+    lambda_lr: Optional[float] = option(None, "L0: multiplier rate: pi's integral gain (default "
+                                        f"{LAMBDA_LR['pi']:g}) or adam's lr (default "
+                                        f"{LAMBDA_LR['adam']:g}).", gt=0)  # ours (study)
+    lambda_p: float = option(LAMBDA_P, "L0 (pi): proportional gain of the multiplier.", ge=0)  # ours (study)
     init_log_alpha: float = option(3.0, "L0: initial log_alpha (open).")  # ours: E[L0] = 0.99
     # ours (study): the target reaches k / n after this share of the step cap
     warmup: float = option(WARMUP, "L0: share of --steps the target rises over.", ge=0, le=1)
@@ -84,6 +94,13 @@ class RouteFitOptions(Options):
             raise PydanticCustomError("fallback", "fit, none, or an existing mask file")
         return value
 
+    @property
+    def multiplier_lr(self) -> float:
+        """--lambda-lr, or its default for the chosen --multiplier."""
+        return self.lambda_lr if self.lambda_lr is not None else LAMBDA_LR[self.multiplier]
+
     def hyperparameters(self) -> dict:
-        """What the router records of how it was fitted (paths and the device left out)."""
-        return self.model_dump(mode="json", exclude={"output", "device", "model", "task"})
+        """What the router records of how it was fitted (paths and the device left out; the
+        multiplier rate as used)."""
+        return {**self.model_dump(mode="json", exclude={"output", "device", "model", "task"}),
+                "lambda_lr": self.multiplier_lr}
