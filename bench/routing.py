@@ -552,9 +552,9 @@ def plot_study(rows: list[dict]) -> None:
         steps = range(1, len(c["loss"]) + 1)
         label = f"{row['setting']} ({'converged' if row['converged'] else 'not converged'})"
         axes[0].plot(steps, c["loss"], lw=0.7, label=label)
-        axes[1].plot(steps, c["expected_sparsity"], label=label)
+        line, = axes[1].plot(steps, c["expected_sparsity"], label=label)
+        axes[1].plot(steps, c["target"], "--", color=line.get_color(), lw=0.7)
         axes[2].plot(steps, c["lambda1"], label=label)
-    axes[1].axhline(rows[0]["target"] if rows else 0, color="k", ls="--", lw=0.8)
     for ax, title in zip(axes, ("task loss (KL or LM)", "expected sparsity (target dashed)",
                                 "lambda1")):
         ax.set_title(title, fontsize=9)
