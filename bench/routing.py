@@ -483,6 +483,7 @@ STUDY_SETTINGS = {
     "pi": ["--steps", "300"],
     "pi-k8": ["--steps", "300", "--k", "8"],
     "pi-lm": ["--steps", "300", "--loss", "lm"],
+    "pi-seed1": ["--steps", "300", "--seed", "1"],  # another 32 inputs, other gate noise
 }
 
 
