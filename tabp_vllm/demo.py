@@ -35,6 +35,7 @@ from rich.console import Console
 
 from tabp_vllm import prometheus as prom
 from tabp_vllm.errors import TabpError
+from tabp_vllm.routing.options import STEPS
 from tabp_vllm.serve.launcher import ServeProcess
 from tabp_vllm.serve.options import ServeOptions, VariantOptions
 
@@ -164,9 +165,10 @@ def short_fit_note(router: Path) -> str:
     bad = p.get("not_converged") or []
     state = (f"NOT converged (clusters {', '.join(map(str, bad))}): its masks are the ranking of a "
              f"few steps, not an L0 solution" if bad else "converged")
-    return (f"[yellow]note: a short fit ({DEMO_FIT_STEPS} steps per cluster, route fit's default "
-            f"cap is larger), {state}; {p['wall_s']:.0f} s, {p['forward_passes']} forward + "
-            f"{p['backward_passes']} backward passes")
+    return (f"[yellow]note: a short fit ({DEMO_FIT_STEPS} steps per cluster; without --steps "
+            f"route fit trains each cluster until converged, at most {STEPS} steps: the L0 study "
+            f"in docs/routing.md gives what that costs), {state}; {p['wall_s']:.0f} s, "
+            f"{p['forward_passes']} forward + {p['backward_passes']} backward passes")
 
 
 def main() -> int:
