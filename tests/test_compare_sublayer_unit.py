@@ -12,6 +12,7 @@ from tabp_vllm.data import Dataset, MCQAItem
 from tabp_vllm.flops import DecoderShape, removed_flops_fraction
 from tabp_vllm.mask import make_mask
 from tabp_vllm.scoring import result_at, run_scoring
+from tabp_vllm.scoring.units import Budget, unit_flops_shares
 from tiny_llama import tiny_llama
 
 
@@ -32,6 +33,11 @@ def test_budget_of_k_is_the_flops_of_k_whole_blocks(demo_model):
     assert cmp.k_flops_ratio(cfg, 8) == pytest.approx(2 * cmp.k_flops_ratio(cfg, 4), abs=2e-6)
     shape = DecoderShape.from_config(cfg)
     assert cmp.k_flops_ratio(cfg, 2) == pytest.approx(removed_flops_fraction(shape, {30, 31, 50, 51}))
+    # 13 attention sublayers hold exactly 4 blocks' FLOPs here; the shares a mask records (8
+    # decimals) must not break that tie against them, nor let 12 pass
+    shares = tuple(round(x, 8) for x in unit_flops_shares(cfg, "sublayer"))
+    budget = Budget(flops_ratio=cmp.k_flops_ratio(cfg, 4) - cmp.FLOPS_TIE, shares=shares)
+    assert budget.met(range(0, 26, 2)) and not budget.met(range(0, 24, 2))
 
 
 @pytest.mark.parametrize("method,units,block_range", [
