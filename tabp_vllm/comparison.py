@@ -631,7 +631,7 @@ def write_markdown(doc: dict, path: Path) -> None:
                   + ", ".join(f"k = {k}: {r:.4f} (ideal x{1 / (1 - r):.3f})"
                               for k, r in doc["k_flops_ratio"].items())
                   + ". Whole-block rows are the masks and per-document results of "
-                  f"`{a['blocks_from']}`, read, not evaluated again.", ""]
+                  f"`{Path(a['blocks_from']).name}` (bench/results/), read, not evaluated again.", ""]
     rows = doc["rows"]
     lines += summary_table(doc) + [""]
     for protocol in a["protocols"]:
@@ -759,7 +759,7 @@ def plot(doc: dict, path: Path) -> None:
     a = doc["args"]
     rows = [r for r in doc["rows"] if r["protocol"] == a["protocols"][0]]
     if "k_flops_ratio" in doc:  # a sublayer report: its configurations and the best whole-block ones
-        best = {r["best_block"] for r in rows if r.get("best_block")}
+        best = {r["best_block"] for r in rows if r.get("best_block")} | {REFERENCE}
         rows = [r for r in rows if r["config"] in SUBLAYER or r["config"] in best]
     tasks = [t for t in a["tasks"] if any(r["task"] == t for r in rows)]
     if not tasks:
