@@ -40,6 +40,7 @@ import yaml
 
 from tabp_vllm.hardware import cpu_info
 from tabp_vllm.memory import GiB
+from tabp_vllm.serve.process_memory import snapshot
 
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # engine_model_stats pickles a function
 OUT = Path(__file__).resolve().parent / "results" / "memory"
@@ -48,72 +49,6 @@ OUT = Path(__file__).resolve().parent / "results" / "memory"
 # ------------------------------------------------------------------------------------ serve
 
 TARGET_OVERHEAD_GIB = 0.6
-LLM_REPLICA = "ray::ServeReplica:tabp:LLMServer:"
-
-
-def _cmd(p: psutil.Process) -> str:
-    try:
-        return " ".join(p.cmdline()) or p.name()
-    except psutil.Error:
-        return ""
-
-
-def app_role(cmd: str) -> str:
-    for key, role in (("TabpIngress", "ingress"), ("ProxyActor", "proxy"),
-                      ("ServeController", "serve controller"), ("gcs_server", "ray gcs"),
-                      ("raylet", "raylet"), ("dashboard", "ray dashboard/agent"),
-                      ("agent", "ray dashboard/agent"), ("tabp_vllm serve", "driver")):
-        if key in cmd:
-            return role
-    return "other ray"
-
-
-def variant_role(cmd: str) -> str:
-    if cmd.startswith(LLM_REPLICA):
-        return "replica actor"
-    if "EngineCore" in cmd:
-        return "engine core"
-    if "Worker" in cmd or "multiprocessing" in cmd:
-        return "vllm worker"
-    return "other"
-
-
-def snapshot(root_pid: int) -> dict:
-    """Every process under `root_pid`, attributed to a variant or to the app."""
-    from tabp_vllm.process import _session
-
-    root = psutil.Process(root_pid)
-    procs = [root, *root.children(recursive=True)]
-    seen = {p.pid for p in procs}
-    for p in psutil.process_iter():  # re-parented ones: same session (serve is its leader)
-        if p.pid not in seen and _session(p.pid) == root_pid:
-            procs.append(p)
-    by_pid = {p.pid: p for p in procs}
-    variants: dict[str, list[dict]] = {}
-    app: list[dict] = []
-    for p in procs:
-        try:
-            mem = p.memory_full_info()
-        except psutil.Error:
-            continue
-        cmd = _cmd(p)
-        row = {"pid": p.pid, "cmd": cmd[:120], "rss": mem.rss, "pss": getattr(mem, "pss", mem.rss),
-               "uss": mem.uss}
-        owner, q = None, p
-        while q is not None:  # the nearest LLMServer replica at or above this process
-            qc = _cmd(q)
-            if qc.startswith(LLM_REPLICA):
-                owner = qc[len(LLM_REPLICA):].split()[0]
-                break
-            try:
-                q = by_pid.get(q.ppid())
-            except psutil.Error:
-                q = None
-        if owner:
-            variants.setdefault(owner, []).append({**row, "role": variant_role(cmd)})
-        else:
-            app.append({**row, "role": app_role(cmd)})
-    return {"variants": variants, "app": app}
 
 
 def summarize(snap: dict, weights: dict[str, int], kv_bytes: int) -> dict:

@@ -14,6 +14,9 @@ stopped before the next setting. One setting writes the bench's own report to OU
 + two plots; several write each to OUT/settings/SETTING.* and a table of all of them, server /
 bare per level with the per-round range, TTFT / ITL and CPU seconds per process, to
 OUT/STEM.{json,md,png} (`--report-only` rewrites that table from OUT/STEM.json).
+`--model` and `--mask` (with `--variants all`) serve another model and its masks. The memory of
+the server's processes is sampled per variant while it starts and under load:
+OUT/STEM_memory.{json,md,png}.
 
 Settings (SETTINGS below; `--list`):
 - `current`: `tabp-vllm serve`'s own defaults today (what a user gets);
@@ -129,6 +132,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--variants", choices=["dense", "all"], default="dense",
                     help="what the server serves: dense only, or dense + k4 + k8")
     ap.add_argument("--no-bare", action="store_true", help="only the server's variants")
+    ap.add_argument("--model", default="llama",
+                    help="the served model (alias or path; throughput runs only, default llama)")
+    ap.add_argument("--mask", action="append", type=Path, default=[],
+                    help="with --variants all: a mask to serve beside dense (repeatable; default "
+                         "the demo model's k4 and k8, bench/results/masks)")
     ap.add_argument("--mode", choices=["closed", "open"], default="closed")
     ap.add_argument("--levels", default=None,
                     help="concurrencies (closed) or requests/s (open); --capacity: the burst size "
@@ -182,6 +190,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--setting gpu runs on its own (bench/gpu_check.sh)")
     if a.ttft and any(SETTINGS[s].get("separate") or SETTINGS[s].get("gpu") for s in a.setting):
         ap.error("--ttft compares tabp-vllm serve settings (not separate, not gpu)")
+    if (a.ttft or a.capacity) and a.model != "llama":
+        ap.error("--model applies to the throughput runs (not --ttft, not --capacity)")
+    if a.mask and a.variants != "all":
+        ap.error("--mask needs --variants all (dense only otherwise)")
+    a.mask = (a.mask or MASKS) if a.variants == "all" else []
     a.name = a.name or ("capacity" if a.capacity else a.setting[0] if len(a.setting) == 1
                         else "serve_vs_bare")
     return a
@@ -216,7 +229,7 @@ def start_bare(stack: ExitStack, a: argparse.Namespace, log_dir: Path):
     from tabp_vllm.process import ManagedProcess, free_port
 
     port = free_port(8100, 8200)
-    bare = ManagedProcess(api_server_command(resolve_model("llama"), port, "llama", bare=True,
+    bare = ManagedProcess(api_server_command(resolve_model(a.model), port, a.model, bare=True,
                                              kv_cache_gib=a.kv_cache_gib,
                                              max_model_len=a.max_model_len),
                           log_dir / "bare-vllm.log", name="bare vLLM api_server")
@@ -225,7 +238,7 @@ def start_bare(stack: ExitStack, a: argparse.Namespace, log_dir: Path):
     return bare, f"http://127.0.0.1:{port}"
 
 
-def start_serve(stack: ExitStack, a: argparse.Namespace, name: str, variants: list[str],
+def start_serve(stack: ExitStack, a: argparse.Namespace, name: str, masks: list[Path],
                 log_dir: Path, **request_path):
     """`tabp-vllm serve` with one setting's options and environment, stopped when `stack` closes;
     started, not yet ready (`wait_ready`)."""
@@ -234,8 +247,8 @@ def start_serve(stack: ExitStack, a: argparse.Namespace, name: str, variants: li
     from tabp_vllm.serve.options import ServeOptions
 
     setting = SETTINGS[name]
-    doc = {"model": "llama", "port": free_port(8000, 8100), "metrics_port": free_port(8290, 8390),
-           "variants": [{"mask": str(m)} for m in MASKS] if len(variants) > 1 else [],
+    doc = {"model": a.model, "port": free_port(8000, 8100), "metrics_port": free_port(8290, 8390),
+           "variants": [{"mask": str(m)} for m in masks],
            "engine": {"kv_cache_gib": a.kv_cache_gib, "max_model_len": a.max_model_len},
            "request_path": request_path}
     for section, values in setting.get("options", {}).items():
@@ -252,20 +265,21 @@ def throughput(a: argparse.Namespace) -> int:
     from tabp_vllm.hardware import cpu_info
     from tabp_vllm.errors import TabpError
     from tabp_vllm.loadtest.commands import run_bench
+    from tabp_vllm.serve.process_memory import MemorySampler, snapshot
 
     several = len(a.setting) > 1
     bench_dir = a.out / "settings" if several else a.out
     log_dir = a.out / "settings" if several else RESULTS / "logs"
     bench_dir.mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)
-    variants = ["llama", "llama-k4", "llama-k8"] if a.variants == "all" else ["llama"]
     doc_path = a.out / f"{a.name}.json"
     doc = json.loads(doc_path.read_text()) if several and doc_path.exists() else {"settings": {}}
     doc.update(host=cpu_info(), levels=a.levels, duration_s=a.duration, rounds=a.rounds,
-               kv_cache_gib=a.kv_cache_gib, target=TARGET, variants=variants)
-    load = dict(model="llama", mode=a.mode, levels=a.levels, duration=a.duration, rounds=a.rounds,
+               kv_cache_gib=a.kv_cache_gib, target=TARGET, model=a.model,
+               masks=[str(m) for m in a.mask])
+    load = dict(model=a.model, mode=a.mode, levels=a.levels, duration=a.duration, rounds=a.rounds,
                 ramp=a.ramp, input_len=a.input_len, output_len=a.output_len, seed=a.seed,
-                masks=[str(m) for m in MASKS] if len(variants) > 1 else [])
+                masks=[str(m) for m in a.mask])
     failed = False
     with ExitStack() as stack:
         bare_url = None
@@ -292,25 +306,114 @@ def throughput(a: argparse.Namespace) -> int:
                                         stem=stem, notes=notes, **load)
                         cpu = {}
                     else:
-                        server = start_serve(per_setting, a, name, variants, log_dir).wait_ready()
+                        server = start_serve(per_setting, a, name, a.mask, log_dir)
+                        doc["variants"] = server.variant_names
+                        # memory per variant from the start (the checkpoint's load) to the end
+                        sampler = MemorySampler(server.pid, interval=1.0)
+                        sampler.start()
+                        per_setting.callback(sampler.stop)
+                        server.wait_ready()
+                        sampler.mark("load")
                         pids = [server.pid] + ([] if a.no_bare else [bare.pid])
                         cpu0 = [cpu_seconds(p, ray=i == 0) for i, p in enumerate(pids)]
-                        res = run_bench(url=server.base_url, variants=variants, bare_vllm=bare_spec,
-                                        out=str(bench_dir), stem=stem, notes=notes, **load)
+                        res = run_bench(url=server.base_url, variants=server.variant_names,
+                                        bare_vllm=bare_spec, out=str(bench_dir), stem=stem,
+                                        notes=notes, **load)
                         cpu = {side: cpu_delta(c0, cpu_seconds(p, ray=side == "server"))
                                for side, c0, p in zip(("server", "bare"), cpu0, pids)}
+                        write_memory(server, sampler.stop(), snapshot(server.pid), a, bench_dir,
+                                     stem)
                 except TabpError as exc:
                     print(f"error: setting {name}: {exc}", file=sys.stderr)
                     doc["settings"][name] = {"error": str(exc)}
                     failed = True
                     continue
             doc["settings"][name] = {"setting": SETTINGS[name], "wall_s": round(time.time() - t0, 1),
-                                     "levels": summarize(res), "cpu_s": cpu}
+                                     "levels": summarize(res, a.model), "cpu_s": cpu}
             if several:
                 doc_path.write_text(json.dumps(doc, indent=2) + "\n")
     if several and not a.no_bare:
         write_levers_report(doc, a.out, a.name)
     return 1 if failed else 0
+
+
+def write_memory(server, sampled: dict, snap: dict, a: argparse.Namespace, out: Path,
+                 stem: str) -> None:
+    """OUT/STEM_memory.{json,md,png}: per variant the modelled weights and KV cache beside the
+    measured peaks (anonymous = what the variant holds; file-backed = the mmap'd checkpoint,
+    shared page cache: tabp_vllm.serve.process_memory) while starting and under load, and the
+    per-process RSS / PSS after the load."""
+    from tabp_vllm.hardware import cpu_info
+    from tabp_vllm.memory import GiB
+
+    needs = {n.name: n for n in server.spec.engine_needs(gpu=False)}
+    deployment = {name.replace(".", "_"): name for name in needs}  # Ray's names: "." -> "_"
+    rows = []
+    for dep, name in deployment.items():
+        n = needs[name]
+        row = {"variant": name, "weights_gib": round(n.weight_bytes / GiB, 3),
+               "kv_cache_gib": a.kv_cache_gib}
+        for phase, ph in sampled["phases"].items():
+            if dep in ph["peak"]:
+                row[phase] = ph["peak"][dep]
+        after = snap["variants"].get(dep, [])
+        row["after_load"] = {"rss_gib": round(sum(r["rss"] for r in after) / GiB, 3),
+                             "pss_gib": round(sum(r["pss"] for r in after) / GiB, 3),
+                             "processes": len(after)}
+        rows.append(row)
+    doc = {"host": cpu_info(), "model": a.model, "kv_cache_gib": a.kv_cache_gib,
+           "what": "peaks of the summed RssAnon / RssFile of each variant's processes (replica "
+                   "actor, engine core) per phase (start: until READY; load: the bench), sampled "
+                   "every second; after_load: RSS / PSS of each process once the bench ended",
+           "variants": rows, "app_peak": {ph: p["peak"].get("(app)") for ph, p in
+                                          sampled["phases"].items()},
+           "min_available_gib": {ph: p["min_available_gib"] for ph, p in sampled["phases"].items()},
+           "samples": {ph: p["samples"] for ph, p in sampled["phases"].items()},
+           "processes_after_load": snap, "series": sampled["series"]}
+    (out / f"{stem}_memory.json").write_text(json.dumps(doc, indent=1) + "\n")
+    lines = ["| variant | weights (model) | KV cache | peak anon, start | peak file-backed, start | "
+             "peak anon, load | RSS / PSS after load |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        st, ld = r.get("start", {}), r.get("load", {})
+        lines.append(f"| {r['variant']} | {r['weights_gib']:.2f} GiB | {r['kv_cache_gib']} GiB | "
+                     f"{st.get('anon_gib', 0):.2f} GiB | {st.get('file_gib', 0):.2f} GiB | "
+                     f"{ld.get('anon_gib', 0):.2f} GiB | {r['after_load']['rss_gib']:.2f} / "
+                     f"{r['after_load']['pss_gib']:.2f} GiB |")
+    lines.append("")
+    lines.append("Lowest MemAvailable of the machine: " + ", ".join(
+        f"{ph} {v:.2f} GiB" for ph, v in doc["min_available_gib"].items()) + f" (of "
+        f"{sampled['machine_gib']} GiB); samples: " + ", ".join(
+        f"{ph} {n}" for ph, n in doc["samples"].items()) + ".")
+    (out / f"{stem}_memory.md").write_text("\n".join(lines) + "\n")
+    plot_memory(doc, deployment, out / f"{stem}_memory.png")
+    print("\n".join(lines))
+
+
+def plot_memory(doc: dict, deployment: dict[str, str], path: Path) -> None:
+    """Anonymous RSS per variant (and the app) over time, the load phase shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = doc["series"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for key in sorted({k for s in series for k in s["anon_gib"]}):
+        ax.plot([s["t"] for s in series], [s["anon_gib"].get(key, 0) for s in series],
+                label=deployment.get(key, key))
+    ax.plot([s["t"] for s in series], [s["available_gib"] for s in series], "k:",
+            label="machine MemAvailable")
+    load = [s["t"] for s in series if s["phase"] == "load"]
+    if load:
+        ax.axvspan(min(load), max(load), color="0.9", label="bench load")
+    ax.set_xlabel("seconds since serve started")
+    ax.set_ylabel("GiB (anonymous RSS)")
+    ax.set_title(f"{doc['model']}: memory per variant, {doc['host'].get('model') or ''}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def cpu_seconds(root_pid: int, ray: bool = False) -> dict[int, tuple[str, float]]:
@@ -353,13 +456,13 @@ def cpu_delta(before: dict[int, tuple[str, float]],
     return dict(sorted(((k, round(v, 1)) for k, v in d.items() if v >= 0.1), key=lambda kv: -kv[1]))
 
 
-def summarize(res: dict) -> list[dict]:
+def summarize(res: dict, dense: str) -> list[dict]:
     """Per level: server / bare throughput (and its per-round range), the server's TTFT / ITL."""
     out = []
     ratios = {r["level"]: r for r in res["comparison"]["server_overhead"]}
     bare = {m["level"]: m for m in res["metrics"] if m["variant"] == "bare-vllm"}
     for m in res["metrics"]:
-        if m["variant"] != "llama":
+        if m["variant"] != dense:
             continue
         r, b = ratios.get(m["level"], {}), bare.get(m["level"])
         out.append({"level": m["level"], "ratio": r.get("throughput_ratio"),
@@ -448,7 +551,7 @@ def ttft(a: argparse.Namespace) -> int:
     with ExitStack() as stack:
         servers, targets = [], []
         for name in a.setting:
-            server = start_serve(stack, a, name, ["llama"], log_dir,
+            server = start_serve(stack, a, name, [], log_dir,
                                  stream_batching_interval_ms=a.interval_ms)
             servers.append(server)
             targets.append(Target("llama", server.base_url, label=name))

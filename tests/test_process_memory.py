@@ -1,0 +1,62 @@
+"""serve.process_memory: processes attributed to the variant whose replica actor is above them, and
+the sampler's per-phase peaks of anonymous memory, on a fake process tree titled like Ray's."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tabp_vllm.serve.process_memory import MemorySampler, snapshot, variant_of
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+
+MIB = 2**20
+# a replica actor (its title as Ray sets it) whose child holds 160 MiB of anonymous memory, and
+# a process of the app beside it; the root leads its own session, as `tabp-vllm serve` does
+CHILD = "b = bytearray(160 * 2**20); import time; time.sleep(60)"
+# (under `exec -a` Python cannot find its own executable: name it)
+REPLICA = (f"import subprocess, time; subprocess.Popen([{sys.executable!r}, '-c', {CHILD!r}]); "
+           "time.sleep(60)")
+TREE = (f'(exec -a "ray::ServeReplica:tabp:LLMServer:qwen1_5b-k7.handle_request" '
+        f'{sys.executable} -c "{REPLICA}") & sleep 60 & wait')
+
+
+def test_variant_of_reads_every_replica_title():
+    assert variant_of("ray::ServeReplica:tabp:LLMServer:qwen1_5b-arc_easy.handle_request_with_"
+                      "rejection") == "qwen1_5b-arc_easy"
+    assert variant_of("ray::SERVE_REPLICA::tabp#LLMServer:llama-k4#18n1z4xy:x") == "llama-k4"
+    assert variant_of("ray::ServeReplica:tabp:TabpIngress") is None
+    assert variant_of("VLLM::EngineCore") is None
+
+
+def test_sampler_attributes_memory_to_the_variant_and_keeps_phase_peaks():
+    root = subprocess.Popen(["bash", "-c", TREE], start_new_session=True)
+    try:
+        sampler = MemorySampler(root.pid, interval=0.2)
+        sampler.start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # until the child has its memory
+            time.sleep(0.3)
+            peak = sampler.report()["phases"].get("start", {}).get("peak", {})
+            if peak.get("qwen1_5b-k7", {}).get("anon_gib", 0) * 1024 >= 150:
+                break
+        sampler.mark("load")
+        time.sleep(0.6)
+        report = sampler.stop()
+        snap = snapshot(root.pid)
+    finally:
+        os.killpg(root.pid, signal.SIGKILL)  # its own process group: the whole tree
+        root.wait(10)
+    start, load = report["phases"]["start"], report["phases"]["load"]
+    assert start["peak"]["qwen1_5b-k7"]["anon_gib"] * 1024 >= 150   # the child's 160 MiB
+    assert start["peak"]["(app)"]["anon_gib"] * 1024 < 100          # bash and sleep
+    assert load["samples"] >= 2 and load["peak"]["qwen1_5b-k7"]["anon_gib"] * 1024 >= 150
+    assert 0 < start["min_available_gib"] <= report["machine_gib"]
+    assert {s["phase"] for s in report["series"]} == {"start", "load"}
+    rows = snap["variants"]["qwen1_5b-k7"]
+    assert sorted(r["role"] for r in rows) == ["other", "replica actor"]
+    assert max(r["uss"] for r in rows) >= 150 * MIB
+    assert {r["role"] for r in snap["app"]} == {"other ray"}
