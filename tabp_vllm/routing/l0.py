@@ -96,10 +96,9 @@ class PIAscent:
 MULTIPLIERS = ("pi", "adam")
 
 
-def multiplier_update(kind: str, lambdas: torch.Tensor, lambda_lr: float, lambda_p: float,
-                      reset: bool = True):
+def multiplier_update(kind: str, lambdas: torch.Tensor, lambda_lr: float, lambda_p: float):
     if kind == "pi":
-        return PIAscent(lambdas, lambda_lr, lambda_p, reset)
+        return PIAscent(lambdas, lambda_lr, lambda_p)
     if kind == "adam":
         return AdamAscent(lambdas, lambda_lr)
     raise ValueError(f"multiplier update {kind!r}: one of {', '.join(MULTIPLIERS)}")
@@ -120,7 +119,6 @@ class GateSettings:
     warmup_steps: int  # the target reaches k / n at this step
     multiplier: str = "pi"  # the multipliers' update: "pi" (PIAscent) or "adam" (AdamAscent)
     lambda_p: float = 0.0  # pi: proportional gain kp
-    reset: bool = True  # pi: the integral restarts at 0 when the gap changes sign
     window: int = MIN_WINDOW  # steps per mean in the flatness check
 
 
@@ -171,7 +169,7 @@ def train_gates(loss_of: Callable[[int, torch.Tensor], torch.Tensor], n_units: i
     log_alpha = torch.full((n_units,), float(s.init_log_alpha), requires_grad=True)
     lambdas = torch.zeros(2, requires_grad=True)
     opt = torch.optim.Adam([log_alpha], lr=s.lr)
-    ascent = multiplier_update(s.multiplier, lambdas, s.lambda_lr, s.lambda_p, s.reset)
+    ascent = multiplier_update(s.multiplier, lambdas, s.lambda_lr, s.lambda_p)
     gen = torch.Generator().manual_seed(seed)
     target = k / n_units
     # the target rises from where the gates start (0.01 at log_alpha 3), not from 0: below it,
