@@ -24,16 +24,19 @@ COMMONSENSE = [
 
 def build_two_kind_router(model_path: str, masks: dict[str, list[int]], out: Path,
                           encoder: str = "minilm", seed: int = 0,
-                          fallback: tuple[list[int], float] | None = None):
+                          fallback: tuple[list[int], float] | None = None,
+                          sublayers: dict[str, dict[str, list[int]]] | None = None):
     """`masks`: removed blocks for "arithmetic" and "commonsense"; `fallback`: (removed blocks,
-    radius) of the mask for inputs far from both centroids. Returns the saved Router."""
+    radius) of the mask for inputs far from both centroids; `sublayers`: per kind, the sublayers
+    its mask also removes (`removed_attention` / `removed_mlp`), which makes it a sublayer
+    router (k counts units, as `route fit --units sublayers` writes). Returns the saved Router."""
     import numpy as np
 
     from tabp_vllm.mask import make_mask
     from tabp_vllm.models import load_model_config, model_fingerprint
     from tabp_vllm.routing.encoder import load_encoder
     from tabp_vllm.routing.fit import kmeans
-    from tabp_vllm.routing.router import Router
+    from tabp_vllm.routing.router import Router, removed_units
 
     enc = load_encoder(encoder)
     texts = ARITHMETIC + COMMONSENSE
@@ -43,14 +46,16 @@ def build_two_kind_router(model_path: str, masks: dict[str, list[int]], out: Pat
     for c in range(2):
         members = [kinds[i] for i in np.flatnonzero(labels == c)]
         kind = max(set(members), key=members.count)
-        cluster_masks.append(make_mask(model_path, masks[kind], task=kind, model_id="llama"))
+        cluster_masks.append(make_mask(model_path, masks[kind], task=kind, model_id="llama",
+                                       **(sublayers or {}).get(kind, {})))
         sizes.append({k: members.count(k) for k in sorted(set(members))})
     assert {m.task for m in cluster_masks} == {"arithmetic", "commonsense"}, sizes
-    ks = {len(m.removed_layers) for m in cluster_masks}
+    units = "sublayers" if sublayers else "blocks"
+    ks = {removed_units(m, units) for m in cluster_masks}
     router = Router(model_id="llama", fingerprint=model_fingerprint(load_model_config(model_path)),
                     k=ks.pop() if len(ks) == 1 else 0, encoder=enc.record(),
                     centroids=[list(map(float, c)) for c in centroids], masks=cluster_masks,
-                    sizes=sizes, method="test", provenance={"seed": seed})
+                    sizes=sizes, method="test", provenance={"seed": seed}, units=units)
     if fallback is not None:
         from tabp_vllm.routing.router import Fallback
 

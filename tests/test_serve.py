@@ -36,8 +36,12 @@ MASKS = {"gsm8k": [20, 21, 22, 23], "arc": [10, 11, 12, 13, 25]}
 # heterogeneous-layer model, whose hf_overrides callable must survive Ray's trip to the replica
 SUBLAYERS = {"arc": {"removed_attention": [15, 16, 17, 18]}}
 DENSE, GSM8K, ARC = "llama", "llama-gsm8k", "llama-arc"
-# `--router`: arithmetic inputs share the gsm8k variant, commonsense ones get a variant of their own
-ROUTER_MASKS = {"arithmetic": MASKS["gsm8k"], "commonsense": [10, 11, 12, 13]}
+# `--router`: arithmetic inputs share the gsm8k variant, commonsense ones get a variant of their own.
+# A sublayer router (k = 8 units, as `route fit --units sublayers` writes one): the commonsense
+# mask removes 3 blocks and 2 attention sublayers, so a routed request is answered by a sublayer
+# variant (DeciLM block configs), the gsm8k one by a whole-block variant
+ROUTER_MASKS = {"arithmetic": MASKS["gsm8k"], "commonsense": [10, 11, 12]}
+ROUTER_SUBLAYERS = {"commonsense": {"removed_attention": [13, 14]}}
 ROUTED, COMMONSENSE = "llama-auto", "llama-auto-0"
 # Inputs farther than 1.0 from both centroids (all-MiniLM-L6-v2: the calibration prompts sit
 # within 0.96, the asked ones within 0.98) take the gsm8k mask, an already served variant. A French
@@ -104,7 +108,8 @@ def router_file(tmp_path_factory, demo_model):
     from routers import build_two_kind_router
 
     path = tmp_path_factory.mktemp("router") / "mix.json"
-    build_two_kind_router(demo_model, ROUTER_MASKS, path, fallback=ROUTER_FALLBACK)
+    build_two_kind_router(demo_model, ROUTER_MASKS, path, fallback=ROUTER_FALLBACK,
+                          sublayers=ROUTER_SUBLAYERS)
     return path
 
 
@@ -161,7 +166,7 @@ def test_startup_table(server, prometheus):  # (Prometheus starts scraping from 
     text = server.log_text()
     for name in VARIANTS:
         assert name in text
-    assert "26/30" in text and "25/30" in text and "30/30" in text
+    assert "26/30" in text and "25/30" in text and "27/30" in text and "30/30" in text
     assert f"routed:    {ROUTED} (2 clusters" in text and f"-> {COMMONSENSE}" in text
     assert server.metrics_url in text
     assert f"{server.base_url}/v1/completions" in text
@@ -179,13 +184,14 @@ def test_models_lists_variants_with_metadata(client):
     assert meta[ARC]["task"] == "arc" and meta[ARC]["blocks_kept"] == 25
     assert len(meta[ARC]["mask_hash"]) == 12 and meta[ARC]["mask_hash"] != meta[GSM8K]["mask_hash"]
     assert meta[ARC]["theoretical_speedup"] > meta[GSM8K]["theoretical_speedup"] > 1.0
-    assert meta[COMMONSENSE]["blocks_kept"] == 26 and len(meta[COMMONSENSE]["router_clusters"]) == 1
+    assert meta[COMMONSENSE]["blocks_kept"] == 27 and len(meta[COMMONSENSE]["router_clusters"]) == 1
     # whole-block masks: one attention and one MLP per block kept; arc also drops 4 attention
     # sublayers. The KV cache per token scales with the attention kept, so the same 0.25 GiB holds
     # more tokens
-    for name in (DENSE, GSM8K, COMMONSENSE):
+    for name in (DENSE, GSM8K):
         assert meta[name]["attention_kept"] == meta[name]["mlp_kept"] == meta[name]["blocks_kept"]
     assert (meta[ARC]["attention_kept"], meta[ARC]["mlp_kept"]) == (21, 25)
+    assert (meta[COMMONSENSE]["attention_kept"], meta[COMMONSENSE]["mlp_kept"]) == (25, 27)
     per_block = meta[DENSE]["kv_bytes_per_token"] / 30
     assert per_block in (2 * 3 * 64 * 2, 2 * 3 * 64 * 4)  # K and V, 3 KV heads x 64, bf16 / fp32
     assert meta[ARC]["kv_bytes_per_token"] == 21 * per_block
@@ -594,7 +600,7 @@ def test_prometheus_counts_requests_per_variant(server, client, prometheus):
         return prometheus.query(f"max by (model_name) (last_over_time({name}[10m]))")
 
     deadline = time.time() + 60
-    want_kept = {DENSE: 30, GSM8K: 26, ARC: 25, COMMONSENSE: 26}
+    want_kept = {DENSE: 30, GSM8K: 26, ARC: 25, COMMONSENSE: 27}
     while (kept := gauge("ray_tabp_variant_blocks_kept")) != want_kept and time.time() < deadline:
         time.sleep(2)
     total = gauge("ray_tabp_variant_blocks_total")
