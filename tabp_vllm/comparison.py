@@ -336,7 +336,9 @@ class Report:
         print(f"scoring {name} on {calib} (seed {seed}) ...", flush=True)
         run = score_with_options(o, k=k, model_and_tokenizer=self.mt)
         self.worked_here()
-        self.scoring[f"{name}|{calib}|{seed}|{k if k is not None else 'max'}"] = {
+        # a run given k (the run of every unit) is keyed "all", as sublayer_masks records it on
+        # reading it back: one key, so a run is costed once
+        self.scoring[f"{name}|{calib}|{seed}|{'all' if k is not None else 'max'}"] = {
             "host": self.host["model"], "config": name, "calibration": calib, "seed": seed,
             "scored_at_k": "all" if k is not None else max(self.args.ks),
             "samples": run.calibration["samples"], "forward_passes": run.forward_passes,

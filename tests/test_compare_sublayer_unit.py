@@ -112,3 +112,24 @@ def test_reference_is_the_best_whole_block_configuration(tmp_path, demo_model):
     assert "(1 of 2 seeds)" in cmp.table_cell(rows["tabp-sub-both"])
     assert doc["goal"] == []
     assert rep.reference_of({}) is None  # nothing whole-block evaluated yet
+
+
+def test_a_shared_run_of_every_unit_is_scored_and_costed_once(tmp_path, tiny, monkeypatch):
+    both, attention = "block_influence-sub-both", "block_influence-sub-attention"
+    monkeypatch.setitem(cmp.CONFIGS, both, {**cmp.CONFIGS[both], "block_range": "3:6"})
+    monkeypatch.setitem(cmp.CONFIGS, attention, {**cmp.CONFIGS[attention], "block_range": "1:6"})
+    ckpt = tmp_path / "tiny"
+    for part in tiny:
+        part.save_pretrained(ckpt)
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "eval_cache.json").write_text("{}")
+    args = argparse.Namespace(tasks=["arc_easy"], configs=[both, attention], protocols=["paper"],
+                              ks=[1], seeds=[0], samples=4, sleb_samples=4, limit=None, model=str(ckpt),
+                              blocks_from=str(tmp_path / "v2"))
+    rep = cmp.Report(tmp_path / "out", args)
+    got = {c: rep.masks(c, "arc_easy", 0)[1][0] for c in (both, attention)}
+    assert got[attention] != got[both]  # two configurations cut from the one run
+    runs = [r for r in rep.scoring.values() if r["config"] == "block_influence-sub-all"]
+    assert len(runs) == 1 and runs[0]["forward_passes"] == 4
+    (cost,) = [r for r in rep.cost() if r["config"] == "block_influence-sub-all"]
+    assert cost["runs"] == 1
