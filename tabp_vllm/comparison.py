@@ -182,6 +182,16 @@ def calibration_of(config: str, task: str) -> str:
     return "wikitext2" if config in WIKITEXT else task
 
 
+def evaluated_seeds(report_dir: Path) -> list[int]:
+    """The calibration seeds the report in `report_dir` ran (its report.json's --seeds)."""
+    path = report_dir / "report.json"
+    try:
+        seeds = json.loads(path.read_text())["args"]["seeds"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise TabpError(f"{path}: cannot read the seeds of the whole-block report ({exc})") from None
+    return [int(s) for s in seeds]
+
+
 class Report:
     """The run's state: scoring records, per-document evaluation cache, and the report files."""
 
@@ -217,8 +227,20 @@ class Report:
         blocks_from = getattr(args, "blocks_from", None)
         self.blocks_from = Path(blocks_from) if blocks_from and self.sublayer else None
         self.block_cache: dict = {}
+        self.block_seeds: list[int] = []
         if self.blocks_from is not None:
             self.block_cache = json.loads((self.blocks_from / "eval_cache.json").read_text())
+            self.block_seeds = evaluated_seeds(self.blocks_from)
+
+    def seeds_of(self, config: str) -> list[int]:
+        """The calibration seeds a configuration's row averages: one for a seedless one; in a
+        sublayer report every seed its whole-block report evaluated, whatever this run's --seeds
+        (the best whole-block reference must not change with the seeds a run works on)."""
+        if config in SEEDLESS:
+            return [0]
+        if self.blocks_from is not None and config not in SUBLAYER:
+            return self.block_seeds
+        return list(self.args.seeds)
 
     # ---------------------------------------------------------------- masks
     def mask_path(self, config: str, calib: str, seed: int, k: int) -> Path:
@@ -228,12 +250,9 @@ class Report:
     def masks(self, config: str, task: str, seed: int) -> dict[int, tuple[tuple[int, ...], Path]]:
         """k -> (removed blocks, mask file) of `config` calibrated for `task` with `seed`; scored
         now if any k is missing (once at the largest k when the method ranks every k)."""
-        from tabp_vllm.scoring.commands import score_with_options
-        from tabp_vllm.scoring.options import ScoreOptions
         from tabp_vllm.mask import load_mask
         from tabp_vllm.models import alias_of, resolve_model
         from tabp_vllm.scoring import get_method, result_for_k, score_to_mask
-        from tabp_vllm.scoring.probe import load_model, pick_device
 
         calib, seed = calibration_of(config, task), 0 if config in SEEDLESS else seed
         ks = sorted(self.args.ks)
@@ -241,31 +260,15 @@ class Report:
         if todo and config in SUBLAYER:
             self.sublayer_masks(config, calib, seed, todo)
         elif todo:
-            spec = dict(CONFIGS[config])
-            method = get_method(spec["method"])
-            if "preset" not in spec and "samples" not in spec:  # the preset: its first 1,024
-                multi = method.forward_passes(1, max(ks) + 1, max(ks)) > 1  # SLEB, PPL
-                spec["samples"] = self.args.sleb_samples if multi else self.args.samples
-            model = resolve_model(self.model)
-            if self.mt is None:
-                self.mt = load_model(model, pick_device("cpu"))
-            runs_at = [max(todo)] if method.ranks_all_k else todo
-            for kk in runs_at:
-                o = ScoreOptions(model=self.model, task=calib if calib not in ("none", "wikitext2")
-                                 else "arc_easy", seed=seed, output=self.mask_path(config, calib, seed, kk),
-                                 **spec)
-                print(f"scoring {config} on {calib} (seed {seed}) at k = {kk} ...", flush=True)
-                run = score_with_options(o, k=kk, model_and_tokenizer=self.mt)
-                self.worked_here()
-                self.scoring[f"{config}|{calib}|{seed}|{kk}"] = {"host": self.host["model"],
-                    "config": config, "calibration": calib, "seed": seed, "scored_at_k": kk,
-                    "samples": run.calibration["samples"], "forward_passes": run.forward_passes,
-                    "wall_s": round(run.wall_s, 2)}
-                for k in (todo if method.ranks_all_k else [kk]):
-                    res = run if k == kk else result_for_k(run, k)
-                    score_to_mask(model, res, task=calib, model_id=alias_of(self.model)).save(
-                        self.mask_path(config, calib, seed, k))
-                print(f"  {run.forward_passes} forward passes, {run.wall_s:.1f} s", flush=True)
+            method = get_method(CONFIGS[config]["method"])
+            for kk in [max(todo)] if method.ranks_all_k else todo:
+                run = self.score_run(config, calib, seed, self.mask_path(config, calib, seed, kk),
+                                     k=kk, at=kk, **CONFIGS[config])
+                for k in todo if method.ranks_all_k else []:  # the smaller k: prefixes of its ranking
+                    if k != kk:
+                        score_to_mask(resolve_model(self.model), result_for_k(run, k), task=calib,
+                                      model_id=alias_of(self.model)).save(
+                            self.mask_path(config, calib, seed, k))
                 self.save()
         return {k: (variant_of(load_mask(self.mask_path(config, calib, seed, k))),
                     self.mask_path(config, calib, seed, k)) for k in ks}
@@ -293,7 +296,7 @@ class Report:
             if not wide.exists():
                 # k = 1: every unit is scored whatever k is, and the mask written stays valid
                 # (a k removing all but one unit would remove every attention)
-                self.score_run(wide_name(config), calib, seed, wide, k=1,
+                self.score_run(wide_name(config), calib, seed, wide, at="all", k=1,
                                **{**spec, "units": "both", "block_range": f"0:{B}"})
             m = load_mask(wide)
             self.scoring.setdefault(f"{wide_name(config)}|{calib}|{seed}|all", {
@@ -305,7 +308,8 @@ class Report:
                            spec["units"], spec["block_range"], B)
         else:
             run = self.score_run(config, calib, seed, self.mask_path(config, calib, seed, max(todo)),
-                                 flops_ratio=k_flops_ratio(cfg, max(todo)) - FLOPS_TIE, **spec)
+                                 at=max(todo), flops_ratio=k_flops_ratio(cfg, max(todo)) - FLOPS_TIE,
+                                 **spec)
         for k in todo:
             # less a hair: a mask records each unit's share to 8 decimals, and on the demo model
             # 13 attention sublayers hold exactly the FLOPs of 4 blocks (a = 4/9 m), a tie the
@@ -315,17 +319,19 @@ class Report:
                 self.mask_path(config, calib, seed, k))
         self.save()
 
-    def score_run(self, name: str, calib: str, seed: int, path: Path, k: int | None = None,
-                  **spec: Any) -> Any:
-        """One scoring run of `spec` (the options of `score`) on this report's calibration,
-        written to `path` and recorded with its cost under `name`."""
+    def score_run(self, name: str, calib: str, seed: int, path: Path, at: int | str,
+                  k: int | None = None, **spec: Any) -> Any:
+        """One scoring run of `spec` (the options of `score`) on this report's calibration, at `k`
+        (or at the budget `spec` gives), written to `path` and recorded with its cost under
+        `name|calib|seed|at` (`at`: the k the run ranks up to, or "all" for a run of every unit)."""
         from tabp_vllm.models import alias_of, resolve_model
         from tabp_vllm.scoring import get_method, score_to_mask
         from tabp_vllm.scoring.commands import score_with_options
         from tabp_vllm.scoring.options import ScoreOptions
         from tabp_vllm.scoring.probe import load_model, pick_device
 
-        if "samples" not in spec:
+        spec = dict(spec)
+        if "preset" not in spec and "samples" not in spec:  # the preset: its first 1,024
             multi = get_method(spec["method"]).forward_passes(1, 9, 8) > 1  # SLEB, PPL
             spec["samples"] = self.args.sleb_samples if multi else self.args.samples
         model = resolve_model(self.model)
@@ -333,16 +339,14 @@ class Report:
             self.mt = load_model(model, pick_device("cpu"))
         o = ScoreOptions(model=self.model, task=calib if calib not in ("none", "wikitext2")
                          else "arc_easy", seed=seed, output=path, **spec)
-        print(f"scoring {name} on {calib} (seed {seed}) ...", flush=True)
+        print(f"scoring {name} on {calib} (seed {seed})"
+              + (f" at k = {k}" if k is not None else "") + " ...", flush=True)
         run = score_with_options(o, k=k, model_and_tokenizer=self.mt)
         self.worked_here()
-        # a run given k (the run of every unit) is keyed "all", as sublayer_masks records it on
-        # reading it back: one key, so a run is costed once
-        self.scoring[f"{name}|{calib}|{seed}|{'all' if k is not None else 'max'}"] = {
+        self.scoring[f"{name}|{calib}|{seed}|{at}"] = {
             "host": self.host["model"], "config": name, "calibration": calib, "seed": seed,
-            "scored_at_k": "all" if k is not None else max(self.args.ks),
-            "samples": run.calibration["samples"], "forward_passes": run.forward_passes,
-            "wall_s": round(run.wall_s, 2)}
+            "scored_at_k": at, "samples": run.calibration["samples"],
+            "forward_passes": run.forward_passes, "wall_s": round(run.wall_s, 2)}
         score_to_mask(model, run, task=calib, model_id=alias_of(self.model)).save(path)
         print(f"  {run.forward_passes} forward passes, {run.wall_s:.1f} s", flush=True)
         self.save()
@@ -416,7 +420,7 @@ class Report:
                         accs = [float(x.mean()) for x in got]
                         row = {"protocol": protocol, "task": task, "metric": METRIC[task], "k": k,
                                "config": config, "seeds": len(got),
-                               "seeds_asked": 1 if config in SEEDLESS else len(a.seeds),
+                               "seeds_asked": len(self.seeds_of(config)),
                                "acc_per_seed": accs,
                                "mean": float(np.mean(accs)),
                                "sd": float(np.std(accs, ddof=1)) if len(accs) > 1 else None,
@@ -440,13 +444,12 @@ class Report:
 
     def reference_of(self, per_config: dict[str, list[np.ndarray]]) -> str | None:
         """The configuration the others are measured against: TaBP; in a sublayer report the
-        whole-block configuration of the highest mean accuracy over its seeds (among those with
-        every seed evaluated) at this task and k."""
+        whole-block configuration of the highest mean accuracy over every seed of its report
+        (`seeds_of`; among those with all of them evaluated) at this task and k."""
         if not self.sublayer:
             return REFERENCE
         whole = {c: float(np.mean([x.mean() for x in got])) for c, got in per_config.items()
-                 if c not in SUBLAYER
-                 and len(got) == (1 if c in SEEDLESS else len(self.args.seeds))}
+                 if c not in SUBLAYER and len(got) == len(self.seeds_of(c))}
         return max(whole, key=whole.get) if whole else None
 
     def sublayer_goal(self, rows: list[dict]) -> list[dict]:
@@ -514,7 +517,7 @@ class Report:
 
         calib = calibration_of(config, calibration_task(protocol, task))
         got, rem = [], []
-        for s in ([0] if config in SEEDLESS else self.args.seeds):
+        for s in self.seeds_of(config):
             path = self.mask_path(config, calib, s, k)
             if path.exists():
                 removed = variant_of(load_mask(path))

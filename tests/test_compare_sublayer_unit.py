@@ -74,19 +74,24 @@ def test_cache_keys_of_whole_blocks_are_compare_v2s_and_sublayers_differ(tmp_pat
     assert len(keys) == 3 and "tabp_arc_easy_validation|15,16|attention 20|mlp " in keys
 
 
+def whole_block_report(blocks, right, seeds, n=200):
+    """A compare_v2-like folder: its seeds (report.json) and per-document results of each
+    removed set (`right`: removed blocks -> documents right, the first ones)."""
+    (blocks / "masks").mkdir(parents=True)
+    cache = {f"tabp_arc_easy_validation|{','.join(map(str, r))}":
+             {"n": n, "docs": {"acc_norm": [1.0] * got + [0.0] * (n - got)}} for r, got in right.items()}
+    (blocks / "eval_cache.json").write_text(json.dumps(cache))
+    (blocks / "report.json").write_text(json.dumps({"args": {"seeds": seeds}}))
+
+
 def test_reference_is_the_best_whole_block_configuration(tmp_path, demo_model):
     blocks = tmp_path / "v2"
     args = argparse.Namespace(tasks=["arc_easy"], configs=["tabp", "sleb-task", "tabp-sub-both"],
                               protocols=["paper"], ks=[4], seeds=[0, 1], samples=256,
                               sleb_samples=32, limit=None, blocks_from=str(blocks))
-    (blocks / "masks").mkdir(parents=True)
-    n, cache = 200, {}
-    right = {(10, 11, 12, 13): 100, (10, 11, 12, 14): 110, (20, 21, 22, 23): 120,
-             (20, 21, 22, 24): 124, (): 150}
-    for r, got in right.items():
-        docs = [1.0] * got + [0.0] * (n - got)
-        cache[f"tabp_arc_easy_validation|{','.join(map(str, r))}"] = {"n": n, "docs": {"acc_norm": docs}}
-    (blocks / "eval_cache.json").write_text(json.dumps(cache))
+    n = 200
+    whole_block_report(blocks, {(10, 11, 12, 13): 100, (10, 11, 12, 14): 110, (20, 21, 22, 23): 120,
+                                (20, 21, 22, 24): 124, (): 150}, seeds=[0, 1], n=n)
     rep = cmp.Report(tmp_path / "sub", args)
     for (config, seed), r in {("tabp", 0): [10, 11, 12, 13], ("tabp", 1): [10, 11, 12, 14],
                               ("sleb-task", 0): [20, 21, 22, 23], ("sleb-task", 1): [20, 21, 22, 24]}.items():
@@ -114,6 +119,44 @@ def test_reference_is_the_best_whole_block_configuration(tmp_path, demo_model):
     assert rep.reference_of({}) is None  # nothing whole-block evaluated yet
 
 
+def test_reference_averages_every_seed_of_the_whole_block_report_whatever_the_runs_seeds(
+        tmp_path, demo_model):
+    # over compare_v2's seeds 0-2 tabp is best (0.60 against 0.52); at seed 2 alone sleb-task is
+    # (0.70 against 0.55): a run working on seed 2 must still compare with tabp over 0-2
+    blocks = tmp_path / "v2"
+    right = {"tabp": [(10, 11, 12, 13), (10, 11, 12, 14), (10, 11, 12, 15)],
+             "sleb-task": [(20, 21, 22, 23), (20, 21, 22, 24), (20, 21, 22, 25)]}
+    got = {"tabp": [130, 120, 110], "sleb-task": [80, 90, 140]}
+    whole_block_report(blocks, {r: g for c in right for r, g in zip(right[c], got[c])}, seeds=[0, 1, 2])
+    args = argparse.Namespace(tasks=["arc_easy"], configs=["tabp", "sleb-task", "tabp-sub-both"],
+                              protocols=["paper"], ks=[4], seeds=[2], samples=256,
+                              sleb_samples=32, limit=None, blocks_from=str(blocks))
+    rep = cmp.Report(tmp_path / "sub", args)
+    for config, removed in right.items():
+        for seed, r in enumerate(removed):
+            make_mask(demo_model, list(r), task="arc_easy", model_id="llama").save(
+                rep.mask_path(config, "arc_easy", seed, 4))
+    make_mask(demo_model, [], task="arc_easy", model_id="llama", removed_attention=[20]).save(
+        rep.mask_path("tabp-sub-both", "arc_easy", 2, 4))
+    rep.cache[rep.key("arc_easy", ((), (20,), ()))] = {"n": 200, "docs": {"acc_norm": [1.0] * 130 + [0.0] * 70}}
+    rows = {r["config"]: r for r in rep.summarize()["rows"]}
+    assert rows["tabp-sub-both"]["best_block"] == "tabp"
+    assert rows["tabp-sub-both"]["minus_best_block"]["mean"] == pytest.approx(0.65 - 0.60)
+    assert (rows["tabp"]["seeds"], rows["tabp"]["seeds_asked"]) == (3, 3)
+    assert rows["sleb-task"]["mean"] == pytest.approx(310 / 600)
+    assert (rows["tabp-sub-both"]["seeds"], rows["tabp-sub-both"]["seeds_asked"]) == (1, 1)
+
+
+def test_a_whole_block_report_without_its_seeds_is_one_clear_error(tmp_path):
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "eval_cache.json").write_text("{}")
+    args = argparse.Namespace(tasks=["arc_easy"], configs=["tabp", "tabp-sub-both"], protocols=["paper"],
+                              ks=[4], seeds=[0], samples=256, sleb_samples=32, limit=None,
+                              blocks_from=str(tmp_path / "v2"))
+    with pytest.raises(cmp.TabpError, match="report.json: cannot read the seeds"):
+        cmp.Report(tmp_path / "sub", args)
+
+
 def test_a_shared_run_of_every_unit_is_scored_and_costed_once(tmp_path, tiny, monkeypatch):
     both, attention = "block_influence-sub-both", "block_influence-sub-attention"
     monkeypatch.setitem(cmp.CONFIGS, both, {**cmp.CONFIGS[both], "block_range": "3:6"})
@@ -121,8 +164,7 @@ def test_a_shared_run_of_every_unit_is_scored_and_costed_once(tmp_path, tiny, mo
     ckpt = tmp_path / "tiny"
     for part in tiny:
         part.save_pretrained(ckpt)
-    (tmp_path / "v2").mkdir()
-    (tmp_path / "v2" / "eval_cache.json").write_text("{}")
+    whole_block_report(tmp_path / "v2", {}, seeds=[0])
     args = argparse.Namespace(tasks=["arc_easy"], configs=[both, attention], protocols=["paper"],
                               ks=[1], seeds=[0], samples=4, sleb_samples=4, limit=None, model=str(ckpt),
                               blocks_from=str(tmp_path / "v2"))
@@ -133,3 +175,21 @@ def test_a_shared_run_of_every_unit_is_scored_and_costed_once(tmp_path, tiny, mo
     assert len(runs) == 1 and runs[0]["forward_passes"] == 4
     (cost,) = [r for r in rep.cost() if r["config"] == "block_influence-sub-all"]
     assert cost["runs"] == 1
+
+
+def test_a_whole_block_run_gives_every_smaller_k_and_is_recorded_at_its_k(tmp_path, tiny):
+    # the whole-block configurations go through the same scoring run as the sublayer ones:
+    # one run at the largest k (TaBP ranks every k), the smaller k a prefix of its ranking,
+    # recorded under compare_v2's key "config|calibration|seed|k"
+    ckpt = tmp_path / "tiny"
+    for part in tiny:
+        part.save_pretrained(ckpt)
+    args = argparse.Namespace(tasks=["arc_easy"], configs=["tabp"], protocols=["paper"], ks=[1, 2],
+                              seeds=[0], samples=4, sleb_samples=4, limit=None, model=str(ckpt))
+    rep = cmp.Report(tmp_path / "out", args)
+    got = rep.masks("tabp", "arc_easy", 0)
+    assert len(got[2][0]) == 2 and set(got[1][0]) < set(got[2][0])
+    (key,) = rep.scoring
+    assert key == "tabp|arc_easy|0|2" and rep.scoring[key]["scored_at_k"] == 2
+    assert rep.scoring[key]["samples"] == 4
+    assert rep.masks("tabp", "arc_easy", 0) == got and len(rep.scoring) == 1  # resumed: nothing redone
