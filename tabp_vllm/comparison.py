@@ -48,6 +48,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
                       "units": "both", "block_range": "15:30"},
     "tabp-sub-attention": {"method": "tabp", "probe": "cloze", "granularity": "sublayer",
                            "units": "attention", "block_range": "1:30"},
+    # tabp-sub-both's units taken by the lowest score per FLOP first (the knapsack's greedy
+    # order; TaBP's SSN is a nonnegative importance), where the others take the lowest score first
+    "tabp-sub-both-perflop": {"method": "tabp", "probe": "cloze", "granularity": "sublayer",
+                              "units": "both", "block_range": "15:30",
+                              "budget_order": "score-per-flop"},
     "block_influence-sub-both": {"method": "block_influence", "granularity": "sublayer",
                                  "units": "both", "block_range": "15:30"},
     "block_influence-sub-attention": {"method": "block_influence", "granularity": "sublayer",
@@ -314,7 +319,8 @@ class Report:
             # less a hair: a mask records each unit's share to 8 decimals, and on the demo model
             # 13 attention sublayers hold exactly the FLOPs of 4 blocks (a = 4/9 m), a tie the
             # rounding would otherwise break against them
-            cut = result_at(run, flops_ratio=k_flops_ratio(cfg, k) - FLOPS_TIE)
+            cut = result_at(run, flops_ratio=k_flops_ratio(cfg, k) - FLOPS_TIE,
+                            order=spec.get("budget_order", "score"))
             score_to_mask(model, cut, task=calib, model_id=alias_of(self.model)).save(
                 self.mask_path(config, calib, seed, k))
         self.save()

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tabp_vllm.errors import TabpError, user_errors
+from tabp_vllm.scoring.units import BUDGET_ORDER_HELP
 
 FORCE_HELP = "Accept a mask keeping under half the blocks (mask.MIN_KEPT_FRACTION); still warns."
 
@@ -152,6 +153,7 @@ def masks_cut(
     flops_ratio: Optional[float] = typer.Option(
         None, "--flops-ratio", help="Instead of --k: the lowest-scored units until their share of "
                                     "the ideal FLOPs reaches this (at most the scored budget)."),
+    budget_order: str = typer.Option("score", "--budget-order", help=BUDGET_ORDER_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Write the mask a smaller budget gives, from a scored mask's own scores (no new scoring
@@ -160,7 +162,7 @@ def masks_cut(
     from tabp_vllm.mask import check_depth, load_mask
     from tabp_vllm.scoring import mask_cut
 
-    mask = mask_cut(load_mask(file), k, flops_ratio, where=str(file))
+    mask = mask_cut(load_mask(file), k, flops_ratio, where=str(file), order=budget_order)
     _warn(check_depth(mask, str(output), force))
     mask.save(output)
     print(f"wrote {output}: removes {mask.removed_layers}"

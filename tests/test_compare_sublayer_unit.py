@@ -40,9 +40,10 @@ def test_budget_of_k_is_the_flops_of_k_whole_blocks(demo_model):
     assert budget.met(range(0, 26, 2)) and not budget.met(range(0, 24, 2))
 
 
-@pytest.mark.parametrize("method,units,block_range", [
-    ("tabp", "both", "2:6"), ("tabp", "attention", "1:6"), ("block_influence", "mlp", "0:4")])
-def test_masks_cut_from_the_run_of_every_unit_equal_their_own_runs(tiny, method, units, block_range):
+@pytest.mark.parametrize("method,units,block_range,order", [
+    ("tabp", "both", "2:6", "score"), ("tabp", "attention", "1:6", "score"),
+    ("block_influence", "mlp", "0:4", "score"), ("tabp", "both", "2:6", "score-per-flop")])
+def test_masks_cut_from_the_run_of_every_unit_equal_their_own_runs(tiny, method, units, block_range, order):
     # unit-local scores: one run over all 12 units gives each candidate set's mask exactly
     # k = 1 as the report scores it (its mask must validate): every unit is scored whatever k is
     wide = run_scoring("unused", mcqa(), method, k=1, granularity="sublayer", block_range="0:6",
@@ -53,8 +54,9 @@ def test_masks_cut_from_the_run_of_every_unit_equal_their_own_runs(tiny, method,
     for part in (0.3, 0.7):  # of what the candidates hold
         ratio = part * removed_flops_fraction(shape, cand)
         own = run_scoring("unused", mcqa(), method, flops_ratio=ratio, granularity="sublayer",
-                          units=units, block_range=block_range, model_and_tokenizer=tiny, probe="letters")
-        cut = result_at(cmp.restrict(wide, units, block_range, 6), flops_ratio=ratio)
+                          units=units, block_range=block_range, model_and_tokenizer=tiny,
+                          probe="letters", budget_order=order)
+        cut = result_at(cmp.restrict(wide, units, block_range, 6), flops_ratio=ratio, order=order)
         assert cut.removed == own.removed
         assert cut.params["candidate_range"] == own.params["candidate_range"]
         assert cut.params["removed_flops_fraction"] == pytest.approx(own.params["removed_flops_fraction"])

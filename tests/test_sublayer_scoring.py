@@ -133,6 +133,40 @@ def test_a_smaller_budget_is_a_prefix_of_the_ranking(tiny, name):
         result_at(big, flops_ratio=removed_flops_fraction(shape(tiny), order[:5]) + 0.01)
 
 
+def test_score_per_flop_takes_the_least_score_per_flop_first():
+    # attention units cost 1, MLP units 2.25 (the demo model's 4/9); by score the two cheap
+    # attentions go first (0.10, 0.12), by score per FLOP the MLPs (0.18 / 2.25 = 0.08, 0.09)
+    from tabp_vllm.scoring.units import Budget
+
+    scores = [0.10, 0.18, 0.12, 0.20, 0.50, 0.60]
+    shares = (1.0, 2.25, 1.0, 2.25, 1.0, 2.25)
+    ranking = sorted(range(6), key=lambda u: (scores[u], u))
+    by_score = Budget(flops_ratio=2.0, shares=shares)
+    per_flop = Budget(flops_ratio=2.0, shares=shares, order="score-per-flop")
+    assert by_score.take(by_score.ordered(ranking, scores)) == [0, 2]
+    assert per_flop.ordered(ranking, scores) == [1, 3, 0, 2, 5, 4]
+    assert per_flop.take(per_flop.ordered(ranking, scores)) == [1]  # 2.25 FLOPs for 0.18 of score
+    assert per_flop.record([1])["budget_order"] == "score-per-flop" and "budget_order" not in by_score.record([0])
+    with pytest.raises(TabpError, match="nonnegative importance"):
+        per_flop.ordered(ranking, [-0.1, *scores[1:]])
+
+
+def test_a_per_flop_run_equals_its_cut_and_its_greedy_order(tiny):
+    ratio = 0.02
+    own = run_scoring("unused", mcqa(3), "tabp", flops_ratio=ratio, budget_order="score-per-flop",
+                      granularity="sublayer", block_range="0:6", model_and_tokenizer=tiny, probe="letters")
+    shares = own.params["unit_flops"]
+    order = sorted((u for u, x in enumerate(own.scores) if x is not None),
+                   key=lambda u: own.scores[u] / shares[u])
+    n = next(i for i in range(1, 13) if removed_flops_fraction(shape(tiny), order[:i]) >= ratio)
+    assert own.removed == sorted(order[:n]) and own.params["budget_order"] == "score-per-flop"
+    wide = run_scoring("unused", mcqa(3), "tabp", k=1, granularity="sublayer", block_range="0:6",
+                       model_and_tokenizer=tiny, probe="letters")
+    cut = result_at(wide, flops_ratio=ratio, order="score-per-flop")  # beyond the run's k = 1: exact
+    assert cut.removed == own.removed and cut.params["budget_order"] == "score-per-flop"
+    assert "budget_order" not in result_at(own, k=1).params
+
+
 @pytest.mark.parametrize("kwargs,fragment", [
     ({"units": "attention"}, "--units attention needs --granularity sublayer"),
     ({"method": "what_matters"}, "what_matters scores sublayers: add --granularity sublayer"),
@@ -141,6 +175,10 @@ def test_a_smaller_budget_is_a_prefix_of_the_ranking(tiny, name):
     ({"granularity": "sublayer", "units": "attention", "flops_ratio": 0.5},
      "--flops-ratio 0.5: the 3 candidate units hold only"),
     ({"granularity": "sublayer", "k": 2, "flops_ratio": 0.01}, "give exactly one of --k, --ratio and --flops-ratio"),
+    ({"granularity": "sublayer", "k": 2, "budget_order": "score-per-flop"}, "needs a --flops-ratio budget"),
+    ({"granularity": "sublayer", "method": "sleb-task", "flops_ratio": 0.01, "budget_order": "score-per-flop"},
+     "sleb-task removes in its own order"),
+    ({"granularity": "sublayer", "flops_ratio": 0.01, "budget_order": "cheapest"}, "unknown --budget-order"),
 ])
 def test_bad_combinations_are_one_line(tiny, kwargs, fragment):
     kwargs = {"method": "random", "k": None, "block_range": "3:6", **kwargs}
@@ -198,6 +236,14 @@ def test_score_sublayer_writes_a_v2_mask_that_validates_and_cuts(tiny_dir, tmp_p
     cut = load_mask(small, tiny_dir)
     assert cut.params["k"] == 1 and cut.scores == mask.scores and "flops_ratio" not in cut.params
     assert (cut.removed_attention, cut.removed_mlp) == (([first // 2], []) if first % 2 == 0 else ([], [first // 2]))
+    per_flop = tmp_path / "sub-per-flop.json"
+    r = runner.invoke(app(), ["masks", "cut", str(out), "--flops-ratio", "0.01", "--budget-order",
+                              "score-per-flop", "-o", str(per_flop)])
+    assert r.exit_code == 0, r.output
+    assert load_mask(per_flop, tiny_dir).params["budget_order"] == "score-per-flop"
+    r = runner.invoke(app(), ["masks", "cut", str(out), "--k", "1", "--budget-order", "score-per-flop",
+                              "-o", str(tmp_path / "bad.json")])
+    assert r.exit_code == 2 and "needs a --flops-ratio budget" in r.output
 
 
 def test_score_cli_bad_combination_is_one_line_exit_2(tiny_dir, tmp_path):

@@ -22,7 +22,7 @@ from tabp_vllm.mask import TaskMask, make_mask, now_iso
 from tabp_vllm.scoring.base import MethodResult, ScoringMethod
 from tabp_vllm.scoring.registry import METHOD_NAMES, all_methods, get_method
 from tabp_vllm.scoring.units import (GRANULARITIES, UNIT_KINDS, UNIT_NUMBERING, Budget,
-                                     candidate_units, resolve_budget, to_mask_lists,
+                                     candidate_units, check_order, resolve_budget, to_mask_lists,
                                      unit_flops_shares)
 
 DEFAULT_RANGE = (0.5, 1.0)  # blocks B/2 .. B-1: the latter half (the paper's "latter" starts one later)
@@ -83,6 +83,7 @@ def run_scoring(
     k: int | None = None,
     ratio: float | None = None,
     flops_ratio: float | None = None,
+    budget_order: str = "score",
     granularity: str = "block",
     units: str | None = None,
     block_range: str | None = None,
@@ -135,8 +136,9 @@ def run_scoring(
     blocks = parse_range(block_range, B)
     candidates = candidate_units(blocks, granularity, units)
     shares = unit_flops_shares(model.config, granularity)
+    check_budget_order(scorer, budget_order)
     budget = resolve_budget(k, ratio, flops_ratio, len(shares), candidates, shares,
-                            "blocks" if granularity == "block" else "units")
+                            "blocks" if granularity == "block" else "units", order=budget_order)
     if granularity == "block" and budget.k is None:
         # every block costs the same: a FLOPs share is a number of blocks, which every block
         # method (angular's run of k included) takes
@@ -181,16 +183,28 @@ def check_granularity(scorer: ScoringMethod, granularity: str, units: str | None
         raise TabpError(f"{scorer.name} scores sublayers: add --granularity sublayer")
 
 
+def check_budget_order(scorer: ScoringMethod, order: str) -> None:
+    """One error line for a budget order the method cannot take (its own removal order)."""
+    if order != "score" and not scorer.ranks_by_score:
+        raise TabpError(f"--budget-order {order}: {scorer.name} removes in its own order "
+                        f"(its rounds), not by its scores; use --budget-order score")
+
+
 def result_at(result: ScoringResult, k: int | None = None,
-              flops_ratio: float | None = None) -> ScoringResult:
+              flops_ratio: float | None = None, order: str = "score") -> ScoringResult:
     """The result a run of the same method at a smaller budget (`k` units or a `flops_ratio`)
     would give, from one at a larger budget (methods whose scoring ranks the units for every
-    budget; see `ScoringMethod.ranks`): the shortest prefix of its ranking that meets it."""
+    budget; see `ScoringMethod.ranks`): the shortest prefix of its ranking that meets it. With
+    `order` score-per-flop, the shortest prefix of its candidates by score per FLOP instead: every
+    candidate is scored (`ranks_by_score`), so any budget they hold is exact, not only a prefix of
+    the run's own removal."""
     params = result.params
     scorer = get_method(result.method)
     asked = f"k = {k}" if k is not None else f"--flops-ratio {flops_ratio}"
     if (k is None) == (flops_ratio is None):
         raise TabpError("give exactly one of --k and --flops-ratio")
+    check_order(order, flops_ratio)
+    check_budget_order(scorer, order)
     if k is not None and k < 1:
         raise TabpError(f"--k must be at least 1, not {k}")
     if k is not None and k > params["k"]:
@@ -203,9 +217,10 @@ def result_at(result: ScoringResult, k: int | None = None,
                             "--flops-ratio or --granularity sublayer, or cut it with --k)")
     if not scorer.ranks(params):
         raise TabpError(f"{result.method}: the mask for {asked} needs its own scoring run")
-    budget = Budget(k=k, flops_ratio=flops_ratio, shares=tuple(params.get("unit_flops") or ()))
+    budget = Budget(k=k, flops_ratio=flops_ratio, shares=tuple(params.get("unit_flops") or ()),
+                    order=order)
     removed, new_params = scorer.at_budget(result.scores, params, budget)
-    if not budget.met(removed) or len(removed) > params["k"]:
+    if not budget.met(removed) or (order == "score" and len(removed) > params["k"]):
         raise TabpError(f"{asked} is larger than the scored budget (k = {params['k']}"
                         + (f", FLOPs {params['removed_flops_fraction']}"
                            if "removed_flops_fraction" in params else "") + ")")
@@ -218,7 +233,7 @@ def result_for_k(result: ScoringResult, k: int) -> ScoringResult:
 
 
 def mask_cut(mask: TaskMask, k: int | None = None, flops_ratio: float | None = None,
-             where: str = "<mask>") -> TaskMask:
+             where: str = "<mask>", order: str = "score") -> TaskMask:
     """The mask a scoring run at a smaller budget would have written, cut from a scored mask's
     own scores (`masks cut`): one scoring run, then any smaller k or FLOPs share."""
     if not mask.scores or "k" not in mask.params:
@@ -228,7 +243,7 @@ def mask_cut(mask: TaskMask, k: int | None = None, flops_ratio: float | None = N
     result = ScoringResult(method=mask.method, removed=[], scores=mask.scores, params=mask.params,
                            calibration=mask.calibration, wall_s=0.0, forward_passes=0)
     try:
-        cut = result_at(result, k, flops_ratio)
+        cut = result_at(result, k, flops_ratio, order)
     except TabpError as exc:
         raise TabpError(f"{where}: {exc}") from None
     return replace(mask, **to_mask_lists(cut.removed, granularity), params=cut.params,

@@ -50,6 +50,10 @@ class ScoringMethod:
     ranks_all_k: ClassVar[bool] = True
     # True: the method scores sublayers only (needs --granularity sublayer).
     sublayer_only: ClassVar[bool] = False
+    # True: it removes its candidates by their scores, every candidate scored (so a budget may
+    # take them in another order of those scores: `Budget.ordered`). False: its own order
+    # (SLEB's rounds, angular's runs of k).
+    ranks_by_score: ClassVar[bool] = True
 
     def forward_passes(self, samples: int, candidates: int, k: int) -> int:
         """Sample-forward passes one run costs (one sample through the model once)."""
@@ -78,9 +82,10 @@ class ScoringMethod:
                   budget: Budget) -> tuple[list[int], dict[str, Any]]:
         """(removed units, recorded params) of a run at a smaller `budget`, from a run that gave
         `scores` and `params` (only when `ranks`): the shortest prefix of its ranking that meets
-        the budget."""
-        removed = budget.take(self.ranking(scores, params))
-        kept = {k: v for k, v in params.items() if k not in ("flops_ratio", "removed_flops_fraction")}
+        the budget (taken in the budget's order)."""
+        removed = budget.take(budget.ordered(self.ranking(scores, params), scores))
+        kept = {k: v for k, v in params.items()
+                if k not in ("flops_ratio", "removed_flops_fraction", "budget_order")}
         return sorted(removed), {**kept, "k": len(removed), **budget.record(removed)}
 
     def __repr__(self) -> str:

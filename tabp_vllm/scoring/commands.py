@@ -35,6 +35,7 @@ def score_with_options(o: ScoreOptions, *, k: int | None = None, model_and_token
     kk, ratio = (k, None) if k is not None else o.blocks()
     return run_scoring(resolve_model(o.model), ds, o.method, k=kk, ratio=ratio,
                        flops_ratio=None if k is not None else o.flops_ratio,
+                       budget_order="score" if k is not None else o.budget_order,
                        granularity=o.granularity, units=o.units, block_range=o.block_range, mode=o.mode, statistic=o.statistic,
                        aggregate=o.aggregate, p=o.p, norm=o.norm, batch_size=o.batch_size,
                        max_length=o.max_length, text_positions=o.text_positions, probe=o.probe,

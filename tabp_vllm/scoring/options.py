@@ -15,6 +15,7 @@ from pydantic_core import PydanticCustomError
 
 from tabp_vllm.options import REQUIRED, Options, option
 from tabp_vllm.scoring import DEFAULT_RANGE, METHOD_NAMES, run_scoring
+from tabp_vllm.scoring.units import BUDGET_ORDER_HELP
 
 
 def _scoring_default(name: str) -> Any:
@@ -48,6 +49,8 @@ class ScoreOptions(Options):
     flops_ratio: Optional[float] = option(
         None, "Share of the dense model's ideal FLOPs to remove (instead of --k): the lowest-scored "
         "units go until their FLOPs reach it (the last one may overshoot).", "--flops-ratio")
+    budget_order: Literal["score", "score-per-flop"] = option(
+        _scoring_default("budget_order"), BUDGET_ORDER_HELP)
     granularity: Literal["block", "sublayer"] = option(
         _scoring_default("granularity"), "What a unit is: whole blocks, or each block's attention "
         "and MLP sublayers (2L units).")

@@ -80,6 +80,7 @@ class SLEB(_PerplexityMethod):
     # Its ranking is the greedy removal order, not the scores: the first k rounds of a run at a
     # larger k are exactly the run at k (`at_budget`).
     ranks_all_k = True
+    ranks_by_score = False  # its rounds remove, not its scores (only the rounds' units are scored)
 
     def forward_passes(self, samples: int, candidates: int, k: int) -> int:
         return sum(candidates - r for r in range(k)) * samples

@@ -89,8 +89,10 @@ class ScoreContext:
         return self.budget or Budget(k=self.k)
 
     def remove_lowest(self, scores: list[float | None]) -> list[int]:
-        """The candidates the budget removes, lowest score first (ties: the lower index), sorted."""
-        return sorted(self.the_budget().take(ranked(scores, self.candidates)))
+        """The candidates the budget removes, lowest score first (ties: the lower index), or in
+        the budget's own order (`Budget.ordered`), sorted."""
+        budget = self.the_budget()
+        return sorted(budget.take(budget.ordered(ranked(scores, self.candidates), scores)))
 
     def task(self, desc: str, total: int) -> Callable[[int], None]:
         if self.progress is None:

@@ -10,6 +10,13 @@ so the overshoot is less than the last unit's own share, and never a skip down t
 the budget more tightly (a unit is never removed ahead of a lower-scored one). Ties in score keep
 the lower unit index first (base.lowest).
 
+The order a FLOPs budget takes units in (`--budget-order`): `score`, the lowest score first, or
+`score-per-flop`, the lowest score per FLOP removed first. A FLOPs budget is a knapsack (lose the
+least importance for the FLOPs removed), and the lowest ratio first is its greedy answer; it needs
+scores that are nonnegative importances on one scale (TaBP's SSN and DDF, 1 - cosine), and every
+candidate scored, so it applies to the methods that rank by their scores (not SLEB's rounds nor
+angular's runs).
+
 This module imports no torch.
 """
 
@@ -22,6 +29,10 @@ from tabp_vllm.errors import TabpError
 
 GRANULARITIES = ("block", "sublayer")
 UNIT_KINDS = ("attention", "mlp", "both")
+BUDGET_ORDERS = ("score", "score-per-flop")
+BUDGET_ORDER_HELP = ("The order a --flops-ratio budget removes units in: score (the lowest first) or "
+                     "score-per-flop (the lowest score per FLOP removed first: the knapsack's "
+                     "greedy order; methods that rank by nonnegative scores).")
 # How a sublayer mask's 2L scores are laid out (recorded in the mask beside them).
 UNIT_NUMBERING = "unit 2*i: block i's attention, unit 2*i+1: block i's MLP"
 
@@ -65,6 +76,7 @@ class Budget:
     k: int | None = None
     flops_ratio: float | None = None
     shares: tuple[float, ...] = ()
+    order: str = "score"  # BUDGET_ORDERS: which candidates a FLOPs budget takes first
 
     def removed_flops(self, removed: Iterable[int]) -> float:
         return sum(self.shares[u] for u in removed)
@@ -86,26 +98,49 @@ class Budget:
             taken.append(u)
         return taken
 
+    def ordered(self, ranking: list[int], scores: list[float | None]) -> list[int]:
+        """The order the budget takes units in, from the run's `ranking` (lowest score first):
+        that ranking, or its units by score per FLOP share (ties: the ranking's order)."""
+        if self.order == "score":
+            return ranking
+        bad = next((u for u in ranking if scores[u] is None or scores[u] < 0), None)
+        if bad is not None:
+            raise TabpError(f"--budget-order {self.order}: unit {bad} scored {scores[bad]}; a score "
+                            f"per FLOP needs every candidate scored with a nonnegative importance")
+        return sorted(ranking, key=lambda u: scores[u] / self.shares[u])
+
     def record(self, removed: Iterable[int]) -> dict[str, Any]:
-        """What the mask records of a FLOPs budget: the ratio asked, the share removed."""
+        """What the mask records of a FLOPs budget: the ratio asked, the share removed, and the
+        order when it is not the default."""
         if self.flops_ratio is None:
             return {}
         return {"flops_ratio": self.flops_ratio,
-                "removed_flops_fraction": round(self.removed_flops(removed), 6)}
+                "removed_flops_fraction": round(self.removed_flops(removed), 6),
+                **({"budget_order": self.order} if self.order != "score" else {})}
+
+
+def check_order(order: str, flops_ratio: float | None) -> None:
+    """One error line for an unknown budget order, or a per-FLOP order without a FLOPs budget."""
+    if order not in BUDGET_ORDERS:
+        raise TabpError(f"unknown --budget-order {order!r}: choose from {', '.join(BUDGET_ORDERS)}")
+    if order != "score" and flops_ratio is None:
+        raise TabpError(f"--budget-order {order} needs a --flops-ratio budget (with --k every unit "
+                        f"counts one)")
 
 
 def resolve_budget(k: int | None, ratio: float | None, flops_ratio: float | None,
                    num_units: int, candidates: list[int], shares: list[float],
-                   what: str = "blocks") -> Budget:
-    """The run's budget from --k, --ratio (a share of all units) or --flops-ratio; one error line
-    when none or several are given, or when it would remove every unit or more than the
-    candidates hold."""
+                   what: str = "blocks", order: str = "score") -> Budget:
+    """The run's budget from --k, --ratio (a share of all units) or --flops-ratio, taken in
+    `order`; one error line when none or several are given, or when it would remove every unit or
+    more than the candidates hold."""
     if sum(x is not None for x in (k, ratio, flops_ratio)) != 1:
         raise TabpError("give exactly one of --k, --ratio and --flops-ratio")
+    check_order(order, flops_ratio)
     if flops_ratio is not None:
         if not 0 < flops_ratio < 1:
             raise TabpError(f"--flops-ratio {flops_ratio}: must be between 0 and 1")
-        budget = Budget(flops_ratio=flops_ratio, shares=tuple(shares))
+        budget = Budget(flops_ratio=flops_ratio, shares=tuple(shares), order=order)
         if not budget.met(candidates):
             raise TabpError(f"--flops-ratio {flops_ratio}: the {len(candidates)} candidate {what} "
                             f"hold only {budget.removed_flops(candidates):.3f} of the FLOPs")
