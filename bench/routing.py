@@ -484,6 +484,12 @@ STUDY_SETTINGS = {
     "pi-k8": ["--steps", "300", "--k", "8"],
     "pi-lm": ["--steps", "300", "--loss", "lm"],
     "pi-seed1": ["--steps", "300", "--seed", "1"],  # another 32 inputs, other gate noise
+    # sublayer units (56 gates: attention and MLP of blocks 1..28). k = 8 units is the share of
+    # k = 4 blocks (target 0.143); the fit removed 8 attention sublayers, 0.066 of the decode
+    # FLOPs against 4 blocks' 0.107 (an attention sublayer is 4/9 of an MLP's FLOPs), so k = 13
+    # (13 attentions: exactly 4 blocks' FLOPs) is the FLOPs-matched budget
+    "pi-sub8": ["--steps", "300", "--units", "sublayers", "--k", "8"],
+    "pi-sub13": ["--steps", "300", "--units", "sublayers", "--k", "13"],
 }
 
 
@@ -512,6 +518,11 @@ def l0_study(argv: list[str]) -> None:
                 "loadavg_before": [round(x, 2) for x in load_before],
                 "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
         (STUDY / f"{name}.meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    from tabp_vllm.flops import DecoderShape, removed_flops_fraction
+    from tabp_vllm.models import load_model_config, resolve_model
+    from tabp_vllm.sublayers import mask_units
+
+    shape = DecoderShape.from_config(load_model_config(resolve_model("llama")))
     rows = []
     for name in STUDY_SETTINGS:
         router = STUDY / f"{name}.json"
@@ -520,14 +531,22 @@ def l0_study(argv: list[str]) -> None:
         r = json.loads(router.read_text())
         rec = r["provenance"]["clusters"][0]
         meta = json.loads((STUDY / f"{name}.meta.json").read_text())
+        mask = r["clusters"][0]["mask"]
+        lists = [mask.get(key, []) for key in ("removed_layers", "removed_attention", "removed_mlp")]
         rows.append({"setting": name, "args": STUDY_SETTINGS[name], **meta,
-                     "removed": r["clusters"][0]["mask"]["removed_layers"],
+                     "units": r.get("units", "blocks"), "k": r["k"],
+                     "removed": lists[0], "removed_attention": lists[1], "removed_mlp": lists[2],
+                     # the share of a dense decode step's FLOPs (256 keys, LM head counted) the
+                     # mask removes: what compares a sublayer budget with a block budget
+                     "removed_flops_fraction": round(removed_flops_fraction(shape, mask_units(*lists)), 4),
                      **{k: rec.get(k) for k in ("steps", "converged", "unmet", "expected_sparsity",
                                                 "target", "lambda1", "lambda2", "loss", "loss_kind",
                                                 "margin", "kl", "wall_s", "forward_passes",
                                                 "backward_passes")}})
     doc = {"what": "one cluster: ARC-Easy train, seeded subset, k = 4 of the demo model's 28 "
-                   "candidate blocks (1..28), batch of --batch-size, route fit's other defaults",
+                   "candidate blocks (1..28) unless the row's args say otherwise (--k; --units "
+                   "sublayers: k of the 56 attention/MLP units of blocks 1..28), batch of "
+                   "--batch-size, route fit's other defaults",
            "samples": a.samples, "batch_size": a.batch_size, "rows": rows, "cpu": cpu_info(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     (STUDY / "study.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -536,6 +555,8 @@ def l0_study(argv: list[str]) -> None:
         print(f"{row['setting']:18s} steps {row['steps']:4d} converged {row['converged']!s:5s} "
               f"s {row['expected_sparsity']:.3f}/{row['target']:.3f} lambda1 {row['lambda1']:8.3f} "
               f"loss {row['loss']:.4f} KL {row['kl']:.4f} removed {row['removed']} "
+              f"attention {row['removed_attention']} MLP {row['removed_mlp']} "
+              f"FLOPs {row['removed_flops_fraction']:.3f} "
               f"{row['wall_s']:.0f} s (load {row['loadavg_before'][0]})")
 
 
