@@ -417,6 +417,7 @@ def test_fit_l0_tiny_llama_routes_each_kind_to_its_cluster(tmp_path, tiny_model_
         assert f["loss_kind"] == "kl" and f["target"] == 0.5 and 0 <= f["expected_sparsity"] <= 1
         assert {"lambda1", "lambda2", "loss", "margin", "kl"} <= set(f)
     assert p["wall_s"] > 0 and len(p["data_sha256"]) == 16 and p["seed"] == 0
+    assert p["convergence"]["multipliers"].startswith("PI controller")  # the default, as used
     assert back.params["steps"] == 6 and back.params["lr"] == 0.5 and back.params["loss"] == "kl"
     assert all(c["kl"] >= 0 for c in p["clusters"])
     # the fallback: fitted on all 16 inputs, radius = the 95th percentile distance

@@ -37,6 +37,9 @@ from tabp_vllm.routing.options import L0, RouteFitOptions
 from tabp_vllm.routing.router import Router, merge_variants, removed_units, route_text
 
 Progress = Callable[[str, int], Callable[[int], None]]
+# what provenance.convergence says of --multiplier (routing/l0.py: PIAscent, AdamAscent)
+MULTIPLIER_UPDATES = {"pi": "PI controller on lambda1, integral restarted on a sign change; lambda2 = 0",
+                      "adam": "Adam ascent on lambda1 and lambda2"}
 
 
 @dataclass
@@ -532,7 +535,7 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
                   "kmeans_clusters": o.clusters, "small_cluster_merges": small_merges,
                   "convergence": {"sparsity_tol": SPARSITY_TOL, "decided_margin": DECIDED_MARGIN,
                                   "flat_tol": FLAT_TOL, "min_window": MIN_WINDOW,
-                                  "multipliers": "Adam ascent"},
+                                  "multipliers": MULTIPLIER_UPDATES[o.multiplier]},
                   "hard_concrete": {"beta": hc.BETA, "l": hc.LIMIT_L, "r": hc.LIMIT_R,
                                     "log_alpha_limit": hc.LOG_ALPHA_LIMIT},
                   "merge": {"uses_mask_of": uses, "cost_kl": cost} if need_merge else None}
