@@ -7,6 +7,7 @@ commands (`route fit`, `score`, `eval`, `serve`, `bench`).
     python bench/routing.py load-share [--out DIR]   # the routing share of an existing load run
     python bench/routing.py fit-time [--clusters 4] [--k 4]
     python bench/routing.py l0-study [--only SETTING] [--summary-only]
+    python bench/routing.py sublayer-serve --router R.json [--limit 20]
 
 `report`: accuracy per task against the number of clusters N, for each k.
 - `route fit` on one mixed calibration set (train splits of the `--calib` tasks), for N in
@@ -490,6 +491,9 @@ STUDY_SETTINGS = {
     # (13 attentions: exactly 4 blocks' FLOPs) is the FLOPs-matched budget
     "pi-sub8": ["--steps", "300", "--units", "sublayers", "--k", "8"],
     "pi-sub13": ["--steps", "300", "--units", "sublayers", "--k", "13"],
+    # k = 8 blocks remove 0.214: 26 attentions, or fewer units once MLPs go (the k = 13 fit took
+    # one whole block); 20 units is a guess at the FLOPs-matched budget, its FLOPs recorded
+    "pi-sub20": ["--steps", "300", "--units", "sublayers", "--k", "20"],
 }
 
 
@@ -587,8 +591,68 @@ def plot_study(rows: list[dict]) -> None:
     plt.close(fig)
 
 
+# Prompts for the served sublayer router: ARC-Easy-like and PIQA-like questions, as `eval` asks
+SERVE_PROMPTS = ["Question: Which gas do plants take in from the air to make their food?\nAnswer:",
+                 "Question: What happens to water when it is cooled below 0 degrees Celsius?\nAnswer:",
+                 "Question: How do I keep a cut apple from turning brown?\nAnswer:",
+                 "Question: How can I open a jar whose lid is stuck?\nAnswer:"]
+
+
+def sublayer_serve(argv: list[str]) -> None:
+    """Serve a fitted sublayer router once, end to end: `serve --no-dense --router R` (its startup
+    table), /v1/models, one request per prompt to the routed name (the x-tabp-* headers against the
+    cluster the router gives the prompt here), then `eval --router R` on a few documents. Wall
+    times and what was seen into OUT/serve_e2e.json; the logs beside it."""
+    import urllib.request
+
+    from tabp_vllm.routing.router import load_router, route_input
+    from tabp_vllm.serve.launcher import ServeProcess
+    from tabp_vllm.serve.options import ServeOptions
+
+    ap = argparse.ArgumentParser(prog="routing.py sublayer-serve", description=sublayer_serve.__doc__)
+    ap.add_argument("--router", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=STUDY / "serve")
+    ap.add_argument("--tasks", default="tabp_arc_easy,tabp_piqa")
+    ap.add_argument("--limit", type=int, default=20)
+    a = ap.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    router = load_router(a.router)
+    expected = route_input(router, SERVE_PROMPTS)
+    res: dict = {"router": str(a.router), "units": router.units, "k": router.k,
+                 "cpu": cpu_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "requests": []}
+    opts = ServeOptions(model="llama", dense=False, router=str(a.router),
+                        port=free_port(8040, 8080), metrics_port=free_port(8080, 8100),
+                        engine={"kv_cache_gib": 0.25})
+    server = ServeProcess(opts, a.out / "serve.log")
+    t0 = time.time()
+    with server:
+        res["serve_ready_s"] = round(time.time() - t0, 1)
+        res["startup_table"] = server.log_text()
+        with urllib.request.urlopen(server.base_url + "/v1/models") as r:
+            res["models"] = json.loads(r.read())["data"]
+        for prompt, cluster in zip(SERVE_PROMPTS, expected):
+            body = json.dumps({"model": server.routed_name, "prompt": prompt, "max_tokens": 12,
+                               "temperature": 0}).encode()
+            req = urllib.request.Request(server.base_url + "/v1/completions", body,
+                                         {"Content-Type": "application/json"})
+            t1 = time.time()
+            with urllib.request.urlopen(req) as r:
+                out = json.loads(r.read())
+                headers = {k: v for k, v in r.headers.items() if k.lower().startswith("x-tabp")}
+            res["requests"].append({"prompt": prompt, "cluster_here": cluster, "headers": headers,
+                                    "model": out["model"], "text": out["choices"][0]["text"],
+                                    "wall_s": round(time.time() - t1, 2)})
+    res["serve_total_s"] = round(time.time() - t0, 1)
+    cmd = CLI + ["eval", "--router", str(a.router), "--no-dense", "--task", a.tasks,
+                 "--limit", str(a.limit), "--kv-cache-gib", "0.25", "-o", str(a.out / "eval.json")]
+    res["eval_command"] = " ".join(["tabp-vllm"] + cmd[3:])
+    res["eval_wall_s"] = round(run(cmd, a.out / "eval.log"), 1)
+    (a.out / "serve_e2e.json").write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in res.items() if k not in ("startup_table", "models")}, indent=2))
+
+
 COMMANDS = {"report": report, "load": load, "load-share": load_share, "fit-time": fit_time,
-            "l0-study": l0_study}
+            "l0-study": l0_study, "sublayer-serve": sublayer_serve}
 
 if __name__ == "__main__":
     if sys.argv[1:2] not in ([c] for c in COMMANDS):  # none or an unknown one: the overview
