@@ -21,15 +21,24 @@ the target "per-variant RSS <= weights + KV + 0.6 GiB" and the table docs/servin
 `weights` builds the real vLLM engine for dense and each mask, one at a time, and records what
 the loader materialised (weight bytes, in the engine's dtype), the decoder depth the engine built,
 and the engine worker's resident memory: OUT/weight_memory.{json,md}.
+
+`phases` builds one engine as `serve` does (`engine_args_for`: bf16, eager, explicit KV cache), in
+this process (engine core and worker in-process), and reads this process' memory
+(/proc/self/smaps_rollup and glibc's mallinfo2) at each phase: after import, around the tokenizer,
+around the weight load and the CPU GEMM packing (`process_weights_after_loading`), around the KV
+cache allocation, once the engine is ready, after rounds of requests, and after `malloc_trim(0)`
+(what glibc held freed but unreturned): OUT/engine_phases.json, one entry per --name.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
 import platform
+import random
 import sys
 import time
 from pathlib import Path
@@ -80,13 +89,13 @@ def summarize(snap: dict, weights: dict[str, int], kv_bytes: int) -> dict:
 
 
 def run_setting(name: str, env: dict[str, str], options: dict, masks: list[Path], kv_gib: float,
-                log_dir: Path) -> dict:
+                log_dir: Path, model: str = "llama") -> dict:
     """One server with this setting: ready time, then every process' memory."""
     from tabp_vllm.process import free_port
     from tabp_vllm.serve.launcher import ServeProcess
     from tabp_vllm.serve.options import ServeOptions
 
-    doc = {"model": "llama", "port": free_port(8040, 8080), "metrics_port": free_port(8080, 8100),
+    doc = {"model": model, "port": free_port(8040, 8080), "metrics_port": free_port(8080, 8100),
            "memory_check": False, "variants": [{"mask": str(m)} for m in masks],
            "engine": {"kv_cache_gib": kv_gib, "max_model_len": 512}}
     for section, values in options.items():
@@ -141,7 +150,9 @@ def markdown_table(doc: dict) -> str:
 def serve(argv: list[str]) -> None:
     """Memory of `tabp-vllm serve` per process and per variant, one server per setting."""
     ap = argparse.ArgumentParser(prog="memory.py serve", description=serve.__doc__)
-    ap.add_argument("--pruned", type=int, default=2, help="pruned variants besides dense")
+    ap.add_argument("--model", default="llama")
+    ap.add_argument("--pruned", type=int, default=2,
+                    help="pruned variants besides dense (the demo model's blocks 26-29, 24-27, ...)")
     ap.add_argument("--kv-cache-gib", type=float, default=0.25)
     ap.add_argument("--setting", action="append", default=[], help=(
         "NAME or NAME:KEY=VAL,KEY=VAL: engine.KEY / request_path.KEY serve options, other keys "
@@ -152,7 +163,9 @@ def serve(argv: list[str]) -> None:
     from tabp_vllm.mask import make_mask
     from tabp_vllm.models import resolve_model
 
-    model = resolve_model("llama")
+    if args.pruned and args.model != "llama":
+        raise SystemExit("--pruned masks are the demo model's blocks: use --pruned 0 with --model")
+    model = resolve_model(args.model)
     work = Path(__file__).resolve().parent / "results" / "logs" / "serve_memory"  # git-ignored
     work.mkdir(parents=True, exist_ok=True)
     masks = [make_mask(model, list(range(26 - 2 * i, 30 - 2 * i)), task=f"m{i}", model_id="llama")
@@ -160,7 +173,7 @@ def serve(argv: list[str]) -> None:
     results = []
     for s in args.setting or ["default"]:
         name, env, options = parse_setting(s)
-        res = run_setting(name, env, options, masks, args.kv_cache_gib, work)
+        res = run_setting(name, env, options, masks, args.kv_cache_gib, work, args.model)
         res["engine"] = options.get("engine", {})
         results.append(res)
         for v, m in res["variants"].items():
@@ -169,7 +182,7 @@ def serve(argv: list[str]) -> None:
                   + " ".join(f"{k}={x:.2f}" for k, x in m["by_role_rss_gib"].items()), flush=True)
         print(f"{name:>14} app: " + " ".join(f"{k}={x:.2f}" for k, x in res["app_rss_gib"].items())
               + f"  total PSS {res['total_pss_gib']:.2f} GiB, ready in {res['ready_s']} s", flush=True)
-    doc = {"cpu": cpu_info(), "machine_memory_gib": psutil.virtual_memory().total / GiB,
+    doc = {"model": args.model, "cpu": cpu_info(), "machine_memory_gib": psutil.virtual_memory().total / GiB,
            "kv_cache_gib": args.kv_cache_gib, "target": f"per-variant RSS <= weights + KV cache + "
            f"{TARGET_OVERHEAD_GIB} GiB", "results": results}
     prev = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -239,7 +252,136 @@ def weights(argv: list[str]) -> None:
     print("\n".join(lines))
 
 
-COMMANDS = {"serve": serve, "weights": weights}
+# ----------------------------------------------------------------------------------- phases
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                               "usmblks", "fsmblks", "uordblks", "fordblks",
+                                               "keepcost")]
+
+
+_LIBC = ctypes.CDLL(None)
+_LIBC.mallinfo2.restype = _MallInfo2
+
+
+def memory_reading(label: str) -> dict:
+    """This process' memory now: smaps_rollup (RSS, PSS, anonymous, USS) and glibc's heap: in use
+    by malloc (`malloc_used`: small blocks in its arenas + its own mmaps) and held free in the
+    arenas (`malloc_free`: freed, not returned to the OS)."""
+    rollup = {}
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
+        key, value = line.split(":", 1)
+        rollup[key] = int(value.split()[0]) * 1024
+    mi = _LIBC.mallinfo2()
+    out = {"phase": label, "rss": rollup["Rss"], "pss": rollup["Pss"], "anon": rollup["Anonymous"],
+           "uss": rollup["Private_Clean"] + rollup["Private_Dirty"],
+           "file": rollup["Rss"] - rollup["Anonymous"],
+           "malloc_used": mi.uordblks + mi.hblkhd, "malloc_free": mi.fordblks,
+           "malloc_mmapped": mi.hblkhd}
+    print(f"{label:>28}: " + " ".join(f"{k} {v / GiB:.3f}" for k, v in out.items() if k != "phase"),
+          flush=True)
+    return out
+
+
+def _around(owner, attr: str, label: str, readings: list[dict]) -> None:
+    """Wrap owner.attr so that a reading is taken before and after each call."""
+    inner = getattr(owner, attr)
+
+    def wrapped(*a, **kw):
+        readings.append(memory_reading(f"before {label}"))
+        try:
+            return inner(*a, **kw)
+        finally:
+            readings.append(memory_reading(f"after {label}"))
+    setattr(owner, attr, wrapped)
+
+
+def phases(argv: list[str]) -> None:
+    """One engine as serve builds it, in this process, its memory read at each phase."""
+    ap = argparse.ArgumentParser(prog="memory.py phases", description=phases.__doc__)
+    ap.add_argument("--model", default="llama")
+    ap.add_argument("--mask", type=Path, default=None, help="a mask file (default: dense)")
+    ap.add_argument("--name", default=None, help="entry name (default: model, or model-mask)")
+    ap.add_argument("--kv-cache-gib", type=float, default=0.5)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of requests")
+    ap.add_argument("--batch", type=int, default=16, help="requests per round (serve's concurrency)")
+    ap.add_argument("--out", type=Path, default=OUT / "engine_phases.json")
+    args = ap.parse_args(argv)
+    readings = [memory_reading("after python start")]
+
+    import torch
+    import vllm
+    from vllm.model_executor.model_loader import base_loader
+    from vllm.v1.worker import cpu_worker
+
+    from tabp_vllm.engine import build_llm, engine_model_stats
+    from tabp_vllm.flops import Kept
+    from tabp_vllm.mask import load_mask
+    from tabp_vllm.memory import engine_needs
+    from tabp_vllm.models import load_model_config, resolve_model
+
+    readings.append(memory_reading("after import torch, vllm"))
+    model = resolve_model(args.model)
+    mask = load_mask(args.mask, model) if args.mask else None
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(model)
+    readings.append(memory_reading("after a tokenizer"))
+    _around(cpu_worker.CPUWorker, "load_model", "model load", readings)
+    _around(base_loader, "process_weights_after_loading", "GEMM packing", readings)
+    _around(cpu_worker.CPUWorker, "initialize_from_config", "KV cache", readings)
+    llm = build_llm(model, mask, kv_cache_gib=args.kv_cache_gib)
+    readings.append(memory_reading("engine ready"))
+    stats = engine_model_stats(llm)
+
+    # serve's load: random-token prompts of ~128 tokens, 32 output tokens, `batch` at a time
+    rng = random.Random(0)
+    vocab = load_model_config(model)["vocab_size"]
+    params = vllm.SamplingParams(max_tokens=32, ignore_eos=True, temperature=0)
+    for r in range(args.rounds):
+        prompts = [{"prompt_token_ids": [rng.randrange(100, vocab - 100)
+                                         for _ in range(rng.randint(64, 192))]}
+                   for _ in range(args.batch)]
+        llm.generate(prompts, params, use_tqdm=False)
+        readings.append(memory_reading(f"after request round {r + 1}"))
+    gc.collect()
+    _LIBC.malloc_trim(0)
+    readings.append(memory_reading("after gc + malloc_trim"))
+
+    kept = Kept.of_mask(mask) if mask else stats["num_layers"]
+    need = engine_needs(model, {"x": kept}, gpu=False)[0]
+    name = args.name or (f"{args.model}-{args.mask.stem}" if args.mask else args.model)
+    entry = {"model": args.model, "mask": str(args.mask) if args.mask else None,
+             "torch": torch.__version__, "vllm": vllm.__version__,
+             "kv_cache_gib": args.kv_cache_gib, "rounds": args.rounds, "batch": args.batch,
+             "weight_bytes_loaded": stats["weight_bytes"], "weight_bytes_model": need.weight_bytes,
+             "num_layers": stats["num_layers"], "readings": readings}
+    doc = json.loads(args.out.read_text()) if args.out.exists() else {}
+    doc.setdefault("cpu", cpu_info())
+    doc.setdefault("entries", {})[name] = entry
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(phases_table(doc))
+    print(f"wrote {args.out} and its .md [{name}]")
+
+
+def phases_table(doc: dict) -> str:
+    """Anonymous memory (GiB) at each phase, one column per entry, and the free chunks glibc's
+    malloc holds in its arenas (freed by the program, not returned to the OS)."""
+    names = list(doc["entries"])
+    phases = [r["phase"] for r in doc["entries"][names[0]]["readings"]]
+    rows = ["| phase (anonymous GiB / glibc's free chunks) | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names)]
+    for i, ph in enumerate(phases):
+        cells = [f"{e['readings'][i]['anon'] / GiB:.3f} / {e['readings'][i]['malloc_free'] / GiB:.3f}"
+                 for e in doc["entries"].values()]
+        rows.append(f"| {ph} | " + " | ".join(cells) + " |")
+    rows.append("| weights (the loader's bytes) | " + " | ".join(
+        f"{e['weight_bytes_loaded'] / GiB:.3f}" for e in doc["entries"].values()) + " |")
+    return "\n".join(rows) + "\n"
+
+
+COMMANDS = {"serve": serve, "weights": weights, "phases": phases}
 
 if __name__ == "__main__":
     if sys.argv[1:2] not in ([c] for c in COMMANDS):  # none or an unknown one: the overview

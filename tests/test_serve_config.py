@@ -184,8 +184,11 @@ def test_memory_estimate_and_refusal_before_ray(two_masks, monkeypatch):
     spec = build_spec(task_mask=list(two_masks), kv_cache_gib=0.5, dtype="float32")
     need, per = spec.cpu_memory_estimate()
     assert list(per) == ["llama", "llama-gsm8k", "llama-arc"]
-    # the dense demo model in float32: 134.5M parameters (tied head) = 0.50 GiB
-    assert per["llama"] == pytest.approx((0.501 + 0.5 + CPU_ENGINE_OVERHEAD_GIB) * GiB, rel=1e-2)
+    # the dense demo model in float32: 134.5M parameters (tied head) = 0.50 GiB; + the packed
+    # embedding and head (2 x 49,152 x 576 x 4 bytes) and the tokenizers (4 x 800 x 49,152 bytes)
+    extra = (2 * 49152 * 576 * 4 + 4 * 800 * 49152) / GiB
+    assert per["llama"] == pytest.approx((0.501 + 0.5 + extra + CPU_ENGINE_OVERHEAD_GIB) * GiB,
+                                         rel=1e-2)
     assert per["llama"] > per["llama-gsm8k"] > per["llama-arc"]      # fewer blocks, fewer bytes
     assert need == int(CPU_APP_OVERHEAD_GIB * GiB) + sum(per.values())
     check_memory(spec, available_bytes=need + 1)
@@ -197,7 +200,7 @@ def test_memory_estimate_and_refusal_before_ray(two_masks, monkeypatch):
                       cpu_engine_in_replica=True)
     lean_need, lean_per = lean.cpu_memory_estimate()
     assert lean_per["llama"] == pytest.approx(
-        (0.501 + 0.5 + CPU_ENGINE_IN_REPLICA_OVERHEAD_GIB) * GiB, rel=1e-2)
+        (0.501 + 0.5 + extra + CPU_ENGINE_IN_REPLICA_OVERHEAD_GIB) * GiB, rel=1e-2)
     assert lean_need < need
     with pytest.raises(TabpError, match=r"serve fewer variants or lower --kv-cache-gib$"):
         check_memory(lean, available_bytes=3 * GiB)
