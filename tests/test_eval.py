@@ -174,14 +174,19 @@ def test_eval_survives_a_killed_child_and_a_teardown_crash(monkeypatch, capsys, 
 def test_eval_router_routes_each_item_by_its_question(tmp_path, demo_model):
     """`eval --router`: every document routed by its question alone, each distinct mask run by
     lm-eval on its own documents, the per-document values pooled (equal to lm-eval's own
-    per-run aggregates, weighted by their document counts)."""
+    per-run aggregates, weighted by their document counts). The router is a sublayer router
+    (k = 10 units: 4 blocks and 2 attention or 2 MLP sublayers), as `route fit --units
+    sublayers` writes, so its masks run on the sublayer engine path."""
     from routers import MIXED_MCQA, build_two_kind_router
 
     from tabp_vllm.lmeval_tasks import load_task_object
     from tabp_vllm.routing.router import open_encoder, route_input
 
     router = build_two_kind_router(demo_model, {"arithmetic": [20, 21, 22, 23],
-                                                "commonsense": [10, 11, 12, 13]}, tmp_path / "mix.json")
+                                                "commonsense": [10, 11, 12, 13]}, tmp_path / "mix.json",
+                                   sublayers={"arithmetic": {"removed_attention": [5, 6]},
+                                              "commonsense": {"removed_mlp": [5, 6]}})
+    assert router.units == "sublayers" and router.k == 10
     data = tmp_path / "mixed.jsonl"
     data.write_text("".join(json.dumps(item) + "\n" for item in MIXED_MCQA))
     out = tmp_path / "routed.json"
@@ -202,8 +207,11 @@ def test_eval_router_routes_each_item_by_its_question(tmp_path, demo_model):
     assert routed["cluster_mix"]["mixed"] == {"0": 3, "1": 3}
     assert len(routed["runs"]) == 2
     for run in routed["runs"]:
-        assert run["removed_layers"] == router.masks[run["clusters"][0]].removed_layers
+        mask = router.masks[run["clusters"][0]]
+        assert (run["removed_layers"], run["removed_attention"], run["removed_mlp"]) == \
+            (mask.removed_layers, mask.removed_attention, mask.removed_mlp)
         assert run["docs"]["mixed"] == 3
+    assert routed["router"]["units"] == "sublayers"
     # pooled = lm-eval's per-run means weighted by their document counts
     for metric in ("acc", "acc_norm"):
         pooled = routed["results"]["mixed"][metric]
@@ -212,3 +220,5 @@ def test_eval_router_routes_each_item_by_its_question(tmp_path, demo_model):
                        for run in routed["runs"]) / 6
         assert pooled["value"] == pytest.approx(weighted)
     assert "routed (2 clusters)" in r.output and "documents per cluster" in r.output
+    # k counts units: the table says so rather than "blocks kept 20/30"
+    assert "50/60 sublayers" in r.output

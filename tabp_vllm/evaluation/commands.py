@@ -103,9 +103,12 @@ def run_eval(o: EvalOptions) -> None:
                               f"{err:.4f}" if isinstance(err, float) else "-",
                               str(r["n-samples"][t]["effective"]))
     if routed is not None:
+        # a sublayer router's k counts attention/MLP units, and its masks keep different blocks
+        kept = (f"{2 * total - router.k}/{2 * total} sublayers" if router.units == "sublayers"
+                else f"{total - router.k}/{total}")
         for t in tasks:
             for metric, m in routed["results"][t].items():
-                table.add_row(f"routed ({router.num_clusters} clusters)", f"{total - router.k}/{total}",
+                table.add_row(f"routed ({router.num_clusters} clusters)", kept,
                               t, metric, f"{m['value']:.4f}", f"{m['stderr']:.4f}", str(m["n"]))
     Console(width=None if sys.stdout.isatty() else 150).print(table)  # a log: no wrapped cells
     if routed is not None:

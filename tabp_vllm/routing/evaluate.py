@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-from tabp_vllm.routing.router import FALLBACK, Router
+from tabp_vllm.routing.router import FALLBACK, Router, removed_text
 
 
 def cluster_name(c: int) -> str:
@@ -76,12 +76,13 @@ def evaluate_routed(model_path: str, router: Router, encoder, tasks: list[str], 
         path = mask.save(workdir / f"router-mask-{j}.json")
         mix = ", ".join(f"{t} {len(ids)}" for t, ids in group["docs"].items())
         say(f"evaluating the mask of cluster(s) {','.join(map(cluster_name, group['clusters']))} "
-            f"(removes {mask.removed_layers}) on its documents: {mix} ...")
+            f"(removes {removed_text(mask)}) on its documents: {mix} ...")
         r = run_variant(model_path, list(group["docs"]), str(path), samples=group["docs"])
         for t, rows in r["samples"].items():
             for row in rows:
                 per_task_docs[t][row["doc_id"]] = row["metrics"]
         runs.append({"clusters": group["clusters"], "removed_layers": mask.removed_layers,
+                     "removed_attention": mask.removed_attention, "removed_mlp": mask.removed_mlp,
                      "docs": {t: len(ids) for t, ids in group["docs"].items()},
                      "results": r["results"], "requests": r.get("requests")})
     results = {}
@@ -98,6 +99,6 @@ def evaluate_routed(model_path: str, router: Router, encoder, tasks: list[str], 
                         for i in sorted(per_task_docs[t])] for t in tasks}
     return {"results": results, "cluster_mix": mix, "runs": runs, "per_document": per_document,
             "router": {"hash": router.content_hash(), "clusters": router.num_clusters,
-                       "k": router.k, "method": router.method,
+                       "k": router.k, "units": router.units, "method": router.method,
                        "encoder": router.encoder.get("id"),
                        "fallback_radius": router.fallback.radius if router.fallback else None}}
