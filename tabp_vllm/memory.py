@@ -190,8 +190,8 @@ def cpu_extra_bytes(config: dict[str, Any], nbytes: int) -> int:
 # inside the replica (`cpu_engine_in_replica`): 1.42 ("in-replica"), 0.67 beyond. What it holds:
 # two Pythons with torch, vLLM and Ray imported (~0.5 GiB anonymous each before any model), the
 # allocator's free-but-held memory (malloc_trim returned 0.19 GiB of an engine after a few
-# requests). Checked on qwen1.5b (0.5 GiB KV cache): 6.38 GiB estimated, 6.60 measured
-# (bench/results/memory/serve_memory_qwen1.5b.json).
+# requests). Checked on qwen1.5b (0.5 GiB KV cache): 6.38 GiB estimated, 6.60 measured; 5.83 and
+# 5.93 in the replica (bench/results/memory/serve_memory_qwen1.5b.json).
 CPU_ENGINE_OVERHEAD_GIB = 1.25
 CPU_ENGINE_IN_REPLICA_OVERHEAD_GIB = 0.7
 # Once per app: driver, Ray's GCS, raylet, agents, the Serve controller, proxy and ingress
