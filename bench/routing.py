@@ -59,6 +59,20 @@ CLI = [sys.executable, "-m", "tabp_vllm"]
 EVAL_OF = {"arc_easy": "tabp_arc_easy", "piqa": "tabp_piqa", "boolq": "tabp_boolq"}
 
 
+# Sublayer units per k of whole blocks for the report's L0 sublayer rows: a unit budget is not a
+# FLOPs budget (the gates take cheap attention sublayers first: 2k units removed 0.066 of the
+# decode FLOPs where 4 blocks remove 0.107). These are the budgets whose fits landed nearest the
+# blocks' FLOPs in the L0 study (l0_study/, pi-sub13: 0.117 vs 0.107; pi-sub20: 0.226 vs 0.214).
+SUBLAYER_K = {4: 13, 8: 20}
+
+
+def sublayer_k(k: int) -> int:
+    if k not in SUBLAYER_K:
+        sys.exit(f"--units sublayers: no measured sublayer budget for k = {k} (SUBLAYER_K: "
+                 f"{', '.join(map(str, SUBLAYER_K))}); fit one in the L0 study first")
+    return SUBLAYER_K[k]
+
+
 def run(cmd: list[str], log: Path) -> float:
     t0 = time.time()
     with open(log, "a") as f:
@@ -81,7 +95,7 @@ def report(argv: list[str]) -> None:
                     help="L0 step cap per cluster (default: route fit's; the committed report: 24)")
     ap.add_argument("--losses", default="kl", help="L0 losses to fit: kl, lm or kl,lm")
     ap.add_argument("--units", default="blocks", help="L0 units: blocks, sublayers or both "
-                    "(sublayers: --k counts sublayers, 2 per block at the same k of blocks)")
+                    "(sublayers: SUBLAYER_K's units for each k of blocks, near its FLOPs)")
     ap.add_argument("--seeds", default="0", help="fit seeds (route fit --seed), e.g. 0,1,2")
     ap.add_argument("--limit", type=int, default=100,
                     help="evaluation documents per task (0: the whole evaluation split)")
@@ -92,6 +106,9 @@ def report(argv: list[str]) -> None:
     if a.report_only:
         write_report(json.loads((a.out / "routing.json").read_text()), a.out)
         return
+    if "sublayers" in a.units.split(","):
+        for k in a.ks.split(","):  # an unmeasured k stops here, before anything runs
+            sublayer_k(int(k))
     out, log = a.out, a.out / "run.log"
     out.mkdir(parents=True, exist_ok=True)
     (out / "routers").mkdir(exist_ok=True)
@@ -152,13 +169,14 @@ def report(argv: list[str]) -> None:
                      else ["--seed", str(seed)])
             run(CLI + ["route", "fit", "--model", "llama", *sum((["--task", t] for t in calib), []),
                        "--samples", str(a.samples),
-                       "--k", str(2 * k if units == "sublayers" else k),
+                       "--k", str(sublayer_k(k) if units == "sublayers" else k),
                        *(["--steps", str(a.steps)] if a.steps else []),
                        "--clusters", str(n), "--mask-method", method, *extra, "-o", str(router)], log)
         r = json.loads(router.read_text())
         fit_s = r["provenance"]["wall_s"]  # the fit as the router records it (model load excluded)
         evaluate(config, k, n, ["--no-dense", "--router", str(router)], fit_s,
-                 {"distinct_masks": len({json.dumps(c["mask"]["removed_layers"]) for c in r["clusters"]}),
+                 {"distinct_masks": len({json.dumps([c["mask"].get(key) for key in (
+                     "removed_layers", "removed_attention", "removed_mlp")]) for c in r["clusters"]}),
                   "passes": {key: r["provenance"].get(key) for key in
                              ("forward_passes", "backward_passes")}})
 
