@@ -512,6 +512,7 @@ STUDY_SETTINGS = {
     # k = 8 blocks remove 0.214: 26 attentions, or fewer units once MLPs go (the k = 13 fit took
     # one whole block); 20 units is a guess at the FLOPs-matched budget, its FLOPs recorded
     "pi-sub20": ["--steps", "300", "--units", "sublayers", "--k", "20"],
+    "pi-sub13-seed1": ["--steps", "300", "--units", "sublayers", "--k", "13", "--seed", "1"],
 }
 
 
@@ -591,6 +592,8 @@ def plot_study(rows: list[dict]) -> None:
     from tabp_vllm.routing.curves import load_curves
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for ax in axes:  # more settings than the default cycle's 10 colours
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for row in rows:
         c = load_curves(STUDY / f"{row['setting']}.json")["curves"][0]
         steps = range(1, len(c["loss"]) + 1)
