@@ -214,8 +214,11 @@ class Report:
         self.cache = json.loads(self.cache_path.read_text()) if self.cache_path.exists() else {}
         old = json.loads(self.doc_path.read_text()) if self.doc_path.exists() else {}
         # masks are named by configuration, calibration, seed and k: a resumed run must draw
-        # its calibration sets as the run that made them did
+        # its calibration sets as the run that made them did. --limit shapes evaluations only,
+        # so it binds only once OUT holds some (a score-only run's masks serve any --limit)
         for name in ("samples", "sleb_samples", "limit", "model", "arc_easy_split"):
+            if name == "limit" and not self.cache:
+                continue
             was = old.get("args", {}).get(name, getattr(args, name))
             if was != getattr(args, name):
                 raise TabpError(f"{out} was made with --{name.replace('_', '-')} {was}; "

@@ -158,6 +158,13 @@ def test_model_and_arc_easy_split_are_recorded_and_a_resume_must_match(cv2, tmp_
     assert (tmp_path / "report.md").read_text().startswith("# TaBP vs baselines on qwen1.5b")
     with pytest.raises(TabpError, match="--model qwen1.5b"):
         cv2.Report(tmp_path, argparse.Namespace(**base))  # the default model, llama
+    # --limit shapes evaluations only: masks scored without one serve a run with one, but
+    # once OUT holds evaluations a resume must keep it
+    qwen = dict(base, model="qwen1.5b", arc_easy_split="test")
+    assert cv2.Report(tmp_path, argparse.Namespace(**dict(qwen, limit=400))).args.limit == 400
+    (tmp_path / "eval_cache.json").write_text('{"tabp_piqa|": {"n": 5}}\n')
+    with pytest.raises(TabpError, match="--limit 5"):
+        cv2.Report(tmp_path, argparse.Namespace(**dict(qwen, limit=400)))
 
 
 def test_hierarchical_bootstrap_carries_seed_variance():
