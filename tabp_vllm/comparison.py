@@ -269,15 +269,15 @@ class Report:
             self.sublayer_masks(config, calib, seed, todo)
         elif todo:
             method = get_method(CONFIGS[config]["method"])
+            # score_run writes its own mask and saves the report; the smaller k of a method that
+            # ranks every k are prefixes of its ranking
             for kk in [max(todo)] if method.ranks_all_k else todo:
                 run = self.score_run(config, calib, seed, self.mask_path(config, calib, seed, kk),
                                      k=kk, at=kk, **CONFIGS[config])
-                for k in todo if method.ranks_all_k else []:  # the smaller k: prefixes of its ranking
-                    if k != kk:
-                        score_to_mask(resolve_model(self.model), result_for_k(run, k), task=calib,
-                                      model_id=alias_of(self.model)).save(
-                            self.mask_path(config, calib, seed, k))
-                self.save()
+                for k in [k for k in todo if k != kk] if method.ranks_all_k else []:
+                    score_to_mask(resolve_model(self.model), result_for_k(run, k), task=calib,
+                                  model_id=alias_of(self.model)).save(
+                        self.mask_path(config, calib, seed, k))
         return {k: (variant_of(load_mask(self.mask_path(config, calib, seed, k))),
                     self.mask_path(config, calib, seed, k)) for k in ks}
 
