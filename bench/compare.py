@@ -30,7 +30,9 @@ that the first results are the ones the goal needs: seed by seed, the paper prot
 evaluations to a later run. `--configs` names what a run scores and evaluates; the report always
 also shows the reference (`tabp`) with what earlier runs made of it, so two runs can split the
 configurations between them (each with its own `--out`, caches merged afterwards);
-`--report-only` then rewrites the report from what OUT has, scoring and evaluating nothing.
+`--report-only` then rewrites the report from what OUT has, scoring and evaluating nothing. Every
+run evaluates the dense model (cached as "lm-eval task|", nothing removed); `--configs dense`
+evaluates only it, scoring no mask.
 
     python bench/compare.py --tasks arc_easy,piqa --seeds 0 --out bench/results/compare_v2
     # quick smoke run:
@@ -44,7 +46,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from tabp_vllm.comparison import CONFIGS, LM_TASK, REFERENCE, SEEDLESS, SUBLAYER, Report, same_as_paper
+from tabp_vllm.comparison import (CONFIGS, DENSE, LM_TASK, REFERENCE, SEEDLESS, SUBLAYER, Report,
+                                  same_as_paper)
 from tabp_vllm.errors import TabpError
 
 def main() -> None:
@@ -53,7 +56,8 @@ def main() -> None:
     ap.add_argument("--tasks", type=csv(str), default=["arc_easy", "piqa", "arc_challenge", "boolq"])
     ap.add_argument("--configs", type=csv(str), default=[c for c in CONFIGS if c not in SUBLAYER],
                     help="configurations (default: every whole-block one); sublayer ones (-sub-) "
-                         "make a sublayer report against --blocks-from")
+                         "make a sublayer report against --blocks-from; every run evaluates the "
+                         f"dense model, '{DENSE}' alone evaluates only it")
     ap.add_argument("--protocols", type=csv(str), default=["paper", "per-task"])
     ap.add_argument("--ks", type=csv(int), default=[4, 8])
     ap.add_argument("--seeds", type=csv(int), default=[0, 1, 2])
@@ -74,10 +78,14 @@ def main() -> None:
                     help="score and evaluate nothing: rewrite the report from the masks and "
                          "evaluations OUT already has (e.g. after merging side runs)")
     a = ap.parse_args()
-    bad = ([t for t in a.tasks if t not in LM_TASK] + [c for c in a.configs if c not in CONFIGS]
+    bad = ([t for t in a.tasks if t not in LM_TASK]
+           + [c for c in a.configs if c not in CONFIGS and c != DENSE]
            + [p for p in a.protocols if p not in ("paper", "per-task")])
     if bad:
         sys.exit(f"error: unknown task, configuration or protocol: {', '.join(bad)}")
+    # dense is no mask: every run evaluates it (`needed` below), so the name selects nothing
+    # more, and `--configs dense` alone evaluates the dense model only
+    a.configs = [c for c in a.configs if c != DENSE]
     asked = list(a.configs)  # what this run scores and evaluates; the report also shows the
     if REFERENCE not in a.configs:  # reference, with whatever of it earlier runs made
         a.configs.insert(0, REFERENCE)

@@ -67,6 +67,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
                                 "units": "attention", "block_range": "1:30"},
 }
 REFERENCE = "tabp"
+# not a mask: the `--configs` name of the dense model alone. Every run evaluates dense (each
+# configuration is measured against it); naming only this one evaluates nothing else
+DENSE = "dense"
 SUBLAYER = {c for c, spec in CONFIGS.items() if spec.get("granularity") == "sublayer"}
 # methods whose score of a unit does not depend on which units are candidates (TaBP's per-unit
 # aggregate of the early-exit shift; the similarity of a unit's input and output): one scoring run

@@ -188,3 +188,48 @@ def test_hierarchical_bootstrap_carries_seed_variance():
     assert same["interval"] == pytest.approx(one["interval"], abs=0.02)
     with pytest.raises(ValueError, match="documents"):
         hierarchical_bootstrap(seeds, static[:10])
+
+
+def test_configs_dense_evaluates_only_the_dense_model_once(cv2, tmp_path, monkeypatch, demo_model):
+    """`bench/compare.py --configs dense`: one evaluation of the dense model (no mask, cached under
+    compare_v2's dense key "lm-eval task|"), no mask scored; a rerun evaluates nothing. Selection
+    only: the evaluator is a fake recording what it is asked."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "compare.py"
+    spec = importlib.util.spec_from_file_location("compare", path)
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    asked = []
+
+    def fake_evaluate(model, tasks, mask, limit=None):
+        asked.append((tasks, mask))
+        return {"samples": {t: [{"doc_id": i, "metrics": {"acc": 1.0, "acc_norm": float(i % 2)}}
+                                for i in range(limit)] for t in tasks}}
+
+    def no_masks(*_):
+        raise AssertionError("--configs dense asked for a mask")
+
+    monkeypatch.setattr("tabp_vllm.evaluation.evaluate.evaluate_variant", fake_evaluate)
+    monkeypatch.setattr(cv2.Report, "masks", no_masks)
+    monkeypatch.setattr(cv2, "task_answers", lambda task, limit: ([0, 1] * (limit // 2), [2] * limit))
+    argv = ["compare.py", "--configs", "dense", "--tasks", "arc_easy,piqa", "--protocols", "paper",
+            "--ks", "4", "--seeds", "0", "--limit", "4", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    compare.main()
+    assert asked == [(["tabp_arc_easy_validation", "tabp_piqa"], None)]  # one engine, no mask
+    cache = json.loads((tmp_path / "eval_cache.json").read_text())
+    assert sorted(cache) == ["tabp_arc_easy_validation|", "tabp_piqa|"]
+    assert cache["tabp_piqa|"]["acc_norm"] == 0.5
+    assert not list((tmp_path / "masks").iterdir())
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["args"]["configs"] == ["tabp"]  # the reference, shown with what OUT has of it
+    compare.main()  # resumed: dense is cached, nothing to evaluate
+    assert len(asked) == 1
+    # an unknown name is still refused (dense is the one name outside CONFIGS)
+    monkeypatch.setattr(sys, "argv", argv[:2] + ["dense,densest"] + argv[3:])
+    with pytest.raises(SystemExit, match="unknown task, configuration or protocol: densest"):
+        compare.main()
