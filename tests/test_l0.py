@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tabp_vllm.routing import hardconcrete as hc
-from tabp_vllm.routing.l0 import (DECIDED_MARGIN, SPARSITY_TOL, GateSettings, PIAscent, flat,
-                                  margin, train_gates)
+from tabp_vllm.routing.l0 import (DECIDED_MARGIN, SPARSITY_TOL, GateBudget, GateSettings,
+                                  PIAscent, flat, margin, train_gates)
 from tabp_vllm.routing.options import LAMBDA_LR, LAMBDA_P, LR, MULTIPLIER, WARMUP
 
 USELESS = (1, 4, 6)
@@ -126,3 +126,39 @@ def test_pi_integral_restarts_when_the_gap_changes_sign():
     for gap in (-0.05, -0.05, 0.01):
         held.step(0.15 + gap, 0.15)
     assert held.lambdas[0].item() == pytest.approx(10 * (-0.05 - 0.05 + 0.01))
+
+
+# Units of unequal FLOPs (shares of a dense step; the rest is an LM head): the useless units 1, 4
+# and 6 hold 0.30 of the FLOPs between them, unit 1 alone 0.20.
+SHARES = [0.10, 0.20, 0.10, 0.10, 0.05, 0.10, 0.05, 0.10]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_flops_budget_recovers_the_useless_units_and_meets_the_flops_target(seed):
+    """Under a FLOPs budget equal to the useless units' FLOPs the optimum closes exactly them (any
+    other set reaching 0.30 closes a useful unit); a count of 3 units is not what the constraint
+    sees: the fit's expected removed FLOPs meet 0.30, and the mask's FLOPs do."""
+    budget = GateBudget.flops(SHARES, 0.30)
+    fit = train_gates(toy_loss(seed=seed), 8, budget, SETTINGS, seed)
+    assert fit.converged and fit.failed == []
+    assert fit.removed == sorted(USELESS)
+    assert abs(fit.final["expected_sparsity"] - 0.30) <= SPARSITY_TOL
+    assert fit.final["target"] == pytest.approx(0.30) and fit.final["margin"] >= DECIDED_MARGIN
+    assert sum(SHARES[j] for j in fit.removed) == pytest.approx(0.30)
+    # the constrained quantity is the FLOPs one: sum_i w_i P(z_i = 0) at the final gates
+    p = hc.expected_l0(torch.tensor(fit.log_alpha))
+    assert fit.curves["expected_sparsity"][-1] == pytest.approx(
+        float(sum(w * (1 - q) for w, q in zip(SHARES, p))), abs=1e-5)
+
+
+def test_flops_cut_is_the_score_budget_rule():
+    """The deterministic mask of a FLOPs budget: units in order of log_alpha (ties: the lower
+    index) until their FLOPs reach the ratio, the last one may overshoot (`Budget.take`)."""
+    la = [0.5, -2.0, 1.0, 3.0, -2.0, 2.0, -1.0, 3.0]
+    assert GateBudget.flops(SHARES, 0.20).cut(la) == [1]  # unit 1 alone holds 0.20
+    assert GateBudget.flops(SHARES, 0.21).cut(la) == [1, 4]  # overshoot to 0.25
+    assert GateBudget.flops(SHARES, 0.26).cut(la) == [1, 4, 6]
+    assert GateBudget.flops(SHARES, 0.31).cut(la) == [0, 1, 4, 6]
+    assert GateBudget.units(8, 2).cut(la) == [1, 4]
+    with pytest.raises(ValueError, match="FLOPs shares for 8"):
+        train_gates(toy_loss(), 8, GateBudget.flops(SHARES[:7], 0.3), SETTINGS, 0)

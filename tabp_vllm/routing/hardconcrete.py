@@ -51,6 +51,12 @@ def expected_sparsity(log_alpha: torch.Tensor) -> torch.Tensor:
     return 1.0 - expected_l0(log_alpha).mean()
 
 
+def expected_removed(log_alpha: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i P(z_i = 0): what closing gates is expected to remove, each unit weighted (with
+    `weights` each unit's share of the dense model's FLOPs: the expected removed FLOPs share)."""
+    return (weights * (1.0 - expected_l0(log_alpha))).sum()
+
+
 def lagrangian(s_hat: torch.Tensor, target: float, lambda1: torch.Tensor,
                lambda2: torch.Tensor) -> torch.Tensor:
     """lambda1 (s_hat - t) + lambda2 (s_hat - t)^2: minimised by the gates, maximised by the lambdas."""

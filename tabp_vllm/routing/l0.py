@@ -1,6 +1,7 @@
 """Training Hard-Concrete gates to a sparsity budget, until the fit has converged.
 
-    result = train_gates(loss_of, n_units=n, k=k, settings=GateSettings(...), seed=0)
+    result = train_gates(loss_of, n_units=n, budget=k, settings=GateSettings(...), seed=0)
+    result = train_gates(loss_of, n, GateBudget.flops(shares, 0.107), settings, seed=0)
 
 Model-agnostic: `loss_of(step, z)` returns the task loss (a differentiable scalar) of the gated
 model with gate values `z` (one per unit) on the step's batch; the routing fit (`fit.py`) passes
@@ -10,12 +11,23 @@ The loss per step is task loss + lambda1 (s_hat - t) + lambda2 (s_hat - t)^2 (`h
 log_alpha by Adam (descent); lambda1 by a PI controller on the gap s_hat - t whose integral
 restarts when the gap changes sign (`PIAscent`, the default; lambda2 stays 0), or, the old way,
 both lambdas by Adam ascent (`AdamAscent`, which winds up); the target t rising linearly from the
-initial gates' expected sparsity to k / n over the warm-up. After the warm-up, training stops at
-the first step where the fit is **converged**, all three of:
+initial gates' expected sparsity to the budget's target over the warm-up.
 
-- *on budget*: |s_hat - k/n| <= SPARSITY_TOL (the expected share of units removed is the target);
-- *decided*: the deterministic mask (the k lowest log_alpha) removes the units the gates say:
-  every removed unit's P(z != 0) is below every kept one's by at least DECIDED_MARGIN;
+The budget (`GateBudget`) is k units, s_hat = the expected share of units removed, 1 - mean
+P(z != 0), against k / n; or a FLOPs share R, s_hat = sum_i w_i P(z_i = 0) with w_i unit i's share
+of the dense model's decode FLOPs (`scoring/units.py: unit_flops_shares`, the shares `score
+--flops-ratio` uses), against R. (Not normalised by the candidates' sum of w: R, the cut and
+`score --flops-ratio` all count shares of the whole dense step, LM head included.) The
+deterministic mask of a k budget removes the k lowest log_alpha; of a FLOPs budget, the shortest
+prefix of the units in order of log_alpha (lowest first, ties: the lower index) whose FLOPs
+reach R, `scoring/units.py: Budget.take`, the rule of `score` / `masks cut --flops-ratio`.
+
+After the warm-up, training stops at the first step where the fit is **converged**, all three of:
+
+- *on budget*: |s_hat - target| <= SPARSITY_TOL (the expected share of units, or of FLOPs,
+  removed is the target);
+- *decided*: the deterministic mask removes the units the gates say: every removed unit's
+  P(z != 0) is below every kept one's by at least DECIDED_MARGIN;
 - *flat*: the task loss's mean over the last `window` steps differs from its mean over the
   `window` steps before by at most FLAT_TOL of the latter (window: whole passes over the
   batches, at least MIN_WINDOW steps).
@@ -37,6 +49,45 @@ SPARSITY_TOL = 0.01
 DECIDED_MARGIN = 0.5
 FLAT_TOL = 0.1
 MIN_WINDOW = 10
+
+
+@dataclass(frozen=True)
+class GateBudget:
+    """What the gates' sparsity counts and what the deterministic mask removes: `k` of the units
+    (`weights` None), or units until their FLOPs reach `target` (`weights`: each gated unit's share
+    of the dense model's FLOPs)."""
+
+    target: float
+    k: int | None = None
+    weights: tuple[float, ...] | None = None
+
+    @classmethod
+    def units(cls, n_units: int, k: int) -> "GateBudget":
+        return cls(target=k / n_units, k=k)
+
+    @classmethod
+    def flops(cls, shares: list[float], ratio: float) -> "GateBudget":
+        return cls(target=float(ratio), weights=tuple(float(w) for w in shares))
+
+    @property
+    def kind(self) -> str:
+        return "units" if self.weights is None else "flops"
+
+    def expected(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        """s_hat: the expected share of units (or of the dense FLOPs) removed."""
+        if self.weights is None:
+            return hc.expected_sparsity(log_alpha)
+        return hc.expected_removed(log_alpha, torch.tensor(self.weights, dtype=log_alpha.dtype))
+
+    def cut(self, log_alpha: torch.Tensor | list[float]) -> list[int]:
+        """The deterministic mask: the removed unit positions (0..n-1), sorted."""
+        from tabp_vllm.scoring.units import Budget
+
+        values = [float(v) for v in (log_alpha.tolist() if torch.is_tensor(log_alpha) else log_alpha)]
+        ranked = sorted(range(len(values)), key=lambda j: (values[j], j))
+        if self.weights is None:
+            return sorted(ranked[:self.k])
+        return sorted(Budget(flops_ratio=self.target, shares=self.weights).take(ranked))
 
 
 class AdamAscent:
@@ -116,7 +167,7 @@ class GateSettings:
     lr: float  # Adam, log_alpha
     lambda_lr: float  # pi: integral gain ki; adam: Adam's lr on lambda1 and lambda2
     init_log_alpha: float
-    warmup_steps: int  # the target reaches k / n at this step
+    warmup_steps: int  # the target reaches the budget (k / n or R) at this step
     multiplier: str = "pi"  # the multipliers' update: "pi" (PIAscent) or "adam" (AdamAscent)
     lambda_p: float = 0.0  # pi: proportional gain kp
     window: int = MIN_WINDOW  # steps per mean in the flatness check
@@ -125,7 +176,7 @@ class GateSettings:
 @dataclass
 class GateFit:
     log_alpha: list[float]
-    removed: list[int]  # unit indices (0..n-1), the k lowest log_alpha
+    removed: list[int]  # unit indices (0..n-1): the deterministic mask (`GateBudget.cut`)
     steps: int
     converged: bool
     failed: list[str]  # criteria not met at the last step ("on budget", "decided", "flat")
@@ -135,7 +186,8 @@ class GateFit:
 
 def margin(log_alpha: torch.Tensor, k: int) -> float:
     """min P(z != 0) over the kept units - max over the k removed ones (1 = fully decided, < 0:
-    the deterministic mask removes a unit the gates keep more of than one they keep)."""
+    the deterministic mask removes a unit the gates keep more of than one they keep). The mask
+    removes the k lowest log_alpha under either budget (a FLOPs cut is a prefix of that order)."""
     p = hc.expected_l0(log_alpha.detach()).sort().values
     if k == 0 or k == len(p):
         return 1.0
@@ -161,22 +213,27 @@ def unmet(s_hat: float, target: float, decided: float, losses: list[float], wind
     return failed
 
 
-def train_gates(loss_of: Callable[[int, torch.Tensor], torch.Tensor], n_units: int, k: int,
-                settings: GateSettings, seed: int,
+def train_gates(loss_of: Callable[[int, torch.Tensor], torch.Tensor], n_units: int,
+                budget: int | GateBudget, settings: GateSettings, seed: int,
                 tick: Callable[[int], None] | None = None) -> GateFit:
-    """Gates on `n_units` units trained on `loss_of` until converged or `settings.max_steps`."""
+    """Gates on `n_units` units trained on `loss_of` until converged or `settings.max_steps`;
+    `budget`: k units (an int) or a `GateBudget`."""
     s = settings
+    if not isinstance(budget, GateBudget):
+        budget = GateBudget.units(n_units, budget)
+    if budget.weights is not None and len(budget.weights) != n_units:
+        raise ValueError(f"{len(budget.weights)} FLOPs shares for {n_units} gated units")
     log_alpha = torch.full((n_units,), float(s.init_log_alpha), requires_grad=True)
     lambdas = torch.zeros(2, requires_grad=True)
     opt = torch.optim.Adam([log_alpha], lr=s.lr)
     ascent = multiplier_update(s.multiplier, lambdas, s.lambda_lr, s.lambda_p)
     gen = torch.Generator().manual_seed(seed)
-    target = k / n_units
+    target = budget.target
     # the target rises from where the gates start (0.01 at log_alpha 3), not from 0: below it,
     # the multiplier's first steps push every gate open, into the clamp's dead zone (at +6 a
     # gate's E[L0] hardly moves, so a marginal gate needs a large lambda1 to leave it, and then
     # several leave at once: on a toy stack PI fits stalled there, 24/24 converge from here)
-    start = min(float(hc.expected_sparsity(log_alpha.detach())), target)
+    start = min(float(budget.expected(log_alpha.detach())), target)
     curves: dict[str, list[float]] = {key: [] for key in
                                       ("loss", "expected_sparsity", "target", "lambda1", "lambda2", "margin")}
     failed = ["on budget", "decided", "flat"]
@@ -185,7 +242,7 @@ def train_gates(loss_of: Callable[[int, torch.Tensor], torch.Tensor], n_units: i
         z = hc.sample(log_alpha, gen)
         task = loss_of(step, z)
         t = hc.target_at(step, target, s.warmup_steps, start)
-        s_hat = hc.expected_sparsity(log_alpha)
+        s_hat = budget.expected(log_alpha)
         loss = task + ascent.penalty(s_hat, t)
         opt.zero_grad()
         loss.backward()
@@ -194,8 +251,8 @@ def train_gates(loss_of: Callable[[int, torch.Tensor], torch.Tensor], n_units: i
         hc.clamp_(log_alpha)
         step += 1
         with torch.no_grad():
-            s_now = float(hc.expected_sparsity(log_alpha))
-        m = margin(log_alpha, k)
+            s_now = float(budget.expected(log_alpha))
+        m = margin(log_alpha, len(budget.cut(log_alpha.detach())))
         for key, v in (("loss", task.item()), ("expected_sparsity", s_now), ("target", t),
                        ("lambda1", lambdas[0].item()), ("lambda2", lambdas[1].item()), ("margin", m)):
             curves[key].append(float(v))
@@ -211,8 +268,7 @@ def train_gates(loss_of: Callable[[int, torch.Tensor], torch.Tensor], n_units: i
              "lambda1": curves["lambda1"][-1] if step else 0.0,
              "lambda2": curves["lambda2"][-1] if step else 0.0,
              "loss": sum(curves["loss"][-w:]) / w if step else float("nan"),
-             "margin": margin(log_alpha, k)}
+             "margin": margin(log_alpha, len(budget.cut(log_alpha.detach())))}
     values = [float(v) for v in log_alpha.detach()]
-    ranked = sorted(range(n_units), key=lambda j: (values[j], j))
-    return GateFit(values, sorted(ranked[:k]), step, not failed, failed,
+    return GateFit(values, budget.cut(values), step, not failed, failed,
                    {key: round(v, 6) for key, v in final.items()}, curves)
