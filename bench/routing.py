@@ -366,9 +366,9 @@ def load(argv: list[str]) -> None:
 
     model = resolve_model("llama")
     router, static = load_router(a.router, model), load_mask(a.static, model)
-    if len(static.removed_layers) != router.k:
-        sys.exit(f"error: the static mask removes {len(static.removed_layers)} blocks, the "
-                 f"router's k is {router.k}: compare variants of the same depth")
+    fault = router.budget_fault(static)  # k units, or the router's FLOPs share
+    if fault:
+        sys.exit(f"error: the static {fault}: compare variants of the same budget")
     a.out.mkdir(parents=True, exist_ok=True)
     static_name = f"llama-{static.task}"
     dataset = mixed_prompts(a.out / "mixed_prompts.jsonl", a.output_len)
@@ -403,7 +403,8 @@ def load(argv: list[str]) -> None:
     p50, p99 = (histogram_quantile(q, delta) for q in (0.5, 0.99))
     p50, p99 = (None if math.isnan(x) else x for x in (p50, p99))  # no routed request seen
     doc = {"router": str(a.router), "router_hash": router.content_hash(), "clusters": router.num_clusters,
-           "distinct_masks": len(router.variants()), "k": router.k, "static_variant": static_name,
+           "distinct_masks": len(router.variants()), "k": router.k,
+           "flops_ratio": router.flops_ratio, "static_variant": static_name,
            "static_removed": static.removed_layers, "host": cpu_info(), "wall_s": time.time() - t0,
            "bench_command": cmd, "levels": levels,
            "routing_latency": {"requests": delta.get(float("inf"), 0), "p50_s": p50, "p99_s": p99,
@@ -513,6 +514,10 @@ STUDY_SETTINGS = {
     # one whole block); 20 units is a guess at the FLOPs-matched budget, its FLOPs recorded
     "pi-sub20": ["--steps", "300", "--units", "sublayers", "--k", "20"],
     "pi-sub13-seed1": ["--steps", "300", "--units", "sublayers", "--k", "13", "--seed", "1"],
+    # a FLOPs budget instead of a unit count: the gates' expected removed FLOPs held at 4 whole
+    # blocks' share (0.1069959, flops.py; rounded down so a 4-block mask meets the same budget),
+    # the mask cut by FLOPs (`route fit --flops-ratio`)
+    "pi-sub-flops4": ["--steps", "300", "--units", "sublayers", "--flops-ratio", "0.10699"],
 }
 
 
@@ -533,7 +538,7 @@ def l0_study(argv: list[str]) -> None:
         cmd = CLI + ["route", "fit", "--model", "llama", "--task", "arc_easy", "--samples",
                      str(a.samples), "--clusters", "1", "--fallback", "none",
                      "--batch-size", str(a.batch_size), *STUDY_SETTINGS[name], "-o", str(router)]
-        if "--k" not in STUDY_SETTINGS[name]:
+        if "--k" not in STUDY_SETTINGS[name] and "--flops-ratio" not in STUDY_SETTINGS[name]:
             cmd[-2:-2] = ["--k", "4"]
         load_before = os.getloadavg()
         wall = run(cmd, STUDY / f"{name}.log")
@@ -557,7 +562,8 @@ def l0_study(argv: list[str]) -> None:
         mask = r["clusters"][0]["mask"]
         lists = [mask.get(key, []) for key in ("removed_layers", "removed_attention", "removed_mlp")]
         rows.append({"setting": name, "args": STUDY_SETTINGS[name], **meta,
-                     "units": r.get("units", "blocks"), "k": r["k"],
+                     "units": r.get("units", "blocks"), "k": r.get("k"),
+                     "budget": r.get("budget", "units"), "flops_ratio": r.get("flops_ratio"),
                      "removed": lists[0], "removed_attention": lists[1], "removed_mlp": lists[2],
                      # the share of a dense decode step's FLOPs (256 keys, LM head counted) the
                      # mask removes: what compares a sublayer budget with a block budget
@@ -568,7 +574,9 @@ def l0_study(argv: list[str]) -> None:
                                                 "backward_passes")}})
     doc = {"what": "one cluster: ARC-Easy train, seeded subset, k = 4 of the demo model's 28 "
                    "candidate blocks (1..28) unless the row's args say otherwise (--k; --units "
-                   "sublayers: k of the 56 attention/MLP units of blocks 1..28), batch of "
+                   "sublayers: k of the 56 attention/MLP units of blocks 1..28; --flops-ratio: "
+                   "units until their FLOPs reach it, expected_sparsity and target then FLOPs "
+                   "shares), batch of "
                    "--batch-size, route fit's other defaults",
            "samples": a.samples, "batch_size": a.batch_size, "rows": rows, "cpu": cpu_info(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -640,6 +648,7 @@ def sublayer_serve(argv: list[str]) -> None:
     router = load_router(a.router)
     expected = route_input(router, SERVE_PROMPTS)
     res: dict = {"router": str(a.router), "units": router.units, "k": router.k,
+                 "flops_ratio": router.flops_ratio,
                  "cpu": cpu_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "requests": []}
     opts = ServeOptions(model="llama", dense=False, router=str(a.router),
                         port=free_port(8040, 8080), metrics_port=free_port(8080, 8100),

@@ -280,6 +280,54 @@ def test_router_validation_errors(router_doc, tmp_path, demo_model):
     assert "encoder 'self' gives 576-d vectors" in msg
 
 
+def test_flops_router_roundtrip_and_checks(router_doc, tmp_path, demo_model):
+    """A FLOPs budget (`route fit --flops-ratio`): the masks remove different numbers of units,
+    each reaching the ratio with no unit more than needed; the file records the budget kind, the
+    ratio and each unit's FLOPs share; k routers still read (no "budget": units)."""
+    from tabp_vllm.mask import make_mask
+    from tabp_vllm.models import load_model_config
+    from tabp_vllm.scoring.units import unit_flops_shares
+
+    shares = unit_flops_shares(load_model_config(demo_model), "sublayer")
+    ratio = 0.10699  # 4 whole blocks hold 0.1069959 of the demo model's FLOPs, 13 attentions too
+    doc = copy.deepcopy(router_doc)
+    doc.pop("k")
+    doc.update(budget="flops", flops_ratio=ratio, unit_flops=shares, units="sublayers")
+    doc["clusters"][0]["mask"] = make_mask(demo_model, [20, 21, 22, 23], task="c0",
+                                           model_id="llama").to_json()
+    doc["clusters"][1]["mask"] = make_mask(demo_model, [], task="c1", model_id="llama",
+                                           removed_attention=list(range(5, 18))).to_json()
+    r = parse_router(doc)
+    assert r.budget == "flops" and r.k is None and r.flops_ratio == ratio and r.unit_flops == shares
+    assert r.budget_text() == "FLOPs 0.10699 (sublayers)"
+    back = load_router(r.save(tmp_path / "flops.json"), demo_model)
+    assert back.to_json() == r.to_json() and back.to_json()["budget"] == "flops"
+    assert "k" not in back.to_json()
+
+    def error(fn):
+        bad = copy.deepcopy(doc)
+        fn(bad)
+        return _error(bad, tmp_path)
+
+    # three blocks fall short; 4 blocks and an MLP remove a unit more than the ratio needs (4
+    # blocks and an attention may be the rule's overshoot: the cut may end on an MLP)
+    msg = error(lambda d: d["clusters"][0]["mask"].update(removed_layers=[20, 21, 22]))
+    assert "cluster 0: mask removes 0.0802 of the FLOPs, short of the router's FLOPs budget 0.10699" in msg
+    msg = error(lambda d: d["clusters"][0]["mask"].update(removed_mlp=[5]))
+    assert "cluster 0: mask removes 0.1255 of the FLOPs, more units than the router's FLOPs budget" in msg
+    ok = copy.deepcopy(doc)
+    ok["clusters"][0]["mask"]["removed_attention"] = [5]
+    assert parse_router(ok).masks[0].removed_attention == [5]
+    assert "'unit_flops' must list 60" in error(lambda d: d.update(unit_flops=shares[:30]))
+    assert "'flops_ratio' must be a number between 0 and 1" in error(lambda d: d.update(flops_ratio=1.5))
+    assert "'budget' must be one of units, flops" in error(lambda d: d.update(budget="tokens"))
+    # a k router: "budget": "units" written, and a file without it (older ones) reads the same
+    assert router_doc["budget"] == "units" and router_doc["k"] == 2
+    old = copy.deepcopy(router_doc)
+    old.pop("budget")
+    assert parse_router(old).to_json() == parse_router(router_doc).to_json()
+
+
 def test_masks_commands_read_routers(router_doc, tmp_path):
     from tabp_vllm.cli import app
 
@@ -308,6 +356,16 @@ def test_route_fit_bad_options_exit_2(tmp_path):
     assert r.exit_code == 2 and "'clusters'" in r.output
     r = CliRunner().invoke(app, ["route", "fit", "-o", str(out)])
     assert r.exit_code == 2 and "task" in r.output
+    # a budget is --k or --flops-ratio (neither: k = 4), never both; a ratio in (0, 1)
+    r = CliRunner().invoke(app, ["route", "fit", "--task", "demo", "--k", "4", "--flops-ratio",
+                                 "0.1", "-o", str(out)])
+    assert r.exit_code == 2 and "give --k or --flops-ratio, not both" in r.output
+    assert [ln for ln in r.output.splitlines() if "error" in ln][0].count("error") == 1
+    r = CliRunner().invoke(app, ["route", "fit", "--task", "demo", "--flops-ratio", "1.5",
+                                 "-o", str(out)])
+    assert r.exit_code == 2 and "flops_ratio" in r.output and "less than 1" in r.output
+    assert RouteFitOptions(task=["demo"], output=out).units_k == 4
+    assert RouteFitOptions(task=["demo"], flops_ratio=0.1, output=out).units_k is None
     assert not out.exists()
 
 
@@ -517,6 +575,37 @@ def test_fit_sublayer_units_tiny_llama(tmp_path, tiny_model_dir):
     with pytest.raises(TabpError, match="candidate sublayers"):
         fit_router(_options(tmp_path, units="sublayers", k=8, steps=1), encoder=FakeEncoder(),
                    model_path=str(tiny_model_dir), calibration=_calibration())
+
+
+def test_fit_flops_budget_tiny_llama(tmp_path, tiny_model_dir):
+    """`--flops-ratio` on sublayer units: each mask is the gates' lowest units until their FLOPs
+    reach the ratio, recorded with the removed share; the router records the budget; a ratio the
+    candidates cannot hold is one error line before any fit."""
+    from tabp_vllm.models import load_model_config
+    from tabp_vllm.scoring.units import unit_flops_shares
+    from tabp_vllm.sublayers import mask_units
+
+    shares = unit_flops_shares(load_model_config(str(tiny_model_dir)), "sublayer")
+    ratio = 2.5 * shares[3]  # between two and three MLPs' FLOPs
+    o = _options(tmp_path, units="sublayers", k=None, flops_ratio=ratio, steps=3, fallback="none")
+    router = fit_router(o, encoder=FakeEncoder(), model_path=str(tiny_model_dir),
+                        calibration=_calibration())
+    back = load_router(router.save(o.output), str(tiny_model_dir))
+    assert back.budget == "flops" and back.k is None and back.flops_ratio == ratio
+    assert back.unit_flops == shares and back.params["flops_ratio"] == ratio
+    for m, rec in zip(back.masks, back.provenance["clusters"]):
+        removed = mask_units(m.removed_layers, m.removed_attention, m.removed_mlp)
+        scores = {int(u): a for u, a in m.params["unit_scores"].items()}
+        order = sorted(scores, key=lambda u: (scores[u], u))
+        assert removed == sorted(order[:len(removed)])  # a prefix of the gates' order
+        got = sum(shares[u] for u in removed)
+        assert got >= ratio and got - shares[order[len(removed) - 1]] < ratio
+        assert m.params["removed_flops_fraction"] == pytest.approx(got, abs=1e-6)
+        assert m.params["k"] == len(removed) and rec["removed_flops_fraction"] == m.params["removed_flops_fraction"]
+        assert rec["budget"] == "flops" and rec["target"] == pytest.approx(ratio, abs=1e-6)
+    with pytest.raises(TabpError, match="hold only"):
+        fit_router(_options(tmp_path, units="sublayers", k=None, flops_ratio=0.9, steps=1),
+                   encoder=FakeEncoder(), model_path=str(tiny_model_dir), calibration=_calibration())
 
 
 def test_eval_router_fallback_documents_and_per_document(tmp_path, demo_model):

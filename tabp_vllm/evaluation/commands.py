@@ -103,8 +103,10 @@ def run_eval(o: EvalOptions) -> None:
                               f"{err:.4f}" if isinstance(err, float) else "-",
                               str(r["n-samples"][t]["effective"]))
     if routed is not None:
-        # a sublayer router's k counts attention/MLP units, and its masks keep different blocks
-        kept = (f"{2 * total - router.k}/{2 * total} sublayers" if router.units == "sublayers"
+        # a sublayer router's k counts attention/MLP units, and its masks keep different blocks;
+        # under a FLOPs budget the masks remove different numbers of units: the budget says it
+        kept = (f"-{router.flops_ratio:g} FLOPs" if router.flops_ratio is not None
+                else f"{2 * total - router.k}/{2 * total} sublayers" if router.units == "sublayers"
                 else f"{total - router.k}/{total}")
         for t in tasks:
             for metric, m in routed["results"][t].items():

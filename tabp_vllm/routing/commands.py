@@ -20,8 +20,8 @@ console = Console(stderr=True)
 @user_errors
 @options_command(RouteFitOptions)
 def fit(o: RouteFitOptions) -> None:
-    """Embed mixed calibration inputs, cluster them, learn one k-block mask per cluster, write
-    the router file."""
+    """Embed mixed calibration inputs, cluster them, learn one mask per cluster (k units or a
+    FLOPs share), write the router file."""
     run_fit(o)
 
 
@@ -47,7 +47,7 @@ def run_fit(o: RouteFitOptions) -> None:
                       fit_summary(rec), m.content_hash())
     console.print(table)
     console.print(f"wrote {o.output}: {router.num_clusters} clusters, {len(router.variants())} "
-                  f"distinct masks, k = {router.k} {router.units}, method {router.method}, {p['samples']} inputs, "
+                  f"distinct masks, {router.budget_text()}, method {router.method}, {p['samples']} inputs, "
                   f"{p['forward_passes']} forward + {p['backward_passes']} backward passes, "
                   f"{p['wall_s']:.1f} s" + (f"; curves {written[0]}, {written[1]}" if written else ""))
     for merge in p.get("small_cluster_merges") or []:

@@ -100,5 +100,6 @@ def evaluate_routed(model_path: str, router: Router, encoder, tasks: list[str], 
     return {"results": results, "cluster_mix": mix, "runs": runs, "per_document": per_document,
             "router": {"hash": router.content_hash(), "clusters": router.num_clusters,
                        "k": router.k, "units": router.units, "method": router.method,
+                       **({"flops_ratio": router.flops_ratio} if router.flops_ratio is not None else {}),
                        "encoder": router.encoder.get("id"),
                        "fallback_radius": router.fallback.radius if router.fallback else None}}

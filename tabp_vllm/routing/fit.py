@@ -8,8 +8,9 @@ a forward hook on the decoder layer; the loss is KL(dense || gated) over the nex
 distributions of the cluster's inputs (their last `kl_positions` tokens; the dense ones computed
 once and cached), or with `--loss lm` the next-token cross-entropy of the gated model on the same
 tokens, plus the Lagrangian sparsity term; training runs until converged (`routing/l0.py`) and the
-mask removes the k gates of lowest log_alpha. `--mask-method NAME` instead scores the cluster's
-inputs with a registered scorer.
+mask removes the k gates of lowest log_alpha, or, with `--flops-ratio R`, the gates of lowest
+log_alpha until their FLOPs reach R (the sparsity term then holds the expected removed FLOPs
+share at R). `--mask-method NAME` instead scores the cluster's inputs with a registered scorer.
 
 Clusters smaller than `--min-cluster-size` join the cluster of the nearest centroid; inputs
 farther from every centroid than the `--fallback-quantile` of the calibration inputs' distances
@@ -31,10 +32,10 @@ import numpy as np
 from tabp_vllm.data import Dataset, MCQAItem, load_task
 from tabp_vllm.errors import TabpError
 from tabp_vllm.routing import hardconcrete as hc
-from tabp_vllm.routing.l0 import (DECIDED_MARGIN, FLAT_TOL, MIN_WINDOW, SPARSITY_TOL, GateSettings,
-                                  train_gates, window_for)
+from tabp_vllm.routing.l0 import (DECIDED_MARGIN, FLAT_TOL, MIN_WINDOW, SPARSITY_TOL, GateBudget,
+                                  GateSettings, train_gates, window_for)
 from tabp_vllm.routing.options import L0, RouteFitOptions
-from tabp_vllm.routing.router import Router, merge_variants, removed_units, route_text
+from tabp_vllm.routing.router import Router, budget_fault, merge_variants, route_text
 
 Progress = Callable[[str, int], Callable[[int], None]]
 # what provenance.convergence says of --multiplier (routing/l0.py: PIAscent, AdamAscent)
@@ -313,12 +314,14 @@ class Objective:
         return total
 
 
-def fit_l0(objective: Objective, units: Units, k: int, o: RouteFitOptions, seed: int,
-           tick: Callable[[int], None] | None = None) -> tuple[list[int], list[float], dict, dict]:
-    """Hard-Concrete gates on the candidate `units` trained on the objective until converged (at most `o.steps`
-    steps, `routing/l0.py`); returns the removed units (the k lowest log_alpha), the final
-    log_alpha per gated unit, the run's record (steps, convergence, final sparsity, lambdas,
-    loss, passes) and its curves."""
+def fit_l0(objective: Objective, units: Units, budget: int | GateBudget, o: RouteFitOptions,
+           seed: int, tick: Callable[[int], None] | None = None
+           ) -> tuple[list[int], list[float], dict, dict]:
+    """Hard-Concrete gates on the candidate `units` trained on the objective until converged (at
+    most `o.steps` steps, `routing/l0.py`); `budget`: k units or a `GateBudget` over the
+    candidates. Returns the removed units (the deterministic mask), the final log_alpha per gated
+    unit, the run's record (steps, convergence, final sparsity, lambdas, loss, passes) and its
+    curves."""
     import torch
 
     rng = random.Random(seed)
@@ -341,8 +344,10 @@ def fit_l0(objective: Objective, units: Units, k: int, o: RouteFitOptions, seed:
                             window=window_for(len(objective.batches)))
     forward0 = objective.forward_passes
     with units.gated(objective.model, lambda: z["now"]):
-        g = train_gates(loss_of, len(units.candidates), k, settings, seed, tick)
+        g = train_gates(loss_of, len(units.candidates), budget, settings, seed, tick)
     record = {"loss_kind": objective.kind, "steps": g.steps, "converged": g.converged,
+              **({"budget": "flops"} if isinstance(budget, GateBudget) and budget.kind == "flops"
+                 else {}),
               "unmet": g.failed, **g.final, "backward_passes": backward[0],
               "step_forward_passes": objective.forward_passes - forward0}
     return [units.candidates[j] for j in g.removed], g.log_alpha, record, g.curves
@@ -360,30 +365,41 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
     from tabp_vllm.routing.router import Fallback
     from tabp_vllm.scoring import parse_range, resolve_k, run_scoring
     from tabp_vllm.scoring.probe import load_model, pick_device
+    from tabp_vllm.scoring.units import Budget, resolve_budget, unit_flops_shares
 
     def task(desc: str, total: int) -> Callable[[int], None]:
         return progress(desc, total) if progress else (lambda n=1: None)
 
     t0 = time.perf_counter()
     path = model_path or resolve_model(o.model)
-    B = model_fingerprint(load_model_config(path))["num_hidden_layers"]
+    config = load_model_config(path)
+    B = model_fingerprint(config)["num_hidden_layers"]
     blocks = parse_range(o.block_range, B)
     units = Units.of(o.units, blocks)
-    if o.units == "sublayers":
-        if o.mask_method != L0:
-            raise TabpError(f"--units sublayers: only --mask-method {L0} gates sublayers")
-        k = o.k
+    if o.units == "sublayers" and o.mask_method != L0:
+        raise TabpError(f"--units sublayers: only --mask-method {L0} gates sublayers")
+    k = o.units_k
+    # each unit's share of a dense decode step's FLOPs (per block, or per sublayer unit), as
+    # `score --flops-ratio` counts them: what a FLOPs budget weighs, recorded in the router
+    shares = unit_flops_shares(config, "block" if o.units == "blocks" else "sublayer")
+    flops: Budget | None = None
+    if o.flops_ratio is not None:  # the same checks and errors as `score --flops-ratio`
+        flops = resolve_budget(None, None, o.flops_ratio, len(shares), units.candidates, shares,
+                               o.units)
+    elif o.units == "sublayers":
         if not 0 < k < len(units.candidates):
             raise TabpError(f"k = {k}: must be between 1 and the {len(units.candidates)} "
                             f"candidate sublayers")
     else:
-        k = resolve_k(o.k, None, B, blocks)
+        k = resolve_k(k, None, B, blocks)
+    gate_budget = k if flops is None else GateBudget.flops(
+        [shares[u] for u in units.candidates], o.flops_ratio)
     given_fallback = None
     if o.fallback not in ("fit", "none"):  # checked before any work: a wrong mask fails fast
         given_fallback = load_mask(o.fallback, path, o.model)
-        if removed_units(given_fallback, o.units) != k:
-            raise TabpError(f"--fallback {o.fallback}: the mask does not remove exactly the "
-                            f"router's k = {k} {o.units}")
+        fault = budget_fault(given_fallback, o.units, k, o.flops_ratio, shares)
+        if fault:
+            raise TabpError(f"--fallback {o.fallback}: {fault}")
     cal = calibration or load_calibration(o.task, o.split, o.samples, o.seed)
     if o.clusters > len(cal.items):
         raise TabpError(f"--clusters {o.clusters}: more clusters than the {len(cal.items)} "
@@ -424,9 +440,10 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
             tick = task(f"cluster {c} ({len(idx)} inputs): L0 gates", nb + o.steps)
             obj = Objective(model, tok, [_kl_text(cal.items[i]) for i in idx], o.batch_size,
                             o.max_length, o.kl_positions, tick, kind=o.loss)
-            removed, log_alpha, stats, curve = fit_l0(obj, units, k, o, seed, tick)
-            params = {"k": k, "units": o.units, "candidate_range": [blocks[0], blocks[-1] + 1],
-                      "seed": seed, "loss": o.loss}
+            removed, log_alpha, stats, curve = fit_l0(obj, units, gate_budget, o, seed, tick)
+            params = {"k": len(removed), "units": o.units,
+                      "candidate_range": [blocks[0], blocks[-1] + 1], "seed": seed, "loss": o.loss,
+                      **(flops.record(removed) if flops else {})}
             scores: list[float | None] | None = None
             if o.units == "sublayers":  # a mask's scores are per block: the gates go in params
                 params["unit_scores"] = {str(u): a for u, a in zip(units.candidates, log_alpha)}
@@ -437,9 +454,12 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
                     scores[b] = a
                 params["score"] = "final log_alpha of the block's Hard-Concrete gate"
             record.update(stats, forward_passes=obj.forward_passes)
+            if flops:  # what the mask removes, beside the gates' expected share
+                record["removed_flops_fraction"] = params["removed_flops_fraction"]
             curves.append({"cluster": c, **curve})
         else:
             res = run_scoring(path, cal.dataset(idx, f"cluster{c}"), o.mask_method, k=k,
+                              flops_ratio=o.flops_ratio,
                               block_range=o.block_range, batch_size=o.batch_size,
                               max_length=o.max_length, seed=o.seed, device=device,
                               progress=progress, model_and_tokenizer=(model, tok))
@@ -540,6 +560,7 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
                                     "log_alpha_limit": hc.LOG_ALPHA_LIMIT},
                   "merge": {"uses_mask_of": uses, "cost_kl": cost} if need_merge else None}
     router = Router(model_id=alias_of(o.model), fingerprint=fingerprint, k=k,
+                    flops_ratio=o.flops_ratio, unit_flops=shares if flops else [],
                     encoder=encoder.record(), centroids=[[float(x) for x in c] for c in centroids],
                     masks=masks, sizes=[cal.sizes(idx) for idx in members], method=o.mask_method,
                     params=o.hyperparameters(), provenance=provenance, fallback=fallback,

@@ -23,6 +23,7 @@ STEPS, LR, WARMUP = 300, 0.2, 0.5
 # the multipliers' update (routing/l0.py): "pi" (the default) or "adam" (the old one, which wound
 # up: kept to reproduce the study); --lambda-lr's default depends on it
 MULTIPLIER, LAMBDA_LR, LAMBDA_P = "pi", {"pi": 20.0, "adam": 0.2}, 50.0
+K = 4  # units per mask when no budget is given
 
 
 class RouteFitOptions(Options):
@@ -36,7 +37,14 @@ class RouteFitOptions(Options):
     encoder: str = option("minilm", "minilm, self, or a sentence-transformers dir.")
     clusters: int = option(4, "Input clusters N (k-means).", gt=0)  # ours
     kmeans_init: int = option(10, "k-means restarts.", gt=0)  # ours (scikit-learn n_init)
-    k: int = option(4, "Units (blocks, or sublayers with --units sublayers) each mask removes.", gt=0)
+    k: Optional[int] = option(None, "Units (blocks, or sublayers with --units sublayers) each "
+                              "mask removes.", gt=0, shown=f"{K} unless --flops-ratio")
+    # a FLOPs budget, as `score --flops-ratio` takes it (scoring/units.py: Budget): the gates'
+    # expected removed FLOPs share is held at R, the mask takes units by log_alpha until R
+    flops_ratio: Optional[float] = option(
+        None, "Share of the dense model's ideal FLOPs each mask removes (instead of --k): the "
+        "gates' expected removed FLOPs aim at it, the mask takes the lowest gates until their "
+        "FLOPs reach it (the last one may overshoot).", "--flops-ratio", gt=0, lt=1)
     # the paper gates attention and FFN separately (B = 2L); ours by default: whole blocks
     units: Literal["blocks", "sublayers"] = option("blocks", "L0 gates (and --k) over whole "
                                                    "blocks or attention/MLP sublayers.")
@@ -77,6 +85,18 @@ class RouteFitOptions(Options):
     device: str = option("auto", "auto|cpu|cuda.")
     output: Path = option(REQUIRED, "Router file to write.", "-o", "--output")
 
+    @field_validator("flops_ratio")
+    @classmethod
+    def _one_budget(cls, value: Optional[float], info) -> Optional[float]:
+        if value is not None and info.data.get("k") is not None:
+            raise PydanticCustomError("budget", "give --k or --flops-ratio, not both")
+        return value
+
+    @property
+    def units_k(self) -> Optional[int]:
+        """--k, or its default when no --flops-ratio is given (None under a FLOPs budget)."""
+        return self.k if self.k is not None or self.flops_ratio is not None else K
+
     @field_validator("mask_method")
     @classmethod
     def _known_method(cls, value: str) -> str:
@@ -103,4 +123,4 @@ class RouteFitOptions(Options):
         """What the router records of how it was fitted (paths and the device left out; the
         multiplier rate as used)."""
         return {**self.model_dump(mode="json", exclude={"output", "device", "model", "task"}),
-                "lambda_lr": self.multiplier_lr}
+                "k": self.units_k, "lambda_lr": self.multiplier_lr}

@@ -3,7 +3,10 @@
 A router is JSON, versioned and self-describing like the mask file (`mask.py`), which it embeds:
 
     {"format": "tabp-vllm-router", "version": 1,
-     "model": {"id", "fingerprint"}, "num_hidden_layers", "k",
+     "model": {"id", "fingerprint"}, "num_hidden_layers",
+     "budget": "units", "k",                       # each mask removes k units (older files: no
+                                                   # "budget"), or
+     "budget": "flops", "flops_ratio", "unit_flops",  # units until their FLOPs reach flops_ratio
      "encoder": {"name", "id", "source", "dimension", "pooling", "normalize", "max_length"},
      "clusters": [{"centroid": [...], "sizes": {task: n}, "mask": <TaskMask.to_json()>}, ...],
      "fallback": {"radius", "quantile", "source", "mask"},   # optional (older files: none)
@@ -14,7 +17,10 @@ A router is JSON, versioned and self-describing like the mask file (`mask.py`), 
 An input goes to the cluster of the nearest centroid (Euclidean, as k-means assigned the
 calibration inputs), unless it is farther than the fallback radius from every centroid: then it
 takes the fallback mask (cluster index FALLBACK). Clusters whose masks are equal share one served
-variant. Every check happens
+variant. A FLOPs budget's masks remove different numbers of units: each must reach flops_ratio of
+the dense FLOPs (`unit_flops`: each unit's share, per block or per sublayer unit as `units` says)
+and need the units it removes (without its most expensive one it would fall short), as the cut
+rule (`scoring/units.py: Budget.take`) gives. Every check happens
 when the file is read, before anything starts, and fails with one `RouterError` line.
 """
 
@@ -71,11 +77,15 @@ def route_text(item: MCQAItem | TextItem) -> str:
     return head + sep if sep else item.text
 
 
+BUDGETS = ("units", "flops")
+FLOPS_TIE = 1e-9  # a FLOPs share summed in another order still meets (or misses) the budget
+
+
 @dataclass
 class Router:
     model_id: str
     fingerprint: dict[str, Any]
-    k: int
+    k: int | None  # units per mask; None under a FLOPs budget
     encoder: dict[str, Any]
     centroids: list[list[float]]
     masks: list[TaskMask]  # one per cluster
@@ -88,6 +98,8 @@ class Router:
     )
     fallback: Fallback | None = None
     units: str = "blocks"  # what k counts: whole blocks, or sublayers (2i attention, 2i+1 MLP)
+    flops_ratio: float | None = None  # a FLOPs budget: the share of the dense FLOPs each mask removes
+    unit_flops: list[float] = field(default_factory=list)  # with it: each unit's FLOPs share
     # the fit's per-step curves (`route fit` writes them beside the router; not in the file)
     curves: list[dict[str, Any]] = field(default_factory=list, repr=False, compare=False)
 
@@ -102,6 +114,20 @@ class Router:
     @property
     def dimension(self) -> int:
         return int(self.encoder["dimension"])
+
+    @property
+    def budget(self) -> str:
+        return "units" if self.flops_ratio is None else "flops"
+
+    def budget_text(self) -> str:
+        """"k = 4 blocks", or "FLOPs 0.107 (sublayers)"."""
+        if self.flops_ratio is None:
+            return f"k = {self.k} {self.units}"
+        return f"FLOPs {self.flops_ratio:g} ({self.units})"
+
+    def budget_fault(self, mask: TaskMask) -> str | None:
+        """Why `mask` does not meet the router's budget (None when it does)."""
+        return budget_fault(mask, self.units, self.k, self.flops_ratio, self.unit_flops)
 
     def variants(self) -> list[tuple[TaskMask, list[int]]]:
         """The distinct masks (one served variant each) and the clusters that use each, in order
@@ -140,7 +166,9 @@ class Router:
             "version": ROUTER_VERSION,
             "model": {"id": self.model_id, "fingerprint": self.fingerprint},
             "num_hidden_layers": self.num_hidden_layers,
-            "k": self.k,
+            "budget": self.budget,
+            **({"k": self.k} if self.flops_ratio is None else
+               {"flops_ratio": self.flops_ratio, "unit_flops": list(self.unit_flops)}),
             **({"units": self.units} if self.units != "blocks" else {}),
             "encoder": self.encoder,
             "clusters": [{"centroid": [float(x) for x in cen], "sizes": sizes, "mask": m.to_json()}
@@ -184,16 +212,33 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def parse_router(data: Any, where: str = "<router>") -> Router:
     """Validate a decoded router document and build a Router; raise RouterError on any fault."""
     fp, n = check_envelope(data, where, ROUTER_FORMAT, ROUTER_VERSION, "router", _fail)
-    k = data.get("k")
     units = data.get("units", "blocks")  # routers before sublayer units: blocks
     if units not in UNITS:
         raise _fail(where, f"'units' must be one of {', '.join(UNITS)} (got {units!r})")
     most = n if units == "blocks" else 2 * n
-    if not _is_int(k) or not 0 < k < most:
-        raise _fail(where, f"'k' must be a {units[:-1]} count between 1 and {most - 1} (got {k!r})")
+    budget = data.get("budget", "units")  # routers before FLOPs budgets: k units
+    if budget not in BUDGETS:
+        raise _fail(where, f"'budget' must be one of {', '.join(BUDGETS)} (got {budget!r})")
+    k, flops_ratio, unit_flops = None, None, []
+    if budget == "units":
+        k = data.get("k")
+        if not _is_int(k) or not 0 < k < most:
+            raise _fail(where, f"'k' must be a {units[:-1]} count between 1 and {most - 1} (got {k!r})")
+    else:
+        flops_ratio, unit_flops = data.get("flops_ratio"), data.get("unit_flops")
+        if not _is_number(flops_ratio) or not 0 < flops_ratio < 1:
+            raise _fail(where, f"'flops_ratio' must be a number between 0 and 1 (got {flops_ratio!r})")
+        if not isinstance(unit_flops, list) or len(unit_flops) != most or not all(
+                _is_number(x) and x >= 0 for x in unit_flops):
+            raise _fail(where, f"'unit_flops' must list {most} FLOPs shares >= 0, one per "
+                               f"{units[:-1]}")
     enc = data.get("encoder")
     if not isinstance(enc, dict):
         raise _fail(where, "missing 'encoder'")
@@ -225,18 +270,20 @@ def parse_router(data: Any, where: str = "<router>") -> Router:
             mask = parse_mask(cl.get("mask"), f"{where}: cluster {c} mask")
         except MaskError as exc:
             raise RouterError(str(exc)) from None
-        _check_cluster_mask(mask, where, f"cluster {c}", fp, k, units)
+        _check_cluster_mask(mask, where, f"cluster {c}", fp, k, units, flops_ratio, unit_flops)
         centroids.append([float(x) for x in cen])
         masks.append(mask)
         sizes.append({str(t): int(v) for t, v in size.items()})
-    fallback = _parse_fallback(data.get("fallback"), where, fp, k, units)
+    fallback = _parse_fallback(data.get("fallback"), where, fp, k, units, flops_ratio, unit_flops)
     method = data.get("method") or {}
     return Router(model_id=str(data["model"].get("id", "")),
                   fingerprint={key: fp[key] for key in FINGERPRINT_KEYS}, k=k, encoder=dict(enc),
                   centroids=centroids, masks=masks, sizes=sizes,
                   method=str(method.get("name", "")), params=dict(method.get("params") or {}),
                   provenance=dict(data.get("provenance") or {}),
-                  created_at=str(data.get("created_at", "")), fallback=fallback, units=units)
+                  created_at=str(data.get("created_at", "")), fallback=fallback, units=units,
+                  flops_ratio=None if flops_ratio is None else float(flops_ratio),
+                  unit_flops=[float(x) for x in unit_flops])
 
 
 def removed_units(mask: TaskMask, units: str) -> int:
@@ -249,18 +296,47 @@ def removed_units(mask: TaskMask, units: str) -> int:
     return -1 if mask.is_sublayer else len(mask.removed_layers)
 
 
-def _check_cluster_mask(mask: TaskMask, where: str, name: str, fp: dict, k: int,
-                        units: str = "blocks") -> None:
+def budget_fault(mask: TaskMask, units: str, k: int | None, flops_ratio: float | None = None,
+                 unit_flops: list[float] | None = None) -> str | None:
+    """Why `mask` does not meet a router's budget, or None: k `units` exactly, or (`flops_ratio`
+    given) units whose FLOPs shares (`unit_flops`, per block or per sublayer unit) reach it, and
+    none more than needed. The cut is the shortest prefix of the gates' order that reaches it
+    (`Budget.take`): without its last unit it falls short, so without its most expensive unit it
+    does too (the order itself is not in the file; this is what can be checked without it)."""
+    from tabp_vllm.sublayers import mask_units
+
+    got = removed_units(mask, units)
+    if flops_ratio is None:
+        what = "removes sublayers" if got < 0 else f"removes {got} {units}"
+        return None if got == k else f"mask {what}, the router's k is {k} {units}"
+    if got < 0:
+        return "mask removes sublayers, the router's units are blocks"
+    removed = mask.removed_layers if units == "blocks" else mask_units(
+        mask.removed_layers, mask.removed_attention, mask.removed_mlp)
+    share = sum(unit_flops[u] for u in removed)
+    if share < flops_ratio - FLOPS_TIE:
+        return (f"mask removes {share:.4f} of the FLOPs, short of the router's FLOPs budget "
+                f"{flops_ratio:g}")
+    if removed and share - max(unit_flops[u] for u in removed) >= flops_ratio - FLOPS_TIE:
+        return (f"mask removes {share:.4f} of the FLOPs, more units than the router's FLOPs "
+                f"budget {flops_ratio:g} needs")
+    return None
+
+
+def _check_cluster_mask(mask: TaskMask, where: str, name: str, fp: dict, k: int | None,
+                        units: str = "blocks", flops_ratio: float | None = None,
+                        unit_flops: list[float] | None = None) -> None:
     if mask.fingerprint != {key: fp[key] for key in FINGERPRINT_KEYS}:
         raise _fail(where, f"{name}: mask was made for another model than the router "
                            f"({mask.fingerprint} != {fp})")
-    got = removed_units(mask, units)
-    if got != k:
-        what = "removes sublayers" if got < 0 else f"removes {got} {units}"
-        raise _fail(where, f"{name}: mask {what}, the router's k is {k} {units}")
+    fault = budget_fault(mask, units, k, flops_ratio, unit_flops)
+    if fault:
+        raise _fail(where, f"{name}: {fault}")
 
 
-def _parse_fallback(doc: Any, where: str, fp: dict, k: int, units: str) -> Fallback | None:
+def _parse_fallback(doc: Any, where: str, fp: dict, k: int | None, units: str,
+                    flops_ratio: float | None = None,
+                    unit_flops: list[float] | None = None) -> Fallback | None:
     """The optional fallback record (routers written before it have none)."""
     if doc is None:
         return None
@@ -274,7 +350,7 @@ def _parse_fallback(doc: Any, where: str, fp: dict, k: int, units: str) -> Fallb
         mask = parse_mask(doc.get("mask"), f"{where}: fallback mask")
     except MaskError as exc:
         raise RouterError(str(exc)) from None
-    _check_cluster_mask(mask, where, "fallback", fp, k, units)
+    _check_cluster_mask(mask, where, "fallback", fp, k, units, flops_ratio, unit_flops)
     return Fallback(radius=float(radius), quantile=float(quantile or 0.0),
                     source=str(doc.get("source", "")), mask=mask)
 
@@ -413,7 +489,7 @@ def show_router(path: Path, as_json: bool, console) -> None:
     prov = router.provenance
     console.print(
         f"[bold]{path}[/]  router  model={router.model_id}  method={router.method}  "
-        f"k={router.k} {router.units}  {router.num_clusters} clusters  {len(router.variants())} variants  "
+        f"{router.budget_text()}  {router.num_clusters} clusters  {len(router.variants())} variants  "
         f"hash={router.content_hash()}")
     console.print(f"encoder: {enc['id']} ({enc['dimension']}-d, pooling {enc['pooling']}, "
                   f"normalize {enc['normalize']})")
@@ -450,7 +526,8 @@ def fit_summary(record: dict[str, Any]) -> str:
     if "converged" not in record:
         return "-"
     state = "converged" if record["converged"] else f"NOT converged ({', '.join(record.get('unmet', []))})"
-    return (f"{state}, {record['steps']} steps, s {record['expected_sparsity']:.3f}/"
+    what = "FLOPs" if record.get("budget") == "flops" else "s"  # the constrained share
+    return (f"{state}, {record['steps']} steps, {what} {record['expected_sparsity']:.3f}/"
             f"{record['target']:.3f}, {record.get('loss_kind', 'kl')} {record['loss']:.3f}, "
             f"{record.get('wall_s', 0):.0f} s, {record.get('forward_passes', 0)} fwd + "
             f"{record.get('backward_passes', 0)} bwd")
@@ -460,6 +537,8 @@ def validate_router_file(path: Path, model: str | None) -> str:
     """`tabp-vllm masks validate` of a router file: every check, the encoder loaded; the ok line."""
     router = load_router(path, model, check_encoder=True)
     units = "blocks" if router.units == "blocks" else f"sublayers (of {2 * router.num_hidden_layers})"
+    budget = (f"k = {router.k} {units}" if router.flops_ratio is None
+              else f"FLOPs {router.flops_ratio:g} in {units}")
     return (f"ok: {path} (router: {router.num_clusters} clusters, {len(router.variants())} "
-            f"distinct masks of k = {router.k} {units} of {router.num_hidden_layers} blocks, encoder "
+            f"distinct masks of {budget} of {router.num_hidden_layers} blocks, encoder "
             f"{router.encoder['id']} {router.dimension}-d)")

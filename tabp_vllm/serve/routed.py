@@ -110,6 +110,7 @@ class RoutedModel:
                 "cluster_variants": self.cluster_variants, "variants": sorted(set(self.cluster_variants)),
                 "encoder": self.router.encoder.get("id"), "router_hash": self.router.content_hash(),
                 "k": self.router.k, "method": self.router.method,
+                **({"flops_ratio": self.router.flops_ratio} if self.router.flops_ratio is not None else {}),
                 **({"fallback_variant": self.fallback_variant,
                     "fallback_radius": self.router.fallback.radius} if self.fallback_variant else {})}
 
