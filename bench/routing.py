@@ -627,13 +627,23 @@ SERVE_PROMPTS = ["Question: Which gas do plants take in from the air to make the
                  "Question: How can I open a jar whose lid is stuck?\nAnswer:"]
 
 
+def routed_request(client, model: str, prompt: str) -> dict:
+    """One greedy completion of `prompt` from `model` (the routed name) with the official client:
+    the x-tabp-* headers the server sets (the variant and cluster that served it; the client's
+    raw response keeps them), the model and text of the reply, and its wall time."""
+    t0 = time.time()
+    raw = client.completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=12,
+                                                      temperature=0)
+    out = raw.parse()
+    return {"headers": {k: v for k, v in raw.headers.items() if k.lower().startswith("x-tabp")},
+            "model": out.model, "text": out.choices[0].text, "wall_s": round(time.time() - t0, 2)}
+
+
 def sublayer_serve(argv: list[str]) -> None:
     """Serve a fitted sublayer router once, end to end: `serve --no-dense --router R` (its startup
     table), /v1/models, one request per prompt to the routed name (the x-tabp-* headers against the
     cluster the router gives the prompt here), then `eval --router R` on a few documents. Wall
     times and what was seen into OUT/serve_e2e.json; the logs beside it."""
-    import urllib.request
-
     from tabp_vllm.routing.router import load_router, route_input
     from tabp_vllm.serve.launcher import ServeProcess
     from tabp_vllm.serve.options import ServeOptions
@@ -658,20 +668,12 @@ def sublayer_serve(argv: list[str]) -> None:
     with server:
         res["serve_ready_s"] = round(time.time() - t0, 1)
         res["startup_table"] = server.log_text()
-        with urllib.request.urlopen(server.base_url + "/v1/models") as r:
-            res["models"] = json.loads(r.read())["data"]
-        for prompt, cluster in zip(SERVE_PROMPTS, expected):
-            body = json.dumps({"model": server.routed_name, "prompt": prompt, "max_tokens": 12,
-                               "temperature": 0}).encode()
-            req = urllib.request.Request(server.base_url + "/v1/completions", body,
-                                         {"Content-Type": "application/json"})
-            t1 = time.time()
-            with urllib.request.urlopen(req) as r:
-                out = json.loads(r.read())
-                headers = {k: v for k, v in r.headers.items() if k.lower().startswith("x-tabp")}
-            res["requests"].append({"prompt": prompt, "cluster_here": cluster, "headers": headers,
-                                    "model": out["model"], "text": out["choices"][0]["text"],
-                                    "wall_s": round(time.time() - t1, 2)})
+        client = server.openai_client(max_retries=0)
+        # the entries as the server sent them (exclude_unset: no field the client defaults)
+        res["models"] = [m.model_dump(exclude_unset=True) for m in client.models.list()]
+        res["requests"] = [{"prompt": prompt, "cluster_here": cluster,
+                            **routed_request(client, server.routed_name, prompt)}
+                           for prompt, cluster in zip(SERVE_PROMPTS, expected)]
     res["serve_total_s"] = round(time.time() - t0, 1)
     cmd = CLI + ["eval", "--router", str(a.router), "--no-dense", "--task", a.tasks,
                  "--limit", str(a.limit), "--kv-cache-gib", "0.25", "-o", str(a.out / "eval.json")]
