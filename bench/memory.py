@@ -49,7 +49,7 @@ import yaml
 
 from tabp_vllm.hardware import cpu_info
 from tabp_vllm.memory import GiB
-from tabp_vllm.serve.process_memory import snapshot
+from tabp_vllm.serve.process_memory import smaps_rollup, snapshot
 
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # engine_model_stats pickles a function
 OUT = Path(__file__).resolve().parent / "results" / "memory"
@@ -265,17 +265,13 @@ _LIBC.mallinfo2.restype = _MallInfo2
 
 
 def memory_reading(label: str) -> dict:
-    """This process' memory now: smaps_rollup (RSS, PSS, anonymous, USS) and glibc's heap: in use
-    by malloc (`malloc_used`: small blocks in its arenas + its own mmaps) and held free in the
-    arenas (`malloc_free`: freed, not returned to the OS)."""
-    rollup = {}
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
-        key, value = line.split(":", 1)
-        rollup[key] = int(value.split()[0]) * 1024
+    """This process' memory now: smaps_rollup (RSS, PSS, anonymous, USS, and `file`: the rest of
+    RSS, shared memory included, where the serve sampler's excludes it: `parse_smaps_rollup`)
+    and glibc's heap: in use by malloc (`malloc_used`: small blocks in its arenas + its own
+    mmaps) and held free in the arenas (`malloc_free`: freed, not returned to the OS)."""
+    rollup = smaps_rollup()
     mi = _LIBC.mallinfo2()
-    out = {"phase": label, "rss": rollup["Rss"], "pss": rollup["Pss"], "anon": rollup["Anonymous"],
-           "uss": rollup["Private_Clean"] + rollup["Private_Dirty"],
-           "file": rollup["Rss"] - rollup["Anonymous"],
+    out = {"phase": label, **rollup,
            "malloc_used": mi.uordblks + mi.hblkhd, "malloc_free": mi.fordblks,
            "malloc_mmapped": mi.hblkhd}
     print(f"{label:>28}: " + " ".join(f"{k} {v / GiB:.3f}" for k, v in out.items() if k != "phase"),

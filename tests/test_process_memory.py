@@ -60,3 +60,56 @@ def test_sampler_attributes_memory_to_the_variant_and_keeps_phase_peaks():
     assert sorted(r["role"] for r in rows) == ["other", "replica actor"]
     assert max(r["uss"] for r in rows) >= 150 * MIB
     assert {r["role"] for r in snap["app"]} == {"other ray"}
+
+
+# /proc/PID/smaps_rollup of a process holding shared memory (a /dev/shm mapping): 3,000 kB of
+# Shmem, resident but neither anonymous nor a file's page cache
+SMAPS_ROLLUP = """\
+561adb8cf000-7ffd9781b000 ---p 00000000 00:00 0                          [rollup]
+Rss:               10000 kB
+Pss:                6000 kB
+Pss_Dirty:          4500 kB
+Pss_Anon:           4000 kB
+Pss_File:            500 kB
+Pss_Shmem:          1500 kB
+Shared_Clean:       2000 kB
+Shared_Dirty:       3000 kB
+Private_Clean:       500 kB
+Private_Dirty:      4500 kB
+Referenced:        10000 kB
+Anonymous:          4000 kB
+KSM:                   0 kB
+LazyFree:              0 kB
+AnonHugePages:      2048 kB
+ShmemPmdMapped:        0 kB
+FilePmdMapped:         0 kB
+Shared_Hugetlb:        0 kB
+Private_Hugetlb:       0 kB
+Swap:                  0 kB
+SwapPss:               0 kB
+Locked:                0 kB
+"""
+
+
+def test_smaps_rollup_counts_shared_memory_as_file_where_status_does_not():
+    import mmap
+    import tempfile
+
+    from tabp_vllm.serve.process_memory import parse_smaps_rollup, rss_parts, smaps_rollup
+
+    kib = 1024
+    got = parse_smaps_rollup(SMAPS_ROLLUP)
+    assert got == {"rss": 10000 * kib, "pss": 6000 * kib, "anon": 4000 * kib,
+                   "uss": 5000 * kib, "file": 6000 * kib}
+    # live: 64 MiB of shared memory, touched, counts in the rollup's `file` and not in
+    # rss_parts' file-backed (status's RssFile), nor in either's anonymous
+    shm = 64 * MIB
+    with tempfile.TemporaryFile(dir="/dev/shm") as f:
+        f.truncate(shm)
+        with mmap.mmap(f.fileno(), shm) as m:
+            before, (anon0, file0) = smaps_rollup(), rss_parts(os.getpid())
+            m[::4096] = b"x" * (shm // 4096)
+            after, (anon1, file1) = smaps_rollup(), rss_parts(os.getpid())
+    assert after["file"] - before["file"] >= shm - MIB
+    assert abs(file1 - file0) < 8 * MIB
+    assert abs(after["anon"] - before["anon"]) < 8 * MIB and abs(anon1 - anon0) < 8 * MIB

@@ -3,7 +3,9 @@
 `snapshot(pid)` walks the server's process tree once (RSS, PSS, USS: bench/memory.py serve);
 `MemorySampler(pid)` samples it over time in a thread, cheaply (/proc/PID/status only), and keeps
 per variant the peak of its processes' anonymous and file-backed RSS, per phase ("start", "load",
-... as the caller marks them), and the machine's lowest MemAvailable.
+... as the caller marks them), and the machine's lowest MemAvailable. `smaps_rollup(pid)` reads one
+process' RSS, PSS, USS, anonymous and the rest (bench/memory.py phases), which counts shared
+memory where the sampler's file-backed does not (`parse_smaps_rollup`).
 
 A variant owns the Ray Serve replica actor `ray::ServeReplica:tabp:LLMServer:<name>` and every
 process below it (vLLM's engine core, the executor's worker where it is a process of its own);
@@ -121,7 +123,8 @@ def snapshot(root_pid: int) -> dict:
 
 
 def rss_parts(pid: int) -> tuple[int, int]:
-    """(anonymous, file-backed) resident bytes of `pid` from /proc/PID/status; (0, 0) if gone."""
+    """(anonymous, file-backed) resident bytes of `pid` from /proc/PID/status (RssAnon, RssFile:
+    shared memory, RssShmem, in neither; see `parse_smaps_rollup`); (0, 0) if gone."""
     anon = file = 0
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -133,6 +136,31 @@ def rss_parts(pid: int) -> tuple[int, int]:
     except OSError:
         pass
     return anon, file
+
+
+def parse_smaps_rollup(text: str) -> dict[str, int]:
+    """A process' resident memory from the text of /proc/PID/smaps_rollup, in bytes: `rss`, `pss`
+    (each shared page divided among the processes mapping it), `anon` (its `Anonymous`), `uss`
+    (pages no other process maps: Private_Clean + Private_Dirty) and `file` = Rss - Anonymous.
+
+    That `file` is NOT `rss_parts`' file-backed: it is everything resident that is not anonymous,
+    so it counts shared memory (shmem: tmpfs, /dev/shm, memfd, SysV) as well as mapped files,
+    where `rss_parts` reads status's RssFile, which leaves RssShmem out. On a process holding
+    shmem the two differ by its RssShmem. `bench/memory.py phases` reads this one because it
+    needs PSS and USS (which status lacks) and the kernel's walk of the page tables at that moment;
+    the sampler reads status because that walk is too slow for every process every second."""
+    kb = {}
+    for line in text.splitlines()[1:]:  # the first line is the "[rollup]" mapping's header
+        key, value = line.split(":", 1)
+        kb[key] = int(value.split()[0]) * 1024
+    return {"rss": kb["Rss"], "pss": kb["Pss"], "anon": kb["Anonymous"],
+            "uss": kb["Private_Clean"] + kb["Private_Dirty"], "file": kb["Rss"] - kb["Anonymous"]}
+
+
+def smaps_rollup(pid: int | str = "self") -> dict[str, int]:
+    """`parse_smaps_rollup` of process `pid` (default: this one) now."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return parse_smaps_rollup(f.read())
 
 
 def mem_available() -> int:
