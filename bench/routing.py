@@ -59,18 +59,16 @@ CLI = [sys.executable, "-m", "tabp_vllm"]
 EVAL_OF = {"arc_easy": "tabp_arc_easy", "piqa": "tabp_piqa", "boolq": "tabp_boolq"}
 
 
-# Sublayer units per k of whole blocks for the report's L0 sublayer rows: a unit budget is not a
-# FLOPs budget (the gates take cheap attention sublayers first: 2k units removed 0.066 of the
-# decode FLOPs where 4 blocks remove 0.107). These are the budgets whose fits landed nearest the
-# blocks' FLOPs in the L0 study (l0_study/, pi-sub13: 0.117 vs 0.107; pi-sub20: 0.226 vs 0.214).
-SUBLAYER_K = {4: 13, 8: 20}
+# The report's L0 sublayer rows at "k" take a FLOPs budget, k whole blocks' share of the dense
+# FLOPs (`route fit --flops-ratio`): a unit count is not a FLOPs budget (the gates take cheap
+# attention sublayers first: 2k units removed 0.066 of the decode FLOPs where 4 blocks remove
+# 0.107; l0_study/). A hair under the blocks' share (comparison.FLOPS_TIE), so that the k-block
+# static masks meet the same budget.
+def sublayer_budget(k: int) -> list[str]:
+    from tabp_vllm.comparison import FLOPS_TIE, k_flops_ratio
+    from tabp_vllm.models import load_model_config, resolve_model
 
-
-def sublayer_k(k: int) -> int:
-    if k not in SUBLAYER_K:
-        sys.exit(f"--units sublayers: no measured sublayer budget for k = {k} (SUBLAYER_K: "
-                 f"{', '.join(map(str, SUBLAYER_K))}); fit one in the L0 study first")
-    return SUBLAYER_K[k]
+    return ["--flops-ratio", repr(k_flops_ratio(load_model_config(resolve_model("llama")), k) - FLOPS_TIE)]
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -95,7 +93,7 @@ def report(argv: list[str]) -> None:
                     help="L0 step cap per cluster (default: route fit's; the committed report: 24)")
     ap.add_argument("--losses", default="kl", help="L0 losses to fit: kl, lm or kl,lm")
     ap.add_argument("--units", default="blocks", help="L0 units: blocks, sublayers or both "
-                    "(sublayers: SUBLAYER_K's units for each k of blocks, near its FLOPs)")
+                    "(sublayers: a FLOPs budget, k blocks' share of the FLOPs)")
     ap.add_argument("--seeds", default="0", help="fit seeds (route fit --seed), e.g. 0,1,2")
     ap.add_argument("--limit", type=int, default=100,
                     help="evaluation documents per task (0: the whole evaluation split)")
@@ -106,9 +104,6 @@ def report(argv: list[str]) -> None:
     if a.report_only:
         write_report(json.loads((a.out / "routing.json").read_text()), a.out)
         return
-    if "sublayers" in a.units.split(","):
-        for k in a.ks.split(","):  # an unmeasured k stops here, before anything runs
-            sublayer_k(int(k))
     out, log = a.out, a.out / "run.log"
     out.mkdir(parents=True, exist_ok=True)
     (out / "routers").mkdir(exist_ok=True)
@@ -169,7 +164,7 @@ def report(argv: list[str]) -> None:
                      else ["--seed", str(seed)])
             run(CLI + ["route", "fit", "--model", "llama", *sum((["--task", t] for t in calib), []),
                        "--samples", str(a.samples),
-                       "--k", str(sublayer_k(k) if units == "sublayers" else k),
+                       *(sublayer_budget(k) if units == "sublayers" else ["--k", str(k)]),
                        *(["--steps", str(a.steps)] if a.steps else []),
                        "--clusters", str(n), "--mask-method", method, *extra, "-o", str(router)], log)
         r = json.loads(router.read_text())
