@@ -6,6 +6,12 @@ import pytest
 
 # vLLM ships functions to its worker process by pickling (engine_model_stats needs this).
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+# Ray Serve's direct ingress (serve's default request-path profile) holds its replica open for
+# 30 s at shutdown, for an external load balancer to deregister it (serve.shutdown then logs
+# "Controller failed to shut down within 30.0s"). No balancer fronts a test server: every local
+# serve stop (tests/test_serve.py's teardown, the gpu_check serve test) waited 30 s for nothing.
+# In-flight requests are still drained. Inherited by every subprocess and the Ray it starts.
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TABP_VLLM_DATA", REPO.parent / "shared" / "data"))

@@ -228,8 +228,10 @@ def test_gpu_check_serve_against_bare_vllm_on_cpu(tmp_path):
     and a bare vLLM api_server of the same checkpoint, loaded by `tabp-vllm bench` interleaved; on
     the CPU engine here, tiny shape. What a GPU run of bench/gpu_check.sh returns, end to end."""
     out = tmp_path / "out"
+    # 1 s measured per slice (2 rounds) and a 0.5 s ramp: ~10 tiny-model requests per slice,
+    # enough for every target to complete some at each level (4 s / 1 s took 18 s more)
     doc = _gpu_check(tmp_path, "gpu_serve", 720, ENGINE="serve", KS="1", NEW_TOKENS="8",
-                     DURATION="4", RAMP="1", DEADLINE_S="600")
+                     DURATION="2", RAMP="0.5", DEADLINE_S="600")
     serve = doc["serve"]
     # what the server built and lists: the dense checkpoint and the variant without block 2
     assert serve["served_names"] == {"dense": "model", "k1": "model-k1"}
