@@ -29,6 +29,10 @@ pytestmark = [pytest.mark.serve, pytest.mark.timeout(1800)]
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 VARIANT = "llama-gsm8k"
+# The cluster's metrics report interval (Ray's default is 10 s, which made each settled_tokens
+# wait 24-36 s), and the quiet time that counts as settled: over two intervals
+METRICS_REPORT_MS = 2000
+SETTLE_S = 5
 
 STATUS = r"""
 import json, sys, ray
@@ -49,10 +53,11 @@ def app_replicas(address: str, env: dict) -> dict:
     return json.loads(line[len("STATUS "):])
 
 
-def stop_cluster(temp_dir: str, grace_s: float = 15.0) -> None:
+def stop_cluster(temp_dir: str, grace_s: float = 5.0) -> None:
     """Stop the Ray cluster whose processes name `temp_dir`, and everything below them (agents,
     workers). Only that cluster: `ray stop` would take down every Ray on the machine, the local
-    instance of any other test or user included."""
+    instance of any other test or user included. A throwaway cluster: what ignores SIGTERM for
+    `grace_s` is killed (with 15 s the teardown waited out the full grace)."""
     import psutil
 
     me = psutil.Process()
@@ -86,7 +91,8 @@ def ray_cluster(tmp_path_factory):
     address = f"127.0.0.1:{gcs}"
     temp_dir = f"/tmp/tabp-ray-{gcs}-{os.getpid()}"  # short: Ray's socket paths must fit 107 bytes
     # Ray 2.60 clusters use token auth (~/.ray/auth_token); a joining driver must be told so.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_metrics_report_interval_ms": str(METRICS_REPORT_MS)}
     try:
         subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--num-cpus=8",
                         "--node-ip-address=127.0.0.1", "--include-dashboard=false",
@@ -119,13 +125,13 @@ def generated_tokens(metrics_port: int) -> float:
 
 
 def settled_tokens(metrics_port: int, timeout_s: float = 180) -> float:
-    """The generated-token counter once it stays the same over 12 s: longer than one metrics
-    report interval of a cluster started by `ray start` (`metrics_report_interval_ms`, 10 s by
-    default), so a counter that still moves cannot look settled."""
+    """The generated-token counter once it stays the same over SETTLE_S: longer than two metrics
+    report intervals of the cluster (METRICS_REPORT_MS), so a counter that still moves cannot
+    look settled."""
     deadline = time.time() + timeout_s
     prev = generated_tokens(metrics_port)
     while time.time() < deadline:
-        time.sleep(12)
+        time.sleep(SETTLE_S)
         cur = generated_tokens(metrics_port)
         if cur == prev and cur > 0:
             return cur
