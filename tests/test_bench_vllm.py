@@ -48,8 +48,10 @@ def test_bench_real_server_streams_and_reports(k4_server, tmp_path):
 
     url, mask_path = k4_server
     # The same server twice under two labels: a dense/pruned pair whose true ratio is 1.
+    # 2 s measured per slice (~4 requests at level 1 here) after a 0.5 s ramp: 20 s of load
+    # (6 s and a 1 s ramp took 32 s)
     res = run_bench(url=url, variants=["llama-k4", "again=llama-k4"], dense="again",
-                    masks=[f"llama-k4={mask_path}"], levels="1,3", duration=6, rounds=2, ramp=1,
+                    masks=[f"llama-k4={mask_path}"], levels="1,3", duration=4, rounds=2, ramp=0.5,
                     warmup=2, input_len=40, output_len=12, range_ratio=0.0, out=tmp_path, progress=False)
     ms = {(m["variant"], m["level"]): m for m in res["metrics"]}
     assert set(ms) == {("llama-k4", 1), ("again", 1), ("llama-k4", 3), ("again", 3)}
