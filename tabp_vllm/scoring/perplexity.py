@@ -5,7 +5,14 @@ Each comes twice: as published (`sleb`, `ppl`: perplexity of generic text, WikiT
 paragraphs as the SLEB paper calibrates, here from the test split, the only one
 ../shared/data ships: our evaluations never score WikiText, so nothing leaks; Shortened LLaMA used BookCorpus, which is not here), and
 task-aligned (`sleb-task`, `ppl-task`: perplexity of the task's own question + gold answer text,
-the very likelihood a zero-shot evaluation scores)."""
+the very likelihood a zero-shot evaluation scores).
+
+Cost: as the papers count it, one full calibration pass per sample per candidate (SLEB: per
+round), which `forward_passes` and the run's recorded passes keep; the run's wall time is recorded
+beside them. The implementation reuses prefixes (`removal_nlls`, prefix.py): per round and batch
+one pass with the removed units gone keeps each candidate's boundary state, and each candidate
+runs only from its boundary, with exactly the numbers of a full pass per candidate, in about half
+the time (bench/results/sleb_prefix/)."""
 
 from __future__ import annotations
 
@@ -16,23 +23,53 @@ from typing import Any, Callable
 import torch
 
 from tabp_vllm.scoring.base import MethodResult, ScoringMethod
+from tabp_vllm.scoring.prefix import removal_outputs
 from tabp_vllm.scoring.probe import ScoreContext, forward_batches, lm_text
 
 
 @torch.no_grad()
 def calibration_nll(ctx: ScoreContext, removed: set[int], tick=None) -> float:
     """Mean next-token NLL over the calibration texts with `removed` units (blocks, or sublayers
-    at sublayer granularity) left out (log PPL)."""
+    at sublayer granularity) left out (log PPL): one full pass per batch, the reference that
+    `removal_nlls` reproduces."""
     total, count = 0.0, 0
     for b in forward_batches(ctx, lm_text, skip=removed, tick=tick):
-        logits = ctx.model.lm_head(b.output).float()
-        ids, att = b.inputs["input_ids"], b.inputs["attention_mask"]
-        tgt = ids[:, 1:]
-        valid = (att[:, 1:] * att[:, :-1]).bool()
-        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-        total += float(-(lp * valid).sum())
-        count += int(valid.sum())
+        batch_total, batch_count = _nll_sums(ctx, b.output, b.inputs)
+        total += batch_total
+        count += batch_count
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def removal_nlls(ctx: ScoreContext, removed: set[int], units: list[int], tick=None,
+                 reuse_prefix: bool = True) -> dict[int, float]:
+    """`calibration_nll(ctx, removed | {u})` for every u in `units`, the same numbers, with each
+    candidate resumed from the prefix it shares with the others (prefix.py: about half the
+    blocks per candidate), or without `reuse_prefix` those very calls (the reference that
+    tests/test_prefix_reuse.py and bench/sleb_prefix.py compare against). Ticks `tick` once per
+    unit per batch either way."""
+    if not reuse_prefix:
+        return {u: calibration_nll(ctx, removed | {u}, tick) for u in units}
+    sums = {u: [0.0, 0] for u in units}
+    for inputs, u, out in removal_outputs(ctx, lm_text, removed, units):
+        batch_total, batch_count = _nll_sums(ctx, out, inputs)
+        sums[u][0] += batch_total
+        sums[u][1] += batch_count
+        if tick:
+            tick(1)
+    return {u: total / max(count, 1) for u, (total, count) in sums.items()}
+
+
+def _nll_sums(ctx: ScoreContext, output: torch.Tensor,
+              inputs: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """One batch's summed next-token NLL and the number of tokens it sums, from the last hidden
+    state after the final norm."""
+    logits = ctx.model.lm_head(output).float()
+    ids, att = inputs["input_ids"], inputs["attention_mask"]
+    tgt = ids[:, 1:]
+    valid = (att[:, 1:] * att[:, :-1]).bool()
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    return float(-(lp * valid).sum()), int(valid.sum())
 
 
 WIKITEXT_SPLIT = "test"  # the one split of WikiText-2 in ../shared/data
@@ -83,6 +120,7 @@ class SLEB(_PerplexityMethod):
     ranks_by_score = False  # its rounds remove, not its scores (only the rounds' units are scored)
 
     def forward_passes(self, samples: int, candidates: int, k: int) -> int:
+        # full-pass equivalents, as the paper counts (the prefix reuse runs fewer blocks)
         return sum(candidates - r for r in range(k)) * samples
 
     def ranking(self, scores, params):
@@ -104,8 +142,9 @@ class SLEB(_PerplexityMethod):
         order = []
         while remaining and not budget.met(removed):
             best, best_nll = None, math.inf
+            nlls = removal_nlls(ctx, removed, remaining, tick)
             for b in remaining:
-                nll = calibration_nll(ctx, removed | {b}, tick)
+                nll = nlls[b]
                 scores[b] = nll
                 if nll < best_nll:
                     best, best_nll = b, nll
@@ -127,8 +166,8 @@ class PPLSensitivity(_PerplexityMethod):
     def score_on(self, ctx: ScoreContext) -> MethodResult:
         scores: list[float | None] = [None] * ctx.num_units
         tick = ctx.task("PPL sensitivity", len(ctx.candidates) * ctx.num_batches())
-        for u in ctx.candidates:
-            scores[u] = calibration_nll(ctx, {u}, tick)
+        for u, nll in removal_nlls(ctx, set(), ctx.candidates, tick).items():
+            scores[u] = nll
         return MethodResult(scores, ctx.remove_lowest(scores))
 
 

@@ -144,6 +144,16 @@ class ForwardBatch:
     hidden: list[torch.Tensor]
 
 
+def encoded_batches(ctx: ScoreContext, text: Callable[[Any], str]
+                    ) -> Iterator[tuple[list, dict[str, torch.Tensor]]]:
+    """The calibration set, `ctx.batch_size` samples at a time: the items and their encoding (each
+    sample written by `text(item)`)."""
+    items = ctx.dataset.items
+    for s in range(0, len(items), ctx.batch_size):
+        chunk = items[s:s + ctx.batch_size]
+        yield chunk, _encode(ctx, [text(i) for i in chunk])
+
+
 @torch.no_grad()
 def forward_batches(ctx: ScoreContext, text: Callable[[Any], str], *, hidden: bool = False,
                     skip: set[int] = frozenset(),
@@ -154,10 +164,7 @@ def forward_batches(ctx: ScoreContext, text: Callable[[Any], str], *, hidden: bo
     caller has used it. Every scorer's forward pass is this one."""
     model = ctx.model
     sublayer = ctx.granularity == "sublayer"
-    items = ctx.dataset.items
-    for s in range(0, len(items), ctx.batch_size):
-        chunk = items[s:s + ctx.batch_size]
-        inputs = _encode(ctx, [text(i) for i in chunk])
+    for chunk, inputs in encoded_batches(ctx, text):
         states: list[torch.Tensor] = []
 
         def grab(_m, _i, o):
