@@ -20,9 +20,10 @@ position by position as the model's own loop over its (shortened) block list.
 Cost: a candidate runs (blocks from its boundary) / (all blocks) of a pass, about half over the
 whole depth and a quarter over the latter half, plus one shared pass per batch. Memory: the
 boundary states of one batch at a time, one per candidate (batch x length x hidden each, freed as
-each candidate runs): qwen1.5b in fp32 on a CPU at batch 16 x 256 tokens is 25 MB a state, at
-most 0.7 GB for 28 candidate units (half that in bf16 on a GPU); the LM head's logits that each
-candidate's NLL reads are the same as before and larger (16 x 256 x 151,936 floats).
+each candidate runs): qwen1.5b in fp32 on a CPU at batch 16 x 256 tokens is 25 MB a state, so
+the peak is 0.35 GB for the latter half's 14 blocks, 0.7 GB for its 28 sublayer units and 1.4 GB
+for all 56 (half that in bf16 on a GPU); the LM head's logits that each candidate's NLL reads are
+as before and larger (16 x 256 x 151,936 floats, 2.5 GB in fp32).
 """
 
 from __future__ import annotations
