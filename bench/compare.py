@@ -50,6 +50,13 @@ from tabp_vllm.comparison import (CONFIGS, DENSE, LM_TASK, REFERENCE, SEEDLESS, 
                                   same_as_paper)
 from tabp_vllm.errors import TabpError
 
+
+def fail(message: str) -> None:
+    """Bad input: one line and exit 2, as the CLI's TabpError (sys.exit(str) would exit 1)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(TabpError.exit_code)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     csv = lambda t: lambda s: [t(x) for x in s.split(",") if x]  # noqa: E731
@@ -82,7 +89,7 @@ def main() -> None:
            + [c for c in a.configs if c not in CONFIGS and c != DENSE]
            + [p for p in a.protocols if p not in ("paper", "per-task")])
     if bad:
-        sys.exit(f"error: unknown task, configuration or protocol: {', '.join(bad)}")
+        fail(f"unknown task, configuration or protocol: {', '.join(bad)}")
     # dense is no mask: every run evaluates it (`needed` below), so the name selects nothing
     # more, and `--configs dense` alone evaluates the dense model only
     a.configs = [c for c in a.configs if c != DENSE]
@@ -94,7 +101,7 @@ def main() -> None:
     try:
         rep = Report(a.out, a)
     except TabpError as exc:
-        sys.exit(f"error: {exc}")
+        fail(str(exc))
     for seed in [] if a.report_only else a.seeds:
         for protocol in a.protocols:
             groups = [("arc_easy", a.tasks)] if protocol == "paper" else [(t, [t]) for t in a.tasks]

@@ -363,7 +363,8 @@ def load(argv: list[str]) -> None:
     router, static = load_router(a.router, model), load_mask(a.static, model)
     fault = router.budget_fault(static)  # k units, or the router's FLOPs share
     if fault:
-        sys.exit(f"error: the static {fault}: compare variants of the same budget")
+        print(f"error: the static {fault}: compare variants of the same budget", file=sys.stderr)
+        sys.exit(2)  # bad input, as the CLI's TabpError
     a.out.mkdir(parents=True, exist_ok=True)
     static_name = f"llama-{static.task}"
     dataset = mixed_prompts(a.out / "mixed_prompts.jsonl", a.output_len)

@@ -190,7 +190,8 @@ def test_hierarchical_bootstrap_carries_seed_variance():
         hierarchical_bootstrap(seeds, static[:10])
 
 
-def test_configs_dense_evaluates_only_the_dense_model_once(cv2, tmp_path, monkeypatch, demo_model):
+def test_configs_dense_evaluates_only_the_dense_model_once(cv2, tmp_path, monkeypatch, capsys,
+                                                          demo_model):
     """`bench/compare.py --configs dense`: one evaluation of the dense model (no mask, cached under
     compare_v2's dense key "lm-eval task|"), no mask scored; a rerun evaluates nothing. Selection
     only: the evaluator is a fake recording what it is asked."""
@@ -231,5 +232,8 @@ def test_configs_dense_evaluates_only_the_dense_model_once(cv2, tmp_path, monkey
     assert len(asked) == 1
     # an unknown name is still refused (dense is the one name outside CONFIGS)
     monkeypatch.setattr(sys, "argv", argv[:2] + ["dense,densest"] + argv[3:])
-    with pytest.raises(SystemExit, match="unknown task, configuration or protocol: densest"):
+    with pytest.raises(SystemExit) as refused:
         compare.main()
+    assert refused.value.code == 2  # bad input exits 2, as the CLI does
+    assert capsys.readouterr().err.strip() == \
+        "error: unknown task, configuration or protocol: densest"
