@@ -183,60 +183,48 @@ def test_user_jsonl_becomes_a_task(tmp_path):
         jsonl_task_folder("bad", bad, tmp_path / "tasks2")
 
 
-LOGLIKELIHOOD_CHECK = '''
-import json, sys
-
-if __name__ == "__main__":
+@pytest.mark.engine
+def test_one_token_shortcut_equals_lm_evals_loglikelihood(monkeypatch):
+    """BoolQ's " yes" / " no" read off one pass over the passage give lm-eval's own numbers: the
+    same log-likelihoods and greedy flags per request, so the same accuracy, also for a token far
+    down the distribution; a continuation of two tokens goes through lm-eval's path. (The engine
+    runs in this process, as an offline engine on a CPU does: no child importing vLLM again.)"""
     from vllm import SamplingParams
 
-    from tabp_vllm.lmeval import TabpVLLM, VLLM
+    from tabp_vllm.lmeval import VLLM, TabpVLLM
     from tabp_vllm.lmeval_tasks import load_task_object
 
     # float32: the shortcut and lm-eval's path batch differently, and bf16 logits then differ by
     # up to ~0.1 nat between the two passes (seen on an AMX box), noise that hides the logic tested
     lm = TabpVLLM(pretrained="llama", kv_cache_gib=0.5, dtype="float32")
-    obj = load_task_object("tabp_boolq")
-    reqs = []
-    for d in list(obj.eval_docs)[:int(sys.argv[1])]:
-        ctx = obj.doc_to_text(d)
-        for c in obj.doc_to_choice(d):
-            reqs.append(((ctx, " " + c), *lm._encode_pair(ctx, " " + c)))
-    # one more one-token continuation of the first context, far outside its top 20 (a top-K
-    # read would miss it), and a two-token one, which must take lm-eval's path
-    params = SamplingParams(max_tokens=1, logprobs=20, temperature=0)
-    out = lm.model.generate([{"prompt_token_ids": reqs[0][1]}], params, use_tqdm=False)
-    top = out[0].outputs[0].logprobs[0]
-    rare = next(t for t in range(1000, 2000) if t not in top)
-    reqs.append((None, reqs[0][1], [rare]))
-    reqs.append((None, reqs[0][1], [rare, rare]))
-    fell = []
-    theirs = VLLM._loglikelihood_tokens
+    try:
+        obj = load_task_object("tabp_boolq")
+        reqs = []
+        for d in list(obj.eval_docs)[:6]:
+            ctx = obj.doc_to_text(d)
+            for c in obj.doc_to_choice(d):
+                reqs.append(((ctx, " " + c), *lm._encode_pair(ctx, " " + c)))
+        # one more one-token continuation of the first context, far outside its top 20 (a top-K
+        # read would miss it), and a two-token one, which must take lm-eval's path
+        params = SamplingParams(max_tokens=1, logprobs=20, temperature=0)
+        out = lm.model.generate([{"prompt_token_ids": reqs[0][1]}], params, use_tqdm=False)
+        top = out[0].outputs[0].logprobs[0]
+        rare = next(t for t in range(1000, 2000) if t not in top)
+        reqs.append((None, reqs[0][1], [rare]))
+        reqs.append((None, reqs[0][1], [rare, rare]))
+        fell = []
+        lm_evals = VLLM._loglikelihood_tokens
 
-    def counting(self, rs, disable_tqdm=False):
-        fell.extend(r[2] for r in rs)
-        return theirs(self, rs, disable_tqdm)
+        def counting(self, rs, disable_tqdm=False):
+            fell.extend(r[2] for r in rs)
+            return lm_evals(self, rs, disable_tqdm)
 
-    VLLM._loglikelihood_tokens = counting
-    ours = lm._loglikelihood_tokens(reqs)
-    VLLM._loglikelihood_tokens = theirs
-    print("RESULT " + json.dumps({"ours": ours, "theirs": theirs(lm, reqs), "fell": fell,
-                                  "rare": rare}))
-    lm.shutdown()
-'''
-
-
-@pytest.mark.engine
-def test_one_token_shortcut_equals_lm_evals_loglikelihood(tmp_path):
-    """BoolQ's " yes" / " no" read off one pass over the passage give lm-eval's own numbers: the
-    same log-likelihoods and greedy flags per request, so the same accuracy, also for a token far
-    down the distribution; a continuation of two tokens goes through lm-eval's path."""
-    script = tmp_path / "check.py"
-    script.write_text(LOGLIKELIHOOD_CHECK)
-    p = subprocess.run([sys.executable, str(script), "6"], capture_output=True, text=True,
-                       timeout=900, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line, p.stderr[-3000:]
-    doc = json.loads(line[len("RESULT "):])
+        with monkeypatch.context() as m:
+            m.setattr(VLLM, "_loglikelihood_tokens", counting)
+            ours = lm._loglikelihood_tokens(reqs)
+        doc = {"ours": ours, "theirs": lm_evals(lm, reqs), "fell": fell, "rare": rare}
+    finally:
+        lm.shutdown()
     assert len(doc["ours"]) == len(doc["theirs"]) == 14
     assert doc["fell"] == [[doc["rare"]] * 2]  # only the two-token continuation took lm-eval's path
     for (ll, greedy), (ll_ref, greedy_ref) in zip(doc["ours"], doc["theirs"]):
