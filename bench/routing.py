@@ -514,6 +514,9 @@ STUDY_SETTINGS = {
     # blocks' share (0.1069959, flops.py; rounded down so a 4-block mask meets the same budget),
     # the mask cut by FLOPs (`route fit --flops-ratio`)
     "pi-sub-flops4": ["--steps", "300", "--units", "sublayers", "--flops-ratio", "0.10699"],
+    # the same after the FLOPs budget's pull was normalised by the gated units' FLOPs
+    # (`routing/l0.py: GateBudget.pull`; pi-sub-flops4 lagged its target for ~100 steps)
+    "pi-sub-flops4-norm": ["--steps", "300", "--units", "sublayers", "--flops-ratio", "0.10699"],
 }
 
 

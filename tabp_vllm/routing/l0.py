@@ -79,6 +79,24 @@ class GateBudget:
             return hc.expected_sparsity(log_alpha)
         return hc.expected_removed(log_alpha, torch.tensor(self.weights, dtype=log_alpha.dtype))
 
+    @property
+    def pull(self) -> float:
+        """The factor on the gap s_hat - t that the multiplier sees and the penalty applies: 1 for
+        a unit budget, 1 / sum(w) for a FLOPs budget. Why: the penalty lambda1 (s_hat - t) pulls
+        gate i by lambda1 w_i dP_i/dlog_alpha, against lambda1 (1/n) dP_i/dlog_alpha under a unit
+        budget, for which the controller's gains (--lambda-lr, --lambda-p) were tuned; the FLOPs
+        shares of the gated units sum to less than 1 (the LM head and the ungated blocks hold the
+        rest), so the same gains pulled them more weakly, and the gap driving lambda1 was as much
+        smaller: the demo model's first FLOPs fit lagged its target for ~100 steps (study row
+        pi-sub-flops4). Divided by sum(w) = n mean(w), the constraint is the removed share of the
+        *gated* FLOPs, the mean pull per gate is the unit budget's, and equal weights give exactly
+        the unit budget's fit. Only the force changes: s_hat, the target, the tolerance and the
+        cut still count shares of the whole dense step."""
+        if self.weights is None:
+            return 1.0
+        total = sum(self.weights)
+        return 1.0 / total if total > 0 else 1.0
+
     def cut(self, log_alpha: torch.Tensor | list[float]) -> list[int]:
         """The deterministic mask: the removed unit positions (0..n-1), sorted."""
         from tabp_vllm.scoring.units import Budget
@@ -234,6 +252,7 @@ def train_gates(loss_of: Callable[[int, torch.Tensor], torch.Tensor], n_units: i
     # gate's E[L0] hardly moves, so a marginal gate needs a large lambda1 to leave it, and then
     # several leave at once: on a toy stack PI fits stalled there, 24/24 converge from here)
     start = min(float(budget.expected(log_alpha.detach())), target)
+    pull = budget.pull  # 1 for a unit budget (x * 1.0 == x: unit fits are unchanged)
     curves: dict[str, list[float]] = {key: [] for key in
                                       ("loss", "expected_sparsity", "target", "lambda1", "lambda2", "margin")}
     failed = ["on budget", "decided", "flat"]
@@ -243,11 +262,11 @@ def train_gates(loss_of: Callable[[int, torch.Tensor], torch.Tensor], n_units: i
         task = loss_of(step, z)
         t = hc.target_at(step, target, s.warmup_steps, start)
         s_hat = budget.expected(log_alpha)
-        loss = task + ascent.penalty(s_hat, t)
+        loss = task + ascent.penalty(s_hat * pull, t * pull)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        ascent.step(float(s_hat.detach()), t)
+        ascent.step(float(s_hat.detach()) * pull, t * pull)
         hc.clamp_(log_alpha)
         step += 1
         with torch.no_grad():
