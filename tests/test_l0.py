@@ -162,3 +162,26 @@ def test_flops_cut_is_the_score_budget_rule():
     assert GateBudget.units(8, 2).cut(la) == [1, 4]
     with pytest.raises(ValueError, match="FLOPs shares for 8"):
         train_gates(toy_loss(), 8, GateBudget.flops(SHARES[:7], 0.3), SETTINGS, 0)
+
+
+# The demo model's 56 gated sublayers under a FLOPs budget: attention 0.0082, MLP 0.0185 of the
+# dense step (sum 0.748; the LM head and blocks 0 and 29 hold the rest), 4 blocks' FLOPs as R
+DEMO_SHARES = [0.0082 if j % 2 == 0 else 0.0185 for j in range(56)]
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_flops_budget_pulls_as_hard_as_a_unit_budget(seed):
+    """The FLOPs budget's gap is divided by the gated units' FLOPs sum (`GateBudget.pull`), so
+    the multiplier pulls each gate on average as a unit budget's does. Measured on this toy (56
+    graded units, the demo's shares, R = 0.107, route fit's defaults), seeds 0..7: without the
+    division the gates were at 0.019-0.055 of the FLOPs when the warm-up ended (target 0.107) and
+    3 of 8 fits converged, at steps 271-296 (seeds 0 and 5: 296 and not within the cap of 300);
+    with it 0.028-0.056, 5 of 8 converged, at steps 189-288 (seeds 0 and 5: 189 and 226)."""
+    g = torch.Generator().manual_seed(100 + seed)
+    weights = torch.linspace(0.05, 1.0, 56)[torch.randperm(56, generator=g)].tolist()
+    budget = GateBudget.flops(DEMO_SHARES, 0.107)
+    assert budget.pull == pytest.approx(1 / 0.7476) and GateBudget.units(56, 8).pull == 1.0
+    fit = train_gates(toy_loss(n=56, seed=seed, weights=weights), 56, budget, demo_shaped("pi"), seed)
+    assert fit.converged and fit.steps < 250
+    assert abs(fit.final["expected_sparsity"] - 0.107) <= SPARSITY_TOL
+    assert fit.final["margin"] >= DECIDED_MARGIN

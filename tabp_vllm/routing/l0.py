@@ -17,7 +17,8 @@ The budget (`GateBudget`) is k units, s_hat = the expected share of units remove
 P(z != 0), against k / n; or a FLOPs share R, s_hat = sum_i w_i P(z_i = 0) with w_i unit i's share
 of the dense model's decode FLOPs (`scoring/units.py: unit_flops_shares`, the shares `score
 --flops-ratio` uses), against R. (Not normalised by the candidates' sum of w: R, the cut and
-`score --flops-ratio` all count shares of the whole dense step, LM head included.) The
+`score --flops-ratio` all count shares of the whole dense step, LM head included; only the
+multiplier's force is divided by that sum, `GateBudget.pull`.) The
 deterministic mask of a k budget removes the k lowest log_alpha; of a FLOPs budget, the shortest
 prefix of the units in order of log_alpha (lowest first, ties: the lower index) whose FLOPs
 reach R, `scoring/units.py: Budget.take`, the rule of `score` / `masks cut --flops-ratio`.
