@@ -78,7 +78,6 @@ def route_text(item: MCQAItem | TextItem) -> str:
 
 
 BUDGETS = ("units", "flops")
-FLOPS_TIE = 1e-9  # a FLOPs share summed in another order still meets (or misses) the budget
 
 
 @dataclass
@@ -303,6 +302,7 @@ def budget_fault(mask: TaskMask, units: str, k: int | None, flops_ratio: float |
     none more than needed. The cut is the shortest prefix of the gates' order that reaches it
     (`Budget.take`): without its last unit it falls short, so without its most expensive unit it
     does too (the order itself is not in the file; this is what can be checked without it)."""
+    from tabp_vllm.scoring.units import Budget
     from tabp_vllm.sublayers import mask_units
 
     got = removed_units(mask, units)
@@ -313,11 +313,13 @@ def budget_fault(mask: TaskMask, units: str, k: int | None, flops_ratio: float |
         return "mask removes sublayers, the router's units are blocks"
     removed = mask.removed_layers if units == "blocks" else mask_units(
         mask.removed_layers, mask.removed_attention, mask.removed_mlp)
-    share = sum(unit_flops[u] for u in removed)
-    if share < flops_ratio - FLOPS_TIE:
+    # the rule that cut the mask (Budget.take stops at the first prefix that `met`), its tolerance
+    budget = Budget(flops_ratio=flops_ratio, shares=tuple(unit_flops))
+    share = budget.removed_flops(removed)
+    if not budget.met(removed):
         return (f"mask removes {share:.4f} of the FLOPs, short of the router's FLOPs budget "
                 f"{flops_ratio:g}")
-    if removed and share - max(unit_flops[u] for u in removed) >= flops_ratio - FLOPS_TIE:
+    if removed and budget.met(sorted(removed, key=lambda u: unit_flops[u])[:-1]):
         return (f"mask removes {share:.4f} of the FLOPs, more units than the router's FLOPs "
                 f"budget {flops_ratio:g} needs")
     return None
