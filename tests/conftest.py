@@ -8,9 +8,9 @@ import pytest
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 # Ray Serve's direct ingress (serve's default request-path profile) holds its replica open for
 # 30 s at shutdown, for an external load balancer to deregister it (serve.shutdown then logs
-# "Controller failed to shut down within 30.0s"). No balancer fronts a test server: every local
-# serve stop (tests/test_serve.py's teardown, the gpu_check serve test) waited 30 s for nothing.
-# In-flight requests are still drained. Inherited by every subprocess and the Ray it starts.
+# "Controller failed to shut down within 30.0s"). `serve`'s profiles turn that off for the local
+# Ray they start; a `ray start` cluster (the cluster tests, joined with --address) keeps its own
+# environment, so set it here too. Inherited by every subprocess and the Ray it starts.
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
 
 REPO = Path(__file__).resolve().parents[1]

@@ -98,8 +98,17 @@ def test_ray_serve_profile_sets_the_environment_a_user_did_not():
     env = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "2"}  # the user's own value wins
     applied = apply_ray_serve_profile("lean", env)
     assert applied == env == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                              "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
                               "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "2",
                               "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
+    # the default profile turns direct ingress on: a local server's Ctrl-C must not wait its 30 s
+    # drain for a load balancer that is not there (unless the user asks for one)
+    env = {}
+    assert apply_ray_serve_profile("throughput-optimized", env)[
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "0"
+    env = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "30"}
+    assert apply_ray_serve_profile("throughput-optimized", env)[
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"
     env = {}
     assert apply_ray_serve_profile("default", env) == {} and env == {}
     assert set(RAY_SERVE_PROFILES["throughput-optimized"]) < set(RAY_SERVE_PROFILES["lean"])
