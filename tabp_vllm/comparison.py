@@ -65,6 +65,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
                            "block_range": "15:30"},
     "sleb-task-sub-attention": {"method": "sleb-task", "granularity": "sublayer",
                                 "units": "attention", "block_range": "1:30"},
+    # SLEB per sublayer as published (WikiText-2); ~4x the task SLEB's time per sample pass
+    "sleb-sub-both": {"method": "sleb", "granularity": "sublayer", "units": "both",
+                      "block_range": "15:30"},
+    "sleb-sub-attention": {"method": "sleb", "granularity": "sublayer", "units": "attention",
+                           "block_range": "1:30"},
 }
 REFERENCE = "tabp"
 # not a mask: the `--configs` name of the dense model alone. Every run evaluates dense (each
@@ -79,7 +84,8 @@ UNIT_LOCAL = {"tabp", "block_influence", "what_matters"}
 PUBLISHED = ["sleb", "ppl", "block_influence", "angular"]  # the goal's "published-setting" baselines
 SEEDLESS = {"tabp-paper", "last_k"}  # calibration does not depend on the seed
 NO_DATA = {"random", "last_k"}  # no calibration data: one mask for every task
-WIKITEXT = {"sleb", "ppl", "what_matters-sub-both", "what_matters-sub-attention"}  # WikiText-2
+WIKITEXT = {"sleb", "ppl", "what_matters-sub-both", "what_matters-sub-attention",  # WikiText-2
+            "sleb-sub-both", "sleb-sub-attention"}
 # our task -> the lm-eval task it is scored with (whole held-out split)
 LM_TASK = {"arc_easy": "tabp_arc_easy_validation", "arc_challenge": "tabp_arc_challenge_validation",
            "piqa": "tabp_piqa", "boolq": "tabp_boolq"}
