@@ -611,26 +611,37 @@ def paired_bootstrap(x: np.ndarray, y: np.ndarray, resamples: int = BOOTSTRAP,
 
 
 def hierarchical_bootstrap(x: np.ndarray, y: np.ndarray, resamples: int = BOOTSTRAP,
-                           seed: int = 0) -> dict[str, Any]:
+                           seed: int = 0, strata: Any = None) -> dict[str, Any]:
     """Mean of x - y and its 95 % interval when both vary with a fit seed: `x` (seeds_x, docs) and
     `y` (seeds_y, docs), one row per fit seed over the same documents (a static mask: one row).
     Each resample draws documents with replacement (the same documents for both: the pairing)
     and, independently for x and y, seeds with replacement, so the interval carries the seed
-    variance that a documents-only bootstrap leaves out."""
+    variance that a documents-only bootstrap leaves out. `strata` (one label per document, e.g.
+    its task): the mean is the mean over strata of each stratum's mean (every task weighs the
+    same, whatever its size), and documents are drawn within their stratum."""
     x, y = np.atleast_2d(np.asarray(x, dtype=float)), np.atleast_2d(np.asarray(y, dtype=float))
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"{x.shape[1]} documents against {y.shape[1]}")
+    labels = np.zeros(x.shape[1], dtype=int) if strata is None else np.asarray(strata)
+    if labels.shape != (x.shape[1],):
+        raise ValueError(f"{labels.size} strata labels for {x.shape[1]} documents")
+    groups = [np.flatnonzero(labels == s) for s in dict.fromkeys(labels.tolist())]
     rng = np.random.default_rng(seed)
-    n = x.shape[1]
+
+    def mean_over_strata(a: np.ndarray, rows: np.ndarray, docs: list[np.ndarray]) -> float:
+        return float(np.mean([a[np.ix_(rows, d)].mean() for d in docs]))
+
     means = np.empty(resamples)
     for r in range(resamples):
-        docs = rng.integers(0, n, size=n)
+        docs = [g[rng.integers(0, len(g), size=len(g))] for g in groups]
         sx = rng.integers(0, x.shape[0], size=x.shape[0])
         sy = rng.integers(0, y.shape[0], size=y.shape[0])
-        means[r] = x[np.ix_(sx, docs)].mean() - y[np.ix_(sy, docs)].mean()
+        means[r] = mean_over_strata(x, sx, docs) - mean_over_strata(y, sy, docs)
     lo, hi = np.percentile(means, [2.5, 97.5])
-    return {"mean": float(x.mean() - y.mean()), "interval": [float(lo), float(hi)],
-            "seeds": [int(x.shape[0]), int(y.shape[0])], "documents": int(n)}
+    every = np.arange(x.shape[0]), np.arange(y.shape[0])
+    return {"mean": mean_over_strata(x, every[0], groups) - mean_over_strata(y, every[1], groups),
+            "interval": [float(lo), float(hi)],
+            "seeds": [int(x.shape[0]), int(y.shape[0])], "documents": int(x.shape[1])}
 
 
 def write_markdown(doc: dict, path: Path) -> None:

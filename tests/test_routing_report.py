@@ -1,0 +1,237 @@
+"""The routing report v2's pieces on synthetic data (no engine, no model forward pass but the tiny
+random Llama's): the gap split where the answer is known by construction, the hierarchical
+comparisons over tasks, the choice of the best static of equal FLOPs, the per-cluster oracle router
+(built from a router and static masks, valid under the router checks), and write_report over
+cached rows and per-document files."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+
+from tabp_vllm.errors import TabpError
+from tabp_vllm.routing import report as rr
+
+TASKS = ["t1", "t2"]
+METRIC = {"t1": "acc_norm", "t2": "acc"}
+
+
+def run_of(values: dict[str, list[float]], clusters: dict[str, list] | None = None):
+    """A per-document run: every task's documents 0..n-1 with the task's metric value."""
+    return {t: [{"doc_id": i, "cluster": str((clusters or {}).get(t, [0] * len(v))[i]),
+                 METRIC[t]: float(x)} for i, x in enumerate(v)] for t, v in values.items()}
+
+
+def test_gap_split_known_by_construction():
+    # t1: 10 documents, home cluster "0" (oracle: static A); 3 of them routed to cluster "1"
+    # (oracle: static B). A answers every t1 document, B none: routing costs 3/10. The routed
+    # masks score 0.5 on average everywhere (alternating 1, 0), the oracle 1 on cluster 0 and 0
+    # on cluster 1: masks = (7 * 1 + 3 * 0) / 10 - 0.5 = 0.2.
+    c1 = [0, 1, 0, 0, 1, 0, 0, 1, 0, 0]
+    routed_t1 = [1.0, 0.0] * 5
+    oracle_t1 = [1.0 if c == 0 else 0.0 for c in c1]
+    # t2: 4 documents, home "1" (B); all routed home: no routing error; B scores 1, 1, 0, 0 and
+    # the routed masks 0, 0, 0, 1: masks = 0.5 - 0.25
+    c2 = [1, 1, 1, 1]
+    routed = run_of({"t1": routed_t1, "t2": [0, 0, 0, 1]}, {"t1": c1, "t2": c2})
+    oracle = run_of({"t1": oracle_t1, "t2": [1, 1, 0, 0]}, {"t1": c1, "t2": c2})
+    statics = {"A": run_of({"t1": [1.0] * 10, "t2": [0.0] * 4}),
+               "B": run_of({"t1": [0.0] * 10, "t2": [1, 1, 0, 0]})}
+    choices = {"0": "A", "1": "B", "fallback": "A"}
+    home = {"t1": "0", "t2": "1"}
+    g = rr.gap_split(routed, oracle, statics, choices, home, TASKS, METRIC, "cfg")
+    t1, t2 = g["per_task"]["t1"], g["per_task"]["t2"]
+    assert t1["misrouted"] == 3 and t1["routing"] == pytest.approx(0.3)
+    assert t1["masks"] == pytest.approx(0.2) and t1["gap"] == pytest.approx(0.5)
+    # the split adds up to the task-routed oracle minus routed
+    assert t1["gap"] == pytest.approx(np.mean([1.0] * 10) - np.mean(routed_t1))
+    assert t2 == {"documents": 4, "misrouted": 0, "routing": 0.0, "masks": pytest.approx(0.25),
+                  "gap": pytest.approx(0.25)}
+    assert g["mean"]["routing"] == pytest.approx(0.15) and g["mean"]["gap"] == pytest.approx(0.375)
+    # a misrouted document whose cluster's static equals its task's is not misrouted
+    same = rr.gap_split(routed, oracle, statics, {"0": "A", "1": "A"}, home, ["t1"], METRIC, "cfg")
+    assert same["per_task"]["t1"]["misrouted"] == 0 and same["per_task"]["t1"]["routing"] == 0.0
+    # averaged over two seeds
+    m = rr.mean_gap([g, same], ["t1"])
+    assert m["seeds"] == 2 and m["per_task"]["t1"]["routing"] == pytest.approx(0.15)
+    assert m["per_task"]["t1"]["misrouted"] == 1.5
+
+
+def test_gap_split_refuses_runs_that_do_not_match():
+    routed = run_of({"t1": [1, 0, 1]}, {"t1": [0, 0, 1]})
+    statics = {"A": run_of({"t1": [1, 1, 1]})}
+    choices, home = {"0": "A", "1": "A"}, {"t1": "0"}
+    with pytest.raises(TabpError, match="different documents"):
+        rr.gap_split(routed, run_of({"t1": [1, 0]}), statics, choices, home, ["t1"], METRIC, "c")
+    with pytest.raises(TabpError, match="not the same router"):
+        rr.gap_split(routed, run_of({"t1": [1, 0, 1]}, {"t1": [0, 1, 1]}), statics, choices, home,
+                     ["t1"], METRIC, "c")
+    with pytest.raises(TabpError, match="no run of static"):
+        rr.gap_split(routed, routed, {}, choices, home, ["t1"], METRIC, "c")
+    with pytest.raises(TabpError, match="no cluster of its own"):
+        rr.gap_split(routed, routed, statics, choices, {}, ["t1"], METRIC, "c")
+
+
+def test_compare_mean_over_tasks_weighs_tasks_equally():
+    rng = np.random.default_rng(1)
+    # t1: 300 documents where x is 0.2 ahead; t2: 30 documents where x is 0.2 behind
+    x1, y1 = (rng.random(300) < 0.7), (rng.random(300) < 0.5)
+    x2, y2 = np.r_[np.ones(9), np.zeros(21)], np.r_[np.ones(15), np.zeros(15)]
+    x = [run_of({"t1": x1, "t2": x2})]
+    y = [run_of({"t1": y1, "t2": y2})]
+    res = rr.compare(x, y, TASKS, METRIC, "c", resamples=300)
+    d1, d2 = x1.mean() - y1.mean(), x2.mean() - y2.mean()
+    assert res["per_task"]["t1"]["mean"] == pytest.approx(d1)
+    assert res["mean"]["mean"] == pytest.approx((d1 + d2) / 2)  # not the pooled (300:30) mean
+    lo, hi = res["mean"]["interval"]
+    assert lo < (d1 + d2) / 2 < hi
+    with pytest.raises(TabpError, match="different documents"):
+        rr.compare(x, [run_of({"t1": y1[:-1], "t2": y2})], TASKS, METRIC, "c")
+
+
+def test_stratified_bootstrap_is_the_plain_one_for_one_stratum():
+    from tabp_vllm.comparison import hierarchical_bootstrap
+
+    rng = np.random.default_rng(2)
+    x, y = rng.random((3, 50)), rng.random(50)
+    assert hierarchical_bootstrap(x, y, 200, strata=["a"] * 50) == hierarchical_bootstrap(x, y, 200)
+    with pytest.raises(ValueError, match="strata"):
+        hierarchical_bootstrap(x, y, 200, strata=["a"] * 49)
+
+
+def test_best_static_of_equal_flops_and_home_clusters():
+    statics = {"cheap": {"accuracy": {"mean": 0.6}, "removed_flops": 0.05},
+               "equal": {"accuracy": {"mean": 0.5}, "removed_flops": 0.107},
+               "costly": {"accuracy": {"mean": 0.4}, "removed_flops": 0.2},
+               "faster": {"accuracy": {"mean": 0.9}, "removed_flops": 0.12}}
+    # a static removing more FLOPs than the routed configuration is not its comparator
+    assert rr.best_static(statics, 0.107) == "cheap"
+    assert rr.best_static(statics, 0.12) == "faster"
+    assert rr.best_static(statics, 0.01) is None
+    assert rr.home_clusters([{"a": 5, "b": 1}, {"a": 5, "b": 9, "c": 0}]) == {"a": "0", "b": "1"}
+
+
+def test_routing_summary_over_seeds():
+    n = 40
+    rng = np.random.default_rng(3)
+    runs = [run_of({"t1": rng.random(n) < p, "t2": rng.random(n) < p}) for p in (0.6, 0.7)]
+    static = run_of({"t1": np.ones(n) * 0.5 > rng.random(n), "t2": rng.random(n) < 0.5})
+    statics = {"static-a": {"k": 4, "run": static, "removed_flops": 0.107},
+               "static-b": {"k": 4, "run": run_of({"t1": np.zeros(n), "t2": np.zeros(n)}),
+                            "removed_flops": 0.107},
+               "static-k8": {"k": 8, "run": run_of({"t1": np.ones(n), "t2": np.ones(n)}),
+                             "removed_flops": 0.2}}
+    group = {"name": "l0", "k": 4, "n": 2, "runs": runs, "removed_flops": [0.107, 0.107],
+             "oracle": [static, static], "choices": [{"0": "static-a", "1": "static-a"}] * 2,
+             "home": [{"t1": "0", "t2": "0"}] * 2}
+    [rec] = rr.routing_summary([group], statics, TASKS, METRIC, resamples=200)
+    assert rec["seeds"] == 2 and rec["best_static"]["name"] == "static-a"
+    acc = np.mean([[np.mean([d[METRIC[t]] for d in r[t]]) for t in TASKS] for r in runs])
+    assert rec["accuracy"]["mean"] == pytest.approx(acc)
+    vs = rec["best_static"]["vs"]["mean"]
+    assert vs["seeds"] == [2, 1] and vs["mean"] == pytest.approx(acc - rec["best_static"]["accuracy"]["mean"])
+    assert rec["oracle"]["vs"]["mean"]["mean"] == pytest.approx(vs["mean"])
+    # every document in its home cluster, the oracle's static for it: the gap is all masks
+    assert rec["gap"]["mean"]["routing"] == 0.0
+    assert rec["gap"]["mean"]["masks"] == pytest.approx(-vs["mean"])
+    text = "\n".join(rr.summary_markdown([rec], TASKS, {"t1": "T1"}))
+    assert "| l0 | 4 | 2 | 2 | 0.1070 |" in text and "static-a" in text and "T1 routing" in text
+    with pytest.raises(TabpError, match="1 oracle runs for 2 fit seeds"):
+        rr.routing_summary([{**group, "oracle": [static]}], statics, TASKS, METRIC)
+
+
+# ------------------------------------------------------------------------- the oracle router
+
+def _router(demo_model, masks, fallback=None, sizes=None):
+    from tabp_vllm.mask import make_mask
+    from tabp_vllm.models import load_model_config, model_fingerprint
+    from tabp_vllm.routing.router import Fallback, Router
+
+    mk = [make_mask(demo_model, m, task=f"cluster{c}", model_id="llama", method="l0")
+          for c, m in enumerate(masks)]
+    enc = {"name": "fake", "id": "fake", "dimension": 2, "pooling": "none", "normalize": "l2"}
+    r = Router(model_id="llama", fingerprint=model_fingerprint(load_model_config(demo_model)),
+               k=len(masks[0]), encoder=enc,
+               centroids=[[1.0, 0.0], [0.0, 1.0]][:len(masks)], masks=mk,
+               sizes=sizes or [{"a": 3}, {"b": 2}][:len(masks)], method="l0",
+               provenance={"data": [{"data": "a"}], "data_sha256": "x", "seed": 1, "samples": 5,
+                           "clusters": [{"converged": True}]})
+    if fallback is not None:
+        r.fallback = Fallback(radius=0.5, quantile=0.95, source="fit",
+                              mask=make_mask(demo_model, fallback, task="fb", model_id="llama"))
+    return r
+
+
+def test_oracle_router_takes_each_groups_best_static(tmp_path, demo_model):
+    from tabp_vllm.mask import make_mask
+    from tabp_vllm.routing.oracle import oracle_router
+    from tabp_vllm.routing.router import load_router
+
+    router = _router(demo_model, [[1, 2], [3, 4]], fallback=[5, 6])
+    statics = {n: make_mask(demo_model, m, task="cluster0", model_id="llama", method=n)
+               for n, m in (("static-x", [10, 11]), ("static-y", [12, 13]),
+                            ("static-z", [10, 11]))}  # z: x's mask again
+    costs = {"groups": {"0": {"inputs": 3, "kl": {"static-x": 0.5, "static-y": 0.2, "static-z": 0.5}},
+                        "1": {"inputs": 2, "kl": {"static-x": 0.1, "static-y": 0.3, "static-z": 0.1}},
+                        # no calibration input past the radius: the best over all inputs
+                        "fallback": {"inputs": 0, "kl": {}}},
+             "forward_passes": 15, "wall_s": 1.0}
+    oracle = oracle_router(router, statics, costs)
+    path = oracle.save(tmp_path / "oracle.json")  # save() refuses a router the checks refuse
+    back = load_router(path, demo_model)
+    assert [m.removed_layers for m in back.masks] == [[12, 13], [10, 11]]
+    # totals: x 3 * 0.5 + 2 * 0.1 = 1.7, y 0.6 + 0.6 = 1.2: y for the fallback
+    assert back.fallback.mask.removed_layers == [12, 13] and back.fallback.radius == 0.5
+    assert back.centroids == router.centroids and back.sizes == router.sizes
+    assert back.method == "oracle" and back.params["statics"] == ["static-x", "static-y"]
+    assert back.provenance["choices"] == {"0": "static-y", "1": "static-x", "fallback": "static-y"}
+    assert back.provenance["oracle_of"] == router.content_hash()
+    # a static that does not meet the router's budget is one line
+    bad = {"static-k3": make_mask(demo_model, [1, 2, 3], task="s", model_id="llama")}
+    with pytest.raises(TabpError, match="static static-k3: mask removes 3 blocks"):
+        oracle_router(router, bad, costs)
+    with pytest.raises(TabpError, match="not of this router's groups"):
+        oracle_router(router, statics, {"groups": {"0": costs["groups"]["0"]}})
+
+
+def test_static_costs_on_a_tiny_model(demo_model):
+    """The KL each static mask costs on each group's inputs: zero for a mask that removes only the
+    tiny model's identity block 3, more for one removing a real block; the groups are the router's
+    own assignment (nearest centroid, fallback past the radius)."""
+    import torch
+    from tiny_llama import tiny_llama
+
+    from tabp_vllm.data import TextItem
+    from tabp_vllm.mask import make_mask
+    from tabp_vllm.routing.fit import Calibration
+    from tabp_vllm.routing.oracle import choose, static_costs
+    from tabp_vllm.routing.router import Fallback
+
+    model, tok = tiny_llama(demo_model)
+    with torch.no_grad():  # as test_routing: every block but the identity block 3 matters
+        for i, layer in enumerate(model.model.layers):
+            if i != 3:
+                layer.self_attn.o_proj.weight.mul_(20)
+                layer.mlp.down_proj.weight.mul_(20)
+
+    class Enc:  # "x..." texts on centroid 0, "y..." on centroid 1
+        def encode(self, texts):
+            return np.array([{"x": [1, 0], "y": [0, 1]}[t[0]] for t in texts], float)
+
+    router = _router(demo_model, [[1, 2], [3, 4]])
+    router.fallback = Fallback(radius=1.0, quantile=0.95, source="fit", mask=router.masks[0])
+    cal = Calibration([TextItem(t) for t in ("x the cat sat", "y on the mat", "x a dog ran",
+                                             "y far away", "x it rains")], ["a"] * 5)
+    statics = {"identity": make_mask(demo_model, [3], task="s", model_id="llama"),
+               "real": make_mask(demo_model, [1], task="s", model_id="llama")}
+    router.params = {"batch_size": 2, "max_length": 16, "kl_positions": 4}
+    costs = static_costs(router, statics, cal, Enc(), model, tok)
+    g = costs["groups"]
+    assert {k: v["inputs"] for k, v in g.items()} == {"0": 3, "1": 2, "fallback": 0}
+    assert g["0"]["kl"]["identity"] == pytest.approx(0.0, abs=1e-4)
+    assert g["0"]["kl"]["real"] > 1e-3
+    assert g["1"]["kl"]["real"] > 1e-3 and g["fallback"]["kl"] == {}
+    assert costs["forward_passes"] == 5 * 3  # dense + one per static, per input
+    assert choose(costs, ["real", "identity"]) == {"0": "identity", "1": "identity",
+                                                  "fallback": "identity"}
