@@ -3,6 +3,7 @@ load, and the time a fit takes. Every configuration is made and measured with th
 commands (`route fit`, `score`, `eval`, `serve`, `bench`).
 
     python bench/routing.py report [--clusters 1,2,4,8] [--ks 4,8] [--limit 100] [--report-only]
+    python bench/routing.py oracle --router R.json --static NAME=MASK_OR_N1_ROUTER ... -o OUT.json
     python bench/routing.py load --router R.json --static MASK.json [--levels 16] [--duration 120]
     python bench/routing.py load-share [--out DIR]   # the routing share of an existing load run
     python bench/routing.py fit-time [--clusters 4] [--k 4]
@@ -16,12 +17,21 @@ commands (`route fit`, `score`, `eval`, `serve`, `bench`).
   set), so static and routed masks see the same data;
 - the *oracle*: per task, a static TaBP mask scored on that task's own calibration data (it knows
   the task of every request; `score --task T --method tabp`);
+- the *per-cluster oracle* of every routed configuration (`cluster-oracle-<config>`): its router
+  with each cluster's (and the fallback's) mask replaced by the static mask of lowest KL to dense on
+  that cluster's calibration inputs (`oracle`, routing/oracle.py); `--no-cluster-oracle` skips it;
 - dense.
 Each is evaluated with `eval --router` (one lm-eval run per distinct mask on the documents routed
 to it; the oracle and dense with `eval --task-mask` / `eval`) on the first `--limit` documents
 of each `--eval` task's evaluation split as lm-eval picks it (ARC-Easy: test, as lm-eval's
 arc_easy; PIQA and BoolQ: the held-out half of dev, never used for calibration). Resumable (every
-fit and evaluation is kept in OUT). Results: OUT/routing.{json,md}, OUT/accuracy_vs_clusters.png.
+fit and evaluation is kept in OUT). Results: OUT/routing.{json,md}, OUT/accuracy_vs_clusters.png;
+with per-document results (`eval --router`'s `per_document`), routing.md also has every routed
+configuration over its fit seeds against the best static mask of equal average removed FLOPs and
+against its per-cluster oracle (hierarchical intervals), and the gap to the oracle split into
+routing and mask quality (routing/report.py).
+
+`oracle`: the per-cluster oracle router of a fitted router (loads the model: heavy).
 
 `load`: one `tabp-vllm serve --no-dense --router R --task-mask S` (S removes as many blocks as the
 router's k), then `tabp-vllm bench` sends the same mixed prompts (both kinds the router splits)
@@ -42,6 +52,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -69,6 +80,31 @@ def sublayer_budget(k: int) -> list[str]:
     from tabp_vllm.models import load_model_config, resolve_model
 
     return ["--flops-ratio", repr(k_flops_ratio(load_model_config(resolve_model("llama")), k) - FLOPS_TIE)]
+
+
+def config_of(method: str, loss: str = "kl", units: str = "blocks", seed: int = 0) -> str:
+    """The row's name: the committed report's for the defaults, suffixed otherwise."""
+    if method not in ("l0", "tabp"):
+        return f"static-{method}"
+    return (method + ("-lm" if loss == "lm" else "") + ("-sub" if units == "sublayers" else "")
+            + (f"-s{seed}" if seed else ""))
+
+
+ORACLE = "cluster-oracle-"  # the per-cluster oracle of routed config C is row ORACLE + C
+
+
+def family_and_seed(config: str) -> tuple[str, int]:
+    """("l0-lm", 2) of "l0-lm-s2": a configuration over fit seeds (seed 0 has no suffix)."""
+    m = re.fullmatch(r"(.*)-s(\d+)", config)
+    return (m[1], int(m[2])) if m else (config, 0)
+
+
+def router_path(out: Path, config: str, k: int, n: int) -> Path:
+    return out / "routers" / f"{config.removeprefix('static-')}-k{k}-n{n}.json"
+
+
+def eval_path(out: Path, config: str, k: int, n: int | None) -> Path:
+    return out / f"eval-{config}-k{k}-n{n}.json"
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -100,9 +136,11 @@ def report(argv: list[str]) -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "routing")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite routing.md and the plot from OUT/routing.json, running nothing")
+    ap.add_argument("--no-cluster-oracle", action="store_true",
+                    help="skip the per-cluster oracle of each routed configuration")
     a = ap.parse_args(argv)
     if a.report_only:
-        write_report(json.loads((a.out / "routing.json").read_text()), a.out)
+        report_or_exit(json.loads((a.out / "routing.json").read_text()), a.out)
         return
     out, log = a.out, a.out / "run.log"
     out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +160,7 @@ def report(argv: list[str]) -> None:
 
     def evaluate(config: str, k: int, n: int | None, args: list[str], fit_s: float | None,
                  extra: dict | None = None) -> None:
-        res_path = out / f"eval-{config}-k{k}-n{n}.json"
+        res_path = eval_path(out, config, k, n)
         wall = None  # an earlier run's result is kept (the run was interrupted after it)
         if not res_path.exists():
             wall = run(CLI + ["eval", "--task", lm_tasks, *limit_args, "-o", str(res_path)]
@@ -142,23 +180,18 @@ def report(argv: list[str]) -> None:
                 acc[t] = {"acc": m["acc,none"], "acc_norm": m.get("acc_norm,none", m["acc,none"]),
                           "n": r["n-samples"][EVAL_OF[t]]["effective"]}
             mix = None
-        doc["rows"].append({"config": config, "k": k, "n": n, "accuracy": acc, "fit_s": fit_s,
-                            "eval_s": wall, "cluster_mix": mix, **(extra or {})})
+        family, seed = family_and_seed(config)
+        doc["rows"].append({"config": config, "family": family, "seed": seed, "k": k, "n": n,
+                            "accuracy": acc, "fit_s": fit_s, "eval_s": wall, "cluster_mix": mix,
+                            **(extra or {})})
         save()
 
     if ("dense", 0, None) not in done:
         evaluate("dense", 0, None, [], None)
-    def config_of(method: str, loss: str = "kl", units: str = "blocks", seed: int = 0) -> str:
-        """The row's name: the committed report's for the defaults, suffixed otherwise."""
-        if method not in ("l0", "tabp"):
-            return f"static-{method}"
-        return (method + ("-lm" if loss == "lm" else "") + ("-sub" if units == "sublayers" else "")
-                + (f"-s{seed}" if seed else ""))
-
     def routed_or_static(method: str, k: int, n: int, loss: str = "kl", units: str = "blocks",
                          seed: int = 0) -> None:
         config = config_of(method, loss, units, seed)
-        router = out / "routers" / f"{config.removeprefix('static-')}-k{k}-n{n}.json"
+        router = router_path(out, config, k, n)
         if not router.exists():  # else an interrupted run's fit is kept
             extra = (["--loss", loss, "--units", units, "--seed", str(seed)] if method == "l0"
                      else ["--seed", str(seed)])
@@ -174,6 +207,25 @@ def report(argv: list[str]) -> None:
                      "removed_layers", "removed_attention", "removed_mlp")]) for c in r["clusters"]}),
                   "passes": {key: r["provenance"].get(key) for key in
                              ("forward_passes", "backward_passes")}})
+        if method in ("l0", "tabp") and not a.no_cluster_oracle and all(
+                router_path(out, config_of(m), k, 1).exists() for m in statics):
+            cluster_oracle(config, k, n)
+
+    def cluster_oracle(config: str, k: int, n: int) -> None:
+        """The routed configuration's per-cluster oracle: built from its router and the static
+        masks of its k (`oracle`), then evaluated like it."""
+        name = ORACLE + config
+        if (name, k, n) in done:
+            return
+        router = router_path(out, name, k, n)
+        if not router.exists():
+            run([sys.executable, __file__, "oracle", "--router", str(router_path(out, config, k, n)),
+                 *sum((["--static", f"{config_of(m)}={router_path(out, config_of(m), k, 1)}"]
+                       for m in statics), []), "-o", str(router)], log)
+        r = json.loads(router.read_text())
+        evaluate(name, k, n, ["--no-dense", "--router", str(router)], r["provenance"]["wall_s"],
+                 {"choices": r["provenance"]["choices"]})
+        done.add((name, k, n))
 
     def oracle(t: str, k: int) -> None:
         """Each task's own TaBP mask, evaluated on that task only."""
@@ -197,10 +249,11 @@ def report(argv: list[str]) -> None:
     # Breadth first: per k the cheap fits, the static masks and the oracle, then the learned
     # gates; the largest N (most engines to evaluate) of every k last.
     ks, ns = [int(x) for x in a.ks.split(",")], sorted(int(x) for x in a.clusters.split(","))
+    statics = [m for m in a.static_methods.split(",") if m]
     jobs = []
     for k in ks:
         jobs += [("tabp", k, n) for n in ns[:-1]]
-        jobs += [(m, k, 1) for m in a.static_methods.split(",") if m]
+        jobs += [(m, k, 1) for m in statics]
         jobs += [("oracle", k, t) for t in evals]
         jobs += [("l0", k, n) for n in ns[:-1]]
     jobs += [(method, k, ns[-1]) for k in ks for method in ("tabp", "l0")]
@@ -215,7 +268,114 @@ def report(argv: list[str]) -> None:
                                   [("kl", "blocks", int(s)) for s in a.seeds.split(",")]):
             if (config_of(method, loss, units, seed), k, n) not in done:
                 routed_or_static(method, k, n, loss, units, seed)
-    write_report(doc, out)
+    if not a.no_cluster_oracle:  # routed rows fitted before their k's static masks existed
+        for r in list(doc["rows"]):
+            if r["config"].startswith(("l0", "tabp")):
+                cluster_oracle(r["config"], r["k"], r["n"])
+    report_or_exit(doc, out)
+
+
+def report_or_exit(doc: dict, out: Path) -> None:
+    """write_report; results that do not fit together (documents that differ between runs) are
+    one line and exit 2, as the CLI's TabpError."""
+    from tabp_vllm.errors import TabpError
+
+    try:
+        write_report(doc, out)
+    except TabpError as exc:
+        sys.exit(print(f"error: {exc}", file=sys.stderr) or 2)
+
+
+def mask_flops(mask: dict) -> float:
+    """The share of a dense decode step's FLOPs a mask document removes (demo model's shape)."""
+    from tabp_vllm.flops import DecoderShape, removed_flops_fraction
+    from tabp_vllm.models import load_model_config, resolve_model
+    from tabp_vllm.sublayers import mask_units
+
+    shape = DecoderShape.from_config(load_model_config(resolve_model(mask["model"]["id"])))
+    return removed_flops_fraction(shape, mask_units(*(mask.get(key, []) for key in (
+        "removed_layers", "removed_attention", "removed_mlp"))))
+
+
+def per_document(out: Path, row: dict) -> dict | None:
+    """A row's per-document results (`eval --router`'s), None where its file predates them."""
+    path = eval_path(out, row["config"], row["k"], row["n"])
+    routed = json.loads(path.read_text()).get("routed") if path.exists() else None
+    return routed.get("per_document") if routed else None
+
+
+def collect(doc: dict, out: Path, flops_of=mask_flops) -> tuple[list[dict], dict[str, dict]]:
+    """routing/report.py's inputs from the cached rows, their evaluations and routers: the routed
+    configurations over their fit seeds (with their per-cluster oracles where every seed has one)
+    and the static masks. Rows without per-document results are left out."""
+    from tabp_vllm.routing.report import home_clusters
+
+    tasks = [EVAL_OF[t] for t in doc["eval"]]
+    runs = {(r["config"], r["k"], r["n"]): per_document(out, r) for r in doc["rows"]
+            if r["config"] != "dense" and not r["config"].startswith("oracle-")}
+
+    def avg_flops(r: dict, run: dict) -> float:
+        """The documents' mean removed FLOPs share, each under the mask it was routed to."""
+        router = json.loads(router_path(out, r["config"], r["k"], r["n"]).read_text())
+        masks = {str(c): cl["mask"] for c, cl in enumerate(router["clusters"])}
+        if router.get("fallback"):
+            masks["fallback"] = router["fallback"]["mask"]
+        share = {c: flops_of(m) for c, m in masks.items()}
+        return sum(share[str(d["cluster"])] for t in tasks for d in run[t]) / sum(
+            len(run[t]) for t in tasks)
+
+    statics, groups = {}, {}
+    for r in doc["rows"]:
+        run = runs.get((r["config"], r["k"], r["n"]))
+        if run is None:
+            continue
+        if r["config"].startswith("static-"):
+            statics[r["config"]] = {"k": r["k"], "run": run, "removed_flops": avg_flops(r, run)}
+        elif r["config"].startswith(("l0", "tabp")):
+            family, seed = family_and_seed(r["config"])
+            g = groups.setdefault((family, r["k"], r["n"]), {"name": family, "k": r["k"],
+                                                             "n": r["n"], "seeds": {}})
+            sizes = json.loads(router_path(out, r["config"], r["k"], r["n"]).read_text())["clusters"]
+            home = home_clusters([c["sizes"] for c in sizes])
+            g["seeds"][seed] = {"run": run, "removed_flops": avg_flops(r, run),
+                                "home": {EVAL_OF[t]: c for t, c in home.items() if t in EVAL_OF},
+                                "oracle": runs.get((ORACLE + r["config"], r["k"], r["n"])),
+                                "choices": next((o.get("choices") for o in doc["rows"] if (
+                                    o["config"], o["k"], o["n"]) == (ORACLE + r["config"], r["k"],
+                                                                     r["n"])), None)}
+    out_groups = []
+    for g in groups.values():
+        seeds = [g["seeds"][s] for s in sorted(g["seeds"])]
+        with_oracle = all(s["oracle"] is not None and s["choices"] for s in seeds)
+        out_groups.append({"name": g["name"], "k": g["k"], "n": g["n"],
+                           "fit_seeds": sorted(g["seeds"]),
+                           "runs": [s["run"] for s in seeds],
+                           "removed_flops": [s["removed_flops"] for s in seeds],
+                           **({"oracle": [s["oracle"] for s in seeds],
+                               "choices": [s["choices"] for s in seeds],
+                               "home": [s["home"] for s in seeds]} if with_oracle else {})})
+    return out_groups, statics
+
+
+def seed_sections(doc: dict, out: Path, flops_of=mask_flops) -> list[str]:
+    """routing.md's sections over fit seeds with hierarchical intervals (routing/report.py), and
+    OUT/routing_summary.json with their numbers; a line saying why when there is nothing to show."""
+    from tabp_vllm.comparison import METRIC
+    from tabp_vllm.routing.report import routing_summary, summary_markdown
+
+    groups, statics = collect(doc, out, flops_of)
+    if not groups or not statics:
+        return ["(No routed configuration and static mask with per-document results: the "
+                "intervals over fit seeds need `eval --router`'s per_document, written since "
+                "issue 34's report v2 machinery.)"]
+    tasks = [EVAL_OF[t] for t in doc["eval"]]
+    summary = routing_summary(groups, statics, tasks, {EVAL_OF[t]: METRIC[t] for t in doc["eval"]})
+    for rec, g in zip(summary, groups):
+        rec["fit_seeds"] = g["fit_seeds"]
+    (out / "routing_summary.json").write_text(json.dumps(
+        {"tasks": tasks, "metric": {EVAL_OF[t]: METRIC[t] for t in doc["eval"]},
+         "configurations": summary}, indent=1) + "\n")
+    return summary_markdown(summary, tasks, {EVAL_OF[t]: t for t in doc["eval"]})
 
 
 def write_report(doc: dict, out: Path) -> None:
@@ -264,6 +424,7 @@ def write_report(doc: dict, out: Path) -> None:
         if r["config"] == "l0" and r.get("cluster_mix"):
             mix = "; ".join(f"{t}: {m}" for t, m in r["cluster_mix"].items())
             lines.append(f"- k={r['k']}, N={r['n']}: {mix}")
+    lines += [""] + seed_sections(doc, out)
     (out / "routing.md").write_text("\n".join(lines) + "\n")
 
     fig, axes = plt.subplots(len(ks), len(evals), figsize=(4 * len(evals), 3.2 * len(ks)),
@@ -293,6 +454,53 @@ def write_report(doc: dict, out: Path) -> None:
                 ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_clusters.png", dpi=110)
+
+
+def oracle(argv: list[str]) -> None:
+    """The per-cluster oracle router of a fitted router (routing/oracle.py): every cluster and the
+    fallback served by the static mask of lowest KL to dense on the calibration inputs the router
+    sends it. Loads the model and runs a forward pass per input per static mask: heavy."""
+    from tabp_vllm.errors import TabpError
+    from tabp_vllm.mask import load_mask
+    from tabp_vllm.models import resolve_model
+    from tabp_vllm.routing.oracle import oracle_router, router_calibration, static_costs
+    from tabp_vllm.routing.router import is_router_file, load_router, open_encoder
+    from tabp_vllm.scoring.probe import load_model
+
+    ap = argparse.ArgumentParser(prog="routing.py oracle", description=oracle.__doc__)
+    ap.add_argument("--router", type=Path, required=True)
+    ap.add_argument("--static", action="append", required=True, metavar="NAME=PATH",
+                    help="a static mask: a mask file or an N = 1 router (its cluster's mask)")
+    ap.add_argument("-o", "--output", type=Path, required=True)
+    a = ap.parse_args(argv)
+    try:
+        router = load_router(a.router)
+        path = resolve_model(router.model_id)
+        statics = {}
+        for spec in a.static:
+            name, sep, file = spec.partition("=")
+            if not sep or not name or not file:
+                raise TabpError(f"--static {spec!r}: give NAME=PATH")
+            if is_router_file(file):
+                one = load_router(file, path)
+                if one.num_clusters != 1:
+                    raise TabpError(f"--static {name}: {file} has {one.num_clusters} clusters, "
+                                    "a static mask is an N = 1 router")
+                statics[name] = one.masks[0]
+            else:
+                statics[name] = load_mask(file, path)
+        cal = router_calibration(router)
+        encoder = open_encoder(router, str(a.router), model_path=path)
+        model, tok = load_model(path, "cpu")
+        costs = static_costs(router, statics, cal, encoder, model, tok)
+        result = oracle_router(router, statics, costs)
+    except TabpError as exc:
+        sys.exit(print(f"error: {exc}", file=sys.stderr) or 2)
+    result.provenance["wall_s"] = costs["wall_s"]
+    result.save(a.output)
+    print(json.dumps({"choices": result.provenance["choices"],
+                      "groups": costs["groups"], "forward_passes": costs["forward_passes"],
+                      "wall_s": costs["wall_s"]}, indent=2))
 
 
 # ------------------------------------------------------------------------------------- load
@@ -682,7 +890,7 @@ def sublayer_serve(argv: list[str]) -> None:
     print(json.dumps({k: v for k, v in res.items() if k not in ("startup_table", "models")}, indent=2))
 
 
-COMMANDS = {"report": report, "load": load, "load-share": load_share, "fit-time": fit_time,
+COMMANDS = {"report": report, "oracle": oracle, "load": load, "load-share": load_share, "fit-time": fit_time,
             "l0-study": l0_study, "sublayer-serve": sublayer_serve}
 
 if __name__ == "__main__":

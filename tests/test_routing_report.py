@@ -235,3 +235,99 @@ def test_static_costs_on_a_tiny_model(demo_model):
     assert costs["forward_passes"] == 5 * 3  # dense + one per static, per input
     assert choose(costs, ["real", "identity"]) == {"0": "identity", "1": "identity",
                                                   "fallback": "identity"}
+
+
+# ------------------------------------------------------------------ bench/routing.py's report
+
+@pytest.fixture(scope="module")
+def bench_routing():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "routing.py"
+    spec = importlib.util.spec_from_file_location("bench_routing", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cached_report(out, demo_model, oracle_docs=None):
+    """A report directory as `report` leaves it: rows, eval files with per-document results and
+    routers (only what the report reads of them), for k = 4, N = 2, fit seeds 0 and 1."""
+    import json
+
+    from tabp_vllm.mask import make_mask
+
+    (out / "routers").mkdir(parents=True)
+    rng = np.random.default_rng(4)
+    n = {"arc_easy": 30, "piqa": 20}
+    lm = {"arc_easy": "tabp_arc_easy", "piqa": "tabp_piqa"}
+
+    def mask(removed, attention=()):
+        return make_mask(demo_model, removed, task="c", model_id="llama",
+                         removed_attention=list(attention)).to_json()
+
+    rows = [{"config": "dense", "k": 0, "n": None, "fit_s": None,
+             "accuracy": {t: {"acc": 0.6, "acc_norm": 0.6, "n": n[t]} for t in n}}]
+
+    def add(config, masks, p, clusters, extra=None, docs=None):
+        k, nc = 4, len(masks)
+        routers = out / "routers" / f"{config.removeprefix('static-')}-k{k}-n{nc}.json"
+        routers.write_text(json.dumps({"clusters": [
+            {"sizes": {"arc_easy": 10, "piqa": 1} if c == 0 else {"piqa": 9}, "mask": m}
+            for c, m in enumerate(masks)]}))
+        per_doc = {lm[t]: [{"doc_id": i, "cluster": str(clusters(t, i)),
+                            "acc": float(rng.random() < p), "acc_norm": float(rng.random() < p)}
+                           for i in range(docs or n[t])] for t in n}
+        (out / f"eval-{config}-k{k}-n{nc}.json").write_text(json.dumps(
+            {"routed": {"per_document": per_doc}}))
+        rows.append({"config": config, "k": k, "n": nc, "fit_s": 1.0, **(extra or {}),
+                     "accuracy": {t: {"acc": p, "acc_norm": p, "n": n[t]} for t in n}})
+
+    add("static-sleb", [mask([1, 2, 3, 4])], 0.55, lambda t, i: 0)
+    add("static-random", [mask([5, 6, 7, 8])], 0.4, lambda t, i: 0)
+    home = lambda t, i: 0 if t == "arc_easy" else (1 if i % 4 else 0)  # noqa: E731
+    for seed, config in enumerate(("l0", "l0-s1")):
+        add(config, [mask([1, 2, 3, 9]), mask([1, 2, 3, 10])], 0.5, home)
+        add("cluster-oracle-" + config, [mask([1, 2, 3, 4]), mask([5, 6, 7, 8])], 0.5, home,
+            {"choices": {"0": "static-sleb", "1": "static-random"}}, docs=oracle_docs)
+    (out / "routing.json").write_text(json.dumps({
+        "rows": rows, "calib": ["arc_easy", "piqa"], "eval": ["arc_easy", "piqa"], "samples": 8,
+        "steps": None, "limit": 0, "host": {"model": "test"}}))
+
+
+def test_report_only_rebuilds_the_seed_sections_from_cached_results(tmp_path, demo_model,
+                                                                    bench_routing):
+    import json
+
+    _cached_report(tmp_path, demo_model)
+    bench_routing.report(["--report-only", "--out", str(tmp_path)])
+    md = (tmp_path / "routing.md").read_text()
+    assert "## Routed vs the best static mask of equal average removed FLOPs" in md
+    assert "## Gap to the oracle: routing vs masks" in md
+    summary = json.loads((tmp_path / "routing_summary.json").read_text())
+    [rec] = summary["configurations"]
+    assert (rec["name"], rec["k"], rec["n"], rec["seeds"], rec["fit_seeds"]) == ("l0", 4, 2, 2, [0, 1])
+    # 4 blocks removed by every mask: equal FLOPs, and the best static of them is the more
+    # accurate one on the mean over tasks
+    assert rec["removed_flops"] == pytest.approx(rec["best_static"]["removed_flops"])
+    acc = {s: np.mean([np.mean([d["acc_norm"] for d in json.loads(
+        (tmp_path / f"eval-{s}-k4-n1.json").read_text())["routed"]["per_document"][t]])
+        for t in ("tabp_arc_easy", "tabp_piqa")]) for s in ("static-sleb", "static-random")}
+    assert rec["best_static"]["name"] == max(acc, key=acc.get)
+    # piqa's documents 1, 2, 3, 5, ... went to cluster 1 (oracle: random), its home is cluster 1
+    # by calibration sizes (9 vs 1): the piqa documents in cluster 0 are the misrouted ones
+    gap = rec["gap"]["per_task"]["tabp_piqa"]
+    assert gap["misrouted"] == 5 and gap["documents"] == 20
+    assert rec["gap"]["per_task"]["tabp_arc_easy"]["misrouted"] == 0
+    assert rec["gap"]["mean"]["gap"] == pytest.approx(rec["gap"]["mean"]["routing"]
+                                                      + rec["gap"]["mean"]["masks"])
+
+
+def test_report_only_refuses_runs_of_other_documents(tmp_path, demo_model, bench_routing, capsys):
+    _cached_report(tmp_path, demo_model, oracle_docs=12)  # the oracle ran on fewer documents
+    with pytest.raises(SystemExit) as e:
+        bench_routing.report(["--report-only", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: l0 k=4 N=2") and "different" in err and "\n" not in err
