@@ -49,6 +49,7 @@ inflates the time: say so rather than hide it).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -116,6 +117,21 @@ def run(cmd: list[str], log: Path) -> float:
     return time.time() - t0
 
 
+def one_line_errors(command):
+    """Bad input (runs of other documents, a router that does not fit) is one line and exit 2, as
+    the CLI's TabpError, not a traceback."""
+    @functools.wraps(command)
+    def run_command(argv: list[str]) -> None:
+        from tabp_vllm.errors import TabpError
+
+        try:
+            command(argv)
+        except TabpError as exc:
+            sys.exit(print(f"error: {exc}", file=sys.stderr) or 2)
+    return run_command
+
+
+@one_line_errors
 def report(argv: list[str]) -> None:
     """Accuracy per task against the number of clusters N (OUT/routing.{json,md,png})."""
     ap = argparse.ArgumentParser(prog="routing.py report", description=report.__doc__)
@@ -138,9 +154,12 @@ def report(argv: list[str]) -> None:
                     help="rewrite routing.md and the plot from OUT/routing.json, running nothing")
     ap.add_argument("--no-cluster-oracle", action="store_true",
                     help="skip the per-cluster oracle of each routed configuration")
+    ap.add_argument("--oracle-from-statics", action="store_true",
+                    help="build each oracle router but take its per-document results from the "
+                         "static masks' own runs instead of evaluating it (half the evaluation)")
     a = ap.parse_args(argv)
     if a.report_only:
-        report_or_exit(json.loads((a.out / "routing.json").read_text()), a.out)
+        write_report(json.loads((a.out / "routing.json").read_text()), a.out)
         return
     out, log = a.out, a.out / "run.log"
     out.mkdir(parents=True, exist_ok=True)
@@ -184,6 +203,7 @@ def report(argv: list[str]) -> None:
         doc["rows"].append({"config": config, "family": family, "seed": seed, "k": k, "n": n,
                             "accuracy": acc, "fit_s": fit_s, "eval_s": wall, "cluster_mix": mix,
                             **(extra or {})})
+        done.add((config, k, n))
         save()
 
     if ("dense", 0, None) not in done:
@@ -207,15 +227,15 @@ def report(argv: list[str]) -> None:
                      "removed_layers", "removed_attention", "removed_mlp")]) for c in r["clusters"]}),
                   "passes": {key: r["provenance"].get(key) for key in
                              ("forward_passes", "backward_passes")}})
-        if method in ("l0", "tabp") and not a.no_cluster_oracle and all(
-                router_path(out, config_of(m), k, 1).exists() for m in statics):
+        if method in ("l0", "tabp"):
             cluster_oracle(config, k, n)
 
     def cluster_oracle(config: str, k: int, n: int) -> None:
         """The routed configuration's per-cluster oracle: built from its router and the static
         masks of its k (`oracle`), then evaluated like it."""
         name = ORACLE + config
-        if (name, k, n) in done:
+        if a.no_cluster_oracle or (name, k, n) in done or not statics or not all(
+                (config_of(m), k, 1) in done for m in statics):  # (its k's statics evaluated)
             return
         router = router_path(out, name, k, n)
         if not router.exists():
@@ -223,11 +243,15 @@ def report(argv: list[str]) -> None:
                  *sum((["--static", f"{config_of(m)}={router_path(out, config_of(m), k, 1)}"]
                        for m in statics), []), "-o", str(router)], log)
         r = json.loads(router.read_text())
+        res_path = eval_path(out, name, k, n)
+        if a.oracle_from_statics and not res_path.exists():
+            assemble_oracle_eval(out, config, k, n, r["provenance"]["choices"], res_path)
         evaluate(name, k, n, ["--no-dense", "--router", str(router)], r["provenance"]["wall_s"],
-                 {"choices": r["provenance"]["choices"]})
-        done.add((name, k, n))
+                 {"choices": r["provenance"]["choices"],
+                  "from_statics": bool(json.loads(res_path.read_text())["routed"].get(
+                      "from_statics")) if res_path.exists() else False})
 
-    def oracle(t: str, k: int) -> None:
+    def task_oracle(t: str, k: int) -> None:
         """Each task's own TaBP mask, evaluated on that task only."""
         mask = out / "routers" / f"oracle-{t}-k{k}.json"
         if not mask.exists():
@@ -262,39 +286,57 @@ def report(argv: list[str]) -> None:
     for method, k, n in jobs:
         if method == "oracle":
             if (f"oracle-{n}", k, None) not in done:
-                oracle(n, k)
+                task_oracle(n, k)
             continue
         for loss, units, seed in (variants if method == "l0" else
                                   [("kl", "blocks", int(s)) for s in a.seeds.split(",")]):
             if (config_of(method, loss, units, seed), k, n) not in done:
                 routed_or_static(method, k, n, loss, units, seed)
-    if not a.no_cluster_oracle:  # routed rows fitted before their k's static masks existed
-        for r in list(doc["rows"]):
-            if r["config"].startswith(("l0", "tabp")):
-                cluster_oracle(r["config"], r["k"], r["n"])
-    report_or_exit(doc, out)
+    for r in list(doc["rows"]):  # routed rows fitted before their k's static masks existed
+        if r["config"].startswith(("l0", "tabp")):
+            cluster_oracle(r["config"], r["k"], r["n"])
+    write_report(doc, out)
 
 
-def report_or_exit(doc: dict, out: Path) -> None:
-    """write_report; results that do not fit together (documents that differ between runs) are
-    one line and exit 2, as the CLI's TabpError."""
+def assemble_oracle_eval(out: Path, config: str, k: int, n: int, choices: dict[str, str],
+                         res_path: Path) -> None:
+    """The oracle's evaluation file, assembled from the routed row's clusters and the static
+    rows' per-document results (routing/report.py: assembled_oracle), in `eval --router`'s form."""
+    from collections import Counter
+
     from tabp_vllm.errors import TabpError
+    from tabp_vllm.routing.evaluate import pooled_metrics
+    from tabp_vllm.routing.report import assembled_oracle
 
-    try:
-        write_report(doc, out)
-    except TabpError as exc:
-        sys.exit(print(f"error: {exc}", file=sys.stderr) or 2)
+    routed = per_document(out, {"config": config, "k": k, "n": n})
+    statics = {s: per_document(out, {"config": s, "k": k, "n": 1}) for s in set(choices.values())}
+    missing = [s for s, run in statics.items() if run is None] + ([config] if routed is None else [])
+    if missing:
+        raise TabpError(f"{ORACLE + config}: no per-document results of {', '.join(missing)}")
+    run = assembled_oracle(routed, statics, choices, ORACLE + config)
+    res_path.write_text(json.dumps({"routed": {
+        "from_statics": True, "per_document": run,
+        "results": {t: pooled_metrics([{m: v for m, v in d.items() if m not in ("doc_id", "cluster")}
+                                       for d in docs]) for t, docs in run.items()},
+        "cluster_mix": {t: dict(sorted(Counter(d["cluster"] for d in docs).items()))
+                        for t, docs in run.items()}}}, indent=1) + "\n")
+
+
+@functools.lru_cache(maxsize=None)
+def decoder_shape(model_id: str):
+    from tabp_vllm.flops import DecoderShape
+    from tabp_vllm.models import load_model_config, resolve_model
+
+    return DecoderShape.from_config(load_model_config(resolve_model(model_id)))
 
 
 def mask_flops(mask: dict) -> float:
-    """The share of a dense decode step's FLOPs a mask document removes (demo model's shape)."""
-    from tabp_vllm.flops import DecoderShape, removed_flops_fraction
-    from tabp_vllm.models import load_model_config, resolve_model
+    """The share of a dense decode step's FLOPs a mask document removes."""
+    from tabp_vllm.flops import removed_flops_fraction
     from tabp_vllm.sublayers import mask_units
 
-    shape = DecoderShape.from_config(load_model_config(resolve_model(mask["model"]["id"])))
-    return removed_flops_fraction(shape, mask_units(*(mask.get(key, []) for key in (
-        "removed_layers", "removed_attention", "removed_mlp"))))
+    return removed_flops_fraction(decoder_shape(mask["model"]["id"]), mask_units(*(
+        mask.get(key, []) for key in ("removed_layers", "removed_attention", "removed_mlp"))))
 
 
 def per_document(out: Path, row: dict) -> dict | None:
@@ -456,6 +498,7 @@ def write_report(doc: dict, out: Path) -> None:
     fig.savefig(out / "accuracy_vs_clusters.png", dpi=110)
 
 
+@one_line_errors
 def oracle(argv: list[str]) -> None:
     """The per-cluster oracle router of a fitted router (routing/oracle.py): every cluster and the
     fallback served by the static mask of lowest KL to dense on the calibration inputs the router
@@ -473,29 +516,26 @@ def oracle(argv: list[str]) -> None:
                     help="a static mask: a mask file or an N = 1 router (its cluster's mask)")
     ap.add_argument("-o", "--output", type=Path, required=True)
     a = ap.parse_args(argv)
-    try:
-        router = load_router(a.router)
-        path = resolve_model(router.model_id)
-        statics = {}
-        for spec in a.static:
-            name, sep, file = spec.partition("=")
-            if not sep or not name or not file:
-                raise TabpError(f"--static {spec!r}: give NAME=PATH")
-            if is_router_file(file):
-                one = load_router(file, path)
-                if one.num_clusters != 1:
-                    raise TabpError(f"--static {name}: {file} has {one.num_clusters} clusters, "
-                                    "a static mask is an N = 1 router")
-                statics[name] = one.masks[0]
-            else:
-                statics[name] = load_mask(file, path)
-        cal = router_calibration(router)
-        encoder = open_encoder(router, str(a.router), model_path=path)
-        model, tok = load_model(path, "cpu")
-        costs = static_costs(router, statics, cal, encoder, model, tok)
-        result = oracle_router(router, statics, costs)
-    except TabpError as exc:
-        sys.exit(print(f"error: {exc}", file=sys.stderr) or 2)
+    router = load_router(a.router)
+    path = resolve_model(router.model_id)
+    statics = {}
+    for spec in a.static:
+        name, sep, file = spec.partition("=")
+        if not sep or not name or not file:
+            raise TabpError(f"--static {spec!r}: give NAME=PATH")
+        if is_router_file(file):
+            one = load_router(file, path)
+            if one.num_clusters != 1:
+                raise TabpError(f"--static {name}: {file} has {one.num_clusters} clusters, "
+                                "a static mask is an N = 1 router")
+            statics[name] = one.masks[0]
+        else:
+            statics[name] = load_mask(file, path)
+    cal = router_calibration(router)
+    encoder = open_encoder(router, str(a.router), model_path=path)
+    model, tok = load_model(path, "cpu")
+    costs = static_costs(router, statics, cal, encoder, model, tok)
+    result = oracle_router(router, statics, costs)
     result.provenance["wall_s"] = costs["wall_s"]
     result.save(a.output)
     print(json.dumps({"choices": result.provenance["choices"],

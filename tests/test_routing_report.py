@@ -331,3 +331,143 @@ def test_report_only_refuses_runs_of_other_documents(tmp_path, demo_model, bench
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: l0 k=4 N=2") and "different" in err and "\n" not in err
+
+
+def test_router_calibration_is_the_fits_own_or_refused(demo_model):
+    from tabp_vllm.routing.fit import load_calibration
+    from tabp_vllm.routing.oracle import router_calibration
+
+    cal = load_calibration(["demo"], "train", 4, 0)
+    router = _router(demo_model, [[1, 2]])
+    router.provenance = {"data": cal.sources, "data_sha256": cal.data_hash()}
+    again = router_calibration(router)
+    assert [i for i in again.items] == cal.items and again.tasks == ["demo"] * 4
+    router.provenance["data_sha256"] = "0" * 16
+    with pytest.raises(TabpError, match="calibration data differ from the router's"):
+        router_calibration(router)
+    router.provenance = {"seed": 0}
+    with pytest.raises(TabpError, match="records no calibration data"):
+        router_calibration(router)
+
+
+def test_oracle_command_bad_input_is_one_line(tmp_path, demo_model, bench_routing, capsys):
+    router = _router(demo_model, [[1, 2], [3, 4]]).save(tmp_path / "r.json")
+    for argv, says in ((["--router", str(tmp_path / "none.json")], "none.json"),
+                       (["--router", str(router), "--static", "nofile"], "give NAME=PATH"),
+                       (["--router", str(router), "--static", f"s={router}"],
+                        "has 2 clusters, a static mask is an N = 1 router")):
+        with pytest.raises(SystemExit) as e:
+            bench_routing.oracle(argv + (["--static", "x=y"] if "--static" not in argv else [])
+                                 + ["-o", str(tmp_path / "o.json")])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error: ") and says in err and "\n" not in err
+
+
+def test_assembled_oracle_reads_each_cluster_static(tmp_path, demo_model, bench_routing):
+    import json
+
+    routed = run_of({"t1": [0, 0, 0]}, {"t1": [0, 1, "fallback"]})
+    statics = {"A": run_of({"t1": [1, 1, 1]}), "B": run_of({"t1": [0, 1, 0]})}
+    got = rr.assembled_oracle(routed, statics, {"0": "A", "1": "B", "fallback": "B"}, "c")
+    assert [(d["cluster"], d["acc_norm"]) for d in got["t1"]] == [("0", 1.0), ("1", 1.0),
+                                                                  ("fallback", 0.0)]
+    with pytest.raises(TabpError, match="no run of static 'C'"):
+        rr.assembled_oracle(routed, statics, {"0": "A", "1": "C", "fallback": "A"}, "c")
+    # bench: the oracle's eval file assembled from the cached static rows, as `eval --router`
+    # writes it (what the report reads of it)
+    _cached_report(tmp_path, demo_model)
+    path = tmp_path / "eval-cluster-oracle-l0-k4-n2.json"
+    path.unlink()
+    choices = {"0": "static-sleb", "1": "static-random"}
+    bench_routing.assemble_oracle_eval(tmp_path, "l0", 4, 2, choices, path)
+    res = json.loads(path.read_text())["routed"]
+    static = {s: json.loads((tmp_path / f"eval-{s}-k4-n1.json").read_text())["routed"]["per_document"]
+              for s in choices.values()}
+    for t, docs in res["per_document"].items():
+        for d in docs:
+            assert d["acc"] == static[choices[d["cluster"]]][t][d["doc_id"]]["acc"]
+        assert res["results"][t]["acc"]["value"] == pytest.approx(np.mean([d["acc"] for d in docs]))
+        assert sum(res["cluster_mix"][t].values()) == len(docs)
+    assert res["from_statics"] is True
+
+
+def test_report_run_builds_an_oracle_for_every_routed_row(tmp_path, demo_model, bench_routing,
+                                                          monkeypatch):
+    """The report's run loop with every command faked (no fit, no engine): each routed row (both
+    methods, every N and fit seed) gets its per-cluster oracle, built after its k's static masks
+    were evaluated and from them; rows carry family and seed; the report has the seed sections."""
+    import json
+    from pathlib import Path as Path_
+
+    from tabp_vllm.mask import make_mask
+
+    def mask(removed):
+        return make_mask(demo_model, removed, task="c", model_id="llama").to_json()
+
+    calls = []
+
+    def arg(cmd, flag):
+        return cmd[cmd.index(flag) + 1]
+
+    def fake_run(cmd, log):
+        calls.append(cmd)
+        if "route" in cmd and "fit" in cmd:
+            n = int(arg(cmd, "--clusters"))
+            Path_(arg(cmd, "-o")).write_text(json.dumps({
+                "clusters": [{"sizes": {"arc_easy": 5, "piqa": 1 if n > 1 else 5} if c == 0
+                              else {"piqa": 4},
+                              "mask": mask([2, 3, 4, 10 + c])} for c in range(n)],
+                "provenance": {"wall_s": 1.0, "forward_passes": 1, "backward_passes": 0}}))
+        elif "oracle" in cmd:
+            routed = json.loads(Path_(arg(cmd, "--router")).read_text())
+            statics = dict(cmd[i + 1].split("=", 1) for i, c in enumerate(cmd) if c == "--static")
+            for f in statics.values():
+                assert Path_(f).exists()
+            first = sorted(statics)[0]
+            Path_(arg(cmd, "-o")).write_text(json.dumps({
+                "clusters": [{**c, "mask": mask([5, 6, 7, 8])} for c in routed["clusters"]],
+                "provenance": {"wall_s": 2.0, "choices": {str(c): first for c in
+                                                          range(len(routed["clusters"]))}}}))
+        elif "score" in cmd:
+            Path_(arg(cmd, "-o")).write_text(json.dumps({"calibration": {"wall_s": 1.0}}))
+        elif "eval" in cmd:
+            tasks = arg(cmd, "--task").split(",")
+            if "--router" in cmd:
+                n = len(json.loads(Path_(arg(cmd, "--router")).read_text())["clusters"])
+                per = {t: [{"doc_id": i, "cluster": str(i % n), "acc": float(i % 3 == 0),
+                            "acc_norm": float(i % 2 == 0)} for i in range(12)] for t in tasks}
+                res = {"routed": {"per_document": per, "cluster_mix": {t: {} for t in tasks},
+                                  "results": {t: {m: {"value": 0.5, "stderr": 0.1, "n": 12}
+                                                  for m in ("acc", "acc_norm")} for t in tasks}}}
+            else:
+                res = {"results": [{"results": {t: {"acc,none": 0.5, "acc_norm,none": 0.5}
+                                                for t in tasks},
+                                    "n-samples": {t: {"effective": 12} for t in tasks}}]}
+            Path_(arg(cmd, "-o")).write_text(json.dumps(res))
+        return 1.0
+
+    monkeypatch.setattr(bench_routing, "run", fake_run)
+    bench_routing.report(["--out", str(tmp_path), "--calib", "arc_easy,piqa", "--eval",
+                          "arc_easy,piqa", "--clusters", "1,2", "--ks", "4", "--seeds", "0,1",
+                          "--static-methods", "sleb,random", "--limit", "12"])
+    doc = json.loads((tmp_path / "routing.json").read_text())
+    rows = {(r["config"], r["n"]) for r in doc["rows"]}
+    routed = {(c, n) for c in ("l0", "l0-s1", "tabp", "tabp-s1") for n in (1, 2)}
+    assert routed <= rows
+    assert {("cluster-oracle-" + c, n) for c, n in routed} <= rows
+    # every oracle was built after both statics of its k were evaluated
+    order = [" ".join(c) for c in calls]
+    last_static = max(i for i, c in enumerate(order) if "eval" in c and "sleb-k4-n1" in c
+                      or "eval" in c and "random-k4-n1" in c)
+    assert all(i > last_static for i, c in enumerate(order) if " oracle " in c)
+    assert sum(" oracle " in c for c in order) == len(routed)
+    r = next(r for r in doc["rows"] if r["config"] == "tabp-s1")
+    assert (r["family"], r["seed"]) == ("tabp", 1)
+    md = (tmp_path / "routing.md").read_text()
+    assert "| l0 | 4 | 2 | 2 |" in md and "| tabp | 4 | 1 | 2 |" in md
+    # a rerun finds everything done and runs nothing
+    calls.clear()
+    bench_routing.report(["--out", str(tmp_path), "--calib", "arc_easy,piqa", "--eval",
+                          "arc_easy,piqa", "--clusters", "1,2", "--ks", "4", "--seeds", "0,1",
+                          "--static-methods", "sleb,random", "--limit", "12"])
+    assert calls == []

@@ -107,6 +107,28 @@ def gap_split(routed: Run, oracle: Run, statics: dict[str, Run], choices: dict[s
     return {"per_task": out, "mean": mean}
 
 
+def assembled_oracle(routed: Run, statics: dict[str, Run], choices: dict[str, str], where: str
+                     ) -> Run:
+    """The per-cluster oracle's per-document results without evaluating it: each document's
+    value under the static the oracle chose for its cluster, read from that static's own run
+    over every document (the oracle routes every document as the routed run did)."""
+    out = {}
+    for t, docs in routed.items():
+        rows = []
+        for d in docs:
+            c = str(d["cluster"])
+            if choices.get(c) not in statics:
+                raise TabpError(f"{where}: no run of static {choices.get(c)!r}, the oracle's mask "
+                                f"for cluster {c}")
+            s = by_doc(statics[choices[c]], t, where).get(int(d["doc_id"]))
+            if s is None:
+                raise TabpError(f"{where}: {t} document {d['doc_id']} is missing from static "
+                                f"{choices[c]}'s run")
+            rows.append({**{m: v for m, v in s.items() if m != "cluster"}, "cluster": c})
+        out[t] = rows
+    return out
+
+
 def mean_gap(splits: list[dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
     """The gap split averaged over fit seeds."""
     keys = ("routing", "masks", "gap")
