@@ -86,7 +86,7 @@ def sublayer_budget(k: int) -> list[str]:
 def config_of(method: str, loss: str = "kl", units: str = "blocks", seed: int = 0) -> str:
     """The row's name: the committed report's for the defaults, suffixed otherwise."""
     if method not in ("l0", "tabp"):
-        return f"static-{method}"
+        return f"static-{method}" + ("-sub" if units == "sublayers" else "")
     return (method + ("-lm" if loss == "lm" else "") + ("-sub" if units == "sublayers" else "")
             + (f"-s{seed}" if seed else ""))
 
@@ -98,6 +98,11 @@ def family_and_seed(config: str) -> tuple[str, int]:
     """("l0-lm", 2) of "l0-lm-s2": a configuration over fit seeds (seed 0 has no suffix)."""
     m = re.fullmatch(r"(.*)-s(\d+)", config)
     return (m[1], int(m[2])) if m else (config, 0)
+
+
+def units_of(config: str) -> str:
+    """What a row's masks remove: "sublayers" for the `-sub` configurations."""
+    return "sublayers" if "sub" in family_and_seed(config)[0].split("-") else "blocks"
 
 
 def router_path(out: Path, config: str, k: int, n: int) -> Path:
@@ -214,7 +219,7 @@ def report(argv: list[str]) -> None:
         router = router_path(out, config, k, n)
         if not router.exists():  # else an interrupted run's fit is kept
             extra = (["--loss", loss, "--units", units, "--seed", str(seed)] if method == "l0"
-                     else ["--seed", str(seed)])
+                     else ["--units", units, "--seed", str(seed)])
             run(CLI + ["route", "fit", "--model", "llama", *sum((["--task", t] for t in calib), []),
                        "--samples", str(a.samples),
                        *(sublayer_budget(k) if units == "sublayers" else ["--k", str(k)]),
@@ -234,14 +239,18 @@ def report(argv: list[str]) -> None:
         """The routed configuration's per-cluster oracle: built from its router and the static
         masks of its k (`oracle`), then evaluated like it."""
         name = ORACLE + config
-        if a.no_cluster_oracle or (name, k, n) in done or not statics or not all(
-                (config_of(m), k, 1) in done for m in statics):  # (its k's statics evaluated)
+        # its candidates: the k's block statics; for a sublayer row (a FLOPs budget, which k
+        # blocks meet) the sublayer statics too
+        cands = [config_of(m, units=u) for m in statics for u in static_units
+                 if u == "blocks" or units_of(config) == "sublayers"]
+        if a.no_cluster_oracle or (name, k, n) in done or not cands or not all(
+                (c, k, 1) in done for c in cands):  # (its statics evaluated first)
             return
         router = router_path(out, name, k, n)
         if not router.exists():
             run([sys.executable, __file__, "oracle", "--router", str(router_path(out, config, k, n)),
-                 *sum((["--static", f"{config_of(m)}={router_path(out, config_of(m), k, 1)}"]
-                       for m in statics), []), "-o", str(router)], log)
+                 *sum((["--static", f"{c}={router_path(out, c, k, 1)}"] for c in cands), []),
+                 "-o", str(router)], log)
         r = json.loads(router.read_text())
         res_path = eval_path(out, name, k, n)
         if a.oracle_from_statics and not res_path.exists():
@@ -274,6 +283,9 @@ def report(argv: list[str]) -> None:
     # gates; the largest N (most engines to evaluate) of every k last.
     ks, ns = [int(x) for x in a.ks.split(",")], sorted(int(x) for x in a.clusters.split(","))
     statics = [m for m in a.static_methods.split(",") if m]
+    # static masks of each method in whole blocks, and with sublayer rows also in sublayers at
+    # their FLOPs budget (`route fit --clusters 1 --units sublayers --mask-method M`)
+    static_units = ["blocks"] + (["sublayers"] if "sublayers" in a.units.split(",") else [])
     jobs = []
     for k in ks:
         jobs += [("tabp", k, n) for n in ns[:-1]]
@@ -289,7 +301,8 @@ def report(argv: list[str]) -> None:
                 task_oracle(n, k)
             continue
         for loss, units, seed in (variants if method == "l0" else
-                                  [("kl", "blocks", int(s)) for s in a.seeds.split(",")]):
+                                  [("kl", u, int(s)) for s in a.seeds.split(",")
+                                   for u in (static_units if method in statics else ["blocks"])]):
             if (config_of(method, loss, units, seed), k, n) not in done:
                 routed_or_static(method, k, n, loss, units, seed)
     for r in list(doc["rows"]):  # routed rows fitted before their k's static masks existed

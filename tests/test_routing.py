@@ -608,6 +608,29 @@ def test_fit_flops_budget_tiny_llama(tmp_path, tiny_model_dir):
                    encoder=FakeEncoder(), model_path=str(tiny_model_dir), calibration=_calibration())
 
 
+def test_fit_scorer_at_sublayer_units_tiny_llama(tmp_path, tiny_model_dir):
+    """`--units sublayers` with a scorer (the static sublayer masks of the routing report): the
+    scorer ranks attention and MLP units under the router's FLOPs budget, the masks are sublayer
+    masks the router checks (budget met, no unit more than needed)."""
+    from tabp_vllm.models import load_model_config
+    from tabp_vllm.scoring.units import unit_flops_shares
+    from tabp_vllm.sublayers import mask_units
+
+    shares = unit_flops_shares(load_model_config(str(tiny_model_dir)), "sublayer")
+    ratio = 2.5 * shares[3]
+    o = _options(tmp_path, units="sublayers", k=None, flops_ratio=ratio, clusters=1,
+                 mask_method="block_influence", fallback="none")
+    router = fit_router(o, encoder=FakeEncoder(), model_path=str(tiny_model_dir),
+                        calibration=_calibration())
+    back = load_router(router.save(o.output), str(tiny_model_dir))
+    [m] = back.masks
+    assert back.units == "sublayers" and m.method == "block_influence"
+    assert m.params["granularity"] == "sublayer"
+    removed = mask_units(m.removed_layers, m.removed_attention, m.removed_mlp)
+    assert sum(shares[u] for u in removed) >= ratio and all(2 <= u <= 9 for u in removed)
+    assert back.budget_fault(m) is None
+
+
 def test_eval_router_fallback_documents_and_per_document(tmp_path, demo_model):
     """evaluate_routed with a fake lm-eval run: documents past the radius are evaluated under the
     fallback mask (their own group), and every document's cluster and metrics are written."""

@@ -391,49 +391,44 @@ def test_assembled_oracle_reads_each_cluster_static(tmp_path, demo_model, bench_
     assert res["from_statics"] is True
 
 
-def test_report_run_builds_an_oracle_for_every_routed_row(tmp_path, demo_model, bench_routing,
-                                                          monkeypatch):
-    """The report's run loop with every command faked (no fit, no engine): each routed row (both
-    methods, every N and fit seed) gets its per-cluster oracle, built after its k's static masks
-    were evaluated and from them; rows carry family and seed; the report has the seed sections."""
+def _fake_commands(demo_model, calls):
+    """`run` for the report's loop with every command faked (no fit, no engine): route fit writes
+    a router of N masks, oracle one choosing the first static it is given, eval per-document
+    results of 12 documents per task."""
     import json
-    from pathlib import Path as Path_
+    from pathlib import Path
 
     from tabp_vllm.mask import make_mask
 
     def mask(removed):
         return make_mask(demo_model, removed, task="c", model_id="llama").to_json()
 
-    calls = []
-
     def arg(cmd, flag):
-        return cmd[cmd.index(flag) + 1]
+        return Path(cmd[cmd.index(flag) + 1])
 
     def fake_run(cmd, log):
         calls.append(cmd)
         if "route" in cmd and "fit" in cmd:
-            n = int(arg(cmd, "--clusters"))
-            Path_(arg(cmd, "-o")).write_text(json.dumps({
+            n = int(str(arg(cmd, "--clusters")))
+            arg(cmd, "-o").write_text(json.dumps({
                 "clusters": [{"sizes": {"arc_easy": 5, "piqa": 1 if n > 1 else 5} if c == 0
-                              else {"piqa": 4},
-                              "mask": mask([2, 3, 4, 10 + c])} for c in range(n)],
+                              else {"piqa": 4}, "mask": mask([2, 3, 4, 10 + c])}
+                             for c in range(n)],
                 "provenance": {"wall_s": 1.0, "forward_passes": 1, "backward_passes": 0}}))
         elif "oracle" in cmd:
-            routed = json.loads(Path_(arg(cmd, "--router")).read_text())
+            routed = json.loads(arg(cmd, "--router").read_text())
             statics = dict(cmd[i + 1].split("=", 1) for i, c in enumerate(cmd) if c == "--static")
-            for f in statics.values():
-                assert Path_(f).exists()
-            first = sorted(statics)[0]
-            Path_(arg(cmd, "-o")).write_text(json.dumps({
+            assert all(Path(f).exists() for f in statics.values())
+            arg(cmd, "-o").write_text(json.dumps({
                 "clusters": [{**c, "mask": mask([5, 6, 7, 8])} for c in routed["clusters"]],
-                "provenance": {"wall_s": 2.0, "choices": {str(c): first for c in
+                "provenance": {"wall_s": 2.0, "choices": {str(c): sorted(statics)[0] for c in
                                                           range(len(routed["clusters"]))}}}))
         elif "score" in cmd:
-            Path_(arg(cmd, "-o")).write_text(json.dumps({"calibration": {"wall_s": 1.0}}))
+            arg(cmd, "-o").write_text(json.dumps({"calibration": {"wall_s": 1.0}}))
         elif "eval" in cmd:
-            tasks = arg(cmd, "--task").split(",")
+            tasks = str(arg(cmd, "--task")).split(",")
             if "--router" in cmd:
-                n = len(json.loads(Path_(arg(cmd, "--router")).read_text())["clusters"])
+                n = len(json.loads(arg(cmd, "--router").read_text())["clusters"])
                 per = {t: [{"doc_id": i, "cluster": str(i % n), "acc": float(i % 3 == 0),
                             "acc_norm": float(i % 2 == 0)} for i in range(12)] for t in tasks}
                 res = {"routed": {"per_document": per, "cluster_mix": {t: {} for t in tasks},
@@ -443,13 +438,27 @@ def test_report_run_builds_an_oracle_for_every_routed_row(tmp_path, demo_model, 
                 res = {"results": [{"results": {t: {"acc,none": 0.5, "acc_norm,none": 0.5}
                                                 for t in tasks},
                                     "n-samples": {t: {"effective": 12} for t in tasks}}]}
-            Path_(arg(cmd, "-o")).write_text(json.dumps(res))
+            arg(cmd, "-o").write_text(json.dumps(res))
         return 1.0
+    return fake_run
 
-    monkeypatch.setattr(bench_routing, "run", fake_run)
-    bench_routing.report(["--out", str(tmp_path), "--calib", "arc_easy,piqa", "--eval",
-                          "arc_easy,piqa", "--clusters", "1,2", "--ks", "4", "--seeds", "0,1",
-                          "--static-methods", "sleb,random", "--limit", "12"])
+
+REPORT_ARGS = ["--calib", "arc_easy,piqa", "--eval", "arc_easy,piqa", "--ks", "4", "--limit", "12"]
+
+
+def test_report_run_builds_an_oracle_for_every_routed_row(tmp_path, demo_model, bench_routing,
+                                                          monkeypatch):
+    """The report's run loop, every command faked: each routed row (both methods, every N and
+    fit seed) gets its per-cluster oracle, built after its k's static masks were evaluated and
+    from them; rows carry family and seed; the report has the seed sections; a rerun runs
+    nothing."""
+    import json
+
+    calls = []
+    monkeypatch.setattr(bench_routing, "run", _fake_commands(demo_model, calls))
+    argv = ["--out", str(tmp_path), *REPORT_ARGS, "--clusters", "1,2", "--seeds", "0,1",
+            "--static-methods", "sleb,random"]
+    bench_routing.report(argv)
     doc = json.loads((tmp_path / "routing.json").read_text())
     rows = {(r["config"], r["n"]) for r in doc["rows"]}
     routed = {(c, n) for c in ("l0", "l0-s1", "tabp", "tabp-s1") for n in (1, 2)}
@@ -465,9 +474,25 @@ def test_report_run_builds_an_oracle_for_every_routed_row(tmp_path, demo_model, 
     assert (r["family"], r["seed"]) == ("tabp", 1)
     md = (tmp_path / "routing.md").read_text()
     assert "| l0 | 4 | 2 | 2 |" in md and "| tabp | 4 | 1 | 2 |" in md
-    # a rerun finds everything done and runs nothing
     calls.clear()
-    bench_routing.report(["--out", str(tmp_path), "--calib", "arc_easy,piqa", "--eval",
-                          "arc_easy,piqa", "--clusters", "1,2", "--ks", "4", "--seeds", "0,1",
-                          "--static-methods", "sleb,random", "--limit", "12"])
+    bench_routing.report(argv)
     assert calls == []
+
+
+def test_report_run_sublayer_rows_get_sublayer_statics(tmp_path, demo_model, bench_routing,
+                                                       monkeypatch):
+    """With sublayer rows, each static method is also fitted at sublayer units under the same
+    FLOPs budget; a sublayer row's oracle chooses among both kinds of statics, a block row's
+    among the block statics only (a sublayer mask misses a k-block budget)."""
+    calls = []
+    monkeypatch.setattr(bench_routing, "run", _fake_commands(demo_model, calls))
+    bench_routing.report(["--out", str(tmp_path), *REPORT_ARGS, "--clusters", "2",
+                          "--units", "blocks,sublayers", "--static-methods", "sleb"])
+    fits = [c for c in calls if "fit" in c]
+    static_sub = next(c for c in fits if "sleb" in c and "sublayers" in c)
+    assert "--flops-ratio" in static_sub and "--k" not in static_sub
+    oracles = {c[c.index("--router") + 1].rsplit("/", 1)[1]: sorted(
+        c[i + 1].split("=")[0] for i, x in enumerate(c) if x == "--static")
+        for c in calls if "oracle" in c}
+    assert oracles == {"l0-k4-n2.json": ["static-sleb"], "tabp-k4-n2.json": ["static-sleb"],
+                       "l0-sub-k4-n2.json": ["static-sleb", "static-sleb-sub"]}

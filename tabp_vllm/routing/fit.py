@@ -10,7 +10,8 @@ once and cached), or with `--loss lm` the next-token cross-entropy of the gated 
 tokens, plus the Lagrangian sparsity term; training runs until converged (`routing/l0.py`) and the
 mask removes the k gates of lowest log_alpha, or, with `--flops-ratio R`, the gates of lowest
 log_alpha until their FLOPs reach R (the sparsity term then holds the expected removed FLOPs
-share at R). `--mask-method NAME` instead scores the cluster's inputs with a registered scorer.
+share at R). `--mask-method NAME` instead scores the cluster's inputs with a registered scorer
+(with `--units sublayers`, at sublayer granularity).
 
 Clusters smaller than `--min-cluster-size` join the cluster of the nearest centroid; inputs
 farther from every centroid than the `--fallback-quantile` of the calibration inputs' distances
@@ -376,8 +377,6 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
     B = model_fingerprint(config)["num_hidden_layers"]
     blocks = parse_range(o.block_range, B)
     units = Units.of(o.units, blocks)
-    if o.units == "sublayers" and o.mask_method != L0:
-        raise TabpError(f"--units sublayers: only --mask-method {L0} gates sublayers")
     k = o.units_k
     # each unit's share of a dense decode step's FLOPs (per block, or per sublayer unit), as
     # `score --flops-ratio` counts them: what a FLOPs budget weighs, recorded in the router
@@ -458,8 +457,11 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
                 record["removed_flops_fraction"] = params["removed_flops_fraction"]
             curves.append({"cluster": c, **curve})
         else:
+            # --units sublayers: the scorer ranks attention and MLP units (issue 33's sublayer
+            # scoring, `score --granularity sublayer`), under the same k or FLOPs budget
             res = run_scoring(path, cal.dataset(idx, f"cluster{c}"), o.mask_method, k=k,
                               flops_ratio=o.flops_ratio,
+                              granularity="block" if o.units == "blocks" else "sublayer",
                               block_range=o.block_range, batch_size=o.batch_size,
                               max_length=o.max_length, seed=o.seed, device=device,
                               progress=progress, model_and_tokenizer=(model, tok))

@@ -46,8 +46,9 @@ class RouteFitOptions(Options):
         "gates' expected removed FLOPs aim at it, the mask takes the lowest gates until their "
         "FLOPs reach it (the last one may overshoot).", "--flops-ratio", gt=0, lt=1)
     # the paper gates attention and FFN separately (B = 2L); ours by default: whole blocks
-    units: Literal["blocks", "sublayers"] = option("blocks", "L0 gates (and --k) over whole "
-                                                   "blocks or attention/MLP sublayers.")
+    units: Literal["blocks", "sublayers"] = option("blocks", "L0 gates (or a scorer's units) and "
+                                                   "--k over whole blocks or attention/MLP "
+                                                   "sublayers.")
     # ours: gated blocks 1..B-2 (first and last kept, as ShortGPT finds)
     block_range: str = option("whole", "Candidate blocks: whole, latter, 0.5:1.0 or 15:30.", "--range")
     mask_method: str = option(L0, "l0 (Hard-Concrete gates) or a registered scorer (tabp, "
