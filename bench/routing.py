@@ -29,7 +29,9 @@ fit and evaluation is kept in OUT). Results: OUT/routing.{json,md}, OUT/accuracy
 with per-document results (`eval --router`'s `per_document`), routing.md also has every routed
 configuration over its fit seeds against the best static mask of equal average removed FLOPs and
 against its per-cluster oracle (hierarchical intervals), and the gap to the oracle split into
-routing and mask quality (routing/report.py).
+routing and mask quality (routing/report.py); beside the oracle, its ceiling, the *eval oracle*
+(`eval-oracle-<config>`: per cluster the static best on the evaluation documents routed there, read
+from the statics' runs, never evaluated).
 
 `oracle`: the per-cluster oracle router of a fitted router (loads the model: heavy).
 
@@ -103,6 +105,13 @@ def family_and_seed(config: str) -> tuple[str, int]:
 def units_of(config: str) -> str:
     """What a row's masks remove: "sublayers" for the `-sub` configurations."""
     return "sublayers" if "sub" in family_and_seed(config)[0].split("-") else "blocks"
+
+
+def oracle_statics(config: str, statics: list[str]) -> list[str]:
+    """The statics (of its k) a routed row's oracles choose among: the block statics, and for a
+    sublayer row (a FLOPs budget, which k blocks meet) the sublayer statics too; a sublayer mask
+    misses a block row's k-block budget."""
+    return [s for s in statics if units_of(s) == "blocks" or units_of(config) == "sublayers"]
 
 
 def router_path(out: Path, config: str, k: int, n: int) -> Path:
@@ -239,10 +248,7 @@ def report(argv: list[str]) -> None:
         """The routed configuration's per-cluster oracle: built from its router and the static
         masks of its k (`oracle`), then evaluated like it."""
         name = ORACLE + config
-        # its candidates: the k's block statics; for a sublayer row (a FLOPs budget, which k
-        # blocks meet) the sublayer statics too
-        cands = [config_of(m, units=u) for m in statics for u in static_units
-                 if u == "blocks" or units_of(config) == "sublayers"]
+        cands = oracle_statics(config, [config_of(m, units=u) for m in statics for u in static_units])
         if a.no_cluster_oracle or (name, k, n) in done or not cands or not all(
                 (c, k, 1) in done for c in cands):  # (its statics evaluated first)
             return
@@ -404,6 +410,8 @@ def collect(doc: dict, out: Path, flops_of=mask_flops) -> tuple[list[dict], dict
         with_oracle = all(s["oracle"] is not None and s["choices"] for s in seeds)
         out_groups.append({"name": g["name"], "k": g["k"], "n": g["n"],
                            "fit_seeds": sorted(g["seeds"]),
+                           "candidates": oracle_statics(g["name"], [
+                               s for s, v in statics.items() if v["k"] == g["k"]]),
                            "runs": [s["run"] for s in seeds],
                            "removed_flops": [s["removed_flops"] for s in seeds],
                            **({"oracle": [s["oracle"] for s in seeds],

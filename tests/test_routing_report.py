@@ -141,6 +141,92 @@ def test_routing_summary_over_seeds():
         rr.routing_summary([{**group, "oracle": [static]}], statics, TASKS, METRIC)
 
 
+def test_eval_oracle_takes_each_clusters_best_static_on_its_documents():
+    # clusters 0, 1 and the fallback; by construction A is best on cluster 0, B on cluster 1, C
+    # on the fallback; the KL oracle chose A everywhere (calibration said so)
+    clusters = {"t1": [0, 0, 1, 1, "fallback"], "t2": [0, 1, 1, 1]}
+    routed = run_of({"t1": [0] * 5, "t2": [0] * 4}, clusters)
+    statics = {"A": run_of({"t1": [1, 1, 0, 0, 0], "t2": [1, 0, 0, 0]}),
+               "B": run_of({"t1": [0, 0, 1, 1, 0], "t2": [0, 1, 1, 0]}),
+               "C": run_of({"t1": [0, 0, 0, 0, 1], "t2": [0, 0, 0, 0]})}
+    [choices], [ev] = rr.eval_oracle([routed], statics, TASKS, METRIC, "c")
+    assert choices == {"0": "A", "1": "B", "fallback": "C"}
+    assert [d[METRIC["t1"]] for d in ev["t1"]] == [1.0] * 5
+    assert [d[METRIC["t2"]] for d in ev["t2"]] == [1.0, 1.0, 1.0, 0.0]
+    assert [d["cluster"] for d in ev["t1"]] == ["0", "0", "1", "1", "fallback"]
+    kl = rr.assembled_oracle(routed, statics, {"0": "A", "1": "A", "fallback": "A"}, "c")
+    assert (rr.task_means([ev], TASKS, METRIC, "c")["mean"]
+            > rr.task_means([kl], TASKS, METRIC, "c")["mean"])
+    # ties go to the first static given
+    assert rr.eval_choices(routed, {"B": statics["C"], "C": statics["C"]}, TASKS, METRIC,
+                           "c")["0"] == "B"
+    with pytest.raises(TabpError, match="missing from static B's run"):
+        rr.eval_choices(routed, {"A": statics["A"], "B": run_of({"t1": [0] * 4, "t2": [0] * 4})},
+                        TASKS, METRIC, "c")
+
+
+def test_eval_oracle_maximises_the_mean_over_tasks():
+    """A document weighs 1 / its task's size, as in the report's mean over tasks; pooling documents
+    or weighing tasks equally inside a cluster would choose otherwise here: the eval oracle is the
+    best of every per-cluster assignment (brute force), on this case and on random runs."""
+    # cluster 0: t1's only 2 documents (A answers both) and 3 of t2's 100 (B answers those)
+    clusters = {"t1": [0, 0], "t2": [0] * 3 + [1] * 97}
+    routed = run_of({"t1": [0, 0], "t2": [0] * 100}, clusters)
+    statics = {"A": run_of({"t1": [1, 1], "t2": [0] * 100}),
+               "B": run_of({"t1": [0, 0], "t2": [1] * 3 + [0] * 97})}
+    assert rr.eval_choices(routed, statics, TASKS, METRIC, "c")["0"] == "A"  # pooled: B (3 > 2)
+    # cluster 0: 1 of t1's 100 documents (A) and all 10 of t2's (B answers 3): equal task weight
+    # inside the cluster says A (1 vs 0.3), the mean over tasks B (0.01 vs 0.3)
+    clusters = {"t1": [0] + [1] * 99, "t2": [0] * 10}
+    routed = run_of({"t1": [0] * 100, "t2": [0] * 10}, clusters)
+    statics = {"A": run_of({"t1": [1] + [0] * 99, "t2": [0] * 10}),
+               "B": run_of({"t1": [0] * 100, "t2": [1] * 3 + [0] * 7})}
+    assert rr.eval_choices(routed, statics, TASKS, METRIC, "c")["0"] == "B"
+
+    import itertools
+
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        sizes = {"t1": 7, "t2": 40}
+        clusters = {t: rng.choice([0, 1, "fallback"], n).tolist() for t, n in sizes.items()}
+        routed = run_of({t: [0] * n for t, n in sizes.items()}, clusters)
+        statics = {s: run_of({t: rng.random(n) < rng.random() for t, n in sizes.items()})
+                   for s in "ABC"}
+        [choices], [ev] = rr.eval_oracle([routed], statics, TASKS, METRIC, "c")
+        best = max(rr.task_means([rr.assembled_oracle(routed, statics, dict(zip(
+            ("0", "1", "fallback"), pick)), "c")], TASKS, METRIC, "c")["mean"]
+                   for pick in itertools.product("ABC", repeat=3))
+        assert rr.task_means([ev], TASKS, METRIC, "c")["mean"] == pytest.approx(best)
+
+
+def test_routing_summary_eval_oracle_among_the_candidates():
+    n = 30
+    rng = np.random.default_rng(6)
+    clusters = {t: [i % 2 for i in range(n)] for t in TASKS}
+    runs = [run_of({t: rng.random(n) < 0.5 for t in TASKS}, clusters) for _ in range(2)]
+    good, bad = (run_of({t: np.ones(n) for t in TASKS}), run_of({t: np.zeros(n) for t in TASKS}))
+    statics = {"static-bad": {"k": 4, "run": bad, "removed_flops": 0.1},
+               "static-good-sub": {"k": 4, "run": good, "removed_flops": 0.1}}
+    group = {"name": "l0", "k": 4, "n": 2, "runs": runs, "removed_flops": [0.1, 0.1],
+             "oracle": [run_of({t: np.zeros(n) for t in TASKS}, clusters)] * 2,
+             "choices": [{"0": "static-bad", "1": "static-bad"}] * 2,
+             "home": [{"t1": "0", "t2": "1"}] * 2}
+    # every static of the k by default; only the candidates when given
+    [rec] = rr.routing_summary([group], statics, TASKS, METRIC, resamples=100)
+    ev = rec["eval_oracle"]
+    assert ev["name"] == "eval-oracle-l0" and ev["accuracy"]["mean"] == 1.0
+    assert ev["choices"] == [{"0": "static-good-sub", "1": "static-good-sub"}] * 2
+    assert ev["vs"]["mean"]["mean"] == pytest.approx(rec["accuracy"]["mean"] - 1.0)
+    assert rec["oracle"]["vs_eval"]["mean"]["mean"] == pytest.approx(-1.0)
+    [rec] = rr.routing_summary([{**group, "candidates": ["static-bad"]}], statics, TASKS, METRIC,
+                               resamples=100)
+    assert rec["eval_oracle"]["accuracy"]["mean"] == 0.0
+    text = "\n".join(rr.summary_markdown([rec], TASKS, {}))
+    assert "## Routed vs its two per-cluster oracles" in text
+    assert "| eval-oracle-l0 | 4 | 2 | 2 | 0.000 | 0.000 | 0.000 | - |" in text
+    assert "| cluster-oracle-l0 | 4 | 2 | 2 | 0.000 | 0.000 | 0.000 | +0.000 [+0.000, +0.000] |" in text
+
+
 # ------------------------------------------------------------------------- the oracle router
 
 def _router(demo_model, masks, fallback=None, sizes=None):
@@ -322,6 +408,24 @@ def test_report_only_rebuilds_the_seed_sections_from_cached_results(tmp_path, de
     assert rec["gap"]["per_task"]["tabp_arc_easy"]["misrouted"] == 0
     assert rec["gap"]["mean"]["gap"] == pytest.approx(rec["gap"]["mean"]["routing"]
                                                       + rec["gap"]["mean"]["masks"])
+    # the eval oracle: per seed and cluster the static of higher metric on the documents routed
+    # there (every task here has its whole split: a document weighs 1 / its task's size)
+    runs = {c: json.loads((tmp_path / f"eval-{c}-k4-n{1 if c.startswith('static') else 2}.json")
+                          .read_text())["routed"]["per_document"]
+            for c in ("static-sleb", "static-random", "l0", "l0-s1")}
+    metric = {"tabp_arc_easy": "acc_norm", "tabp_piqa": "acc_norm"}
+
+    def on(static, routed, cluster):
+        return sum(runs[static][t][d["doc_id"]][metric[t]] / len(docs)
+                   for t, docs in runs[routed].items() for d in docs if d["cluster"] == cluster)
+    ev = rec["eval_oracle"]
+    assert ev["choices"] == [{c: max(("static-sleb", "static-random"), key=lambda s: on(s, r, c))
+                              for c in ("0", "1")} for r in ("l0", "l0-s1")]
+    assert ev["accuracy"]["mean"] >= max(acc.values()) - 1e-12
+    assert ev["vs"]["mean"]["mean"] == pytest.approx(rec["accuracy"]["mean"] - ev["accuracy"]["mean"])
+    assert rec["oracle"]["vs_eval"]["mean"]["mean"] == pytest.approx(
+        rec["oracle"]["accuracy"]["mean"] - ev["accuracy"]["mean"])
+    assert "| eval-oracle-l0 | 4 | 2 | 2 |" in md and "| cluster-oracle-l0 | 4 | 2 | 2 |" in md
 
 
 def test_report_only_refuses_runs_of_other_documents(tmp_path, demo_model, bench_routing, capsys):
@@ -484,6 +588,8 @@ def test_report_run_sublayer_rows_get_sublayer_statics(tmp_path, demo_model, ben
     """With sublayer rows, each static method is also fitted at sublayer units under the same
     FLOPs budget; a sublayer row's oracle chooses among both kinds of statics, a block row's
     among the block statics only (a sublayer mask misses a k-block budget)."""
+    import json
+
     calls = []
     monkeypatch.setattr(bench_routing, "run", _fake_commands(demo_model, calls))
     bench_routing.report(["--out", str(tmp_path), *REPORT_ARGS, "--clusters", "2",
@@ -496,3 +602,9 @@ def test_report_run_sublayer_rows_get_sublayer_statics(tmp_path, demo_model, ben
         for c in calls if "oracle" in c}
     assert oracles == {"l0-k4-n2.json": ["static-sleb"], "tabp-k4-n2.json": ["static-sleb"],
                        "l0-sub-k4-n2.json": ["static-sleb", "static-sleb-sub"]}
+    # the eval oracle chooses among the same statics as the KL oracle
+    summary = json.loads((tmp_path / "routing_summary.json").read_text())["configurations"]
+    chosen = {r["name"]: {s for c in r["eval_oracle"]["choices"] for s in c.values()}
+              for r in summary}
+    assert chosen["l0"] == chosen["tabp"] == {"static-sleb"}
+    assert chosen["l0-sub"] <= {"static-sleb", "static-sleb-sub"}

@@ -17,6 +17,10 @@ cluster whose oracle mask is not their task's) plus *masks* (o - r: the same rou
 learned mask against the best static for it). Routed and oracle share the router's centroids, so
 they route every document alike (checked): a split of o - r alone by documents would put the
 whole gap on the masks.
+
+Beside that oracle (chosen on calibration KL: a selector one could serve), its ceiling, the *eval
+oracle* (`eval_oracle`): each cluster served by the static best on the evaluation documents routed
+to it, the most any per-cluster choice among the statics reaches with these clusters.
 """
 
 from __future__ import annotations
@@ -129,6 +133,41 @@ def assembled_oracle(routed: Run, statics: dict[str, Run], choices: dict[str, st
     return out
 
 
+def eval_choices(routed: Run, statics: dict[str, Run], tasks: list[str], metric: dict[str, str],
+                 where: str) -> dict[str, str]:
+    """The eval oracle's choice: per cluster (and "fallback") of the routed run, the static of
+    highest metric on the evaluation documents the run sent to it (ties: the first in
+    `statics`), read from each static's own run over every document. A document of task t weighs
+    1 / (t's document count), its weight in the report's mean over tasks: every document sits in
+    one cluster, so that mean is a sum of per-cluster terms and these choices maximise it over
+    every per-cluster assignment of the statics. Weighing tasks equally inside a cluster would
+    not: 2 stray documents of one task would outvote 200 of another."""
+    score: dict[str, dict[str, float]] = {}
+    for t in tasks:
+        docs = by_doc(routed, t, where)
+        runs = {s: by_doc(r, t, where) for s, r in statics.items()}
+        for i, d in docs.items():
+            total = score.setdefault(str(d["cluster"]), dict.fromkeys(statics, 0.0))
+            for s, r in runs.items():
+                if i not in r:
+                    raise TabpError(f"{where}: {t} document {i} is missing from static {s}'s run")
+                total[s] += float(r[i][metric[t]]) / len(docs)
+    names = list(statics)
+    return {c: max(names, key=lambda s: (total[s], -names.index(s)))
+            for c, total in sorted(score.items())}
+
+
+def eval_oracle(runs: list[Run], statics: dict[str, Run], tasks: list[str],
+                metric: dict[str, str], where: str) -> tuple[list[dict[str, str]], list[Run]]:
+    """Per fit seed, the eval oracle's choices and its per-document results (assembled from the
+    statics' runs: nothing is evaluated). Chosen on the documents it is scored on, it is not a
+    selector one could serve but the ceiling of every per-cluster choice among `statics` with
+    these clusters, on the mean over tasks (not per task)."""
+    choices = [eval_choices(r, statics, tasks, metric, where) for r in runs]
+    return choices, [assembled_oracle({t: r[t] for t in tasks}, statics, c, where)
+                     for r, c in zip(runs, choices)]
+
+
 def mean_gap(splits: list[dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
     """The gap split averaged over fit seeds."""
     keys = ("routing", "masks", "gap")
@@ -162,7 +201,8 @@ def routing_summary(groups: list[dict[str, Any]], statics: dict[str, dict[str, A
     """One record per routed configuration (family, k, N over its fit seeds).
 
     `groups`: {"name", "k", "n", "runs": [Run per seed], "removed_flops": [share per seed],
-    "oracle": [Run per seed] or absent, "choices": [per seed], "home": [per seed]};
+    "oracle": [Run per seed] or absent, "choices": [per seed], "home": [per seed],
+    "candidates": the statics the oracles choose among (default: every static of the k)};
     `statics`: name -> {"k", "run": Run, "removed_flops": share}."""
     out = []
     for g in groups:
@@ -178,12 +218,21 @@ def routing_summary(groups: list[dict[str, Any]], statics: dict[str, dict[str, A
             rec["best_static"] = {"name": best, **here[best],
                                   "vs": compare(g["runs"], [statics[best]["run"]], tasks, metric,
                                                 where, resamples)}
+        cands = g.get("candidates", list(here))
+        if cands:
+            choices, ev = eval_oracle(g["runs"], {s: statics[s]["run"] for s in cands}, tasks,
+                                      metric, where + " eval oracle")
+            rec["eval_oracle"] = {"name": "eval-oracle-" + g["name"], "choices": choices,
+                                  "accuracy": task_means(ev, tasks, metric, where),
+                                  "vs": compare(g["runs"], ev, tasks, metric, where, resamples)}
         oracle = g.get("oracle") or []
         if oracle:
             if len(oracle) != len(g["runs"]):
                 raise TabpError(f"{where}: {len(oracle)} oracle runs for {len(g['runs'])} fit seeds")
             rec["oracle"] = {"accuracy": task_means(oracle, tasks, metric, where + " oracle"),
                              "vs": compare(g["runs"], oracle, tasks, metric, where, resamples)}
+            if cands:  # what choosing on calibration KL costs against the ceiling
+                rec["oracle"]["vs_eval"] = compare(oracle, ev, tasks, metric, where, resamples)
             runs_of = {s: v["run"] for s, v in statics.items()}
             rec["gap"] = mean_gap([gap_split(r, o, runs_of, c, h, tasks, metric, where)
                                    for r, o, c, h in zip(g["runs"], oracle, g["choices"], g["home"])],
@@ -209,12 +258,12 @@ def summary_markdown(summary: list[dict[str, Any]], tasks: list[str], names: dic
     split (`names`: a task's display name)."""
     cols = [names.get(t, t) for t in tasks]
     lines = ["## Routed vs the best static mask of equal average removed FLOPs, and vs the "
-             "per-cluster oracle", "",
+             "per-cluster KL oracle", "",
              "Routed minus comparator, mean over fit seeds, [95 % interval resampling documents "
              "and fit seeds together]; the best static is the one of highest mean over tasks "
              "among those removing at most the routed configuration's average FLOPs share.", "",
              "| config | k | N | seeds | FLOPs removed | accuracy (mean) | best static | "
-             "vs best static: mean | " + " | ".join(cols) + " | vs oracle: mean |",
+             "vs best static: mean | " + " | ".join(cols) + " | vs KL oracle: mean |",
              "|---|---|---|---|---|---|---|---|" + "---|" * len(cols) + "---|"]
     for r in summary:
         bs = r.get("best_static")
@@ -224,6 +273,7 @@ def summary_markdown(summary: list[dict[str, Any]], tasks: list[str], names: dic
                      f"{interval_text(vs['mean']) if vs else '-'} | "
                      + " | ".join(interval_text(vs["per_task"][t]) if vs else "-" for t in tasks)
                      + f" | {interval_text(r['oracle']['vs']['mean']) if 'oracle' in r else '-'} |")
+    lines += oracles_markdown(summary, tasks, cols)
     gaps = [r for r in summary if "gap" in r]
     if gaps:
         lines += ["", "## Gap to the oracle: routing vs masks", "",
@@ -243,4 +293,36 @@ def summary_markdown(summary: list[dict[str, Any]], tasks: list[str], names: dic
                                       f"{g['per_task'][t]['masks']:+.3f} "
                                       f"({g['per_task'][t]['misrouted']:.0f}/{g['per_task'][t]['documents']})"
                                       for t in tasks) + " |")
+    return lines
+
+
+def oracles_markdown(summary: list[dict[str, Any]], tasks: list[str], cols: list[str]) -> list[str]:
+    """Per configuration three rows: routed, its KL oracle (`cluster-oracle-`) and its eval
+    oracle, each with its accuracy and its difference to the eval oracle."""
+    recs = [r for r in summary if "eval_oracle" in r]
+    if not recs:
+        return []
+    lines = ["", "## Routed vs its two per-cluster oracles", "",
+             "cluster-oracle: each cluster served by the static of lowest KL to dense on its "
+             "calibration inputs (a selector one could serve); eval-oracle: each cluster served by "
+             "the static best on the evaluation documents routed to it (chosen on the documents it "
+             "is scored on: the ceiling of any per-cluster choice among the same statics with these "
+             "clusters, on the mean over tasks). Accuracy: mean over fit seeds; minus eval oracle: "
+             "[95 % interval resampling documents and fit seeds, its choices held fixed]. "
+             "Routed minus eval oracle = (routed minus cluster-oracle) + (cluster-oracle minus "
+             "eval oracle: what choosing on calibration KL loses).", "",
+             "| row | k | N | seeds | " + " | ".join(cols) + " | mean | minus eval oracle: mean | "
+             + " | ".join(cols) + " |",
+             "|---|---|---|---|" + "---|" * (2 * len(cols) + 2)]
+    for r in recs:
+        ev = r["eval_oracle"]
+        for name, acc, vs in ((r["name"], r["accuracy"], ev["vs"]),
+                              *([("cluster-oracle-" + r["name"], r["oracle"]["accuracy"],
+                                  r["oracle"].get("vs_eval"))] if "oracle" in r else []),
+                              (ev["name"], ev["accuracy"], None)):
+            lines.append(f"| {name} | {r['k']} | {r['n']} | {r['seeds']} | "
+                         + " | ".join(f"{acc[t]:.3f}" for t in tasks) + f" | {acc['mean']:.3f} | "
+                         + (" | ".join([interval_text(vs["mean"])]
+                                       + [interval_text(vs["per_task"][t]) for t in tasks])
+                            if vs else " | ".join(["-"] * (len(tasks) + 1))) + " |")
     return lines
