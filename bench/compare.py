@@ -43,6 +43,7 @@ evaluates only it, scoring no mask.
 from __future__ import annotations
 
 import argparse
+from fractions import Fraction
 import sys
 from pathlib import Path
 
@@ -79,6 +80,9 @@ def main() -> None:
     ap.add_argument("--blocks-from", type=Path, default=Path(__file__).resolve().parent / "results" / "compare_v2",
                     help="with sublayer configurations: the report whose whole-block masks and "
                          "per-document results they are compared with (read, never re-evaluated)")
+    ap.add_argument("--goal-sleb-share", type=Fraction, default=Fraction(1, 10), metavar="SHARE",
+                    help="the goal's cost bound: TaBP within this share of SLEB's forward passes "
+                         "(e.g. 1/3; default 1/10, the demo model's comparison)")
     ap.add_argument("--score-only", action="store_true",
                     help="only score the masks (transformers, no engine); evaluate in a later run")
     ap.add_argument("--report-only", action="store_true",

@@ -3,6 +3,8 @@ the summary it builds from per-document results (mean and sd over seeds, configu
 the goal's verdict)."""
 
 import argparse
+import json
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -80,8 +82,17 @@ def test_summary_over_seeds_and_the_goal(cv2, tmp_path, demo_model):
     (goal,) = doc["goal"]
     assert goal["best_baseline"] == "sleb" and goal["best_mean"] == pytest.approx(0.775)
     (verdict,) = goal["tabp"]
-    assert verdict["tenth_of_sleb"] is True  # 256 <= 2944 / 10 ...
+    assert verdict["within_sleb_share"] is True  # 256 <= 2944 / 10 ...
     assert verdict["within"] is False and goal["met"] is False  # ... but far less accurate
+    assert goal["sleb_share"] == "1/10"
+    # a stricter bound (a run's --goal-sleb-share) is what the verdict and the heading use
+    rep.args.goal_sleb_share = Fraction(1, 20)
+    doc20 = rep.summarize()
+    assert doc20["goal"][0]["tabp"][0]["within_sleb_share"] is False  # 256 > 2944 / 20
+    rep.save()  # report.json keeps the bound ("1/20"), report.md's heading names it
+    assert json.loads((tmp_path / "report.json").read_text())["args"]["goal_sleb_share"] == "1/20"
+    assert "<= 1/20 of SLEB's forward passes" in (tmp_path / "report.md").read_text()
+    del rep.args.goal_sleb_share
     assert {c["config"]: c["forward_passes"] for c in doc["cost"]} == {"tabp": 256, "sleb": 2944}
     # a run calibrated on other data (the per-task protocol) is costed apart, and the paper
     # protocol's verdict keeps counting its own calibration's passes
