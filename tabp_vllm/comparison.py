@@ -240,6 +240,12 @@ class Report:
                 raise TabpError(f"{out} was made with --{name.replace('_', '-')} {was}; "
                                 f"resume with the same, or use another --out")
         self.scoring: dict[str, dict] = old.get("scoring", {})
+        # the report shows this run's configurations and those the previous report showed: a
+        # resumable run goes in chunks of a few configurations, and each chunk rewriting the
+        # report with its own rows alone would drop the others' (their masks and evaluations
+        # are still in OUT). This run scores and evaluates only its own (args.configs).
+        shown = set(args.configs) | {c for c in old.get("args", {}).get("configs", []) if c in CONFIGS}
+        self.shown = sorted(shown, key=list(CONFIGS).index)  # REFERENCE first
         # every CPU that scored or evaluated part of this run (wall times depend on it); this
         # host joins the list only when it does work, so a --report-only elsewhere changes nothing
         self.host = cpu_info()
@@ -435,7 +441,7 @@ class Report:
                 for k in sorted(a.ks):
                     per_config: dict[str, list[np.ndarray]] = {}
                     removed_of: dict[str, list[list[int]]] = {}
-                    for config in a.configs:
+                    for config in self.shown:
                         got, rem = self.per_seed(protocol, task, k, config)
                         if got:
                             per_config[config], removed_of[config] = got, rem
@@ -567,7 +573,7 @@ class Report:
         out = []
         # a sublayer report's shared runs of every unit are costed under their own names
         wide = sorted({r["config"] for r in self.scoring.values() if r["config"].endswith("-sub-all")})
-        for config in [*self.args.configs, *wide]:
+        for config in [*self.shown, *wide]:
             for calib in sorted({r["calibration"] for r in self.scoring.values()
                                  if r["config"] == config}):
                 runs = [r for r in self.scoring.values()
@@ -597,8 +603,9 @@ class Report:
         doc = {"no_skill": {t: no_skill(*task_answers(self.lm_task[t], self.args.limit))
                             for t in self.args.tasks}, "model": self.model,
                "hosts": self.hosts, "command": sys.argv, "args": {
-            k: (str(v) if isinstance(v, (Path, Fraction)) else v) for k, v in vars(self.args).items()},
-            "configs": {c: CONFIGS[c] for c in self.args.configs},
+            **{k: (str(v) if isinstance(v, (Path, Fraction)) else v) for k, v in vars(self.args).items()},
+            "configs": self.shown},  # what the report shows: the next chunk keeps showing it
+            "configs": {c: CONFIGS[c] for c in self.shown},
             "reference": ("the best whole-block configuration (highest mean over seeds) of "
                           f"{self.blocks_from.name} per task and k" if self.sublayer else REFERENCE),
             **({"k_flops_ratio": self.k_flops_ratios()} if self.sublayer else {}),

@@ -93,6 +93,13 @@ def test_summary_over_seeds_and_the_goal(cv2, tmp_path, demo_model):
     assert json.loads((tmp_path / "report.json").read_text())["args"]["goal_sleb_share"] == "1/20"
     assert "<= 1/20 of SLEB's forward passes" in (tmp_path / "report.md").read_text()
     del rep.args.goal_sleb_share
+    # the next chunk of a resumable run (one configuration) still reports the others' rows
+    (tmp_path / "eval_cache.json").write_text(json.dumps(rep.cache))
+    chunk = cv2.Report(tmp_path, argparse.Namespace(**{**vars(args), "configs": ["tabp"]}))
+    assert chunk.shown == ["tabp", "sleb", "last_k"]
+    assert {r["config"] for r in chunk.summarize()["rows"]} == {"tabp", "sleb", "last_k"}
+    chunk.save()
+    assert json.loads((tmp_path / "report.json").read_text())["args"]["configs"] == chunk.shown
     assert {c["config"]: c["forward_passes"] for c in doc["cost"]} == {"tabp": 256, "sleb": 2944}
     # a run calibrated on other data (the per-task protocol) is costed apart, and the paper
     # protocol's verdict keeps counting its own calibration's passes
