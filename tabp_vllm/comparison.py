@@ -246,6 +246,8 @@ class Report:
         # are still in OUT). This run scores and evaluates only its own (args.configs).
         shown = set(args.configs) | {c for c in old.get("args", {}).get("configs", []) if c in CONFIGS}
         self.shown = sorted(shown, key=list(CONFIGS).index)  # REFERENCE first
+        # likewise the seeds: a chunk working on seed 1 must not make the rows seed 1's alone
+        self.shown_seeds = sorted(set(args.seeds) | set(old.get("args", {}).get("seeds", [])))
         # every CPU that scored or evaluated part of this run (wall times depend on it); this
         # host joins the list only when it does work, so a --report-only elsewhere changes nothing
         self.host = cpu_info()
@@ -270,7 +272,7 @@ class Report:
             return [0]
         if self.blocks_from is not None and config not in SUBLAYER:
             return self.block_seeds
-        return list(self.args.seeds)
+        return list(self.shown_seeds)
 
     # ---------------------------------------------------------------- masks
     def mask_path(self, config: str, calib: str, seed: int, k: int) -> Path:
@@ -604,7 +606,8 @@ class Report:
                             for t in self.args.tasks}, "model": self.model,
                "hosts": self.hosts, "command": sys.argv, "args": {
             **{k: (str(v) if isinstance(v, (Path, Fraction)) else v) for k, v in vars(self.args).items()},
-            "configs": self.shown},  # what the report shows: the next chunk keeps showing it
+            "configs": self.shown, "seeds": self.shown_seeds},  # what the report shows: the
+            # next chunk keeps showing it
             "configs": {c: CONFIGS[c] for c in self.shown},
             "reference": ("the best whole-block configuration (highest mean over seeds) of "
                           f"{self.blocks_from.name} per task and k" if self.sublayer else REFERENCE),

@@ -95,11 +95,15 @@ def test_summary_over_seeds_and_the_goal(cv2, tmp_path, demo_model):
     del rep.args.goal_sleb_share
     # the next chunk of a resumable run (one configuration) still reports the others' rows
     (tmp_path / "eval_cache.json").write_text(json.dumps(rep.cache))
-    chunk = cv2.Report(tmp_path, argparse.Namespace(**{**vars(args), "configs": ["tabp"]}))
-    assert chunk.shown == ["tabp", "sleb", "last_k"]
-    assert {r["config"] for r in chunk.summarize()["rows"]} == {"tabp", "sleb", "last_k"}
+    chunk = cv2.Report(tmp_path, argparse.Namespace(**{**vars(args), "configs": ["tabp"],
+                                                       "seeds": [1]}))
+    assert chunk.shown == ["tabp", "sleb", "last_k"] and chunk.shown_seeds == [0, 1]
+    rows = {r["config"]: r for r in chunk.summarize()["rows"]}
+    assert set(rows) == {"tabp", "sleb", "last_k"}
+    assert rows["tabp"]["acc_per_seed"] == [0.5, 0.55]  # both seeds, not the chunk's seed 1 alone
     chunk.save()
-    assert json.loads((tmp_path / "report.json").read_text())["args"]["configs"] == chunk.shown
+    saved = json.loads((tmp_path / "report.json").read_text())["args"]
+    assert saved["configs"] == chunk.shown and saved["seeds"] == [0, 1]
     assert {c["config"]: c["forward_passes"] for c in doc["cost"]} == {"tabp": 256, "sleb": 2944}
     # a run calibrated on other data (the per-task protocol) is costed apart, and the paper
     # protocol's verdict keeps counting its own calibration's passes
