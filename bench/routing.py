@@ -285,20 +285,20 @@ def report(argv: list[str]) -> None:
                                              "n": r["n-samples"][EVAL_OF[t]]["effective"]}}})
         save()
 
-    # Breadth first: per k the cheap fits, the static masks and the oracle, then the learned
-    # gates; the largest N (most engines to evaluate) of every k last.
+    # The comparators first (per k the static masks: every routed row's per-cluster oracle is
+    # built from them), then the learned gates, the report's subject, then TaBP per cluster and
+    # the per-task oracle; the largest N (most engines to evaluate) of every k after the smaller
+    # ones. A run cut short by time has the rows that answer the report's question first.
     ks, ns = [int(x) for x in a.ks.split(",")], sorted(int(x) for x in a.clusters.split(","))
     statics = [m for m in a.static_methods.split(",") if m]
     # static masks of each method in whole blocks, and with sublayer rows also in sublayers at
     # their FLOPs budget (`route fit --clusters 1 --units sublayers --mask-method M`)
     static_units = ["blocks"] + (["sublayers"] if "sublayers" in a.units.split(",") else [])
-    jobs = []
-    for k in ks:
-        jobs += [("tabp", k, n) for n in ns[:-1]]
-        jobs += [(m, k, 1) for m in statics]
-        jobs += [("oracle", k, t) for t in evals]
-        jobs += [("l0", k, n) for n in ns[:-1]]
-    jobs += [(method, k, ns[-1]) for k in ks for method in ("tabp", "l0")]
+    jobs = [(m, k, 1) for k in ks for m in statics]
+    for method in ("l0", "tabp"):
+        jobs += [(method, k, n) for k in ks for n in ns[:-1]]
+        jobs += [(method, k, ns[-1]) for k in ks]
+    jobs += [("oracle", k, t) for k in ks for t in evals]
     variants = [(loss, units, int(seed)) for seed in a.seeds.split(",")
                 for loss in a.losses.split(",") for units in a.units.split(",")]
     for method, k, n in jobs:

@@ -573,6 +573,12 @@ def test_report_run_builds_an_oracle_for_every_routed_row(tmp_path, demo_model, 
     last_static = max(i for i, c in enumerate(order) if "eval" in c and "sleb-k4-n1" in c
                       or "eval" in c and "random-k4-n1" in c)
     assert all(i > last_static for i, c in enumerate(order) if " oracle " in c)
+    # the run's order: the statics, then the L0 rows (the report's subject), then TaBP per
+    # cluster: a run stopped by time has the rows that answer the report's question first
+    fits = {m: [i for i, c in enumerate(order) if "route fit" in c and f"--mask-method {m}" in c]
+            for m in ("sleb", "random", "l0", "tabp")}
+    assert max(fits["sleb"] + fits["random"]) < min(fits["l0"])
+    assert max(fits["l0"]) < min(fits["tabp"])
     assert sum(" oracle " in c for c in order) == len(routed)
     r = next(r for r in doc["rows"] if r["config"] == "tabp-s1")
     assert (r["family"], r["seed"]) == ("tabp", 1)
