@@ -441,6 +441,17 @@ def seed_sections(doc: dict, out: Path, flops_of=mask_flops) -> list[str]:
     return summary_markdown(summary, tasks, {EVAL_OF[t]: t for t in doc["eval"]})
 
 
+def route_fit_steps() -> int:
+    from tabp_vllm.routing.options import STEPS
+
+    return STEPS
+
+
+def docs_text(limit: int | None) -> str:
+    """The evaluation documents a run used: `--limit` per task, 0 (or none) the whole split."""
+    return f"first {limit} documents per task" if limit else "every document"
+
+
 def write_report(doc: dict, out: Path) -> None:
     import matplotlib
 
@@ -452,10 +463,11 @@ def write_report(doc: dict, out: Path) -> None:
     dense = next(r for r in rows if r["config"] == "dense")
     lines = ["# Input-guided routing vs static masks (demo model)", "",
              f"Calibration: {', '.join(doc['calib'])} train splits, {doc['samples']} inputs each, "
-             f"mixed. Evaluation: first {doc['limit']} documents per task of lm-eval's evaluation split "
+             f"mixed. Evaluation: {docs_text(doc['limit'])} of lm-eval's evaluation split "
              f"(ARC-Easy test; PIQA, BoolQ the held-out half of dev), zero-shot, "
-             f"lm-eval through `tabp-vllm eval` (routed: `eval --router`). L0: {doc['steps']} "
-             f"steps per cluster. Host: {doc['host'].get('model', '?')}.", "",
+             f"lm-eval through `tabp-vllm eval` (routed: `eval --router`). L0: trained until "
+             f"converged, at most {doc['steps'] or route_fit_steps()} steps per cluster (each fit's steps "
+             f"in its router). Host: {doc['host'].get('model', '?')}.", "",
              "Static masks are `route fit --clusters 1` with each method (one mask from the whole "
              "mixed set); the oracle is each task's own TaBP mask (it knows every request's task). "
              "lm-eval has no acc_norm for BoolQ: its acc_norm column is acc.", ""]
