@@ -441,12 +441,6 @@ def seed_sections(doc: dict, out: Path, flops_of=mask_flops) -> list[str]:
     return summary_markdown(summary, tasks, {EVAL_OF[t]: t for t in doc["eval"]})
 
 
-def route_fit_steps() -> int:
-    from tabp_vllm.routing.options import STEPS
-
-    return STEPS
-
-
 def docs_text(limit: int | None) -> str:
     """The evaluation documents a run used: `--limit` per task, 0 (or none) the whole split."""
     return f"first {limit} documents per task" if limit else "every document"
@@ -454,6 +448,8 @@ def docs_text(limit: int | None) -> str:
 
 def write_report(doc: dict, out: Path) -> None:
     import matplotlib
+
+    from tabp_vllm.routing.options import STEPS  # route fit's step cap, when the run named none
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -466,7 +462,7 @@ def write_report(doc: dict, out: Path) -> None:
              f"mixed. Evaluation: {docs_text(doc['limit'])} of lm-eval's evaluation split "
              f"(ARC-Easy test; PIQA, BoolQ the held-out half of dev), zero-shot, "
              f"lm-eval through `tabp-vllm eval` (routed: `eval --router`). L0: trained until "
-             f"converged, at most {doc['steps'] or route_fit_steps()} steps per cluster (each fit's steps "
+             f"converged, at most {doc['steps'] or STEPS} steps per cluster (each fit's steps "
              f"in its router). Host: {doc['host'].get('model', '?')}.", "",
              "Static masks are `route fit --clusters 1` with each method (one mask from the whole "
              "mixed set); the oracle is each task's own TaBP mask (it knows every request's task). "

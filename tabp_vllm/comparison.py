@@ -229,13 +229,14 @@ class Report:
         self.cache_path, self.doc_path = out / "eval_cache.json", out / "report.json"
         self.cache = json.loads(self.cache_path.read_text()) if self.cache_path.exists() else {}
         old = json.loads(self.doc_path.read_text()) if self.doc_path.exists() else {}
+        old_args = old.get("args", {})  # the options the previous report was made with
         # masks are named by configuration, calibration, seed and k: a resumed run must draw
         # its calibration sets as the run that made them did. --limit shapes evaluations only,
         # so it binds only once OUT holds some (a score-only run's masks serve any --limit)
         for name in ("samples", "sleb_samples", "limit", "model", "arc_easy_split"):
             if name == "limit" and not self.cache:
                 continue
-            was = old.get("args", {}).get(name, getattr(args, name))
+            was = old_args.get(name, getattr(args, name))
             if was != getattr(args, name):
                 raise TabpError(f"{out} was made with --{name.replace('_', '-')} {was}; "
                                 f"resume with the same, or use another --out")
@@ -244,10 +245,10 @@ class Report:
         # resumable run goes in chunks of a few configurations, and each chunk rewriting the
         # report with its own rows alone would drop the others' (their masks and evaluations
         # are still in OUT). This run scores and evaluates only its own (args.configs).
-        shown = set(args.configs) | {c for c in old.get("args", {}).get("configs", []) if c in CONFIGS}
+        shown = set(args.configs) | {c for c in old_args.get("configs", []) if c in CONFIGS}
         self.shown = sorted(shown, key=list(CONFIGS).index)  # REFERENCE first
         # likewise the seeds: a chunk working on seed 1 must not make the rows seed 1's alone
-        self.shown_seeds = sorted(set(args.seeds) | set(old.get("args", {}).get("seeds", [])))
+        self.shown_seeds = sorted(set(args.seeds) | set(old_args.get("seeds", [])))
         # every CPU that scored or evaluated part of this run (wall times depend on it); this
         # host joins the list only when it does work, so a --report-only elsewhere changes nothing
         self.host = cpu_info()
