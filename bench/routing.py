@@ -14,7 +14,9 @@ commands (`route fit`, `score`, `eval`, `serve`, `bench`).
 - `route fit` on one mixed calibration set (train splits of the `--calib` tasks), for N in
   `--clusters`, with `--mask-method l0` (IG-Pruning) and `--mask-method tabp` (per-cluster TaBP);
 - a *static* mask of each existing method = the same fit with N = 1 (one mask from the whole mixed
-  set), so static and routed masks see the same data;
+  set), so static and routed masks see the same data (`--statics-from DIR`: dense and the statics
+  copied from an earlier report of the same documents, e.g. to refit only the routed masks on
+  more calibration inputs; the header then names DIR and its calibration size);
 - the *oracle*: per task, a static TaBP mask scored on that task's own calibration data (it knows
   the task of every request; `score --task T --method tabp`);
 - the *per-cluster oracle* of every routed configuration (`cluster-oracle-<config>`): its router
@@ -171,6 +173,10 @@ def report(argv: list[str]) -> None:
     ap.add_argument("--oracle-from-statics", action="store_true",
                     help="build each oracle router but take its per-document results from the "
                          "static masks' own runs instead of evaluating it (half the evaluation)")
+    ap.add_argument("--statics-from", type=Path, default=None, metavar="DIR",
+                    help="take dense and the static masks (routers, evaluations, rows) from the "
+                         "report in DIR instead of fitting them (same --eval and --limit; its "
+                         "calibration size is its own: the report says so)")
     a = ap.parse_args(argv)
     if a.report_only:
         write_report(json.loads((a.out / "routing.json").read_text()), a.out)
@@ -187,6 +193,8 @@ def report(argv: list[str]) -> None:
     done = {(r["config"], r["k"], r["n"]) for r in doc["rows"]}
     doc.update(calib=calib, eval=evals, samples=a.samples, steps=a.steps, limit=a.limit,
                host=cpu_info(), command=sys.argv)
+    if a.statics_from:
+        doc["statics_from"] = reuse_statics(a.statics_from, out, doc, done, evals, a.limit)
 
     def save() -> None:
         doc_path.write_text(json.dumps(doc, indent=2) + "\n")
@@ -315,6 +323,34 @@ def report(argv: list[str]) -> None:
         if r["config"].startswith(("l0", "tabp")):
             cluster_oracle(r["config"], r["k"], r["n"])
     write_report(doc, out)
+
+
+def reuse_statics(src: Path, out: Path, doc: dict, done: set, evals: list[str], limit: int) -> dict:
+    """Copy dense and the static rows of the report in `src` (their routers and evaluation files)
+    into this one, e.g. to refit only the routed masks on a larger calibration set; the statics'
+    own calibration size goes with them (`statics_from`, named in the report's header)."""
+    import shutil
+
+    from tabp_vllm.errors import TabpError
+
+    path = src / "routing.json"
+    if not path.exists():
+        raise TabpError(f"--statics-from {src}: no routing.json there")
+    old = json.loads(path.read_text())
+    if old.get("eval") != evals or old.get("limit") != limit:
+        raise TabpError(f"--statics-from {src}: its evaluation ({old.get('eval')}, limit "
+                        f"{old.get('limit')}) is not this run's ({evals}, limit {limit})")
+    for r in old["rows"]:
+        if not (r["config"] == "dense" or r["config"].startswith("static-")) or \
+                (r["config"], r["k"], r["n"]) in done:
+            continue
+        shutil.copy2(eval_path(src, r["config"], r["k"], r["n"]), eval_path(out, r["config"], r["k"], r["n"]))
+        if r["n"]:
+            shutil.copy2(router_path(src, r["config"], r["k"], r["n"]),
+                         router_path(out, r["config"], r["k"], r["n"]))
+        doc["rows"].append({**r, "reused_from": src.name})
+        done.add((r["config"], r["k"], r["n"]))
+    return {"dir": src.name, "samples": old["samples"]}
 
 
 def assemble_oracle_eval(out: Path, config: str, k: int, n: int, choices: dict[str, str],
@@ -467,6 +503,11 @@ def write_report(doc: dict, out: Path) -> None:
              "Static masks are `route fit --clusters 1` with each method (one mask from the whole "
              "mixed set); the oracle is each task's own TaBP mask (it knows every request's task). "
              "lm-eval has no acc_norm for BoolQ: its acc_norm column is acc.", ""]
+    if doc.get("statics_from"):  # (reuse_statics)
+        src = doc["statics_from"]
+        lines[-2] += (f" Dense and the static masks are the report {src['dir']}'s, fitted on "
+                      f"{src['samples']} inputs per task (same documents evaluated): only the "
+                      f"routed masks and their oracles are fitted on this run's calibration.")
     for metric in ("acc_norm", "acc"):
         lines += [f"## {metric}", "",
                   "| config | k | N | distinct masks | " + " | ".join(evals) + " | mean | fit s |",

@@ -134,10 +134,48 @@ def test_small_clusters_merge_into_the_nearest_and_the_fallback_radius():
     assert merge_small_clusters(x, labels, cents, 0)[0].tolist() == labels.tolist()
     lab, cen, merges = merge_small_clusters(x, labels, cents, 100)
     assert set(lab.tolist()) == {0} and len(cen) == 1 and len(merges) == 2
-    # radius: the quantile of the nearest-centroid distances; past it, the fallback
-    d = np.array([min(np.linalg.norm(v - c) for c in cents) for v in x])
-    assert fallback_radius(x, cents, 0.95) == pytest.approx(np.quantile(d, 0.95))
-    assert fallback_radius(x, cents, 1.0) == pytest.approx(d.max())
+    # radius: the quantile of the held-out nearest-centroid distances (each input against its
+    # cluster's mean without it; a lone input, (3, 0), against the others only)
+    def held_out(i):
+        own = [j for j in range(len(x)) if labels[j] == labels[i] and j != i]
+        others = [cents[k] for k in range(len(cents)) if k != labels[i]]
+        return min(([np.linalg.norm(x[i] - x[own].mean(0))] if own else []) +
+                   [np.linalg.norm(x[i] - c) for c in others])
+    d = np.array([held_out(i) for i in range(len(x))])
+    # (0, 0) against (0.5, 0.5), the mean of its two fellows: n / (n - 1) = 1.5 x the in-sample
+    # distance; (3, 0) against cluster 0's centroid (1/3, 1/3)
+    assert d[0] == pytest.approx(np.sqrt(0.5)) == 1.5 * np.linalg.norm(x[0] - cents[0])
+    assert d[7] == pytest.approx(np.sqrt(65) / 3)
+    assert fallback_radius(x, cents, labels, 0.95) == pytest.approx(np.quantile(d, 0.95))
+    assert fallback_radius(x, cents, labels, 1.0) == pytest.approx(d.max())
+    assert fallback_radius(x[:1], cents[:1], labels[:1], 0.95) == 0.0  # nothing to hold out
+
+
+def test_held_out_radius_keeps_unseen_inputs_inside():
+    """Unit embeddings of diverse text (as MiniLM's of BoolQ passages): four clusters of 32 drawn
+    around directions of small weight, and 2,000 unseen inputs from the same clusters. The
+    in-sample 95th percentile (each input against a centroid it is 1/32 of) sends a third of the
+    unseen past it; the held-out one about the 5 % its quantile promises."""
+    from tabp_vllm.routing.fit import fallback_radius
+
+    rng = np.random.default_rng(0)
+    dim, centres = 384, rng.normal(size=(4, 384)) * 0.05
+
+    def draw(n, k):
+        x = centres[k] + rng.normal(size=(n, dim)) / np.sqrt(dim)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    cal, labels = np.vstack([draw(32, k) for k in range(4)]), np.repeat(np.arange(4), 32)
+    cents = np.array([cal[labels == k].mean(0) for k in range(4)])
+    unseen = np.vstack([draw(500, k) for k in range(4)])
+
+    def nearest(v):
+        return np.sqrt(((v[:, None] - cents[None]) ** 2).sum(-1)).min(1)
+    in_sample = np.quantile(nearest(cal), 0.95)
+    held_out = fallback_radius(cal, cents, labels, 0.95)
+    assert held_out > in_sample
+    assert (nearest(unseen) > in_sample).mean() > 0.25
+    assert 0.02 < (nearest(unseen) > held_out).mean() < 0.12
 
 
 def test_router_fallback_assign_and_old_files(tmp_path):
@@ -158,6 +196,12 @@ def test_router_fallback_assign_and_old_files(tmp_path):
     r.fallback.mask = masks[0]  # the fallback may share a cluster's variant
     assert [cs for _, cs in r.variants()] == [[0, FALLBACK], [1]]
     doc = r.to_json()
+    assert doc["fallback"]["radius_kind"] == "held-out"  # route fit's, since it holds inputs out
+    del doc["fallback"]["radius_kind"]  # routers written before: their radius is in-sample
+    assert parse_router(doc).fallback.radius_kind == "in-sample"
+    doc["fallback"]["radius_kind"] = "guessed"
+    with pytest.raises(RouterError, match="radius_kind must be one of held-out, in-sample"):
+        parse_router(doc)
     doc["fallback"]["radius"] = -1
     with pytest.raises(RouterError, match="fallback radius"):
         parse_router(doc)
@@ -187,6 +231,41 @@ def test_committed_routers_still_load():
     for path in routers:
         r = load_router(path)
         assert r.fallback is None and len(r.masks) == r.num_clusters
+
+
+def test_route_radius_renews_an_in_sample_radius(tmp_path):
+    """`route radius` on a router of the routing report v2 (k = 4, N = 4; MiniLM; its calibration
+    reloaded from the shared data), set back to an in-sample radius: the held-out radius the report
+    committed comes back, the router is otherwise the same, a second run changes nothing."""
+    from pathlib import Path
+
+    from tabp_vllm.cli import app
+
+    committed = Path(__file__).resolve().parents[1] / "bench/results/routing_v2/routers/l0-k4-n4.json"
+    doc = json.loads(committed.read_text())
+    assert doc["fallback"]["radius_kind"] == "held-out"
+    held_out = doc["fallback"]["radius"]
+    doc["fallback"]["radius"] = 0.9871  # what route fit wrote before it held inputs out
+    del doc["fallback"]["radius_kind"]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(doc))
+    r = CliRunner().invoke(app, ["route", "radius", str(path)])
+    assert r.exit_code == 0, r.output
+    assert "0.9871 (in-sample, q 0.95) -> " in " ".join(r.output.split())
+    back = load_router(path)
+    assert back.fallback.radius == pytest.approx(held_out, abs=1e-4) and held_out > 0.9871
+    assert back.fallback.radius_kind == "held-out" and back.fallback.quantile == 0.95
+    old = load_router(committed)
+    assert back.centroids == old.centroids and [m.removed_layers for m in back.masks] == \
+        [m.removed_layers for m in old.masks] and back.provenance == old.provenance
+    # the largest held-out distance is past the 95th percentile
+    r = CliRunner().invoke(app, ["route", "radius", str(path), "--quantile", "1"])
+    assert r.exit_code == 0 and load_router(path).fallback.radius > held_out
+    # a router without a fallback: one line, exit 2
+    del doc["fallback"]
+    path.write_text(json.dumps(doc))
+    r = CliRunner().invoke(app, ["route", "radius", str(path)])
+    assert r.exit_code == 2 and r.output.strip().count("\n") == 0 and "no fallback" in r.output
 
 
 def test_merge_variants_least_cost():

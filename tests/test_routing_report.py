@@ -614,3 +614,41 @@ def test_report_run_sublayer_rows_get_sublayer_statics(tmp_path, demo_model, ben
               for r in summary}
     assert chosen["l0"] == chosen["tabp"] == {"static-sleb"}
     assert chosen["l0-sub"] <= {"static-sleb", "static-sleb-sub"}
+
+
+def test_report_run_takes_dense_and_statics_from_an_earlier_report(tmp_path, demo_model,
+                                                                   bench_routing, monkeypatch, capsys):
+    """`--statics-from DIR`: dense and the static masks come from DIR's report (rows, routers and
+    evaluation files copied, nothing refitted or re-evaluated), the routed rows and their oracles
+    are fitted on this run's calibration, and the header says whose statics they are and on how
+    many inputs; an earlier report of other documents is one line, exit 2."""
+    import json
+
+    calls = []
+    monkeypatch.setattr(bench_routing, "run", _fake_commands(demo_model, calls))
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = [*REPORT_ARGS, "--clusters", "2", "--static-methods", "sleb,random"]
+    bench_routing.report(["--out", str(first), *common])
+    calls.clear()
+    bench_routing.report(["--out", str(second), *common, "--samples", "64",
+                          "--statics-from", str(first)])
+    order = [" ".join(c) for c in calls]
+    assert not any("--mask-method sleb" in c or "--mask-method random" in c for c in order)
+    assert not any(" eval " in c and "--router" not in c and "--task-mask" not in c for c in order)
+    assert any("--mask-method l0" in c and "--samples 64" in c for c in order)
+    assert sum(" oracle " in c for c in order) == 2  # l0 and tabp at N = 2, from the copied statics
+    doc = json.loads((second / "routing.json").read_text())
+    reused = {r["config"] for r in doc["rows"] if r.get("reused_from") == "first"}
+    assert reused == {"dense", "static-sleb", "static-random"}
+    assert doc["statics_from"] == {"dir": "first", "samples": 32}
+    for name in ("eval-static-sleb-k4-n1.json", "routers/sleb-k4-n1.json", "eval-dense-k0-nNone.json"):
+        assert (second / name).read_bytes() == (first / name).read_bytes()
+    md = (second / "routing.md").read_text()
+    assert "Dense and the static masks are the report first's, fitted on 32 inputs per task" in md
+    # of other documents: refused before anything runs
+    calls.clear()
+    with pytest.raises(SystemExit) as e:
+        bench_routing.report(["--out", str(tmp_path / "third"), *common, "--limit", "40",
+                              "--statics-from", str(first)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "is not this run's" in err and calls == []

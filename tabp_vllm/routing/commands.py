@@ -1,6 +1,10 @@
-"""`tabp-vllm route fit`: the router sub-app (registered in cli.py)."""
+"""`tabp-vllm route fit` and `route radius`: the router sub-app (registered in cli.py)."""
 
 from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -23,6 +27,29 @@ def fit(o: RouteFitOptions) -> None:
     """Embed mixed calibration inputs, cluster them, learn one mask per cluster (k units or a
     FLOPs share), write the router file."""
     run_fit(o)
+
+
+@route_app.command("radius")
+@user_errors
+def radius(
+    router_file: Path = typer.Argument(..., metavar="ROUTER", help="A router file of `route fit`."),
+    quantile: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Quantile of the "
+                                             "held-out distances (default: the router's own)."),
+) -> None:
+    """Renew a router's fallback radius as `route fit` now sets it, held out (each calibration
+    input against its cluster's mean without it), and write the router back. For routers fitted
+    before: their in-sample radius sends too many unseen inputs to the fallback."""
+    from tabp_vllm.routing.fit import renew_radius
+    from tabp_vllm.routing.router import load_router
+
+    router = load_router(router_file)
+    before = router.fallback
+    fallback, past = renew_radius(router, quantile=quantile, where=str(router_file))
+    dataclasses.replace(router, fallback=fallback).save(router_file)
+    was = f"{before.radius:.4f} ({before.radius_kind}, q {before.quantile:g})" if before else ""
+    console.print(f"wrote {router_file}: fallback radius {was} -> {fallback.radius:.4f} (held-out, "
+                  f"q {fallback.quantile:g}); past it: {past:.1%} of the calibration inputs themselves "
+                  f"(nearer the centroids they helped place)")
 
 
 def run_fit(o: RouteFitOptions) -> None:

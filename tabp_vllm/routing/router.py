@@ -57,10 +57,13 @@ class Fallback:
     quantile: float
     source: str  # how the mask was made: fitted on every input (N = 1), or a given file
     mask: TaskMask
+    # held-out: each calibration input against its cluster's mean without it (`route fit`);
+    # in-sample: against the mean it is part of (routers written before; `route radius` renews)
+    radius_kind: str = "held-out"
 
     def to_json(self) -> dict[str, Any]:
-        return {"radius": self.radius, "quantile": self.quantile, "source": self.source,
-                "mask": self.mask.to_json()}
+        return {"radius": self.radius, "quantile": self.quantile, "radius_kind": self.radius_kind,
+                "source": self.source, "mask": self.mask.to_json()}
 
 
 class RouterError(TabpError):
@@ -78,6 +81,7 @@ def route_text(item: MCQAItem | TextItem) -> str:
 
 
 BUDGETS = ("units", "flops")
+RADIUS_KINDS = ("held-out", "in-sample")
 
 
 @dataclass
@@ -353,8 +357,11 @@ def _parse_fallback(doc: Any, where: str, fp: dict, k: int | None, units: str,
     except MaskError as exc:
         raise RouterError(str(exc)) from None
     _check_cluster_mask(mask, where, "fallback", fp, k, units, flops_ratio, unit_flops)
+    kind = doc.get("radius_kind", "in-sample")
+    if kind not in RADIUS_KINDS:
+        raise _fail(where, f"fallback radius_kind must be one of {', '.join(RADIUS_KINDS)} (got {kind!r})")
     return Fallback(radius=float(radius), quantile=float(quantile or 0.0),
-                    source=str(doc.get("source", "")), mask=mask)
+                    source=str(doc.get("source", "")), mask=mask, radius_kind=kind)
 
 
 def _read_json(path: Path) -> Any:
