@@ -43,11 +43,11 @@ def radius(
     from tabp_vllm.routing.router import load_router
 
     router = load_router(router_file)
-    before = router.fallback
     fallback, past = renew_radius(router, quantile=quantile, where=str(router_file))
+    was = router.fallback  # (renew_radius refuses a router without one)
     dataclasses.replace(router, fallback=fallback).save(router_file)
-    was = f"{before.radius:.4f} ({before.radius_kind}, q {before.quantile:g})" if before else ""
-    console.print(f"wrote {router_file}: fallback radius {was} -> {fallback.radius:.4f} (held-out, "
+    console.print(f"wrote {router_file}: fallback radius {was.radius:.4f} ({was.radius_kind}, q "
+                  f"{was.quantile:g}) -> {fallback.radius:.4f} (held-out, "
                   f"q {fallback.quantile:g}); past it: {past:.1%} of the calibration inputs themselves "
                   f"(nearer the centroids they helped place)")
 

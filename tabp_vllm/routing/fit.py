@@ -15,7 +15,8 @@ share at R). `--mask-method NAME` instead scores the cluster's inputs with a reg
 
 Clusters smaller than `--min-cluster-size` join the cluster of the nearest centroid; inputs
 farther from every centroid than the `--fallback-quantile` of the calibration inputs' held-out
-distances (each against its cluster's mean without it) take the fallback mask (the N = 1 mask fitted on all inputs, or a given mask file).
+distances (each against its cluster's mean without it) take the fallback mask (the N = 1 mask
+fitted on all inputs, or a given mask file).
 """
 
 from __future__ import annotations
