@@ -652,3 +652,30 @@ def test_report_run_takes_dense_and_statics_from_an_earlier_report(tmp_path, dem
                               "--statics-from", str(first)])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err and "is not this run's" in err and calls == []
+
+
+def test_objective_section_puts_each_learned_mask_beside_the_best_static(tmp_path, bench_routing):
+    """Per L0 cluster: the fit's own KL beside the lowest static KL of its per-cluster oracle's
+    costs, and their difference; the fallback (fitted on every input, costed on the few past the
+    radius) and rows without an oracle are left out."""
+    import json
+
+    (tmp_path / "routers").mkdir()
+    fit = {"provenance": {"clusters": [{"cluster": 0, "inputs": 10, "kl": 0.5},
+                                       {"cluster": 1, "inputs": 9, "kl": 0.9}],
+                          "fallback": {"cluster": "fallback", "inputs": 19, "kl": 0.7}}}
+    costs = {"groups": {"0": {"inputs": 10, "kl": {"static-a": 0.6, "static-b": 0.55}},
+                        "1": {"inputs": 8, "kl": {"static-a": 0.4, "static-b": 0.45}},
+                        "fallback": {"inputs": 1, "kl": {"static-a": 0.1, "static-b": 0.2}}}}
+    (tmp_path / "routers" / "l0-k4-n2.json").write_text(json.dumps(fit))
+    (tmp_path / "routers" / "cluster-oracle-l0-k4-n2.json").write_text(
+        json.dumps({"provenance": {"costs": costs}}))
+    (tmp_path / "routers" / "l0-s1-k4-n2.json").write_text(json.dumps(fit))  # no oracle yet
+    doc = {"rows": [{"config": c, "k": 4, "n": n} for c, n in
+                    (("dense", None), ("static-a", 1), ("l0", 2), ("l0-s1", 2), ("tabp", 2))]}
+    lines = bench_routing.objective_section(doc, tmp_path)
+    rows = [ln for ln in lines if ln.startswith("| l0")]
+    assert rows == ["| l0 | 4 | 2 | 0 | 10 | 0.500 | b 0.550 | -0.050 |",
+                    "| l0 | 4 | 2 | 1 | 9 | 0.900 | a 0.400 | +0.500 |"]
+    assert lines[0] == "## The learned masks on their own objective"
+    assert bench_routing.objective_section({"rows": doc["rows"][:2]}, tmp_path) == []
