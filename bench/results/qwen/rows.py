@@ -30,6 +30,18 @@ VARIANTS = [  # (name, k, removed blocks)
 ]
 
 
+def random_variants():
+    """One row per random mask scored so far (masks/random-none-s{seed}-k{k}.json)."""
+    rows = []
+    for k in (4, 7):
+        for path in sorted(HERE.glob(f"masks/random-none-s*-k{k}.json")):
+            seed = path.stem.split("-s")[1].split("-")[0]
+            removed = json.loads(path.read_text())["removed_layers"]
+            rows.append((f"random, seed {seed}, k = {k} ({', '.join(map(str, removed))})", k,
+                         ",".join(map(str, removed))))
+    return rows
+
+
 def docs(cache, task, removed):
     entry = cache.get(f"{task}|{removed}")
     return None if entry is None else np.asarray(entry["docs"]["acc_norm"], dtype=float)
@@ -49,7 +61,7 @@ def main():
     cache = json.loads((HERE / "eval_cache.json").read_text())
     print("| variant (removed blocks) | " + " | ".join(TASKS.values()) + " |")
     print("|---|" + "---|" * len(TASKS))
-    for name, k, removed in VARIANTS:
+    for name, k, removed in VARIANTS + random_variants():
         cells = []
         for task in TASKS:
             x = docs(cache, task, removed)
