@@ -483,12 +483,12 @@ def docs_text(limit: int | None) -> str:
 
 
 def objective_section(doc: dict, out: Path) -> list[str]:
-    """Each learned L0 mask against the statics on its own objective: the mean KL to dense on the
-    cluster's calibration inputs (the fit's record, `provenance.clusters[].kl`) beside the lowest
-    static's there (its per-cluster oracle's `costs`: the inputs the router sends there, i.e. the
-    fit's up to the nearest-centroid reassignment and those past the fallback radius; same
-    positions). A learned mask above the best static failed its own objective:
-    the optimisation, not the objective, is what to mend."""
+    """Each learned L0 mask (KL loss) against the statics on its own objective: the mean KL to
+    dense on the cluster's calibration inputs (the fit's record, `provenance.clusters[].kl`)
+    beside the lowest static's there (its per-cluster oracle's `costs`: the inputs the router
+    sends there, i.e. the fit's up to the nearest-centroid reassignment and those past the
+    fallback radius; same positions). A learned mask above the best static failed its own
+    objective: the optimisation, not the objective, is what to mend."""
     lines = []
     for r in doc["rows"]:
         if not family_and_seed(r["config"])[0].startswith("l0") or not r["n"]:
@@ -501,7 +501,8 @@ def objective_section(doc: dict, out: Path) -> list[str]:
         # (not the fallback: its fit saw every input, its oracle group only those past the radius)
         for fit in fits.get("clusters", []):
             g = groups.get(str(fit.get("cluster")), {})
-            if "kl" not in fit or not g.get("kl"):
+            # (an LM-loss fit's objective is not this KL: left out)
+            if "kl" not in fit or not g.get("kl") or fit.get("loss_kind", "kl") != "kl":
                 continue
             best = min(g["kl"], key=g["kl"].get)
             lines.append(f"| {r['config']} | {r['k']} | {r['n']} | {fit['cluster']} | {fit['inputs']} | "

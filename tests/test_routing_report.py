@@ -657,7 +657,7 @@ def test_report_run_takes_dense_and_statics_from_an_earlier_report(tmp_path, dem
 def test_objective_section_puts_each_learned_mask_beside_the_best_static(tmp_path, bench_routing):
     """Per L0 cluster: the fit's own KL beside the lowest static KL of its per-cluster oracle's
     costs, and their difference; the fallback (fitted on every input, costed on the few past the
-    radius) and rows without an oracle are left out."""
+    radius), LM-loss fits (another objective) and rows without an oracle are left out."""
     import json
 
     (tmp_path / "routers").mkdir()
@@ -671,8 +671,13 @@ def test_objective_section_puts_each_learned_mask_beside_the_best_static(tmp_pat
     (tmp_path / "routers" / "cluster-oracle-l0-k4-n2.json").write_text(
         json.dumps({"provenance": {"costs": costs}}))
     (tmp_path / "routers" / "l0-s1-k4-n2.json").write_text(json.dumps(fit))  # no oracle yet
+    lm = {"provenance": {"clusters": [dict(c, loss_kind="lm") for c in fit["provenance"]["clusters"]]}}
+    (tmp_path / "routers" / "l0-lm-k4-n2.json").write_text(json.dumps(lm))  # not its objective
+    (tmp_path / "routers" / "cluster-oracle-l0-lm-k4-n2.json").write_text(
+        json.dumps({"provenance": {"costs": costs}}))
     doc = {"rows": [{"config": c, "k": 4, "n": n} for c, n in
-                    (("dense", None), ("static-a", 1), ("l0", 2), ("l0-s1", 2), ("tabp", 2))]}
+                    (("dense", None), ("static-a", 1), ("l0", 2), ("l0-s1", 2), ("l0-lm", 2),
+                     ("tabp", 2))]}
     lines = bench_routing.objective_section(doc, tmp_path)
     rows = [ln for ln in lines if ln.startswith("| l0")]
     assert rows == ["| l0 | 4 | 2 | 0 | 10 | 0.500 | b 0.550 | -0.050 |",
