@@ -341,15 +341,13 @@ def reuse_statics(src: Path, out: Path, doc: dict, done: set, evals: list[str], 
         raise TabpError(f"--statics-from {src}: its evaluation ({old.get('eval')}, limit "
                         f"{old.get('limit')}) is not this run's ({evals}, limit {limit})")
     for r in old["rows"]:
-        if not (r["config"] == "dense" or r["config"].startswith("static-")) or \
-                (r["config"], r["k"], r["n"]) in done:
+        key = (r["config"], r["k"], r["n"])
+        if not (r["config"] == "dense" or r["config"].startswith("static-")) or key in done:
             continue
-        shutil.copy2(eval_path(src, r["config"], r["k"], r["n"]), eval_path(out, r["config"], r["k"], r["n"]))
-        if r["n"]:
-            shutil.copy2(router_path(src, r["config"], r["k"], r["n"]),
-                         router_path(out, r["config"], r["k"], r["n"]))
+        for path_of in [eval_path] + ([router_path] if r["n"] else []):  # (dense has no router)
+            shutil.copy2(path_of(src, *key), path_of(out, *key))
         doc["rows"].append({**r, "reused_from": src.name})
-        done.add((r["config"], r["k"], r["n"]))
+        done.add(key)
     return {"dir": src.name, "samples": old["samples"]}
 
 

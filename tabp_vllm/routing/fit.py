@@ -39,7 +39,7 @@ from tabp_vllm.routing.l0 import (DECIDED_MARGIN, FLAT_TOL, MIN_WINDOW, SPARSITY
                                   GateSettings, train_gates, window_for)
 from tabp_vllm.routing.options import L0, RouteFitOptions
 from tabp_vllm.routing.router import (FALLBACK, Fallback, Router, budget_fault, merge_variants,
-                                      route_text)
+                                      open_encoder, route_text)
 
 Progress = Callable[[str, int], Callable[[int], None]]
 # what provenance.convergence says of --multiplier (routing/l0.py: PIAscent, AdamAscent)
@@ -156,7 +156,6 @@ def renew_radius(router: Router, encoder=None, quantile: float | None = None,
     radius is in-sample (written before `route fit` held inputs out). `encoder`: the router's,
     loaded here when not given."""
     from tabp_vllm.routing.oracle import router_calibration
-    from tabp_vllm.routing.router import open_encoder
 
     if router.fallback is None:
         raise TabpError(f"{where}: the router has no fallback (fitted with --fallback none): no "
