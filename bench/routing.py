@@ -87,11 +87,14 @@ def sublayer_budget(k: int) -> list[str]:
     return ["--flops-ratio", repr(k_flops_ratio(load_model_config(resolve_model("llama")), k) - FLOPS_TIE)]
 
 
-def config_of(method: str, loss: str = "kl", units: str = "blocks", seed: int = 0) -> str:
-    """The row's name: the committed report's for the defaults, suffixed otherwise."""
+def config_of(method: str, loss: str = "kl", units: str = "blocks", seed: int = 0,
+              polish: str = "none") -> str:
+    """The row's name: the committed report's for the defaults, suffixed otherwise ("l0" is the
+    gates' own masks, "l0-swap" the same fit polished by `route fit --polish swap`)."""
     if method not in ("l0", "tabp"):
         return f"static-{method}" + ("-sub" if units == "sublayers" else "")
     return (method + ("-lm" if loss == "lm" else "") + ("-sub" if units == "sublayers" else "")
+            + ("-swap" if method == "l0" and polish == "swap" else "")
             + (f"-s{seed}" if seed else ""))
 
 
@@ -162,6 +165,10 @@ def report(argv: list[str]) -> None:
     ap.add_argument("--losses", default="kl", help="L0 losses to fit: kl, lm or kl,lm")
     ap.add_argument("--units", default="blocks", help="L0 units: blocks, sublayers or both "
                     "(sublayers: a FLOPs budget, k blocks' share of the FLOPs)")
+    ap.add_argument("--polishes", default="swap",
+                    help="L0 masks: none (the gates' own), swap (polished: `route fit --polish "
+                         "swap`, or `route polish` of the unpolished row's router when it exists) "
+                         "or none,swap")
     ap.add_argument("--seeds", default="0", help="fit seeds (route fit --seed), e.g. 0,1,2")
     ap.add_argument("--limit", type=int, default=100,
                     help="evaluation documents per task (0: the whole evaluation split)")
@@ -231,24 +238,32 @@ def report(argv: list[str]) -> None:
     if ("dense", 0, None) not in done:
         evaluate("dense", 0, None, [], None)
     def routed_or_static(method: str, k: int, n: int, loss: str = "kl", units: str = "blocks",
-                         seed: int = 0) -> None:
-        config = config_of(method, loss, units, seed)
+                         seed: int = 0, polish: str = "none") -> None:
+        config = config_of(method, loss, units, seed, polish)
         router = router_path(out, config, k, n)
-        if not router.exists():  # else an interrupted run's fit is kept
-            extra = (["--loss", loss, "--units", units, "--seed", str(seed)] if method == "l0"
-                     else ["--units", units, "--seed", str(seed)])
+        gates_only = router_path(out, config_of(method, loss, units, seed), k, n)
+        if not router.exists() and polish == "swap" and gates_only.exists():
+            # the same fit's gates are here already: polish them instead of fitting them again
+            run(CLI + ["route", "polish", str(gates_only), "-o", str(router)], log)
+        elif not router.exists():  # else an interrupted run's fit is kept
+            extra = (["--loss", loss, "--units", units, "--seed", str(seed), "--polish", polish]
+                     if method == "l0" else ["--units", units, "--seed", str(seed)])
             run(CLI + ["route", "fit", "--model", "llama", *sum((["--task", t] for t in calib), []),
                        "--samples", str(a.samples),
                        *(sublayer_budget(k) if units == "sublayers" else ["--k", str(k)]),
                        *(["--steps", str(a.steps)] if a.steps else []),
                        "--clusters", str(n), "--mask-method", method, *extra, "-o", str(router)], log)
         r = json.loads(router.read_text())
-        fit_s = r["provenance"]["wall_s"]  # the fit as the router records it (model load excluded)
+        p = r["provenance"]
+        # the fit as the router records it (model load excluded), with `route polish`'s search
+        polish_s = (p.get("polish") or {}).get("wall_s")
+        fit_s = p["wall_s"] + (polish_s or 0)
         evaluate(config, k, n, ["--no-dense", "--router", str(router)], fit_s,
                  {"distinct_masks": len({json.dumps([c["mask"].get(key) for key in (
                      "removed_layers", "removed_attention", "removed_mlp")]) for c in r["clusters"]}),
-                  "passes": {key: r["provenance"].get(key) for key in
-                             ("forward_passes", "backward_passes")}})
+                  "passes": {key: p.get(key) for key in ("forward_passes", "backward_passes")},
+                  **({"polish_s": polish_s, "polish_forward_passes": p["polish"]["forward_passes"]}
+                     if polish_s is not None else {})})
         if method in ("l0", "tabp"):
             cluster_oracle(config, k, n)
 
@@ -307,18 +322,19 @@ def report(argv: list[str]) -> None:
         jobs += [(method, k, n) for k in ks for n in ns[:-1]]
         jobs += [(method, k, ns[-1]) for k in ks]
     jobs += [("oracle", k, t) for k in ks for t in evals]
-    variants = [(loss, units, int(seed)) for seed in a.seeds.split(",")
-                for loss in a.losses.split(",") for units in a.units.split(",")]
+    variants = [(loss, units, int(seed), polish) for seed in a.seeds.split(",")
+                for loss in a.losses.split(",") for units in a.units.split(",")
+                for polish in a.polishes.split(",")]
     for method, k, n in jobs:
         if method == "oracle":
             if (f"oracle-{n}", k, None) not in done:
                 task_oracle(n, k)
             continue
-        for loss, units, seed in (variants if method == "l0" else
-                                  [("kl", u, int(s)) for s in a.seeds.split(",")
-                                   for u in (static_units if method in statics else ["blocks"])]):
-            if (config_of(method, loss, units, seed), k, n) not in done:
-                routed_or_static(method, k, n, loss, units, seed)
+        for loss, units, seed, polish in (variants if method == "l0" else
+                                          [("kl", u, int(s), "none") for s in a.seeds.split(",")
+                                           for u in (static_units if method in statics else ["blocks"])]):
+            if (config_of(method, loss, units, seed, polish), k, n) not in done:
+                routed_or_static(method, k, n, loss, units, seed, polish)
     for r in list(doc["rows"]):  # routed rows fitted before their k's static masks existed
         if r["config"].startswith(("l0", "tabp")):
             cluster_oracle(r["config"], r["k"], r["n"])

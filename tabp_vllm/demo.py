@@ -197,10 +197,13 @@ def main() -> int:
     shutil.copyfile(masks[k], mask)
 
     step(f"3. route fit: input-guided masks, 2 clusters of the same set, k = {k} (Hard-Concrete L0), "
-         f"a SHORT fit of {DEMO_FIT_STEPS} steps; inputs far from both clusters take the static mask")
+         f"a SHORT fit of {DEMO_FIT_STEPS} steps, the gates' masks unpolished (--polish none: the "
+         f"swap search from so short a fit costs minutes); inputs far from both clusters take the "
+         f"static mask")
     router = OUT / "router.json"
     subprocess.run(CLI + ["route", "fit", "--model", "llama", "--task", "demo", "--clusters", "2",
-                          "--k", str(k), "--steps", str(DEMO_FIT_STEPS), "--fallback", str(mask),
+                          "--k", str(k), "--steps", str(DEMO_FIT_STEPS), "--polish", "none",
+                          "--fallback", str(mask),
                           "-o", str(router)], check=True)
     subprocess.run(CLI + ["masks", "show", str(router)], check=True)
     console.print(short_fit_note(router))

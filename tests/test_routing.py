@@ -557,6 +557,14 @@ def test_fit_l0_tiny_llama_routes_each_kind_to_its_cluster(tmp_path, tiny_model_
     assert p["convergence"]["multipliers"].startswith("PI controller")  # the default, as used
     assert back.params["steps"] == 6 and back.params["lr"] == 0.5 and back.params["loss"] == "kl"
     assert all(c["kl"] >= 0 for c in p["clusters"])
+    # the swap search after the gates (the default): on the fit's own loss, which it never raises,
+    # ending where no single swap lowers it; the cluster's recorded KL is the polished mask's
+    for f in fits:
+        s = f["polish"]
+        assert s["kind"] == "swap" and s["loss"] == "kl" and s["loss_after"] <= s["loss_before"]
+        assert s["local_optimum"] and s["evaluations"] >= 1 + 2 * 2  # k x (4 - k) swaps, one scan
+        assert s["loss_after"] == pytest.approx(f["kl"], rel=1e-4, abs=1e-6)
+    assert all(m.params["polish"]["kind"] == "swap" for m in back.masks)
     # the fallback: fitted on all 16 inputs, radius = the 95th percentile distance
     assert back.fallback.source.startswith("fit") and len(back.fallback.mask.removed_layers) == 2
     assert back.fallback.mask.calibration["samples"] == 16 and back.fallback.radius > 0
@@ -598,6 +606,44 @@ def test_fit_with_scorer_and_merged_variants(tmp_path, tiny_model_dir):
         assert len(merge["cost_kl"]) == 2 and len(set(merge["uses_mask_of"])) == 1
         moved = [m for m in r2.masks if "merged_into_mask_of_cluster" in m.params]
         assert len(moved) == 1
+
+
+def test_route_polish_is_the_fit_s_own_search(tmp_path, tiny_model_dir):
+    """`route polish` on a router fitted with --polish none gives the masks `route fit --polish
+    swap` gives (same gates, same search, the members found again by nearest centroid); a scorer's
+    router or a polished one is refused in one line."""
+    from tabp_vllm.routing.polish import polish_router
+    from tabp_vllm.scoring.probe import load_model
+
+    enc, cal = FakeEncoder(), _calibration()
+    plain = fit_router(_options(tmp_path, polish="none", lr=0.2), encoder=enc,
+                       model_path=str(tiny_model_dir), calibration=cal)
+    fitted = fit_router(_options(tmp_path, lr=0.2), encoder=enc, model_path=str(tiny_model_dir),
+                        calibration=cal)
+    model = load_model(str(tiny_model_dir), "cpu")
+    polished = polish_router(plain, 16, model_and_tokenizer=model, encoder=enc, calibration=cal)
+    assert [m.removed_layers for m in polished.masks] == [m.removed_layers for m in fitted.masks]
+    assert polished.fallback.mask.removed_layers == fitted.fallback.mask.removed_layers
+    p, f = polished.provenance, fitted.provenance
+    for mine, theirs in zip(p["clusters"] + [p["fallback"]], f["clusters"] + [f["fallback"]]):
+        assert mine["polish"]["fit_members"] and mine["polish"]["swaps"] == theirs["polish"]["swaps"]
+        assert mine["polish"]["loss_after"] == pytest.approx(theirs["polish"]["loss_after"], rel=1e-5)
+        assert mine["kl"] == pytest.approx(theirs["kl"], rel=1e-4)  # the polished mask's KL
+    # (the gates' masks were not the search's end: it moved at least one of them)
+    assert any(c["polish"]["swaps"] for c in p["clusters"] + [p["fallback"]])
+    assert polished.params["polish"] == "swap" and p["polish"]["forward_passes"] > 0
+    assert [m.scores for m in polished.masks] == [m.scores for m in plain.masks]  # gates kept
+    from tabp_vllm.cli import app
+
+    path = polished.save(tmp_path / "polished.json")
+    r = CliRunner().invoke(app, ["route", "polish", str(path), "-o", str(tmp_path / "twice.json")])
+    assert r.exit_code == 2 and "polished already" in r.output
+    assert r.output.strip().count("\n") == 0 and not (tmp_path / "twice.json").exists()
+    scorer = fit_router(_options(tmp_path, mask_method="block_influence", k=1), encoder=enc,
+                        model_path=str(tiny_model_dir), calibration=cal)
+    r = CliRunner().invoke(app, ["route", "polish", str(scorer.save(tmp_path / "bi.json")), "-o",
+                                 str(tmp_path / "x.json")])
+    assert r.exit_code == 2 and "nothing to polish" in r.output
 
 
 def test_self_encoder_tiny_llama(tmp_path, tiny_model_dir):
@@ -666,10 +712,17 @@ def test_fit_flops_budget_tiny_llama(tmp_path, tiny_model_dir):
 
     shares = unit_flops_shares(load_model_config(str(tiny_model_dir)), "sublayer")
     ratio = 2.5 * shares[3]  # between two and three MLPs' FLOPs
-    o = _options(tmp_path, units="sublayers", k=None, flops_ratio=ratio, steps=3, fallback="none")
+    o = _options(tmp_path, units="sublayers", k=None, flops_ratio=ratio, steps=3, fallback="none",
+                 polish="none")
     router = fit_router(o, encoder=FakeEncoder(), model_path=str(tiny_model_dir),
                         calibration=_calibration())
     back = load_router(router.save(o.output), str(tiny_model_dir))
+    # polished, each mask keeps its removed FLOPs share exactly: only equal shares swap
+    swapped = fit_router(_options(tmp_path, units="sublayers", k=None, flops_ratio=ratio, steps=3,
+                                  fallback="none"), encoder=FakeEncoder(),
+                         model_path=str(tiny_model_dir), calibration=_calibration())
+    for m, s in zip(back.masks, swapped.masks):
+        assert s.params["removed_flops_fraction"] == pytest.approx(m.params["removed_flops_fraction"])
     assert back.budget == "flops" and back.k is None and back.flops_ratio == ratio
     assert back.unit_flops == shares and back.params["flops_ratio"] == ratio
     for m, rec in zip(back.masks, back.provenance["clusters"]):

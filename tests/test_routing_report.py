@@ -519,6 +519,12 @@ def _fake_commands(demo_model, calls):
                               else {"piqa": 4}, "mask": mask([2, 3, 4, 10 + c])}
                              for c in range(n)],
                 "provenance": {"wall_s": 1.0, "forward_passes": 1, "backward_passes": 0}}))
+        elif "route" in cmd and "polish" in cmd:  # the gates' router, its masks moved by one
+            doc = json.loads(Path(cmd[cmd.index("polish") + 1]).read_text())
+            for c in doc["clusters"]:
+                c["mask"] = mask([2, 3, 4, 20])
+            doc["provenance"]["polish"] = {"wall_s": 0.5, "forward_passes": 7}
+            arg(cmd, "-o").write_text(json.dumps(doc))
         elif "oracle" in cmd:
             routed = json.loads(arg(cmd, "--router").read_text())
             statics = dict(cmd[i + 1].split("=", 1) for i, c in enumerate(cmd) if c == "--static")
@@ -547,7 +553,9 @@ def _fake_commands(demo_model, calls):
     return fake_run
 
 
-REPORT_ARGS = ["--calib", "arc_easy,piqa", "--eval", "arc_easy,piqa", "--ks", "4", "--limit", "12"]
+# (L0 rows as the gates leave them: the swap rows have their own test)
+REPORT_ARGS = ["--calib", "arc_easy,piqa", "--eval", "arc_easy,piqa", "--ks", "4", "--limit", "12",
+               "--polishes", "none"]
 
 
 def test_report_run_builds_an_oracle_for_every_routed_row(tmp_path, demo_model, bench_routing,
@@ -587,6 +595,36 @@ def test_report_run_builds_an_oracle_for_every_routed_row(tmp_path, demo_model, 
     calls.clear()
     bench_routing.report(argv)
     assert calls == []
+
+
+def test_report_run_polishes_the_gates_router_it_has(tmp_path, demo_model, bench_routing,
+                                                     monkeypatch):
+    """`--polishes none,swap`: the swap row is `route polish` of the same fit's gates-only router
+    (no second fit), its fit time the fit's plus the search's; `--polishes swap` alone fits with
+    `--polish swap`; the gates-only row asks for `--polish none` (route fit's default is swap)."""
+    import json
+
+    calls = []
+    monkeypatch.setattr(bench_routing, "run", _fake_commands(demo_model, calls))
+    args = ["--calib", "arc_easy,piqa", "--eval", "arc_easy,piqa", "--ks", "4", "--limit", "12",
+            "--clusters", "2", "--static-methods", "sleb"]
+    bench_routing.report(["--out", str(tmp_path / "both"), *args, "--polishes", "none,swap"])
+    order = [" ".join(c) for c in calls]
+    l0_fits = [c for c in order if "route fit" in c and "--mask-method l0" in c]
+    assert len(l0_fits) == 1 and "--polish none" in l0_fits[0]
+    [polish] = [c for c in order if "route polish" in c]
+    assert polish.split()[-3].endswith("routers/l0-k4-n2.json") and polish.endswith("l0-swap-k4-n2.json")
+    doc = json.loads((tmp_path / "both" / "routing.json").read_text())
+    row = next(r for r in doc["rows"] if r["config"] == "l0-swap")
+    assert row["fit_s"] == 1.5 and row["polish_s"] == 0.5 and row["polish_forward_passes"] == 7
+    assert any(r["config"] == "cluster-oracle-l0-swap" for r in doc["rows"])
+    assert "| l0-swap | 4 | 2 |" in (tmp_path / "both" / "routing.md").read_text()
+    calls.clear()
+    bench_routing.report(["--out", str(tmp_path / "swap"), *args])  # the default: swap alone
+    l0_fits = [" ".join(c) for c in calls if "route" in c and "--mask-method" in c
+               and c[c.index("--mask-method") + 1] == "l0"]
+    assert len(l0_fits) == 1 and "--polish swap" in l0_fits[0]
+    assert not any("polish" in c and "route" in c and "fit" not in c for c in calls)
 
 
 def test_report_run_sublayer_rows_get_sublayer_statics(tmp_path, demo_model, bench_routing,

@@ -1,4 +1,4 @@
-"""`tabp-vllm route fit` and `route radius`: the router sub-app (registered in cli.py)."""
+"""`tabp-vllm route fit`, `route radius` and `route polish`: the router sub-app (registered in cli.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from tabp_vllm.errors import user_errors
 from tabp_vllm.options import options_command
 from tabp_vllm.progress import progress_bars
 from tabp_vllm.routing.options import RouteFitOptions
+from tabp_vllm.routing.swap import MAX_SWAPS
 
 route_app = typer.Typer(no_args_is_help=True,
                         help="Input-guided pruning: fit a router (one mask per input cluster).")
@@ -50,6 +51,40 @@ def radius(
                   f"{was.quantile:g}) -> {fallback.radius:.4f} (held-out, "
                   f"q {fallback.quantile:g}); past it: {past:.1%} of the calibration inputs themselves "
                   f"(nearer the centroids they helped place)")
+
+
+@route_app.command("polish")
+@user_errors
+def polish(
+    router_file: Path = typer.Argument(..., metavar="ROUTER", help="A router file of `route fit` "
+                                       "(L0 masks, not polished yet)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Router file to write."),
+    max_swaps: int = typer.Option(MAX_SWAPS, min=1, help="Most swaps per mask."),
+) -> None:
+    """Polish a fitted router's L0 masks as `route fit --polish swap` does, without fitting the
+    gates again: single swaps of a removed and a kept unit while that lowers the fit's own loss on
+    each cluster's calibration inputs."""
+    from tabp_vllm.routing.polish import polish_router
+    from tabp_vllm.routing.router import load_router, polish_summary, removed_text
+
+    router = load_router(router_file)
+    with progress_bars(console) as progress:
+        polished = polish_router(router, max_swaps, progress=progress, where=str(router_file))
+    polished.save(output)
+    p = polished.provenance
+    table = Table("cluster", "gates' mask", "polished", "search")
+    fits = p["clusters"] + ([p["fallback"]] if p.get("fallback") and "polish" in p["fallback"] else [])
+    before = router.masks + ([router.fallback.mask] if len(fits) > len(router.masks) else [])
+    after = polished.masks + ([polished.fallback.mask] if len(fits) > len(router.masks) else [])
+    for c, (rec, was, now) in enumerate(zip(fits, before, after)):
+        name = str(c) if c < len(router.masks) else "fallback"
+        table.add_row(name, removed_text(was), removed_text(now),
+                      polish_summary(rec["polish"]).removeprefix("; ")
+                      + ("" if rec["polish"]["fit_members"] else
+                         " [yellow](members differ from the fit's)[/]"))
+    console.print(table)
+    console.print(f"wrote {output}: {p['polish']['forward_passes']} forward passes, "
+                  f"{p['polish']['wall_s']:.1f} s")
 
 
 def run_fit(o: RouteFitOptions) -> None:

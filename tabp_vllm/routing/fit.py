@@ -264,6 +264,14 @@ class Units:
             return units_to_mask_lists(removed)
         return sorted(removed), [], []
 
+    def of_mask(self, mask) -> list[int]:
+        """The units a mask removes, counted as these units."""
+        from tabp_vllm.sublayers import mask_units
+
+        if self.kind == "sublayers":
+            return mask_units(mask.removed_layers, mask.removed_attention, mask.removed_mlp)
+        return sorted(mask.removed_layers)
+
 
 @dataclass
 class Batch:
@@ -328,6 +336,12 @@ class Objective:
     def lm(self, b: Batch):
         """Mean next-token cross-entropy of the model as it runs now on the batch's own last P
         tokens (the paper's LM loss): positions -P-1..-2 predict tokens -P..-1, where both are real."""
+        nll, valid = self._lm_terms(b)
+        return (nll * valid).sum() / valid.sum().clamp_min(1)
+
+    def _lm_terms(self, b: Batch):
+        """Per position of the last P: the negative log-likelihood of the real next token, and
+        whether both it and its context position are real tokens."""
         import torch.nn.functional as F
 
         P = self.P
@@ -337,8 +351,7 @@ class Objective:
             ids, att = F.pad(ids, (P + 1 - ids.shape[1], 0)), F.pad(att, (P + 1 - att.shape[1], 0))
         target, att = ids[:, -P:], att[:, -P - 1:]
         valid = (att[:, :-1] * att[:, 1:]).bool()
-        nll = -lp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        return (nll * valid).sum() / valid.sum().clamp_min(1)
+        return -lp.gather(-1, target.unsqueeze(-1)).squeeze(-1), valid
 
     def kl(self, b: Batch):
         """Mean KL(dense || now) over the batch's valid positions (a differentiable tensor)."""
@@ -349,15 +362,26 @@ class Objective:
     def total_kl(self, removed: list[int], units: "Units | None" = None) -> float:
         """Summed per-input mean KL with the `removed` units (default: blocks) left out (no
         gradient): the cost of a mask on these inputs, size-weighted."""
+        return self.total(removed, units, "kl")
+
+    def total(self, removed: list[int], units: "Units | None" = None,
+              kind: str | None = None) -> float:
+        """Summed per-input mean loss (`kind`, default the objective's own: KL to dense or LM
+        cross-entropy) with the `removed` units (default: blocks) left out, no gradient."""
         import torch
 
         units = units or Units("blocks", [])
+        kind = kind or self.kind
         total = 0.0
         with torch.no_grad(), units.without(self.model, list(removed)):
             for b in self.batches:
-                t = b.teacher.float()
-                per_pos = (t.exp() * (t - self.log_probs(b))).sum(-1) * b.valid
-                total += float((per_pos.sum(1) / b.valid.sum(1).clamp_min(1)).sum())
+                if kind == "lm":
+                    per_pos, valid = self._lm_terms(b)
+                else:
+                    t = b.teacher.float()
+                    per_pos, valid = (t.exp() * (t - self.log_probs(b))).sum(-1), b.valid
+                per_pos = per_pos * valid
+                total += float((per_pos.sum(1) / valid.sum(1).clamp_min(1)).sum())
         return total
 
 
@@ -398,6 +422,21 @@ def fit_l0(objective: Objective, units: Units, budget: int | GateBudget, o: Rout
               "unmet": g.failed, **g.final, "backward_passes": backward[0],
               "step_forward_passes": objective.forward_passes - forward0}
     return [units.candidates[j] for j in g.removed], g.log_alpha, record, g.curves
+
+
+def polish_mask(objective: Objective, units: Units, removed: list[int], log_alpha: list[float],
+                shares: dict[int, float] | None, max_swaps: int,
+                tick: Callable[[int], None] | None = None) -> tuple[list[int], dict]:
+    """The L0 mask after single swaps that lower the fit's own loss (mean per input) on the
+    objective's inputs (`routing/swap.py`), and the search's record (losses, swaps, passes)."""
+    from tabp_vllm.routing.swap import swap_search
+
+    n = sum(len(b.members) for b in objective.batches)
+    before = objective.forward_passes
+    res = swap_search(lambda r: objective.total(r, units) / n, removed, units.candidates,
+                      dict(zip(units.candidates, log_alpha)), shares, max_swaps, tick)
+    return res.removed, {**res.record(), "loss": objective.kind,
+                         "forward_passes": objective.forward_passes - before}
 
 
 def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple | None = None,
@@ -485,9 +524,17 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
             obj = Objective(model, tok, [_kl_text(cal.items[i]) for i in idx], o.batch_size,
                             o.max_length, o.kl_positions, tick, kind=o.loss)
             removed, log_alpha, stats, curve = fit_l0(obj, units, gate_budget, o, seed, tick)
+            if o.polish == "swap":
+                n_swap = len(removed) * (len(units.candidates) - len(removed))
+                removed, stats["polish"] = polish_mask(
+                    obj, units, removed, log_alpha,
+                    {u: shares[u] for u in units.candidates} if flops else None, o.max_swaps,
+                    task(f"cluster {c}: swap search (one scan: {n_swap})", n_swap + 1))
             params = {"k": len(removed), "units": o.units,
                       "candidate_range": [blocks[0], blocks[-1] + 1], "seed": seed, "loss": o.loss,
                       **(flops.record(removed) if flops else {})}
+            if "polish" in stats:  # the removed units are no longer the lowest gates alone
+                params["polish"] = {key: stats["polish"][key] for key in ("kind", "swaps")}
             scores: list[float | None] | None = None
             if o.units == "sublayers":  # a mask's scores are per block: the gates go in params
                 params["unit_scores"] = {str(u): a for u, a in zip(units.candidates, log_alpha)}

@@ -16,6 +16,7 @@ from pydantic import field_validator
 from pydantic_core import PydanticCustomError
 
 from tabp_vllm.options import REQUIRED, Options, option
+from tabp_vllm.routing.swap import MAX_SWAPS
 
 L0 = "l0"  # --mask-method: the learned Hard-Concrete gates; any registered scorer otherwise
 # L0 defaults from the convergence study (docs/routing.md, bench/results/routing/l0_study/)
@@ -65,6 +66,12 @@ class RouteFitOptions(Options):
     # the paper's LM loss (next-token cross-entropy on the cluster's own text) or ours (KL to dense)
     loss: Literal["kl", "lm"] = option("kl", "L0: kl (to the dense model) or lm (next-token "
                                        "cross-entropy).")
+    # ours: the gates decide their mask during the ramp and a closed gate never reopens
+    # (routing/swap.py); the search mends that on the fit's own loss, at its cost in passes
+    polish: Literal["swap", "none"] = option("swap", "L0: then swap single units while that "
+                                             "lowers the fit's loss on the cluster's inputs "
+                                             "(swap), or keep the gates' mask (none).")
+    max_swaps: int = option(MAX_SWAPS, "L0 (--polish swap): most swaps per mask.", gt=0)
     steps: int = option(STEPS, "L0: most gate updates per cluster (stops once converged).", gt=0)
     batch_size: int = option(8, "Inputs per forward pass.", gt=0)  # ours: inputs per gate update
     # ours: left-truncated, the tail stays

@@ -539,7 +539,17 @@ def fit_summary(record: dict[str, Any]) -> str:
     return (f"{state}, {record['steps']} steps, {what} {record['expected_sparsity']:.3f}/"
             f"{record['target']:.3f}, {record.get('loss_kind', 'kl')} {record['loss']:.3f}, "
             f"{record.get('wall_s', 0):.0f} s, {record.get('forward_passes', 0)} fwd + "
-            f"{record.get('backward_passes', 0)} bwd")
+            f"{record.get('backward_passes', 0)} bwd" + polish_summary(record.get("polish")))
+
+
+def polish_summary(polish: dict[str, Any] | None) -> str:
+    """The swap search's part of a fit cell: swaps made and the loss they took off."""
+    if not polish:
+        return ""
+    end = "" if polish["local_optimum"] else f", stopped at {len(polish['swaps'])} swaps"
+    return (f"; swaps {len(polish['swaps'])}: {polish['loss']} {polish['loss_before']:.3f} -> "
+            f"{polish['loss_after']:.3f} ({polish['evaluations']} masks measured, "
+            f"{polish['wall_s']:.0f} s{end})")
 
 
 def validate_router_file(path: Path, model: str | None) -> str:
