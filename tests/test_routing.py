@@ -3,6 +3,7 @@ and a fit on a tiny random Llama (seconds; no download except the one MiniLM tes
 the wheel cannot be fetched)."""
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -644,6 +645,10 @@ def test_route_polish_is_the_fit_s_own_search(tmp_path, tiny_model_dir):
     r = CliRunner().invoke(app, ["route", "polish", str(scorer.save(tmp_path / "bi.json")), "-o",
                                  str(tmp_path / "x.json")])
     assert r.exit_code == 2 and "nothing to polish" in r.output
+    merged = dataclasses.replace(plain, provenance={**plain.provenance,
+                                                    "merge": {"uses_mask_of": [0, 0]}})
+    with pytest.raises(TabpError, match="merged onto fewer masks"):
+        polish_router(merged, 16, model_and_tokenizer=model, encoder=enc, calibration=cal)
 
 
 def test_self_encoder_tiny_llama(tmp_path, tiny_model_dir):

@@ -57,6 +57,10 @@ def polish_router(router: Router, max_swaps: int, model_and_tokenizer: tuple | N
                         f"gates: nothing to polish (the search starts from the gates' mask)")
     if any("polish" in m.params for m in router.masks):
         raise TabpError(f"{where}: its masks are polished already")
+    if (router.provenance.get("merge") or {}).get("uses_mask_of"):
+        # polished one by one, merged clusters would part again: the fit merges after polishing
+        raise TabpError(f"{where}: its clusters were merged onto fewer masks (--max-variants): fit "
+                        f"it again with --polish swap instead")
     t0 = time.perf_counter()
     hp = router.params
     cal = calibration or router_calibration(router)
