@@ -73,11 +73,11 @@ def polish(
     polished.save(output)
     p = polished.provenance
     table = Table("cluster", "gates' mask", "polished", "search")
-    fits = p["clusters"] + ([p["fallback"]] if p.get("fallback") and "polish" in p["fallback"] else [])
-    before = router.masks + ([router.fallback.mask] if len(fits) > len(router.masks) else [])
-    after = polished.masks + ([polished.fallback.mask] if len(fits) > len(router.masks) else [])
-    for c, (rec, was, now) in enumerate(zip(fits, before, after)):
-        name = str(c) if c < len(router.masks) else "fallback"
+    rows = list(zip(map(str, range(router.num_clusters)), p["clusters"], router.masks,
+                    polished.masks))
+    if p.get("fallback") and "polish" in p["fallback"]:  # (a fallback fitted apart, polished)
+        rows.append(("fallback", p["fallback"], router.fallback.mask, polished.fallback.mask))
+    for name, rec, was, now in rows:
         table.add_row(name, removed_text(was), removed_text(now),
                       polish_summary(rec["polish"]).removeprefix("; ")
                       + ("" if rec["polish"]["fit_members"] else

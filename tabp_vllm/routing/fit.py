@@ -425,13 +425,16 @@ def fit_l0(objective: Objective, units: Units, budget: int | GateBudget, o: Rout
 
 
 def polish_mask(objective: Objective, units: Units, removed: list[int], log_alpha: list[float],
-                shares: dict[int, float] | None, max_swaps: int,
-                tick: Callable[[int], None] | None = None) -> tuple[list[int], dict]:
+                shares: dict[int, float] | None, max_swaps: int, progress: Progress | None = None,
+                name: str = "mask") -> tuple[list[int], dict]:
     """The L0 mask after single swaps that lower the fit's own loss (mean per input) on the
-    objective's inputs (`routing/swap.py`), and the search's record (losses, swaps, passes)."""
+    objective's inputs (`routing/swap.py`), and the search's record (losses, swaps, passes); a
+    progress bar named `name` counts the masks measured against one scan."""
     from tabp_vllm.routing.swap import swap_search
 
     n = sum(len(b.members) for b in objective.batches)
+    scan = len(removed) * (len(units.candidates) - len(removed))
+    tick = progress(f"{name} ({n} inputs): swap search (one scan: {scan})", scan + 1) if progress else None
     before = objective.forward_passes
     res = swap_search(lambda r: objective.total(r, units) / n, removed, units.candidates,
                       dict(zip(units.candidates, log_alpha)), shares, max_swaps, tick)
@@ -525,11 +528,10 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
                             o.max_length, o.kl_positions, tick, kind=o.loss)
             removed, log_alpha, stats, curve = fit_l0(obj, units, gate_budget, o, seed, tick)
             if o.polish == "swap":
-                n_swap = len(removed) * (len(units.candidates) - len(removed))
                 removed, stats["polish"] = polish_mask(
                     obj, units, removed, log_alpha,
                     {u: shares[u] for u in units.candidates} if flops else None, o.max_swaps,
-                    task(f"cluster {c}: swap search (one scan: {n_swap})", n_swap + 1))
+                    progress, f"cluster {c}")
             params = {"k": len(removed), "units": o.units,
                       "candidate_range": [blocks[0], blocks[-1] + 1], "seed": seed, "loss": o.loss,
                       **(flops.record(removed) if flops else {})}

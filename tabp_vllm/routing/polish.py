@@ -74,12 +74,8 @@ def polish_router(router: Router, max_swaps: int, model_and_tokenizer: tuple | N
     def polish(name: str, mask: TaskMask, idx: list[int]) -> tuple[TaskMask, dict[str, Any], float]:
         obj = Objective(model, tok, [_kl_text(cal.items[i]) for i in idx], hp["batch_size"],
                         hp["max_length"], hp["kl_positions"], kind=hp["loss"])
-        removed = units.of_mask(mask)
-        scan = len(removed) * (len(units.candidates) - len(removed))
-        tick = progress(f"{name} ({len(idx)} inputs): swap search (one scan: {scan})",
-                        scan + 1) if progress else None
-        removed, record = polish_mask(obj, units, removed, gate_values(mask, units), shares,
-                                      max_swaps, tick)
+        removed, record = polish_mask(obj, units, units.of_mask(mask), gate_values(mask, units),
+                                      shares, max_swaps, progress, name)
         record["forward_passes"] = obj.forward_passes  # the dense reference's passes included
         record["fit_members"] = cal.dataset(idx, "").content_hash() == mask.calibration.get("sha256")
         # the mask's KL to dense on these inputs, as route fit records it (its objective's when
