@@ -93,7 +93,7 @@ def config_of(method: str, loss: str = "kl", units: str = "blocks", seed: int = 
     gates' own masks, "l0-swap" the same fit polished by `route fit --polish swap`)."""
     if method not in ("l0", "tabp"):
         return f"static-{method}" + ("-sub" if units == "sublayers" else "")
-    return (method + ("-lm" if loss == "lm" else "") + ("-sub" if units == "sublayers" else "")
+    return (method + (f"-{loss}" if loss != "kl" else "") + ("-sub" if units == "sublayers" else "")
             + ("-swap" if method == "l0" and polish == "swap" else "")
             + (f"-s{seed}" if seed else ""))
 
@@ -162,7 +162,7 @@ def report(argv: list[str]) -> None:
     ap.add_argument("--samples", type=int, default=32, help="calibration inputs per task")
     ap.add_argument("--steps", type=int, default=None,
                     help="L0 step cap per cluster (default: route fit's; the committed report: 24)")
-    ap.add_argument("--losses", default="kl", help="L0 losses to fit: kl, lm or kl,lm")
+    ap.add_argument("--losses", default="kl", help="L0 losses to fit: kl, lm, answer, or a list")
     ap.add_argument("--units", default="blocks", help="L0 units: blocks, sublayers or both "
                     "(sublayers: a FLOPs budget, k blocks' share of the FLOPs)")
     ap.add_argument("--polishes", default="swap",

@@ -590,6 +590,46 @@ def test_fit_l0_tiny_llama_routes_each_kind_to_its_cluster(tmp_path, tiny_model_
     assert [m.removed_layers for m in again.masks] == [m.removed_layers for m in router.masks]
 
 
+def test_answer_loss_is_the_gold_answer_s_cross_entropy(tmp_path, tiny_model_dir):
+    """`--loss answer`: the next-token cross-entropy of the gold answer's tokens alone (an MCQA
+    item's ' {gold choice}', a free-text item's text after its last 'Answer:'), checked against
+    the model's own log-probabilities of each item alone, unpadded; and a fit with it records it."""
+    from tabp_vllm.routing.fit import Objective, answer_tokens, _kl_text
+    from tabp_vllm.scoring.probe import load_model, without_blocks
+
+    model, tok = load_model(str(tiny_model_dir))
+    items = [TextItem(ARITH[1]), TextItem("no answer marker here at all"), COMMON[0],
+             MCQAItem("Which is longer?", ["a rope of many metres", "a pin"], 0, "A rope is long.")]
+    assert answer_tokens(tok, items[0]) == len(tok(" 48", add_special_tokens=False)["input_ids"])
+    assert answer_tokens(tok, items[1]) == len(tok(items[1].text, add_special_tokens=False)["input_ids"])
+    assert answer_tokens(tok, items[3]) == len(tok(" a rope of many metres",
+                                                   add_special_tokens=False)["input_ids"])
+
+    def by_hand(item, removed, positions):
+        ids = tok(_kl_text(item), return_tensors="pt")["input_ids"]
+        m = min(answer_tokens(tok, item), positions, ids.shape[1] - 1)
+        with torch.no_grad(), without_blocks(model, set(removed)):
+            lp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0]
+        n = ids.shape[1]
+        return -float(sum(lp[t - 1, ids[0, t]] for t in range(n - m, n)) / m)
+
+    for positions in (8, 64):  # the answer clipped to the last P tokens, or whole
+        obj = Objective(model, tok, items, batch_size=4, max_length=64, positions=positions,
+                        kind="answer")
+        for removed in ([], [1, 3]):
+            want = sum(by_hand(i, removed, positions) for i in items)
+            assert obj.total(removed, kind="answer") == pytest.approx(want, rel=1e-4)
+        # the LM loss reads more tokens than the answer: a different number
+        assert obj.total([1, 3], kind="lm") != pytest.approx(obj.total([1, 3], kind="answer"), rel=1e-3)
+    fit = fit_router(_options(tmp_path, loss="answer", steps=2, fallback="none", polish="none"),
+                     encoder=FakeEncoder(), model_path=str(tiny_model_dir),
+                     calibration=_calibration())
+    assert fit.params["loss"] == "answer" and all(m.params["loss"] == "answer"
+                                                  for m in fit.masks)
+    assert all(c["loss_kind"] == "answer" and 0 < c["loss"] < 20
+               for c in fit.provenance["clusters"])
+
+
 def test_fit_with_scorer_and_merged_variants(tmp_path, tiny_model_dir):
     o = _options(tmp_path, mask_method="block_influence", k=1, max_variants=1)
     router = fit_router(o, encoder=FakeEncoder(), model_path=str(tiny_model_dir),

@@ -279,22 +279,27 @@ class Batch:
     inputs: dict  # input_ids, attention_mask, position_ids (left padded)
     valid: Any  # (b, P) bool: which of the last P positions are real tokens
     teacher: Any = None  # (b, P, V) float16 dense log-probabilities, cached
+    answer: Any = None  # (b, P) bool: which of the last P positions hold the gold answer's tokens
 
 
 class Objective:
-    """The cluster's inputs in fixed, length-sorted batches with the dense model's next-token
-    log-probabilities at their last P positions cached; `kl(batch)` of the model as it runs now,
-    `lm(batch)` its next-token cross-entropy on the same tokens, `loss(batch)` the chosen one."""
+    """The cluster's inputs (each item's text with its gold answer) in fixed, length-sorted
+    batches with the dense model's next-token log-probabilities at their last P positions cached;
+    `kl(batch)` of the model as it runs now, `lm(batch)` its next-token cross-entropy on the same
+    tokens, `answer(batch)` that cross-entropy on the gold answer's tokens alone (those of the
+    last P), `loss(batch)` the chosen one (`kind`)."""
 
-    def __init__(self, model, tokenizer, texts: list[str], batch_size: int, max_length: int,
+    def __init__(self, model, tokenizer, items: list, batch_size: int, max_length: int,
                  positions: int, tick: Callable[[int], None] | None = None, kind: str = "kl"):
         import torch
 
         self.model, self.P, self.kind = model, positions, kind
         self.forward_passes = 0
         device = next(model.parameters()).device
+        texts = [_kl_text(i) for i in items]
         lengths = [len(tokenizer(t, truncation=True, max_length=max_length)["input_ids"])
                    for t in texts]
+        answers = [min(answer_tokens(tokenizer, i), n) for i, n in zip(items, lengths)]
         order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
         self.batches: list[Batch] = []
         for s in range(0, len(order), batch_size):
@@ -305,7 +310,10 @@ class Objective:
             inputs = {"input_ids": enc["input_ids"].to(device), "attention_mask": att.to(device),
                       "position_ids": (att.cumsum(-1) - 1).clamp_min(0).to(device)}
             valid = self._tail(att).bool().to(device)
-            b = Batch(members, inputs, valid)
+            # the gold answer is each text's last `answers[i]` tokens (left padding: the row's end)
+            tail = torch.arange(self.P, device=device)[None, :] >= (
+                self.P - torch.tensor([answers[i] for i in members], device=device)[:, None])
+            b = Batch(members, inputs, valid, answer=tail)
             with torch.no_grad():
                 b.teacher = self.log_probs(b).to(torch.float16)
             self.batches.append(b)
@@ -331,7 +339,7 @@ class Objective:
         return torch.log_softmax(self.model.lm_head(h).float(), -1)
 
     def loss(self, b: Batch):
-        return self.lm(b) if self.kind == "lm" else self.kl(b)
+        return {"lm": self.lm, "answer": self.answer}.get(self.kind, self.kl)(b)
 
     def lm(self, b: Batch):
         """Mean next-token cross-entropy of the model as it runs now on the batch's own last P
@@ -339,9 +347,15 @@ class Objective:
         nll, valid = self._lm_terms(b)
         return (nll * valid).sum() / valid.sum().clamp_min(1)
 
-    def _lm_terms(self, b: Batch):
+    def answer(self, b: Batch):
+        """Mean cross-entropy of the gold answer's tokens given the text before them."""
+        nll, valid = self._lm_terms(b, answer_only=True)
+        return (nll * valid).sum() / valid.sum().clamp_min(1)
+
+    def _lm_terms(self, b: Batch, answer_only: bool = False):
         """Per position of the last P: the negative log-likelihood of the real next token, and
-        whether both it and its context position are real tokens."""
+        whether both it and its context position are real tokens (and, `answer_only`, the token
+        is the gold answer's)."""
         import torch.nn.functional as F
 
         P = self.P
@@ -351,6 +365,8 @@ class Objective:
             ids, att = F.pad(ids, (P + 1 - ids.shape[1], 0)), F.pad(att, (P + 1 - att.shape[1], 0))
         target, att = ids[:, -P:], att[:, -P - 1:]
         valid = (att[:, :-1] * att[:, 1:]).bool()
+        if answer_only:
+            valid = valid & b.answer
         return -lp.gather(-1, target.unsqueeze(-1)).squeeze(-1), valid
 
     def kl(self, b: Batch):
@@ -366,8 +382,8 @@ class Objective:
 
     def total(self, removed: list[int], units: "Units | None" = None,
               kind: str | None = None) -> float:
-        """Summed per-input mean loss (`kind`, default the objective's own: KL to dense or LM
-        cross-entropy) with the `removed` units (default: blocks) left out, no gradient."""
+        """Summed per-input mean loss (`kind`, default the objective's own: KL to dense, LM or
+        answer cross-entropy) with the `removed` units (default: blocks) left out, no gradient."""
         import torch
 
         units = units or Units("blocks", [])
@@ -375,8 +391,8 @@ class Objective:
         total = 0.0
         with torch.no_grad(), units.without(self.model, list(removed)):
             for b in self.batches:
-                if kind == "lm":
-                    per_pos, valid = self._lm_terms(b)
+                if kind in ("lm", "answer"):
+                    per_pos, valid = self._lm_terms(b, answer_only=kind == "answer")
                 else:
                     t = b.teacher.float()
                     per_pos, valid = (t.exp() * (t - self.log_probs(b))).sum(-1), b.valid
@@ -524,7 +540,7 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
         if o.mask_method == L0:
             nb = -(-len(idx) // o.batch_size)
             tick = task(f"cluster {c} ({len(idx)} inputs): L0 gates", nb + o.steps)
-            obj = Objective(model, tok, [_kl_text(cal.items[i]) for i in idx], o.batch_size,
+            obj = Objective(model, tok, [cal.items[i] for i in idx], o.batch_size,
                             o.max_length, o.kl_positions, tick, kind=o.loss)
             removed, log_alpha, stats, curve = fit_l0(obj, units, gate_budget, o, seed, tick)
             if o.polish == "swap":
@@ -586,7 +602,7 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
         for c, idx in enumerate(members):
             if objectives[c] is None:
                 tick = task(f"cluster {c}: dense reference", -(-len(idx) // o.batch_size))
-                objectives[c] = Objective(model, tok, [_kl_text(cal.items[i]) for i in idx],
+                objectives[c] = Objective(model, tok, [cal.items[i] for i in idx],
                                           o.batch_size, o.max_length, o.kl_positions, tick)
         cost = [[0.0] * n_clusters for _ in range(n_clusters)]
         for c in range(n_clusters):
@@ -670,3 +686,17 @@ def _kl_text(item) -> str:
     from tabp_vllm.scoring.probe import lm_text
 
     return lm_text(item)
+
+
+def answer_tokens(tokenizer, item) -> int:
+    """How many of `_kl_text(item)`'s last tokens are its gold answer: a multiple-choice item's
+    ' {gold choice}' (tokenised apart, as lm-eval scores a continuation); a free-text item's text
+    after its last 'Answer:' (GSM8K's worked answer), or the whole text when it has none."""
+    from tabp_vllm.data import MCQAItem
+
+    if isinstance(item, MCQAItem):
+        tail = f" {item.choices[item.gold]}"
+    else:
+        head, sep, tail = item.text.rpartition("Answer:")
+        tail = tail if sep else item.text
+    return max(len(tokenizer(tail, add_special_tokens=False)["input_ids"]), 1)

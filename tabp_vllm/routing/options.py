@@ -63,9 +63,11 @@ class RouteFitOptions(Options):
                                       "inputs' centroid distances: fallback.", gt=0, le=1)
     # None: as many as distinct masks
     max_variants: Optional[int] = option(None, "Merge clusters onto at most M masks.", gt=0)
-    # the paper's LM loss (next-token cross-entropy on the cluster's own text) or ours (KL to dense)
-    loss: Literal["kl", "lm"] = option("kl", "L0: kl (to the dense model) or lm (next-token "
-                                       "cross-entropy).")
+    # the paper's LM loss (next-token cross-entropy on the cluster's own text), ours (KL to
+    # dense), or the LM loss on the gold answer's tokens alone (what lm-eval's scores read)
+    loss: Literal["kl", "lm", "answer"] = option("kl", "L0: kl (to the dense model), lm (next-"
+                                                 "token cross-entropy) or answer (that on the "
+                                                 "gold answer's tokens).")
     # ours: the gates decide their mask during the ramp and a closed gate never reopens
     # (routing/swap.py); the search mends that on the fit's own loss, at its cost in passes
     polish: Literal["swap", "none"] = option("swap", "L0: then swap single units while that "

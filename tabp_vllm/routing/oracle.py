@@ -80,7 +80,7 @@ def static_costs(router: Router, statics: dict[str, TaskMask], cal, encoder, mod
                  ) -> dict[str, Any]:
     """Each static mask's mean KL on each group's calibration inputs: {"groups": {name: {"inputs":
     n, "kl": {static: mean}}}, "forward_passes", "wall_s"}."""
-    from tabp_vllm.routing.fit import Objective, _kl_text
+    from tabp_vllm.routing.fit import Objective
 
     t0 = time.perf_counter()
     hp = router.params
@@ -88,7 +88,7 @@ def static_costs(router: Router, statics: dict[str, TaskMask], cal, encoder, mod
     for g, idx in calibration_groups(router, cal, encoder).items():
         kl = {}
         if idx:
-            obj = Objective(model, tokenizer, [_kl_text(cal.items[i]) for i in idx],
+            obj = Objective(model, tokenizer, [cal.items[i] for i in idx],
                             int(hp.get("batch_size", 8)), int(hp.get("max_length", 128)),
                             int(hp.get("kl_positions", 32)))
             kl = {name: mask_kl(obj, m) / len(idx) for name, m in statics.items()}

@@ -46,7 +46,7 @@ def polish_router(router: Router, max_swaps: int, model_and_tokenizer: tuple | N
     import numpy as np
 
     from tabp_vllm.models import resolve_model
-    from tabp_vllm.routing.fit import Objective, Units, _kl_text, polish_mask
+    from tabp_vllm.routing.fit import Objective, Units, polish_mask
     from tabp_vllm.routing.oracle import router_calibration
     from tabp_vllm.routing.router import open_encoder, route_text
     from tabp_vllm.scoring import parse_range
@@ -72,7 +72,7 @@ def polish_router(router: Router, max_swaps: int, model_and_tokenizer: tuple | N
               if router.flops_ratio is not None else None)
 
     def polish(name: str, mask: TaskMask, idx: list[int]) -> tuple[TaskMask, dict[str, Any], float]:
-        obj = Objective(model, tok, [_kl_text(cal.items[i]) for i in idx], hp["batch_size"],
+        obj = Objective(model, tok, [cal.items[i] for i in idx], hp["batch_size"],
                         hp["max_length"], hp["kl_positions"], kind=hp["loss"])
         removed, record = polish_mask(obj, units, units.of_mask(mask), gate_values(mask, units),
                                       shares, max_swaps, progress, name)

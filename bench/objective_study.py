@@ -1,0 +1,225 @@
+"""Which fit objective ranks masks the way held-out accuracy does? (issue 34: the KL and LM
+objectives, minimised by the swap search, picked less accurate masks than the gates' own.)
+
+For every static and L0 mask of the routing report's N = 1 rows (demo model, k = 4), measured on
+the same 128 calibration inputs the fits use (the routers' provenance):
+
+- kl: mean KL(dense || masked) over the last 32 next-token positions of question + gold answer
+  (`route fit --loss kl`, `Objective.total`);
+- lm: the cross-entropy of the same 32 tokens (`--loss lm`, the paper's);
+- answer: the gold answer's mean token negative log-likelihood given the question (an MCQA item's
+  ' {gold choice}'; a GSM8K item's text after its last 'Answer:');
+- choice: the cross-entropy of the gold choice among the item's choices, each scored as lm-eval's
+  acc_norm does (summed log-likelihood over the continuation's bytes), MCQA items only;
+- calib_acc: the share of MCQA items whose gold choice scores highest (that acc_norm).
+
+and, beside each, the mask's held-out accuracy from the report's evaluations (acc_norm; BoolQ's
+acc). Spearman's rho across masks, on the mean over tasks and per task (each task's calibration
+items against that task's evaluation), says which objective carries to accuracy.
+
+    python bench/objective_study.py --report bench/results/routing_v2 --out bench/results/routing_v2/objectives
+
+Resumable: a mask already in OUT/objectives.json is not measured again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+# N = 1 rows of the report whose router holds one mask; configs with the same mask are measured once
+CONFIGS = ["static-block_influence", "static-angular", "static-sleb", "static-ppl", "static-random",
+           "tabp", "l0", "l0-s1", "l0-s2", "l0-swap", "l0-lm-swap"]
+ROUTER_OF = {"static-block_influence": "block_influence", "static-angular": "angular",
+             "static-sleb": "sleb", "static-ppl": "ppl", "static-random": "random"}
+METRIC = {"arc_easy": "acc_norm", "piqa": "acc_norm", "boolq": "acc"}
+OBJECTIVES = ["kl", "lm", "answer", "choice", "calib_acc"]
+# lower is better for every objective but calibration accuracy
+SIGN = {"kl": -1, "lm": -1, "answer": -1, "choice": -1, "calib_acc": 1}
+
+
+def continuation_scores(model, tok, pairs: list[tuple[str, str]], batch: int = 8
+                        ) -> list[tuple[float, int]]:
+    """(summed log-likelihood, tokens) of each continuation given its context, tokenised apart and
+    joined as lm-eval does (the context's last 128 - len(continuation) tokens kept)."""
+    import torch
+
+    out: list[tuple[float, int]] = []
+    enc = []
+    for ctx, cont in pairs:
+        c = tok(ctx, add_special_tokens=False)["input_ids"]
+        x = tok(cont, add_special_tokens=False)["input_ids"][-127:]
+        enc.append((c[-(128 - len(x)):] if len(x) < 128 else [], x))
+    for s in range(0, len(enc), batch):
+        chunk = enc[s:s + batch]
+        seqs = [c + x for c, x in chunk]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), tok.pad_token_id)
+        att = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, q in enumerate(seqs):
+            ids[i, :len(q)] = torch.tensor(q)
+            att[i, :len(q)] = 1
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits.float(), -1)
+        for i, (c, x) in enumerate(chunk):
+            pos = torch.arange(len(c) - 1, len(c) + len(x) - 1)
+            out.append((float(lp[i, pos, torch.tensor(x)].sum()), len(x)))
+    return out
+
+
+def answer_pair(item) -> tuple[str, str]:
+    from tabp_vllm.data import MCQAItem, mcqa_context
+
+    if isinstance(item, MCQAItem):
+        return mcqa_context(item), f" {item.choices[item.gold]}"
+    head, _, tail = item.text.rpartition("Answer:")
+    return head + "Answer:", tail
+
+
+def choice_terms(model, tok, items) -> tuple[list[float], list[bool]]:
+    """Per MCQA item: the cross-entropy of its gold choice under acc_norm's scores, and whether
+    the gold scores highest."""
+    from tabp_vllm.data import mcqa_context
+
+    pairs, owner = [], []
+    for n, it in enumerate(items):
+        for c in it.choices:
+            pairs.append((mcqa_context(it), f" {c}"))
+            owner.append(n)
+    scores = continuation_scores(model, tok, pairs)
+    ce, right = [], []
+    for n, it in enumerate(items):
+        s = np.array([ll / max(len(cont.encode()), 1)
+                      for (ll, _), (_, cont), o in zip(scores, pairs, owner) if o == n])
+        z = s - s.max()
+        ce.append(float(-(z[it.gold] - np.log(np.exp(z).sum()))))
+        right.append(bool(s.argmax() == it.gold))
+    return ce, right
+
+
+def measure(model, tok, objectives: dict, cal, removed: list[int]) -> dict:
+    from tabp_vllm.data import MCQAItem
+    from tabp_vllm.scoring.probe import without_blocks
+
+    per_task = {}
+    for task, obj in objectives.items():
+        items = [it for it, t in zip(cal.items, cal.tasks) if t == task]
+        row = {"kl": obj.total(removed, kind="kl") / len(items),
+               "lm": obj.total(removed, kind="lm") / len(items)}
+        with without_blocks(model, set(removed)):
+            ans = continuation_scores(model, tok, [answer_pair(it) for it in items])
+            row["answer"] = float(np.mean([-ll / n for ll, n in ans]))
+            if all(isinstance(it, MCQAItem) for it in items):
+                ce, right = choice_terms(model, tok, items)
+                row["choice"], row["calib_acc"] = float(np.mean(ce)), float(np.mean(right))
+        per_task[task] = row
+    return per_task
+
+
+def spearman(x, y) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic)
+
+
+def summarise(rows: dict, tasks: list[str]) -> dict:
+    """Spearman's rho of each objective (signed so that + means it ranks like accuracy) against
+    accuracy, on the task mean (MCQA tasks' objectives averaged) and per task."""
+    names = list(rows)
+    out = {}
+    for obj in OBJECTIVES:
+        entry = {}
+        for t in tasks:
+            x = [SIGN[obj] * rows[m]["calibration"][t].get(obj, np.nan) for m in names]
+            entry[t] = spearman(x, [rows[m]["accuracy"][t] for m in names])
+        x = [SIGN[obj] * np.mean([rows[m]["calibration"][t][obj] for t in tasks]) for m in names]
+        entry["mean"] = spearman(x, [np.mean([rows[m]["accuracy"][t] for t in tasks])
+                                     for m in names])
+        out[obj] = entry
+    return out
+
+
+def plot(rows: dict, tasks: list[str], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(OBJECTIVES), figsize=(4 * len(OBJECTIVES), 3.6))
+    for ax, obj in zip(axes, OBJECTIVES):
+        for m, r in rows.items():
+            x = np.mean([r["calibration"][t][obj] for t in tasks])
+            y = np.mean([r["accuracy"][t] for t in tasks])
+            ax.scatter(x, y, s=18)
+            ax.annotate(m, (x, y), fontsize=6)
+        ax.set_xlabel(f"{obj} (calibration, mean of tasks)")
+        ax.set_title(obj)
+    axes[0].set_ylabel("held-out accuracy, mean of tasks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    from tabp_vllm.models import resolve_model
+    from tabp_vllm.routing.fit import Objective
+    from tabp_vllm.routing.oracle import router_calibration
+    from tabp_vllm.routing.router import load_router
+    from tabp_vllm.scoring.probe import load_model
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--report", default="bench/results/routing_v2")
+    ap.add_argument("--out", default="bench/results/routing_v2/objectives")
+    a = ap.parse_args()
+    rep, out = Path(a.report), Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "objectives.json"
+    done = json.loads(path.read_text()) if path.exists() else {"masks": {}}
+    report = json.loads((rep / "routing.json").read_text())
+    acc = {r["config"]: {t: r["accuracy"][t][METRIC[t]] for t in METRIC}
+           for r in report["rows"] if r["n"] in (1, None)}
+    base = load_router(rep / "routers" / "l0-k4-n1.json")
+    hp = base.params
+    cal = router_calibration(base)
+    model, tok = load_model(resolve_model("llama"))
+    objectives = {t: Objective(model, tok, [it for it, tt in zip(cal.items, cal.tasks)
+                                            if tt == t], hp["batch_size"], hp["max_length"],
+                               hp["kl_positions"])
+                  for t in dict.fromkeys(cal.tasks)}
+    masks = done["masks"]
+    for config in CONFIGS:
+        router = load_router(rep / "routers" / f"{ROUTER_OF.get(config, config)}-k4-n1.json")
+        removed = sorted(router.masks[0].removed_layers)
+        key = ",".join(map(str, removed))
+        entry = masks.setdefault(key, {"configs": [], "removed": removed})
+        if config not in entry["configs"]:
+            entry["configs"].append(config)
+        entry.setdefault("accuracy", acc[config])
+        if "calibration" not in entry:
+            t0 = time.perf_counter()
+            entry["calibration"] = measure(model, tok, objectives, cal, removed)
+            entry["wall_s"] = round(time.perf_counter() - t0, 1)
+            print(config, key, entry["wall_s"], "s", flush=True)
+        path.write_text(json.dumps(done, indent=1))
+    tasks = list(METRIC)
+    rows = {"/".join(v["configs"]): v for v in masks.values()}
+    done["spearman"] = summarise(rows, tasks)
+    done["calibration"] = {"router": "routers/l0-k4-n1.json", "samples": len(cal.items),
+                           "sizes": cal.sizes(list(range(len(cal.items)))),
+                           "positions": hp["kl_positions"], "max_length": hp["max_length"]}
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    done["host"] = {"cpu": next((l.split(":", 1)[1].strip() for l in cpu.splitlines()
+                                 if l.startswith("Model name")), platform.processor()),
+                    "avx512_bf16": "avx512_bf16" in cpu}
+    path.write_text(json.dumps(done, indent=1))
+    plot(rows, tasks, out / "objectives.png")
+    for obj, e in done["spearman"].items():
+        print(f"{obj:10s} " + "  ".join(f"{t} {v:+.2f}" for t, v in e.items()))
+
+
+if __name__ == "__main__":
+    main()
