@@ -7,6 +7,8 @@ the same 128 calibration inputs the fits use (the routers' provenance):
 - kl: mean KL(dense || masked) over the last 32 next-token positions of question + gold answer
   (`route fit --loss kl`, `Objective.total`);
 - lm: the cross-entropy of the same 32 tokens (`--loss lm`, the paper's);
+- kl_all, lm_all: the same over every position of the 128-token text (`--kl-positions 128`), as
+  SLEB and the perplexity scorer read it;
 - answer: the gold answer's mean token negative log-likelihood given the question (an MCQA item's
   ' {gold choice}'; a GSM8K item's text after its last 'Answer:');
 - choice: the cross-entropy of the gold choice among the item's choices, each scored as lm-eval's
@@ -39,9 +41,10 @@ CONFIGS = ["static-block_influence", "static-angular", "static-sleb", "static-pp
 ROUTER_OF = {"static-block_influence": "block_influence", "static-angular": "angular",
              "static-sleb": "sleb", "static-ppl": "ppl", "static-random": "random"}
 METRIC = {"arc_easy": "acc_norm", "piqa": "acc_norm", "boolq": "acc"}
-OBJECTIVES = ["kl", "lm", "answer", "choice", "calib_acc"]
+OBJECTIVES = ["kl", "lm", "kl_all", "lm_all", "answer", "choice", "calib_acc"]
 # lower is better for every objective but calibration accuracy
-SIGN = {"kl": -1, "lm": -1, "answer": -1, "choice": -1, "calib_acc": 1}
+SIGN = {"kl": -1, "lm": -1, "kl_all": -1, "lm_all": -1, "answer": -1, "choice": -1,
+        "calib_acc": 1}
 
 
 def continuation_scores(model, tok, pairs: list[tuple[str, str]], batch: int = 8
@@ -103,19 +106,26 @@ def choice_terms(model, tok, items) -> tuple[list[float], list[bool]]:
     return ce, right
 
 
-def measure(model, tok, objectives: dict, cal, removed: list[int]) -> dict:
+def measure(model, tok, objectives: dict, whole: dict, cal, removed: list[int], have: dict
+            ) -> dict:
+    """Per calibration task, every objective not in `have` (a mask's earlier measures, kept)."""
     from tabp_vllm.data import MCQAItem
     from tabp_vllm.scoring.probe import without_blocks
 
     per_task = {}
     for task, obj in objectives.items():
         items = [it for it, t in zip(cal.items, cal.tasks) if t == task]
-        row = {"kl": obj.total(removed, kind="kl") / len(items),
-               "lm": obj.total(removed, kind="lm") / len(items)}
+        row = dict(have.get(task, {}))
+        for kind in ("kl", "lm"):
+            if kind not in row:
+                row[kind] = obj.total(removed, kind=kind) / len(items)
+            if f"{kind}_all" not in row:
+                row[f"{kind}_all"] = whole[task].total(removed, kind=kind) / len(items)
         with without_blocks(model, set(removed)):
-            ans = continuation_scores(model, tok, [answer_pair(it) for it in items])
-            row["answer"] = float(np.mean([-ll / n for ll, n in ans]))
-            if all(isinstance(it, MCQAItem) for it in items):
+            if "answer" not in row:
+                ans = continuation_scores(model, tok, [answer_pair(it) for it in items])
+                row["answer"] = float(np.mean([-ll / n for ll, n in ans]))
+            if all(isinstance(it, MCQAItem) for it in items) and "choice" not in row:
                 ce, right = choice_terms(model, tok, items)
                 row["choice"], row["calib_acc"] = float(np.mean(ce)), float(np.mean(right))
         per_task[task] = row
@@ -186,10 +196,14 @@ def main() -> None:
     hp = base.params
     cal = router_calibration(base)
     model, tok = load_model(resolve_model("llama"))
-    objectives = {t: Objective(model, tok, [it for it, tt in zip(cal.items, cal.tasks)
-                                            if tt == t], hp["batch_size"], hp["max_length"],
-                               hp["kl_positions"])
-                  for t in dict.fromkeys(cal.tasks)}
+    def objective(task: str, positions: int) -> Objective:
+        return Objective(model, tok, [it for it, t in zip(cal.items, cal.tasks) if t == task],
+                         hp["batch_size"], hp["max_length"], positions)
+
+    tasks_of = list(dict.fromkeys(cal.tasks))
+    objectives = {t: objective(t, hp["kl_positions"]) for t in tasks_of}
+    # every position of the (128-token, left-truncated) text, as SLEB and PPL read it
+    whole = {t: objective(t, hp["max_length"]) for t in tasks_of}
     masks = done["masks"]
     for config in CONFIGS:
         router = load_router(rep / "routers" / f"{ROUTER_OF.get(config, config)}-k4-n1.json")
@@ -199,10 +213,11 @@ def main() -> None:
         if config not in entry["configs"]:
             entry["configs"].append(config)
         entry.setdefault("accuracy", acc[config])
-        if "calibration" not in entry:
+        have = entry.get("calibration", {})
+        if not all(o in have.get(t, {}) for t in METRIC for o in OBJECTIVES):
             t0 = time.perf_counter()
-            entry["calibration"] = measure(model, tok, objectives, cal, removed)
-            entry["wall_s"] = round(time.perf_counter() - t0, 1)
+            entry["calibration"] = measure(model, tok, objectives, whole, cal, removed, have)
+            entry["wall_s"] = round(entry.get("wall_s", 0) + time.perf_counter() - t0, 1)
             print(config, key, entry["wall_s"], "s", flush=True)
         path.write_text(json.dumps(done, indent=1))
     tasks = list(METRIC)

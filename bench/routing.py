@@ -88,12 +88,15 @@ def sublayer_budget(k: int) -> list[str]:
 
 
 def config_of(method: str, loss: str = "kl", units: str = "blocks", seed: int = 0,
-              polish: str = "none") -> str:
+              polish: str = "none", positions: int | None = None) -> str:
     """The row's name: the committed report's for the defaults, suffixed otherwise ("l0" is the
-    gates' own masks, "l0-swap" the same fit polished by `route fit --polish swap`)."""
+    gates' own masks, "l0-swap" the same fit polished by `route fit --polish swap`, "l0-lm-p128"
+    an LM-loss fit over the last 128 positions instead of route fit's 32)."""
     if method not in ("l0", "tabp"):
         return f"static-{method}" + ("-sub" if units == "sublayers" else "")
-    return (method + (f"-{loss}" if loss != "kl" else "") + ("-sub" if units == "sublayers" else "")
+    return (method + (f"-{loss}" if loss != "kl" else "")
+            + (f"-p{positions}" if method == "l0" and positions else "")
+            + ("-sub" if units == "sublayers" else "")
             + ("-swap" if method == "l0" and polish == "swap" else "")
             + (f"-s{seed}" if seed else ""))
 
@@ -169,6 +172,9 @@ def report(argv: list[str]) -> None:
                     help="L0 masks: none (the gates' own), swap (polished: `route fit --polish "
                          "swap`, or `route polish` of the unpolished row's router when it exists) "
                          "or none,swap")
+    ap.add_argument("--positions", type=int, default=None,
+                    help="L0: the last positions the loss covers (route fit --kl-positions; "
+                         "default its 32); rows named -pP")
     ap.add_argument("--seeds", default="0", help="fit seeds (route fit --seed), e.g. 0,1,2")
     ap.add_argument("--limit", type=int, default=100,
                     help="evaluation documents per task (0: the whole evaluation split)")
@@ -239,14 +245,16 @@ def report(argv: list[str]) -> None:
         evaluate("dense", 0, None, [], None)
     def routed_or_static(method: str, k: int, n: int, loss: str = "kl", units: str = "blocks",
                          seed: int = 0, polish: str = "none") -> None:
-        config = config_of(method, loss, units, seed, polish)
+        pos = a.positions if method == "l0" else None
+        config = config_of(method, loss, units, seed, polish, pos)
         router = router_path(out, config, k, n)
-        gates_only = router_path(out, config_of(method, loss, units, seed), k, n)
+        gates_only = router_path(out, config_of(method, loss, units, seed, positions=pos), k, n)
         if not router.exists() and polish == "swap" and gates_only.exists():
             # the same fit's gates are here already: polish them instead of fitting them again
             run(CLI + ["route", "polish", str(gates_only), "-o", str(router)], log)
         elif not router.exists():  # else an interrupted run's fit is kept
-            extra = (["--loss", loss, "--units", units, "--seed", str(seed), "--polish", polish]
+            extra = (["--loss", loss, "--units", units, "--seed", str(seed), "--polish", polish,
+                      *(["--kl-positions", str(pos)] if pos else [])]
                      if method == "l0" else ["--units", units, "--seed", str(seed)])
             run(CLI + ["route", "fit", "--model", "llama", *sum((["--task", t] for t in calib), []),
                        "--samples", str(a.samples),
@@ -333,7 +341,8 @@ def report(argv: list[str]) -> None:
         for loss, units, seed, polish in (variants if method == "l0" else
                                           [("kl", u, int(s), "none") for s in a.seeds.split(",")
                                            for u in (static_units if method in statics else ["blocks"])]):
-            if (config_of(method, loss, units, seed, polish), k, n) not in done:
+            if (config_of(method, loss, units, seed, polish,
+                          a.positions if method == "l0" else None), k, n) not in done:
                 routed_or_static(method, k, n, loss, units, seed, polish)
     for r in list(doc["rows"]):  # routed rows fitted before their k's static masks existed
         if r["config"].startswith(("l0", "tabp")):

@@ -625,6 +625,17 @@ def test_report_run_polishes_the_gates_router_it_has(tmp_path, demo_model, bench
                and c[c.index("--mask-method") + 1] == "l0"]
     assert len(l0_fits) == 1 and "--polish swap" in l0_fits[0]
     assert not any("polish" in c and "route" in c and "fit" not in c for c in calls)
+    assert "--kl-positions" not in l0_fits[0]
+    # --positions P: the L0 fits' loss over the last P positions, rows named -pP (TaBP's unchanged)
+    calls.clear()
+    bench_routing.report(["--out", str(tmp_path / "swap"), *args, "--losses", "lm",
+                          "--positions", "128"])
+    l0_fits = [c for c in calls if "route" in c and "--mask-method" in c
+               and c[c.index("--mask-method") + 1] == "l0"]
+    assert len(l0_fits) == 1 and l0_fits[0][l0_fits[0].index("--kl-positions") + 1] == "128"
+    assert l0_fits[0][-1].endswith("l0-lm-p128-swap-k4-n2.json")
+    configs = {r["config"] for r in json.loads((tmp_path / "swap" / "routing.json").read_text())["rows"]}
+    assert {"l0-swap", "l0-lm-p128-swap", "tabp"} <= configs
 
 
 def test_report_run_sublayer_rows_get_sublayer_statics(tmp_path, demo_model, bench_routing,
