@@ -494,10 +494,64 @@ def seed_sections(doc: dict, out: Path, flops_of=mask_flops) -> list[str]:
     summary = routing_summary(groups, statics, tasks, {EVAL_OF[t]: METRIC[t] for t in doc["eval"]})
     for rec, g in zip(summary, groups):
         rec["fit_seeds"] = g["fit_seeds"]
-    (out / "routing_summary.json").write_text(json.dumps(
-        {"tasks": tasks, "metric": {EVAL_OF[t]: METRIC[t] for t in doc["eval"]},
-         "configurations": summary}, indent=1) + "\n")
-    return summary_markdown(summary, tasks, {EVAL_OF[t]: t for t in doc["eval"]})
+    names = {EVAL_OF[t]: t for t in doc["eval"]}
+    record = {"tasks": tasks, "metric": {EVAL_OF[t]: METRIC[t] for t in doc["eval"]},
+              "configurations": summary}
+    lines = summary_markdown(summary, tasks, names)
+    rest = [t for t in tasks if t != EVAL_OF[PRIOR_TASK]]
+    if len(rest) < len(tasks) and rest:
+        # BoolQ's accuracy here is the masks' yes/no prior (prior_section): the same comparison
+        # without it, every static again a candidate for best
+        without = routing_summary(groups, statics, rest, {t: record["metric"][t] for t in rest})
+        record["without_" + PRIOR_TASK] = {"tasks": rest, "configurations": without}
+        lines += ["", *summary_markdown(without, rest, names, f", without {PRIOR_TASK}", full=False)]
+    (out / "routing_summary.json").write_text(json.dumps(record, indent=1) + "\n")
+    return lines
+
+
+PRIOR_TASK = "boolq"  # a yes/no task: a mask can move its answers' prior wholesale
+
+
+def prior_section(doc: dict, out: Path) -> list[str]:
+    """BoolQ's accuracy against the share of "yes" among each row's answers (a two-choice task: an
+    answer is the gold when scored right, the other choice when not; gold labels from dense's
+    lm-eval samples), with Pearson's r across rows: where r is near 1, BoolQ ranks masks by
+    the prior they leave, not by reading."""
+    import ast
+
+    import numpy as np
+    from scipy.stats import pearsonr
+
+    task = EVAL_OF.get(PRIOR_TASK)
+    dense = eval_path(out, "dense", 0, None)
+    if PRIOR_TASK not in doc["eval"] or not dense.exists():
+        return []
+    samples = json.loads(dense.read_text())["results"][0].get("samples", {}).get(task)
+    if not samples:
+        return []
+    gold = {int(x["doc_id"]): int(x["target"]) for x in samples}
+    # (lm-eval's samples hold their metrics as a dict, or its repr when saved as strings)
+    right = {"dense": {int(x["doc_id"]): float((ast.literal_eval(x["metrics"]) if isinstance(
+        x["metrics"], str) else x["metrics"])["acc"]) for x in samples}}
+    for r in doc["rows"]:
+        run = None if r["config"] == "dense" else per_document(out, r)
+        if run and run.get(task):
+            right[f"{r['config']}|{r['k']}|{r['n']}"] = {int(d["doc_id"]): float(d["acc"])
+                                                         for d in run[task]}
+    rows = []
+    for name, acc in right.items():
+        yes = np.mean([gold[i] if a == 1 else 1 - gold[i] for i, a in acc.items()])
+        rows.append((name, float(yes), float(np.mean(list(acc.values())))))
+    always = float(np.mean(list(gold.values())))
+    r = pearsonr([x[1] for x in rows], [x[2] for x in rows]).statistic if len(rows) > 2 else float("nan")
+    return [f"## {PRIOR_TASK}: accuracy is the masks' yes/no prior", "",
+            f"Share of \"yes\" among each row's answers beside its accuracy; answering \"yes\" "
+            f"to every question scores {always:.3f}. Pearson's r across these {len(rows)} rows: "
+            f"**{r:.2f}**. Near 1, a mask's BoolQ accuracy says how far it moves dense's yes/no "
+            f"prior, not how well the pruned model reads: the comparison without {PRIOR_TASK} is "
+            f"in the section above.", "",
+            "| row (config, k, N) | \"yes\" share | accuracy |", "|---|---|---|",
+            *(f"| {n.replace('|', ', ')} | {y:.3f} | {a:.4f} |" for n, y, a in rows), ""]
 
 
 def docs_text(limit: int | None) -> str:
@@ -596,7 +650,7 @@ def write_report(doc: dict, out: Path) -> None:
         if r["config"] == "l0" and r.get("cluster_mix"):
             mix = "; ".join(f"{t}: {m}" for t, m in r["cluster_mix"].items())
             lines.append(f"- k={r['k']}, N={r['n']}: {mix}")
-    lines += [""] + objective_section(doc, out) + seed_sections(doc, out)
+    lines += [""] + objective_section(doc, out) + seed_sections(doc, out) + [""] + prior_section(doc, out)
     (out / "routing.md").write_text("\n".join(lines) + "\n")
 
     fig, axes = plt.subplots(len(ks), len(evals), figsize=(4 * len(evals), 3.2 * len(ks)),

@@ -733,3 +733,35 @@ def test_objective_section_puts_each_learned_mask_beside_the_best_static(tmp_pat
                     "| l0 | 4 | 2 | 1 | 9 | 0.900 | a 0.400 | +0.500 |"]
     assert lines[0] == "## The learned masks on their own objective"
     assert bench_routing.objective_section({"rows": doc["rows"][:2]}, tmp_path) == []
+
+
+def test_prior_section_reads_boolq_answers_from_correctness(tmp_path, bench_routing):
+    """BoolQ's yes/no prior: a two-choice answer is the gold when right and the other choice when
+    wrong, so each row's share of "yes" follows from its per-document correctness and dense's gold
+    labels; r across rows is Pearson's."""
+    import json
+
+    gold = [1, 1, 1, 0] * 3  # 9 of 12 "yes": answering yes to all scores 0.75
+    samples = [{"doc_id": str(i), "target": str(g), "metrics": repr({"acc": float(g == 0)})}
+               for i, g in enumerate(gold)]  # dense answers "no" to everything
+    (tmp_path / "eval-dense-k0-nNone.json").write_text(json.dumps(
+        {"results": [{"samples": {"tabp_boolq": samples}}]}))
+
+    def routed(config, answers):  # answers: the choice each document got
+        per = [{"doc_id": i, "cluster": "0", "acc": float(a == g)}
+               for i, (a, g) in enumerate(zip(answers, gold))]
+        (tmp_path / f"eval-{config}-k4-n1.json").write_text(json.dumps(
+            {"routed": {"per_document": {"tabp_boolq": per}}}))
+
+    routed("static-a", [1] * 12)  # always yes: 0.75
+    routed("l0", [1, 0] * 6)  # half yes
+    doc = {"eval": ["arc_easy", "boolq"], "rows": [
+        {"config": "dense", "k": 0, "n": None}, {"config": "static-a", "k": 4, "n": 1},
+        {"config": "l0", "k": 4, "n": 1}, {"config": "static-b", "k": 4, "n": 1}]}  # b: no file
+    text = "\n".join(bench_routing.prior_section(doc, tmp_path))
+    assert "| dense | 0.000 | 0.2500 |" in text
+    assert "| static-a, 4, 1 | 1.000 | 0.7500 |" in text
+    # l0: yes on even documents; gold yes on 0, 1, 2 of every 4 -> right on 0, 2 (yes) and 3 (no)
+    assert "| l0, 4, 1 | 0.500 | 0.7500 |" in text and "static-b" not in text
+    assert "scores 0.750" in text and "these 3 rows: **0.87**" in text
+    assert bench_routing.prior_section({**doc, "eval": ["arc_easy"]}, tmp_path) == []

@@ -252,13 +252,14 @@ def interval_text(res: dict[str, Any]) -> str:
     return f"{res['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
-def summary_markdown(summary: list[dict[str, Any]], tasks: list[str], names: dict[str, str]
-                     ) -> list[str]:
+def summary_markdown(summary: list[dict[str, Any]], tasks: list[str], names: dict[str, str],
+                     over: str = "", full: bool = True) -> list[str]:
     """The report's sections for the summary: routed vs best static and vs oracle, and the gap
-    split (`names`: a task's display name)."""
+    split (`names`: a task's display name; `over`: what the heading adds about the tasks; `full`
+    False: the first table alone)."""
     cols = [names.get(t, t) for t in tasks]
     lines = ["## Routed vs the best static mask of equal average removed FLOPs, and vs the "
-             "per-cluster KL oracle", "",
+             f"per-cluster KL oracle{over}", "",
              "Routed minus comparator, mean over fit seeds, [95 % interval resampling documents "
              "and fit seeds together]; the best static is the one of highest mean over tasks "
              "among those removing at most the routed configuration's average FLOPs share.", "",
@@ -273,6 +274,8 @@ def summary_markdown(summary: list[dict[str, Any]], tasks: list[str], names: dic
                      f"{interval_text(vs['mean']) if vs else '-'} | "
                      + " | ".join(interval_text(vs["per_task"][t]) if vs else "-" for t in tasks)
                      + f" | {interval_text(r['oracle']['vs']['mean']) if 'oracle' in r else '-'} |")
+    if not full:
+        return lines
     lines += oracles_markdown(summary, tasks, cols)
     gaps = [r for r in summary if "gap" in r]
     if gaps:
