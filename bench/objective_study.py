@@ -138,52 +138,54 @@ def spearman(x, y) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def summarise(rows: dict, tasks: list[str]) -> dict:
-    """Spearman's rho of each objective (signed so that + means it ranks like accuracy) against
-    accuracy, on the task mean (MCQA tasks' objectives averaged) and per task."""
+def summarise(rows: dict, tasks: list[str], ranked: list[str]) -> dict:
+    """Spearman's rho (and its p) of each objective, signed so that + means it ranks masks like
+    accuracy does: per task (that task's calibration items against its evaluation), on the mean
+    over `tasks` and on the mean over `ranked` (the tasks whose accuracy can rank masks: BoolQ's
+    follows the yes/no prior a mask leaves, `bench/routing.py`'s prior section). An objective
+    not measured on every mask is left out."""
+    from scipy.stats import spearmanr
+
     names = list(rows)
     out = {}
     for obj in OBJECTIVES:
+        if not all(obj in rows[m]["calibration"][t] for m in names for t in tasks):
+            continue
         entry = {}
-        for t in tasks:
-            x = [SIGN[obj] * rows[m]["calibration"][t].get(obj, np.nan) for m in names]
-            entry[t] = spearman(x, [rows[m]["accuracy"][t] for m in names])
-        x = [SIGN[obj] * np.mean([rows[m]["calibration"][t][obj] for t in tasks]) for m in names]
-        entry["mean"] = spearman(x, [np.mean([rows[m]["accuracy"][t] for t in tasks])
-                                     for m in names])
+        for label, ts in [*((t, [t]) for t in tasks), ("mean", tasks),
+                          ("mean_" + "_".join(ranked), ranked)]:
+            x = [SIGN[obj] * np.mean([rows[m]["calibration"][t][obj] for t in ts]) for m in names]
+            res = spearmanr(x, [np.mean([rows[m]["accuracy"][t] for t in ts]) for m in names])
+            entry[label] = {"rho": round(float(res.statistic), 3), "p": round(float(res.pvalue), 3)}
         out[obj] = entry
     return out
 
 
-def plot(rows: dict, tasks: list[str], path: Path) -> None:
+def plot(rows: dict, objectives: list[str], tasks: list[str], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(OBJECTIVES), figsize=(4 * len(OBJECTIVES), 3.6))
-    for ax, obj in zip(axes, OBJECTIVES):
+    fig, axes = plt.subplots(1, len(objectives), figsize=(4 * len(objectives), 3.6))
+    for ax, obj in zip(axes, objectives):
         for m, r in rows.items():
             x = np.mean([r["calibration"][t][obj] for t in tasks])
             y = np.mean([r["accuracy"][t] for t in tasks])
             ax.scatter(x, y, s=18)
             ax.annotate(m, (x, y), fontsize=6)
-        ax.set_xlabel(f"{obj} (calibration, mean of tasks)")
+        ax.set_xlabel(f"{obj} on calibration ({', '.join(tasks)})")
         ax.set_title(obj)
-    axes[0].set_ylabel("held-out accuracy, mean of tasks")
+    axes[0].set_ylabel(f"held-out accuracy ({', '.join(tasks)})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
-    from tabp_vllm.models import resolve_model
-    from tabp_vllm.routing.fit import Objective
-    from tabp_vllm.routing.oracle import router_calibration
-    from tabp_vllm.routing.router import load_router
-    from tabp_vllm.scoring.probe import load_model
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--report", default="bench/results/routing_v2")
     ap.add_argument("--out", default="bench/results/routing_v2/objectives")
+    ap.add_argument("--summary-only", action="store_true",
+                    help="measure nothing: rewrite the summary and plot from OUT/objectives.json")
     a = ap.parse_args()
     rep, out = Path(a.report), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,10 +194,35 @@ def main() -> None:
     report = json.loads((rep / "routing.json").read_text())
     acc = {r["config"]: {t: r["accuracy"][t][METRIC[t]] for t in METRIC}
            for r in report["rows"] if r["n"] in (1, None)}
+    if not a.summary_only:
+        measure_all(rep, done, path, acc)
+    masks = done["masks"]
+    tasks, ranked = list(METRIC), ["arc_easy", "piqa"]
+    rows = {"/".join(v["configs"]): v for v in masks.values()}
+    done["spearman"] = summarise(rows, tasks, ranked)
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    done.setdefault("host", {"cpu": next((l.split(":", 1)[1].strip() for l in cpu.splitlines()
+                                          if l.startswith("Model name")), platform.processor()),
+                             "avx512_bf16": "avx512_bf16" in cpu})
+    path.write_text(json.dumps(done, indent=1))
+    plot(rows, list(done["spearman"]), ranked, out / "objectives.png")
+    for obj, e in done["spearman"].items():
+        print(f"{obj:10s} " + "  ".join(f"{t} {v['rho']:+.2f} (p {v['p']:.2f})" for t, v in e.items()))
+
+
+def measure_all(rep: Path, done: dict, path: Path, acc: dict) -> None:
+    """Every objective on every mask of CONFIGS not measured yet (saved after each mask)."""
+    from tabp_vllm.models import resolve_model
+    from tabp_vllm.routing.fit import Objective
+    from tabp_vllm.routing.oracle import router_calibration
+    from tabp_vllm.routing.router import load_router
+    from tabp_vllm.scoring.probe import load_model
+
     base = load_router(rep / "routers" / "l0-k4-n1.json")
     hp = base.params
     cal = router_calibration(base)
     model, tok = load_model(resolve_model("llama"))
+
     def objective(task: str, positions: int) -> Objective:
         return Objective(model, tok, [it for it, t in zip(cal.items, cal.tasks) if t == task],
                          hp["batch_size"], hp["max_length"], positions)
@@ -205,7 +232,7 @@ def main() -> None:
     # every position of the (128-token, left-truncated) text, as SLEB and PPL read it
     whole = {t: objective(t, hp["max_length"]) for t in tasks_of}
     masks = done["masks"]
-    for config in CONFIGS:
+    for config in (c for c in CONFIGS if c in acc):  # (rows the report has)
         router = load_router(rep / "routers" / f"{ROUTER_OF.get(config, config)}-k4-n1.json")
         removed = sorted(router.masks[0].removed_layers)
         key = ",".join(map(str, removed))
@@ -220,20 +247,9 @@ def main() -> None:
             entry["wall_s"] = round(entry.get("wall_s", 0) + time.perf_counter() - t0, 1)
             print(config, key, entry["wall_s"], "s", flush=True)
         path.write_text(json.dumps(done, indent=1))
-    tasks = list(METRIC)
-    rows = {"/".join(v["configs"]): v for v in masks.values()}
-    done["spearman"] = summarise(rows, tasks)
     done["calibration"] = {"router": "routers/l0-k4-n1.json", "samples": len(cal.items),
                            "sizes": cal.sizes(list(range(len(cal.items)))),
                            "positions": hp["kl_positions"], "max_length": hp["max_length"]}
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    done["host"] = {"cpu": next((l.split(":", 1)[1].strip() for l in cpu.splitlines()
-                                 if l.startswith("Model name")), platform.processor()),
-                    "avx512_bf16": "avx512_bf16" in cpu}
-    path.write_text(json.dumps(done, indent=1))
-    plot(rows, tasks, out / "objectives.png")
-    for obj, e in done["spearman"].items():
-        print(f"{obj:10s} " + "  ".join(f"{t} {v:+.2f}" for t, v in e.items()))
 
 
 if __name__ == "__main__":
