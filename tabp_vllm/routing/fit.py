@@ -697,6 +697,6 @@ def answer_tokens(tokenizer, item) -> int:
     if isinstance(item, MCQAItem):
         tail = f" {item.choices[item.gold]}"
     else:
-        head, sep, tail = item.text.rpartition("Answer:")
+        _, sep, tail = item.text.rpartition("Answer:")
         tail = tail if sep else item.text
     return max(len(tokenizer(tail, add_special_tokens=False)["input_ids"]), 1)
