@@ -544,7 +544,7 @@ def prior_section(doc: dict, out: Path) -> list[str]:
         rows.append((name, float(yes), float(np.mean(list(acc.values())))))
     always = float(np.mean(list(gold.values())))
     r = pearsonr([x[1] for x in rows], [x[2] for x in rows]).statistic if len(rows) > 2 else float("nan")
-    return [f"## {PRIOR_TASK}: accuracy is the masks' yes/no prior", "",
+    return [f"## {PRIOR_TASK}: accuracy against the masks' yes/no prior", "",
             f"Share of \"yes\" among each row's answers beside its accuracy; answering \"yes\" "
             f"to every question scores {always:.3f}. Pearson's r across these {len(rows)} rows: "
             f"**{r:.2f}**. Near 1, a mask's BoolQ accuracy says how far it moves dense's yes/no "
