@@ -76,15 +76,6 @@ def continuation_scores(model, tok, pairs: list[tuple[str, str]], batch: int = 8
     return out
 
 
-def answer_pair(item) -> tuple[str, str]:
-    from tabp_vllm.data import MCQAItem, mcqa_context
-
-    if isinstance(item, MCQAItem):
-        return mcqa_context(item), f" {item.choices[item.gold]}"
-    head, _, tail = item.text.rpartition("Answer:")
-    return head + "Answer:", tail
-
-
 def choice_terms(model, tok, items) -> tuple[list[float], list[bool]]:
     """Per MCQA item: the cross-entropy of its gold choice under acc_norm's scores, and whether
     the gold scores highest."""
@@ -110,6 +101,7 @@ def measure(model, tok, objectives: dict, whole: dict, cal, removed: list[int], 
             ) -> dict:
     """Per calibration task, every objective not in `have` (a mask's earlier measures, kept)."""
     from tabp_vllm.data import MCQAItem
+    from tabp_vllm.routing.fit import answer_split
     from tabp_vllm.scoring.probe import without_blocks
 
     per_task = {}
@@ -123,7 +115,7 @@ def measure(model, tok, objectives: dict, whole: dict, cal, removed: list[int], 
                 row[f"{kind}_all"] = whole[task].total(removed, kind=kind) / len(items)
         with without_blocks(model, set(removed)):
             if "answer" not in row:
-                ans = continuation_scores(model, tok, [answer_pair(it) for it in items])
+                ans = continuation_scores(model, tok, [answer_split(it) for it in items])
                 row["answer"] = float(np.mean([-ll / n for ll, n in ans]))
             if all(isinstance(it, MCQAItem) for it in items) and "choice" not in row:
                 ce, right = choice_terms(model, tok, items)

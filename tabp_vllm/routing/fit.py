@@ -688,15 +688,20 @@ def _kl_text(item) -> str:
     return lm_text(item)
 
 
-def answer_tokens(tokenizer, item) -> int:
-    """How many of `_kl_text(item)`'s last tokens are its gold answer: a multiple-choice item's
-    ' {gold choice}' (tokenised apart, as lm-eval scores a continuation); a free-text item's text
-    after its last 'Answer:' (GSM8K's worked answer), or the whole text when it has none."""
-    from tabp_vllm.data import MCQAItem
+def answer_split(item) -> tuple[str, str]:
+    """`_kl_text(item)` as (what comes before the gold answer, the gold answer): a multiple-choice
+    item's context and ' {gold choice}' (lm-eval's continuation); a free-text item's text up to
+    its last 'Answer:' and what follows (GSM8K's worked answer), or ("", the whole text) when it
+    has none."""
+    from tabp_vllm.data import MCQAItem, mcqa_context
 
     if isinstance(item, MCQAItem):
-        tail = f" {item.choices[item.gold]}"
-    else:
-        _, sep, tail = item.text.rpartition("Answer:")
-        tail = tail if sep else item.text
-    return max(len(tokenizer(tail, add_special_tokens=False)["input_ids"]), 1)
+        return mcqa_context(item), f" {item.choices[item.gold]}"
+    head, sep, tail = item.text.rpartition("Answer:")
+    return (head + sep, tail) if sep else ("", item.text)
+
+
+def answer_tokens(tokenizer, item) -> int:
+    """How many of `_kl_text(item)`'s last tokens are its gold answer (tokenised apart, as lm-eval
+    scores a continuation)."""
+    return max(len(tokenizer(answer_split(item)[1], add_special_tokens=False)["input_ids"]), 1)
