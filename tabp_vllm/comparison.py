@@ -45,32 +45,34 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # share of k whole blocks (`k_flops_ratio`), so they compete at the same ideal speedup. The
     # cloze probe is what `auto` chose on every ARC-Easy calibration set of compare_v2 (seeds 0-2,
     # recorded in its masks); naming it skips auto's lettered pass (256 forward passes).
+    # Candidates relative to depth, so one configuration serves every model: "both" in the latter
+    # half (blocks 15-29 of the demo model's 30), attention in every block but the first.
     "tabp-sub-both": {"method": "tabp", "probe": "cloze", "granularity": "sublayer",
-                      "units": "both", "block_range": "15:30"},
+                      "units": "both", "block_range": "0.5:1.0"},
     "tabp-sub-attention": {"method": "tabp", "probe": "cloze", "granularity": "sublayer",
-                           "units": "attention", "block_range": "1:30"},
+                           "units": "attention", "block_range": "after-first"},
     # tabp-sub-both's units taken by the lowest score per FLOP first (the knapsack's greedy
     # order; TaBP's SSN is a nonnegative importance), where the others take the lowest score first
     "tabp-sub-both-perflop": {"method": "tabp", "probe": "cloze", "granularity": "sublayer",
-                              "units": "both", "block_range": "15:30",
+                              "units": "both", "block_range": "0.5:1.0",
                               "budget_order": "score-per-flop"},
     "block_influence-sub-both": {"method": "block_influence", "granularity": "sublayer",
-                                 "units": "both", "block_range": "15:30"},
+                                 "units": "both", "block_range": "0.5:1.0"},
     "block_influence-sub-attention": {"method": "block_influence", "granularity": "sublayer",
-                                      "units": "attention", "block_range": "1:30"},
+                                      "units": "attention", "block_range": "after-first"},
     "what_matters-sub-both": {"method": "what_matters", "granularity": "sublayer",
-                              "units": "both", "block_range": "15:30"},
+                              "units": "both", "block_range": "0.5:1.0"},
     "what_matters-sub-attention": {"method": "what_matters", "granularity": "sublayer",
-                                   "units": "attention", "block_range": "1:30"},
+                                   "units": "attention", "block_range": "after-first"},
     "sleb-task-sub-both": {"method": "sleb-task", "granularity": "sublayer", "units": "both",
-                           "block_range": "15:30"},
+                           "block_range": "0.5:1.0"},
     "sleb-task-sub-attention": {"method": "sleb-task", "granularity": "sublayer",
-                                "units": "attention", "block_range": "1:30"},
+                                "units": "attention", "block_range": "after-first"},
     # SLEB per sublayer as published (WikiText-2); ~4x the task SLEB's time per sample pass
     "sleb-sub-both": {"method": "sleb", "granularity": "sublayer", "units": "both",
-                      "block_range": "15:30"},
+                      "block_range": "0.5:1.0"},
     "sleb-sub-attention": {"method": "sleb", "granularity": "sublayer", "units": "attention",
-                           "block_range": "1:30"},
+                           "block_range": "after-first"},
 }
 REFERENCE = "tabp"
 # not a mask: the `--configs` name of the dense model alone. Every run evaluates dense (each

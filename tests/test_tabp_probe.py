@@ -58,7 +58,14 @@ def test_named_ranges():
     assert parse_range("latter", 32) == list(range(17, 32))
     assert parse_range("whole", 32) == list(range(1, 31))
     assert parse_range(None, 30) == list(range(15, 30))
-    with pytest.raises(TabpError, match="latter, whole or START:END"):
+    assert parse_range("after-first", 28) == list(range(1, 28))
+    # the sublayer configurations' depth-relative candidates are the demo model's original
+    # indices (15:30 and 1:30 of its 30 blocks), and fit a 28-block Qwen2 too
+    from tabp_vllm.comparison import CONFIGS
+    assert parse_range(CONFIGS["tabp-sub-both"]["block_range"], 30) == list(range(15, 30))
+    assert parse_range(CONFIGS["tabp-sub-attention"]["block_range"], 30) == list(range(1, 30))
+    assert parse_range(CONFIGS["tabp-sub-both"]["block_range"], 28) == list(range(14, 28))
+    with pytest.raises(TabpError, match="latter, whole, after-first or START:END"):
         parse_range("most", 30)
 
 

@@ -29,6 +29,7 @@ DEFAULT_RANGE = (0.5, 1.0)  # blocks B/2 .. B-1: the latter half (the paper's "l
 NAMED_RANGES = {
     "latter": lambda b: (b // 2 + 1, b),  # the official code: blocks B/2+1 .. B-1
     "whole": lambda b: (1, b - 1),  # every block but the first and the last
+    "after-first": lambda b: (1, b),  # every block but the first
 }
 
 
@@ -44,8 +45,9 @@ class ScoringResult:
 
 
 def parse_range(spec: str | None, num_blocks: int) -> list[int]:
-    """'latter' (B/2+1 .. B-1, the paper's), 'whole' (1 .. B-2), '0.5:1.0' (fractions of the
-    depth) or '15:30' (block indices, end exclusive); None: DEFAULT_RANGE."""
+    """'latter' (B/2+1 .. B-1, the paper's), 'whole' (1 .. B-2), 'after-first' (1 .. B-1),
+    '0.5:1.0' (fractions of the depth) or '15:30' (block indices, end exclusive); None:
+    DEFAULT_RANGE."""
     if spec in NAMED_RANGES:
         start, end = NAMED_RANGES[spec](num_blocks)
         if start >= end:
@@ -58,7 +60,7 @@ def parse_range(spec: str | None, num_blocks: int) -> list[int]:
             a_s, b_s = spec.split(":")
             a, b = float(a_s), float(b_s)
         except ValueError:
-            raise TabpError(f"--range {spec!r}: expected latter, whole or START:END "
+            raise TabpError(f"--range {spec!r}: expected latter, whole, after-first or START:END "
                             f"(e.g. 0.5:1.0 or 15:30)") from None
     frac = all(0.0 <= x <= 1.0 for x in (a, b)) and ("." in (spec or ".") or (a, b) == (0, 1))
     start, end = (round(a * num_blocks), round(b * num_blocks)) if frac else (int(a), int(b))

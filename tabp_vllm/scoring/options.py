@@ -59,7 +59,7 @@ class ScoreOptions(Options):
         shown="both")
     block_range: Optional[str] = option(
         _scoring_default("block_range"), "Candidate blocks: latter (B/2+1..B-1, the paper's), whole "
-        "(1..B-2), fractions 0.5:1.0 or indices 15:30.", "--range",
+        "(1..B-2), after-first (1..B-1), fractions 0.5:1.0 or indices 15:30.", "--range",
         shown=f"{DEFAULT_RANGE[0]}:{DEFAULT_RANGE[1]}, the latter half")
     mode: str = option(_scoring_default("mode"), "auto|mcqa|text.")
     norm: bool = option(_scoring_default("norm"),
