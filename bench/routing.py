@@ -80,11 +80,12 @@ EVAL_OF = {"arc_easy": "tabp_arc_easy", "piqa": "tabp_piqa", "boolq": "tabp_bool
 # attention sublayers first: 2k units removed 0.066 of the decode FLOPs where 4 blocks remove
 # 0.107; l0_study/). A hair under the blocks' share (comparison.FLOPS_TIE), so that the k-block
 # static masks meet the same budget.
-def sublayer_budget(k: int) -> list[str]:
+def sublayer_budget(k: int, model: str = "llama") -> list[str]:
     from tabp_vllm.comparison import FLOPS_TIE, k_flops_ratio
     from tabp_vllm.models import load_model_config, resolve_model
 
-    return ["--flops-ratio", repr(k_flops_ratio(load_model_config(resolve_model("llama")), k) - FLOPS_TIE)]
+    ratio = k_flops_ratio(load_model_config(resolve_model(model)), k) - FLOPS_TIE
+    return ["--flops-ratio", repr(ratio)]
 
 
 def config_of(method: str, loss: str = "kl", units: str = "blocks", seed: int = 0,
@@ -157,6 +158,8 @@ def one_line_errors(command):
 def report(argv: list[str]) -> None:
     """Accuracy per task against the number of clusters N (OUT/routing.{json,md,png})."""
     ap = argparse.ArgumentParser(prog="routing.py report", description=report.__doc__)
+    ap.add_argument("--model", default="llama",
+                    help="alias (llama, qwen0.5b, qwen1.5b) or path; one model per OUT")
     ap.add_argument("--calib", default="arc_easy,piqa,boolq,gsm8k")
     ap.add_argument("--eval", default="arc_easy,piqa,boolq")
     ap.add_argument("--clusters", default="1,2,4,8")
@@ -203,8 +206,11 @@ def report(argv: list[str]) -> None:
     limit_args = ["--limit", str(a.limit)] if a.limit else []  # 0: whole splits
     doc_path = out / "routing.json"
     doc = json.loads(doc_path.read_text()) if doc_path.exists() else {"rows": []}
+    if doc["rows"] and doc.get("model", "llama") != a.model:  # (older reports: the demo model)
+        raise SystemExit(f"{doc_path}: rows of model {doc.get('model', 'llama')!r}, not "
+                         f"{a.model!r}: give another --out")
     done = {(r["config"], r["k"], r["n"]) for r in doc["rows"]}
-    doc.update(calib=calib, eval=evals, samples=a.samples, steps=a.steps, limit=a.limit,
+    doc.update(model=a.model, calib=calib, eval=evals, samples=a.samples, steps=a.steps, limit=a.limit,
                host=cpu_info(), command=sys.argv)
     if a.statics_from:
         doc["statics_from"] = reuse_statics(a.statics_from, out, doc, done, evals, a.limit)
@@ -217,8 +223,8 @@ def report(argv: list[str]) -> None:
         res_path = eval_path(out, config, k, n)
         wall = None  # an earlier run's result is kept (the run was interrupted after it)
         if not res_path.exists():
-            wall = run(CLI + ["eval", "--task", lm_tasks, *limit_args, "-o", str(res_path)]
-                       + args, log)
+            wall = run(CLI + ["eval", "--model", a.model, "--task", lm_tasks, *limit_args,
+                              "-o", str(res_path)] + args, log)
         res = json.loads(res_path.read_text())
         acc = {}
         if res.get("routed"):
@@ -256,9 +262,9 @@ def report(argv: list[str]) -> None:
             extra = (["--loss", loss, "--units", units, "--seed", str(seed), "--polish", polish,
                       *(["--kl-positions", str(pos)] if pos else [])]
                      if method == "l0" else ["--units", units, "--seed", str(seed)])
-            run(CLI + ["route", "fit", "--model", "llama", *sum((["--task", t] for t in calib), []),
+            run(CLI + ["route", "fit", "--model", a.model, *sum((["--task", t] for t in calib), []),
                        "--samples", str(a.samples),
-                       *(sublayer_budget(k) if units == "sublayers" else ["--k", str(k)]),
+                       *(sublayer_budget(k, a.model) if units == "sublayers" else ["--k", str(k)]),
                        *(["--steps", str(a.steps)] if a.steps else []),
                        "--clusters", str(n), "--mask-method", method, *extra, "-o", str(router)], log)
         r = json.loads(router.read_text())
@@ -301,13 +307,13 @@ def report(argv: list[str]) -> None:
         """Each task's own TaBP mask, evaluated on that task only."""
         mask = out / "routers" / f"oracle-{t}-k{k}.json"
         if not mask.exists():
-            run(CLI + ["score", "--model", "llama", "--task", t, "--method", "tabp",
+            run(CLI + ["score", "--model", a.model, "--task", t, "--method", "tabp",
                        "--k", str(k), "--samples", str(a.samples * len(calib)),
                        "-o", str(mask)], log)
         fit_s = json.loads(mask.read_text())["calibration"]["wall_s"]
         res_path = out / f"eval-oracle-{t}-k{k}.json"
-        wall = run(CLI + ["eval", "--task", EVAL_OF[t], *limit_args, "--no-dense",
-                          "--task-mask", str(mask), "-o", str(res_path)], log)
+        wall = run(CLI + ["eval", "--model", a.model, "--task", EVAL_OF[t], *limit_args,
+                          "--no-dense", "--task-mask", str(mask), "-o", str(res_path)], log)
         r = json.loads(res_path.read_text())["results"][0]
         m = r["results"][EVAL_OF[t]]
         doc["rows"].append({"config": f"oracle-{t}", "k": k, "n": None, "fit_s": fit_s, "eval_s": wall,
@@ -607,7 +613,8 @@ def write_report(doc: dict, out: Path) -> None:
     evals, rows = doc["eval"], doc["rows"]
     ks = sorted({r["k"] for r in rows if r["k"]})
     dense = next(r for r in rows if r["config"] == "dense")
-    lines = ["# Input-guided routing vs static masks (demo model)", "",
+    model = doc.get("model", "llama")
+    lines = [f"# Input-guided routing vs static masks ({'demo model' if model == 'llama' else model})", "",
              f"Calibration: {', '.join(doc['calib'])} train splits, {doc['samples']} inputs each, "
              f"mixed. Evaluation: {docs_text(doc['limit'])} of lm-eval's evaluation split "
              f"(ARC-Easy test; PIQA, BoolQ the held-out half of dev), zero-shot, "

@@ -597,6 +597,26 @@ def test_report_run_builds_an_oracle_for_every_routed_row(tmp_path, demo_model, 
     assert calls == []
 
 
+def test_report_run_on_another_model_names_it_everywhere(tmp_path, demo_model, bench_routing,
+                                                         monkeypatch):
+    """`--model`: every fit, score and evaluation the report runs names that model, the report
+    says which, and an OUT holding another model's rows is refused in one line."""
+    import json
+
+    calls = []
+    monkeypatch.setattr(bench_routing, "run", _fake_commands(demo_model, calls))
+    argv = ["--out", str(tmp_path), *REPORT_ARGS, "--clusters", "1", "--static-methods", "angular"]
+    bench_routing.report(["--model", "qwen0.5b", *argv])
+    heavy = [c for c in calls if ("route" in c and "fit" in c) or "score" in c or "eval" in c]
+    assert {c[c.index("--model") + 1] for c in heavy} == {"qwen0.5b"}
+    assert any("eval" in c and "--router" not in c and "--task-mask" not in c for c in heavy)
+    assert json.loads((tmp_path / "routing.json").read_text())["model"] == "qwen0.5b"
+    assert (tmp_path / "routing.md").read_text().startswith(
+        "# Input-guided routing vs static masks (qwen0.5b)")
+    with pytest.raises(SystemExit, match="rows of model 'qwen0.5b', not 'llama'"):
+        bench_routing.report(argv)
+
+
 def test_report_run_polishes_the_gates_router_it_has(tmp_path, demo_model, bench_routing,
                                                      monkeypatch):
     """`--polishes none,swap`: the swap row is `route polish` of the same fit's gates-only router
