@@ -42,18 +42,19 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "random": {"method": "random"},
     "last_k": {"method": "last_k"},
     # sublayer masks (issue 33): attention and/or MLP units; at "k" their budget is the FLOPs
-    # share of k whole blocks (`k_flops_ratio`), so they compete at the same ideal speedup. The
-    # cloze probe is what `auto` chose on every ARC-Easy calibration set of compare_v2 (seeds 0-2,
-    # recorded in its masks); naming it skips auto's lettered pass (256 forward passes).
+    # share of k whole blocks (`k_flops_ratio`), so they compete at the same ideal speedup.
+    # TaBP's probe is the product default (`auto`), as for its whole-block masks: cloze on the
+    # demo model's ARC-Easy sets (the masks of bench/results/sublayer_v1 named it, skipping the
+    # lettered pass), letters on Qwen2.5-Coder-1.5B's.
     # Candidates relative to depth, so one configuration serves every model: "both" in the latter
     # half (blocks 15-29 of the demo model's 30), attention in every block but the first.
-    "tabp-sub-both": {"method": "tabp", "probe": "cloze", "granularity": "sublayer",
+    "tabp-sub-both": {"method": "tabp", "granularity": "sublayer",
                       "units": "both", "block_range": "0.5:1.0"},
-    "tabp-sub-attention": {"method": "tabp", "probe": "cloze", "granularity": "sublayer",
+    "tabp-sub-attention": {"method": "tabp", "granularity": "sublayer",
                            "units": "attention", "block_range": "after-first"},
     # tabp-sub-both's units taken by the lowest score per FLOP first (the knapsack's greedy
     # order; TaBP's SSN is a nonnegative importance), where the others take the lowest score first
-    "tabp-sub-both-perflop": {"method": "tabp", "probe": "cloze", "granularity": "sublayer",
+    "tabp-sub-both-perflop": {"method": "tabp", "granularity": "sublayer",
                               "units": "both", "block_range": "0.5:1.0",
                               "budget_order": "score-per-flop"},
     "block_influence-sub-both": {"method": "block_influence", "granularity": "sublayer",
