@@ -19,13 +19,13 @@ TABP = {4: "17,18,19,20", 7: "17,18,19,20,21,24,25"}  # every TaBP and tabp-64 s
 VARIANTS = [  # (name, k, removed blocks)
     ("dense", 0, ""),
     ("TaBP default = tabp-64, seeds 0-2, k = 4 (17-20)", 4, TABP[4]),
-    ("Block Influence = angular, k = 4 (14-17)", 4, "14,15,16,17"),
+    ("Block Influence = angular = SLEB seed 1, k = 4 (14-17)", 4, "14,15,16,17"),
     ("PPL = SLEB (WikiText-2), seed 0, k = 4 (14-16, 18)", 4, "14,15,16,18"),
     ("TaBP --preset paper (seedless), k = 4 (15, 16, 19, 27)", 4, "15,16,19,27"),
     ("TaBP default = tabp-64, seeds 0-2, k = 7 (17-21, 24, 25)", 7, TABP[7]),
     ("Block Influence, k = 7 (14-18, 24, 25)", 7, "14,15,16,17,18,24,25"),
     ("angular = PPL (WikiText-2, seed 0), k = 7 (14-20)", 7, "14,15,16,17,18,19,20"),
-    ("SLEB (WikiText-2), seed 0, k = 7 (14-19, 24)", 7, "14,15,16,17,18,19,24"),
+    ("SLEB (WikiText-2), seeds 0 and 1, k = 7 (14-19, 24)", 7, "14,15,16,17,18,19,24"),
     ("TaBP --preset paper (seedless), k = 7 (15, 16, 19, 21, 24, 26, 27)", 7, "15,16,19,21,24,26,27"),
 ]
 
