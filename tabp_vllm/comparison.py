@@ -451,7 +451,9 @@ class Report:
                         got, rem = self.per_seed(protocol, task, k, config)
                         if got:
                             per_config[config], removed_of[config] = got, rem
-                    ref_name = self.reference_of(per_config)
+                    ref_name = self.reference_of(per_config, {
+                        c for c, got in per_config.items()
+                        if len(got) == self.masked_seeds(protocol, task, k, c)})
                     ref = per_config.get(ref_name)
                     for config, got in per_config.items():
                         accs = [float(x.mean()) for x in got]
@@ -479,14 +481,20 @@ class Report:
                     "cost": self.cost()}
         return {"rows": rows, "goal": self.goal(rows), "cost": self.cost()}
 
-    def reference_of(self, per_config: dict[str, list[np.ndarray]]) -> str | None:
+    def reference_of(self, per_config: dict[str, list[np.ndarray]],
+                     complete: set[str] | None = None) -> str | None:
         """The configuration the others are measured against: TaBP; in a sublayer report the
-        whole-block configuration of the highest mean accuracy over every seed of its report
-        (`seeds_of`; among those with all of them evaluated) at this task and k."""
+        whole-block configuration of the highest mean accuracy over its seeds at this task and
+        k, among those with every scored seed evaluated (`complete`; default: every seed of
+        `seeds_of`). A seed scored and not evaluated yet bars a configuration (its mean could
+        move); a seed never scored does not (the whole-block report's plan may give a method
+        whose masks do not move with the seed fewer seeds)."""
         if not self.sublayer:
             return REFERENCE
+        if complete is None:
+            complete = {c for c, got in per_config.items() if len(got) == len(self.seeds_of(c))}
         whole = {c: float(np.mean([x.mean() for x in got])) for c, got in per_config.items()
-                 if c not in SUBLAYER and len(got) == len(self.seeds_of(c))}
+                 if c not in SUBLAYER and c in complete}
         return max(whole, key=whole.get) if whole else None
 
     def sublayer_goal(self, rows: list[dict]) -> list[dict]:
@@ -567,6 +575,11 @@ class Report:
                     rem.append([list(r) for r in removed] if removed and
                                isinstance(removed[0], tuple) else list(removed))
         return got, rem
+
+    def masked_seeds(self, protocol: str, task: str, k: int, config: str) -> int:
+        """How many of `config`'s seeds have a mask at k (scored, evaluated or not)."""
+        calib = calibration_of(config, calibration_task(protocol, task))
+        return sum(self.mask_path(config, calib, s, k).exists() for s in self.seeds_of(config))
 
     def seed_mean(self, protocol: str, task: str, k: int, config: str) -> np.ndarray:
         return np.mean(self.per_seed(protocol, task, k, config)[0], axis=0)

@@ -149,6 +149,37 @@ def test_reference_averages_every_seed_of_the_whole_block_report_whatever_the_ru
     assert (rows["tabp-sub-both"]["seeds"], rows["tabp-sub-both"]["seeds_asked"]) == (1, 1)
 
 
+def test_reference_counts_the_seeds_scored_not_the_seeds_asked(tmp_path, demo_model):
+    # the whole-block report asked seeds 0-2 but scored sleb-task on 0 and 1 only (its masks do
+    # not move with the seed: the qwen1.5b plan): its two evaluated seeds make it the reference.
+    # tabp has all three masks, one not evaluated yet: barred, though its two seeds' mean is higher
+    blocks = tmp_path / "v2"
+    right = {"tabp": [(10, 11, 12, 13), (10, 11, 12, 14), (10, 11, 12, 15)],
+             "sleb-task": [(20, 21, 22, 23), (20, 21, 22, 24)]}
+    got = {(10, 11, 12, 13): 150, (10, 11, 12, 14): 150, (20, 21, 22, 23): 120,
+           (20, 21, 22, 24): 124}
+    whole_block_report(blocks, got, seeds=[0, 1, 2])
+    args = argparse.Namespace(tasks=["arc_easy"], configs=["tabp", "sleb-task", "tabp-sub-both"],
+                              protocols=["paper"], ks=[4], seeds=[0], samples=256,
+                              sleb_samples=32, limit=None, blocks_from=str(blocks))
+    rep = cmp.Report(tmp_path / "sub", args)
+    for config, removed in right.items():
+        for seed, r in enumerate(removed):
+            make_mask(demo_model, list(r), task="arc_easy", model_id="llama").save(
+                rep.mask_path(config, "arc_easy", seed, 4))
+    make_mask(demo_model, [], task="arc_easy", model_id="llama", removed_attention=[20]).save(
+        rep.mask_path("tabp-sub-both", "arc_easy", 0, 4))
+    rep.cache[rep.key("arc_easy", ((), (20,), ()))] = {"n": 200, "docs": {"acc_norm": [1.0] * 130 + [0.0] * 70}}
+    rows = {r["config"]: r for r in rep.summarize()["rows"]}
+    assert (rows["tabp"]["seeds"], rows["sleb-task"]["seeds"]) == (2, 2)
+    assert rows["tabp-sub-both"]["best_block"] == "sleb-task"
+    assert rows["tabp-sub-both"]["minus_best_block"]["mean"] == pytest.approx(0.65 - 0.61)
+    # its third seed evaluated, tabp is complete and the better one
+    rep.cache[rep.key("arc_easy", (10, 11, 12, 15))] = {"n": 200, "docs": {"acc_norm": [1.0] * 150 + [0.0] * 50}}
+    rows = {r["config"]: r for r in rep.summarize()["rows"]}
+    assert rows["tabp-sub-both"]["best_block"] == "tabp"
+
+
 def test_a_whole_block_report_without_its_seeds_is_one_clear_error(tmp_path):
     (tmp_path / "v2").mkdir()
     (tmp_path / "v2" / "eval_cache.json").write_text("{}")
