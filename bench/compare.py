@@ -116,7 +116,11 @@ def main() -> None:
                 for config in asked:
                     if config in SEEDLESS and seed != a.seeds[0]:
                         continue
-                    for _k, (removed, path) in rep.masks(config, calib_task, seed).items():
+                    try:
+                        masks = rep.masks(config, calib_task, seed)
+                    except TabpError as exc:  # e.g. a sublayer budget its candidates cannot meet
+                        fail(str(exc))
+                    for _k, (removed, path) in masks.items():
                         needed.setdefault(removed, (set(), path))[0].update(eval_tasks)
                 if not a.score_only:
                     rep.evaluate(needed)

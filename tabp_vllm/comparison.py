@@ -170,6 +170,25 @@ def wide_name(config: str) -> str:
     return f"{CONFIGS[config]['method']}-sub-all"
 
 
+def check_budget_reachable(config: str, model_config: Any, k: int) -> None:
+    """A sublayer configuration whose candidates together hold less than k whole blocks' FLOPs
+    has no mask at k: one clear error, before any scoring (on Qwen2.5-Coder-1.5B the attention
+    of blocks 1-27 is 0.109 of the FLOPs, under 4 blocks' 0.122: GQA with 2 KV heads leaves
+    attention 13 % of a block)."""
+    from tabp_vllm.flops import DecoderShape, removed_flops_fraction
+    from tabp_vllm.scoring import parse_range
+    from tabp_vllm.scoring.units import candidate_units
+
+    spec = CONFIGS[config]
+    blocks = parse_range(spec["block_range"], model_config.num_hidden_layers)
+    held = removed_flops_fraction(DecoderShape.from_config(model_config),
+                                  candidate_units(blocks, "sublayer", spec["units"]))
+    if held < k_flops_ratio(model_config, k) - FLOPS_TIE:
+        raise TabpError(f"{config}: its candidates ({spec['units']} of blocks {blocks[0]}-"
+                        f"{blocks[-1]}) hold {held:.4f} of the FLOPs, less than k = {k} whole "
+                        f"blocks' {k_flops_ratio(model_config, k):.4f}: no mask at this budget")
+
+
 def restrict(result: Any, units: str, block_range: str, num_blocks: int) -> Any:
     """A run over every unit, seen as a run over the candidates of `units` in `block_range` (only
     for UNIT_LOCAL methods, whose per-unit scores do not depend on the candidates): the other
@@ -327,6 +346,8 @@ class Report:
         model = resolve_model(self.model)
         cfg = AutoConfig.from_pretrained(model)
         B = cfg.num_hidden_layers
+        for k in todo:
+            check_budget_reachable(config, cfg, k)
         if spec["method"] in UNIT_LOCAL:
             wide = self.wide_path(config, calib, seed)
             if not wide.exists():

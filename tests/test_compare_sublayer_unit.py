@@ -40,6 +40,20 @@ def test_budget_of_k_is_the_flops_of_k_whole_blocks(demo_model):
     assert budget.met(range(0, 26, 2)) and not budget.met(range(0, 24, 2))
 
 
+def test_a_budget_the_candidates_cannot_hold_is_one_clear_error(demo_model):
+    """The demo model's attention of blocks 1-29 holds 0.239 of the FLOPs: 8 blocks' budget
+    (0.214) fits in it, 9 blocks' (0.241) does not, and says so before any scoring."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(demo_model)
+    cmp.check_budget_reachable("tabp-sub-attention", cfg, 8)
+    cmp.check_budget_reachable("tabp-sub-both", cfg, 9)  # (latter half, both kinds: 0.4)
+    with pytest.raises(cmp.TabpError, match=r"tabp-sub-attention: its candidates \(attention of "
+                       r"blocks 1-29\) hold 0.2387 of the FLOPs, less than k = 9 whole blocks' "
+                       r"0.2407: no mask at this budget"):
+        cmp.check_budget_reachable("tabp-sub-attention", cfg, 9)
+
+
 @pytest.mark.parametrize("method,units,block_range,order", [
     ("tabp", "both", "2:6", "score"), ("tabp", "attention", "1:6", "score"),
     ("block_influence", "mlp", "0:4", "score"), ("tabp", "both", "2:6", "score-per-flop")])
