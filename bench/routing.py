@@ -210,8 +210,8 @@ def report(argv: list[str]) -> None:
         raise SystemExit(f"{doc_path}: rows of model {doc.get('model', 'llama')!r}, not "
                          f"{a.model!r}: give another --out")
     done = {(r["config"], r["k"], r["n"]) for r in doc["rows"]}
-    doc.update(model=a.model, calib=calib, eval=evals, samples=a.samples, steps=a.steps, limit=a.limit,
-               host=cpu_info(), command=sys.argv)
+    doc.update(model=a.model, calib=calib, eval=evals, samples=a.samples, steps=a.steps,
+               limit=a.limit, host=cpu_info(), command=sys.argv)
     if a.statics_from:
         doc["statics_from"] = reuse_statics(a.statics_from, out, doc, done, evals, a.limit)
 
@@ -613,8 +613,9 @@ def write_report(doc: dict, out: Path) -> None:
     evals, rows = doc["eval"], doc["rows"]
     ks = sorted({r["k"] for r in rows if r["k"]})
     dense = next(r for r in rows if r["config"] == "dense")
-    model = doc.get("model", "llama")
-    lines = [f"# Input-guided routing vs static masks ({'demo model' if model == 'llama' else model})", "",
+    model = doc.get("model", "llama")  # (reports before --model: the demo model)
+    lines = [f"# Input-guided routing vs static masks "
+             f"({'demo model' if model == 'llama' else model})", "",
              f"Calibration: {', '.join(doc['calib'])} train splits, {doc['samples']} inputs each, "
              f"mixed. Evaluation: {docs_text(doc['limit'])} of lm-eval's evaluation split "
              f"(ARC-Easy test; PIQA, BoolQ the held-out half of dev), zero-shot, "
