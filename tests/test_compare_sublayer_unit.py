@@ -100,6 +100,25 @@ def whole_block_report(blocks, right, seeds, n=200):
     (blocks / "report.json").write_text(json.dumps({"args": {"seeds": seeds}}))
 
 
+def sublayer_report(tmp_path, demo_model, blocks, right, run_seed, sub_right=130):
+    """A sublayer report over `blocks` (asked for `run_seed`): the whole-block masks of `right`
+    (config -> removed blocks per seed) saved where it reads them, and one tabp-sub-both mask at
+    `run_seed`, evaluated (`sub_right` of 200 documents right)."""
+    args = argparse.Namespace(tasks=["arc_easy"], configs=["tabp", "sleb-task", "tabp-sub-both"],
+                              protocols=["paper"], ks=[4], seeds=[run_seed], samples=256,
+                              sleb_samples=32, limit=None, blocks_from=str(blocks))
+    rep = cmp.Report(tmp_path / "sub", args)
+    for config, removed in right.items():
+        for seed, r in enumerate(removed):
+            make_mask(demo_model, list(r), task="arc_easy", model_id="llama").save(
+                rep.mask_path(config, "arc_easy", seed, 4))
+    make_mask(demo_model, [], task="arc_easy", model_id="llama", removed_attention=[20]).save(
+        rep.mask_path("tabp-sub-both", "arc_easy", run_seed, 4))
+    rep.cache[rep.key("arc_easy", ((), (20,), ()))] = {
+        "n": 200, "docs": {"acc_norm": [1.0] * sub_right + [0.0] * (200 - sub_right)}}
+    return rep
+
+
 def test_reference_is_the_best_whole_block_configuration(tmp_path, demo_model):
     blocks = tmp_path / "v2"
     args = argparse.Namespace(tasks=["arc_easy"], configs=["tabp", "sleb-task", "tabp-sub-both"],
@@ -144,17 +163,7 @@ def test_reference_averages_every_seed_of_the_whole_block_report_whatever_the_ru
              "sleb-task": [(20, 21, 22, 23), (20, 21, 22, 24), (20, 21, 22, 25)]}
     got = {"tabp": [130, 120, 110], "sleb-task": [80, 90, 140]}
     whole_block_report(blocks, {r: g for c in right for r, g in zip(right[c], got[c])}, seeds=[0, 1, 2])
-    args = argparse.Namespace(tasks=["arc_easy"], configs=["tabp", "sleb-task", "tabp-sub-both"],
-                              protocols=["paper"], ks=[4], seeds=[2], samples=256,
-                              sleb_samples=32, limit=None, blocks_from=str(blocks))
-    rep = cmp.Report(tmp_path / "sub", args)
-    for config, removed in right.items():
-        for seed, r in enumerate(removed):
-            make_mask(demo_model, list(r), task="arc_easy", model_id="llama").save(
-                rep.mask_path(config, "arc_easy", seed, 4))
-    make_mask(demo_model, [], task="arc_easy", model_id="llama", removed_attention=[20]).save(
-        rep.mask_path("tabp-sub-both", "arc_easy", 2, 4))
-    rep.cache[rep.key("arc_easy", ((), (20,), ()))] = {"n": 200, "docs": {"acc_norm": [1.0] * 130 + [0.0] * 70}}
+    rep = sublayer_report(tmp_path, demo_model, blocks, right, run_seed=2)
     rows = {r["config"]: r for r in rep.summarize()["rows"]}
     assert rows["tabp-sub-both"]["best_block"] == "tabp"
     assert rows["tabp-sub-both"]["minus_best_block"]["mean"] == pytest.approx(0.65 - 0.60)
@@ -173,17 +182,7 @@ def test_reference_counts_the_seeds_scored_not_the_seeds_asked(tmp_path, demo_mo
     got = {(10, 11, 12, 13): 150, (10, 11, 12, 14): 150, (20, 21, 22, 23): 120,
            (20, 21, 22, 24): 124}
     whole_block_report(blocks, got, seeds=[0, 1, 2])
-    args = argparse.Namespace(tasks=["arc_easy"], configs=["tabp", "sleb-task", "tabp-sub-both"],
-                              protocols=["paper"], ks=[4], seeds=[0], samples=256,
-                              sleb_samples=32, limit=None, blocks_from=str(blocks))
-    rep = cmp.Report(tmp_path / "sub", args)
-    for config, removed in right.items():
-        for seed, r in enumerate(removed):
-            make_mask(demo_model, list(r), task="arc_easy", model_id="llama").save(
-                rep.mask_path(config, "arc_easy", seed, 4))
-    make_mask(demo_model, [], task="arc_easy", model_id="llama", removed_attention=[20]).save(
-        rep.mask_path("tabp-sub-both", "arc_easy", 0, 4))
-    rep.cache[rep.key("arc_easy", ((), (20,), ()))] = {"n": 200, "docs": {"acc_norm": [1.0] * 130 + [0.0] * 70}}
+    rep = sublayer_report(tmp_path, demo_model, blocks, right, run_seed=0)
     rows = {r["config"]: r for r in rep.summarize()["rows"]}
     assert (rows["tabp"]["seeds"], rows["sleb-task"]["seeds"]) == (2, 2)
     assert rows["tabp-sub-both"]["best_block"] == "sleb-task"
