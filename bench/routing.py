@@ -207,8 +207,10 @@ def report(argv: list[str]) -> None:
     doc_path = out / "routing.json"
     doc = json.loads(doc_path.read_text()) if doc_path.exists() else {"rows": []}
     if doc["rows"] and doc.get("model", "llama") != a.model:  # (older reports: the demo model)
-        raise SystemExit(f"{doc_path}: rows of model {doc.get('model', 'llama')!r}, not "
-                         f"{a.model!r}: give another --out")
+        from tabp_vllm.errors import TabpError
+
+        raise TabpError(f"{doc_path}: rows of model {doc.get('model', 'llama')!r}, not "
+                        f"{a.model!r}: give another --out")
     done = {(r["config"], r["k"], r["n"]) for r in doc["rows"]}
     doc.update(model=a.model, calib=calib, eval=evals, samples=a.samples, steps=a.steps,
                limit=a.limit, host=cpu_info(), command=sys.argv)

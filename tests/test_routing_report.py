@@ -598,7 +598,7 @@ def test_report_run_builds_an_oracle_for_every_routed_row(tmp_path, demo_model, 
 
 
 def test_report_run_on_another_model_names_it_everywhere(tmp_path, demo_model, bench_routing,
-                                                         monkeypatch):
+                                                         monkeypatch, capsys):
     """`--model`: every fit, score and evaluation the report runs names that model, the report
     says which, and an OUT holding another model's rows is refused in one line."""
     import json
@@ -613,8 +613,12 @@ def test_report_run_on_another_model_names_it_everywhere(tmp_path, demo_model, b
     assert json.loads((tmp_path / "routing.json").read_text())["model"] == "qwen0.5b"
     assert (tmp_path / "routing.md").read_text().startswith(
         "# Input-guided routing vs static masks (qwen0.5b)")
-    with pytest.raises(SystemExit, match="rows of model 'qwen0.5b', not 'llama'"):
+    with pytest.raises(SystemExit) as e:
         bench_routing.report(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "rows of model 'qwen0.5b', not 'llama'" in err
+    assert "\n" not in err
 
 
 def test_report_run_polishes_the_gates_router_it_has(tmp_path, demo_model, bench_routing,
