@@ -175,15 +175,17 @@ def check_budget_reachable(config: str, model_config: Any, k: int) -> None:
     has no mask at k: one clear error, before any scoring (on Qwen2.5-Coder-1.5B the attention
     of blocks 1-27 is 0.109 of the FLOPs, under 4 blocks' 0.122: GQA with 2 KV heads leaves
     attention 13 % of a block)."""
-    from tabp_vllm.flops import DecoderShape, removed_flops_fraction
     from tabp_vllm.scoring import parse_range
-    from tabp_vllm.scoring.units import candidate_units
+    from tabp_vllm.scoring.units import Budget, candidate_units, unit_flops_shares
 
     spec = CONFIGS[config]
     blocks = parse_range(spec["block_range"], model_config.num_hidden_layers)
-    held = removed_flops_fraction(DecoderShape.from_config(model_config),
-                                  candidate_units(blocks, "sublayer", spec["units"]))
-    if held < k_flops_ratio(model_config, k) - FLOPS_TIE:
+    candidates = candidate_units(blocks, "sublayer", spec["units"])
+    # the budget the cut applies (`sublayer_masks`), met or not by the scorer's own rule
+    budget = Budget(flops_ratio=k_flops_ratio(model_config, k) - FLOPS_TIE,
+                    shares=tuple(unit_flops_shares(model_config, "sublayer")))
+    if not budget.met(candidates):
+        held = budget.removed_flops(candidates)
         raise TabpError(f"{config}: its candidates ({spec['units']} of blocks {blocks[0]}-"
                         f"{blocks[-1]}) hold {held:.4f} of the FLOPs, less than k = {k} whole "
                         f"blocks' {k_flops_ratio(model_config, k):.4f}: no mask at this budget")
