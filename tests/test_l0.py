@@ -11,7 +11,7 @@ import torch
 
 from tabp_vllm.routing import hardconcrete as hc
 from tabp_vllm.routing.l0 import (DECIDED_MARGIN, SPARSITY_TOL, GateBudget, GateSettings,
-                                  PIAscent, flat, margin, train_gates)
+                                  PIAscent, Resume, flat, margin, train_gates)
 from tabp_vllm.routing.options import LAMBDA_LR, LAMBDA_P, LR, MULTIPLIER, WARMUP
 
 USELESS = (1, 4, 6)
@@ -186,3 +186,61 @@ def test_flops_budget_pulls_as_hard_as_a_unit_budget(seed):
     assert fit.converged and fit.steps < 250
     assert abs(fit.final["expected_sparsity"] - 0.107) <= SPARSITY_TOL
     assert fit.final["margin"] >= DECIDED_MARGIN
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at(n: int):
+    """A progress tick that stops the fit after its `n`-th step (as a kill would, after a save)."""
+    seen = [0]
+
+    def tick(k):
+        seen[0] += k
+        if seen[0] >= n:
+            raise Interrupt
+    return tick
+
+
+@pytest.mark.parametrize("multiplier", ["pi", "adam"])
+def test_an_interrupted_fit_resumed_ends_where_an_uninterrupted_one_does(tmp_path, multiplier):
+    settings = GateSettings(max_steps=120, lr=LR, lambda_lr=LAMBDA_LR[multiplier],
+                            init_log_alpha=3.0, warmup_steps=40, multiplier=multiplier,
+                            lambda_p=LAMBDA_P)
+    whole = train_gates(toy_loss(), 8, 3, settings, 0)
+    path = tmp_path / "cluster0.pt"
+    key = {"fit": "toy", "seed": 0}
+    # the caller's own state travels with the gates' (route fit's batch order)
+    mine = {"batches": [3, 1, 2]}
+    caller = (lambda: dict(mine), lambda st: mine.update(st))
+    with pytest.raises(Interrupt):  # saved every step; the kill lands after step 25's save
+        train_gates(toy_loss(), 8, 3, settings, 0, interrupt_at(25), Resume(path, key, 0.0, caller))
+    assert path.exists() and not path.with_name(path.name + ".tmp").exists()
+    mine["batches"] = []
+    again = Resume(path, key, 0.0, caller)
+    ticks = []
+    fit = train_gates(toy_loss(), 8, 3, settings, 0, ticks.append, again)
+    assert again.resumed_from == 25 and ticks[0] == 25  # the bar starts where the fit was
+    assert mine["batches"] == [3, 1, 2]
+    assert (fit.steps, fit.removed, fit.converged) == (whole.steps, whole.removed, whole.converged)
+    assert fit.log_alpha == whole.log_alpha  # bit for bit: Adam's moments and the noise restored
+    assert fit.curves == whole.curves
+    # a finished fit's save returns its result at once, without a step
+    ticks.clear()
+    done = train_gates(lambda step, z: pytest.fail("stepped"), 8, 3, settings, 0, ticks.append,
+                       Resume(path, key))
+    assert done.log_alpha == whole.log_alpha and ticks == [whole.steps]
+
+
+def test_a_checkpoint_of_other_settings_or_a_torn_file_is_one_clear_error(tmp_path):
+    from tabp_vllm.errors import TabpError
+
+    path = tmp_path / "cluster0.pt"
+    train_gates(toy_loss(), 8, 3, SETTINGS, 0, None, Resume(path, {"seed": 0, "k": 3}))
+    with pytest.raises(TabpError, match=r"other settings \(seed 0 != 1\); rerun with its settings"):
+        train_gates(toy_loss(), 8, 3, SETTINGS, 1, None, Resume(path, {"seed": 1, "k": 3}))
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(TabpError, match="not a readable fit checkpoint .* remove it"):
+        train_gates(toy_loss(), 8, 3, SETTINGS, 0, None, Resume(path, {"seed": 0, "k": 3}))
+    assert path.read_bytes() == b"not a checkpoint"  # kept for the user to look at

@@ -17,8 +17,8 @@ from tabp_vllm.errors import TabpError
 from tabp_vllm.routing import hardconcrete as hc
 from tabp_vllm.routing.fit import Calibration, fit_router, kmeans
 from tabp_vllm.routing.options import RouteFitOptions
-from tabp_vllm.routing.router import (Router, RouterError, load_router, merge_variants,
-                                      parse_router, route_input, route_text)
+from tabp_vllm.routing.router import (Router, RouterError, fit_summary, load_router,
+                                      merge_variants, parse_router, route_input, route_text)
 
 # --------------------------------------------------------------------------- gate math
 
@@ -852,3 +852,73 @@ def test_eval_router_fallback_documents_and_per_document(tmp_path, demo_model):
     fb_docs = next(ids for r, ids in calls if r == [5, 6])
     assert fb_docs == [d["doc_id"] for d in res["per_document"]["mixed"] if d["cluster"] == "fallback"]
     assert res["router"]["fallback_radius"] == 1.0
+
+
+def test_an_interrupted_route_fit_resumes_each_cluster_where_it_stopped(tmp_path, tiny_model_dir,
+                                                                       monkeypatch):
+    """`route fit` saves each cluster's L0 state (`checkpoints`): killed in cluster 1, the same
+    fit run again takes cluster 0's finished fit as saved, goes on with cluster 1 from its last
+    save, and writes the router an uninterrupted fit writes; other settings are refused."""
+    from tabp_vllm.errors import TabpError
+    from tabp_vllm.routing import fit
+
+    monkeypatch.setattr(fit, "CHECKPOINT_EVERY_S", 0.0)  # a save after every step
+    enc, o = FakeEncoder(), _options(tmp_path, steps=8, polish="none")
+    whole = fit_router(o, encoder=enc, model_path=str(tiny_model_dir), calibration=_calibration())
+    ckpt = tmp_path / "r.json.partial"
+
+    class Killed(Exception):
+        pass
+
+    def killing(desc, total):
+        def tick(n=1):
+            if desc.startswith("cluster 1") and "L0" in desc:
+                ticks[0] += n
+                if ticks[0] >= 2 + 5:  # its 2 dense batches, then 5 steps
+                    raise Killed
+        return tick
+
+    ticks = [0]
+    with pytest.raises(Killed):
+        fit_router(o, encoder=enc, model_path=str(tiny_model_dir), calibration=_calibration(),
+                   progress=killing, checkpoints=ckpt)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["cluster0.pt", "cluster1.pt"]
+    again = fit_router(o, encoder=enc, model_path=str(tiny_model_dir), calibration=_calibration(),
+                       checkpoints=ckpt)
+    c0, c1, fb = again.provenance["clusters"] + [again.provenance["fallback"]]
+    assert c0["resumed"]["from_step"] == 8 and c1["resumed"]["from_step"] == 5
+    assert "resumed" not in fb  # the fallback had not started
+    assert c1["wall_s"] >= c1["resumed"]["earlier_wall_s"] > 0
+    assert "resumed at step" in fit_summary(c1)
+    for a, b in zip(again.masks + [again.fallback.mask], whole.masks + [whole.fallback.mask]):
+        assert a.removed_layers == b.removed_layers and a.scores == b.scores
+    for key in ("steps", "backward_passes", "step_forward_passes", "loss", "expected_sparsity"):
+        assert ([c[key] for c in again.provenance["clusters"]]
+                == [c[key] for c in whole.provenance["clusters"]])
+    with pytest.raises(TabpError, match="cluster0.pt: an interrupted fit with other settings"):
+        fit_router(_options(tmp_path, steps=9, polish="none"), encoder=enc,
+                   model_path=str(tiny_model_dir), calibration=_calibration(), checkpoints=ckpt)
+
+
+def test_route_fit_command_drops_its_saved_state_once_the_router_is_written(tmp_path,
+                                                                          tiny_model_dir):
+    """The command end to end on the tiny model: the router written, the fits' saved state gone;
+    a stale save of other settings under the same -o is one error line, exit 2, and kept."""
+    from tabp_vllm.cli import app
+
+    out = tmp_path / "r.json"
+    argv = ["route", "fit", "--model", str(tiny_model_dir), "--task", "demo", "--samples", "6",
+            "--encoder", "self", "--clusters", "1", "--k", "1", "--steps", "2", "--batch-size",
+            "3", "--max-length", "32", "--kl-positions", "4", "--polish", "none", "-o", str(out)]
+    r = CliRunner().invoke(app, argv)
+    assert r.exit_code == 0, r.output
+    assert load_router(out, str(tiny_model_dir)).provenance["clusters"][0]["steps"] == 2
+    assert not (tmp_path / "r.json.partial").exists()
+    from tabp_vllm.routing.l0 import Resume
+
+    Resume(tmp_path / "r.json.partial" / "cluster0.pt", {"fit": "another"}).save({"step": 1})
+    r = CliRunner().invoke(app, argv[:-1] + [str(tmp_path / "r.json")])
+    errors = [ln for ln in r.output.splitlines() if "error" in ln]
+    assert r.exit_code == 2 and len(errors) == 1 and "Traceback" not in r.output
+    assert "cluster0.pt: an interrupted fit with other settings" in r.output
+    assert (tmp_path / "r.json.partial" / "cluster0.pt").exists()

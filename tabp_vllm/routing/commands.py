@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -89,12 +90,13 @@ def polish(
 
 def run_fit(o: RouteFitOptions) -> None:
     from tabp_vllm.routing.curves import save_curves
-    from tabp_vllm.routing.fit import fit_router
+    from tabp_vllm.routing.fit import fit_router, partial_dir
     from tabp_vllm.routing.router import fit_summary, removed_text
 
     with progress_bars(console) as progress:
-        router = fit_router(o, progress=progress)
+        router = fit_router(o, progress=progress, checkpoints=partial_dir(o.output))
     router.save(o.output)
+    shutil.rmtree(partial_dir(o.output), ignore_errors=True)  # the fits' saved state: done with
     p = router.provenance
     written = save_curves(router.curves, o.output, p["clusters"] + [p.get("fallback")])
     table = Table("cluster", "inputs per task", "removed", "KL to dense", "fit", "variant")

@@ -36,12 +36,15 @@ from tabp_vllm.data import Dataset, MCQAItem, load_task
 from tabp_vllm.errors import TabpError
 from tabp_vllm.routing import hardconcrete as hc
 from tabp_vllm.routing.l0 import (DECIDED_MARGIN, FLAT_TOL, MIN_WINDOW, SPARSITY_TOL, GateBudget,
-                                  GateSettings, train_gates, window_for)
+                                  GateSettings, Resume, train_gates, window_for)
 from tabp_vllm.routing.options import L0, RouteFitOptions
 from tabp_vllm.routing.router import (FALLBACK, Fallback, Router, budget_fault, merge_variants,
                                       open_encoder, route_text)
 
 Progress = Callable[[str, int], Callable[[int], None]]
+# how often an L0 fit saves its state (with `checkpoints`): a step on the demo model takes ~2 s,
+# on Qwen2.5-Coder-0.5B tens of seconds, a save milliseconds; a kill costs at most this much work
+CHECKPOINT_EVERY_S = 30.0
 # what provenance.convergence says of --multiplier (routing/l0.py: PIAscent, AdamAscent)
 MULTIPLIER_UPDATES = {"pi": "PI controller on lambda1, integral restarted on a sign change; lambda2 = 0",
                       "adam": "Adam ascent on lambda1 and lambda2"}
@@ -168,6 +171,14 @@ def renew_radius(router: Router, encoder=None, quantile: float | None = None,
     renewed = dataclasses.replace(router.fallback, radius=radius, quantile=q, radius_kind="held-out")
     past = dataclasses.replace(router, fallback=renewed).assign(vectors) == FALLBACK
     return renewed, float(past.mean())
+
+
+def partial_dir(output: Path) -> Path:
+    """Where `route fit -o OUTPUT` keeps its L0 fits' saved state until the router is written
+    (one file per cluster, `routing/l0.py: Resume`): the same command, rerun after an
+    interruption, goes on from there."""
+    output = Path(output)
+    return output.with_name(output.name + ".partial")
 
 
 # --------------------------------------------------------------------------- gated model
@@ -402,19 +413,33 @@ class Objective:
 
 
 def fit_l0(objective: Objective, units: Units, budget: int | GateBudget, o: RouteFitOptions,
-           seed: int, tick: Callable[[int], None] | None = None
+           seed: int, tick: Callable[[int], None] | None = None, resume: Resume | None = None
            ) -> tuple[list[int], list[float], dict, dict]:
     """Hard-Concrete gates on the candidate `units` trained on the objective until converged (at
     most `o.steps` steps, `routing/l0.py`); `budget`: k units or a `GateBudget` over the
-    candidates. Returns the removed units (the deterministic mask), the final log_alpha per gated
-    unit, the run's record (steps, convergence, final sparsity, lambdas, loss, passes) and its
-    curves."""
+    candidates; `resume`: where the fit is saved and resumed from (`routing/l0.py: Resume`).
+    Returns the removed units (the deterministic mask), the final log_alpha per gated unit, the
+    run's record (steps, convergence, final sparsity, lambdas, loss, passes) and its curves."""
     import torch
 
     rng = random.Random(seed)
     order: list[int] = []
     z = {"now": torch.ones(len(units.candidates))}
     backward = [0]
+    forward0 = objective.forward_passes
+    earlier = {"forward": 0}  # a resumed fit's step passes before this run
+
+    def caller_state() -> dict:
+        return {"rng": rng.getstate(), "order": list(order), "backward": backward[0],
+                "forward": earlier["forward"] + objective.forward_passes - forward0}
+
+    def set_caller_state(st: dict) -> None:
+        rng.setstate(tuple(st["rng"][:1]) + (tuple(st["rng"][1]),) + tuple(st["rng"][2:]))
+        order[:] = st["order"]
+        backward[0], earlier["forward"] = st["backward"], st["forward"]
+
+    if resume is not None:
+        resume.caller = (caller_state, set_caller_state)
 
     def loss_of(_step: int, gates):
         if not order:
@@ -429,14 +454,16 @@ def fit_l0(objective: Objective, units: Units, budget: int | GateBudget, o: Rout
                             init_log_alpha=o.init_log_alpha, warmup_steps=round(o.warmup * o.steps),
                             multiplier=o.multiplier, lambda_p=o.lambda_p,
                             window=window_for(len(objective.batches)))
-    forward0 = objective.forward_passes
     with units.gated(objective.model, lambda: z["now"]):
-        g = train_gates(loss_of, len(units.candidates), budget, settings, seed, tick)
+        g = train_gates(loss_of, len(units.candidates), budget, settings, seed, tick, resume)
     record = {"loss_kind": objective.kind, "steps": g.steps, "converged": g.converged,
               **({"budget": "flops"} if isinstance(budget, GateBudget) and budget.kind == "flops"
                  else {}),
               "unmet": g.failed, **g.final, "backward_passes": backward[0],
-              "step_forward_passes": objective.forward_passes - forward0}
+              "step_forward_passes": earlier["forward"] + objective.forward_passes - forward0}
+    if resume is not None and resume.resumed_from:
+        record["resumed"] = {"from_step": resume.resumed_from,
+                             "earlier_wall_s": round(resume.earlier_wall_s, 3)}
     return [units.candidates[j] for j in g.removed], g.log_alpha, record, g.curves
 
 
@@ -460,8 +487,10 @@ def polish_mask(objective: Objective, units: Units, removed: list[int], log_alph
 
 def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple | None = None,
                model_path: str | None = None, progress: Progress | None = None,
-               calibration: Calibration | None = None) -> Router:
-    """The whole fit; `encoder`, the loaded model and the calibration can be handed in (tests)."""
+               calibration: Calibration | None = None, checkpoints: Path | None = None) -> Router:
+    """The whole fit; `encoder`, the loaded model and the calibration can be handed in (tests);
+    `checkpoints`: a directory where each cluster's L0 fit saves its state and, when a save is
+    there, resumes from it (`route fit` passes `partial_dir(-o)`)."""
     import torch
 
     from tabp_vllm.mask import load_mask, make_mask
@@ -477,7 +506,8 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
     t0 = time.perf_counter()
     path = model_path or resolve_model(o.model)
     config = load_model_config(path)
-    B = model_fingerprint(config)["num_hidden_layers"]
+    fingerprint = model_fingerprint(config)
+    B = fingerprint["num_hidden_layers"]
     blocks = parse_range(o.block_range, B)
     units = Units.of(o.units, blocks)
     k = o.units_k
@@ -535,14 +565,21 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
 
     def fit_one(c: int | str, idx: list[int], seed: int):
         """One mask on the inputs `idx`: (removed, scores, params, record, objective)."""
-        tc = time.perf_counter()
+        tc, earlier_s = time.perf_counter(), 0.0
         record: dict[str, Any] = {"cluster": c, "inputs": len(idx)}
         if o.mask_method == L0:
             nb = -(-len(idx) // o.batch_size)
             tick = task(f"cluster {c} ({len(idx)} inputs): L0 gates", nb + o.steps)
             obj = Objective(model, tok, [cal.items[i] for i in idx], o.batch_size,
                             o.max_length, o.kl_positions, tick, kind=o.loss)
-            removed, log_alpha, stats, curve = fit_l0(obj, units, gate_budget, o, seed, tick)
+            resume = None if checkpoints is None else Resume(
+                Path(checkpoints) / (f"cluster{c}.pt" if isinstance(c, int) else f"{c}.pt"),
+                {"model": fingerprint, "fit": o.hyperparameters(), "cluster": c, "seed": seed,
+                 "inputs": cal.dataset(idx, "").content_hash(), "units": units.candidates},
+                CHECKPOINT_EVERY_S)
+            removed, log_alpha, stats, curve = fit_l0(obj, units, gate_budget, o, seed, tick,
+                                                      resume)
+            earlier_s = resume.earlier_wall_s if resume else 0.0
             if o.polish == "swap":
                 removed, stats["polish"] = polish_mask(
                     obj, units, removed, log_alpha,
@@ -578,7 +615,7 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
             removed, scores, params = res.removed, res.scores, res.params
             record.update(forward_passes=res.forward_passes, backward_passes=0)
             obj = None
-        record["wall_s"] = round(time.perf_counter() - tc, 3)
+        record["wall_s"] = round(earlier_s + time.perf_counter() - tc, 3)
         return removed, scores, params, record, obj
 
     for c, idx in enumerate(members):
@@ -615,7 +652,6 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
             uses = merge_variants(cost, removed_of, o.max_variants)
     forward += sum(ob.forward_passes for ob in objectives if ob is not None)
 
-    fingerprint = model_fingerprint(load_model_config(path))
     everyone = list(range(len(cal.items)))
 
     def mask_for(c, idx, removed, params, scores):

@@ -35,15 +35,25 @@ After the warm-up, training stops at the first step where the fit is **converged
 
 A fit that reaches the step cap first is returned with `converged = False` and the criteria that
 failed; callers say so (a warning and a flag in the router file), never silently.
+
+A fit on a deeper model takes hours (an L0 step on Qwen2.5-Coder-0.5B is a forward and backward
+pass of 8 inputs), so it can be resumed: with a `Resume`, its whole state (gates, Adam's moments,
+the multiplier, the noise generator, the curves, and the caller's own, e.g. the batch order) is
+saved at most every `every_s` seconds and when it ends; an interrupted fit started again with the
+same key goes on from its last save and ends exactly where an uninterrupted one would.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
+from tabp_vllm.errors import TabpError
 from tabp_vllm.routing import hardconcrete as hc
 
 SPARSITY_TOL = 0.01
@@ -127,6 +137,12 @@ class AdamAscent:
         self.opt.step()
         self.opt.zero_grad()
 
+    def state_dict(self) -> dict:
+        return {"adam": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["adam"])
+
 
 class PIAscent:
     """Lagrange multiplier as a PI controller on the gap g = s_hat - t (nuPI with nu = 0,
@@ -161,6 +177,12 @@ class PIAscent:
             self.integral = 0.0
         self.integral += self.ki * gap
         self.lambdas[0] = self.integral + self.kp * gap
+
+    def state_dict(self) -> dict:
+        return {"integral": self.integral}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.integral = float(state["integral"])
 
 
 MULTIPLIERS = ("pi", "adam")
@@ -203,6 +225,43 @@ class GateFit:
     curves: dict[str, list[float]] = field(default_factory=dict)  # per step
 
 
+@dataclass
+class Resume:
+    """Where a fit saves its state and what it must match to be resumed from it: `key` names
+    everything the fit's result depends on (settings, budget, seed, the inputs); `caller` gets and
+    sets the loss function's own state (its batch order), saved beside the gates'."""
+
+    path: Path
+    key: dict[str, Any]
+    every_s: float = 60.0
+    caller: tuple[Callable[[], dict], Callable[[dict], None]] | None = None
+    resumed_from: int = 0  # the step the fit went on from (0: started afresh)
+    earlier_wall_s: float = 0.0  # wall time spent on it before this run
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, weights_only=True)
+        except Exception as e:  # a torn or foreign file: say which, keep it for the user
+            raise TabpError(f"{self.path}: not a readable fit checkpoint ({type(e).__name__}); "
+                            f"remove it to start the fit over") from None
+        if state.get("key") != self.key:
+            was, now = state.get("key") or {}, self.key
+            diff = [f"{k} {was.get(k)!r} != {now.get(k)!r}" for k in sorted(set(was) | set(now))
+                    if was.get(k) != now.get(k)]
+            raise TabpError(f"{self.path}: an interrupted fit with other settings "
+                            f"({'; '.join(diff[:3])}); rerun with its settings to resume it, or "
+                            f"remove it to start over")
+        return state
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save({**state, "key": self.key}, tmp)
+        os.replace(tmp, self.path)  # atomic: a kill mid-save leaves the previous save
+
+
 def margin(log_alpha: torch.Tensor, k: int) -> float:
     """min P(z != 0) over the kept units - max over the k removed ones (1 = fully decided, < 0:
     the deterministic mask removes a unit the gates keep more of than one they keep). The mask
@@ -234,9 +293,10 @@ def unmet(s_hat: float, target: float, decided: float, losses: list[float], wind
 
 def train_gates(loss_of: Callable[[int, torch.Tensor], torch.Tensor], n_units: int,
                 budget: int | GateBudget, settings: GateSettings, seed: int,
-                tick: Callable[[int], None] | None = None) -> GateFit:
+                tick: Callable[[int], None] | None = None, resume: Resume | None = None) -> GateFit:
     """Gates on `n_units` units trained on `loss_of` until converged or `settings.max_steps`;
-    `budget`: k units (an int) or a `GateBudget`."""
+    `budget`: k units (an int) or a `GateBudget`; `resume`: where the fit's state is saved and,
+    when a save is there, resumed from."""
     s = settings
     if not isinstance(budget, GateBudget):
         budget = GateBudget.units(n_units, budget)
@@ -257,8 +317,35 @@ def train_gates(loss_of: Callable[[int, torch.Tensor], torch.Tensor], n_units: i
     curves: dict[str, list[float]] = {key: [] for key in
                                       ("loss", "expected_sparsity", "target", "lambda1", "lambda2", "margin")}
     failed = ["on budget", "decided", "flat"]
-    step = 0
-    while step < s.max_steps:
+    step, done = 0, False
+    t_run = time.perf_counter()
+
+    def state() -> dict:
+        return {"step": step, "done": done, "failed": failed, "start": start,
+                "log_alpha": log_alpha.detach().clone(), "lambdas": lambdas.detach().clone(),
+                "adam": opt.state_dict(), "ascent": ascent.state_dict(),
+                "generator": gen.get_state(), "curves": curves,
+                "wall_s": resume.earlier_wall_s + time.perf_counter() - t_run,
+                "caller": resume.caller[0]() if resume.caller else {}}
+
+    saved = resume.load() if resume else None
+    if saved is not None:
+        step, done, start = saved["step"], saved["done"], saved["start"]
+        failed = list(saved["failed"])
+        with torch.no_grad():
+            log_alpha.copy_(saved["log_alpha"])
+            lambdas.copy_(saved["lambdas"])
+        opt.load_state_dict(saved["adam"])
+        ascent.load_state_dict(saved["ascent"])
+        gen.set_state(saved["generator"])
+        curves = {key: list(v) for key, v in saved["curves"].items()}
+        resume.resumed_from, resume.earlier_wall_s = step, float(saved["wall_s"])
+        if resume.caller:
+            resume.caller[1](saved["caller"])
+        if tick and step:
+            tick(step)
+    last_save = time.perf_counter()
+    while step < s.max_steps and not done:
         z = hc.sample(log_alpha, gen)
         task = loss_of(step, z)
         t = hc.target_at(step, target, s.warmup_steps, start)
@@ -276,12 +363,17 @@ def train_gates(loss_of: Callable[[int, torch.Tensor], torch.Tensor], n_units: i
         for key, v in (("loss", task.item()), ("expected_sparsity", s_now), ("target", t),
                        ("lambda1", lambdas[0].item()), ("lambda2", lambdas[1].item()), ("margin", m)):
             curves[key].append(float(v))
-        if tick:
-            tick(1)
         if step >= s.warmup_steps:
             failed = unmet(s_now, target, m, curves["loss"], s.window)
-            if not failed:
-                break
+            done = not failed
+        if resume and not done and time.perf_counter() - last_save >= resume.every_s:
+            resume.save(state())
+            last_save = time.perf_counter()
+        if tick:
+            tick(1)
+    done = True
+    if resume:
+        resume.save(state())
     w = min(s.window, len(curves["loss"])) or 1
     final = {"expected_sparsity": curves["expected_sparsity"][-1] if step else 0.0,
              "target": target,

@@ -539,7 +539,15 @@ def fit_summary(record: dict[str, Any]) -> str:
     return (f"{state}, {record['steps']} steps, {what} {record['expected_sparsity']:.3f}/"
             f"{record['target']:.3f}, {record.get('loss_kind', 'kl')} {record['loss']:.3f}, "
             f"{record.get('wall_s', 0):.0f} s, {record.get('forward_passes', 0)} fwd + "
-            f"{record.get('backward_passes', 0)} bwd" + polish_summary(record.get("polish")))
+            f"{record.get('backward_passes', 0)} bwd" + resumed_summary(record.get("resumed"))
+            + polish_summary(record.get("polish")))
+
+
+def resumed_summary(resumed: dict[str, Any] | None) -> str:
+    """A resumed fit's part of a fit cell: where it went on from (its time counts both runs)."""
+    if not resumed:
+        return ""
+    return f" (resumed at step {resumed['from_step']} after {resumed['earlier_wall_s']:.0f} s)"
 
 
 def polish_summary(polish: dict[str, Any] | None) -> str:
