@@ -889,6 +889,8 @@ def test_an_interrupted_route_fit_resumes_each_cluster_where_it_stopped(tmp_path
     assert c0["resumed"]["from_step"] == 8 and c1["resumed"]["from_step"] == 5
     assert "resumed" not in fb  # the fallback had not started
     assert c1["wall_s"] >= c1["resumed"]["earlier_wall_s"] > 0
+    earlier = c0["resumed"]["earlier_wall_s"] + c1["resumed"]["earlier_wall_s"]
+    assert again.provenance["wall_s"] >= earlier + fb["wall_s"]  # the whole cost, both runs
     assert "resumed at step" in fit_summary(c1)
     for a, b in zip(again.masks + [again.fallback.mask], whole.masks + [whole.fallback.mask]):
         assert a.removed_layers == b.removed_layers and a.scores == b.scores

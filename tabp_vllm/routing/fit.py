@@ -693,7 +693,9 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
         fallback = Fallback(radius=radius, quantile=o.fallback_quantile, source=source, mask=fb_mask)
 
     l0_records = [r for r in per_cluster + [fallback_record] if r and "converged" in r]
-    wall = time.perf_counter() - t0
+    # a resumed fit's time counts the runs before this one (what the report calls its cost)
+    wall = time.perf_counter() - t0 + sum(r["resumed"]["earlier_wall_s"] for r in l0_records
+                                          if "resumed" in r)
     provenance = {"data": cal.sources, "data_sha256": cal.data_hash(), "seed": o.seed,
                   "samples": len(cal.items), "wall_s": round(wall, 3), "forward_passes": forward,
                   "backward_passes": backward, "device": device, "clusters": per_cluster,
