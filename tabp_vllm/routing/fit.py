@@ -42,8 +42,8 @@ from tabp_vllm.routing.router import (FALLBACK, Fallback, Router, budget_fault, 
                                       open_encoder, route_text)
 
 Progress = Callable[[str, int], Callable[[int], None]]
-# how often an L0 fit saves its state (with `checkpoints`): a step on the demo model takes ~2 s,
-# on Qwen2.5-Coder-0.5B tens of seconds, a save milliseconds; a kill costs at most this much work
+# how often an L0 fit saves its state (with `checkpoints`): a step takes ~2 s on the demo model,
+# ~9 s on Qwen2.5-Coder-0.5B (AVX2), a save milliseconds; a kill costs at most this much work
 CHECKPOINT_EVERY_S = 30.0
 # what provenance.convergence says of --multiplier (routing/l0.py: PIAscent, AdamAscent)
 MULTIPLIER_UPDATES = {"pi": "PI controller on lambda1, integral restarted on a sign change; lambda2 = 0",
@@ -434,7 +434,8 @@ def fit_l0(objective: Objective, units: Units, budget: int | GateBudget, o: Rout
                 "forward": earlier["forward"] + objective.forward_passes - forward0}
 
     def set_caller_state(st: dict) -> None:
-        rng.setstate(tuple(st["rng"][:1]) + (tuple(st["rng"][1]),) + tuple(st["rng"][2:]))
+        version, internal, gauss = st["rng"]  # (a saved tuple may come back as a list)
+        rng.setstate((version, tuple(internal), gauss))
         order[:] = st["order"]
         backward[0], earlier["forward"] = st["backward"], st["forward"]
 
