@@ -566,7 +566,7 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
 
     def fit_one(c: int | str, idx: list[int], seed: int):
         """One mask on the inputs `idx`: (removed, scores, params, record, objective)."""
-        tc, earlier_s = time.perf_counter(), 0.0
+        tc = time.perf_counter()
         record: dict[str, Any] = {"cluster": c, "inputs": len(idx)}
         if o.mask_method == L0:
             nb = -(-len(idx) // o.batch_size)
@@ -580,7 +580,6 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
                 CHECKPOINT_EVERY_S)
             removed, log_alpha, stats, curve = fit_l0(obj, units, gate_budget, o, seed, tick,
                                                       resume)
-            earlier_s = resume.earlier_wall_s if resume else 0.0
             if o.polish == "swap":
                 removed, stats["polish"] = polish_mask(
                     obj, units, removed, log_alpha,
@@ -616,6 +615,8 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
             removed, scores, params = res.removed, res.scores, res.params
             record.update(forward_passes=res.forward_passes, backward_passes=0)
             obj = None
+        # a resumed fit's time counts the runs before this one (`fit_l0`'s record says them)
+        earlier_s = record.get("resumed", {}).get("earlier_wall_s", 0.0)
         record["wall_s"] = round(earlier_s + time.perf_counter() - tc, 3)
         return removed, scores, params, record, obj
 
