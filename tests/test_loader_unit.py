@@ -147,3 +147,21 @@ def test_sublayer_mask_refused_on_an_api_server_command_line(demo_model):
         api_server_command(demo_model, 8000, "x", mask=mask)
     assert "--hf-overrides" in api_server_command(demo_model, 8000, "x",
                                                   mask=make_mask(demo_model, [20], task="t"))
+
+
+def test_api_servers_on_a_cpu_run_the_worker_in_the_engine_core(demo_model, monkeypatch):
+    """Both our variant servers and the bare one: vLLM's uni-process executor on a CPU (no third
+    process re-importing vLLM), as offline engines and serve's replicas; a GPU keeps vLLM's own."""
+    from tabp_vllm import hardware
+    from tabp_vllm.loadtest.servers import api_server_command
+
+    def backend(cmd):
+        return cmd[cmd.index("--distributed-executor-backend") + 1] \
+            if "--distributed-executor-backend" in cmd else None
+
+    pruned = make_mask(demo_model, [20], task="t")
+    monkeypatch.setattr(hardware, "on_gpu", lambda: False)
+    assert backend(api_server_command(demo_model, 8000, "x", mask=pruned)) == "uni"
+    assert backend(api_server_command(demo_model, 8000, "x", bare=True)) == "uni"
+    monkeypatch.setattr(hardware, "on_gpu", lambda: True)
+    assert backend(api_server_command(demo_model, 8000, "x", bare=True)) is None

@@ -87,3 +87,33 @@ def test_build_app_wires_ingress_and_variants(write_mask, local_ray):
     assert sorted(kwargs["llm_deployments"]) == sorted(kwargs["model_cards"]) == ["llama", "llama-k4"]
     assert kwargs["variant_metadata"]["llama-k4"]["blocks_kept"] == 26
     assert "api_key" not in kwargs  # the key is the middleware's config, not module state
+
+
+def test_a_local_checkpoint_skips_ray_serve_llms_node_download_task(write_mask, local_ray, tmp_path):
+    """Each variant's LLMConfig carries our callback: for a checkpoint in a local folder it turns
+    off Ray Serve LLM's per-node download task (a Ray worker process per variant that would
+    download nothing); a model Ray would have to fetch keeps the task."""
+    import asyncio
+
+    from ray.serve.llm import LLMConfig
+
+    from tabp_vllm.serve.app import LocalCheckpointCallback
+    from tabp_vllm.serve.commands import build_spec
+    from tabp_vllm.serve.deploy import TABP_CALLBACK_CLS, llm_configs
+
+    spec = build_spec(task_mask=[write_mask([26, 27, 28, 29], task="k4")], max_model_len=256,
+                      kv_cache_gib=0.25)
+    configs = llm_configs(spec, gpu=False)
+    assert len(configs) == 2
+    for cfg in configs:
+        callback = cfg.get_or_create_callback()
+        assert isinstance(callback, LocalCheckpointCallback) and callback.ctx.run_init_node
+        asyncio.run(callback.run_callback("on_before_node_init"))
+        assert callback.ctx.run_init_node is False
+    remote = LLMConfig(model_loading_config={"model_id": "x", "model_source": "org/not-local"},
+                       accelerator_config={"kind": "cpu"},
+                       placement_group_config={"bundles": [{"CPU": 1}]},
+                       callback_config={"callback_class": TABP_CALLBACK_CLS})
+    callback = remote.get_or_create_callback()
+    asyncio.run(callback.run_callback("on_before_node_init"))
+    assert callback.ctx.run_init_node is True

@@ -22,6 +22,8 @@ APP_NAME = "tabp"
 # Every variant's LLMServer (serve/app.py: how it streams and starts its engine), and the
 # variables of its runtime_env that say how.
 TABP_SERVER_CLS = "tabp_vllm.serve.app.TabpLLMServer"
+# Skips Ray Serve LLM's per-node download task for a local checkpoint (serve/app.py says why).
+TABP_CALLBACK_CLS = "tabp_vllm.serve.app.LocalCheckpointCallback"
 UNIPROC_ENV = "TABP_VLLM_CPU_UNIPROC"    # "1": the CPU worker inside the engine core process
 ENGINE_IN_REPLICA_ENV = "TABP_VLLM_CPU_ENGINE_IN_REPLICA"  # "1": the engine core in the replica
 SHARED_GPU_ENV = "TABP_VLLM_SHARED_GPU"  # "1": the engine shares its GPU: start one at a time
@@ -118,6 +120,7 @@ def llm_configs(spec: ServeSpec, *, gpu: bool | None = None,
             deployment_config={"num_replicas": v.replicas},
             log_engine_metrics=True,
             runtime_env={"env_vars": env},
+            callback_config={"callback_class": TABP_CALLBACK_CLS},
         )
         if spec.request_path.stream_batching_interval_ms is not None:
             # how long Ray Serve LLM gathers streamed tokens before sending them on as one chunk
