@@ -267,7 +267,7 @@ def lmeval(argv: list[str]) -> None:
     lm = TabpVLLM(pretrained=a.model, task_mask=a.mask)
     start_s = time.perf_counter() - t0
     try:
-        tm = task_manager()
+        tm = task_manager(tasks=[a.task])
         t0 = time.perf_counter()
         out = simple_evaluate(model=lm, tasks=[a.task], limit=a.limit, log_samples=True,
                               task_manager=tm)
@@ -350,7 +350,7 @@ def measure_server(a: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         out = simple_evaluate(model="local-completions", model_args=model_args, tasks=[a.task],
                               limit=a.limit, batch_size=a.batch_size, log_samples=True,
-                              task_manager=task_manager())
+                              task_manager=task_manager(tasks=[a.task]))
         lmeval_s = time.perf_counter() - t0
         texts = [arg[0] + arg[1] for s in out["samples"][a.task] for arg in s["arguments"]]
         echo_s = asyncio.run(send(base, name, texts, a, echo=True))

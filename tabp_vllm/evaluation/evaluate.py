@@ -76,7 +76,7 @@ def evaluate_in_process(model: str, tasks: list[str], mask_path: str | None,
     try:
         out = simple_evaluate(model=lm, tasks=list(tasks), limit=None if samples else limit,
                               samples=samples or None, log_samples=True,
-                              task_manager=task_manager(include))
+                              task_manager=task_manager(include, list(tasks)))
     finally:  # stop the engine core now rather than in interpreter teardown
         lm.shutdown()
     mask = lm.task_mask
