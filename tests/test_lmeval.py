@@ -237,3 +237,22 @@ def test_one_token_shortcut_equals_lm_evals_loglikelihood(monkeypatch):
         gap = theirs[i + 1][0] - theirs[i][0]
         if abs(gap) > 0.1:
             assert (ours[i + 1][0] > ours[i][0]) == (gap > 0), i
+
+
+def test_task_manager_indexes_lm_evals_own_tasks_only_when_asked_for_one(tmp_path):
+    """Our tasks and a user's folder: the index holds no lm-eval task (indexing its thousands of
+    YAML files is ~10 s of every evaluation process); a name that is not ours, or a group or tag
+    (which may name lm-eval's tasks), gets the full index."""
+    from tabp_vllm.evaluation.evaluate import jsonl_task_folder
+    from tabp_vllm.lmeval_tasks import task_manager
+
+    f = tmp_path / "mine.jsonl"
+    f.write_text('{"question": "2+2?", "choices": ["3", "4"], "gold": 1}\n')
+    inc = [jsonl_task_folder("mine", f, tmp_path / "tasks")]
+    lean = task_manager(inc, ["tabp_demo", "mine"])
+    assert {"tabp_demo", "mine"} <= set(lean.all_tasks) and "arc_easy" not in lean.all_tasks
+    assert task_manager(None, ["tabp_boolq"]) is task_manager(None, ["tabp_piqa"])  # cached
+    full = task_manager(inc, ["tabp_demo", "arc_easy"])
+    assert "arc_easy" in full.all_tasks and "mine" in full.all_tasks
+    assert task_manager(None, ["ai2_arc"]) is task_manager() is task_manager(None, ["nope"])
+    assert "ai2_arc" in task_manager().all_tags + task_manager().all_groups
