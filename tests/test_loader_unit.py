@@ -150,8 +150,9 @@ def test_sublayer_mask_refused_on_an_api_server_command_line(demo_model):
 
 
 def test_api_servers_on_a_cpu_run_the_worker_in_the_engine_core(demo_model, monkeypatch):
-    """Both our variant servers and the bare one: vLLM's uni-process executor on a CPU (no third
-    process re-importing vLLM), as offline engines and serve's replicas; a GPU keeps vLLM's own."""
+    """Our variant servers, dense or pruned: vLLM's uni-process executor on a CPU (no third
+    process re-importing vLLM), as offline engines and serve's replicas; a GPU, and the bare
+    server (plain vLLM, the baseline of serve-vs-bare), keep vLLM's own."""
     from tabp_vllm import hardware
     from tabp_vllm.loadtest.servers import api_server_command
 
@@ -162,6 +163,7 @@ def test_api_servers_on_a_cpu_run_the_worker_in_the_engine_core(demo_model, monk
     pruned = make_mask(demo_model, [20], task="t")
     monkeypatch.setattr(hardware, "on_gpu", lambda: False)
     assert backend(api_server_command(demo_model, 8000, "x", mask=pruned)) == "uni"
-    assert backend(api_server_command(demo_model, 8000, "x", bare=True)) == "uni"
-    monkeypatch.setattr(hardware, "on_gpu", lambda: True)
+    assert backend(api_server_command(demo_model, 8000, "x")) == "uni"
     assert backend(api_server_command(demo_model, 8000, "x", bare=True)) is None
+    monkeypatch.setattr(hardware, "on_gpu", lambda: True)
+    assert backend(api_server_command(demo_model, 8000, "x", mask=pruned)) is None

@@ -35,8 +35,8 @@ def engine_args_to_cli(args: dict[str, Any]) -> list[str]:
 def api_server_command(model: str, port: int, served_name: str, mask=None, bare: bool = False,
                        kv_cache_gib: float | None = None, max_model_len: int | None = None,
                        host: str = "127.0.0.1", extra: dict[str, Any] | None = None) -> list[str]:
-    """The command line of one api_server for (model, mask); `bare` = plain vLLM (its own
-    loader), dense only. On a CPU both run vLLM's uni-process executor, as `serve` does."""
+    """The command line of one api_server for (model, mask); `bare` = plain vLLM (its own loader
+    and executor), dense only. Ours run vLLM's uni-process executor on a CPU, as `serve` does."""
     from tabp_vllm.engine import DEFAULT_MAX_MODEL_LEN, engine_args_for
     from tabp_vllm.hardware import on_gpu
 
@@ -46,10 +46,11 @@ def api_server_command(model: str, port: int, served_name: str, mask=None, bare:
     if callable(args.get("hf_overrides")):  # a sublayer mask's (tabp_vllm.engine)
         raise TabpError("a sublayer mask cannot go on an api_server command line (its hf_overrides "
                         "is a Python callable); serve it with `tabp-vllm serve` or an offline engine")
-    if not on_gpu() and args.get("tensor_parallel_size", 1) == 1:
+    if not bare and not on_gpu() and args.get("tensor_parallel_size", 1) == 1:
         # One worker on a CPU runs inside the engine core process, as in our offline engines and
         # serve's replicas: vLLM's CPU default spawns a third process that re-imports torch and
-        # vLLM (~14 s of a 2-core box's start) and competes with the engine for the cores.
+        # vLLM (~14 s of a 2-core box's start) and competes with the engine for the cores. The
+        # bare server keeps vLLM's defaults: it is the baseline a user of plain vLLM gets.
         args.setdefault("distributed_executor_backend", "uni")
     if bare:
         if mask is not None:
