@@ -89,7 +89,8 @@ def test_build_app_wires_ingress_and_variants(write_mask, local_ray):
     assert "api_key" not in kwargs  # the key is the middleware's config, not module state
 
 
-def test_a_local_checkpoint_skips_ray_serve_llms_node_download_task(write_mask, local_ray, tmp_path):
+def test_a_local_checkpoint_skips_ray_serve_llms_node_download_task(write_mask, local_ray, tmp_path,
+                                                                    monkeypatch):
     """Each variant's LLMConfig carries our callback: for a checkpoint in a local folder it turns
     off Ray Serve LLM's per-node download task (a Ray worker process per variant that would
     download nothing); a model Ray would have to fetch keeps the task."""
@@ -105,11 +106,13 @@ def test_a_local_checkpoint_skips_ray_serve_llms_node_download_task(write_mask, 
                       kv_cache_gib=0.25)
     configs = llm_configs(spec, gpu=False)
     assert len(configs) == 2
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     for cfg in configs:
         callback = cfg.get_or_create_callback()
         assert isinstance(callback, LocalCheckpointCallback) and callback.ctx.run_init_node
         asyncio.run(callback.run_callback("on_before_node_init"))
         assert callback.ctx.run_init_node is False
+    assert (tmp_path / "torch-home" / "kernels").is_dir()  # what Ray's skipped task would make
     remote = LLMConfig(model_loading_config={"model_id": "x", "model_source": "org/not-local"},
                        accelerator_config={"kind": "cpu"},
                        placement_group_config={"bundles": [{"CPU": 1}]},

@@ -158,6 +158,11 @@ class LocalCheckpointCallback(CallbackBase):
         source = self.llm_config.get_engine_config().actual_hf_model_id
         if source and os.path.isdir(source):
             self.ctx.run_init_node = False
+            # the one other thing the task does, a Ray workaround: torch cannot create its
+            # kernels folder under a missing $TORCH_HOME (the default's path, as torch.hub's)
+            cache = os.getenv("XDG_CACHE_HOME", "~/.cache")
+            home = os.getenv("TORCH_HOME", os.path.join(cache, "torch"))
+            os.makedirs(os.path.join(os.path.expanduser(home), "kernels"), exist_ok=True)
 
 
 class TabpIngress(OpenAiIngress):
