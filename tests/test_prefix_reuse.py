@@ -70,3 +70,46 @@ def test_scores_and_removal_order_equal_the_straightforward_path(tiny, monkeypat
     assert new_ticks == old_ticks
     if method == "ppl-task" or "k" in budget:  # a known number of passes: the bar fills
         assert all(total == done for total, done in new_ticks.values())
+
+
+class Killed(Exception):
+    pass
+
+
+# 5 candidates (blocks 1-5) x 2 batches a round: PPL killed in its second batch, SLEB in its
+# second round's first batch; `done`: the candidate-batches saved before the kill
+@pytest.mark.parametrize("method,kill_at,done", [("ppl-task", 6, 5), ("sleb-task", 12, 10)])
+def test_a_killed_perplexity_run_resumes_where_it_stopped(tiny, tmp_path, method, kill_at, done):
+    """SLEB and PPL keep their progress per batch (`run_scoring(checkpoint=)`): a run killed
+    mid-way (PPL in its only round, SLEB in its second) and run again ends with the scores, the
+    removal order and the counted passes of a run never killed, redoing only the batch it was in;
+    a save of another run is one error line."""
+    from tabp_vllm.errors import TabpError
+
+    def run(checkpoint=None, kill_after=None, seen=None):
+        def progress(desc, total):
+            def tick(n=1):
+                seen.append(n) if seen is not None else None
+                if kill_after is not None and sum(seen) >= kill_after:
+                    raise Killed
+            return tick
+        return run_scoring("unused", texts(), method, k=2, block_range="1:6", batch_size=3,
+                           model_and_tokenizer=tiny, progress=progress, checkpoint=checkpoint)
+
+    whole = run()
+    save = tmp_path / "m.json.partial.json"
+    with pytest.raises(Killed):
+        run(save, kill_after=kill_at, seen=[])
+    assert save.exists()
+    seen = []
+    resumed = run(save, seen=seen)
+    assert resumed.removed == whole.removed and resumed.scores == whole.scores
+    assert resumed.params == whole.params and resumed.forward_passes == whole.forward_passes
+    assert seen[0] == done  # what was done before the kill, ticked at once, not run again
+    # another run's save (another seed: other settings) is refused, and kept
+    with pytest.raises(TabpError, match="a save of another scoring run"):
+        run_scoring("unused", texts(), method, k=2, block_range="1:6", batch_size=3, seed=1,
+                    model_and_tokenizer=tiny, checkpoint=save)
+    save.write_text("{")
+    with pytest.raises(TabpError, match="not a readable scoring save"):
+        run(save)

@@ -924,3 +924,33 @@ def test_route_fit_command_drops_its_saved_state_once_the_router_is_written(tmp_
     assert r.exit_code == 2 and len(errors) == 1 and "Traceback" not in r.output
     assert "cluster0.pt: an interrupted fit with other settings" in r.output
     assert (tmp_path / "r.json.partial" / "cluster0.pt").exists()
+
+
+def test_a_perplexity_static_keeps_its_progress_beside_the_fit(tmp_path, tiny_model_dir,
+                                                               monkeypatch):
+    """`route fit --mask-method sleb-task` with saves (the CLI's `<output>.partial/`): each
+    cluster's SLEB (and the fallback's) keeps its per-batch progress there
+    (scoring/perplexity.py), and a fit run again over those saves gives the same masks without
+    scoring anew."""
+    from tabp_vllm.scoring import perplexity
+
+    o = _options(tmp_path, mask_method="sleb-task", k=1)
+    parts = tmp_path / "parts"
+    first = fit_router(o, encoder=FakeEncoder(), model_path=str(tiny_model_dir),
+                       calibration=_calibration(), checkpoints=parts)
+    saves = sorted(p.name for p in parts.iterdir())
+    assert {f"cluster{c}-sleb-task.json" for c in range(len(first.masks))} <= set(saves)
+    assert all(name.endswith("-sleb-task.json") for name in saves)
+    ran = []
+    real = perplexity.removal_outputs
+
+    def counting(ctx, text, removed, units, start_batch=0):
+        for item in real(ctx, text, removed, units, start_batch):
+            ran.append(item[1])
+            yield item
+    monkeypatch.setattr(perplexity, "removal_outputs", counting)
+    again = fit_router(o, encoder=FakeEncoder(), model_path=str(tiny_model_dir),
+                       calibration=_calibration(), checkpoints=parts)
+    assert [m.removed_layers for m in again.masks] == [m.removed_layers for m in first.masks]
+    assert [m.scores for m in again.masks] == [m.scores for m in first.masks]
+    assert ran == []  # every round was read from the saves

@@ -61,3 +61,22 @@ def test_score_bad_options_exit_2(tmp_path):
     assert [ln for ln in r.output.splitlines() if ln.startswith("error")] == [
         "error: k = 40: must be between 1 and the 15 candidate blocks"]
     assert not (tmp_path / "x.json").exists()
+
+
+def test_score_keeps_perplexity_progress_until_the_mask_is_written(tmp_path):
+    """`score --method ppl-task`: its per-batch save sits beside the output while it runs and is
+    gone once the mask is written; a save of another run there is one error line, exit 2, kept."""
+    out = tmp_path / "ppl.json"
+    partial = tmp_path / "ppl.json.partial.json"
+    argv = ["score", "--task", "demo", "--method", "ppl-task", "--samples", "4", "--k", "2",
+            "--batch-size", "2", "-o", str(out)]
+    partial.write_text('{"key": {"method": "sleb"}, "rounds": {}}')
+    r = CliRunner().invoke(app(), argv)
+    assert r.exit_code == 2 and "a save of another scoring run" in r.output
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("error")]
+    assert len(errors) == 1 and "Traceback" not in r.output
+    assert partial.exists() and not out.exists()
+    partial.unlink()
+    r = CliRunner().invoke(app(), argv)
+    assert r.exit_code == 0, r.output
+    assert load_mask(out).method == "ppl-task" and not partial.exists()

@@ -568,13 +568,14 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
         """One mask on the inputs `idx`: (removed, scores, params, record, objective)."""
         tc = time.perf_counter()
         record: dict[str, Any] = {"cluster": c, "inputs": len(idx)}
+        saved_as = f"cluster{c}" if isinstance(c, int) else str(c)  # its files in `checkpoints`
         if o.mask_method == L0:
             nb = -(-len(idx) // o.batch_size)
             tick = task(f"cluster {c} ({len(idx)} inputs): L0 gates", nb + o.steps)
             obj = Objective(model, tok, [cal.items[i] for i in idx], o.batch_size,
                             o.max_length, o.kl_positions, tick, kind=o.loss)
             resume = None if checkpoints is None else Resume(
-                Path(checkpoints) / (f"cluster{c}.pt" if isinstance(c, int) else f"{c}.pt"),
+                Path(checkpoints) / f"{saved_as}.pt",
                 {"model": fingerprint, "fit": o.hyperparameters(), "cluster": c, "seed": seed,
                  "inputs": cal.dataset(idx, "").content_hash(), "units": units.candidates},
                 CHECKPOINT_EVERY_S)
@@ -611,7 +612,9 @@ def fit_router(o: RouteFitOptions, *, encoder=None, model_and_tokenizer: tuple |
                               granularity="block" if o.units == "blocks" else "sublayer",
                               block_range=o.block_range, batch_size=o.batch_size,
                               max_length=o.max_length, seed=o.seed, device=device,
-                              progress=progress, model_and_tokenizer=(model, tok))
+                              progress=progress, model_and_tokenizer=(model, tok),
+                              checkpoint=None if checkpoints is None else  # SLEB / PPL progress
+                              Path(checkpoints) / f"{saved_as}-{o.mask_method}.json")
             removed, scores, params = res.removed, res.scores, res.params
             record.update(forward_passes=res.forward_passes, backward_passes=0)
             obj = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Callable
 
 from tabp_vllm.data import Dataset
@@ -103,7 +104,12 @@ def run_scoring(
     device: str = "auto",
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
     model_and_tokenizer: tuple | None = None,
+    checkpoint: str | Path | None = None,
 ) -> ScoringResult:
+    """Score `dataset` with `method` and pick the units the budget removes. `checkpoint`: a file
+    where the perplexity methods (SLEB, PPL: hours on a deeper model on a CPU) keep their
+    progress per batch and, when it holds a save of this very run, go on from it; the caller
+    deletes it once the result is written."""
     import torch
 
     from tabp_vllm.scoring.probe import ScoreContext, load_model, pick_device
@@ -151,6 +157,14 @@ def run_scoring(
                        max_length=max_length, text_positions=text_positions, probe=probe,
                        preset=preset, seed=seed, device=dev, progress=progress,
                        granularity=granularity, budget=budget)
+    if checkpoint is not None:
+        from tabp_vllm.models import model_fingerprint
+        from tabp_vllm.scoring.perplexity import PerplexitySaves
+
+        ctx.saves = PerplexitySaves(checkpoint, {
+            "method": scorer.name, "model": model_fingerprint(model.config),
+            "data": dataset.content_hash(), "seed": seed, "batch_size": batch_size,
+            "max_length": max_length, "granularity": granularity, "candidates": candidates})
     t0 = time.perf_counter()
     res: MethodResult = scorer.score(ctx)
     wall = time.perf_counter() - t0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -23,10 +24,11 @@ def score(o: ScoreOptions) -> None:
 
 
 def score_with_options(o: ScoreOptions, *, k: int | None = None, model_and_tokenizer: Any = None,
-                       progress: Any = None) -> Any:
+                       progress: Any = None, checkpoint: Any = None) -> Any:
     """The scoring run `o` describes (its data, its sample, its scorer settings) as a
     `ScoringResult`; `k` overrides the options' k (the comparison report scores each method once at
-    its largest k). The CLI and bench/compare.py both come through here."""
+    its largest k); `checkpoint`: run_scoring's (SLEB's and PPL's saved progress). The CLI and
+    bench/compare.py both come through here."""
     from tabp_vllm.data import load_task
     from tabp_vllm.models import resolve_model
 
@@ -40,7 +42,8 @@ def score_with_options(o: ScoreOptions, *, k: int | None = None, model_and_token
                        aggregate=o.aggregate, p=o.p, norm=o.norm, batch_size=o.batch_size,
                        max_length=o.max_length, text_positions=o.text_positions, probe=o.probe,
                        preset=o.preset, seed=o.seed, device=o.device,
-                       model_and_tokenizer=model_and_tokenizer, progress=progress)
+                       model_and_tokenizer=model_and_tokenizer, progress=progress,
+                       checkpoint=checkpoint)
 
 
 def run_score(o: ScoreOptions) -> None:
@@ -48,13 +51,17 @@ def run_score(o: ScoreOptions) -> None:
     from tabp_vllm.models import alias_of, resolve_model
     from tabp_vllm.scoring import score_to_mask
 
+    # SLEB's and PPL's progress, kept beside the output until the mask is written: the same
+    # command rerun after a kill goes on from the last batch
+    partial = Path(f"{o.output}.partial.json")
     with progress_bars(console) as progress:
-        res = score_with_options(o, progress=progress)
+        res = score_with_options(o, progress=progress, checkpoint=partial)
     # an lm-eval task's mask is named after the task (variant `llama-tabp_arc_easy`); the
     # calibration provenance says it came from lm-eval
     task = o.task.removeprefix(LMEVAL_PREFIX)
     mask = score_to_mask(resolve_model(o.model), res, task=task, model_id=alias_of(o.model))
     mask.save(o.output)
+    partial.unlink(missing_ok=True)
     removed = (f"removed {res.removed}" if not mask.is_sublayer else
                f"removed units {res.removed} (blocks {mask.removed_layers}, attention of "
                f"{mask.removed_attention}, MLP of {mask.removed_mlp})")

@@ -39,12 +39,17 @@ Arguments = list[tuple[tuple, dict[str, Any]]]  # per position of the block list
 
 @torch.no_grad()
 def removal_outputs(ctx: ScoreContext, text: Callable[[Any], str], removed: set[int],
-                    units: list[int]) -> Iterator[tuple[dict[str, torch.Tensor], int, torch.Tensor]]:
+                    units: list[int], start_batch: int = 0
+                    ) -> Iterator[tuple[dict[str, torch.Tensor], int, torch.Tensor]]:
     """Per calibration batch, per unit u of `units` in order: (the batch's inputs, u, the last
     hidden state after the final norm with `removed | {u}` left out), the `output` that
     `forward_batches(ctx, text, skip=removed | {u})` gives. Counts `ctx.forward_passes` as that
-    would: one pass per sample per unit (the shared pass is not counted: the published cost)."""
-    for chunk, inputs in encoded_batches(ctx, text):
+    would: one pass per sample per unit (the shared pass is not counted: the published cost).
+    The first `start_batch` batches are counted, not run (a resumed run did them before)."""
+    for i, (chunk, inputs) in enumerate(encoded_batches(ctx, text)):
+        if i < start_batch:
+            ctx.forward_passes += len(chunk) * len(units)
+            continue
         boundaries, arguments = _boundaries(ctx, inputs, removed, units)
         for u in units:
             position, h = boundaries.pop(u)

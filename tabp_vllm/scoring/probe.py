@@ -73,6 +73,7 @@ class ScoreContext:
     forward_passes: int = 0  # sample-forward passes (one sample through the model once)
     granularity: str = "block"  # block | sublayer: what a unit is (units.py)
     budget: Budget | None = None  # how much goes; None: the k lowest
+    saves: Any = None  # perplexity.PerplexitySaves: SLEB's and PPL's per-batch progress, or None
 
     @property
     def num_blocks(self) -> int:
