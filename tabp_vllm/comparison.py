@@ -401,13 +401,16 @@ class Report:
                          else "arc_easy", seed=seed, output=path, **spec)
         print(f"scoring {name} on {calib} (seed {seed})"
               + (f" at k = {k}" if k is not None else "") + " ...", flush=True)
-        run = score_with_options(o, k=k, model_and_tokenizer=self.mt)
+        # SLEB's and PPL's progress beside the mask until it is written (a killed chunk resumes)
+        partial = Path(f"{path}.partial.json")
+        run = score_with_options(o, k=k, model_and_tokenizer=self.mt, checkpoint=partial)
         self.worked_here()
         self.scoring[f"{name}|{calib}|{seed}|{at}"] = {
             "host": self.host["model"], "config": name, "calibration": calib, "seed": seed,
             "scored_at_k": at, "samples": run.calibration["samples"],
             "forward_passes": run.forward_passes, "wall_s": round(run.wall_s, 2)}
         score_to_mask(model, run, task=calib, model_id=alias_of(self.model)).save(path)
+        partial.unlink(missing_ok=True)
         print(f"  {run.forward_passes} forward passes, {run.wall_s:.1f} s", flush=True)
         self.save()
         return run

@@ -106,6 +106,8 @@ def test_a_killed_perplexity_run_resumes_where_it_stopped(tiny, tmp_path, method
     assert resumed.removed == whole.removed and resumed.scores == whole.scores
     assert resumed.params == whole.params and resumed.forward_passes == whole.forward_passes
     assert seen[0] == done  # what was done before the kill, ticked at once, not run again
+    earlier = resumed.calibration["resumed"]["earlier_wall_s"]  # the cost counts the killed run
+    assert 0 < earlier <= resumed.wall_s and "resumed" not in whole.calibration
     # another run's save (another seed: other settings) is refused, and kept
     with pytest.raises(TabpError, match="a save of another scoring run"):
         run_scoring("unused", texts(), method, k=2, block_range="1:6", batch_size=3, seed=1,

@@ -167,7 +167,9 @@ def run_scoring(
             "max_length": max_length, "granularity": granularity, "candidates": candidates})
     t0 = time.perf_counter()
     res: MethodResult = scorer.score(ctx)
-    wall = time.perf_counter() - t0
+    # a resumed run's time includes the killed runs' up to their last save
+    earlier_s = ctx.saves.earlier_wall_s if ctx.saves else 0.0
+    wall = earlier_s + time.perf_counter() - t0
     params: dict[str, Any] = {"k": len(res.removed),
                               "candidate_range": [blocks[0], blocks[-1] + 1], "seed": seed}
     if granularity == "sublayer":
@@ -183,6 +185,8 @@ def run_scoring(
     params.update(res.params)
     calibration = dataset.provenance(seed)
     calibration.update(forward_passes=ctx.forward_passes, wall_s=round(wall, 3), device=dev)
+    if earlier_s:
+        calibration["resumed"] = {"earlier_wall_s": round(earlier_s, 3)}
     return ScoringResult(method, sorted(res.removed), res.scores, params, calibration, wall,
                          ctx.forward_passes)
 

@@ -82,8 +82,12 @@ class PerplexitySaves:
     uninterrupted run's (the batches are the same tensors)."""
 
     def __init__(self, path: str | Path, key: dict[str, Any]):
+        import time
+
         self.path, self.key = Path(path), json.loads(json.dumps(key, sort_keys=True))
         self.rounds: dict[str, dict[str, Any]] = {}
+        self.earlier_wall_s = 0.0  # the killed runs' time up to their last save (cost stays honest)
+        self._started = time.perf_counter()
         if self.path.exists():
             try:
                 saved = json.loads(self.path.read_text())
@@ -94,7 +98,7 @@ class PerplexitySaves:
             if their_key != self.key:
                 raise TabpError(f"{self.path}: a save of another scoring run (its method, model, "
                                 f"data or settings differ); delete it or use another output")
-            self.rounds = rounds
+            self.rounds, self.earlier_wall_s = rounds, float(saved.get("wall_s", 0.0))
 
     @staticmethod
     def _name(removed: set[int]) -> str:
@@ -109,11 +113,15 @@ class PerplexitySaves:
 
     def save(self, removed: set[int], units: list[int], batches: int,
              sums: dict[int, list]) -> None:
+        import time
+
         from tabp_vllm.models import save_json_atomically
 
         self.rounds[self._name(removed)] = {"units": list(units), "batches": batches,
                                             "sums": {str(u): v for u, v in sums.items()}}
-        save_json_atomically(self.path, {"key": self.key, "rounds": self.rounds})
+        wall = self.earlier_wall_s + time.perf_counter() - self._started
+        save_json_atomically(self.path, {"key": self.key, "rounds": self.rounds,
+                                         "wall_s": round(wall, 3)})
 
 
 def _nll_sums(ctx: ScoreContext, output: torch.Tensor,
