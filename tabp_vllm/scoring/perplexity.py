@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -82,8 +83,6 @@ class PerplexitySaves:
     uninterrupted run's (the batches are the same tensors)."""
 
     def __init__(self, path: str | Path, key: dict[str, Any]):
-        import time
-
         self.path, self.key = Path(path), json.loads(json.dumps(key, sort_keys=True))
         self.rounds: dict[str, dict[str, Any]] = {}
         self.earlier_wall_s = 0.0  # the killed runs' time up to their last save (cost stays honest)
@@ -113,8 +112,6 @@ class PerplexitySaves:
 
     def save(self, removed: set[int], units: list[int], batches: int,
              sums: dict[int, list]) -> None:
-        import time
-
         from tabp_vllm.models import save_json_atomically
 
         self.rounds[self._name(removed)] = {"units": list(units), "batches": batches,
