@@ -107,9 +107,10 @@ def run_scoring(
     checkpoint: str | Path | None = None,
 ) -> ScoringResult:
     """Score `dataset` with `method` and pick the units the budget removes. `checkpoint`: a file
-    where the perplexity methods (SLEB, PPL: hours on a deeper model on a CPU) keep their
-    progress per batch and, when it holds a save of this very run, go on from it; the caller
-    deletes it once the result is written."""
+    where a resumable method (`ScoringMethod.resumable`: SLEB, PPL, hours on a deeper model on a
+    CPU) keeps its progress per batch and, when it holds a save of this very run, goes on from
+    it; other methods neither read nor write it. The caller deletes it once the result is
+    written."""
     import torch
 
     from tabp_vllm.scoring.probe import ScoreContext, load_model, pick_device
@@ -157,7 +158,7 @@ def run_scoring(
                        max_length=max_length, text_positions=text_positions, probe=probe,
                        preset=preset, seed=seed, device=dev, progress=progress,
                        granularity=granularity, budget=budget)
-    if checkpoint is not None:
+    if checkpoint is not None and scorer.resumable:
         from tabp_vllm.models import model_fingerprint
         from tabp_vllm.scoring.perplexity import PerplexitySaves
 

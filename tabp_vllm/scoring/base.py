@@ -54,6 +54,9 @@ class ScoringMethod:
     # take them in another order of those scores: `Budget.ordered`). False: its own order
     # (SLEB's rounds, angular's runs of k).
     ranks_by_score: ClassVar[bool] = True
+    # True: it keeps its progress per batch in `ctx.saves` (run_scoring's `checkpoint`) and goes
+    # on from it (SLEB, PPL: hours on a deeper model on a CPU).
+    resumable: ClassVar[bool] = False
 
     def forward_passes(self, samples: int, candidates: int, k: int) -> int:
         """Sample-forward passes one run costs (one sample through the model once)."""

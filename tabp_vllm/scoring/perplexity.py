@@ -153,6 +153,7 @@ class _PerplexityMethod(ScoringMethod):
     """Where the calibration text comes from: WikiText-2 (as published) or the task's own data."""
 
     calibration_text = "wikitext2"  # or "task"
+    resumable = True  # removal_nlls saves each batch in ctx.saves
 
     def params(self, ctx: ScoreContext) -> dict[str, Any]:
         return {"mode": "text", "max_length": ctx.max_length,
